@@ -1,0 +1,169 @@
+"""The agent's configuration: ``agent.toml``. The bootstrap writes it, the agent reads it.
+
+This is one of rawvm's contracts (docs/architecture.md): keep field names stable, add with defaults.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rawvm_agent import DEFAULT_PORT
+from rawvm_agent.durations import parse_duration
+
+
+class ConfigError(ValueError):
+    """agent.toml is missing, malformed, or holds a bad value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file of the environment bundle: where to fetch it and the sha256 it must have."""
+
+    path: str  # relative path inside the bundle, e.g. "pylock.toml" or "wheels/x-1.0-py3-none-any.whl"
+    url: str  # http(s)://, file:// or a plain absolute path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    """The environment bundle to install. Empty ``files`` means: no environment, the agent's own Python."""
+
+    files: tuple[BundleFile, ...] = ()
+    # sha256 of rawvm-env.toml, which itself lists every file's sha256 (the manifest is the root of trust).
+    manifest_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class InstallConfig:
+    index_url: str = ""  # empty: uv's default (PyPI)
+    extra_index_urls: tuple[str, ...] = ()
+    ca_certs: tuple[str, ...] = ()  # extra PEM files uv must trust (TLS-intercepting proxies)
+    native_tls: bool = False  # uv --native-tls: use the system trust store
+    uv: str = "uv"  # the uv executable
+
+
+@dataclass(frozen=True)
+class IdleConfig:
+    keepalive: float = 20 * 60.0  # seconds of continuous idleness before the VM stops
+    client_timeout: float = 120.0  # a keepalive ping keeps the VM busy this long
+    window: float = 30.0  # sliding window over which CPU/GPU must stay below thresholds
+    cpu_threshold: float = 10.0  # percent of all cores
+    gpu_threshold: float = 5.0  # percent utilization, every GPU
+    max_lifetime: float = 12 * 3600.0  # hard stop, even when busy
+    poweroff_command: tuple[str, ...] = ("systemctl", "poweroff")  # empty: the agent process just exits
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval: float = 1.0
+    ring_seconds: float = 3600.0
+    nvml_library: str = ""  # empty: NVML's default search
+
+
+@dataclass(frozen=True)
+class SpotConfig:
+    enabled: bool = False
+    imds_url: str = "http://169.254.169.254"
+    poll: float = 5.0
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    log_cap_bytes: int = 256 * 1024 * 1024  # per stream; beyond it output is dropped and counted
+    chatty_bytes_per_s: int = 1024 * 1024  # warn above this sustained write rate
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    cluster: str = "default"
+    machine_id: str = ""
+    bind: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str = field(default="", repr=False)  # bearer token; never logged
+    token_file: str = ""  # alternative to token: a root-only file holding it
+    tls_cert: str = ""
+    tls_key: str = ""
+    state_dir: str = "/var/lib/rawvm"
+    sink: str = ""  # where logs and telemetry go on stop: a directory, file:// URL, or http(s) PUT URL
+    secret_env: tuple[str, ...] = ()  # env var names whose values are redacted from every log
+    bundle: BundleConfig = BundleConfig()
+    install: InstallConfig = InstallConfig()
+    idle: IdleConfig = IdleConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    spot: SpotConfig = SpotConfig()
+    tasks: TaskConfig = TaskConfig()
+
+    def bearer_token(self) -> str:
+        if self.token:
+            return self.token
+        if self.token_file:
+            return Path(self.token_file).read_text().strip()
+        raise ConfigError("agent.toml: set 'token' or 'token_file'; the agent API never runs without one")
+
+
+_DURATIONS = {"keepalive", "client_timeout", "window", "max_lifetime", "interval", "ring_seconds", "poll"}
+_SECTIONS: dict[str, type[Any]] = {
+    "install": InstallConfig,
+    "idle": IdleConfig,
+    "telemetry": TelemetryConfig,
+    "spot": SpotConfig,
+    "tasks": TaskConfig,
+}
+
+
+def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"agent.toml: unknown key '{where}{key}'")
+        if key in _DURATIONS:
+            try:
+                value = parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"agent.toml: '{where}{key}': {exc}") from None
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> AgentConfig:
+    raw = dict(raw)
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in raw:
+            sections[name] = _build(cls, raw.pop(name), f"{name}.")
+    if "bundle" in raw:
+        bundle_raw = dict(raw.pop("bundle"))
+        files = tuple(_build(BundleFile, f, "bundle.files.") for f in bundle_raw.pop("files", []))
+        sections["bundle"] = BundleConfig(files=files, **bundle_raw)
+    top = _build(AgentConfig, raw, "")
+    return AgentConfig(**{**{f.name: getattr(top, f.name) for f in fields(AgentConfig)}, **sections})
+
+
+def config_to_dict(config: AgentConfig) -> dict[str, Any]:
+    """The TOML-ready form (tuples become lists); ``config_from_dict`` reads it back unchanged."""
+
+    def plain(obj: Any) -> Any:
+        if hasattr(obj, "__dataclass_fields__"):
+            return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
+        if isinstance(obj, tuple | list):
+            return [plain(x) for x in obj]
+        return obj
+
+    out: dict[str, Any] = plain(config)
+    return out
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"agent config not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"agent config {path} is not valid TOML: {exc}") from None
+    return config_from_dict(raw)

@@ -1,0 +1,28 @@
+"""Providers sit behind one protocol (as httpx's transports sit behind its client): local, qemu, aws."""
+
+from __future__ import annotations
+
+from rawvm.errors import UsageError
+from rawvm.providers.base import Machine, MachineSpec, Provider
+
+PROVIDERS = ("local", "qemu", "aws")
+
+
+def get_provider(name: str, **options: object) -> Provider:
+    """The provider called ``name``; imports lazily so ``local`` never pays for boto3."""
+    if name == "local":
+        from rawvm.providers.local import LocalProvider
+
+        return LocalProvider(**options)  # type: ignore[arg-type]
+    if name == "qemu":
+        from rawvm.providers.qemu import QemuProvider
+
+        return QemuProvider(**options)  # type: ignore[arg-type]
+    if name == "aws":
+        from rawvm.providers.aws import AwsProvider
+
+        return AwsProvider(**options)  # type: ignore[arg-type]
+    raise UsageError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")
+
+
+__all__ = ["PROVIDERS", "Machine", "MachineSpec", "Provider", "get_provider"]
