@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from rawvm_resolver.errors import ResolverError
+
 from rawvm.errors import RawvmError
 
 # module -> it defines ``register(subparsers)``; each sets ``func`` on its parser.
@@ -38,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except RawvmError as exc:
+    except (RawvmError, ResolverError) as exc:
         print(f"rawvm: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -1,0 +1,15 @@
+"""Resolver errors. The CLI prints ``str(error)`` as one line and exits with ``exit_code``."""
+
+from __future__ import annotations
+
+
+class ResolverError(Exception):
+    """The environment cannot be locked for the target (exit 1). The message says why and what to do."""
+
+    exit_code = 1
+
+
+class InputError(ResolverError):
+    """Bad input: unknown platform, a path that is no environment, ... (exit 2)."""
+
+    exit_code = 2
