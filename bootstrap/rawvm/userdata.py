@@ -1,0 +1,248 @@
+"""The user-data that turns a fresh Linux machine into a rawvm agent (docs/architecture.md, Contract 3).
+
+One ``#cloud-config`` document, rendered with PyYAML, boots EC2 and the local qemu VM alike:
+
+1. ``write_files``: ``/etc/rawvm/agent.toml`` (0600; the only place the token appears), extra CA certificates,
+   the agent's systemd units, and ``/opt/rawvm/bootstrap.sh``;
+2. ``runcmd`` runs the script: backstop shutdown first (a hung install is still bounded), CA trust, uv from its
+   wheel by exact URL + sha256, the agent venv, the agent wheel (sha256-checked), then the agent service.
+   If any step fails the machine powers off: a failed bootstrap must not keep billing.
+
+CA certificates go to ``/usr/local/share/ca-certificates`` + ``update-ca-certificates`` rather than
+cloud-init's ``ca_certs`` module, which cost ~39 s of boot (see shared/vm-facts.md).
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import tomli_w
+import yaml
+from rawvm_agent.config import AgentConfig, config_to_dict
+from rawvm_agent.systemd import render_backstop_command, render_units
+
+from rawvm.errors import UsageError
+from rawvm.uvwheel import UvWheel
+
+USER_DATA_LIMIT = 16384  # bytes before base64: EC2's limit for user-data
+AGENT_TOML = "/etc/rawvm/agent.toml"
+AGENT_VENV = "/opt/rawvm/agent"
+AGENT_COMMAND = (f"{AGENT_VENV}/bin/rawvm-agent",)
+BOOTSTRAP_SCRIPT = "/opt/rawvm/bootstrap.sh"
+CA_DIR = "/usr/local/share/ca-certificates"
+UNIT_DIR = "/etc/systemd/system"
+BACKSTOP_GRACE = 600  # seconds past max_lifetime before the backstop powers off regardless of the agent
+
+_PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.DOTALL)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# Downloads URL to DEST with retries (boot-time networks flap), then checks the sha256. The URL is never
+# echoed: presigned URLs carry a signature.
+_FETCH_FUNCTION = """\
+fetch() {  # fetch URL DEST SHA256
+  python3 - "$1" "$2" <<'PY'
+import shutil, sys, time, urllib.request
+url, dest = sys.argv[1], sys.argv[2]
+for attempt in range(6):
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response, open(dest, "wb") as out:
+            shutil.copyfileobj(response, out)
+        break
+    except OSError as exc:
+        if attempt == 5:
+            sys.exit(f"rawvm: download of {dest} failed: {exc}")
+        time.sleep(2 ** attempt)
+PY
+  echo "$3  $2" | sha256sum -c --quiet -
+}
+"""
+
+# Takes the uv binary out of its wheel (``uv-X.data/scripts/uv``) without needing unzip on the image.
+_UNPACK_UV = """\
+python3 - "$WORK/uv.whl" <<'PY'
+import os, shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    names = [n for n in wheel.namelist() if n.endswith(".data/scripts/uv")]
+    if len(names) != 1:
+        sys.exit("rawvm: the uv wheel holds no uv binary")
+    with wheel.open(names[0]) as src, open("/usr/local/bin/uv.part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+os.chmod("/usr/local/bin/uv.part", 0o755)
+os.replace("/usr/local/bin/uv.part", "/usr/local/bin/uv")
+PY
+"""
+
+
+class _Literal(str):
+    """A string YAML should write as a ``|`` block (readable, and no escaping overhead in the 16 KB)."""
+
+
+def _literal_representer(dumper: yaml.SafeDumper, data: _Literal) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", str(data), style="|")
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_Literal, _literal_representer)
+
+
+def _check_sha256(value: str, what: str) -> None:
+    if not _SHA256.fullmatch(value):
+        raise UsageError(f"{what} sha256 must be 64 lowercase hex digits, got {value!r}")
+
+
+def wheel_filename(url: str) -> str:
+    """The wheel's file name, the last path segment of its URL (uv needs the real name to install it)."""
+    name = unquote(PurePosixPath(urlsplit(url).path).name)
+    if not name.endswith(".whl") or "/" in name:
+        raise UsageError(f"the agent wheel URL must end in the wheel's file name (*.whl), got {name!r}")
+    return name
+
+
+def split_certificates(path: Path) -> list[str]:
+    """The PEM certificates in ``path``, one string each (update-ca-certificates wants one per file)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read CA certificate file {path}: {exc}") from None
+    certs = [m.group(0) + "\n" for m in _PEM_CERT.finditer(text)]
+    if not certs:
+        raise UsageError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); pass a PEM file")
+    return certs
+
+
+def _unit_path(name: str) -> str:
+    return name if name.startswith("/") else f"{UNIT_DIR}/{name}"
+
+
+def _install_script(
+    agent_config: AgentConfig,
+    *,
+    agent_wheel_url: str,
+    agent_wheel_sha256: str,
+    uv_wheel: UvWheel,
+    trust_system_store: bool,
+    backstop: bool,
+) -> str:
+    q = shlex.quote
+    wheel_path = f"/opt/rawvm/wheels/{wheel_filename(agent_wheel_url)}"
+    lines = [
+        "#!/bin/sh",
+        "# rawvm bootstrap (written by rawvm): uv, the agent's venv and wheel, then the agent service.",
+        "set -eu",
+        "umask 022",
+    ]
+    if backstop:
+        # Backstop first: whatever happens next, the machine stops after max_lifetime + grace.
+        lines.append(shlex.join(render_backstop_command(agent_config.idle.max_lifetime, BACKSTOP_GRACE)))
+    if trust_system_store:
+        lines += ["update-ca-certificates", "export UV_NATIVE_TLS=1"]
+    lines += [
+        'export HOME="${HOME:-/root}" UV_CACHE_DIR=/var/cache/rawvm/uv UV_PYTHON_PREFERENCE=only-system',
+        "WORK=$(mktemp -d)",
+        "mkdir -p /opt/rawvm/wheels /usr/local/bin",
+        _FETCH_FUNCTION.rstrip("\n"),
+        'case "$(uname -m)" in',
+    ]
+    for arch, patterns in (("x86_64", "x86_64|amd64"), ("aarch64", "aarch64|arm64")):
+        artifact = uv_wheel.for_arch(arch)
+        _check_sha256(artifact.sha256, f"uv wheel {artifact.filename}")
+        lines.append(f"  {patterns}) UV_URL={q(artifact.url)}; UV_SHA256={artifact.sha256} ;;")
+    lines += [
+        '  *) echo "rawvm: no uv wheel for $(uname -m)" >&2; exit 1 ;;',
+        "esac",
+        'fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
+        _UNPACK_UV.rstrip("\n"),
+        f"fetch {q(agent_wheel_url)} {q(wheel_path)} {agent_wheel_sha256}",
+    ]
+    install = agent_config.install
+    if install.index_url:
+        lines.append(f"export UV_DEFAULT_INDEX={q(install.index_url)}")
+    if install.extra_index_urls:
+        lines.append(f"export UV_INDEX={q(' '.join(install.extra_index_urls))}")
+    lines += [
+        f"uv venv --quiet --python python3 {AGENT_VENV}",
+        f"uv pip install --quiet --python {AGENT_VENV}/bin/python {q(wheel_path)}",
+        'rm -rf "$WORK"',
+        "systemctl daemon-reload",
+        "systemctl enable --now rawvm-agent.service",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_user_data(
+    agent_config: AgentConfig,
+    *,
+    agent_wheel_url: str,
+    agent_wheel_sha256: str,
+    uv_wheel: UvWheel,
+    extra_ca_certs: Sequence[Path] = (),
+    backstop: bool = True,
+) -> str:
+    """The ``#cloud-config`` document for one machine (see the module docstring for what it does)."""
+    _check_sha256(agent_wheel_sha256, "agent wheel")
+    files: list[dict[str, Any]] = [
+        {
+            "path": AGENT_TOML,
+            "permissions": "0600",
+            "owner": "root:root",
+            "content": _Literal(tomli_w.dumps(config_to_dict(agent_config))),
+        }
+    ]
+    certs = [cert for path in extra_ca_certs for cert in split_certificates(Path(path))]
+    for index, cert in enumerate(certs):
+        files.append({"path": f"{CA_DIR}/rawvm-{index}.crt", "permissions": "0644", "content": _Literal(cert)})
+    units = render_units(
+        agent_command=list(AGENT_COMMAND),
+        config_path=AGENT_TOML,
+        max_lifetime=agent_config.idle.max_lifetime,
+        grace=BACKSTOP_GRACE,
+    )
+    for name, text in sorted(units.items()):
+        files.append({"path": _unit_path(name), "permissions": "0644", "content": _Literal(text)})
+    script = _install_script(
+        agent_config,
+        agent_wheel_url=agent_wheel_url,
+        agent_wheel_sha256=agent_wheel_sha256,
+        uv_wheel=uv_wheel,
+        trust_system_store=bool(certs) or agent_config.install.native_tls,
+        backstop=backstop,
+    )
+    files.append({"path": BOOTSTRAP_SCRIPT, "permissions": "0700", "content": _Literal(script)})
+    # If the bootstrap fails, say so on the console and power off anyway.
+    on_failure = (
+        f"{BOOTSTRAP_SCRIPT} || {{ echo 'rawvm: bootstrap failed, powering off' >&2; "
+        "systemctl poweroff || poweroff -f; }"
+    )
+    document = {"write_files": files, "runcmd": [["sh", "-c", on_failure]]}
+    body = yaml.dump(document, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000)
+    return "#cloud-config\n" + body
+
+
+def encode_user_data(text: str) -> bytes:
+    """Bytes for the machine: as is up to 16 KB, else gzip (cloud-init unpacks it); over 16 KB gzipped: error."""
+    raw = text.encode()
+    if len(raw) <= USER_DATA_LIMIT:
+        return raw
+    packed = gzip.compress(raw, mtime=0)
+    if len(packed) > USER_DATA_LIMIT:
+        raise UsageError(
+            f"user-data is {len(packed)} bytes gzipped ({len(raw)} raw), over EC2's {USER_DATA_LIMIT}-byte limit: "
+            "the agent config (bundle file URLs) or the extra CA certificates are too big; stage fewer files"
+        )
+    return packed
+
+
+def decode_user_data(data: bytes) -> str:
+    """The inverse of :func:`encode_user_data` (for tests and ``rawvm`` diagnostics)."""
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    return data.decode()

@@ -1,0 +1,249 @@
+"""User-data rendering (Contract 3): validated with the real ``cloud-init schema``, size limit, gzip, secrets."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import shutil
+import string
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from rawvm.errors import UsageError
+from rawvm.userdata import (
+    AGENT_TOML,
+    BOOTSTRAP_SCRIPT,
+    USER_DATA_LIMIT,
+    decode_user_data,
+    encode_user_data,
+    render_user_data,
+    wheel_filename,
+)
+from rawvm.uvwheel import UvArtifact, UvWheel
+from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, config_from_dict
+
+TOKEN = "tok-9f8e7d6c5b4a39281706"
+WHEEL_URL = "http://10.0.2.2:8123/rawvm_agent-0.1.0-py3-none-any.whl?sig=a&b=c"
+WHEEL_SHA = "ab" * 32
+UV = UvWheel(
+    version="0.13.9",
+    x86_64=UvArtifact("uv-0.13.9-x86_64.whl", "https://files.example/uv-x86_64.whl", "11" * 32),
+    aarch64=UvArtifact("uv-0.13.9-aarch64.whl", "https://files.example/uv-aarch64.whl", "22" * 32),
+)
+CERT = """-----BEGIN CERTIFICATE-----
+MIIBszCCAVmgAwIBAgIUQm3C7v9yIbwb5gLGbS0Kq1QYzBEwCgYIKoZIzj0EAwIw
+-----END CERTIFICATE-----
+"""
+
+
+def _config(**overrides: Any) -> AgentConfig:
+    base: dict[str, Any] = {
+        "cluster": "c1",
+        "machine_id": "m-0",
+        "bind": "0.0.0.0",
+        "token": TOKEN,
+        "sink": "https://bucket.s3.amazonaws.com/sink?X-Amz-Signature=zz",
+        "secret_env": ("HF_TOKEN",),
+        "bundle": BundleConfig(
+            files=(BundleFile("pylock.toml", "https://host/pylock.toml", "cd" * 32),),
+            manifest_sha256="ef" * 32,
+        ),
+        "install": InstallConfig(index_url="https://pypi.org/simple", extra_index_urls=("https://x/whl/cu128",)),
+        "idle": IdleConfig(keepalive=300.0, max_lifetime=7200.0),
+    }
+    base.update(overrides)
+    return AgentConfig(**base)
+
+
+def _render(config: AgentConfig | None = None, **kwargs: Any) -> str:
+    return render_user_data(
+        config or _config(), agent_wheel_url=WHEEL_URL, agent_wheel_sha256=WHEEL_SHA, uv_wheel=UV, **kwargs
+    )
+
+
+def _files(text: str) -> dict[str, dict[str, Any]]:
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    return {entry["path"]: entry for entry in doc["write_files"]}
+
+
+def cloud_init_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("cloud-init")
+    assert exe, "cloud-init must be installed (Debian package cloud-init) to validate user-data"
+    return subprocess.run([exe, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_rendered_user_data_passes_real_cloud_init_schema(tmp_path: Path) -> None:
+    cert = tmp_path / "proxy.pem"
+    cert.write_text(CERT + CERT.replace("MIIB", "MIIC"))
+    path = tmp_path / "user-data"
+    path.write_text(_render(extra_ca_certs=[cert]))
+    result = cloud_init_schema(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Valid cloud-config" in result.stdout
+
+
+def test_cloud_init_schema_check_rejects_a_broken_document(tmp_path: Path) -> None:
+    """The validator really validates: the same document with a bad file mode fails."""
+    doc = yaml.safe_load(_render())
+    doc["write_files"][0]["permissions"] = 600  # must be a string
+    path = tmp_path / "user-data"
+    path.write_text("#cloud-config\n" + yaml.safe_dump(doc))
+    result = cloud_init_schema(path)
+    assert result.returncode != 0
+    assert "permissions" in result.stdout + result.stderr
+
+
+def test_agent_toml_round_trips_to_the_same_config() -> None:
+    config = _config()
+    entry = _files(_render(config))[AGENT_TOML]
+    assert entry["permissions"] == "0600"
+    assert config_from_dict(tomllib.loads(entry["content"])) == config
+
+
+def test_token_appears_only_inside_agent_toml(tmp_path: Path) -> None:
+    cert = tmp_path / "ca.crt"
+    cert.write_text(CERT)
+    text = _render(extra_ca_certs=[cert])
+    assert TOKEN in _files(text)[AGENT_TOML]["content"]
+    doc = yaml.safe_load(text)
+    doc["write_files"] = [e for e in doc["write_files"] if e["path"] != AGENT_TOML]
+    assert TOKEN not in yaml.safe_dump(doc)
+    assert text.count(TOKEN) == 1
+
+
+def test_ca_certificates_are_written_one_per_file_and_trusted(tmp_path: Path) -> None:
+    pem = tmp_path / "bundle.pem"
+    pem.write_text("junk before\n" + CERT + CERT.replace("MIIB", "MIIC"))
+    text = _render(extra_ca_certs=[pem])
+    files = _files(text)
+    crts = sorted(p for p in files if p.startswith("/usr/local/share/ca-certificates/"))
+    assert [Path(p).suffix for p in crts] == [".crt", ".crt"]
+    assert all(files[p]["content"].count("BEGIN CERTIFICATE") == 1 for p in crts)
+    script = files[BOOTSTRAP_SCRIPT]["content"]
+    assert "update-ca-certificates" in script
+    assert "UV_NATIVE_TLS=1" in script
+    assert "update-ca-certificates" not in _files(_render())[BOOTSTRAP_SCRIPT]["content"]
+
+
+def test_not_a_certificate_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("hello")
+    with pytest.raises(UsageError, match="holds no PEM certificate"):
+        _render(extra_ca_certs=[bad])
+    with pytest.raises(UsageError, match="cannot read CA certificate file"):
+        _render(extra_ca_certs=[tmp_path / "missing.pem"])
+
+
+def test_install_script_is_valid_sh_and_carries_both_uv_wheels() -> None:
+    text = _render()
+    script = _files(text)[BOOTSTRAP_SCRIPT]["content"]
+    assert _files(text)[BOOTSTRAP_SCRIPT]["permissions"] == "0700"
+    # dash (Debian/Ubuntu /bin/sh) parses it
+    subprocess.run(["sh", "-n"], input=script, text=True, check=True)
+    assert script.startswith("#!/bin/sh\n")
+    assert "set -eu" in script
+    for artifact in (UV.x86_64, UV.aarch64):
+        assert artifact.url in script and artifact.sha256 in script
+    assert "sha256sum -c --quiet -" in script
+    assert f"/opt/rawvm/wheels/rawvm_agent-0.1.0-py3-none-any.whl {WHEEL_SHA}" in script
+    # index settings from agent_config.install, in the environment (not on a command line)
+    assert "export UV_DEFAULT_INDEX=https://pypi.org/simple" in script
+    assert "export UV_INDEX=https://x/whl/cu128" in script
+    assert "systemctl enable --now rawvm-agent.service" in script
+    # the backstop is scheduled before anything that can hang
+    assert script.index("shutdown") < script.index('fetch "$UV_URL"')
+
+
+def test_failed_bootstrap_powers_off() -> None:
+    doc = yaml.safe_load(_render())
+    (command,) = doc["runcmd"]
+    assert command[:2] == ["sh", "-c"]
+    assert command[2].startswith(f"{BOOTSTRAP_SCRIPT} ||")
+    assert "poweroff" in command[2]
+
+
+def test_failure_path_really_powers_off(tmp_path: Path) -> None:
+    """Run the runcmd line with a failing bootstrap and a recording ``systemctl`` on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls"
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    failing = tmp_path / "bootstrap.sh"
+    failing.write_text("#!/bin/sh\nexit 3\n")
+    failing.chmod(0o755)
+    (command,) = yaml.safe_load(_render())["runcmd"]
+    line = command[2].replace(BOOTSTRAP_SCRIPT, str(failing))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    result = subprocess.run(["sh", "-c", line], env=env, capture_output=True, text=True)
+    assert log.read_text().split() == ["poweroff"]
+    assert "bootstrap failed" in result.stderr
+
+
+def test_systemd_units_are_installed() -> None:
+    files = _files(_render())
+    units = [p for p in files if p.startswith("/etc/systemd/system/")]
+    assert "/etc/systemd/system/rawvm-agent.service" in units
+    assert all(files[p]["permissions"] == "0644" for p in units)
+
+
+def test_no_backstop_when_disabled() -> None:
+    assert "shutdown" not in _files(_render(backstop=False))[BOOTSTRAP_SCRIPT]["content"]
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    with pytest.raises(UsageError, match="sha256"):
+        render_user_data(_config(), agent_wheel_url=WHEEL_URL, agent_wheel_sha256="nothex", uv_wheel=UV)
+    with pytest.raises(UsageError, match=r"\*\.whl"):
+        wheel_filename("https://host/download?id=3")
+    assert wheel_filename("https://b.s3.amazonaws.com/c/rawvm_agent-0.1-py3-none-any.whl?X-Amz=1") == (
+        "rawvm_agent-0.1-py3-none-any.whl"
+    )
+
+
+def _bundle(n: int, url_len: int, seed: int = 0) -> BundleConfig:
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits
+    files = tuple(
+        BundleFile(
+            f"wheels/pkg{i}-1.0-py3-none-any.whl",
+            "https://b.s3.amazonaws.com/x?" + "".join(rng.choice(alphabet) for _ in range(url_len)),
+            f"{rng.getrandbits(256):064x}",
+        )
+        for i in range(n)
+    )
+    return BundleConfig(files=files, manifest_sha256="ef" * 32)
+
+
+def test_small_user_data_is_sent_as_is() -> None:
+    text = _render()
+    assert len(text.encode()) <= USER_DATA_LIMIT
+    assert encode_user_data(text) == text.encode()
+
+
+def test_big_user_data_is_gzipped_and_still_valid(tmp_path: Path) -> None:
+    # Repetitive URLs: over the limit raw, well under it compressed.
+    files = tuple(BundleFile(f"wheels/p{i}.whl", f"https://host/bundle/wheels/p{i}.whl", "cd" * 32) for i in range(200))
+    text = _render(_config(bundle=BundleConfig(files=files)))
+    assert len(text.encode()) > USER_DATA_LIMIT
+    data = encode_user_data(text)
+    assert data[:2] == b"\x1f\x8b" and len(data) <= USER_DATA_LIMIT
+    assert gzip.decompress(data).decode() == text == decode_user_data(data)
+    path = tmp_path / "user-data"
+    path.write_text(decode_user_data(data))
+    assert cloud_init_schema(path).returncode == 0
+
+
+def test_user_data_over_the_limit_is_one_clear_error() -> None:
+    # Random presigned-URL-like strings do not compress: 40 files x 600 characters is ~24 KB gzipped.
+    text = _render(_config(bundle=_bundle(40, 600)))
+    with pytest.raises(UsageError) as info:
+        encode_user_data(text)
+    message = str(info.value)
+    assert "16384-byte limit" in message and "gzipped" in message and "\n" not in message
