@@ -1,0 +1,378 @@
+"""The ``qemu`` provider: real Linux VMs on this host, booted from the same user-data as EC2.
+
+Each machine is a qcow2 overlay of the cached Debian image (rawvm_images.local_vm) with a NoCloud seed holding
+its user-data, run by a detached ``qemu-system-x86_64 -daemonize -no-reboot``: when the guest powers itself off,
+qemu exits by itself. The agent port is forwarded to 127.0.0.1:<free port>.
+
+Files reach the guests through a per-cluster loopback stager (rawvm.staging), which a guest sees at
+10.0.2.2. It runs as its own detached process (``python -m rawvm.providers.qemu serve DIR``) so that staging
+and the sink outlive ``rawvm run``: the agents fetch their bundle after it returns and upload logs and
+telemetry when they stop, minutes later. The server exits by itself once the cluster's VMs are all gone.
+
+State, per cluster, under ``$RAWVM_STATE_DIR`` (else ``$XDG_STATE_HOME/rawvm``, else ``~/.local/state/rawvm``)
+``/qemu/<cluster>/``: ``files/`` (staged), ``sink/`` (uploads), ``server.json``, and ``machines/<id>/`` with
+``machine.json``, the overlay, the seed, ``serial.log`` and ``qemu.pid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from rawvm_agent.config import AgentConfig
+from rawvm_images.local_vm import ImageError, LocalImage, ensure_image
+from rawvm_images.qemu_boot import (
+    BootFiles,
+    choose_accel,
+    free_port,
+    prepare_boot,
+    process_alive,
+    qemu_command,
+    start_detached,
+)
+
+from rawvm.errors import RawvmError, UsageError
+from rawvm.providers.base import Machine, MachineSpec
+from rawvm.staging import QEMU_HOST, LoopbackStager, safe_relpath
+from rawvm.userdata import encode_user_data, render_user_data
+from rawvm.uvwheel import find_uv_wheel
+
+PLATFORM = "linux-x86_64"
+GUEST_BIND = "0.0.0.0"  # noqa: S104 (inside the guest: qemu's user network forwards to the guest's eth0)
+SERVER_START_TIMEOUT = 20.0
+SERVER_IDLE_EXIT = 15 * 60.0  # a server whose cluster never launched a VM gives up after this
+_CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+Progress = Callable[[str], None]
+
+
+def default_state_root() -> Path:
+    if env := os.environ.get("RAWVM_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "rawvm"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class QemuProvider:
+    """Real VMs under qemu (TCG, or KVM when hardware KVM works). See the module docstring."""
+
+    name = "qemu"
+
+    def __init__(
+        self,
+        state_root: Path | None = None,
+        *,
+        image_cache: Path | None = None,
+        accel: str = "auto",
+        memory_mib: int = 2048,
+        cpus: int = 2,
+        progress: Progress | None = None,
+    ) -> None:
+        self.root = (state_root or default_state_root()) / "qemu"
+        self.image_cache = image_cache
+        self.accel = accel
+        self.memory_mib = memory_mib
+        self.cpus = cpus
+        self.progress: Progress = progress or (lambda _msg: None)
+        self._image: LocalImage | None = None
+
+    # -- the image ---------------------------------------------------------------------------------------------
+
+    def image(self) -> LocalImage:
+        if self._image is None:
+            try:
+                self._image = ensure_image(self.image_cache, self.progress)
+            except ImageError as exc:
+                raise RawvmError(str(exc)) from None
+        return self._image
+
+    def target_platform(self, spec: MachineSpec) -> str:
+        if spec.arm or spec.gpu:
+            raise UsageError("the qemu provider runs x86_64 CPU machines only: drop --arm/--gpu or use --provider aws")
+        return PLATFORM
+
+    def target_glibc(self) -> str:
+        """The image's glibc (Debian 12: 2.36), for the resolver's manylinux level."""
+        return self.image().glibc
+
+    def target_python(self) -> str:
+        """The image's python3 X.Y (Debian 12: 3.11): the agent's venv is made with it."""
+        return self.image().python
+
+    # -- staging and the sink ----------------------------------------------------------------------------------
+
+    def cluster_dir(self, cluster: str) -> Path:
+        if not _CLUSTER.fullmatch(cluster):
+            raise UsageError(f"invalid cluster name {cluster!r}: use letters, digits, '.', '_' and '-'")
+        return self.root / cluster
+
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+        directory = self.cluster_dir(cluster)
+        port = self._ensure_server(directory)
+        stager = LoopbackStager(directory / "files", sink_dir=directory / "sink", url_host=QEMU_HOST)
+        urls: dict[str, str] = {}
+        for name, path in files:
+            urls.update(stager.stage([(name, path)]))
+        # The stager object only copied files; URLs name the detached server's port.
+        return {name: self._url(port, "files", safe_relpath(name)) for name in urls}
+
+    def sink_url(self, cluster: str) -> str:
+        port = self._ensure_server(self.cluster_dir(cluster))
+        return self._url(port, "sink", "")
+
+    @staticmethod
+    def _url(port: int, kind: str, rel: str) -> str:
+        return f"http://{QEMU_HOST}:{port}/{kind}/{rel}"
+
+    def _ensure_server(self, directory: Path) -> int:
+        info = _read_json(directory / "server.json")
+        if info and process_alive(int(info["pid"]), "rawvm.providers.qemu"):
+            return int(info["port"])
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "server.json").unlink(missing_ok=True)
+        log = (directory / "server.log").open("ab")
+        with log:
+            subprocess.Popen(
+                [sys.executable, "-m", "rawvm.providers.qemu", "serve", str(directory)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            info = _read_json(directory / "server.json")
+            if info:
+                return int(info["port"])
+            time.sleep(0.1)
+        raise RawvmError(f"the qemu staging server did not start; see {directory / 'server.log'}")
+
+    # -- machines ----------------------------------------------------------------------------------------------
+
+    def launch(self, spec: MachineSpec) -> list[Machine]:
+        image = self.image()
+        self.target_platform(spec)
+        directory = self.cluster_dir(spec.cluster)
+        wheel_name = f"agent/{spec.agent_wheel.name}"
+        wheel_url = self.stage(spec.cluster, [(wheel_name, spec.agent_wheel)])[wheel_name]
+        wheel_sha256 = _sha256(spec.agent_wheel)
+        uv_wheel = find_uv_wheel()
+        accel = self._accel()
+        machines = []
+        for _ in range(spec.count):
+            machine_id = f"{spec.cluster}-{uuid.uuid4().hex[:8]}"
+            config = self._machine_config(spec, machine_id)
+            user_data = encode_user_data(
+                render_user_data(
+                    config,
+                    agent_wheel_url=wheel_url,
+                    agent_wheel_sha256=wheel_sha256,
+                    uv_wheel=uv_wheel,
+                    extra_ca_certs=spec.extra_ca_certs,
+                )
+            )
+            files = BootFiles(directory / "machines" / machine_id)
+            try:
+                prepare_boot(image, files, user_data, hostname=machine_id)
+                pid, port = self._start(image, files, accel, config.port)
+            except ImageError as exc:
+                raise RawvmError(f"qemu machine {machine_id}: {exc}") from None
+            scheme = "https" if config.tls_cert else "http"
+            machine = Machine(
+                id=machine_id,
+                provider=self.name,
+                cluster=spec.cluster,
+                agent_url=f"{scheme}://127.0.0.1:{port}",
+                state="running",
+                instance_type=f"qemu-{self.cpus}cpu-{self.memory_mib}mib",
+                launched_at=time.time(),
+                details={
+                    "pid": str(pid),
+                    "accel": accel,
+                    "serial_log": str(files.serial_log),
+                    "directory": str(files.directory),
+                },
+            )
+            (files.directory / "machine.json").write_text(json.dumps(asdict(machine), indent=2) + "\n")
+            self.progress(f"{machine_id}: qemu pid {pid}, agent at {machine.agent_url}, console {files.serial_log}")
+            machines.append(machine)
+        return machines
+
+    def _accel(self) -> str:
+        try:
+            return choose_accel(self.accel)
+        except ImageError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _machine_config(self, spec: MachineSpec, machine_id: str) -> AgentConfig:
+        agent = spec.agent
+        install = agent.install
+        if spec.extra_ca_certs and not install.native_tls:
+            # The user-data adds the CAs to the system store; uv must then read that store.
+            install = replace(install, native_tls=True)
+        return replace(
+            agent,
+            machine_id=machine_id,
+            bind=GUEST_BIND,
+            sink=agent.sink or self.sink_url(spec.cluster),
+            install=install,
+        )
+
+    def _start(self, image: LocalImage, files: BootFiles, accel: str, guest_port: int) -> tuple[int, int]:
+        last: ImageError | None = None
+        for _ in range(3):  # a free port can be taken between the probe and qemu's bind
+            port = free_port()
+            argv = qemu_command(
+                image,
+                files,
+                accel=accel,
+                memory_mib=self.memory_mib,
+                cpus=self.cpus,
+                forwards=[(port, guest_port)],
+            )
+            try:
+                return start_detached(argv, files), port
+            except ImageError as exc:
+                last = exc
+                if "hostfwd" not in str(exc) and "Could not set up host forwarding" not in str(exc):
+                    raise
+        assert last is not None
+        raise last
+
+    def list(self, cluster: str | None = None) -> list[Machine]:
+        clusters = [cluster] if cluster else sorted(p.name for p in self.root.glob("*") if p.is_dir())
+        found: list[Machine] = []
+        for name in clusters:
+            for path in sorted((self.cluster_dir(name) / "machines").glob("*/machine.json")):
+                raw = _read_json(path)
+                if not raw or raw.get("state") == "terminated":
+                    continue
+                machine = Machine(**raw)
+                alive = process_alive(int(machine.details.get("pid", "0")), machine.details.get("directory", ""))
+                machine.state = "running" if alive else "stopped"
+                found.append(machine)
+        return found
+
+    def down(self, cluster: str) -> int:
+        directory = self.cluster_dir(cluster)
+        stopped = 0
+        for path in sorted((directory / "machines").glob("*/machine.json")):
+            raw = _read_json(path)
+            if not raw:
+                continue
+            machine = Machine(**raw)
+            pid = int(machine.details.get("pid", "0"))
+            if _terminate(pid, machine.details.get("directory", "")):
+                stopped += 1
+            files = BootFiles(path.parent)
+            for leftover in (files.overlay, files.seed, files.directory / "user-data"):
+                leftover.unlink(missing_ok=True)
+            machine.state = "terminated"
+            path.write_text(json.dumps(asdict(machine), indent=2) + "\n")
+        info = _read_json(directory / "server.json")
+        if info:
+            _terminate(int(info["pid"]), "rawvm.providers.qemu")
+        shutil.rmtree(directory / "files", ignore_errors=True)
+        return stopped
+
+
+def _terminate(pid: int, marker: str, wait: float = 10.0) -> bool:
+    """SIGTERM (qemu shuts the VM down hard), then SIGKILL; False when it was not running."""
+    if pid <= 0 or not process_alive(pid, marker):
+        return False
+    for sig, grace in ((signal.SIGTERM, wait), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not process_alive(pid, marker):
+                return True
+            time.sleep(0.1)
+    return True
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- the detached staging server -------------------------------------------------------------------------------
+
+
+def _cluster_pids(directory: Path) -> list[tuple[int, str]]:
+    pids = []
+    for path in (directory / "machines").glob("*/machine.json"):
+        raw = _read_json(path)
+        details = raw.get("details") if raw else None
+        if isinstance(details, dict) and raw and raw.get("state") != "terminated":
+            pids.append((int(details.get("pid", 0)), str(details.get("directory", ""))))
+    return pids
+
+
+def serve(directory: Path, poll: float = 2.0) -> None:
+    """Serve ``directory/files`` and receive ``directory/sink`` until the cluster's VMs are all gone."""
+    stager = LoopbackStager(directory / "files", sink_dir=directory / "sink", url_host=QEMU_HOST).start()
+    info = directory / "server.json"
+    tmp = info.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "port": stager.port}))
+    tmp.replace(info)
+    started = time.monotonic()
+    stop = False
+
+    def on_term(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        while not stop:
+            time.sleep(poll)
+            pids = _cluster_pids(directory)
+            if pids and not any(process_alive(pid, marker) for pid, marker in pids):
+                # Give a just-stopped agent's upload a moment: it PUTs before powering off, so it is done.
+                break
+            if not pids and time.monotonic() - started > SERVER_IDLE_EXIT:
+                break
+    finally:
+        stager.close()
+        info.unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rawvm.providers.qemu")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_parser = sub.add_parser("serve", help="serve a cluster's staged files and sink (started by the provider)")
+    serve_parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.directory)
+
+
+if __name__ == "__main__":
+    main()
