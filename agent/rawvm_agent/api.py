@@ -1,0 +1,162 @@
+"""The agent's HTTP API (Contract 4). Handlers are thin: they parse, call the Agent, and shape the answer.
+
+Reading status, metrics, samples or logs never counts as activity: monitoring must not keep a VM alive.
+Only ``POST /v1/tasks`` (through the running task) and ``POST /v1/keepalive`` do.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+from aiohttp import web
+
+from rawvm_agent.app import AGENT_KEY, Agent
+from rawvm_agent.tasks import STREAMS, NotReadyError, TaskError, read_log
+
+routes = web.RouteTableDef()
+
+DEFAULT_LOG_LIMIT = 1 << 20
+MAX_LOG_LIMIT = 16 << 20
+FOLLOW_CHUNK = 1 << 16
+FOLLOW_POLL_S = 1.0
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def add_routes(app: web.Application) -> None:
+    app.add_routes(routes)
+
+
+def _agent(request: web.Request) -> Agent:
+    return request.app[AGENT_KEY]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _int_param(request: web.Request, name: str, default: int, minimum: int = 0) -> int:
+    raw = request.query.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"'{name}' must be an integer"}), content_type="application/json"
+        ) from None
+    if value < minimum:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"'{name}' must be >= {minimum}"}), content_type="application/json"
+        )
+    return value
+
+
+@routes.get("/healthz")
+async def healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    body = agent.sampler.render_prometheus(agent.agent_metrics())
+    return web.Response(body=body.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
+@routes.get("/v1/status")
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(_agent(request).status())
+
+
+@routes.get("/v1/samples")
+async def samples(request: web.Request) -> web.Response:
+    after = _int_param(request, "after", -1, minimum=-1)
+    limit = _int_param(request, "limit", 3600, minimum=1)
+    rows = _agent(request).sampler.samples_after(after, limit=limit)
+    if "application/json" in request.headers.get("Accept", ""):
+        return web.json_response(rows)
+    return web.Response(body=msgpack.packb(rows, use_bin_type=True), content_type="application/msgpack")
+
+
+@routes.post("/v1/tasks")
+async def start_task(request: web.Request) -> web.Response:
+    try:
+        body: Any = await request.json()
+    except ValueError:
+        return _error(400, "the request body must be JSON {argv, env, cwd, secret_env}")
+    agent = _agent(request)
+    try:
+        answer = await agent.start_task(body)
+    except NotReadyError as exc:
+        return _error(409, str(exc))
+    except TaskError as exc:
+        return _error(400, str(exc))
+    return web.json_response(answer, status=201)
+
+
+@routes.get("/v1/tasks")
+async def list_tasks(request: web.Request) -> web.Response:
+    return web.json_response([t.record.public() for t in _agent(request).tasks.tasks.values()])
+
+
+@routes.get("/v1/tasks/{id}")
+async def get_task(request: web.Request) -> web.Response:
+    task = _agent(request).tasks.get(request.match_info["id"])
+    if task is None:
+        return _error(404, f"no task {request.match_info['id']!r}")
+    return web.json_response(task.record.public())
+
+
+@routes.get("/v1/tasks/{id}/logs")
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    """Raw bytes of stdout or stderr from ``offset``. ``X-Next-Offset`` is where the next read starts.
+
+    With ``follow=1`` the body streams until the task has ended and its output is drained; the next
+    offset is then ``offset`` plus the bytes received (the header gives the offset the body starts at).
+    """
+    task = _agent(request).tasks.get(request.match_info["id"])
+    if task is None:
+        return _error(404, f"no task {request.match_info['id']!r}")
+    stream = request.query.get("stream", "stdout")
+    if stream not in STREAMS:
+        return _error(400, "'stream' must be stdout or stderr")
+    offset = _int_param(request, "offset", 0)
+    path = task.log_path(stream)
+    if request.query.get("follow", "") not in ("1", "true", "yes"):
+        limit = min(_int_param(request, "limit", DEFAULT_LOG_LIMIT, minimum=1), MAX_LOG_LIMIT)
+        data = read_log(path, offset, limit)
+        headers = {"X-Next-Offset": str(offset + len(data)), "X-Task-State": task.record.state}
+        return web.Response(body=data, content_type="application/octet-stream", headers=headers)
+
+    response = web.StreamResponse(headers={"X-Next-Offset": str(offset), "Content-Type": "application/octet-stream"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    position = offset
+    while True:
+        data = read_log(path, position, FOLLOW_CHUNK)
+        if data:
+            await response.write(data)
+            position += len(data)
+            continue
+        if task.done.is_set():
+            # The pumps finish before ``done`` is set, so an empty read now means the end.
+            break
+        await task.wait_change(FOLLOW_POLL_S)
+    await response.write_eof()
+    return response
+
+
+@routes.post("/v1/keepalive")
+async def keepalive(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    agent.keepalive()
+    return web.json_response({"ok": True, "client_timeout_s": agent.config.idle.client_timeout})
+
+
+@routes.post("/v1/shutdown")
+async def shutdown(request: web.Request) -> web.Response:
+    agent = _agent(request)
+    agent.request_stop("shutdown requested through the API")
+    return web.json_response({"phase": "stopping"}, status=202)

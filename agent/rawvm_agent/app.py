@@ -1,0 +1,423 @@
+"""The agent: wires install, tasks, telemetry, the idle policy, the spot watcher and the stop sequence.
+
+One ``Agent`` per process. ``create_app`` puts the HTTP API (api.py) in front of it; ``serve`` runs both
+until the agent has stopped (power-off action done) or the process is told to exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from rawvm_agent import __version__, idle, sdnotify, sink, spot, stopper
+from rawvm_agent.config import AgentConfig
+from rawvm_agent.install import Environment, Installer, InstallError
+from rawvm_agent.logs import Redactor, setup_logging, url_password
+from rawvm_agent.state import SERVING, AgentState, Phase, StateStore
+from rawvm_agent.tasks import NotReadyError, TaskManager, TaskRequest
+from rawvm_agent.telemetry import Sampler
+
+log = logging.getLogger("rawvm_agent")
+
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+SINK_TIMEOUT_S = 300.0
+STATE_SAVE_EVERY_S = 5.0
+# Directories of the state dir that are not worth sending to the sink (big, and rebuilt from the bundle).
+NOT_FLUSHED = frozenset({"bundle", "bundle.partial", "env", "work", "conda"})
+
+
+def boot_id() -> str:
+    """The kernel's id of this boot: tells "the agent restarted" from "the machine was started again"."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.clock = clock
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.token = config.bearer_token()
+        self.redactor = Redactor([self.token])
+        self.redactor.add(*(self.environ[n] for n in config.secret_env if self.environ.get(n)))
+        self.redactor.add(*map(url_password, (config.install.index_url, *config.install.extra_index_urls)))
+        self.log_file = self.state_dir / "agent.log"
+        self.store = StateStore(self.state_dir / "state.json")
+        self.state = AgentState()
+        self.boot_id = boot_id()
+        self.sampler = Sampler(config.telemetry, self.state_dir)
+        self.tasks = TaskManager(
+            config.tasks,
+            self.state_dir / "tasks",
+            self.redactor,
+            secret_env_names=config.secret_env,
+            on_change=self._on_tasks_change,
+        )
+        self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self.save_state)
+        self.env: Environment | None = None
+        self.policy: idle.IdlePolicy | None = None
+        self.decision: idle.IdleDecision | None = None
+        self.warnings: list[str] = []
+        self.stopped = asyncio.Event()  # the stop sequence ran to the end (power-off action done)
+        self._stop_task: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self._last_save = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume or begin: restore state, start telemetry, install (unless done), start the loops."""
+        now = self.clock()
+        previous = self.store.load()
+        resumed_stop = False
+        if previous is None:
+            self.state.started_at = now
+            self.state.enter(Phase.BOOTING, now)
+        else:
+            self.state = previous
+            self.state.restarts += 1
+            same_boot = self.state.idle.get("boot_id", "") == self.boot_id
+            resumed_stop = same_boot and self.state.phase in (Phase.STOPPING, Phase.OFF)
+            if not same_boot:
+                # The machine itself was started again: a new lifetime and a fresh idle clock.
+                self.state.started_at, self.state.idle, self.state.last_keepalive = now, {}, None
+        self.installer.progress = self.state.install
+        self.policy = self._restore_policy()
+        log.info(
+            "rawvm-agent %s starting (phase %s, restart %d) on %s:%d",
+            __version__,
+            self.state.phase,
+            self.state.restarts,
+            self.config.bind,
+            self.config.port,
+        )
+        self.save_state()
+        await self.sampler.start()
+        if resumed_stop:
+            log.warning("resuming an interrupted stop (%s)", self.state.stop_reason or "unknown reason")
+            self.request_stop(self.state.stop_reason or "resumed stop")
+        else:
+            self._spawn(self._install(), "install")
+            self._spawn(self._idle_loop(), "idle")
+            if self.config.spot.enabled:
+                self._spawn(spot.watch_spot(self.config.spot, self._on_spot_notice), "spot")
+        # Fed from this event loop: a hung loop stops feeding and systemd restarts the agent.
+        self._spawn(sdnotify.feed_watchdog(), "watchdog")
+
+    def _restore_policy(self) -> idle.IdlePolicy:
+        saved = {k: v for k, v in self.state.idle.items() if k != "boot_id"}
+        if saved:
+            try:
+                return idle.IdlePolicy.from_state(self.config.idle, saved)
+            except (KeyError, TypeError, ValueError):
+                log.warning("idle clock in the state file is unreadable; starting it over")
+        return idle.IdlePolicy(self.config.idle, self.state.started_at)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._background_done)
+        self._background.append(task)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("agent loop %r failed: %s", task.get_name(), exc, exc_info=exc)
+
+    async def close(self) -> None:
+        """Leave without powering off (the process is being stopped or restarted): save, stop children."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._stop_task is not None and not self._stop_task.done():
+            self._stop_task.cancel()
+            await asyncio.gather(self._stop_task, return_exceptions=True)
+        await self.tasks.close()
+        with contextlib.suppress(Exception):
+            await self.sampler.stop()
+        self.save_state()
+
+    def save_state(self) -> None:
+        if self.policy is not None:
+            self.state.idle = {**self.policy.to_state(), "boot_id": self.boot_id}
+        self.store.save(self.state)
+        self._last_save = self.clock()
+
+    def set_phase(self, phase: Phase) -> None:
+        if self.state.phase == phase:
+            return
+        log.info("phase %s -> %s", self.state.phase, phase)
+        self.state.enter(phase, self.clock())
+        self.save_state()
+        sdnotify.notify(sdnotify.status(f"rawvm-agent: {phase}"))
+
+    # -- install ----------------------------------------------------------------------------------------
+
+    async def _install(self) -> None:
+        if self.state.phase == Phase.FAILED:
+            log.warning("install failed before this restart (%s); not retrying", self.state.error)
+            return
+        if self.installer.is_installed(self.state.installed_manifest):
+            self.env = self.installer.existing()
+            if self.state.phase not in SERVING:
+                self.set_phase(Phase.READY)
+            log.info("environment already installed; resuming")
+            return
+        if self.config.bundle.files:
+            self.set_phase(Phase.INSTALLING)
+        try:
+            self.env = await self.installer.install()
+        except InstallError as exc:
+            self.state.error = str(exc)
+            log.error("install failed: %s", exc)
+            self.set_phase(Phase.FAILED)
+            return
+        self.state.installed_manifest = self.config.bundle.manifest_sha256 if self.config.bundle.files else "-"
+        self.state.error = ""
+        log.info("environment ready")
+        self.set_phase(Phase.READY)
+
+    # -- idle -------------------------------------------------------------------------------------------
+
+    async def _idle_loop(self) -> None:
+        period = max(self.config.telemetry.interval, 0.1)
+        while self._stop_task is None:
+            self.tick()
+            await asyncio.sleep(period)
+
+    def tick(self) -> None:
+        """One look at activity: update busy/idle, and start the stop sequence when the policy says so."""
+        assert self.policy is not None
+        now = self.clock()
+        window = self.config.idle.window
+        self.decision = self.policy.observe(
+            now,
+            # Installing is work too: a slow download must not look like an idle machine.
+            task_running=bool(self.tasks.running) or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
+            cpu_percent=self.sampler.cpu_percent(window),
+            gpu_percents=self.sampler.gpu_utilization(window),
+            last_keepalive=self.state.last_keepalive,
+        )
+        if self.state.phase in SERVING:
+            self.set_phase(Phase.IDLE if self.decision.idle else Phase.BUSY)
+        if now - self._last_save >= STATE_SAVE_EVERY_S:
+            self.save_state()
+        if self.decision.stop:
+            if "lifetime" in self.decision.reason:
+                log.warning("stopping although busy: %s", self.decision.reason)
+            self.request_stop(self.decision.reason or "idle")
+
+    def keepalive(self) -> None:
+        self.state.last_keepalive = self.clock()
+
+    def _on_tasks_change(self) -> None:
+        # A task starting or ending changes busy/idle at once, not a sample period later.
+        if self.policy is not None and self._stop_task is None:
+            self.tick()
+
+    async def _on_spot_notice(self, action: str) -> None:
+        log.warning("spot interruption notice: %s", action)
+        self.request_stop(f"spot interruption: {action}")
+
+    # -- stop -------------------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> asyncio.Task[None]:
+        """Start the stop sequence once; later calls return the same sequence."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop_sequence(reason))
+        return self._stop_task
+
+    async def _stop_sequence(self, reason: str) -> None:
+        log.warning("stopping: %s", reason)
+        self.state.stop_reason = reason
+        self.set_phase(Phase.STOPPING)
+        try:
+            await self.tasks.interrupt_all()
+            with contextlib.suppress(Exception):
+                await self.sampler.stop()
+            await self._flush_to_sink()
+        finally:
+            self.set_phase(Phase.OFF)
+            log.warning("power-off action now (%s)", reason)
+            try:
+                await stopper.power_off(self.config.idle)
+            except Exception as exc:
+                log.error("power-off action failed: %s", exc)
+            self.stopped.set()
+
+    def sink_files(self) -> list[Path]:
+        files = []
+        for path in sorted(self.state_dir.rglob("*")):
+            rel = path.relative_to(self.state_dir)
+            if rel.parts[0] in NOT_FLUSHED or not path.is_file() or path.name.startswith("."):
+                continue
+            files.append(path)
+        return files
+
+    async def _flush_to_sink(self) -> None:
+        if not self.config.sink:
+            log.info("no sink configured; logs and telemetry stay on the disk")
+            return
+        self.save_state()
+        files = self.sink_files()
+        log.info("flushing %d files to the sink", len(files))
+        try:
+            await asyncio.wait_for(sink.flush(self.config.sink, files), SINK_TIMEOUT_S)
+        except Exception as exc:
+            # The machine must stop even when the sink is unreachable: billing beats log shipping.
+            log.error("flush to the sink failed: %s", exc or type(exc).__name__)
+
+    # -- API helpers ------------------------------------------------------------------------------------
+
+    async def start_task(self, body: Any) -> dict[str, Any]:
+        if self._stop_task is not None:
+            raise NotReadyError(f"the agent is {self.state.phase}; no new tasks")
+        if self.state.phase not in SERVING or self.env is None:
+            detail = f": {self.state.error}" if self.state.error else ""
+            raise NotReadyError(f"the environment is not ready (phase {self.state.phase}{detail})")
+        task = await self.tasks.start(TaskRequest.from_json(body), self.env, self.environ)
+        return {"id": task.record.id}
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        decision = self.decision
+        idle_since = decision.idle_since if decision else None
+        return {
+            "version": __version__,
+            "cluster": self.config.cluster,
+            "machine_id": self.config.machine_id,
+            "phase": self.state.phase.value,
+            "phase_times": dict(self.state.phase_times),
+            "started_at": self.state.started_at,
+            "restarts": self.state.restarts,
+            "error": self.state.error,
+            "stop_reason": self.state.stop_reason,
+            "install": {**vars(self.state.install)},
+            "idle": {
+                "idle": bool(decision and decision.idle),
+                "idle_since": idle_since,
+                "idle_seconds": (now - idle_since) if idle_since else 0.0,
+                "keepalive_s": self.config.idle.keepalive,
+                "stops_at": (idle_since + self.config.idle.keepalive) if idle_since else None,
+                "reason": decision.reason if decision else "",
+                "last_keepalive": self.state.last_keepalive,
+                "max_lifetime_at": self.state.started_at + self.config.idle.max_lifetime,
+            },
+            "tasks": {**self.tasks.counts(), "ids": list(self.tasks.tasks)},
+            "warnings": [*self.warnings, *self.tasks.warnings()],
+            "gpus": self.sampler.gpu_count,
+        }
+
+    def agent_metrics(self) -> str:
+        """The agent's own metric families, appended to the telemetry sampler's in /metrics."""
+        now = self.clock()
+        idle_since = self.decision.idle_since if self.decision else None
+        lines = [
+            "# HELP rawvm_agent_phase Current lifecycle phase (1 for the current one).",
+            "# TYPE rawvm_agent_phase gauge",
+        ]
+        lines += [f'rawvm_agent_phase{{phase="{p.value}"}} {int(p == self.state.phase)}' for p in Phase]
+        lines += ["# HELP rawvm_agent_tasks Tasks known to the agent, by state.", "# TYPE rawvm_agent_tasks gauge"]
+        lines += [f'rawvm_agent_tasks{{state="{s}"}} {n}' for s, n in sorted(self.tasks.counts().items())]
+        lines += [
+            "# HELP rawvm_agent_tasks_started_total Tasks started by this agent process.",
+            "# TYPE rawvm_agent_tasks_started_total counter",
+            f"rawvm_agent_tasks_started_total {self.tasks.started_total}",
+            "# HELP rawvm_agent_idle_seconds Seconds of continuous idleness (0 when busy).",
+            "# TYPE rawvm_agent_idle_seconds gauge",
+            f"rawvm_agent_idle_seconds {max(now - idle_since, 0.0) if idle_since else 0.0:.3f}",
+            "# HELP rawvm_agent_keepalive_seconds Idleness after which the machine powers off.",
+            "# TYPE rawvm_agent_keepalive_seconds gauge",
+            f"rawvm_agent_keepalive_seconds {self.config.idle.keepalive:g}",
+            "# HELP rawvm_agent_install_downloaded_bytes Bytes of the environment bundle downloaded.",
+            "# TYPE rawvm_agent_install_downloaded_bytes gauge",
+            f"rawvm_agent_install_downloaded_bytes {self.state.install.bytes_done}",
+            "# HELP rawvm_agent_install_packages Packages installed from the bundle.",
+            "# TYPE rawvm_agent_install_packages gauge",
+            f"rawvm_agent_install_packages {self.state.install.packages_done}",
+            "# HELP rawvm_agent_start_time_seconds When this machine's agent first started (Unix time).",
+            "# TYPE rawvm_agent_start_time_seconds gauge",
+            f"rawvm_agent_start_time_seconds {self.state.started_at:.3f}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(agent: Agent) -> web.Application:
+    """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it."""
+    from rawvm_agent import api
+    from rawvm_agent.auth import token_middleware
+
+    app = web.Application(middlewares=[token_middleware(agent.token)], client_max_size=1 << 20)
+    app[AGENT_KEY] = agent
+    api.add_routes(app)
+
+    async def on_startup(_: web.Application) -> None:
+        await agent.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await agent.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+def server_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("agent.toml: set both tls_cert and tls_key, or neither")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    return ctx
+
+
+async def serve(config: AgentConfig) -> int:
+    """Run the agent and its API until it has powered off (0) or a signal asks it to leave (0)."""
+    agent = Agent(config)
+    setup_logging(agent.redactor, agent.log_file)
+    app = create_app(agent)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.bind, config.port, ssl_context=server_ssl_context(config))
+        await site.start()
+        log.info("API listening on %s://%s:%d", "https" if config.tls_cert else "http", config.bind, config.port)
+        sdnotify.notify(sdnotify.READY)
+        leave = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, leave.set)
+        waiters = [asyncio.ensure_future(leave.wait()), asyncio.ensure_future(agent.stopped.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if leave.is_set() and not agent.stopped.is_set():
+            log.info("signal received; leaving without powering off (state saved)")
+        sdnotify.notify(sdnotify.STOPPING)
+    finally:
+        await runner.cleanup()
+    return 0

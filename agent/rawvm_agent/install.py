@@ -1,0 +1,437 @@
+"""Install the environment bundle (Contract 1): fetch, verify, then build the venv with uv.
+
+Order matters for safety: every file is fetched into a staging directory and checked against the sha256
+chain (agent.toml's ``manifest_sha256`` → ``rawvm-env.toml`` → each file) before anything is installed.
+A mismatch raises ``BundleError`` and leaves no venv and no work dir behind.
+
+Layout under the state dir: ``bundle/`` (verified files), ``env/`` (the venv), ``work/`` (the code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import ssl
+import sys
+import tarfile
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import aiohttp
+
+from rawvm_agent.config import AgentConfig, BundleFile, InstallConfig
+from rawvm_agent.logs import Redactor
+from rawvm_agent.state import InstallProgress
+
+log = logging.getLogger("rawvm_agent.install")
+
+MANIFEST = "rawvm-env.toml"
+KINDS = frozenset({"pylock", "wheel", "sdist", "code", "conda-lock"})
+CHUNK = 1 << 16
+FETCH_ATTEMPTS = 3
+
+
+class InstallError(Exception):
+    """The environment could not be installed; the message is one line for the status and the log."""
+
+
+class BundleError(InstallError):
+    """The bundle failed verification (sha256 mismatch, unlisted or missing file); nothing was installed."""
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    path: str
+    sha256: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    python: str
+    index_url: str
+    extra_index_urls: tuple[str, ...]
+    files: tuple[ManifestFile, ...]
+
+    def of_kind(self, kind: str) -> list[ManifestFile]:
+        return [f for f in self.files if f.kind == kind]
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where tasks run: the venv (None: the agent's own Python) and the work dir holding the code."""
+
+    venv: Path | None
+    work_dir: Path
+    conda_prefix: Path | None = None
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.venv / "bin" if self.venv else Path(sys.executable).parent
+
+    def task_environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` with the environment activated (what ``source bin/activate`` would do)."""
+        env = dict(base)
+        env.pop("NOTIFY_SOCKET", None)  # the task must not talk to systemd as if it were the agent
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        path = [str(self.bin_dir)]
+        if self.conda_prefix is not None:
+            path.append(str(self.conda_prefix / "bin"))
+            env["CONDA_PREFIX"] = str(self.conda_prefix)
+        if self.venv is not None:
+            env["VIRTUAL_ENV"] = str(self.venv)
+            env.pop("PYTHONHOME", None)
+        env["PATH"] = os.pathsep.join([*path, env.get("PATH", os.defpath)])
+        return env
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_manifest(text: str) -> Manifest:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BundleError(f"{MANIFEST} is not valid TOML: {exc}") from None
+    if raw.get("format") != 1:
+        raise BundleError(f"{MANIFEST}: unsupported format {raw.get('format')!r} (this agent reads format 1)")
+    install = raw.get("install", {})
+    files = []
+    for entry in raw.get("files", []):
+        path, sha, kind = entry.get("path", ""), entry.get("sha256", ""), entry.get("kind", "")
+        if kind not in KINDS:
+            raise BundleError(f"{MANIFEST}: file {path!r} has unknown kind {kind!r}")
+        files.append(ManifestFile(path=safe_relpath(path), sha256=str(sha).lower(), kind=kind))
+    return Manifest(
+        python=str(raw.get("target", {}).get("python", "")),
+        index_url=str(install.get("index_url", "")),
+        extra_index_urls=tuple(install.get("extra_index_urls", ())),
+        files=tuple(files),
+    )
+
+
+def safe_relpath(path: str) -> str:
+    """A bundle path must stay inside the bundle: relative, no ``..``, no empty parts."""
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or any(part in ("..", "") for part in path.split("/")):
+        raise BundleError(f"bundle path {path!r} is not a plain relative path")
+    return str(pure)
+
+
+def ssl_context(config: InstallConfig) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    for pem in config.ca_certs:
+        ctx.load_verify_locations(cafile=pem)
+    return ctx
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, dest: Path, on_bytes: Callable[[int], None]) -> str:
+    """Copy ``url`` (http(s)://, file:// or an absolute path) to ``dest``; return its sha256."""
+    scheme = urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                return await _fetch_http(session, url, dest, on_bytes)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if attempt == FETCH_ATTEMPTS:
+                    raise InstallError(f"cannot download {_without_query(url)}: {exc}") from None
+                await asyncio.sleep(attempt)
+    if scheme in ("file", ""):
+        source = Path(url2pathname(urlsplit(url).path)) if scheme == "file" else Path(url)
+        try:
+            return await asyncio.to_thread(_copy_file, source, dest, on_bytes)
+        except OSError as exc:
+            raise InstallError(f"cannot read bundle file {source}: {exc.strerror}") from None
+    raise InstallError(f"unsupported bundle URL scheme {scheme!r} (use http, https or file)")
+
+
+def _without_query(url: str) -> str:
+    # Presigned URLs carry credentials in the query string; never log them.
+    return url.split("?", 1)[0]
+
+
+async def _fetch_http(session: aiohttp.ClientSession, url: str, dest: Path, on_bytes: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    async with session.get(url, raise_for_status=True) as resp:
+        with dest.open("wb") as fh:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                fh.write(chunk)
+                digest.update(chunk)
+                on_bytes(len(chunk))
+    return digest.hexdigest()
+
+
+def _copy_file(source: Path, dest: Path, on_bytes: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    with source.open("rb") as src, dest.open("wb") as out:
+        while chunk := src.read(CHUNK):
+            out.write(chunk)
+            digest.update(chunk)
+            on_bytes(len(chunk))
+    return digest.hexdigest()
+
+
+class Installer:
+    """Installs ``config.bundle`` under ``state_dir``; reports progress through ``progress``/``on_progress``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        state_dir: Path,
+        progress: InstallProgress,
+        redactor: Redactor,
+        on_progress: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.progress = progress
+        self.redactor = redactor
+        self.on_progress = on_progress
+        self.bundle_dir = state_dir / "bundle"
+        self.venv = state_dir / "env"
+        self.work_dir = state_dir / "work"
+        self.conda_prefix = state_dir / "conda"
+        self.install_log = state_dir / "install.log"
+
+    def no_environment(self) -> Environment:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        return Environment(venv=None, work_dir=self.work_dir)
+
+    def existing(self) -> Environment:
+        """The environment a previous run of the agent installed (resume without reinstalling)."""
+        if not self.config.bundle.files:
+            return self.no_environment()
+        conda = self.conda_prefix if self.conda_prefix.is_dir() else None
+        return Environment(venv=self.venv, work_dir=self.work_dir, conda_prefix=conda)
+
+    def is_installed(self, installed_manifest: str) -> bool:
+        if not self.config.bundle.files:
+            return installed_manifest == "-"
+        return (
+            installed_manifest == self.config.bundle.manifest_sha256
+            and (self.venv / "bin" / "python").exists()
+            and self.work_dir.is_dir()
+        )
+
+    async def install(self) -> Environment:
+        if not self.config.bundle.files:
+            return self.no_environment()
+        manifest = await self._fetch_and_verify()
+        try:
+            return await self._install_verified(manifest)
+        except BaseException:
+            # A half-built environment must not look installed to the next attempt or to tasks.
+            for path in (self.venv, self.work_dir, self.conda_prefix):
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+
+    # -- fetch and verify -------------------------------------------------------------------------------
+
+    async def _fetch_and_verify(self) -> Manifest:
+        bundle = self.config.bundle
+        if not bundle.manifest_sha256:
+            raise BundleError("agent.toml [bundle] has files but no manifest_sha256; refusing an unverified bundle")
+        by_path = {f.path: f for f in bundle.files}
+        if MANIFEST not in by_path:
+            raise BundleError(f"agent.toml [bundle] lists no {MANIFEST}; cannot verify the bundle")
+        staging = self.state_dir / "bundle.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            manifest = await self._fetch_all(staging, by_path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        shutil.rmtree(self.bundle_dir, ignore_errors=True)
+        staging.rename(self.bundle_dir)
+        return manifest
+
+    async def _fetch_all(self, staging: Path, by_path: dict[str, BundleFile]) -> Manifest:
+        self._step("fetch")
+        self.progress.files_total = len(by_path)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+        connector = aiohttp.TCPConnector(ssl=ssl_context(self.config.install), limit=4)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            manifest_entry = by_path[MANIFEST]
+            await self._fetch_verified(session, manifest_entry, staging, self.config.bundle.manifest_sha256)
+            manifest = parse_manifest((staging / MANIFEST).read_text(encoding="utf-8"))
+            listed = {f.path for f in manifest.files}
+            unlisted = sorted(set(by_path) - listed - {MANIFEST})
+            if unlisted:
+                raise BundleError(f"bundle file {unlisted[0]!r} is not listed in {MANIFEST}; refusing it")
+            missing = sorted(listed - set(by_path))
+            if missing:
+                raise BundleError(f"{MANIFEST} lists {missing[0]!r} but agent.toml gives no URL for it")
+            await asyncio.gather(
+                *(self._fetch_verified(session, by_path[f.path], staging, f.sha256) for f in manifest.files)
+            )
+        return manifest
+
+    async def _fetch_verified(
+        self, session: aiohttp.ClientSession, entry: BundleFile, staging: Path, expected: str
+    ) -> None:
+        dest = staging / safe_relpath(entry.path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        actual = await fetch(session, entry.url, dest, self._add_bytes)
+        for want, source in ((expected, MANIFEST), (entry.sha256, "agent.toml")):
+            if want and actual != want.lower():
+                raise BundleError(
+                    f"bundle file {entry.path!r} has sha256 {actual[:16]}…, {source} says {want[:16]}…; "
+                    "refusing the bundle (re-stage it)"
+                )
+        self.progress.files_done += 1
+        self.on_progress()
+
+    def _add_bytes(self, n: int) -> None:
+        self.progress.bytes_done += n
+        self.progress.bytes_total = max(self.progress.bytes_total, self.progress.bytes_done)
+
+    # -- install ----------------------------------------------------------------------------------------
+
+    async def _install_verified(self, manifest: Manifest) -> Environment:
+        for path in (self.venv, self.work_dir, self.conda_prefix):
+            shutil.rmtree(path, ignore_errors=True)
+        pylocks = manifest.of_kind("pylock")
+        local = manifest.of_kind("wheel") + manifest.of_kind("sdist")
+        self.progress.packages_total = sum(_pylock_package_count(self.bundle_dir / f.path) for f in pylocks) + len(
+            local
+        )
+        conda_prefix = None
+        conda_locks = manifest.of_kind("conda-lock")
+        if conda_locks:
+            self._step("conda")
+            conda_prefix = await self._install_conda(self.bundle_dir / conda_locks[0].path)
+
+        self._step("venv")
+        python = str(conda_prefix / "bin" / "python") if conda_prefix else manifest.python
+        venv_args = ["venv", str(self.venv)]
+        if python:
+            venv_args[1:1] = ["--python", python]
+        await self._uv(venv_args)
+
+        for lock in pylocks:
+            self._step("sync")
+            # uv reads PEP 751 locks natively when the file is named pylock.toml / pylock.*.toml.
+            await self._uv(["pip", "sync", str(self.bundle_dir / lock.path), *self._index_args(manifest)])
+            self.progress.packages_done += _pylock_package_count(self.bundle_dir / lock.path)
+            self.on_progress()
+
+        if local:
+            self._step("wheels")
+            # Their dependencies are in the lock already; --no-deps keeps the sync's exact versions.
+            paths = [str(self.bundle_dir / f.path) for f in local]
+            await self._uv(["pip", "install", "--no-deps", *paths, *self._index_args(manifest)])
+            self.progress.packages_done += len(local)
+            self.on_progress()
+
+        self._step("code")
+        self.work_dir.mkdir(parents=True)
+        for code in manifest.of_kind("code"):
+            await asyncio.to_thread(unpack_code, self.bundle_dir / code.path, self.work_dir)
+        self._step("done")
+        return Environment(venv=self.venv, work_dir=self.work_dir, conda_prefix=conda_prefix)
+
+    async def _install_conda(self, lock: Path) -> Path:
+        # Imported only for bundles with a conda part: py-rattler is an optional extra.
+        try:
+            from rawvm_agent.conda_install import install_conda_lock
+        except ImportError as exc:
+            raise InstallError(
+                f"the bundle has a conda part but conda support is missing ({exc}); install rawvm-agent[conda]"
+            ) from None
+        await install_conda_lock(lock, self.conda_prefix)
+        return self.conda_prefix
+
+    def _index_args(self, manifest: Manifest) -> list[str]:
+        cfg = self.config.install
+        index = cfg.index_url or manifest.index_url
+        extras = cfg.extra_index_urls or manifest.extra_index_urls
+        args = ["--index-url", index] if index else []
+        for url in extras:
+            args += ["--extra-index-url", url]
+        return args
+
+    def uv_environ(self) -> dict[str, str]:
+        cfg = self.config.install
+        env = dict(os.environ)
+        env["UV_NO_PROGRESS"] = "1"
+        env["VIRTUAL_ENV"] = str(self.venv)
+        if cfg.native_tls:
+            env["UV_NATIVE_TLS"] = "1"
+        if cfg.ca_certs:
+            env["SSL_CERT_FILE"] = str(self._ca_bundle(cfg.ca_certs, env.get("SSL_CERT_FILE", "")))
+        return env
+
+    def _ca_bundle(self, extra: Sequence[str], current: str) -> Path:
+        """The system roots plus the extra CAs, in one file: uv's SSL_CERT_FILE replaces, it does not add."""
+        parts: list[str] = []
+        for candidate in (current, ssl.get_default_verify_paths().cafile or "", "/etc/ssl/certs/ca-certificates.crt"):
+            if candidate and Path(candidate).is_file():
+                parts.append(Path(candidate).read_text(encoding="utf-8", errors="replace"))
+                break
+        for pem in extra:
+            try:
+                parts.append(Path(pem).read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise InstallError(f"[install] ca_certs: cannot read {pem}: {exc.strerror}") from None
+        out = self.state_dir / "ca-bundle.pem"
+        out.write_text("\n".join(parts), encoding="utf-8")
+        return out
+
+    async def _uv(self, args: list[str]) -> None:
+        cmd = [self.config.install.uv, *args]
+        log.info("running %s", " ".join(cmd))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.uv_environ(),
+                cwd=self.state_dir,
+            )
+        except FileNotFoundError:
+            raise InstallError(f"uv not found ({self.config.install.uv!r}); set [install] uv in agent.toml") from None
+        out, _ = await proc.communicate()
+        text = self.redactor.redact(out.decode(errors="replace"))
+        with self.install_log.open("a", encoding="utf-8") as fh:
+            fh.write(f"$ {self.redactor.redact(' '.join(cmd))}\n{text}\n")
+        if proc.returncode != 0:
+            lines = [line for line in text.splitlines() if line.strip()]
+            detail = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+            raise InstallError(f"uv {args[0]} {args[1] if args[0] == 'pip' else ''}".rstrip() + f" failed: {detail}")
+
+    def _step(self, step: str) -> None:
+        self.progress.step = step
+        log.info("install: %s", step)
+        self.on_progress()
+
+
+def _pylock_package_count(path: Path) -> int:
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InstallError(f"{path.name} is not a readable PEP 751 lock: {exc}") from None
+    return len(raw.get("packages", []))
+
+
+def unpack_code(archive: Path, dest: Path) -> None:
+    """Unpack the project code; tarfile's ``data`` filter refuses absolute paths, ``..``, links out, devices."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise InstallError(f"cannot unpack {archive.name}: {exc}") from None

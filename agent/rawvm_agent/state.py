@@ -1,0 +1,111 @@
+"""The agent's lifecycle state, persisted atomically so a restarted agent resumes where it was.
+
+Phases: booting → installing → ready → busy | idle → stopping → off, or failed. The state file keeps the
+phase, when each phase began, the manifest that was installed (so a restart does not reinstall it) and
+the idle clock (so a restart does not reset it: a crash-looping agent must still power the VM off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class Phase(StrEnum):
+    BOOTING = "booting"
+    INSTALLING = "installing"
+    READY = "ready"
+    BUSY = "busy"
+    IDLE = "idle"
+    STOPPING = "stopping"
+    OFF = "off"
+    FAILED = "failed"
+
+
+# Phases in which the environment is installed and tasks may run.
+SERVING = frozenset({Phase.READY, Phase.BUSY, Phase.IDLE})
+
+
+@dataclass
+class InstallProgress:
+    step: str = ""  # fetch | verify | venv | sync | wheels | code | conda | done
+    files_total: int = 0
+    files_done: int = 0
+    bytes_total: int = 0
+    bytes_done: int = 0
+    packages_total: int = 0
+    packages_done: int = 0
+
+
+@dataclass
+class AgentState:
+    phase: Phase = Phase.BOOTING
+    phase_times: dict[str, float] = field(default_factory=dict)  # phase -> wall time it was last entered
+    started_at: float = 0.0  # first boot of this machine's agent; max_lifetime counts from here
+    restarts: int = 0
+    error: str = ""
+    installed_manifest: str = ""  # manifest_sha256 of the bundle installed in state_dir ("-" for none)
+    install: InstallProgress = field(default_factory=InstallProgress)
+    idle: dict[str, Any] = field(default_factory=dict)  # IdlePolicy.to_state()
+    last_keepalive: float | None = None
+    stop_reason: str = ""
+
+    def enter(self, phase: Phase, now: float) -> None:
+        self.phase = phase
+        self.phase_times[phase.value] = now
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["phase"] = self.phase.value
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AgentState:
+        raw = dict(raw)
+        install = InstallProgress(**raw.pop("install", {}))
+        phase = Phase(raw.pop("phase", Phase.BOOTING.value))
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(phase=phase, install=install, **known)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so readers (and a restarted agent) see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, sort_keys=True, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StateStore:
+    """``state.json`` in the agent's state directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> AgentState | None:
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            # A corrupt state file must not keep the agent from starting; start over (and reinstall).
+            return None
+        try:
+            return AgentState.from_dict(raw)
+        except (TypeError, ValueError):
+            return None
+
+    def save(self, state: AgentState) -> None:
+        write_json_atomic(self.path, state.to_dict())

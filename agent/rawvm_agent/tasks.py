@@ -1,0 +1,342 @@
+"""Tasks: argv run inside the environment, output captured to capped files, secrets masked.
+
+Each task lives in ``tasks/<id>/`` under the state dir: ``task.json`` (the record), ``stdout`` and
+``stderr``. The agent reads the task's pipes itself (rather than handing it the files) so it can cap the
+size, mask secret values and watch the write rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rawvm_agent.config import TaskConfig
+from rawvm_agent.install import Environment
+from rawvm_agent.logs import Redactor, StreamRedactor
+from rawvm_agent.state import write_json_atomic
+
+log = logging.getLogger("rawvm_agent.tasks")
+
+STREAMS = ("stdout", "stderr")
+READ_CHUNK = 1 << 16
+CHATTY_WINDOW_S = 10.0
+KILL_GRACE_S = 5.0
+
+
+class TaskError(Exception):
+    """A task request that cannot be run; the message is one line for the API caller."""
+
+
+class NotReadyError(TaskError):
+    """The agent cannot take tasks now (installing, failed, stopping); the API answers 409."""
+
+
+class TaskState:
+    RUNNING = "running"
+    EXITED = "exited"  # ran to the end; see exit_code
+    INTERRUPTED = "interrupted"  # killed by the agent's stop (idle, spot, shutdown, max_lifetime)
+    LOST = "lost"  # was running when the agent itself died
+
+    FINAL = frozenset({EXITED, INTERRUPTED, LOST})
+
+
+@dataclass
+class TaskRecord:
+    id: str
+    argv: list[str]
+    cwd: str
+    state: str = TaskState.RUNNING
+    exit_code: int | None = None
+    started_at: float = 0.0
+    ended_at: float | None = None
+    pid: int | None = None
+    bytes_written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
+    bytes_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
+    warnings: list[str] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/tasks/{id}`` returns. Env values are never part of it."""
+        out = asdict(self)
+        out.pop("pid")
+        return out
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    secret_env: list[str]
+
+    @classmethod
+    def from_json(cls, body: Any) -> TaskRequest:
+        if not isinstance(body, dict):
+            raise TaskError("task request must be a JSON object {argv, env, cwd, secret_env}")
+        argv, env = body.get("argv"), body.get("env", {}) or {}
+        cwd, secret_env = body.get("cwd", "") or "", body.get("secret_env", []) or []
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise TaskError("'argv' must be a non-empty list of strings")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TaskError("'env' must be an object of string values")
+        if not isinstance(cwd, str):
+            raise TaskError("'cwd' must be a string")
+        if not isinstance(secret_env, list) or not all(isinstance(s, str) for s in secret_env):
+            raise TaskError("'secret_env' must be a list of env var names")
+        return cls(argv=argv, env=env, cwd=cwd, secret_env=secret_env)
+
+
+class RateWatch:
+    """Bytes written over the last ``window`` seconds, to spot a task flooding its logs."""
+
+    def __init__(self, window: float = CHATTY_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.clock = clock
+        self.started = clock()
+        self._events: deque[tuple[float, int]] = deque()
+        self._total = 0
+
+    def add(self, n: int) -> float:
+        """Record ``n`` bytes; return the rate in bytes/s over the window (or since start, if shorter)."""
+        now = self.clock()
+        self._events.append((now, n))
+        self._total += n
+        while self._events and self._events[0][0] < now - self.window:
+            self._total -= self._events.popleft()[1]
+        span = max(min(self.window, now - self.started), 1.0)
+        return self._total / span
+
+
+class Task:
+    def __init__(self, record: TaskRecord, directory: Path) -> None:
+        self.record = record
+        self.dir = directory
+        self.process: asyncio.subprocess.Process | None = None
+        self.done = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    def log_path(self, stream: str) -> Path:
+        return self.dir / stream
+
+    def save(self) -> None:
+        write_json_atomic(self.dir / "task.json", asdict(self.record))
+
+    async def notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_change(self, timeout: float) -> None:
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+
+class TaskManager:
+    def __init__(
+        self,
+        config: TaskConfig,
+        tasks_dir: Path,
+        redactor: Redactor,
+        secret_env_names: Sequence[str] = (),
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self.dir = tasks_dir
+        self.redactor = redactor
+        self.secret_env_names = tuple(secret_env_names)
+        self.on_change = on_change
+        self.tasks: dict[str, Task] = {}
+        self.started_total = 0
+        self._pumps: set[asyncio.Task[None]] = set()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._load_previous()
+
+    def _load_previous(self) -> None:
+        """Records of an earlier run of the agent; tasks that were running then died with it."""
+        for meta in sorted(self.dir.glob("*/task.json")):
+            try:
+                record = TaskRecord(**json.loads(meta.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError):
+                continue
+            task = Task(record, meta.parent)
+            if record.state == TaskState.RUNNING:
+                record.state, record.ended_at = TaskState.LOST, time.time()
+                task.save()
+            task.done.set()
+            self.tasks[record.id] = task
+
+    # -- queries ----------------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task | None:
+        return self.tasks.get(task_id)
+
+    @property
+    def running(self) -> list[Task]:
+        return [t for t in self.tasks.values() if t.record.state == TaskState.RUNNING]
+
+    def last_ended_at(self) -> float | None:
+        ended = [t.record.ended_at for t in self.tasks.values() if t.record.ended_at is not None]
+        return max(ended, default=None)
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in (TaskState.RUNNING, TaskState.EXITED, TaskState.INTERRUPTED, TaskState.LOST)}
+        for t in self.tasks.values():
+            out[t.record.state] = out.get(t.record.state, 0) + 1
+        return out
+
+    def warnings(self) -> list[str]:
+        return [f"task {t.record.id}: {w}" for t in self.tasks.values() for w in t.record.warnings]
+
+    # -- start ------------------------------------------------------------------------------------------
+
+    async def start(self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str]) -> Task:
+        secrets = [request.env[n] for n in request.secret_env if n in request.env]
+        secrets += [v for n in self.secret_env_names if (v := request.env.get(n) or base_environ.get(n))]
+        self.redactor.add(*secrets)
+
+        cwd = (env.work_dir / request.cwd) if request.cwd else env.work_dir
+        if not cwd.is_dir():
+            raise TaskError(f"cwd {request.cwd!r} is not a directory in the work dir")
+        environ = env.task_environ(base_environ)
+        environ.update(request.env)
+        # PATH from the request would hide the environment's bin dir; keep the venv first.
+        if "PATH" in request.env:
+            environ["PATH"] = os.pathsep.join([str(env.bin_dir), request.env["PATH"]])
+
+        task_id = uuid.uuid4().hex[:12]
+        record = TaskRecord(id=task_id, argv=list(request.argv), cwd=str(cwd), started_at=time.time())
+        task = Task(record, self.dir / task_id)
+        task.dir.mkdir(parents=True)
+        for stream in STREAMS:
+            task.log_path(stream).touch()
+        try:
+            task.process = await asyncio.create_subprocess_exec(
+                *request.argv,
+                cwd=cwd,
+                env=environ,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group, so a stop kills its children too
+            )
+        except (FileNotFoundError, PermissionError) as exc:
+            with contextlib.suppress(OSError):
+                for stream in STREAMS:
+                    task.log_path(stream).unlink()
+                task.dir.rmdir()
+            raise TaskError(f"cannot run {request.argv[0]!r}: {exc.strerror}") from None
+        record.pid = task.process.pid
+        task.save()
+        self.tasks[task_id] = task
+        self.started_total += 1
+        log.info("task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
+        pump = asyncio.create_task(self._run(task), name=f"task-{task_id}")
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        self.on_change()
+        return task
+
+    async def _run(self, task: Task) -> None:
+        assert task.process is not None and task.process.stdout is not None and task.process.stderr is not None
+        rate = RateWatch()
+        await asyncio.gather(
+            self._pump(task, "stdout", task.process.stdout, rate),
+            self._pump(task, "stderr", task.process.stderr, rate),
+        )
+        code = await task.process.wait()
+        record = task.record
+        record.exit_code = code
+        record.ended_at = time.time()
+        if record.state == TaskState.RUNNING:
+            record.state = TaskState.EXITED
+        task.save()
+        task.done.set()
+        log.info("task %s %s with exit code %s", record.id, record.state, code)
+        await task.notify()
+        self.on_change()
+
+    async def _pump(self, task: Task, stream: str, pipe: asyncio.StreamReader, rate: RateWatch) -> None:
+        masker = StreamRedactor(self.redactor)
+        cap = self.config.log_cap_bytes
+        record = task.record
+        with task.log_path(stream).open("ab") as out:
+
+            def write(data: bytes) -> None:
+                room = max(cap - record.bytes_written[stream], 0)
+                kept = data[:room]
+                if kept:
+                    out.write(kept)
+                    out.flush()
+                    record.bytes_written[stream] += len(kept)
+                if len(kept) < len(data):
+                    if record.bytes_dropped[stream] == 0:
+                        self._warn(task, f"{stream} reached the log cap of {cap} bytes; further output is dropped")
+                    record.bytes_dropped[stream] += len(data) - len(kept)
+
+            while chunk := await pipe.read(READ_CHUNK):
+                bytes_per_s = rate.add(len(chunk))
+                if bytes_per_s > self.config.chatty_bytes_per_s and not any("chatty" in w for w in record.warnings):
+                    self._warn(
+                        task,
+                        f"chatty output: {bytes_per_s / 1e6:.1f} MB/s over {CHATTY_WINDOW_S:g}s "
+                        f"(limit {self.config.chatty_bytes_per_s / 1e6:.1f} MB/s); consider logging less",
+                    )
+                write(masker.feed(chunk))
+                await task.notify()
+            write(masker.flush())
+        await task.notify()
+
+    def _warn(self, task: Task, message: str) -> None:
+        task.record.warnings.append(message)
+        log.warning("task %s: %s", task.record.id, message)
+        task.save()
+        self.on_change()
+
+    # -- stop -------------------------------------------------------------------------------------------
+
+    async def interrupt_all(self, grace: float = KILL_GRACE_S) -> None:
+        """Stop every running task (SIGTERM to its process group, SIGKILL after ``grace``)."""
+        running = self.running
+        for task in running:
+            task.record.state = TaskState.INTERRUPTED
+            task.save()
+            _signal_group(task, signal.SIGTERM)
+        if not running:
+            return
+        waits = [asyncio.create_task(t.done.wait()) for t in running]
+        _, pending = await asyncio.wait(waits, timeout=grace)
+        for task in running:
+            if not task.done.is_set():
+                _signal_group(task, signal.SIGKILL)
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
+        for waiter in pending:
+            waiter.cancel()
+
+    async def close(self) -> None:
+        await self.interrupt_all()
+        for pump in list(self._pumps):
+            pump.cancel()
+
+
+def _signal_group(task: Task, sig: signal.Signals) -> None:
+    if task.process is None or task.process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(task.process.pid, sig)
+
+
+def read_log(path: Path, offset: int, limit: int) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read(limit)
