@@ -1,0 +1,118 @@
+"""Re-solve the conda part for the target's subdir with py-rattler and write it as conda-lock v1."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+from pathlib import Path
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import rattler
+from rattler import BuildString, GenericVirtualPackage, PackageName, RepoDataRecord, Version
+from rattler import exceptions as rattler_errors
+
+from rawvm_resolver.conda.inputs import CondaInput
+from rawvm_resolver.conda.lockfile import render_conda_lock
+from rawvm_resolver.errors import InputError, ResolverError
+from rawvm_resolver.target import Target
+
+DEFAULT_CHANNELS = ("conda-forge",)
+# The oldest kernel a target image runs; packages rarely constrain __linux. pixi uses the same floor.
+LINUX_KERNEL = "4.18"
+
+_T = TypeVar("_T")
+_SOLVE_ERRORS = (
+    rattler_errors.SolverError,
+    rattler_errors.FetchRepoDataError,
+    rattler_errors.GatewayError,
+    rattler_errors.InvalidChannelError,
+    rattler_errors.InvalidUrlError,
+    rattler_errors.IoError,
+)
+_BAD_SPEC_ERRORS = (
+    rattler_errors.InvalidMatchSpecError,
+    rattler_errors.InvalidPackageNameError,
+    rattler_errors.InvalidVersionError,
+    rattler_errors.InvalidVersionSpecError,
+)
+
+
+def target_virtual_packages(target: Target) -> list[GenericVirtualPackage]:
+    """What the target machine offers the solver: a Linux kernel, its glibc, its CPU arch, CUDA on GPU images."""
+    packages = {
+        "__unix": ("0", "0"),
+        "__linux": (LINUX_KERNEL, "0"),
+        "__glibc": (target.glibc, "0"),
+        "__archspec": ("1", target.arch),  # generic arch: the image may run on any CPU of that family
+    }
+    if target.is_cuda:
+        packages["__cuda"] = (target.cuda, "0")
+    return [
+        GenericVirtualPackage(PackageName(name), Version(version), BuildString(build))
+        for name, (version, build) in sorted(packages.items())
+    ]
+
+
+def lock_conda(conda_input: CondaInput, target: Target, *, channels: Sequence[str] | None = None) -> bytes:
+    """Solve ``conda_input`` for ``target.conda_subdir``; the conda-lock v1 file as bytes (deterministic).
+
+    Channels: ``channels`` when given, else the input's own, else conda-forge. Only the conda packages are
+    locked here; ``pip_requirements`` are resolved by uv into pylock.toml with the rest of the Python packages.
+    """
+    if not conda_input.specs:
+        raise InputError("the conda part names no packages; add dependencies to environment.yml or drop it")
+    chosen = tuple(map(channel_location, channels or conda_input.channels or DEFAULT_CHANNELS))
+    virtual = target_virtual_packages(target)
+    records = _run(_solve(chosen, conda_input.specs, target, virtual))
+    return render_conda_lock(
+        records,
+        platform=target.conda_subdir,
+        channels=chosen,
+        specs=conda_input.specs,
+        virtual_packages=[str(package) for package in virtual],
+    )
+
+
+def channel_location(channel: str) -> str:
+    """A local channel directory as the file:// URL rattler records; names and URLs stay as they are."""
+    if channel.startswith(("/", "./", "../", "~")):
+        return Path(channel).expanduser().resolve().as_uri()
+    return channel
+
+
+async def _solve(
+    channels: Sequence[str], specs: Sequence[str], target: Target, virtual: list[GenericVirtualPackage]
+) -> list[RepoDataRecord]:
+    try:
+        return await rattler.solve(
+            list(channels),
+            list(specs),
+            platforms=[rattler.Subdir(target.conda_subdir), rattler.Subdir("noarch")],
+            virtual_packages=virtual,
+            channel_relations="disabled",  # solve against exactly the channels the user named
+        )
+    except _BAD_SPEC_ERRORS as exc:
+        raise InputError(f"invalid conda spec: {_one_line(exc)}; fix it in environment.yml") from None
+    except _SOLVE_ERRORS as exc:
+        raise ResolverError(
+            f"the conda packages cannot be solved for {target.conda_subdir} from {', '.join(channels)}: "
+            f"{_one_line(exc)}; relax the pins in environment.yml or add a channel that has them"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    # rattler explains an unsolvable request as a tree; the CLI prints one line.
+    text = re.sub(r"[│├└─]+", " ", str(exc))
+    return re.sub(r"\s+", " ", text).strip().rstrip(".:")
+
+
+def _run(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Run a coroutine to completion from sync code, also when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
