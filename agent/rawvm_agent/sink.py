@@ -1,0 +1,147 @@
+"""Flush logs and telemetry to the configured sink before the machine powers off.
+
+The sink (``agent.toml`` top-level ``sink``) is one of:
+
+- empty: nothing to do;
+- a directory (a plain path or a ``file://`` URL): the files are copied into ``<sink>/<label>-<UTC time>/``;
+- an ``http(s)://`` URL, typically a presigned S3 PUT URL: one object, so the files are bundled into one
+  ``.tar.gz`` (members under ``<label>-<UTC time>/``) and PUT with a Content-Length and
+  ``Content-Type: application/gzip``.
+
+Paths inside the destination are relative to the files' common parent directory; a directory among the
+files is taken whole. Nothing here raises: every error is logged and the stop sequence goes on, because
+the machine must power off whether or not its logs got out. Blocking work runs in a thread so the event
+loop keeps feeding the systemd watchdog. URLs are logged without their query (presigned signatures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+from urllib.request import url2pathname
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+PUT_ATTEMPTS = 3
+DEFAULT_TIMEOUT = 600.0  # the whole flush; the power-off waits for it
+
+
+async def flush(sink: str, files: Sequence[Path], *, label: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Send ``files`` to ``sink``; ``label`` (default: the host name) names the subdir / tar prefix."""
+    if not sink:
+        log.info("sink: none configured, nothing flushed")
+        return
+    name = _bundle_name(label or socket.gethostname())
+    try:
+        await asyncio.wait_for(_flush(sink, files, name), timeout)
+    except TimeoutError:
+        log.error("sink: flush to %s gave up after %gs", _public(sink), timeout)
+    except Exception as exc:  # the machine powers off regardless
+        log.error("sink: flush to %s failed: %s: %s", _public(sink), type(exc).__name__, exc)
+
+
+async def _flush(sink: str, files: Sequence[Path], name: str) -> None:
+    members = _members(files)
+    scheme = urlsplit(sink).scheme.lower()
+    if scheme in ("http", "https"):
+        await _put_tarball(sink, members, name)
+    elif scheme == "file":
+        await asyncio.to_thread(_copy_tree, Path(url2pathname(urlsplit(sink).path)), members, name)
+    elif scheme == "":
+        await asyncio.to_thread(_copy_tree, Path(sink), members, name)
+    else:
+        log.error("sink: unsupported sink %s: use a directory, file:// or http(s):// (presigned PUT) URL", sink)
+
+
+def _members(files: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(source, relative destination) for each file that exists, relative to their common parent."""
+    present: list[Path] = []
+    for file in files:
+        if file.exists():
+            present.append(file.resolve())
+        else:
+            log.warning("sink: %s does not exist, skipped", file)
+    if not present:
+        return []
+    root = Path(os.path.commonpath([p.parent for p in present]))
+    return [(p, p.relative_to(root).as_posix()) for p in present]
+
+
+def _bundle_name(label: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "machine"
+    return f"{safe}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def _copy_tree(directory: Path, members: list[tuple[Path, str]], name: str) -> None:
+    destination = directory / name
+    destination.mkdir(parents=True, exist_ok=True)
+    for source, relative in members:
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
+        except OSError as exc:  # one unreadable file must not cost the others
+            log.error("sink: could not copy %s: %s", source, exc)
+    log.info("sink: %d item(s) copied to %s", len(members), destination)
+
+
+def _write_tarball(path: Path, members: list[tuple[Path, str]], name: str) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for source, relative in members:
+            try:
+                tar.add(source, arcname=f"{name}/{relative}")
+            except OSError as exc:
+                log.error("sink: could not archive %s: %s", source, exc)
+
+
+async def _put_tarball(url: str, members: list[tuple[Path, str]], name: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="rawvm-sink-") as scratch:
+        tarball = Path(scratch) / f"{name}.tar.gz"
+        await asyncio.to_thread(_write_tarball, tarball, members, name)
+        size = tarball.stat().st_size
+        async with aiohttp.ClientSession() as session:
+            for attempt in range(1, PUT_ATTEMPTS + 1):
+                try:
+                    with tarball.open("rb") as body:
+                        async with session.put(
+                            url,
+                            data=body,
+                            headers={"Content-Type": "application/gzip", "Content-Length": str(size)},
+                        ) as response:
+                            if response.status < 300:
+                                log.info("sink: %d bytes PUT to %s", size, _public(url))
+                                return
+                            detail = (await response.text())[:300]
+                            raise aiohttp.ClientResponseError(
+                                response.request_info, (), status=response.status, message=detail
+                            )
+                except aiohttp.ClientError as exc:
+                    log.warning("sink: PUT to %s, attempt %d/%d: %s", _public(url), attempt, PUT_ATTEMPTS, exc)
+                    if attempt < PUT_ATTEMPTS:
+                        await asyncio.sleep(2.0 * attempt)
+        log.error(
+            "sink: PUT to %s failed %d times; logs and telemetry stay on this machine", _public(url), PUT_ATTEMPTS
+        )
+
+
+def _public(url: str) -> str:
+    """The URL without credentials: no user info, query or fragment (a presigned URL's query signs it)."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return url
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
