@@ -1,0 +1,303 @@
+"""The sampler: every ``interval`` seconds, ask each collector, keep the sample in the ring and on disk.
+
+One tick is a handful of psutil calls (plus cached-handle NVML queries), run in one worker thread so the event
+loop (and its watchdog ping) never waits on a slow driver. Reading samples is never activity; this module only
+reports, the idle logic decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+from rawvm_agent.config import TelemetryConfig
+from rawvm_agent.telemetry import prometheus
+from rawvm_agent.telemetry.collectors import (
+    Collector,
+    CpuCollector,
+    DiskCollector,
+    GpuCollector,
+    LoadCollector,
+    MemoryCollector,
+    NetworkCollector,
+    ProcessesCollector,
+)
+from rawvm_agent.telemetry.ring import Ring, Summary
+from rawvm_agent.telemetry.sample import Sample, pack, pack_array, unpack
+from rawvm_agent.telemetry.store import Store
+
+log = logging.getLogger("rawvm_agent.telemetry")
+
+TELEMETRY_DIR = "telemetry"
+
+
+def _summary(sample: Sample) -> Summary:
+    cpu = sample.get("cpu")
+    gpus = sample.get("gpu") or ()
+    return Summary(
+        t=float(sample["t"]),
+        cpu_percent=float(cpu["percent"]) if isinstance(cpu, dict) else None,
+        gpu_percent=tuple(g.get("utilization_gpu_percent") for g in gpus),
+    )
+
+
+class Sampler:
+    def __init__(
+        self,
+        config: TelemetryConfig,
+        state_dir: Path,
+        collectors: Sequence[Collector] | None = None,
+    ) -> None:
+        if config.interval <= 0:
+            raise ValueError("telemetry.interval must be positive")
+        self.interval = config.interval
+        capacity = max(1, math.ceil(config.ring_seconds / config.interval))
+        self._gpu = GpuCollector(config.nvml_library)
+        self._collectors: list[Collector] = (
+            list(collectors)
+            if collectors is not None
+            else [
+                CpuCollector(),
+                MemoryCollector(),
+                DiskCollector(),
+                NetworkCollector(),
+                LoadCollector(),
+                ProcessesCollector(),
+                self._gpu,
+            ]
+        )
+        self._lock = threading.Lock()
+        self._ring = Ring(capacity)
+        self._store = Store(Path(state_dir) / TELEMETRY_DIR, segment_frames=capacity)
+        self._latest: Sample | None = None
+        self._failing: dict[str, str] = {}
+        for frame in self._store.load(capacity):
+            sample = unpack(frame)
+            if sample["seq"] > self._ring.last_seq:
+                self._ring.append(sample["seq"], frame, _summary(sample))
+                self._latest = sample
+        if self._latest is not None:
+            log.info("telemetry: reloaded %d samples up to seq %d", len(self._ring), self._ring.last_seq)
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._process = psutil.Process(os.getpid())
+
+    # -- the interface the agent uses ---------------------------------------------------------------------------
+
+    @property
+    def gpu_count(self) -> int:
+        return self._gpu.count
+
+    async def start(self) -> None:
+        """Start the sampling loop (and the NVML XID event thread) on the running event loop."""
+        if self._task is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rawvm-sampler")
+        self._gpu.start_events()
+        self._task = asyncio.create_task(self._run(), name="rawvm-telemetry")
+
+    async def stop(self) -> None:
+        """Stop sampling, flush to disk, release NVML. Safe to call twice."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)  # a tick in flight finishes (a few ms)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        for collector in self._collectors:
+            try:
+                collector.close()
+            except Exception:
+                log.exception("telemetry: closing %s failed", collector.name)
+        if self._gpu not in self._collectors:
+            self._gpu.close()
+        with self._lock:
+            self._store.close()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time()
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, self.sample_once)
+            except Exception:
+                log.exception("telemetry: sample failed")
+            deadline += self.interval
+            delay = deadline - loop.time()
+            if delay < 0:  # fell behind (suspended, overloaded): skip the missed ticks instead of bursting
+                deadline = loop.time()
+                delay = 0.0
+            await asyncio.sleep(delay)
+
+    def sample_once(self) -> Sample:
+        """Take one sample now: ask every collector, keep it in the ring and append it to disk."""
+        sample: Sample = {"seq": 0, "t": round(time.time(), 3)}
+        errors: dict[str, str] = {}
+        for collector in self._collectors:
+            try:
+                sample[collector.name] = collector.collect()
+            except Exception as exc:
+                errors[collector.name] = f"{type(exc).__name__}: {exc}"
+        if errors:
+            sample["errors"] = errors
+        self._log_changes(errors)
+        with self._lock:
+            sample["seq"] = self._ring.last_seq + 1
+            frame = pack(sample)
+            self._ring.append(sample["seq"], frame, _summary(sample))
+            self._store.append(frame)
+            self._latest = sample
+        return sample
+
+    def _log_changes(self, errors: dict[str, str]) -> None:
+        """Log a collector when it starts or stops failing, not on every tick."""
+        for name, error in errors.items():
+            if self._failing.get(name) != error:
+                log.warning("telemetry: collector %s failing: %s", name, error)
+        for name in self._failing.keys() - errors.keys():
+            log.info("telemetry: collector %s recovered", name)
+        self._failing = errors
+
+    def samples_after(self, seq: int, limit: int = 3600) -> list[Sample]:
+        """Samples with a seq greater than ``seq``, oldest first, at most ``limit``."""
+        with self._lock:
+            frames = self._ring.frames_after(seq, limit)
+        return [unpack(frame) for frame in frames]
+
+    def samples_after_msgpack(self, seq: int, limit: int = 3600) -> bytes:
+        """The same samples as one msgpack array, straight from the packed frames (no repacking)."""
+        with self._lock:
+            frames = self._ring.frames_after(seq, limit)
+        return pack_array(frames)
+
+    def latest(self) -> Sample | None:
+        with self._lock:
+            return self._latest
+
+    def cpu_percent(self, window_s: float) -> float | None:
+        """Mean total CPU busy percent over the samples of the last ``window_s`` seconds.
+
+        None when the newest sample has no CPU reading (the collector is failing) or there is no sample yet.
+        """
+        with self._lock:
+            last = self._ring.last_summary()
+            if last is None or last.cpu_percent is None:
+                return None
+            values = [s.cpu_percent for s in self._ring.summaries_since(time.time() - window_s)]
+        readings = [v for v in values if v is not None]
+        if not readings:
+            return last.cpu_percent  # window shorter than one interval: the newest reading stands for it
+        return sum(readings) / len(readings)
+
+    def gpu_utilization(self, window_s: float) -> list[float]:
+        """Highest utilization percent of each GPU over the last ``window_s`` seconds (0.0 where unknown)."""
+        count = self.gpu_count
+        if count == 0:
+            return []
+        peak = [0.0] * count
+        with self._lock:
+            summaries = self._ring.summaries_since(time.time() - window_s)
+            last = self._ring.last_summary()
+        if not summaries and last is not None:
+            summaries = [last]
+        for summary in summaries:
+            for i, value in enumerate(summary.gpu_percent[:count]):
+                if value is not None and value > peak[i]:
+                    peak[i] = float(value)
+        return peak
+
+    def flush(self) -> None:
+        """Push buffered frames to disk (before copying the telemetry files to the sink)."""
+        with self._lock:
+            self._store.flush()
+
+    def telemetry_files(self) -> list[Path]:
+        """The on-disk segments, oldest first: what the stop sequence copies to the sink."""
+        return self._store.segments()
+
+    # -- Prometheus -----------------------------------------------------------------------------------------------
+
+    def render_prometheus(self, extra: str = "") -> str:
+        """The whole /metrics page: every collector's families from the newest sample, then ``extra``."""
+        sample = self.latest()
+        parts: list[str] = []
+        success: list[tuple[prometheus.Labels, float]] = []
+        for collector in self._collectors:
+            value = sample.get(collector.name) if sample else None
+            ok = value is not None
+            if ok:
+                try:
+                    parts.extend(collector.metrics(value))
+                except Exception as exc:
+                    log.warning("telemetry: rendering %s failed: %s", collector.name, exc)
+                    ok = False
+            success.append(({"collector": collector.name}, 1 if ok else 0))
+        parts.append(
+            prometheus.family(
+                "rawvm_telemetry_collector_success",
+                "gauge",
+                "1 when the collector's newest reading succeeded.",
+                success,
+            )
+        )
+        if sample is not None:
+            parts.append(
+                prometheus.gauge(
+                    "rawvm_telemetry_last_sample_timestamp_seconds",
+                    "Unix time of the newest telemetry sample.",
+                    sample["t"],
+                )
+            )
+            parts.append(
+                prometheus.gauge(
+                    "rawvm_telemetry_last_sample_seq", "Sequence number of the newest sample.", sample["seq"]
+                )
+            )
+        parts.extend(self._process_families())
+        if extra:
+            parts.append(extra if extra.endswith("\n") else extra + "\n")
+        return "".join(parts)
+
+    def _process_families(self) -> list[str]:
+        """The agent's own footprint, under the names every Prometheus client library uses."""
+        try:
+            with self._process.oneshot():
+                cpu = self._process.cpu_times()
+                rss = self._process.memory_info().rss
+                start = self._process.create_time()
+                fds = self._process.num_fds() if hasattr(self._process, "num_fds") else None
+        except psutil.Error:
+            return []
+        out = [
+            prometheus.counter(
+                "process_cpu_seconds_total",
+                "Agent CPU time, user and system, in seconds.",
+                round(cpu.user + cpu.system, 3),
+            ),
+            prometheus.gauge("process_resident_memory_bytes", "Agent resident memory, in bytes.", rss),
+            prometheus.gauge("process_start_time_seconds", "Agent start, in unix seconds.", start),
+        ]
+        if fds is not None:
+            out.append(prometheus.gauge("process_open_fds", "Agent open file descriptors.", fds))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Sampler(interval={self.interval}, gpus={self.gpu_count}, samples={len(self._ring)})"
+
+
+__all__ = ["Sampler"]
