@@ -33,7 +33,7 @@ AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
 SINK_TIMEOUT_S = 300.0
 STATE_SAVE_EVERY_S = 5.0
 # Directories of the state dir that are not worth sending to the sink (big, and rebuilt from the bundle).
-NOT_FLUSHED = frozenset({"bundle", "bundle.partial", "env", "work", "conda"})
+NOT_FLUSHED = frozenset({"bundle", "bundle.partial", "env", "work", "conda", "conda-cache", "ca-bundle.pem"})
 
 
 def boot_id() -> str:
@@ -79,6 +79,7 @@ class Agent:
         self.decision: idle.IdleDecision | None = None
         self.warnings: list[str] = []
         self.stopped = asyncio.Event()  # the stop sequence ran to the end (power-off action done)
+        self.exit_code = 0
         self._stop_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._last_save = 0.0
@@ -225,7 +226,7 @@ class Agent:
         if now - self._last_save >= STATE_SAVE_EVERY_S:
             self.save_state()
         if self.decision.stop:
-            if "lifetime" in self.decision.reason:
+            if self.decision.forced:
                 log.warning("stopping although busy: %s", self.decision.reason)
             self.request_stop(self.decision.reason or "idle")
 
@@ -264,7 +265,10 @@ class Agent:
             try:
                 await stopper.power_off(self.config.idle)
             except Exception as exc:
+                # Exit non-zero: systemd restarts the agent, which resumes the stop; when restarts run
+                # out, OnFailure= powers the machine off.
                 log.error("power-off action failed: %s", exc)
+                self.exit_code = 1
             self.stopped.set()
 
     def sink_files(self) -> list[Path]:
@@ -396,7 +400,7 @@ def server_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
 
 
 async def serve(config: AgentConfig) -> int:
-    """Run the agent and its API until it has powered off (0) or a signal asks it to leave (0)."""
+    """Run the agent and its API until it has powered off or a signal asks it to leave; the exit code."""
     agent = Agent(config)
     setup_logging(agent.redactor, agent.log_file)
     app = create_app(agent)
@@ -420,4 +424,4 @@ async def serve(config: AgentConfig) -> int:
         sdnotify.notify(sdnotify.STOPPING)
     finally:
         await runner.cleanup()
-    return 0
+    return agent.exit_code

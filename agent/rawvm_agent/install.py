@@ -276,9 +276,14 @@ class Installer:
             missing = sorted(listed - set(by_path))
             if missing:
                 raise BundleError(f"{MANIFEST} lists {missing[0]!r} but agent.toml gives no URL for it")
-            await asyncio.gather(
-                *(self._fetch_verified(session, by_path[f.path], staging, f.sha256) for f in manifest.files)
+            # Let every fetch finish (or fail) before cleaning up: none may write into a removed staging dir.
+            results = await asyncio.gather(
+                *(self._fetch_verified(session, by_path[f.path], staging, f.sha256) for f in manifest.files),
+                return_exceptions=True,
             )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         return manifest
 
     async def _fetch_verified(
@@ -347,13 +352,15 @@ class Installer:
 
     async def _install_conda(self, lock: Path) -> Path:
         # Imported only for bundles with a conda part: py-rattler is an optional extra.
-        try:
-            from rawvm_agent.conda_install import install_conda_lock
-        except ImportError as exc:
-            raise InstallError(
-                f"the bundle has a conda part but conda support is missing ({exc}); install rawvm-agent[conda]"
-            ) from None
-        await install_conda_lock(lock, self.conda_prefix)
+        from rawvm_agent.conda_install import install_conda_lock
+
+        base_done, base_total = self.progress.packages_done, self.progress.packages_total
+
+        def progress(done: int, total: int) -> None:  # called from rattler's threads; plain int stores
+            self.progress.packages_done = base_done + done
+            self.progress.packages_total = base_total + total
+
+        await install_conda_lock(lock, self.conda_prefix, progress=progress, cache_dir=self.state_dir / "conda-cache")
         return self.conda_prefix
 
     def _index_args(self, manifest: Manifest) -> list[str]:

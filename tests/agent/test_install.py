@@ -1,0 +1,239 @@
+"""Bundle install: real uv against real bundles (Contract 1); sha256 chain checked before anything is used."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from rawvm_agent.config import config_from_dict
+from rawvm_agent.install import (
+    BundleError,
+    Environment,
+    Installer,
+    InstallError,
+    parse_manifest,
+    safe_relpath,
+    unpack_code,
+)
+from rawvm_agent.logs import Redactor
+from rawvm_agent.state import InstallProgress
+
+from tests.agent.core_helpers import agent_config, make_code_tar, python_xy, tiny_bundle, write_bundle
+
+
+def installer(state_dir: Path, bundle_config: dict[str, object], **install: object) -> Installer:
+    raw = agent_config(state_dir)
+    raw["bundle"] = bundle_config
+    if install:
+        raw["install"] = install
+    return Installer(config_from_dict(raw), state_dir, InstallProgress(), Redactor())
+
+
+def run_in(env: Environment, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env=env.task_environ({"PATH": "/usr/bin:/bin"}), cwd=env.work_dir, capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+async def test_installs_lock_local_wheel_and_code_with_uv(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    inst = installer(tmp_path / "state", bundle.config())
+    env = await inst.install()
+
+    assert env.venv == tmp_path / "state" / "env"
+    result = run_in(env, "python", "main.py")
+    assert result.returncode == 7, result.stderr
+    assert "hello from tinydep via tinyapp" in result.stdout
+    assert f"venv {env.venv}" in result.stdout
+    assert (env.work_dir / "data" / "input.txt").read_text() == "42\n"
+    version = run_in(env, "python", "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
+    assert version.stdout.strip() == python_xy()
+    assert inst.progress.packages_total == 2 and inst.progress.packages_done == 2
+    assert inst.progress.files_done == inst.progress.files_total == 4
+    assert inst.progress.bytes_done == sum((bundle.dir / f["path"]).stat().st_size for f in bundle.files)
+    assert inst.progress.step == "done"
+    assert inst.is_installed(bundle.manifest_sha256)
+
+
+@pytest.mark.slow
+async def test_fetches_bundle_over_http(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    app = web.Application()
+    app.router.add_static("/b/", bundle.dir)
+    async with TestServer(app) as server:
+        files = [{**f, "url": str(server.make_url(f"/b/{f['path']}"))} for f in bundle.files]
+        inst = installer(tmp_path / "state", {"files": files, "manifest_sha256": bundle.manifest_sha256})
+        env = await inst.install()
+    assert run_in(env, "python", "main.py").returncode == 7
+
+
+@pytest.mark.parametrize("what", ["manifest", "wheel", "code"])
+async def test_sha256_mismatch_refuses_and_installs_nothing(tmp_path: Path, what: str) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    if what == "manifest":
+        (bundle.dir / "rawvm-env.toml").write_text((bundle.dir / "rawvm-env.toml").read_text() + "\n# tampered\n")
+    elif what == "wheel":
+        wheel = next((bundle.dir / "wheels").iterdir())
+        wheel.write_bytes(wheel.read_bytes() + b"tampered")
+    else:
+        make_code_tar(bundle.dir / "code.tar.gz", {"main.py": "print('evil')\n"})
+    state = tmp_path / "state"
+    inst = installer(state, bundle.config())
+    with pytest.raises(BundleError, match="sha256"):
+        await inst.install()
+    assert not (state / "env").exists()
+    assert not (state / "work").exists()
+    assert not (state / "bundle").exists() and not (state / "bundle.partial").exists()
+
+
+async def test_manifest_and_agent_toml_must_agree_on_every_file(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    extra = tmp_path / "extra.whl"
+    extra.write_bytes(b"not listed")
+    files = [*bundle.files, {"path": "wheels/extra.whl", "url": extra.as_uri(), "sha256": ""}]
+    with pytest.raises(BundleError, match="not listed"):
+        await installer(tmp_path / "s1", {"files": files, "manifest_sha256": bundle.manifest_sha256}).install()
+    missing = [f for f in bundle.files if f["path"] != "code.tar.gz"]
+    with pytest.raises(BundleError, match="no URL"):
+        await installer(tmp_path / "s2", {"files": missing, "manifest_sha256": bundle.manifest_sha256}).install()
+    with pytest.raises(BundleError, match="manifest_sha256"):
+        await installer(tmp_path / "s3", {"files": bundle.files, "manifest_sha256": ""}).install()
+
+
+async def test_empty_bundle_means_the_agents_own_python(tmp_path: Path) -> None:
+    env = await installer(tmp_path / "state", {}).install()
+    assert env.venv is None
+    assert env.work_dir.is_dir()
+    assert not (tmp_path / "state" / "env").exists()
+
+
+@pytest.mark.slow
+async def test_uv_failure_is_one_line_and_leaves_no_env(tmp_path: Path) -> None:
+    # A lock whose artifact is missing (and whose hash is wrong): uv itself fails; the agent reports one line.
+    bundle = write_bundle(
+        tmp_path / "bundle",
+        {
+            "pylock.toml": (
+                "pylock",
+                (
+                    'lock-version = "1.0"\ncreated-by = "t"\n[[packages]]\nname = "nosuch"\nversion = "1.0"\n'
+                    f'wheels = [{{ url = "{(tmp_path / "nosuch-1.0-py3-none-any.whl").as_uri()}", '
+                    f'hashes = {{ sha256 = "{"0" * 64}" }} }}]\n'
+                ).encode(),
+            )
+        },
+    )
+    inst = installer(tmp_path / "state", bundle.config())
+    with pytest.raises(InstallError) as info:
+        await inst.install()
+    assert "\n" not in str(info.value) and "uv pip sync failed" in str(info.value)
+    assert not (tmp_path / "state" / "env").exists()
+    assert "nosuch" in (tmp_path / "state" / "install.log").read_text()
+
+
+def test_uv_environment_carries_tls_settings(tmp_path: Path) -> None:
+    ca = tmp_path / "proxy-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n")
+    inst = installer(tmp_path / "state", {}, ca_certs=[str(ca)], native_tls=True)
+    (tmp_path / "state").mkdir()
+    env = inst.uv_environ()
+    assert env["UV_NATIVE_TLS"] == "1"
+    bundle_text = Path(env["SSL_CERT_FILE"]).read_text()
+    assert ca.read_text() in bundle_text
+    assert bundle_text.count("BEGIN CERTIFICATE") > 1  # the system roots stay: SSL_CERT_FILE replaces them
+
+
+def test_index_settings_reach_uv(tmp_path: Path) -> None:
+    inst = installer(
+        tmp_path / "state",
+        {},
+        index_url="https://mirror.example/simple",
+        extra_index_urls=["https://download.pytorch.org/whl/cu128"],
+    )
+    manifest = parse_manifest('format = 1\n[install]\nindex_url = "https://other/simple"\n')
+    assert inst._index_args(manifest) == [
+        "--index-url",
+        "https://mirror.example/simple",
+        "--extra-index-url",
+        "https://download.pytorch.org/whl/cu128",
+    ]
+    plain = installer(tmp_path / "s2", {})
+    assert plain._index_args(manifest) == ["--index-url", "https://other/simple"]
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../up", "a/../../b", "", "a//b"])
+def test_bundle_paths_must_be_plain_relative(bad: str) -> None:
+    with pytest.raises(BundleError):
+        safe_relpath(bad)
+
+
+def test_manifest_rejects_unknown_format_and_kind() -> None:
+    with pytest.raises(BundleError, match="format"):
+        parse_manifest("format = 2\n")
+    with pytest.raises(BundleError, match="kind"):
+        parse_manifest('format = 1\n[[files]]\npath = "x"\nsha256 = "0"\nkind = "exe"\n')
+
+
+def test_code_archive_cannot_escape_the_work_dir(tmp_path: Path) -> None:
+    archive = tmp_path / "code.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        member = tarfile.TarInfo("../escape.txt")
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"evil"))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(InstallError, match="outside"):
+        unpack_code(archive, work)
+    assert not (tmp_path / "escape.txt").exists()
+    assert list(work.rglob("*")) == []
+
+
+def test_code_archive_absolute_member_lands_inside(tmp_path: Path) -> None:
+    archive = tmp_path / "code.tar.gz"
+    target = tmp_path / "outside.txt"
+    with tarfile.open(archive, "w:gz") as tar:
+        member = tarfile.TarInfo(str(target))
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"evil"))
+    work = tmp_path / "work"
+    work.mkdir()
+    unpack_code(archive, work)
+    assert not target.exists()
+    assert (work / str(target).lstrip("/")).read_bytes() == b"evil"
+
+
+def test_code_archive_symlink_out_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "code.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(InstallError):
+        unpack_code(archive, work)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+async def test_real_pypi_lock_installs(tmp_path: Path) -> None:
+    """A lock made by uv itself from PyPI (one tiny pure-Python package), synced by the agent."""
+    (tmp_path / "req.in").write_text("iniconfig==2.0.0\n")
+    subprocess.run(
+        ["uv", "pip", "compile", "req.in", "-o", "pylock.toml", "--python-version", python_xy(), "-q"],
+        cwd=tmp_path,
+        check=True,
+    )
+    lock = (tmp_path / "pylock.toml").read_bytes()
+    assert hashlib.sha256(lock).hexdigest()
+    bundle = write_bundle(tmp_path / "bundle", {"pylock.toml": ("pylock", lock)})
+    env = await installer(tmp_path / "state", bundle.config()).install()
+    result = run_in(env, "python", "-c", "import iniconfig; print(iniconfig.__file__)")
+    assert result.returncode == 0 and str(env.venv) in result.stdout
