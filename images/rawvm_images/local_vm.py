@@ -55,6 +55,9 @@ ROOT_FILES: dict[str, str] = {
     ),
     "etc/cloud/cloud.cfg.d/99_nocloud.cfg": "datasource_list: [ NoCloud, None ]\n",
     "etc/hostname": "rawvm\n",
+    # The serial console is the only view into a machine that never answered: show the journal there too
+    # (systemd's restarts and failures of the agent unit, the agent's own log lines).
+    "etc/systemd/journald.conf.d/rawvm-console.conf": "[Journal]\nForwardToConsole=yes\nMaxLevelConsole=info\n",
     # Empty: systemd makes a fresh machine-id on every first boot, so clones of the image differ.
     "etc/machine-id": "",
 }

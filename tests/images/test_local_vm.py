@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from rawvm_images import local_vm, qemu_boot
 from rawvm_images.local_vm import ImageError, LocalImage
 
@@ -88,7 +87,7 @@ def test_package_version_reads_the_roots_dpkg_status(tmp_path: Path) -> None:
 
 def test_missing_tools_name_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(local_vm.shutil, "which", lambda name, path=None: None)
+    monkeypatch.setattr("shutil.which", lambda name, path=None: None)
     with pytest.raises(ImageError) as info:
         local_vm.require_tools(("debootstrap", "qemu-system-x86_64"))
     message = str(info.value)
@@ -116,12 +115,10 @@ def test_ensure_image_uses_the_cache_without_building(monkeypatch: pytest.Monkey
     assert image.disk == tmp_path / local_vm.recipe_key() / "disk.raw"
 
 
-def test_concurrent_builders_build_once_and_publish_atomically(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_concurrent_builders_build_once_and_publish_atomically(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     builds: list[Path] = []
     monkeypatch.setattr(local_vm, "require_tools", lambda *_a: None)
-    monkeypatch.setattr(local_vm.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
 
     def fake_build(out: Path, _mirror: str, _progress: object) -> None:
         builds.append(out)
@@ -143,7 +140,7 @@ def test_concurrent_builders_build_once_and_publish_atomically(
 
 def test_failed_build_leaves_no_partial_image(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(local_vm, "require_tools", lambda *_a: None)
-    monkeypatch.setattr(local_vm.os, "geteuid", lambda: 0)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
 
     def broken(out: Path, _mirror: str, _progress: object) -> None:
         (out / "half").write_text("x")
@@ -157,7 +154,7 @@ def test_failed_build_leaves_no_partial_image(monkeypatch: pytest.MonkeyPatch, t
 
 def test_building_needs_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(local_vm, "require_tools", lambda *_a: None)
-    monkeypatch.setattr(local_vm.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
     with pytest.raises(ImageError, match="needs root"):
         local_vm.ensure_image(tmp_path)
 

@@ -138,6 +138,7 @@ class QemuProvider:
         return {name: self._url(port, "files", safe_relpath(name)) for name in urls}
 
     def sink_url(self, cluster: str) -> str:
+        """The cluster's sink prefix; machine ``M`` PUTs ``<prefix>M.tar.gz``, landing in ``<cluster dir>/sink/``."""
         port = self._ensure_server(self.cluster_dir(cluster))
         return self._url(port, "sink", "")
 
@@ -231,13 +232,12 @@ class QemuProvider:
         if spec.extra_ca_certs and not install.native_tls:
             # The user-data adds the CAs to the system store; uv must then read that store.
             install = replace(install, native_tls=True)
-        return replace(
-            agent,
-            machine_id=machine_id,
-            bind=GUEST_BIND,
-            sink=agent.sink or self.sink_url(spec.cluster),
-            install=install,
-        )
+        # The agent PUTs one tarball to its sink URL: each machine gets its own object under the cluster's sink.
+        cluster_sink = self.sink_url(spec.cluster)
+        sink = agent.sink
+        if not sink or sink == cluster_sink:
+            sink = f"{cluster_sink}{machine_id}.tar.gz"
+        return replace(agent, machine_id=machine_id, bind=GUEST_BIND, sink=sink, install=install)
 
     def _start(self, image: LocalImage, files: BootFiles, accel: str, guest_port: int) -> tuple[int, int]:
         last: ImageError | None = None

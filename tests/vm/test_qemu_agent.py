@@ -1,0 +1,191 @@
+"""Real VMs under qemu (TCG here, KVM where it is hardware): the EC2 user-data boots the Debian image, cloud-init
+installs uv and the agent, the agent installs a small locked environment from PyPI and runs tasks, and the
+machine powers itself off — with nothing on the host killing qemu.
+
+Each test boots one VM; they take a few minutes each under TCG on two cores. Boot → ready → first-task times
+are printed (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rawvm.providers.base import Machine, MachineSpec
+from rawvm.providers.qemu import QemuProvider
+from rawvm_agent.config import AgentConfig, IdleConfig
+from rawvm_agent.state import SERVING
+from rawvm_images.local_vm import LocalImage
+from rawvm_images.qemu_boot import process_alive
+
+from tests.vm.helpers import (
+    AgentClient,
+    bundle_config,
+    host_extra_ca_certs,
+    make_bundle,
+    tail,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.network]
+
+BOOT_TIMEOUT = 600.0  # boot + cloud-init + uv + agent venv + bundle install, emulated, on a shared 2-core host
+POWEROFF_TIMEOUT = 300.0
+REQUIREMENT = "tomli-w==1.2.0"  # small, pure Python, absent from the guest's own Python
+TASK = ["python", "-c", "import tomli_w, sys; print(tomli_w.dumps({'answer': 42}), sys.prefix, end='')"]
+
+
+@dataclass
+class Booted:
+    machine: Machine
+    client: AgentClient
+    serial_log: Path
+    started: float
+    healthy: float
+    ready: float
+
+    @property
+    def pid(self) -> int:
+        return int(self.machine.details["pid"])
+
+
+def boot_agent(
+    provider: QemuProvider, image: LocalImage, agent_wheel: Path, tmp_path: Path, idle: IdleConfig
+) -> Booted:
+    """Stage a real small bundle, launch one VM with the EC2 user-data, wait until its agent is ready."""
+    cluster = f"vmtest-{secrets.token_hex(3)}"
+    bundle = make_bundle(tmp_path / "bundle", [REQUIREMENT], python=image.python, glibc=image.glibc)
+    files = [(f"bundle/{p.relative_to(bundle).as_posix()}", p) for p in sorted(bundle.rglob("*")) if p.is_file()]
+    urls = provider.stage(cluster, files)
+    token = secrets.token_urlsafe(24)
+    config = AgentConfig(cluster=cluster, token=token, bundle=bundle_config(bundle, urls, "bundle"), idle=idle)
+    spec = MachineSpec(
+        cluster=cluster, count=1, agent=config, agent_wheel=agent_wheel, extra_ca_certs=host_extra_ca_certs()
+    )
+    started = time.monotonic()
+    (machine,) = provider.launch(spec)
+    serial = Path(machine.details["serial_log"])
+    client = AgentClient(machine.agent_url, token)
+    pid = int(machine.details["pid"])
+
+    def diagnose() -> str:
+        return f"qemu alive: {process_alive(pid)}\n--- serial console (tail) ---\n{tail(serial)}"
+
+    def healthy() -> bool:
+        assert process_alive(pid), f"the VM stopped before its agent answered\n{diagnose()}"
+        return client.healthy()
+
+    healthy_at = wait_for("the agent's /healthz", healthy, BOOT_TIMEOUT, diagnose)
+
+    def ready() -> bool:
+        status = client.status()
+        assert status["phase"] != "failed", f"install failed: {status['error']}\n{diagnose()}"
+        return status["phase"] in SERVING
+
+    ready_at = wait_for("phase ready", ready, BOOT_TIMEOUT, diagnose)
+    return Booted(machine, client, serial, started, healthy_at, ready_at)
+
+
+def run_task(booted: Booted, argv: list[str], timeout: float = 120.0) -> tuple[dict[str, object], bytes]:
+    task_id = booted.client.run_task(argv)
+    wait_for(
+        f"task {argv}",
+        lambda: booted.client.task(task_id)["state"] != "running",
+        timeout,
+        lambda: tail(booted.serial_log),
+    )
+    return booted.client.task(task_id), booted.client.logs(task_id)
+
+
+def wait_for_qemu_exit(booted: Booted, timeout: float = POWEROFF_TIMEOUT) -> float:
+    """Waits, never kills: qemu runs with -no-reboot, so only a power-off inside the guest ends it."""
+    return wait_for(
+        "qemu to exit after the guest powered off",
+        lambda: not process_alive(booted.pid),
+        timeout,
+        lambda: tail(booted.serial_log),
+    )
+
+
+def test_user_data_boots_installs_runs_and_powers_off_when_idle(
+    qemu_provider: QemuProvider, vm_image: LocalImage, agent_wheel: Path, tmp_path: Path
+) -> None:
+    """The whole chain on a real VM. The power-off comes from the agent's own idle clock: keepalive 20 s after
+    the task ends, it flushes to the sink (the tarball must arrive on the host) and runs ``systemctl poweroff``.
+    """
+    # cpu_threshold is generous: under TCG the guest's own background work costs a lot of emulated CPU.
+    idle = IdleConfig(keepalive=20.0, client_timeout=5.0, window=5.0, cpu_threshold=60.0, max_lifetime=3600.0)
+    booted = boot_agent(qemu_provider, vm_image, agent_wheel, tmp_path, idle)
+
+    record, stdout = run_task(booted, TASK)
+    first_task = time.monotonic()
+    assert record["exit_code"] == 0, record
+    text = stdout.decode()
+    assert text.startswith("answer = 42\n"), text
+    assert text.rstrip().endswith("/env"), f"the task must run in the bundle's venv, not the agent's: {text}"
+
+    off = wait_for_qemu_exit(booted)
+    serial = booted.serial_log.read_text(errors="replace")
+    assert "reboot: Power down" in serial
+    assert "start-limit-hit" not in serial  # the agent stopped the machine itself, not the dead-man switch
+    sink = qemu_provider.cluster_dir(booted.machine.cluster) / "sink" / f"{booted.machine.id}.tar.gz"
+    assert sink.is_file() and sink.stat().st_size > 0, "the agent flushes logs and telemetry to the sink first"
+
+    print(
+        f"\n[timing] boot→healthy {booted.healthy - booted.started:.1f}s,"
+        f" boot→ready {booted.ready - booted.started:.1f}s,"
+        f" boot→first task done {first_task - booted.started:.1f}s, task end→qemu exit {off - first_task:.1f}s"
+        f" (keepalive {idle.keepalive:.0f}s)"
+    )
+
+
+def test_agent_killed_from_inside_the_vm_still_powers_off(
+    qemu_provider: QemuProvider, vm_image: LocalImage, agent_wheel: Path, tmp_path: Path
+) -> None:
+    """The dead-man switch on a real VM (issue 3 item 7), with a keepalive of 1 h so the agent's idle clock
+    cannot be what stops the machine within the test.
+
+    1. Both backstops are armed at boot: ``rawvm-backstop.timer`` is active and logind holds the
+       ``shutdown -P +N`` schedule (/run/systemd/shutdown/scheduled). They fire only at max_lifetime + grace
+       (70 min here), so this test proves them armed, not fired.
+    2. A task SIGKILLs the agent's main pid once: systemd's ``Restart=on-failure`` brings it back (the serial
+       console shows the SIGKILL and the scheduled restart) and the agent answers again, still installed.
+    3. A second task starts a killer outside the agent's cgroup (``systemd-run``) that SIGKILLs every new agent
+       process. The restarts exhaust ``StartLimitBurst`` → the unit fails with ``start-limit-hit`` →
+       ``OnFailure=rawvm-poweroff.service`` → ``systemctl poweroff`` → qemu exits. That link — OnFailure, with no
+       agent alive to decide anything — is what powers this VM off, and the console log must show it.
+    """
+    idle = IdleConfig(keepalive=3600.0, max_lifetime=3600.0)
+    booted = boot_agent(qemu_provider, vm_image, agent_wheel, tmp_path, idle)
+    print(f"\n[timing] boot→ready {booted.ready - booted.started:.1f}s")
+
+    record, stdout = run_task(
+        booted, ["sh", "-c", "systemctl is-active rawvm-backstop.timer; cat /run/systemd/shutdown/scheduled"]
+    )
+    assert record["exit_code"] == 0, (record, stdout)
+    assert stdout.startswith(b"active\n") and b"USEC=" in stdout, stdout
+
+    before = booted.client.status()
+    booted.client.run_task(["sh", "-c", "kill -9 $(systemctl show -p MainPID --value rawvm-agent.service)"])
+    wait_for("the agent to die", lambda: not booted.client.healthy(), 60, lambda: tail(booted.serial_log))
+    wait_for("systemd to restart the agent", booted.client.healthy, 300, lambda: tail(booted.serial_log))
+    after = booted.client.status()
+    assert after["phase"] in SERVING, after  # resumed from its state file, not reinstalled
+    assert after["started_at"] == before["started_at"]
+    serial = booted.serial_log.read_text(errors="replace")
+    assert "rawvm-agent.service: Main process exited, code=killed, status=9/KILL" in serial
+    assert "rawvm-agent.service: Scheduled restart job" in serial
+
+    killer = (
+        "while :; do pid=$(systemctl show -p MainPID --value rawvm-agent.service);"
+        ' [ "${pid:-0}" -gt 0 ] && kill -9 "$pid"; sleep 0.2; done'
+    )
+    booted.client.run_task(["systemd-run", "--unit=rawvm-test-killer", "sh", "-c", killer])
+    wait_for_qemu_exit(booted, timeout=600)
+    serial = booted.serial_log.read_text(errors="replace")
+    assert "rawvm-agent.service: Failed with result 'start-limit-hit'" in serial, tail(booted.serial_log)
+    assert "rawvm-agent.service: Triggering OnFailure= dependencies" in serial
+    assert "reboot: Power down" in serial
