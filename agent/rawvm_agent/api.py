@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import msgpack
 from aiohttp import web
 
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.tasks import STREAMS, NotReadyError, TaskError, read_log
+from rawvm_agent.telemetry import prometheus
 
 routes = web.RouteTableDef()
 
@@ -21,7 +21,6 @@ DEFAULT_LOG_LIMIT = 1 << 20
 MAX_LOG_LIMIT = 16 << 20
 FOLLOW_CHUNK = 1 << 16
 FOLLOW_POLL_S = 1.0
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def add_routes(app: web.Application) -> None:
@@ -62,7 +61,7 @@ async def healthz(_: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     agent = _agent(request)
     body = agent.sampler.render_prometheus(agent.agent_metrics())
-    return web.Response(body=body.encode(), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
 
 
 @routes.get("/v1/status")
@@ -74,10 +73,10 @@ async def status(request: web.Request) -> web.Response:
 async def samples(request: web.Request) -> web.Response:
     after = _int_param(request, "after", -1, minimum=-1)
     limit = _int_param(request, "limit", 3600, minimum=1)
-    rows = _agent(request).sampler.samples_after(after, limit=limit)
+    sampler = _agent(request).sampler
     if "application/json" in request.headers.get("Accept", ""):
-        return web.json_response(rows)
-    return web.Response(body=msgpack.packb(rows, use_bin_type=True), content_type="application/msgpack")
+        return web.json_response(sampler.samples_after(after, limit=limit))
+    return web.Response(body=sampler.samples_after_msgpack(after, limit=limit), content_type="application/msgpack")
 
 
 @routes.post("/v1/tasks")

@@ -25,7 +25,7 @@ from rawvm_agent.install import Environment, Installer, InstallError
 from rawvm_agent.logs import Redactor, setup_logging, url_password
 from rawvm_agent.state import SERVING, AgentState, Phase, StateStore
 from rawvm_agent.tasks import NotReadyError, TaskManager, TaskRequest
-from rawvm_agent.telemetry import Sampler
+from rawvm_agent.telemetry import Sampler, prometheus
 
 log = logging.getLogger("rawvm_agent")
 
@@ -280,6 +280,9 @@ class Agent:
             files.append(path)
         return files
 
+    def sink_label(self) -> str:
+        return "-".join(p for p in (self.config.cluster, self.config.machine_id) if p) or "machine"
+
     async def _flush_to_sink(self) -> None:
         if not self.config.sink:
             log.info("no sink configured; logs and telemetry stay on the disk")
@@ -288,7 +291,7 @@ class Agent:
         files = self.sink_files()
         log.info("flushing %d files to the sink", len(files))
         try:
-            await asyncio.wait_for(sink.flush(self.config.sink, files), SINK_TIMEOUT_S)
+            await sink.flush(self.config.sink, files, label=self.sink_label(), timeout=SINK_TIMEOUT_S)
         except Exception as exc:
             # The machine must stop even when the sink is unreachable: billing beats log shipping.
             log.error("flush to the sink failed: %s", exc or type(exc).__name__)
@@ -336,36 +339,59 @@ class Agent:
 
     def agent_metrics(self) -> str:
         """The agent's own metric families, appended to the telemetry sampler's in /metrics."""
-        now = self.clock()
         idle_since = self.decision.idle_since if self.decision else None
-        lines = [
-            "# HELP rawvm_agent_phase Current lifecycle phase (1 for the current one).",
-            "# TYPE rawvm_agent_phase gauge",
-        ]
-        lines += [f'rawvm_agent_phase{{phase="{p.value}"}} {int(p == self.state.phase)}' for p in Phase]
-        lines += ["# HELP rawvm_agent_tasks Tasks known to the agent, by state.", "# TYPE rawvm_agent_tasks gauge"]
-        lines += [f'rawvm_agent_tasks{{state="{s}"}} {n}' for s, n in sorted(self.tasks.counts().items())]
-        lines += [
-            "# HELP rawvm_agent_tasks_started_total Tasks started by this agent process.",
-            "# TYPE rawvm_agent_tasks_started_total counter",
-            f"rawvm_agent_tasks_started_total {self.tasks.started_total}",
-            "# HELP rawvm_agent_idle_seconds Seconds of continuous idleness (0 when busy).",
-            "# TYPE rawvm_agent_idle_seconds gauge",
-            f"rawvm_agent_idle_seconds {max(now - idle_since, 0.0) if idle_since else 0.0:.3f}",
-            "# HELP rawvm_agent_keepalive_seconds Idleness after which the machine powers off.",
-            "# TYPE rawvm_agent_keepalive_seconds gauge",
-            f"rawvm_agent_keepalive_seconds {self.config.idle.keepalive:g}",
-            "# HELP rawvm_agent_install_downloaded_bytes Bytes of the environment bundle downloaded.",
-            "# TYPE rawvm_agent_install_downloaded_bytes gauge",
-            f"rawvm_agent_install_downloaded_bytes {self.state.install.bytes_done}",
-            "# HELP rawvm_agent_install_packages Packages installed from the bundle.",
-            "# TYPE rawvm_agent_install_packages gauge",
-            f"rawvm_agent_install_packages {self.state.install.packages_done}",
-            "# HELP rawvm_agent_start_time_seconds When this machine's agent first started (Unix time).",
-            "# TYPE rawvm_agent_start_time_seconds gauge",
-            f"rawvm_agent_start_time_seconds {self.state.started_at:.3f}",
-        ]
-        return "\n".join(lines) + "\n"
+        idle_seconds = max(self.clock() - idle_since, 0.0) if idle_since is not None else 0.0
+        install = self.state.install
+        return "".join(
+            [
+                prometheus.family(
+                    "rawvm_agent_phase",
+                    "gauge",
+                    "Lifecycle phase of the agent (1 for the current one).",
+                    [({"phase": p.value}, float(p == self.state.phase)) for p in Phase],
+                ),
+                prometheus.family(
+                    "rawvm_agent_tasks",
+                    "gauge",
+                    "Tasks known to the agent, by state.",
+                    [({"state": s}, float(n)) for s, n in sorted(self.tasks.counts().items())],
+                ),
+                prometheus.counter(
+                    "rawvm_agent_tasks_started_total", "Tasks started by this agent process.", self.tasks.started_total
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_idle_seconds", "Seconds of continuous idleness, 0 when busy.", idle_seconds
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_keepalive_seconds",
+                    "Idleness after which the machine powers off.",
+                    self.config.idle.keepalive,
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_max_lifetime_seconds",
+                    "Hard limit on the machine's lifetime.",
+                    self.config.idle.max_lifetime,
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_start_time_seconds",
+                    "When this machine's agent first started, Unix time.",
+                    self.state.started_at,
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_restarts", "Times the agent process restarted on this machine.", self.state.restarts
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_install_downloaded_bytes",
+                    "Bytes of the environment bundle downloaded.",
+                    install.bytes_done,
+                ),
+                prometheus.gauge(
+                    "rawvm_agent_install_packages",
+                    "Packages of the environment installed so far.",
+                    install.packages_done,
+                ),
+            ]
+        )
 
 
 def create_app(agent: Agent) -> web.Application:
