@@ -1,0 +1,137 @@
+"""install_conda_lock: a real conda-lock.yml (locked by the resolver from a local channel) installed with rattler.
+
+The channel is built in the test (tests/resolver/test_conda_channel.py); it is served both as file:// and over
+HTTP from a loopback server, the way a VM reaches a real channel.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from rawvm_agent.conda_install import CondaInstallError, install_conda_lock
+from rawvm_resolver.conda import CondaInput, lock_conda
+from rawvm_resolver.target import Target
+
+from tests.resolver.test_conda_channel import DemoPackage, build_demo_channel, write_package
+
+CUDA = Target(arch="x86_64", python="3.11", accelerator="cuda", cuda="12.8")
+CPU = Target(arch="x86_64", python="3.11")
+
+
+@pytest.fixture
+def channel(tmp_path: Path) -> Path:
+    return build_demo_channel(tmp_path / "channel")
+
+
+def _write_lock(path: Path, channel: str, target: Target) -> Path:
+    path.write_bytes(lock_conda(CondaInput((), ("demo",), ()), target, channels=[channel]))
+    return path
+
+
+def _tamper_cuda_build(channel: Path) -> None:
+    """Overwrite demo-1.0-cuda_0.tar.bz2 with other content after locking: the lock's hashes no longer fit."""
+    write_package(channel, DemoPackage("linux-64", "demo", "1.0", "cuda_0", files={"share/demo/flavour": b"evil\n"}))
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(channel: Path) -> Iterator[str]:
+    """The channel over HTTP on loopback; stopped at teardown."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(channel)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_installs_the_cuda_build_into_the_prefix(channel: Path, tmp_path: Path) -> None:
+    lock = _write_lock(tmp_path / "conda-lock.yml", str(channel), CUDA)
+    prefix = tmp_path / "prefix"
+    calls: list[tuple[int, int]] = []
+    await install_conda_lock(
+        lock, prefix, platform="linux-64", progress=lambda done, total: calls.append((done, total)),
+        cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    assert (prefix / "share" / "demo" / "flavour").read_text() == "cuda_0\n"
+    assert (prefix / "share" / "libdemo" / "flavour").read_text() == "0\n"
+    record = json.loads((prefix / "conda-meta" / "demo-1.0-cuda_0.json").read_text())
+    assert record["url"] == f"{channel.as_uri()}/linux-64/demo-1.0-cuda_0.tar.bz2"
+    assert record["files"] == ["share/demo/flavour"]
+    assert (prefix / "conda-meta" / "libdemo-1.2-0.json").is_file()
+    assert calls[0] == (0, 2)
+    assert calls[-1] == (2, 2)
+
+
+async def test_installs_over_http_like_a_vm(served: str, tmp_path: Path) -> None:
+    lock = _write_lock(tmp_path / "conda-lock.yml", served, CPU)
+    assert f"url: {served}linux-64/demo-1.0-cpu_0.tar.bz2" in lock.read_text()
+    prefix = tmp_path / "prefix"
+    await install_conda_lock(lock, prefix, platform="linux-64", cache_dir=tmp_path / "cache")
+    assert (prefix / "share" / "demo" / "flavour").read_text() == "cpu_0\n"
+    assert sorted(p.name for p in (prefix / "conda-meta").glob("*.json")) == [
+        "demo-1.0-cpu_0.json",
+        "libdemo-1.2-0.json",
+    ]
+
+
+async def test_tampered_package_over_http_is_refused(channel: Path, served: str, tmp_path: Path) -> None:
+    lock = _write_lock(tmp_path / "conda-lock.yml", served, CUDA)
+    _tamper_cuda_build(channel)
+    prefix = tmp_path / "prefix"
+    with pytest.raises(CondaInstallError, match="hash mismatch") as info:
+        await install_conda_lock(lock, prefix, platform="linux-64", cache_dir=tmp_path / "cache")
+    assert "\n" not in str(info.value)
+    assert not (prefix / "share" / "demo").exists()
+
+
+async def test_tampered_local_package_is_refused_before_anything_is_installed(channel: Path, tmp_path: Path) -> None:
+    lock = _write_lock(tmp_path / "conda-lock.yml", str(channel), CUDA)
+    _tamper_cuda_build(channel)
+    prefix = tmp_path / "prefix"
+    with pytest.raises(CondaInstallError, match=r"demo-1.0-cuda_0.tar.bz2 does not match the hash in the lock"):
+        await install_conda_lock(lock, prefix, platform="linux-64", cache_dir=tmp_path / "cache")
+    assert not prefix.exists()
+
+
+async def test_platform_missing_from_the_lock(channel: Path, tmp_path: Path) -> None:
+    lock = _write_lock(tmp_path / "conda-lock.yml", str(channel), CPU)
+    with pytest.raises(CondaInstallError, match=r"no packages for linux-aarch64 \(it has: linux-64\)"):
+        await install_conda_lock(lock, tmp_path / "prefix", platform="linux-aarch64", cache_dir=tmp_path / "cache")
+
+
+async def test_default_platform_is_this_machine(channel: Path, tmp_path: Path) -> None:
+    import rattler
+
+    target = CPU if str(rattler.Subdir.current()) == "linux-64" else Target(arch="aarch64", python="3.11")
+    lock = _write_lock(tmp_path / "conda-lock.yml", str(channel), target)
+    await install_conda_lock(lock, tmp_path / "prefix", cache_dir=tmp_path / "cache")
+    assert (tmp_path / "prefix" / "share" / "demo" / "flavour").read_text() == "cpu_0\n"
+
+
+async def test_unreadable_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "conda-lock.yml"
+    lock.write_text("version: 1\npackage: {\n")
+    with pytest.raises(CondaInstallError, match=r"conda-lock\.yml is no readable conda lock"):
+        await install_conda_lock(lock, tmp_path / "prefix", platform="linux-64")
+
+
+async def test_missing_conda_extra_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """rattler made unimportable (sys.modules entry None), as on a VM without the extra."""
+    monkeypatch.setitem(sys.modules, "rattler", None)
+    with pytest.raises(CondaInstallError, match=r"py-rattler is missing: install rawvm-agent\[conda\]"):
+        await install_conda_lock(tmp_path / "conda-lock.yml", tmp_path / "prefix", platform="linux-64")
