@@ -1,0 +1,100 @@
+"""``rawvm lock`` and ``rawvm export``: the resolver on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rawvm_resolver import Target, lock
+from rawvm_resolver.errors import InputError
+from rawvm_resolver.export import FORMATS, export
+from rawvm_resolver.report import format_table, to_json
+from rawvm_resolver.target import DEFAULT_CUDA, PLATFORMS, parse_cuda_version, parse_platform, parse_python_version
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "lock",
+        help="lock an environment for a Linux VM into a bundle",
+        description="Scan an environment, translate it for a Linux target, lock it with uv, write the bundle.",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        metavar="PATH",
+        help="interpreter, venv, site-packages, requirements file, pyproject.toml, uv.lock or environment.yml "
+        "(default: the running environment)",
+    )
+    parser.add_argument("--platform", default="linux-x86_64", help=f"one of {', '.join(PLATFORMS)}")
+    parser.add_argument(
+        "--cuda", nargs="?", const=DEFAULT_CUDA, default=None, metavar="VERSION", help="lock for an NVIDIA GPU"
+    )
+    parser.add_argument("--python", default="", metavar="X.Y", help="the VM's Python (default: the source's)")
+    parser.add_argument("--torch-index", default="", metavar="URL", help="index for torch (needed for aarch64 CUDA)")
+    parser.add_argument("--strict", action="store_true", help="make any version change an error")
+    parser.add_argument("--explain", action="store_true", help="print every decision with its reason")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="bundle directory")
+    parser.set_defaults(func=run_lock)
+
+    exporter = subparsers.add_parser(
+        "export",
+        help="export a bundle as requirements.txt, pylock.toml, conda-lock.yml or a Dockerfile",
+        description="Export a bundle's lock in a standard format for production.",
+    )
+    exporter.add_argument("bundle", type=Path, metavar="BUNDLE")
+    exporter.add_argument("--format", required=True, choices=FORMATS)
+    exporter.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    exporter.set_defaults(func=run_export)
+
+
+def target_from_args(args: argparse.Namespace) -> Target:
+    arch = parse_platform(args.platform)
+    python = parse_python_version(args.python) if args.python else ""
+    if args.cuda is not None:
+        return Target(arch=arch, python=python, accelerator="cuda", cuda=parse_cuda_version(args.cuda))
+    return Target(arch=arch, python=python)
+
+
+def run_lock(args: argparse.Namespace) -> int:
+    target = target_from_args(args)
+    if args.torch_index and not args.torch_index.startswith(("https://", "http://", "file://")):
+        raise InputError(
+            f"--torch-index {args.torch_index!r} is not a URL: e.g. https://download.pytorch.org/whl/cu128"
+        )
+    quiet = args.json
+    result = lock(
+        args.source,
+        target,
+        args.output,
+        torch_index=args.torch_index,
+        strict=args.strict,
+        progress=None if quiet else (lambda message: print(f"rawvm: {message}", file=sys.stderr)),
+    )
+    for warning in result.warnings:
+        print(f"rawvm: warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(
+            to_json(
+                result.rows,
+                bundle=str(result.bundle_dir),
+                manifest_sha256=result.manifest_sha256,
+                target=result.target.platform,
+                python=result.target.python,
+                accelerator=result.target.accelerator,
+            )
+        )
+    elif args.explain:
+        title = f"{result.target.platform} Python {result.target.python} ({result.target.accelerator})"
+        print(format_table(result.rows, title=title))
+    print(f"rawvm: bundle {result.bundle_dir} (rawvm-env.toml sha256 {result.manifest_sha256})", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    data = export(args.bundle, args.format)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_bytes(data)
+    print(f"rawvm: wrote {args.output} ({args.format})", file=sys.stderr)
+    return 0

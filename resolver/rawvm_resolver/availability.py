@@ -1,0 +1,118 @@
+"""Which releases of a package have an artifact for the target: asked of the index (PEP 691 JSON).
+
+Only used when uv reports a resolution failure, to tell "this pin has no build for Linux" from a conflict.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from packaging.tags import Tag
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
+
+from rawvm_resolver.errors import ResolverError
+
+PYPI_SIMPLE = "https://pypi.org/simple"
+_JSON = "application/vnd.pypi.simple.v1+json"
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    filename: str
+    version: Version
+    tags: frozenset[Tag]  # empty for an sdist
+
+    @property
+    def is_sdist(self) -> bool:
+        return not self.tags
+
+
+def index_files(name: str, index_url: str = PYPI_SIMPLE) -> list[IndexFile]:
+    """Every non-yanked wheel and sdist of ``name`` on the index; [] when the index does not know it."""
+    if not index_url.startswith(("https://", "http://")):
+        raise ResolverError(f"index {index_url!r} is not an http(s) URL")
+    request = urllib.request.Request(f"{index_url.rstrip('/')}/{name}/", headers={"Accept": _JSON})  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (scheme checked above)
+            data = json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return []
+        raise ResolverError(f"cannot ask {index_url} about {name}: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
+        raise ResolverError(f"cannot ask {index_url} about {name}: {exc}") from exc
+    files: list[IndexFile] = []
+    for entry in data.get("files", []):
+        if entry.get("yanked"):
+            continue
+        parsed = parse_filename(str(entry.get("filename", "")))
+        if parsed is not None:
+            files.append(parsed)
+    return files
+
+
+def parse_filename(filename: str) -> IndexFile | None:
+    try:
+        if filename.endswith(".whl"):
+            _, version, _, tags = parse_wheel_filename(filename)
+            return IndexFile(filename, version, frozenset(tags))
+        if filename.endswith((".tar.gz", ".zip")):
+            _, version = parse_sdist_filename(filename)
+            return IndexFile(filename, version, frozenset())
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        return None
+    return None
+
+
+def artifact_kind(files: list[IndexFile], version: str, accepted: frozenset[Tag]) -> str:
+    """ "wheel" when the target has a wheel of ``version``, "sdist" when only an sdist, "" when neither."""
+    try:
+        wanted = Version(version)
+    except InvalidVersion:
+        return ""
+    matching = [file for file in files if file.version == wanted]
+    if any(file.tags & accepted for file in matching):
+        return "wheel"
+    if any(file.is_sdist for file in matching):
+        return "sdist"
+    return ""
+
+
+def nearest_version(files: list[IndexFile], version: str, accepted: frozenset[Tag]) -> str:
+    """The release closest to ``version`` with a wheel for the target (else an sdist); "" when none.
+
+    Closest: the lowest newer final release, else the highest older one (upgrades fix more than they break).
+    """
+    pin = Version(version)
+    for want_wheel in (True, False):
+        usable = sorted(
+            {
+                file.version
+                for file in files
+                if not file.version.is_prerelease and ((file.tags & accepted) if want_wheel else file.is_sdist)
+            }
+        )
+        newer = [candidate for candidate in usable if candidate > pin]
+        older = [candidate for candidate in usable if candidate < pin]
+        if newer:
+            return str(newer[0])
+        if older:
+            return str(older[-1])
+    return ""
+
+
+def platforms_offered(files: list[IndexFile]) -> list[str]:
+    """The platform tags the newest release ships wheels for (for messages)."""
+    if not files:
+        return []
+    newest = max(file.version for file in files)
+    return sorted({tag.platform for file in files if file.version == newest for tag in file.tags})

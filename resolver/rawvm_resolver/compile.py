@@ -1,0 +1,84 @@
+"""Drive ``uv pip compile`` for the target. uv does the resolution; this module only builds its command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uv import find_uv_bin
+
+from rawvm_resolver.target import Target
+
+
+class UvFailure(Exception):
+    """uv could not resolve; ``stderr`` holds its explanation."""
+
+    def __init__(self, stderr: str) -> None:
+        super().__init__(stderr)
+        self.stderr = stderr
+
+
+@dataclass(frozen=True)
+class CompileInputs:
+    requirements: list[str]
+    constraints: list[str]  # name==version
+    target: Target
+    extra_index_urls: list[str] = field(default_factory=list)
+
+
+def write_inputs(inputs: CompileInputs, work_dir: Path) -> tuple[Path, Path]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    requirements = work_dir / "requirements.in"
+    constraints = work_dir / "constraints.txt"
+    requirements.write_text("".join(f"{line}\n" for line in inputs.requirements))
+    constraints.write_text("".join(f"{line}\n" for line in inputs.constraints))
+    return requirements, constraints
+
+
+def uv_compile_command(inputs: CompileInputs, requirements: Path, constraints: Path, output: Path) -> list[str]:
+    """The exact ``uv pip compile`` command line rawvm runs (the benchmark runs it bare, too)."""
+    command = [
+        find_uv_bin(),
+        "pip",
+        "compile",
+        str(requirements),
+        "--constraint",
+        str(constraints),
+        "--python-platform",
+        inputs.target.uv_python_platform,
+        "--python-version",
+        inputs.target.python,
+        "--format",
+        "pylock.toml",
+        "--output-file",
+        str(output),
+        "--no-header",
+        "--quiet",
+    ]
+    for url in inputs.extra_index_urls:
+        command += ["--extra-index-url", url]
+    if inputs.extra_index_urls:
+        # The torch index mirrors numpy, pillow, ... at few versions: let every index offer every version.
+        command += ["--index-strategy", "unsafe-best-match"]
+    return command
+
+
+def uv_compile(inputs: CompileInputs, work_dir: Path) -> dict[str, Any]:
+    """Resolve with uv; the parsed pylock.toml it wrote, or UvFailure."""
+    requirements, constraints = write_inputs(inputs, work_dir)
+    output = work_dir / "pylock.toml"
+    command = uv_compile_command(inputs, requirements, constraints, output)
+    completed = subprocess.run(command, capture_output=True, text=True, env=_uv_env(), check=False)
+    if completed.returncode != 0:
+        raise UvFailure(completed.stderr)
+    return tomllib.loads(output.read_text())
+
+
+def _uv_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("UV_NO_PROGRESS", "1")
+    return env

@@ -1,0 +1,147 @@
+"""Resolve a Plan with uv, and when uv says no, find out why and make the smallest honest change.
+
+The changes, each reported: a pin with no artifact for the target moves to the nearest version that has one;
+a package Linux never had (mlx, by rule) is dropped with a warning; CUDA extras added by a rule are given
+up when they conflict. Anything else is an error naming uv's reason. ``strict`` turns every change into an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rawvm_resolver.availability import artifact_kind, index_files, nearest_version, platforms_offered
+from rawvm_resolver.compile import CompileInputs, UvFailure, uv_compile
+from rawvm_resolver.errors import ResolverError
+from rawvm_resolver.platforms import target_tags
+from rawvm_resolver.report import ReportRow
+from rawvm_resolver.target import Target
+from rawvm_resolver.translate import Plan
+
+_MAX_ATTEMPTS = 16
+
+
+def resolve(
+    plan: Plan, target: Target, work_dir: Path, *, strict: bool, progress: Callable[[str], None]
+) -> dict[str, Any]:
+    """The parsed pylock.toml uv wrote for the (possibly adjusted) plan."""
+    if not plan.requirements:
+        return {"packages": []}
+    for attempt in range(_MAX_ATTEMPTS):
+        inputs = CompileInputs(plan.requirement_lines(), plan.constraint_lines(), target, list(plan.extra_index_urls))
+        try:
+            return uv_compile(inputs, work_dir / f"attempt-{attempt}")
+        except UvFailure as failure:
+            if "No solution found" not in failure.stderr and "unsatisfiable" not in failure.stderr:
+                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr)}") from None
+            progress("uv found no solution; checking which pins the target lacks")
+            if not _adjust(plan, target, failure.stderr, strict=strict):
+                raise ResolverError(f"cannot lock for {target.platform}: {summarise(failure.stderr)}") from None
+    raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
+
+
+def summarise(stderr: str) -> str:
+    """uv's explanation on one line."""
+    text = " ".join(line.strip(" \u00d7\u2570\u2500\u25b6\u2502") for line in stderr.splitlines() if line.strip())
+    text = re.sub(r"\s+", " ", text).replace("No solution found when resolving dependencies: ", "")
+    return text.removeprefix("error: ").strip()
+
+
+def mentioned(stderr: str, names: list[str]) -> list[str]:
+    """Names of ``names`` that uv's message talks about, in the order it does."""
+    lowered = stderr.lower().replace("_", "-")
+    found = []
+    for name in names:
+        match = re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", lowered)
+        if match:
+            found.append((match.start(), name))
+    return [name for _, name in sorted(found)]
+
+
+def _adjust(plan: Plan, target: Target, stderr: str, *, strict: bool) -> bool:
+    candidates = sorted(set(plan.constraints) | set(plan.requirements))
+    suspects = mentioned(stderr, candidates)
+    if _fix_missing_artifacts(plan, target, suspects, strict=strict):
+        return True
+    if plan.optional_extras:
+        _drop_optional_extras(plan, target, stderr, strict=strict)
+        return True
+    rest = [name for name in sorted(plan.constraints) if name not in suspects]
+    return _fix_missing_artifacts(plan, target, rest, strict=strict)
+
+
+def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, strict: bool) -> bool:
+    accepted = target_tags(target.python, target.arch, target.glibc)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        listings = dict(zip(names, pool.map(index_files, names), strict=True))
+    changed = False
+    for name in names:
+        files = listings[name]
+        pin = plan.constraints.get(name, "")
+        if pin and artifact_kind(files, pin, accepted):
+            continue  # this pin is fine for the target: not the problem
+        if not pin and any(file.tags & accepted or file.is_sdist for file in files):
+            continue
+        nearest = nearest_version(files, pin, accepted) if pin else ""
+        if nearest:
+            if strict:
+                raise ResolverError(
+                    f"--strict: {name}=={pin} has no wheel or sdist for {target.platform} (Python {target.python}); "
+                    f"the nearest release with one is {nearest}"
+                )
+            plan.constraints[name] = nearest
+            plan.rows[name] = ReportRow(
+                name,
+                "version-changed",
+                pin,
+                nearest,
+                f"{pin} has no wheel or sdist for {target.platform} (Python {target.python}): nearest release with one",
+            )
+            changed = True
+        elif name in plan.linux_or_drop:
+            if strict:
+                raise ResolverError(f"--strict: {name} has no build for {target.platform}; it would be dropped")
+            _remove(plan, name)
+            offered = ", ".join(platforms_offered(files)) or "none"
+            reason = f"WARNING: no build for {target.platform} at glibc {target.glibc} (wheels for: {offered}): dropped"
+            plan.rows[name] = ReportRow(name, "dropped", pin, "", reason)
+            plan.warnings.append(f"{name}: {reason}")
+            changed = True
+        elif name in plan.requirements:
+            offered = ", ".join(platforms_offered(files))
+            where = f"its wheels are for {offered}" if offered else "the index has no release of it"
+            raise ResolverError(
+                f"{name} exists for no Linux platform ({where}): remove it from the environment, "
+                f"or lock for a platform it supports"
+            )
+        elif pin:
+            del plan.constraints[name]  # a dependency pinned at a version Linux lacks: let uv choose
+            changed = True
+    return changed
+
+
+def _drop_optional_extras(plan: Plan, target: Target, stderr: str, *, strict: bool) -> None:
+    for name, extras in sorted(plan.optional_extras.items()):
+        if strict:
+            raise ResolverError(
+                f"--strict: {name}[{','.join(extras)}] does not resolve with the rest: {summarise(stderr)}"
+            )
+        plan.requirements[name] = name
+        source = plan.renamed.get(name, name)
+        if source in plan.rows:
+            row = plan.rows[source]
+            reason = (
+                f"{row.reason.split(':')[0]}: plain {name}, because {name}[{','.join(extras)}] pins CUDA libraries "
+                f"that conflict with the rest of the environment (it runs on CPU unless CUDA libraries are found)"
+            )
+            plan.rows[source] = ReportRow(row.name, row.action, row.source, row.target, reason)
+        plan.warnings.append(f"{name}: [{','.join(extras)}] dropped, it conflicts with the rest of the environment")
+    plan.optional_extras.clear()
+
+
+def _remove(plan: Plan, name: str) -> None:
+    plan.requirements.pop(name, None)
+    plan.constraints.pop(name, None)

@@ -1,0 +1,87 @@
+"""Translation rules: ONE table. Each rule says what happens to a package on a Linux target, and why.
+
+Everything not in the table keeps its exact version; uv decides which platform-conditional dependencies
+appear or disappear. Each rule has a test in tests/resolver/test_rules.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+# Actions
+DROP = "drop"  # never on the target
+RENAME = "rename"  # becomes another distribution at the same version (plus extras on CUDA)
+TORCH = "torch"  # keep; the build (CPU/CUDA, index) depends on the target
+LINUX_OR_DROP = "linux-or-drop"  # keep where the target has an artifact, else drop with a warning
+
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu{cuda}"  # e.g. cu128
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # canonical name, or an fnmatch pattern such as "pyobjc*"
+    action: str
+    reason: str
+    replacement: str = ""  # RENAME: the Linux distribution
+    cuda_extras: tuple[str, ...] = ()  # RENAME: extras added on a CUDA target
+    cuda_reason: str = ""  # RENAME: the reason on a CUDA target
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("pyobjc", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists"),
+    Rule("pyobjc-*", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists"),
+    Rule(
+        "appnope",
+        DROP,
+        "macOS App Nap control: nothing on Linux needs it (uv adds it back if a Linux package does)",
+    ),
+    Rule("tensorflow-metal", DROP, "Apple Metal GPU plugin for TensorFlow: Linux uses TensorFlow's own kernels"),
+    Rule(
+        "tensorflow-macos",
+        RENAME,
+        "Apple's TensorFlow build: the same version of tensorflow from PyPI on Linux",
+        replacement="tensorflow",
+        cuda_extras=("and-cuda",),
+        cuda_reason="Apple's TensorFlow build: tensorflow[and-cuda] on a CUDA target (its CUDA libraries as wheels)",
+    ),
+    Rule(
+        "jax-metal",
+        RENAME,
+        "Apple Metal plugin for JAX: plain jax on a CPU target",
+        replacement="jax",
+        cuda_extras=("cuda12",),
+        cuda_reason="Apple Metal plugin for JAX: jax[cuda12] on a CUDA target (the CUDA 12 plugin and libraries)",
+    ),
+    Rule("torch", TORCH, "the target's build of torch, same version"),
+    Rule("mlx", LINUX_OR_DROP, "Apple's array framework: its Linux build where the target has one"),
+    Rule("pywin32", DROP, "Windows-only API bindings: no Linux build exists"),
+    Rule("pywinpty", DROP, "Windows-only pseudo-terminal: Linux terminals need no helper"),
+)
+
+
+def rule_for(name: str) -> Rule | None:
+    """The first rule whose pattern matches the canonical ``name``."""
+    for rule in RULES:
+        if fnmatchcase(name, rule.pattern):
+            return rule
+    return None
+
+
+def torch_reason(arch: str, cuda: bool, index: str) -> str:
+    """Why torch is what it is on the target; honest about which build PyPI serves."""
+    if index:
+        return f"torch from {index} for linux-{arch} ({'CUDA' if cuda else 'CPU'} build), same version"
+    if cuda:
+        return f"CUDA build for linux-{arch}: PyPI's default wheel brings the nvidia-* packages"
+    if arch == "x86_64":
+        return (
+            "PyPI's linux-x86_64 wheel (runs on CPU; recent releases pull the nvidia-* CUDA libraries too); "
+            f"for the CPU-only build pass --torch-index {TORCH_CPU_INDEX}"
+        )
+    return "PyPI's linux-aarch64 wheel, same version (runs on CPU)"
+
+
+# Packages that follow torch to its index when --torch-index is given.
+TORCH_FAMILY = ("torch", "torchvision", "torchaudio", "triton")

@@ -1,0 +1,109 @@
+"""Translate a scanned Environment into what uv is asked for: requirements, constraints and indexes.
+
+Requested packages become requirements, every local pin a constraint, so uv adds or removes the
+platform-conditional dependencies itself. The rules table decides drops and renames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from packaging.requirements import InvalidRequirement
+from packaging.requirements import Requirement as PepRequirement
+
+from rawvm_resolver.environment import Distribution, Environment, canonical
+from rawvm_resolver.report import ReportRow
+from rawvm_resolver.rules import DROP, LINUX_OR_DROP, RENAME, TORCH, TORCH_FAMILY, rule_for, torch_reason
+from rawvm_resolver.target import Target
+
+
+@dataclass
+class Plan:
+    requirements: dict[str, str] = field(default_factory=dict)  # name -> PEP 508 string for uv
+    constraints: dict[str, str] = field(default_factory=dict)  # name -> exact version
+    rows: dict[str, ReportRow] = field(default_factory=dict)  # decisions made before resolution
+    renamed: dict[str, str] = field(default_factory=dict)  # target name -> source name it replaces
+    optional_extras: dict[str, tuple[str, ...]] = field(default_factory=dict)  # extras dropped on a conflict
+    linux_or_drop: set[str] = field(default_factory=set)  # names dropped (with a warning) when Linux lacks them
+    local: list[Distribution] = field(default_factory=list)  # editable / local packages to build
+    extra_index_urls: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def requirement_lines(self) -> list[str]:
+        return [self.requirements[name] for name in sorted(self.requirements)]
+
+    def constraint_lines(self) -> list[str]:
+        return [f"{name}=={self.constraints[name]}" for name in sorted(self.constraints)]
+
+
+def translate(env: Environment, target: Target, *, torch_index: str = "") -> Plan:
+    plan = Plan(extra_index_urls=[torch_index] if torch_index else [])
+    present = env.by_name()
+    for dist in env.distributions:
+        if dist.is_local or dist.source.kind == "vcs":
+            if dist.source.kind == "vcs":
+                plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}@{dist.source.commit}".rstrip("@")
+            else:
+                plan.local.append(dist)
+            continue
+        _translate_one(plan, dist.name, dist.version, dist.requested, dist.extras, "", target, present)
+    for text in env.requirements:
+        try:
+            requirement = PepRequirement(text)
+        except InvalidRequirement:
+            continue
+        name = canonical(requirement.name)
+        _translate_one(plan, name, "", True, tuple(sorted(requirement.extras)), text, target, present)
+    if not any(name in plan.requirements or name in plan.constraints for name in TORCH_FAMILY):
+        plan.extra_index_urls = []  # no torch: the torch index has nothing to add
+    return plan
+
+
+def _translate_one(
+    plan: Plan,
+    name: str,
+    version: str,
+    requested: bool,
+    extras: tuple[str, ...],
+    text: str,
+    target: Target,
+    present: dict[str, Distribution],
+) -> None:
+    rule = rule_for(name)
+    shown = version or text
+    if rule is not None and rule.action == DROP:
+        plan.rows[name] = ReportRow(name, "dropped", shown, "", rule.reason)
+        return
+    if rule is not None and rule.action == RENAME:
+        new = rule.replacement
+        new_extras = rule.cuda_extras if target.is_cuda else ()
+        if requested:
+            plan.requirements[new] = _requirement(new, tuple(sorted({*extras, *new_extras})), "")
+            if new_extras:
+                plan.optional_extras[new] = new_extras
+        # The replacement keeps the version: its own pin if the source has it, else the renamed one's.
+        own = present.get(new)
+        if own is not None and own.version:
+            plan.constraints[new] = own.version
+        elif version:
+            plan.constraints[new] = version
+        plan.renamed[new] = name
+        reason = rule.cuda_reason if target.is_cuda and rule.cuda_reason else rule.reason
+        plan.rows[name] = ReportRow(name, "translated", shown, "", reason)
+        return
+    if rule is not None and rule.action == TORCH:
+        index = plan.extra_index_urls[0] if plan.extra_index_urls else ""
+        plan.rows.setdefault(
+            name, ReportRow(name, "translated", shown, "", torch_reason(target.arch, target.is_cuda, index))
+        )
+    if rule is not None and rule.action == LINUX_OR_DROP:
+        plan.linux_or_drop.add(name)
+    if requested:
+        plan.requirements[name] = text or _requirement(name, extras, "")
+    if version:
+        plan.constraints[name] = version
+
+
+def _requirement(name: str, extras: tuple[str, ...], marker: str) -> str:
+    extra_text = f"[{','.join(extras)}]" if extras else ""
+    return f"{name}{extra_text}{'; ' + marker if marker else ''}"
