@@ -1,0 +1,577 @@
+"""The front door: ``rawvm.run(...)`` and friends. Lock, stage, launch, then speak only the agent API.
+
+Exit code of a run: the task's exit code; with several machines, the largest of them (so any failure shows
+as a failure); a task ended by signal N counts as 128 + N. rawvm's own messages go to stderr, the task's
+stdout to ``output`` and its stderr to ``error_output``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import dataclasses
+import json
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, SpotConfig
+from rawvm_agent.durations import DurationError, format_duration, parse_duration
+from rawvm_resolver.target import DEFAULT_GLIBC, Target, parse_platform
+
+from rawvm import clusters
+from rawvm.agent_client import AgentClient, AgentError
+from rawvm.errors import RawvmError, UsageError
+from rawvm.progress import MachineProgress, install_detail, make_progress
+from rawvm.providers import PROVIDERS, get_provider
+from rawvm.providers.base import Machine, MachineSpec, Provider
+
+SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
+SERVING_PHASES = frozenset({"ready", "busy", "idle"})
+ENDED_PHASES = frozenset({"failed", "stopping", "off"})
+FREE_PROVIDERS = frozenset({"local", "qemu"})
+_DEFAULT_READY_TIMEOUT_S = 1800.0
+_POLL_S = 0.25
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    machines: list[Machine]
+    cost_usd: float  # price_per_hour x wall time, summed over machines; 0.0 for local and qemu
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: lock, stage, launch, ready, task, total
+    cluster: str = ""
+
+
+# -- input checks: each bad value gives one line naming the flag and what to do ---------------------------------
+
+
+def parse_duration_flag(flag: str, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except DurationError:
+        raise UsageError(f"{flag} {value!r} is not a duration: use e.g. 90s, 20m, 2h or 1h30m") from None
+    if seconds <= 0:
+        raise UsageError(f"{flag} must be longer than 0s")
+    return seconds
+
+
+def check_options(
+    *, provider: str, n: int, vm_type: str, cpu: int, memory: float, gpu: bool, arm: bool, spot_policy: str
+) -> None:
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
+    if n < 1:
+        raise UsageError(f"-n {n}: the number of machines must be at least 1")
+    if cpu < 0 or memory < 0:
+        raise UsageError("--cpu and --memory must not be negative")
+    if vm_type and (cpu or memory or gpu or arm):
+        raise UsageError("give either --vm-type or --cpu/--memory/--gpu/--arm, not both")
+    if spot_policy not in SPOT_POLICIES:
+        raise UsageError(f"unknown spot policy {spot_policy!r}: choose one of {', '.join(SPOT_POLICIES)}")
+
+
+def check_command(command: Sequence[str]) -> list[str]:
+    argv = list(command)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise UsageError("no command to run: put it after '--', e.g. rawvm run -- python script.py")
+    return argv
+
+
+def check_ca_certs(paths: Sequence[str | Path]) -> tuple[Path, ...]:
+    out = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.is_file() or b"BEGIN CERTIFICATE" not in path.read_bytes():
+            raise UsageError(f"--extra-ca-cert {raw}: not a readable PEM certificate file")
+        out.append(path.resolve())
+    return tuple(out)
+
+
+# -- the pieces of a launch -------------------------------------------------------------------------------------
+
+
+def target_for(provider: Provider, spec: MachineSpec) -> Target:
+    """The resolver target: the provider's platform, and its glibc and Python where it knows them."""
+    arch = parse_platform(provider.target_platform(spec))
+    glibc_of: Callable[[], str] | None = getattr(provider, "target_glibc", None)
+    python_of: Callable[[], str] | None = getattr(provider, "target_python", None)
+    python = python_of() if python_of is not None else ""  # "": the resolver takes the source's Python
+    return Target(
+        arch=arch,
+        python=python,
+        glibc=glibc_of() if glibc_of is not None else DEFAULT_GLIBC,
+        accelerator="cuda" if spec.gpu else "cpu",
+        cuda="12.8" if spec.gpu else "",
+    )
+
+
+def bundle_files(bundle_dir: Path) -> list[tuple[str, Path]]:
+    """Every file of the bundle as ``(relative path, path)``, sorted."""
+    return sorted((p.relative_to(bundle_dir).as_posix(), p) for p in bundle_dir.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_config(files: Sequence[tuple[str, Path]], urls: dict[str, str], manifest_sha256: str) -> BundleConfig:
+    return BundleConfig(
+        files=tuple(BundleFile(path=name, url=urls[name], sha256=_sha256(path)) for name, path in files),
+        manifest_sha256=manifest_sha256,
+    )
+
+
+def _say(message: str) -> None:
+    print(f"rawvm: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Launched:
+    provider: Provider
+    record: clusters.ClusterRecord
+    timings: dict[str, float]
+
+
+def _launch(
+    *,
+    provider_name: str,
+    n: int,
+    vm_type: str,
+    cpu: int,
+    memory: float,
+    gpu: bool,
+    arm: bool,
+    region: str,
+    keepalive: str,
+    max_lifetime: str,
+    spot_policy: str,
+    source: str | Path | None,
+    cluster: str | None,
+    extra_ca_certs: Sequence[str | Path],
+) -> _Launched:
+    check_options(
+        provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
+    )
+    keepalive_s = parse_duration_flag("--keepalive", keepalive)
+    lifetime_s = parse_duration_flag("--max-lifetime", max_lifetime)
+    certs = check_ca_certs(extra_ca_certs)
+    name = clusters.check_name(cluster) if cluster else clusters.new_name()
+    if clusters.exists(name):
+        raise UsageError(f"a cluster named {name!r} exists: pick another name or 'rawvm down {name}' first")
+    provider = get_provider(provider_name)
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    from rawvm.agent_wheel import build_agent_wheel
+
+    token = secrets.token_urlsafe(32)
+    agent = AgentConfig(
+        cluster=name,
+        token=token,
+        idle=IdleConfig(keepalive=keepalive_s, max_lifetime=lifetime_s),
+        install=InstallConfig(native_tls=bool(certs)),  # extra CAs go into the machine's trust store
+        spot=SpotConfig(enabled=spot_policy != "on-demand"),
+    )
+    spec = MachineSpec(
+        cluster=name,
+        count=n,
+        agent=agent,
+        agent_wheel=build_agent_wheel(),
+        vm_type=vm_type,
+        cpu=cpu,
+        memory_gib=memory,
+        gpu=gpu,
+        arm=arm,
+        region=region,
+        spot_policy=spot_policy,
+        extra_ca_certs=certs,
+    )
+    target = target_for(provider, spec)
+    from rawvm_resolver import lock
+
+    bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
+    try:
+        locked = lock(source, target, bundle_root / "bundle", progress=_say)
+        for warning in locked.warnings:
+            _say(f"warning: {warning}")
+        timings["lock"] = time.monotonic() - started
+        files = bundle_files(locked.bundle_dir)
+        mark = time.monotonic()
+        urls = provider.stage(name, files)
+        agent = dataclasses.replace(
+            agent, bundle=bundle_config(files, urls, locked.manifest_sha256), sink=provider.sink_url(name)
+        )
+        spec = dataclasses.replace(spec, agent=agent)
+        timings["stage"] = time.monotonic() - mark
+        mark = time.monotonic()
+        _say(f"launching {n} {provider_name} machine{'s' if n > 1 else ''} as cluster {name}")
+        machines = provider.launch(spec)
+        timings["launch"] = time.monotonic() - mark
+    finally:
+        shutil.rmtree(bundle_root, ignore_errors=True)
+    record = clusters.ClusterRecord(
+        name=name,
+        provider=provider_name,
+        token=token,
+        machines=machines,
+        keepalive_s=keepalive_s,
+        max_lifetime_s=lifetime_s,
+        provider_options={"region": region} if region else {},
+    )
+    clusters.save(record)
+    return _Launched(provider=provider, record=record, timings=timings)
+
+
+# -- talking to the machines ------------------------------------------------------------------------------------
+
+
+def _short(machine: Machine) -> str:
+    return machine.id.removeprefix(f"{machine.cluster}-")
+
+
+async def _wait_ready(
+    clients: dict[str, AgentClient], provider: Provider, record: clusters.ClusterRecord, view: MachineProgress
+) -> None:
+    timeout = float(getattr(provider, "ready_timeout_s", _DEFAULT_READY_TIMEOUT_S))
+    deadline = time.monotonic() + timeout
+    pending = dict(clients)
+    alive: Callable[[Machine], bool] | None = getattr(provider, "alive", None)
+    by_id = {_short(m): m for m in record.machines}
+    while pending:
+        for mid, client in list(pending.items()):
+            try:
+                status = await client.status()
+            except AgentError:
+                if alive is not None and not alive(by_id[mid]):
+                    raise RawvmError(f"machine {mid} of {record.name} stopped before its agent answered") from None
+                view.update(mid, "booting")
+                continue
+            phase = str(status.get("phase", ""))
+            view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
+            if phase in SERVING_PHASES:
+                del pending[mid]
+            elif phase in ENDED_PHASES:
+                why = status.get("error") or status.get("stop_reason") or phase
+                raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
+        if pending and time.monotonic() > deadline:
+            raise RawvmError(
+                f"{', '.join(pending)} not ready after {format_duration(timeout)}: "
+                f"see 'rawvm logs {record.name}', stop with 'rawvm down {record.name}'"
+            )
+        if pending:
+            await asyncio.sleep(_POLL_S)
+
+
+class _StreamWriter:
+    """Decodes a machine's output as it comes; with a prefix, writes whole lines ``[m0] ...``."""
+
+    def __init__(self, out: TextIO, prefix: str) -> None:
+        self._out, self._prefix = out, prefix
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def write(self, data: bytes, final: bool = False) -> None:
+        text = self._pending + self._decoder.decode(data, final=final)
+        if not self._prefix:
+            self._pending = ""
+            self._out.write(text)
+        else:
+            lines = text.split("\n")
+            self._pending = "" if final else lines.pop()
+            self._out.write("".join(f"{self._prefix}{line}\n" for line in lines if line or not final))
+        self._out.flush()
+
+    def close(self) -> None:
+        self.write(b"", final=True)
+
+
+def task_exit_code(record: dict[str, Any]) -> int:
+    code = record.get("exit_code")
+    if not isinstance(code, int):
+        return 1  # the task never ran to an exit (could not start, lost, interrupted)
+    return 128 - code if code < 0 else code
+
+
+async def _run_on(
+    mid: str, client: AgentClient, argv: list[str], prefix: str, output: TextIO, error_output: TextIO
+) -> int:
+    task_id = await client.submit(argv, env={"PYTHONUNBUFFERED": "1"})
+
+    async def pump(stream: str, out: TextIO) -> None:
+        writer = _StreamWriter(out, prefix)
+        async for chunk in client.follow_logs(task_id, stream=stream):
+            writer.write(chunk)
+        writer.close()
+
+    await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
+    record = await client.wait_task(task_id)
+    return task_exit_code(record)
+
+
+def _clients(record: clusters.ClusterRecord, session: Any) -> dict[str, AgentClient]:
+    return {_short(m): AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
+
+
+async def _ready_and_run(
+    launched: _Launched, argv: list[str] | None, output: TextIO, error_output: TextIO
+) -> tuple[int, dict[str, float]]:
+    import aiohttp
+
+    timings: dict[str, float] = {}
+    record = launched.record
+    async with aiohttp.ClientSession() as session:
+        clients = _clients(record, session)
+        view = make_progress(sys.stderr)
+        mark = time.monotonic()
+        try:
+            await _wait_ready(clients, launched.provider, record, view)
+        finally:
+            view.close()
+        timings["ready"] = time.monotonic() - mark
+        if argv is None:
+            return 0, timings
+        mark = time.monotonic()
+        many = len(clients) > 1
+        codes = await asyncio.gather(
+            *(_run_on(mid, c, argv, f"[{mid}] " if many else "", output, error_output) for mid, c in clients.items())
+        )
+        timings["task"] = time.monotonic() - mark
+    return max(codes), timings
+
+
+def cost_of(record: clusters.ClusterRecord, until: float) -> float:
+    return sum(m.price_per_hour * max(0.0, until - m.launched_at) / 3600.0 for m in record.machines)
+
+
+def _cost_line(record: clusters.ClusterRecord, cost: float) -> str:
+    if record.provider in FREE_PROVIDERS or record.price_per_hour == 0:
+        return f"cost: free ({record.provider})"
+    return f"cost so far: ${cost:.4f} at ${record.price_per_hour:.4f}/h"
+
+
+def run(
+    command: Sequence[str],
+    *,
+    provider: str = "local",
+    n: int = 1,
+    vm_type: str = "",
+    cpu: int = 0,
+    memory: float = 0,
+    gpu: bool = False,
+    arm: bool = False,
+    region: str = "",
+    keepalive: str = "20m",
+    max_lifetime: str = "12h",
+    spot_policy: str = "on-demand",
+    source: str | Path | None = None,
+    cluster: str | None = None,
+    extra_ca_certs: Sequence[str | Path] = (),
+    output: TextIO | None = None,
+    error_output: TextIO | None = None,
+) -> RunResult:
+    """Run ``command`` on ``n`` fresh machines in the locked environment of ``source`` (default: this one).
+
+    With ``cluster`` naming a cluster from ``up``, runs on its machines instead of launching new ones. The
+    machines stop by themselves after ``keepalive`` of idleness.
+    """
+    out = output if output is not None else sys.stdout
+    err = error_output if error_output is not None else sys.stderr
+    argv = check_command(command)
+    started = time.monotonic()
+    if cluster and clusters.exists(cluster):
+        record = clusters.load(cluster)
+        launched = _Launched(provider=get_provider(record.provider), record=record, timings={})
+    else:
+        launched = _launch(
+            provider_name=provider,
+            n=n,
+            vm_type=vm_type,
+            cpu=cpu,
+            memory=memory,
+            gpu=gpu,
+            arm=arm,
+            region=region,
+            keepalive=keepalive,
+            max_lifetime=max_lifetime,
+            spot_policy=spot_policy,
+            source=source,
+            cluster=cluster,
+            extra_ca_certs=extra_ca_certs,
+        )
+    record = launched.record
+    try:
+        code, timings = asyncio.run(_ready_and_run(launched, argv, out, err))
+    except KeyboardInterrupt:
+        _say(f"interrupted; the machines of {record.name} stop after their keepalive, or now: rawvm down {record.name}")
+        raise
+    except RawvmError as exc:
+        raise RawvmError(f"{exc} (cluster {record.name})") from None
+    timings = {**launched.timings, **timings, "total": time.monotonic() - started}
+    cost = 0.0 if record.provider in FREE_PROVIDERS else cost_of(record, time.time())
+    keep = format_duration(record.keepalive_s) if record.keepalive_s else "their keepalive"
+    _say(
+        f"exit code {code} after {timings['total']:.1f} s; {_cost_line(record, cost)}; "
+        f"{record.name} stops by itself after {keep} idle (now: rawvm down {record.name})"
+    )
+    return RunResult(exit_code=code, machines=record.machines, cost_usd=cost, timings=timings, cluster=record.name)
+
+
+def up(
+    *,
+    provider: str = "local",
+    n: int = 1,
+    vm_type: str = "",
+    cpu: int = 0,
+    memory: float = 0,
+    gpu: bool = False,
+    arm: bool = False,
+    region: str = "",
+    keepalive: str = "20m",
+    max_lifetime: str = "12h",
+    spot_policy: str = "on-demand",
+    source: str | Path | None = None,
+    cluster: str | None = None,
+    extra_ca_certs: Sequence[str | Path] = (),
+) -> clusters.ClusterRecord:
+    """Launch machines and wait until every one is ready; returns the cluster's record."""
+    launched = _launch(
+        provider_name=provider,
+        n=n,
+        vm_type=vm_type,
+        cpu=cpu,
+        memory=memory,
+        gpu=gpu,
+        arm=arm,
+        region=region,
+        keepalive=keepalive,
+        max_lifetime=max_lifetime,
+        spot_policy=spot_policy,
+        source=source,
+        cluster=cluster,
+        extra_ca_certs=extra_ca_certs,
+    )
+    asyncio.run(_ready_and_run(launched, None, sys.stdout, sys.stderr))
+    return launched.record
+
+
+@dataclass
+class ClusterView:
+    name: str
+    provider: str
+    created: float
+    machines: list[dict[str, str]]
+    price_per_hour: float
+
+    @property
+    def running(self) -> int:
+        return sum(1 for m in self.machines if m["state"] not in {"terminated", "stopped", "gone"})
+
+
+def ls() -> list[ClusterView]:
+    """Every recorded cluster with each machine's state as its provider sees it. Clusters whose machines are
+    all gone (they stopped by themselves) are forgotten."""
+    views = []
+    providers: dict[str, Provider] = {}
+    for record in clusters.all_records():
+        provider = providers.setdefault(record.provider, get_provider(record.provider))
+        try:
+            known = {m.id: m.state for m in provider.list(record.name)}
+        except RawvmError:
+            known = None
+        machines = [
+            {
+                "id": m.id,
+                "state": (known.get(m.id, "gone") if known is not None else "unknown"),
+                "agent_url": m.agent_url,
+                "instance_type": m.instance_type,
+            }
+            for m in record.machines
+        ]
+        view = ClusterView(record.name, record.provider, record.created, machines, record.price_per_hour)
+        if known is not None and view.running == 0 and time.time() - record.created > 60:
+            clusters.remove(record.name)
+            continue
+        views.append(view)
+    return views
+
+
+def ls_json(views: Sequence[ClusterView]) -> str:
+    return json.dumps([{**dataclasses.asdict(v), "running": v.running} for v in views], indent=2, sort_keys=True)
+
+
+async def _logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, error_output: TextIO) -> int:
+    import aiohttp
+
+    many = len(record.machines) > 1
+    missing = 0
+    async with aiohttp.ClientSession() as session:
+        for mid, client in _clients(record, session).items():
+            prefix = f"[{mid}] " if many else ""
+            try:
+                tasks = await client.tasks()
+            except AgentError:
+                missing += 1
+                _say(f"{mid}: its agent does not answer (stopped?); its logs went to its sink on stop")
+                continue
+            if not tasks:
+                _say(f"{mid}: no task yet")
+                continue
+            last = max(tasks, key=lambda t: float(t.get("started_at") or 0))
+            for stream, out in (("stdout", output), ("stderr", error_output)):
+                writer = _StreamWriter(out, prefix)
+                if follow:
+                    async for chunk in client.follow_logs(str(last["id"]), stream=stream):
+                        writer.write(chunk)
+                else:
+                    offset = 0
+                    while True:
+                        data, offset = await client.logs(str(last["id"]), stream=stream, offset=offset)
+                        if not data:
+                            break
+                        writer.write(data)
+                writer.close()
+    return 1 if missing == len(record.machines) else 0
+
+
+def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) -> int:
+    """Print the output of the latest task on each machine of ``cluster``; ``follow`` until it ends."""
+    record = clusters.load(cluster)
+    return asyncio.run(_logs(record, follow, output or sys.stdout, sys.stderr))
+
+
+def down(cluster: str) -> int:
+    """Stop every machine of ``cluster`` now and forget it; returns how many were running."""
+    record = clusters.load(cluster)
+    provider = get_provider(record.provider)
+    running = sum(1 for m in provider.list(record.name) if m.state not in {"terminated", "stopped"})
+    with contextlib.suppress(RawvmError):
+        asyncio.run(_shutdown_all(record))  # ask first: a stopping agent flushes its logs to the sink
+    stopped = provider.down(record.name)
+    clusters.remove(record.name)
+    return max(running, stopped)
+
+
+async def _shutdown_all(record: clusters.ClusterRecord) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        clients = [AgentClient(m.agent_url, record.token, session=session, timeout=5) for m in record.machines]
+        for client in clients:
+            with contextlib.suppress(AgentError):
+                await client.shutdown()

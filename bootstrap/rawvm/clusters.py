@@ -1,0 +1,116 @@
+"""Local records of clusters, so ``rawvm ls``, ``logs`` and ``down`` work across invocations.
+
+One JSON file per cluster under ``$RAWVM_STATE_DIR`` (default ``~/.local/state/rawvm``)``/clusters/``. The
+files hold the agents' bearer token, so the directory is 0700 and each file 0600, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rawvm.errors import RawvmError, UsageError
+from rawvm.providers.base import Machine
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+
+
+def state_dir() -> Path:
+    if env := os.environ.get("RAWVM_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "rawvm"
+
+
+def clusters_dir() -> Path:
+    path = state_dir() / "clusters"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def check_name(name: str) -> str:
+    """A cluster name is also an AWS tag value and a file name: lowercase letters, digits, dashes."""
+    if not _NAME.fullmatch(name):
+        raise UsageError(f"invalid cluster name {name!r}: use up to 40 lowercase letters, digits and dashes")
+    return name
+
+
+def new_name() -> str:
+    return f"rawvm-{secrets.token_hex(3)}"
+
+
+@dataclass
+class ClusterRecord:
+    name: str
+    provider: str
+    token: str = field(repr=False)
+    created: float = field(default_factory=time.time)
+    machines: list[Machine] = field(default_factory=list)
+    keepalive_s: float = 0.0
+    max_lifetime_s: float = 0.0
+    provider_options: dict[str, str] = field(default_factory=dict)  # e.g. region, to find the machines again
+
+    @property
+    def price_per_hour(self) -> float:
+        return sum(m.price_per_hour for m in self.machines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ClusterRecord:
+        raw = dict(raw)
+        machines = [Machine(**m) for m in raw.pop("machines", [])]
+        return cls(machines=machines, **raw)
+
+
+def _path(name: str) -> Path:
+    return clusters_dir() / f"{check_name(name)}.json"
+
+
+def save(record: ClusterRecord) -> Path:
+    path = _path(record.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{record.name}-")  # mkstemp makes it 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record.to_dict(), f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(name: str) -> ClusterRecord:
+    path = _path(name)
+    try:
+        return ClusterRecord.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise RawvmError(f"no cluster named {name!r} here: see 'rawvm ls'") from None
+    except (ValueError, TypeError) as exc:
+        raise RawvmError(f"the record of cluster {name!r} ({path}) is damaged: {exc}; remove it") from None
+
+
+def exists(name: str) -> bool:
+    return _path(name).is_file()
+
+
+def all_records() -> list[ClusterRecord]:
+    records = []
+    for path in sorted(clusters_dir().glob("*.json")):
+        try:
+            records.append(load(path.stem))
+        except RawvmError:
+            continue  # one damaged file must not hide the others
+    return sorted(records, key=lambda r: r.created)
+
+
+def remove(name: str) -> None:
+    _path(name).unlink(missing_ok=True)
