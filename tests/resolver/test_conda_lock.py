@@ -134,15 +134,28 @@ def test_unknown_package_is_one_clear_line(channel: Path) -> None:
     assert info.value.exit_code == 1
 
 
+@pytest.mark.parametrize("missing", ["/nonexistent/channel", "http://127.0.0.1:1/"])
+def test_unreachable_channel_is_one_clear_line(missing: str) -> None:
+    with pytest.raises(ResolverError, match=r"cannot read the conda channels .* for linux-64: .*check") as info:
+        lock_conda(CondaInput((), ("demo",), ()), CPU, channels=[missing])
+    assert "\n" not in str(info.value)
+
+
 def test_empty_conda_part_is_an_input_error() -> None:
     with pytest.raises(InputError, match="names no packages"):
         lock_conda(CondaInput(("conda-forge",), (), ()), CPU)
 
 
+def _conda_lock(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run conda-lock 4 from PyPI in an isolated, cached uv environment."""
+    command = [find_uv_bin(), "run", "--isolated", "--no-project", "--with", "conda-lock==4.0.3", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, cwd=cwd)
+
+
 @pytest.mark.network
 @pytest.mark.slow
 def test_lock_reads_back_with_conda_lock(channel: Path, tmp_path: Path) -> None:
-    """conda-lock itself (from PyPI, in an isolated env) parses the file and sees the same packages."""
+    """conda-lock itself parses the file, sees the same packages, and renders it for `conda create --file`."""
     path = tmp_path / "conda-lock.yml"
     path.write_bytes(lock_conda(CondaInput((), ("demo",), ()), CUDA, channels=[str(channel)]))
     script = (
@@ -151,16 +164,20 @@ def test_lock_reads_back_with_conda_lock(channel: Path, tmp_path: Path) -> None:
         "lock = parse_conda_lock_file(pathlib.Path(sys.argv[1]))\n"
         "for p in lock.package: print(p.name, p.version, p.build, p.manager, p.platform, p.hash.sha256)\n"
     )
-    result = subprocess.run(
-        [find_uv_bin(), "run", "--isolated", "--no-project", "--with", "conda-lock==4.0.3", "python", "-c", script,
-         str(path)],
-        capture_output=True, text=True, check=False, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = sorted(result.stdout.splitlines())
+    parsed = _conda_lock("python", "-c", script, str(path), cwd=tmp_path)
+    assert parsed.returncode == 0, parsed.stderr[-2000:]
     document = yaml.safe_load(path.read_text())
     expected = sorted(
         f"{p['name']} {p['version']} {p['build']} conda linux-64 {p['hash']['sha256']}" for p in document["package"]
     )
-    assert lines == expected
-    assert any(line.startswith("demo 1.0 cuda_0 ") for line in lines)
+    assert sorted(parsed.stdout.splitlines()) == expected
+    assert any(line.startswith("demo 1.0 cuda_0 ") for line in expected)
+
+    rendered = _conda_lock("conda-lock", "render", "-k", "explicit", "-p", "linux-64", str(path), cwd=tmp_path)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    explicit = (tmp_path / "conda-linux-64.lock").read_text().splitlines()
+    assert "@EXPLICIT" in explicit
+    # Dependencies first, each URL with its md5: what `conda create --file` installs.
+    assert explicit[explicit.index("@EXPLICIT") + 1 :] == [
+        f"{p['url']}#{p['hash']['md5']}" for p in sorted(document["package"], key=lambda p: p["name"] == "demo")
+    ]

@@ -24,6 +24,7 @@ from rawvm_resolver.errors import InputError
         ("python=3.11", "python=3.11"),  # a fuzzy request, no build: kept as the user wrote it
         ("numpy>=1.26,<2", "numpy>=1.26,<2"),
         ("  scipy  ", "scipy"),
+        ("pytorch=2.2=*cuda*", "pytorch=2.2=*cuda*"),  # a variant the user asked for, portable across subdirs
     ],
 )
 def test_drop_build_string_keeps_name_and_exact_version(spec: str, expected: str) -> None:

@@ -23,8 +23,7 @@ DEFAULT_CHANNELS = ("conda-forge",)
 LINUX_KERNEL = "4.18"
 
 _T = TypeVar("_T")
-_SOLVE_ERRORS = (
-    rattler_errors.SolverError,
+_CHANNEL_ERRORS = (
     rattler_errors.FetchRepoDataError,
     rattler_errors.GatewayError,
     rattler_errors.InvalidChannelError,
@@ -95,7 +94,12 @@ async def _solve(
         )
     except _BAD_SPEC_ERRORS as exc:
         raise InputError(f"invalid conda spec: {_one_line(exc)}; fix it in environment.yml") from None
-    except _SOLVE_ERRORS as exc:
+    except _CHANNEL_ERRORS as exc:
+        raise ResolverError(
+            f"cannot read the conda channels {', '.join(channels)} for {target.conda_subdir}: {_one_line(exc)}; "
+            "check the channel names or URLs and the network"
+        ) from None
+    except rattler_errors.SolverError as exc:
         raise ResolverError(
             f"the conda packages cannot be solved for {target.conda_subdir} from {', '.join(channels)}: "
             f"{_one_line(exc)}; relax the pins in environment.yml or add a channel that has them"

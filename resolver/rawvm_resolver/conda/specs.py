@@ -29,7 +29,8 @@ _MACOS_ONLY_PREFIXES = {"pyobjc-framework-": "Python bindings of a macOS framewo
 _MACOS_ONLY_SUFFIX = re.compile(r"_osx-(arm64|64)$")
 
 # `conda env export` writes exact pins as name=version=build; the build string belongs to the source subdir.
-_EXPORT_PIN = re.compile(r"(?P<channel>[^\s:=]+::)?(?P<name>[A-Za-z0-9_.\-]+)=(?P<version>[^=\s]+)=(?P<build>\S+)")
+# A glob in either part (pytorch=2.2=*cuda*) is a request the user wrote, not an export pin: kept as written.
+_EXPORT_PIN = re.compile(r"(?P<channel>[^\s:=]+::)?(?P<name>[A-Za-z0-9_.\-]+)=(?P<version>[^=\s*]+)=(?P<build>[^\s*]+)")
 # A trailing conda subdir on a channel URL, e.g. .../conda-forge/osx-arm64.
 _SUBDIR = re.compile(r"/(noarch|(linux|osx|win|emscripten|wasi|zos)-[a-z0-9_]+)$")
 _ANACONDA_ORG = "https://conda.anaconda.org/"
