@@ -116,9 +116,10 @@ class Sampler:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)  # a tick in flight finishes (a few ms)
-        await asyncio.to_thread(self._close)
+        await asyncio.to_thread(self.close)
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Release NVML and close the store; what ``stop`` ends with. For samplers that never started."""
         for collector in self._collectors:
             try:
                 collector.close()
