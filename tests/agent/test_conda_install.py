@@ -6,8 +6,11 @@ HTTP from a loopback server, the way a VM reaches a real channel.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import ipaddress
 import json
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -15,6 +18,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from rawvm_agent.conda_install import CondaInstallError, install_conda_lock
 from rawvm_resolver.conda import CondaInput, lock_conda
 from rawvm_resolver.target import Target
@@ -45,18 +52,63 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def served(channel: Path) -> Iterator[str]:
-    """The channel over HTTP on loopback; stopped at teardown."""
+def _serve(channel: Path, tls: ssl.SSLContext | None = None) -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(channel)))
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def served(channel: Path) -> Iterator[str]:
+    """The channel over HTTP on loopback; stopped at teardown."""
+    yield from _serve(channel)
+
+
+def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+                 issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool) -> x509.Certificate:  # fmt: skip
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        ).add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture
+def private_ca_served(channel: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """The channel over HTTPS with a certificate from a private CA, as behind a TLS-intercepting proxy."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("rawvm test CA", ca_key, None, ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _certificate("127.0.0.1", key, ca, ca_key, ca=False)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.pem").write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "server.pem")
+    for url in _serve(channel, tls):
+        yield url, tmp_path / "ca.pem"
 
 
 async def test_installs_the_cuda_build_into_the_prefix(channel: Path, tmp_path: Path) -> None:
@@ -87,6 +139,22 @@ async def test_installs_over_http_like_a_vm(served: str, tmp_path: Path) -> None
         "demo-1.0-cpu_0.json",
         "libdemo-1.2-0.json",
     ]
+
+
+async def test_https_channel_with_a_private_ca(
+    private_ca_served: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM behind a TLS-intercepting proxy: the proxy's CA in SSL_CERT_FILE is what rattler must trust."""
+    url, ca = private_ca_served
+    lock = _write_lock(tmp_path / "conda-lock.yml", str(tmp_path / "channel"), CPU)
+    lock.write_text(lock.read_text().replace((tmp_path / "channel").as_uri() + "/", url))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # the system store alone does not know the private CA
+    with pytest.raises(CondaInstallError, match=r"(?i)certificate"):
+        await install_conda_lock(lock, tmp_path / "untrusted", platform="linux-64", cache_dir=tmp_path / "cache")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    await install_conda_lock(lock, tmp_path / "prefix", platform="linux-64", cache_dir=tmp_path / "cache")
+    assert (tmp_path / "prefix" / "share" / "demo" / "flavour").read_text() == "cpu_0\n"
 
 
 async def test_tampered_package_over_http_is_refused(channel: Path, served: str, tmp_path: Path) -> None:
