@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 import rattler
 import yaml
-from rawvm_resolver.conda import CondaInput, lock_conda, read_environment_yml
+from rawvm_resolver.conda import CondaInput, lock_conda, read_environment_yml, scan_conda_prefix
 from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.target import Target
 from uv import find_uv_bin
@@ -120,6 +121,26 @@ def test_environment_yml_from_a_mac_locks_for_cuda(channel: Path, tmp_path: Path
     conda = read_environment_yml(path)
     assert conda.specs == ("demo ==1.0",)
     assert _builds(yaml.safe_load(lock_conda(conda, CUDA))) == {"demo": "cuda_0", "libdemo": "0"}
+
+
+def test_a_prefix_rattler_installed_scans_back_to_the_same_lock(channel: Path, tmp_path: Path) -> None:
+    """lock → real install (rattler) → scan_conda_prefix → lock: the same packages come out."""
+    first = lock_conda(CondaInput((), ("demo",), ()), CUDA, channels=[str(channel)])
+    (tmp_path / "conda-lock.yml").write_bytes(first)
+    environment = rattler.LockFile.from_path(tmp_path / "conda-lock.yml").default_environment()
+    assert environment is not None
+    records = environment.conda_repodata_records_for_platform(environment.platforms()[0]) or []
+    prefix = tmp_path / "prefix"
+    asyncio.run(
+        rattler.install(
+            records, prefix, cache_dir=tmp_path / "cache", platform=rattler.Subdir("linux-64"), show_progress=False
+        )
+    )
+    scanned = scan_conda_prefix(prefix)
+    assert scanned.channels == (channel.as_uri(),)
+    assert scanned.specs == ("demo ==1.0", "libdemo ==1.2")  # no requests recorded: every package pinned
+    again = yaml.safe_load(lock_conda(scanned, CUDA))
+    assert _builds(again) == _builds(yaml.safe_load(first))
 
 
 def test_explicit_channels_override_the_inputs(channel: Path) -> None:
