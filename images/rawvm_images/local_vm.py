@@ -41,6 +41,8 @@ PACKAGES = (
     "python3-cffi-backend",
     "ca-certificates",
     "curl",
+    # logind needs D-Bus: without it `shutdown -P +N` (the backstop) cannot schedule anything. Cloud images have it.
+    "dbus",
     "iproute2",
     "ifupdown",
     "isc-dhcp-client",
@@ -53,7 +55,8 @@ ROOT_FILES: dict[str, str] = {
     "etc/network/interfaces": (
         "source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\nauto eth0\niface eth0 inet dhcp\n"
     ),
-    "etc/cloud/cloud.cfg.d/99_nocloud.cfg": "datasource_list: [ NoCloud, None ]\n",
+    # C.UTF-8 is built into glibc; cloud-init's default en_US.UTF-8 would need the locales package.
+    "etc/cloud/cloud.cfg.d/99_nocloud.cfg": "datasource_list: [ NoCloud, None ]\nlocale: C.UTF-8\n",
     "etc/hostname": "rawvm\n",
     # The serial console is the only view into a machine that never answered: show the journal there too
     # (systemd's restarts and failures of the agent unit, the agent's own log lines).

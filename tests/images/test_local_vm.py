@@ -24,6 +24,7 @@ def test_recipe_key_is_stable_and_follows_the_package_list(monkeypatch: pytest.M
 
 def test_recipe_has_what_vm_facts_requires() -> None:
     assert "python3-cffi-backend" in local_vm.PACKAGES  # else cloud-init stays unconfigured
+    assert "dbus" in local_vm.PACKAGES  # else logind cannot schedule the backstop shutdown
     assert "net.ifnames=0" in local_vm.KERNEL_CMDLINE
     assert local_vm.ROOT_FILES["etc/machine-id"] == ""
     assert "NoCloud" in local_vm.ROOT_FILES["etc/cloud/cloud.cfg.d/99_nocloud.cfg"]

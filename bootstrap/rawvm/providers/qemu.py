@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from rawvm_agent.config import AgentConfig
 from rawvm_images.local_vm import ImageError, LocalImage, ensure_image
@@ -128,14 +129,18 @@ class QemuProvider:
         return self.root / cluster
 
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+        """Copies (hard-links) the files into the cluster's ``files/``, served by its detached stager."""
         directory = self.cluster_dir(cluster)
         port = self._ensure_server(directory)
-        stager = LoopbackStager(directory / "files", sink_dir=directory / "sink", url_host=QEMU_HOST)
         urls: dict[str, str] = {}
-        for name, path in files:
-            urls.update(stager.stage([(name, path)]))
-        # The stager object only copied files; URLs name the detached server's port.
-        return {name: self._url(port, "files", safe_relpath(name)) for name in urls}
+        for name, source in files:
+            try:
+                rel = safe_relpath(name)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            _place(source, directory / "files" / rel)
+            urls[name] = self._url(port, "files", quote(rel))
+        return urls
 
     def sink_url(self, cluster: str) -> str:
         """The cluster's sink prefix; machine ``M`` PUTs ``<prefix>M.tar.gz``, landing in ``<cluster dir>/sink/``."""
@@ -295,6 +300,18 @@ class QemuProvider:
             _terminate(int(info["pid"]), "rawvm.providers.qemu")
         shutil.rmtree(directory / "files", ignore_errors=True)
         return stopped
+
+
+def _place(source: Path, target: Path) -> None:
+    """Atomically put ``source`` at ``target``: a hard link when on the same file system, else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
 
 
 def _terminate(pid: int, marker: str, wait: float = 10.0) -> bool:
