@@ -334,8 +334,15 @@ class Agent:
             },
             "tasks": {**self.tasks.counts(), "ids": list(self.tasks.tasks)},
             "warnings": [*self.warnings, *self.tasks.warnings()],
-            "gpus": self.sampler.gpu_count,
+            "gpu_count": self.sampler.gpu_count,
+            "gpus": self._latest_gpus(),
         }
+
+    def _latest_gpus(self) -> list[Any]:
+        """Per-GPU readings of the newest telemetry sample (utilization, memory, power, …)."""
+        latest = self.sampler.latest()
+        gpus = latest.get("gpu") if latest else None
+        return list(gpus) if isinstance(gpus, list | tuple) else []
 
     def agent_metrics(self) -> str:
         """The agent's own metric families, appended to the telemetry sampler's in /metrics."""
