@@ -5,7 +5,8 @@
 - ``demo 1.0`` for linux-64 in two builds: ``cpu_0`` (down-weighted with a track feature, the way conda
   channels mark a CPU fallback) and ``cuda_0`` (depends on ``__cuda >=12``); and ``cpu_0`` for linux-aarch64;
 - ``libdemo 1.2``, a noarch dependency of demo;
-- ``newglibc 1.0`` for linux-64, which needs ``__glibc >=2.34``.
+- ``newglibc 1.0`` for linux-64, which needs ``__glibc >=2.34``;
+- ``python`` 3.11.8 and 3.12.2 for linux-64 (stand-ins: a file, no interpreter).
 
 Every package installs ``share/<name>/flavour`` naming its build, so an install shows which build landed.
 """
@@ -44,6 +45,8 @@ DEMO_PACKAGES = (
     DemoPackage("linux-aarch64", "demo", "1.0", "cpu_0", ("libdemo >=1",), track_features="demo-cpu"),
     DemoPackage("noarch", "libdemo", "1.2", "0"),
     DemoPackage("linux-64", "newglibc", "1.0", "0", ("__glibc >=2.34",)),
+    DemoPackage("linux-64", "python", "3.11.8", "0"),
+    DemoPackage("linux-64", "python", "3.12.2", "0"),
 )
 
 

@@ -69,6 +69,25 @@ def test_glibc_of_the_target_is_a_virtual_package(channel: Path) -> None:
     assert _builds(_lock(channel, new_image, "newglibc")) == {"newglibc": "0"}
 
 
+def _versions(document: Any) -> dict[str, str]:
+    return {package["name"]: package["version"] for package in document["package"]}
+
+
+def test_python_pin_of_the_source_is_kept_when_the_target_has_its_version(channel: Path) -> None:
+    assert _versions(_lock(channel, CPU, "python ==3.11.8", "demo")) == {"python": "3.11.8", "demo": "1.0",
+                                                                          "libdemo": "1.2"}  # fmt: skip
+
+
+def test_target_python_replaces_a_python_pin_for_another_version(channel: Path) -> None:
+    document = _lock(channel, Target(arch="x86_64", python="3.12"), "python ==3.11.8", "demo")
+    assert _versions(document)["python"] == "3.12.2"
+    assert document["metadata"]["custom_metadata"]["rawvm.specs"] == "python 3.12.*, demo"
+
+
+def test_python_constraint_adds_no_python(channel: Path) -> None:
+    assert "python" not in _versions(_lock(channel, CPU, "demo"))
+
+
 def test_lock_is_conda_lock_v1(channel: Path) -> None:
     document = _lock(channel, CUDA)
     assert document["version"] == 1

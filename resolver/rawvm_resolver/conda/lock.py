@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import rattler
-from rattler import BuildString, GenericVirtualPackage, PackageName, RepoDataRecord, Version
+from rattler import BuildString, GenericVirtualPackage, MatchSpec, PackageName, RepoDataRecord, Version
 from rattler import exceptions as rattler_errors
 
 from rawvm_resolver.conda.inputs import CondaInput
@@ -63,15 +63,31 @@ def lock_conda(conda_input: CondaInput, target: Target, *, channels: Sequence[st
     if not conda_input.specs:
         raise InputError("the conda part names no packages; add dependencies to environment.yml or drop it")
     chosen = tuple(map(channel_location, channels or conda_input.channels or DEFAULT_CHANNELS))
+    specs = python_for_target(conda_input.specs, target.python)
     virtual = target_virtual_packages(target)
-    records = _run(_solve(chosen, conda_input.specs, target, virtual))
+    records = _run(_solve(chosen, specs, target, virtual))
     return render_conda_lock(
         records,
         platform=target.conda_subdir,
         channels=chosen,
-        specs=conda_input.specs,
+        specs=specs,
         virtual_packages=[str(package) for package in virtual],
     )
+
+
+def python_for_target(specs: Sequence[str], python: str) -> tuple[str, ...]:
+    """Python specs that name another X.Y (``--python 3.12`` over a 3.11 env) ask for the target's X.Y instead.
+
+    The agent builds the venv from the conda env's python, so it must be the X.Y the pylock was resolved for.
+    A spec naming the same X.Y (``python ==3.11.8`` for 3.11) is kept: the exact source version stays.
+    """
+    out = []
+    for spec in specs:
+        match = MatchSpec(spec)
+        pinned = re.search(r"\d+\.\d+", str(match.version or ""))
+        same = pinned is None or pinned.group() == python
+        out.append(spec if str(match.name.normalized) != "python" or same else f"python {python}.*")
+    return tuple(out)
 
 
 def channel_location(channel: str) -> str:
@@ -91,6 +107,7 @@ async def _solve(
             platforms=[rattler.Subdir(target.conda_subdir), rattler.Subdir("noarch")],
             virtual_packages=virtual,
             channel_relations="disabled",  # solve against exactly the channels the user named
+            constraints=[f"python {target.python}.*"],  # if python is in the env, it is the target's X.Y
         )
     except _BAD_SPEC_ERRORS as exc:
         raise InputError(f"invalid conda spec: {_one_line(exc)}; fix it in environment.yml") from None
