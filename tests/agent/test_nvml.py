@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import pytest
@@ -189,3 +190,40 @@ def test_fresh_agent_process_without_nvml_does_not_even_import_pynvml(tmp_path: 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", "False"]
+
+
+class MismatchedDriver(FakeNvmlLib):
+    """After a driver upgrade without a reboot, NVML refuses to start: RM/NVML version mismatch."""
+
+    def nvmlInitWithFlags(self, flags: int) -> int:
+        return int(pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH)
+
+
+class OneGpuLost(FakeNvmlLib):
+    """GPU 2 fell off the bus: NVML answers GPU_IS_LOST for its handle."""
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index: Any, handle_ref: Any) -> int:
+        if index.value == 2:
+            return int(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return super().nvmlDeviceGetHandleByIndex_v2(index, handle_ref)
+
+
+def test_nvml_that_will_not_start_is_a_gpu_error_not_a_crash(tmp_path: Path) -> None:
+    with installed(MismatchedDriver(eight_gpus().gpus)):
+        s = Sampler(TelemetryConfig(), tmp_path)
+        sample = s.sample_once()
+        assert s.gpu_count == 0
+        s.close()
+    assert "gpu" not in sample
+    assert "RM has detected an NVML/RM version mismatch" in sample["errors"]["gpu"]
+    assert {"cpu", "memory", "disk", "network", "load", "processes"} <= set(sample)
+
+
+def test_a_lost_gpu_leaves_the_others_reporting(tmp_path: Path) -> None:
+    with installed(OneGpuLost(eight_gpus().gpus)):
+        s = Sampler(TelemetryConfig(), tmp_path)
+        sample = s.sample_once()
+        assert s.gpu_count == 7
+        s.close()
+    assert [g["index"] for g in sample["gpu"]] == [0, 1, 3, 4, 5, 6, 7]
+    assert sample["gpu"][2]["uuid"].endswith("03") and "errors" not in sample

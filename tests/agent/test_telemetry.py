@@ -211,3 +211,27 @@ def test_state_dir_layout(tmp_path: Path) -> None:
     assert [p.relative_to(tmp_path) for p in s.telemetry_files()] == [Path("telemetry") / segment_name(1)]
     assert os.path.getsize(s.telemetry_files()[0]) > 0
     s.close()
+
+
+def test_an_unusable_state_dir_keeps_telemetry_in_memory(tmp_path: Path) -> None:
+    (tmp_path / "telemetry").write_text("a file where the directory should be")
+    s = Sampler(TelemetryConfig(), tmp_path)
+    s.sample_once()
+    s.sample_once()
+    assert [x["seq"] for x in s.samples_after(0)] == [1, 2] and s.telemetry_files() == []
+    s.close()
+
+
+def test_a_full_disk_is_logged_once_and_sampling_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The disk fills up: the store's file is swapped for /dev/full, which answers every write with ENOSPC."""
+    s = Sampler(TelemetryConfig(), tmp_path)
+    store = s._store
+    assert store._file is not None
+    store._file.close()
+    store._file = open("/dev/full", "ab", buffering=0)  # noqa: SIM115
+    with caplog.at_level("WARNING", logger="rawvm_agent.telemetry"):
+        for _ in range(4):
+            s.sample_once()
+    assert [x["seq"] for x in s.samples_after(0)] == [1, 2, 3, 4]
+    assert sum("No space left on device" in r.getMessage() for r in caplog.records) == 1
+    s.close()

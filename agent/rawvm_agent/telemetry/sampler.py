@@ -14,9 +14,10 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -51,37 +52,61 @@ def _summary(sample: Sample) -> Summary:
     )
 
 
+class _Broken:
+    """Stands in for a collector whose construction failed: every tick reports that error under its name."""
+
+    def __init__(self, name: str, error: Exception) -> None:
+        self.name = name
+        self.error = f"{type(error).__name__}: {error}"
+
+    def collect(self) -> Any:
+        raise RuntimeError(self.error)
+
+    def metrics(self, value: Any) -> Iterator[str]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+def _build(factory: Callable[..., Collector], name: str, *args: Any) -> Collector:
+    try:
+        return factory(*args)
+    except Exception as exc:
+        log.warning("telemetry: collector %s could not start: %s", name, exc)
+        return _Broken(name, exc)
+
+
 class Sampler:
-    def __init__(
-        self,
-        config: TelemetryConfig,
-        state_dir: Path,
-        collectors: Sequence[Collector] | None = None,
-    ) -> None:
+    def __init__(self, config: TelemetryConfig, state_dir: Path) -> None:
         if config.interval <= 0:
             raise ValueError("telemetry.interval must be positive")
         self.interval = config.interval
         capacity = max(1, math.ceil(config.ring_seconds / config.interval))
-        self._gpu = GpuCollector(config.nvml_library)
-        self._collectors: list[Collector] = (
-            list(collectors)
-            if collectors is not None
-            else [
-                CpuCollector(),
-                MemoryCollector(),
-                DiskCollector(),
-                NetworkCollector(),
-                LoadCollector(),
-                ProcessesCollector(),
-                self._gpu,
-            ]
-        )
+        gpu = _build(GpuCollector, "gpu", config.nvml_library)
+        self._gpu = gpu if isinstance(gpu, GpuCollector) else GpuCollector.none()
+        self._collectors: list[Collector] = [
+            _build(CpuCollector, "cpu"),
+            _build(MemoryCollector, "memory"),
+            _build(DiskCollector, "disk"),
+            _build(NetworkCollector, "network"),
+            _build(LoadCollector, "load"),
+            _build(ProcessesCollector, "processes"),
+            gpu,
+        ]
         self._lock = threading.Lock()
         self._ring = Ring(capacity)
         self._store = Store(Path(state_dir) / TELEMETRY_DIR, segment_frames=capacity)
         self._latest: Sample | None = None
         self._failing: dict[str, str] = {}
-        for frame in self._store.load(capacity):
+        self._store_error = ""
+        try:
+            frames = self._store.load(capacity)
+            self._persisting = True
+        except OSError as exc:  # an unwritable state dir costs the history on disk, not the telemetry
+            log.warning("telemetry: %s unusable, keeping samples in memory only: %s", self._store.directory, exc)
+            frames, self._persisting = [], False
+        for frame in frames:
             sample = unpack(frame)
             if sample["seq"] > self._ring.last_seq:
                 self._ring.append(sample["seq"], frame, _summary(sample))
@@ -125,10 +150,11 @@ class Sampler:
                 collector.close()
             except Exception:
                 log.exception("telemetry: closing %s failed", collector.name)
-        if self._gpu not in self._collectors:
-            self._gpu.close()
         with self._lock:
-            self._store.close()
+            try:
+                self._store.close()
+            except OSError as exc:
+                log.warning("telemetry: closing the store failed: %s", exc)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,9 +187,24 @@ class Sampler:
             sample["seq"] = self._ring.last_seq + 1
             frame = pack(sample)
             self._ring.append(sample["seq"], frame, _summary(sample))
-            self._store.append(frame)
             self._latest = sample
+            self._persist(frame)
         return sample
+
+    def _persist(self, frame: bytes) -> None:
+        """Append to disk; a full or failing disk is logged once and never stops sampling."""
+        if not self._persisting:
+            return
+        try:
+            self._store.append(frame)
+        except OSError as exc:
+            if not self._store_error:
+                log.warning("telemetry: writing %s failed: %s", self._store.directory, exc)
+            self._store_error = str(exc)
+        else:
+            if self._store_error:
+                log.info("telemetry: writing to %s works again", self._store.directory)
+            self._store_error = ""
 
     def _log_changes(self, errors: dict[str, str]) -> None:
         """Log a collector when it starts or stops failing, not on every tick."""
@@ -225,7 +266,10 @@ class Sampler:
     def flush(self) -> None:
         """Push buffered frames to disk (before copying the telemetry files to the sink)."""
         with self._lock:
-            self._store.flush()
+            try:
+                self._store.flush()
+            except OSError as exc:
+                log.warning("telemetry: flushing %s failed: %s", self._store.directory, exc)
 
     def telemetry_files(self) -> list[Path]:
         """The on-disk segments, oldest first: what the stop sequence copies to the sink."""

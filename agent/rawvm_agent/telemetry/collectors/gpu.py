@@ -63,7 +63,7 @@ def _library_loadable(path: str) -> bool:
 class GpuCollector:
     name = "gpu"
 
-    def __init__(self, library: str = "") -> None:
+    def __init__(self, library: str = "", *, open_nvml: bool = True) -> None:
         self._nvml: Any = None
         self._devices: list[_Device] = []
         self._xid_lock = threading.Lock()
@@ -71,7 +71,14 @@ class GpuCollector:
         self._stop_events = threading.Event()
         self._event_thread: threading.Thread | None = None
         self._event_set: Any = None
-        self._open(library)
+        self.init_error = ""  # NVML is there but would not start: reported as this collector's error
+        if open_nvml:
+            self._open(library)
+
+    @classmethod
+    def none(cls) -> GpuCollector:
+        """A collector that sees no GPUs (stands in when the real one could not even be built)."""
+        return cls(open_nvml=False)
 
     @property
     def count(self) -> int:
@@ -91,9 +98,25 @@ class GpuCollector:
         except (pynvml.NVMLError_LibraryNotFound, pynvml.NVMLError_DriverNotLoaded, OSError) as exc:
             log.info("NVML unavailable (%s): 0 GPUs", exc)
             return
+        except pynvml.NVMLError as exc:
+            # A driver/library mismatch after an upgrade, no permission…: GPUs may exist, so say so in every sample.
+            self.init_error = f"nvmlInit: {exc}"
+            log.warning("NVML: %s", self.init_error)
+            return
         self._nvml = pynvml
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as exc:
+            self.init_error = f"nvmlDeviceGetCount: {exc}"
+            log.warning("NVML: %s", self.init_error)
+            return
+        for index in range(count):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            except pynvml.NVMLError as exc:
+                # e.g. GPU_IS_LOST: the other GPUs still report; this one is named in the log.
+                log.warning("NVML: GPU %d has no handle: %s", index, exc)
+                continue
             self._devices.append(
                 _Device(
                     index=index,
@@ -115,6 +138,8 @@ class GpuCollector:
     # -- sampling ---------------------------------------------------------------------------------------------
 
     def collect(self) -> list[dict[str, Any]]:
+        if self.init_error:
+            raise RuntimeError(self.init_error)
         return [self._read_device(device) for device in self._devices]
 
     def _ask(self, device: _Device, key: str, call: Callable[[], Any]) -> Any:
