@@ -63,7 +63,7 @@ def run_lock(args: argparse.Namespace) -> int:
         raise InputError(
             f"--torch-index {args.torch_index!r} is not a URL: e.g. https://download.pytorch.org/whl/cu128"
         )
-    quiet = args.json
+    quiet = args.json or not sys.stderr.isatty()  # progress is for people watching, not for logs
     result = lock(
         args.source,
         target,

@@ -42,14 +42,18 @@ def resolve_foreign(requested: list[str], *, python: str = "3.11", platform: str
     cached = CACHE / "resolutions" / f"{key}.toml"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        work = cached.parent / f"{key}.in"
+        out = cached.parent / f"{key}-{os.getpid()}"
+        out.mkdir(exist_ok=True)
+        work = out / "requirements.in"
         work.write_text("\n".join(requested) + "\n")
         command = [
             find_uv_bin(), "pip", "compile", str(work), "--python-platform", platform, "--python-version", python,
-            "--format", "pylock.toml", "-o", str(cached.with_name("pylock.toml")), "--quiet", "--no-header",
+            "--format", "pylock.toml", "-o", str(out / "pylock.toml"), "--quiet", "--no-header",
         ]
-        subprocess.run(command, check=True, capture_output=True)
-        cached.with_name("pylock.toml").rename(cached)
+        # A laptop on macOS 14 (Sonoma): uv reads the macOS version from MACOSX_DEPLOYMENT_TARGET.
+        env = {**os.environ, "MACOSX_DEPLOYMENT_TARGET": "14.0"}
+        subprocess.run(command, check=True, capture_output=True, env=env)
+        (out / "pylock.toml").rename(cached)
     return list(tomllib.loads(cached.read_text())["packages"])
 
 

@@ -1,0 +1,101 @@
+"""Every translation rule in rawvm_resolver.rules.RULES, each with its own case (a rule without one fails)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rawvm_resolver.environment import Distribution, Environment, SourcePlatform
+from rawvm_resolver.rules import RULES, TORCH_CPU_INDEX, rule_for
+from rawvm_resolver.target import Target
+from rawvm_resolver.translate import translate
+
+MAC = SourcePlatform(python="3.11.9", platform="macosx_14_0_arm64", os="macos", arch="arm64", libc="14.0")
+CPU_X86 = Target(arch="x86_64", python="3.11")
+CUDA_X86 = Target(arch="x86_64", python="3.11", accelerator="cuda", cuda="12.8")
+CPU_ARM = Target(arch="aarch64", python="3.11")
+
+
+def env_of(*dists: Distribution) -> Environment:
+    return Environment(origin="test", kind="environment", platform=MAC, distributions=tuple(dists))
+
+
+def requested(name: str, version: str) -> Distribution:
+    return Distribution(name=name, version=version, requested=True)
+
+
+# (rule pattern, package that triggers it, version, target, expected requirement line or None, expected action)
+CASES = [
+    ("pyobjc", "pyobjc", "10.3.1", CPU_X86, None, "dropped"),
+    ("pyobjc-*", "pyobjc-framework-cocoa", "10.3.1", CPU_X86, None, "dropped"),
+    ("appnope", "appnope", "0.1.4", CPU_X86, None, "dropped"),
+    ("tensorflow-metal", "tensorflow-metal", "1.1.0", CUDA_X86, None, "dropped"),
+    ("tensorflow-macos", "tensorflow-macos", "2.16.2", CPU_X86, "tensorflow", "translated"),
+    ("jax-metal", "jax-metal", "0.1.1", CPU_ARM, "jax", "translated"),
+    ("torch", "torch", "2.5.1", CUDA_X86, "torch", "translated"),
+    ("mlx", "mlx", "0.29.0", CPU_X86, "mlx", None),
+    ("pywin32", "pywin32", "306", CPU_X86, None, "dropped"),
+    ("pywinpty", "pywinpty", "2.0.13", CPU_X86, None, "dropped"),
+]
+
+
+def test_every_rule_has_a_case() -> None:
+    assert {case[0] for case in CASES} == {rule.pattern for rule in RULES}
+
+
+def test_every_rule_has_a_reason() -> None:
+    assert all(len(rule.reason) > 20 for rule in RULES)
+
+
+@pytest.mark.parametrize(("pattern", "name", "version", "target", "requirement", "action"), CASES)
+def test_rule(
+    pattern: str, name: str, version: str, target: Target, requirement: str | None, action: str | None
+) -> None:
+    rule = rule_for(name)
+    assert rule is not None and rule.pattern == pattern
+    plan = translate(env_of(requested(name, version)), target)
+    lines = plan.requirement_lines()
+    assert lines == ([requirement] if requirement else [])
+    if action is None:
+        assert name not in plan.rows
+    else:
+        assert plan.rows[name].action == action
+        assert plan.rows[name].reason
+    if action == "dropped":
+        assert plan.constraint_lines() == []
+
+
+def test_renamed_packages_keep_the_version_and_gain_cuda_extras() -> None:
+    plan = translate(env_of(requested("tensorflow-macos", "2.16.2")), CUDA_X86)
+    assert plan.requirement_lines() == ["tensorflow[and-cuda]"]
+    assert plan.constraint_lines() == ["tensorflow==2.16.2"]
+    assert plan.optional_extras == {"tensorflow": ("and-cuda",)}
+    assert "and-cuda" in plan.rows["tensorflow-macos"].reason
+
+    plan = translate(env_of(requested("jax-metal", "0.1.1"), Distribution("jax", "0.4.34")), CUDA_X86)
+    assert plan.requirement_lines() == ["jax[cuda12]"]
+    assert plan.constraint_lines() == ["jax==0.4.34"]  # jax's own pin, not jax-metal's version
+
+
+def test_torch_reason_is_honest_about_the_build() -> None:
+    cuda = translate(env_of(requested("torch", "2.5.1")), CUDA_X86).rows["torch"].reason
+    assert "nvidia-*" in cuda
+    cpu = translate(env_of(requested("torch", "2.5.1")), CPU_X86).rows["torch"].reason
+    assert TORCH_CPU_INDEX in cpu
+    indexed = translate(env_of(requested("torch", "2.5.1")), CPU_X86, torch_index=TORCH_CPU_INDEX)
+    assert indexed.extra_index_urls == [TORCH_CPU_INDEX]
+    assert TORCH_CPU_INDEX in indexed.rows["torch"].reason
+
+
+def test_torch_index_is_ignored_without_torch() -> None:
+    assert translate(env_of(requested("six", "1.17.0")), CPU_X86, torch_index=TORCH_CPU_INDEX).extra_index_urls == []
+
+
+def test_mlx_is_marked_for_drop_when_linux_lacks_it() -> None:
+    assert translate(env_of(requested("mlx", "0.29.0")), CPU_X86).linux_or_drop == {"mlx"}
+
+
+def test_unruled_packages_are_pinned_and_dependencies_are_constraints_only() -> None:
+    plan = translate(env_of(requested("pandas", "2.2.3"), Distribution("numpy", "2.1.3")), CPU_X86)
+    assert plan.requirement_lines() == ["pandas"]
+    assert plan.constraint_lines() == ["numpy==2.1.3", "pandas==2.2.3"]
+    assert plan.rows == {}
