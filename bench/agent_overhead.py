@@ -10,7 +10,9 @@ telemetry Sampler alone in a process of its own behind a minimal aiohttp app; th
 
 CPU-seconds are user+system of each process (all threads) over the measured window, after start-up; peak RSS
 is the kernel's high-water mark (VmHWM) over the whole life. Python bytecode is cached beforehand (in a
-private PYTHONPYCACHEPREFIX), as it is on a VM from the agent's second start on.
+private PYTHONPYCACHEPREFIX), as it is on a VM from the agent's second start on. An hour of samples is
+written to the agent's state dir first (``--prefill``), so it starts with a full ring, as after a restart:
+the RSS figure includes a full hour of telemetry.
 Targets (issue 3): agent CPU <= 1.0x node_exporter's, agent RSS <= 60 MB.
 """
 
@@ -123,8 +125,22 @@ async def wait_http(http: ClientSession, url: str, proc: subprocess.Popen[bytes]
     return False
 
 
-def start_agent(mode: str, work: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+PREFILL = """
+import sys
+from pathlib import Path
+from rawvm_agent.config import TelemetryConfig
+from rawvm_agent.telemetry import Sampler
+s = Sampler(TelemetryConfig(interval=1.0, ring_seconds=3600.0), Path(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    s.sample_once()
+s.close()
+"""
+
+
+def start_agent(mode: str, work: Path, port: int, env: dict[str, str], prefill: int) -> subprocess.Popen[bytes]:
     state_dir = work / f"state-{mode}"
+    if prefill:  # an hour of telemetry on disk: the agent reloads it into a full ring, as after a restart
+        subprocess.run([sys.executable, "-c", PREFILL, str(state_dir), str(prefill)], env=env, check=True)
     log = (work / f"{mode}.log").open("wb")
     if mode == "agent":
         config = work / "agent.toml"
@@ -145,7 +161,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def measure(seconds: float, mode: str, bytecode_cache: bool) -> int:
+async def measure(seconds: float, mode: str, bytecode_cache: bool, prefill: int) -> int:
     if not Path(NODE_EXPORTER).exists():
         print(f"{NODE_EXPORTER} not found: apt-get install prometheus-node-exporter", file=sys.stderr)
         return 1
@@ -164,7 +180,7 @@ async def measure(seconds: float, mode: str, bytecode_cache: bool) -> int:
             modes = ["agent", "sampler"] if mode == "auto" else [mode]
             agent = None
             for candidate in modes:
-                agent = start_agent(candidate, work, agent_port, env)
+                agent = start_agent(candidate, work, agent_port, env, prefill)
                 procs.append(agent)
                 if await wait_http(http, f"http://127.0.0.1:{agent_port}/healthz", agent):
                     mode = candidate
@@ -223,6 +239,8 @@ async def measure(seconds: float, mode: str, bytecode_cache: bool) -> int:
     print(f"agent side: {what}; sampling at 1 Hz; client read /v1/samples {samples_read} samples in {window:.0f} s")
     cache = "cached beforehand" if bytecode_cache else "not cached (compiled at start, PYTHONDONTWRITEBYTECODE=1)"
     print(f"Python bytecode: {cache}")
+    ring = f"{prefill} samples on disk before start, reloaded into the ring" if prefill else "empty at start"
+    print(f"telemetry ring: {ring}")
     print(f"node_exporter side: {NODE_EXPORTER}, default collectors; scraped {scrapes} times in {window:.0f} s")
     print()
     print(f"{'':24}{'CPU-seconds':>14}{'CPU %':>9}{'peak RSS MB':>14}")
@@ -246,6 +264,12 @@ def main() -> int:
     parser.add_argument(
         "--no-bytecode-cache", action="store_true", help="start the agent without cached bytecode (worst-case RSS)"
     )
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=3600,
+        help="samples written to the agent's state dir before it starts, so its ring is full (default: %(default)s)",
+    )
     parser.add_argument("--serve-sampler", nargs=2, metavar=("PORT", "STATE_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_sampler:
@@ -253,7 +277,7 @@ def main() -> int:
         return 0
     if args.seconds < 60:
         print(f"note: {args.seconds:g} s is shorter than the 60 s the issue asks for", file=sys.stderr)
-    return asyncio.run(measure(args.seconds, args.mode, not args.no_bytecode_cache))
+    return asyncio.run(measure(args.seconds, args.mode, not args.no_bytecode_cache, args.prefill))
 
 
 if __name__ == "__main__":

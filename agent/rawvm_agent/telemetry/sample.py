@@ -37,4 +37,4 @@ def pack_array(frames: list[bytes]) -> bytes:
         header = b"\xdc" + n.to_bytes(2, "big")
     else:
         header = b"\xdd" + n.to_bytes(4, "big")
-    return header + b"".join(frames)
+    return b"".join([header, *frames])  # one copy: a full hour is several MB
