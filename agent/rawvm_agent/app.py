@@ -23,7 +23,7 @@ from rawvm_agent import __version__, idle, sdnotify, sink, spot, stopper
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.install import Environment, Installer, InstallError
 from rawvm_agent.logs import Redactor, setup_logging, url_password
-from rawvm_agent.state import SERVING, AgentState, Phase, StateStore
+from rawvm_agent.state import SERVING, AgentState, InstallProgress, Phase, StateStore
 from rawvm_agent.tasks import NotReadyError, TaskManager, TaskRequest
 from rawvm_agent.telemetry import Sampler, prometheus
 
@@ -97,11 +97,15 @@ class Agent:
         else:
             self.state = previous
             self.state.restarts += 1
-            same_boot = self.state.idle.get("boot_id", "") == self.boot_id
+            same_boot = self.state.boot_id == self.boot_id
             resumed_stop = same_boot and self.state.phase in (Phase.STOPPING, Phase.OFF)
             if not same_boot:
                 # The machine itself was started again: a new lifetime and a fresh idle clock.
                 self.state.started_at, self.state.idle, self.state.last_keepalive = now, {}, None
+                self.state.stop_reason = ""
+                if self.state.phase == Phase.FAILED:  # a new boot gets a new try (the network may be back)
+                    self.state.error = ""
+                    self.state.enter(Phase.BOOTING, now)
         self.installer.progress = self.state.install
         self.policy = self._restore_policy()
         log.info(
@@ -113,7 +117,11 @@ class Agent:
             self.config.port,
         )
         self.save_state()
-        await self.sampler.start()
+        try:
+            await self.sampler.start()
+        except Exception:
+            # Telemetry is worth having, not worth a machine that never stops: go on without it.
+            log.exception("telemetry failed to start; running without samples")
         if resumed_stop:
             log.warning("resuming an interrupted stop (%s)", self.state.stop_reason or "unknown reason")
             self.request_stop(self.state.stop_reason or "resumed stop")
@@ -126,10 +134,9 @@ class Agent:
         self._spawn(sdnotify.feed_watchdog(), "watchdog")
 
     def _restore_policy(self) -> idle.IdlePolicy:
-        saved = {k: v for k, v in self.state.idle.items() if k != "boot_id"}
-        if saved:
+        if self.state.idle:
             try:
-                return idle.IdlePolicy.from_state(self.config.idle, saved)
+                return idle.IdlePolicy.from_state(self.config.idle, self.state.idle)
             except (KeyError, TypeError, ValueError):
                 log.warning("idle clock in the state file is unreadable; starting it over")
         return idle.IdlePolicy(self.config.idle, self.state.started_at)
@@ -161,8 +168,9 @@ class Agent:
         self.save_state()
 
     def save_state(self) -> None:
+        self.state.boot_id = self.boot_id
         if self.policy is not None:
-            self.state.idle = {**self.policy.to_state(), "boot_id": self.boot_id}
+            self.state.idle = self.policy.to_state()
         self.store.save(self.state)
         self._last_save = self.clock()
 
@@ -186,6 +194,7 @@ class Agent:
                 self.set_phase(Phase.READY)
             log.info("environment already installed; resuming")
             return
+        self.state.install = self.installer.progress = InstallProgress()  # an earlier attempt's counts are stale
         if self.config.bundle.files:
             self.set_phase(Phase.INSTALLING)
         try:
@@ -205,7 +214,11 @@ class Agent:
     async def _idle_loop(self) -> None:
         period = max(self.config.telemetry.interval, 0.1)
         while self._stop_task is None:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                # This loop is what powers the machine off: a bad tick is logged, the loop goes on.
+                log.exception("idle check failed; trying again next period")
             await asyncio.sleep(period)
 
     def tick(self) -> None:
@@ -236,11 +249,13 @@ class Agent:
     def _on_tasks_change(self) -> None:
         # A task starting or ending changes busy/idle at once, not a sample period later.
         if self.policy is not None and self._stop_task is None:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:
+                log.exception("idle check failed; the idle loop will try again")
 
     async def _on_spot_notice(self, action: str) -> None:
-        log.warning("spot interruption notice: %s", action)
-        self.request_stop(f"spot interruption: {action}")
+        self.request_stop(f"spot interruption: {' '.join(action.split())}")
 
     # -- stop -------------------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class AgentState:
     phase_times: dict[str, float] = field(default_factory=dict)  # phase -> wall time it was last entered
     started_at: float = 0.0  # first boot of this machine's agent; max_lifetime counts from here
     restarts: int = 0
+    boot_id: str = ""  # the kernel's boot id when last saved: same boot = the agent restarted, not the machine
     error: str = ""
     installed_manifest: str = ""  # manifest_sha256 of the bundle installed in state_dir ("-" for none)
     install: InstallProgress = field(default_factory=InstallProgress)

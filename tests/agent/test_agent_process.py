@@ -9,10 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +251,76 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
         timeout=60,
     )
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+class FakeImds(BaseHTTPRequestHandler):
+    """IMDSv2 as EC2 serves it for spot: a session token by PUT, then instance-action (404 until announced)."""
+
+    token = "imds-session-token"
+    notice: bytes | None = None
+
+    def do_PUT(self) -> None:
+        if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            self._reply(200, self.token.encode())
+        else:
+            self._reply(400, b"")
+
+    def do_GET(self) -> None:
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            self._reply(401, b"")  # IMDSv1 (no token) is refused, as on an instance with IMDSv2 required
+        elif self.path == "/latest/meta-data/spot/instance-action" and FakeImds.notice is not None:
+            self._reply(200, FakeImds.notice)
+        else:
+            self._reply(404, b"")
+
+    def _reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def imds() -> Iterator[ThreadingHTTPServer]:
+    FakeImds.notice = None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_spot_notice_stops_within_10_s_and_flushes(
+    tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
+) -> None:
+    sink, marker = tmp_path / "sink", tmp_path / "powered-off"
+    config = agent_config(
+        tmp_path / "state",
+        sink=str(sink),
+        spot={"enabled": True, "imds_url": f"http://127.0.0.1:{imds.server_address[1]}", "poll": "1s"},
+        idle={"poweroff_command": ["touch", str(marker)]},
+    )
+    agent = start_agent(config)
+    agent.wait(serving)
+    task_id = agent.json("POST", "/v1/tasks", {"argv": ["sh", "-c", "echo working; sleep 300"]})["id"]
+    agent.wait(lambda s: s["phase"] == "busy")
+    time.sleep(1.5)  # a few polls that find no notice
+    assert agent.proc.poll() is None
+
+    FakeImds.notice = b'{"action": "terminate", "time": "2026-11-24T22:00:00Z"}'
+    announced = time.monotonic()
+    assert agent.proc.wait(10) == 0
+    assert time.monotonic() - announced < 10
+    assert marker.exists()
+    flushed = {p.relative_to(next(sink.iterdir())).as_posix(): p for p in sink.rglob("*") if p.is_file()}
+    assert "agent.log" in flushed and "spot interruption" in flushed["agent.log"].read_text()
+    assert flushed[f"tasks/{task_id}/stdout"].read_text() == "working\n"
+    assert json.loads(flushed[f"tasks/{task_id}/task.json"].read_text())["state"] == "interrupted"
+    assert any(name.startswith("telemetry/") for name in flushed)
+    state = json.loads(flushed["state.json"].read_text())
+    assert state["stop_reason"].startswith("spot interruption") and "terminate" in state["stop_reason"]

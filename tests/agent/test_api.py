@@ -339,3 +339,51 @@ async def test_restart_resumes_without_reinstalling_or_resetting_idle_clock(tmp_
 async def test_json_status_is_serialisable_with_stdlib(make_client: ClientFactory) -> None:
     agent, _ = await make_client()
     json.dumps(agent.status())
+
+
+@pytest.mark.slow
+async def test_max_lifetime_stops_a_busy_machine_with_a_warning(
+    make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "off"
+    agent, client = await make_client(idle={"max_lifetime": "2s", "poweroff_command": ["touch", str(marker)]})
+    resp = await client.post("/v1/tasks", json={"argv": ["sleep", "300"]}, headers=AUTH)
+    task_id = (await resp.json())["id"]
+    await asyncio.wait_for(agent.stopped.wait(), 30)
+    assert marker.exists()
+    assert agent.state.stop_reason.startswith("max_lifetime") and "busy" in agent.state.stop_reason
+    assert "stopping although busy" in caplog.text
+    task = await (await client.get(f"/v1/tasks/{task_id}", headers=AUTH)).json()
+    assert task["state"] == "interrupted"
+
+
+async def test_a_stop_interrupted_by_an_agent_crash_resumes_on_restart(tmp_path: Path) -> None:
+    marker = tmp_path / "off"
+    raw = agent_config(tmp_path / "state", idle={"poweroff_command": ["touch", str(marker)]})
+    first = Agent(config_from_dict(raw))
+    first.state.enter(first.state.phase.STOPPING, time.time())
+    first.state.stop_reason = "idle for 20m >= 20m"
+    first.save_state()  # the agent died here, between deciding to stop and powering off
+
+    second = Agent(config_from_dict(raw))
+    async with TestClient(TestServer(create_app(second))):
+        await asyncio.wait_for(second.stopped.wait(), 30)
+    assert marker.exists()
+    assert second.state.phase == "off" and second.state.stop_reason == "idle for 20m >= 20m"
+
+
+async def test_after_a_reboot_the_idle_clock_and_lifetime_start_over(tmp_path: Path) -> None:
+    raw = agent_config(tmp_path / "state")
+    first = Agent(config_from_dict(raw))
+    first.state.enter(first.state.phase.OFF, time.time() - 3600)
+    first.state.started_at = time.time() - 7200
+    first.boot_id = "an-earlier-boot"
+    first.save_state()
+
+    second = Agent(config_from_dict(raw))
+    async with TestClient(TestServer(create_app(second))) as client:
+        await asyncio.sleep(0.5)
+        body = await status(client)
+    assert body["phase"] in ("ready", "idle", "busy")
+    assert body["started_at"] > time.time() - 60
+    assert not second.stopped.is_set()
