@@ -3,6 +3,25 @@
 ``seq`` increases by one per sample and keeps increasing across agent restarts; ``errors`` (present only when
 some collector failed) maps that collector's name to its error, and the failing collector's key is absent.
 Samples travel and rest as msgpack maps (one frame each, self-delimiting, so frames simply concatenate).
+
+Fields (units in the key names; counters are totals since boot, rates are the reader's job):
+
+- ``cpu``: ``percent`` (all cores, busy share of the last interval), ``per_core_percent`` (list),
+  ``seconds`` (mode → seconds, all cores), ``cores``
+- ``memory``: ``total_bytes``, ``available_bytes``, ``used_bytes``, ``free_bytes``, ``buffers_bytes``,
+  ``cached_bytes``, ``swap_total_bytes``, ``swap_used_bytes``, ``swap_free_bytes``
+- ``disk``: ``filesystems`` (list of ``mountpoint``, ``device``, ``fstype``, ``size_bytes``, ``used_bytes``,
+  ``avail_bytes``), ``io`` (device → ``read_bytes``, ``written_bytes``, ``reads``, ``writes``, ``io_time_seconds``)
+- ``network``: interface → ``receive_bytes``, ``transmit_bytes``, ``receive_packets``, ``transmit_packets``,
+  ``receive_errors``, ``transmit_errors``, ``receive_drop``, ``transmit_drop``
+- ``load``: ``load1``, ``load5``, ``load15``
+- ``processes``: ``count``, ``running``, ``threads``
+- ``gpu``: list, one map per device: ``index``, ``uuid``, ``name``, ``utilization_gpu_percent``,
+  ``utilization_memory_percent``, ``memory_used_bytes``, ``memory_total_bytes``, ``power_watts``,
+  ``energy_joules``, ``temperature_celsius``, ``sm_clock_hertz``, ``memory_clock_hertz``,
+  ``clock_event_reasons`` (NVML bitmask), ``ecc_corrected_errors``, ``ecc_uncorrected_errors``,
+  ``processes`` (list of ``pid``, ``used_memory_bytes``), ``xid_errors`` (XID code as a string → count).
+  A key the device does not support is absent.
 """
 
 from __future__ import annotations
