@@ -161,12 +161,15 @@ def _command_line(argv: Sequence[str]) -> str:
     head = argv[0]
     if not head or head[0] in "@-:+!" or not (head.startswith("/") or "/" not in head):
         raise ValueError(f"the executable must be an absolute path or a bare name, got {head!r}")
-    return " ".join(_quote_arg(arg) for arg in argv)
+    return " ".join(_quote_arg(arg, expands=index > 0) for index, arg in enumerate(argv))
 
 
-def _quote_arg(arg: str) -> str:
-    # % starts a specifier and $ a variable expansion in every word; doubling them makes them literal.
-    escaped = arg.replace("%", "%%").replace("$", "$$")
+def _quote_arg(arg: str, *, expands: bool) -> str:
+    # % starts a specifier in every word; $ a variable expansion in the arguments only, not in the
+    # executable path (checked against systemd-analyze verify). Doubling makes them literal.
+    escaped = arg.replace("%", "%%")
+    if expands:
+        escaped = escaped.replace("$", "$$")
     if _SAFE_ARG.fullmatch(arg) and arg != ";":
         return escaped
     escaped = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
