@@ -139,20 +139,34 @@ def ssl_context(config: InstallConfig) -> ssl.SSLContext:
     return ctx
 
 
-async def fetch(session: aiohttp.ClientSession, url: str, dest: Path, on_bytes: Callable[[int], None]) -> str:
-    """Copy ``url`` (http(s)://, file:// or an absolute path) to ``dest``; return its sha256."""
+async def fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    dest: Path,
+    on_bytes: Callable[[int], None],
+    on_size: Callable[[int], None] = lambda n: None,
+) -> str:
+    """Copy ``url`` (http(s)://, file:// or an absolute path) to ``dest``; return its sha256.
+
+    ``on_bytes(n)`` reports progress (negative after a failed attempt, to take its bytes back);
+    ``on_size(n)`` the size when it is known up front.
+    """
     scheme = urlsplit(url).scheme
     if scheme in ("http", "https"):
         for attempt in range(1, FETCH_ATTEMPTS + 1):
+            counter = _Counter(on_bytes)
             try:
-                return await _fetch_http(session, url, dest, on_bytes)
+                return await _fetch_http(session, url, dest, counter, on_size if attempt == 1 else lambda n: None)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                if attempt == FETCH_ATTEMPTS:
-                    raise InstallError(f"cannot download {_without_query(url)}: {exc}") from None
+                on_bytes(-counter.total)
+                client_error = isinstance(exc, aiohttp.ClientResponseError) and exc.status < 500
+                if attempt == FETCH_ATTEMPTS or client_error:  # a 403 or 404 will not mend itself
+                    raise InstallError(f"cannot download {_without_query(url)}: {_describe(exc, url)}") from None
                 await asyncio.sleep(attempt)
     if scheme in ("file", ""):
         source = Path(url2pathname(urlsplit(url).path)) if scheme == "file" else Path(url)
         try:
+            on_size(source.stat().st_size)
             return await asyncio.to_thread(_copy_file, source, dest, on_bytes)
         except OSError as exc:
             raise InstallError(f"cannot read bundle file {source}: {exc.strerror}") from None
@@ -164,9 +178,35 @@ def _without_query(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-async def _fetch_http(session: aiohttp.ClientSession, url: str, dest: Path, on_bytes: Callable[[int], None]) -> str:
+def _describe(exc: BaseException, url: str) -> str:
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"HTTP {exc.status} {exc.message}"
+    return (str(exc) or type(exc).__name__).replace(url, _without_query(url))
+
+
+class _Counter:
+    """Passes byte counts on and remembers their sum, so a failed attempt's bytes can be taken back."""
+
+    def __init__(self, on_bytes: Callable[[int], None]) -> None:
+        self.on_bytes = on_bytes
+        self.total = 0
+
+    def __call__(self, n: int) -> None:
+        self.total += n
+        self.on_bytes(n)
+
+
+async def _fetch_http(
+    session: aiohttp.ClientSession,
+    url: str,
+    dest: Path,
+    on_bytes: Callable[[int], None],
+    on_size: Callable[[int], None],
+) -> str:
     digest = hashlib.sha256()
     async with session.get(url, raise_for_status=True) as resp:
+        if resp.content_length is not None:
+            on_size(resp.content_length)
         with dest.open("wb") as fh:
             async for chunk in resp.content.iter_chunked(CHUNK):
                 fh.write(chunk)
@@ -291,7 +331,7 @@ class Installer:
     ) -> None:
         dest = staging / safe_relpath(entry.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        actual = await fetch(session, entry.url, dest, self._add_bytes)
+        actual = await fetch(session, entry.url, dest, self._add_bytes, self._add_size)
         for want, source in ((expected, MANIFEST), (entry.sha256, "agent.toml")):
             if want and actual != want.lower():
                 raise BundleError(
@@ -304,6 +344,9 @@ class Installer:
     def _add_bytes(self, n: int) -> None:
         self.progress.bytes_done += n
         self.progress.bytes_total = max(self.progress.bytes_total, self.progress.bytes_done)
+
+    def _add_size(self, n: int) -> None:
+        self.progress.bytes_total += n
 
     # -- install ----------------------------------------------------------------------------------------
 

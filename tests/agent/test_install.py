@@ -57,21 +57,50 @@ async def test_installs_lock_local_wheel_and_code_with_uv(tmp_path: Path) -> Non
     assert version.stdout.strip() == python_xy()
     assert inst.progress.packages_total == 2 and inst.progress.packages_done == 2
     assert inst.progress.files_done == inst.progress.files_total == 4
-    assert inst.progress.bytes_done == sum((bundle.dir / f["path"]).stat().st_size for f in bundle.files)
+    assert (
+        inst.progress.bytes_done
+        == inst.progress.bytes_total
+        == sum((bundle.dir / f["path"]).stat().st_size for f in bundle.files)
+    )
     assert inst.progress.step == "done"
     assert inst.is_installed(bundle.manifest_sha256)
 
 
 @pytest.mark.slow
-async def test_fetches_bundle_over_http(tmp_path: Path) -> None:
+async def test_fetches_bundle_over_http_and_retries(tmp_path: Path) -> None:
     bundle = tiny_bundle(tmp_path / "src")
+    hits: dict[str, int] = {}
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        hits[name] = hits.get(name, 0) + 1
+        if name == "code.tar.gz" and hits[name] == 1:
+            return web.Response(status=503)  # a transient failure: fetched again
+        return web.FileResponse(bundle.dir / name)
+
     app = web.Application()
-    app.router.add_static("/b/", bundle.dir)
+    app.router.add_get("/b/{name:.+}", serve)
     async with TestServer(app) as server:
-        files = [{**f, "url": str(server.make_url(f"/b/{f['path']}"))} for f in bundle.files]
+        files = [{**f, "url": str(server.make_url(f"/b/{f['path']}?X-Amz-Signature=abc"))} for f in bundle.files]
         inst = installer(tmp_path / "state", {"files": files, "manifest_sha256": bundle.manifest_sha256})
         env = await inst.install()
     assert run_in(env, "python", "main.py").returncode == 7
+    assert hits["code.tar.gz"] == 2
+    size = sum((bundle.dir / f["path"]).stat().st_size for f in bundle.files)
+    assert inst.progress.bytes_done == inst.progress.bytes_total == size
+
+
+async def test_http_error_names_the_url_without_its_query(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    app = web.Application()
+    async with TestServer(app) as server:
+        files = [
+            {**f, "url": str(server.make_url(f"/missing/{f['path']}?X-Amz-Signature=s3cr3t"))} for f in bundle.files
+        ]
+        with pytest.raises(InstallError) as info:
+            await installer(tmp_path / "state", {"files": files, "manifest_sha256": bundle.manifest_sha256}).install()
+    assert "404" in str(info.value) and "rawvm-env.toml" in str(info.value)
+    assert "s3cr3t" not in str(info.value)
 
 
 @pytest.mark.parametrize("what", ["manifest", "wheel", "code"])
