@@ -4,9 +4,11 @@ real uv, real HTTP. These are the issue's end-to-end checks for the agent core.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,13 +31,16 @@ TASK_SECRET = "task-secret-1a2b3c4d5e"  # passed in a task request, named in its
 
 
 class AgentProcess:
-    def __init__(self, tmp_path: Path, config: dict[str, Any], name: str = "agent") -> None:
+    def __init__(
+        self, tmp_path: Path, config: dict[str, Any], name: str = "agent", extra_env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.url = f"http://127.0.0.1:{config['port']}"
         self.config_path = write_config(tmp_path / f"{name}.toml", config)
         self.stderr_path = tmp_path / f"{name}.stderr"
         env = {**os.environ, "AGENT_SECRET": AGENT_SECRET}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(extra_env or {})
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "rawvm_agent", "--config", str(self.config_path)],
@@ -90,8 +95,8 @@ class AgentProcess:
 def start_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def start(config: dict[str, Any], name: str = "agent") -> AgentProcess:
-        agent = AgentProcess(tmp_path, config, name)
+    def start(config: dict[str, Any], name: str = "agent", extra_env: dict[str, str] | None = None) -> AgentProcess:
+        agent = AgentProcess(tmp_path, config, name, extra_env)
         started.append(agent)
         return agent
 
@@ -324,3 +329,31 @@ def test_spot_notice_stops_within_10_s_and_flushes(
     assert any(name.startswith("telemetry/") for name in flushed)
     state = json.loads(flushed["state.json"].read_text())
     assert state["stop_reason"].startswith("spot interruption") and "terminate" in state["stop_reason"]
+
+
+def test_systemd_ready_status_and_watchdog_from_the_event_loop(
+    tmp_path: Path, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """The agent as systemd runs it (Type=notify, WatchdogSec=): the datagrams on $NOTIFY_SOCKET."""
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(0.2)
+        agent = start_agent(
+            agent_config(tmp_path / "state"), extra_env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1000000"}
+        )
+        messages: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and messages.count("WATCHDOG=1") < 4:
+            with contextlib.suppress(TimeoutError):
+                messages.append(sock.recv(4096).decode())
+        assert "READY=1" in messages
+        assert messages.count("WATCHDOG=1") >= 4  # every 0.5 s: half of WatchdogSec
+        assert any(m.startswith("STATUS=rawvm-agent: ") for m in messages)
+        assert agent.request("GET", "/healthz", token=None)[0] == 200
+        agent.stop()
+        with contextlib.suppress(TimeoutError):
+            while True:
+                messages.append(sock.recv(4096).decode())
+        assert "STOPPING=1" in messages
+    assert agent.proc.returncode == 0
