@@ -164,6 +164,40 @@ def test_prefix_made_by_rattler_uses_the_records_requested_specs(tmp_path: Path)
     assert conda.channels == ("conda-forge",)
 
 
+def _dist_info(prefix: Path, name: str, version: str, direct_url: dict[str, object] | None = None) -> str:
+    dist_info = prefix / "lib" / "python3.11" / "site-packages" / f"{name}-{version}.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\nA package.\n")
+    (dist_info / "INSTALLER").write_text("pip\n")
+    if direct_url is not None:
+        (dist_info / "direct_url.json").write_text(json.dumps(direct_url))
+    return f"lib/python3.11/site-packages/{name}-{version}.dist-info/METADATA"
+
+
+def test_prefix_pip_section_is_what_no_conda_record_owns(tmp_path: Path) -> None:
+    prefix = tmp_path / "env"
+    meta = prefix / "conda-meta"
+    meta.mkdir(parents=True)
+    numpy_metadata = _dist_info(prefix, "numpy", "1.26.4")
+    _record(meta, "numpy", "1.26.4", "py311h7125741_0", "conda-forge", files=[numpy_metadata])
+    _dist_info(prefix, "rich", "13.7.1")
+    _dist_info(prefix, "mypkg", "0.1", {"url": "file:///Users/ana/src/my%20pkg", "dir_info": {"editable": True}})
+    _dist_info(
+        prefix, "tool", "2.0",
+        {"url": "https://github.com/ana/tool", "vcs_info": {"vcs": "git", "commit_id": "0123abcd"}},
+    )  # fmt: skip
+    wheel_url = "https://example.org/wheelie-1.0-py3-none-any.whl"
+    _dist_info(prefix, "wheelie", "1.0", {"url": wheel_url, "archive_info": {}})
+    conda = scan_conda_prefix(prefix)
+    assert conda.specs == ("numpy ==1.26.4",)
+    assert conda.pip_requirements == (
+        "-e '/Users/ana/src/my pkg'",
+        "rich==13.7.1",
+        "tool @ git+https://github.com/ana/tool@0123abcd",
+        f"wheelie @ {wheel_url}",
+    )
+
+
 def test_prefix_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no conda-meta"):
         scan_conda_prefix(tmp_path)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import shlex
 from collections import Counter
 from dataclasses import dataclass
+from email.parser import HeaderParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import yaml
 
@@ -19,7 +23,7 @@ from rawvm_resolver.errors import InputError
 class CondaInput:
     channels: tuple[str, ...]  # in priority order; empty: the lock's default channels
     specs: tuple[str, ...]  # MatchSpec strings to solve for the target, build strings removed
-    pip_requirements: tuple[str, ...]  # the `- pip:` section, as written: locked by uv, not by conda
+    pip_requirements: tuple[str, ...]  # the `- pip:` section (of a prefix: what pip installed); locked by uv
 
 
 def read_environment_yml(path: Path) -> CondaInput:
@@ -41,7 +45,7 @@ def read_environment_yml(path: Path) -> CondaInput:
 
 
 def scan_conda_prefix(prefix: Path) -> CondaInput:
-    """Read a conda environment: the specs its history asked for, else every installed package pinned."""
+    """Read a conda environment: the specs its history asked for (else every package pinned), and what pip added."""
     meta = prefix / "conda-meta"
     if not meta.is_dir():
         raise InputError(f"{prefix} is no conda environment (no conda-meta/); pass the prefix of a conda env")
@@ -55,7 +59,39 @@ def scan_conda_prefix(prefix: Path) -> CondaInput:
     if not asked:
         asked = [f"{record['name']} =={record['version']}" for record in records]
     specs = [spec for spec in map(carry_over, asked) if spec is not None]
-    return CondaInput(channels=_channels_by_use(records), specs=tuple(specs), pip_requirements=())
+    return CondaInput(
+        channels=_channels_by_use(records), specs=tuple(specs), pip_requirements=pip_installed(prefix, records)
+    )
+
+
+def pip_installed(prefix: Path, records: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The prefix's pip section: distributions in site-packages that no conda record owns (as `conda list` tells)."""
+    owned = {str(path) for record in records for path in record.get("files") or []}
+    lines = []
+    for dist_info in sorted(prefix.glob("lib/python3*/site-packages/*.dist-info")):
+        if f"{dist_info.relative_to(prefix).as_posix()}/METADATA" in owned:
+            continue
+        try:
+            metadata = HeaderParser().parsestr((dist_info / "METADATA").read_text(errors="replace"))
+        except OSError:
+            continue  # a broken leftover directory, not an installed distribution
+        if metadata["Name"] and metadata["Version"]:
+            lines.append(_requirement_line(dist_info, metadata["Name"], metadata["Version"]))
+    return tuple(lines)
+
+
+def _requirement_line(dist_info: Path, name: str, version: str) -> str:
+    """``name==version``, or where PEP 610's direct_url.json says so an editable path or a direct URL."""
+    try:
+        direct = json.loads((dist_info / "direct_url.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"{name}=={version}"
+    url = str(direct.get("url", ""))
+    if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
+        return f"-e {shlex.quote(url2pathname(urlsplit(url).path))}"
+    if vcs := direct.get("vcs_info"):
+        return f"{name} @ {vcs.get('vcs', 'git')}+{url}@{vcs.get('commit_id', '')}".rstrip("@")
+    return f"{name} @ {url}" if url else f"{name}=={version}"
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
