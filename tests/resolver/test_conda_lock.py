@@ -181,6 +181,21 @@ def test_unreachable_channel_is_one_clear_line(missing: str) -> None:
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("channel", "shown"),
+    [
+        ("https://ana:s3cret@conda.example.org/private", "https://***@conda.example.org/private"),
+        ("https://conda.anaconda.org/t/tk-1234abcd/private", "https://conda.anaconda.org/t/***/private"),
+    ],
+)
+def test_channel_with_credentials_is_refused_without_echoing_them(channel: str, shown: str) -> None:
+    with pytest.raises(InputError, match="carries credentials") as info:
+        lock_conda(CondaInput((channel,), ("demo",), ()), CPU)
+    assert shown in str(info.value)
+    assert "s3cret" not in str(info.value)
+    assert "tk-1234abcd" not in str(info.value)
+
+
 def test_empty_conda_part_is_an_input_error() -> None:
     with pytest.raises(InputError, match="names no packages"):
         lock_conda(CondaInput(("conda-forge",), (), ()), CPU)

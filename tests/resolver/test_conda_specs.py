@@ -73,6 +73,7 @@ def test_invalid_spec_is_one_clear_input_error() -> None:
         ("conda-forge", "conda-forge"),
         ("https://repo.anaconda.com/pkgs/main/osx-arm64", "https://repo.anaconda.com/pkgs/main"),
         ("https://example.org/channels/ml/linux-64", "https://example.org/channels/ml"),
+        ("https://conda.anaconda.org/t/tk-1/private/osx-arm64", "https://conda.anaconda.org/t/tk-1/private"),
     ],
 )
 def test_normalize_channel_removes_the_source_subdir(channel: str, expected: str) -> None:

@@ -93,8 +93,20 @@ def python_for_target(specs: Sequence[str], python: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+# user:password@host, or anaconda.org's /t/<token>/ path segment.
+_USERINFO = re.compile(r"(?<=://)[^/@]+@")
+_TOKEN = re.compile(r"(?<=/t/)[^/]+(?=/)")
+
+
 def channel_location(channel: str) -> str:
     """A local channel directory as the file:// URL rattler records; names and URLs stay as they are."""
+    if _USERINFO.search(channel) or _TOKEN.search(channel):
+        # Every package URL in the lock would carry them, and the lock is staged and kept: refuse, don't leak.
+        shown = _TOKEN.sub("***", _USERINFO.sub("***@", channel))
+        raise InputError(
+            f"channel {shown} carries credentials, which would be written into "
+            "conda-lock.yml; mirror the packages to a channel without credentials"
+        )
     if channel.startswith(("/", "./", "../", "~")):
         return Path(channel).expanduser().resolve().as_uri()
     return channel

@@ -78,7 +78,7 @@ def carry_over(spec: str) -> str | None:
 def normalize_channel(channel: str) -> str:
     """``https://conda.anaconda.org/conda-forge/osx-arm64`` → ``conda-forge``; other URLs lose the subdir only."""
     channel = _SUBDIR.sub("", channel.strip().rstrip("/"))
-    if channel.startswith(_ANACONDA_ORG):
+    if channel.startswith(_ANACONDA_ORG) and not channel.startswith(_ANACONDA_ORG + "t/"):  # t/<token>: keep
         return channel[len(_ANACONDA_ORG) :]
     return channel
 
