@@ -56,7 +56,8 @@ class Agent:
         self.environ = dict(os.environ if environ is None else environ)
         self.clock = clock
         self.state_dir = Path(config.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Logs and task output may hold what users did not mark secret: root only.
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.token = config.bearer_token()
         self.redactor = Redactor([self.token])
         self.redactor.add(*(self.environ[n] for n in config.secret_env if self.environ.get(n)))

@@ -374,7 +374,9 @@ class Installer:
         for lock in pylocks:
             self._step("sync")
             # uv reads PEP 751 locks natively when the file is named pylock.toml / pylock.*.toml.
-            await self._uv(["pip", "sync", str(self.bundle_dir / lock.path), *self._index_args(manifest)])
+            await self._uv(
+                ["pip", "sync", str(self.bundle_dir / lock.path), *self._target(), *self._index_args(manifest)]
+            )
             self.progress.packages_done += _pylock_package_count(self.bundle_dir / lock.path)
             self.on_progress()
 
@@ -382,7 +384,7 @@ class Installer:
             self._step("wheels")
             # Their dependencies are in the lock already; --no-deps keeps the sync's exact versions.
             paths = [str(self.bundle_dir / f.path) for f in local]
-            await self._uv(["pip", "install", "--no-deps", *paths, *self._index_args(manifest)])
+            await self._uv(["pip", "install", "--no-deps", *paths, *self._target(), *self._index_args(manifest)])
             self.progress.packages_done += len(local)
             self.on_progress()
 
@@ -405,6 +407,9 @@ class Installer:
 
         await install_conda_lock(lock, self.conda_prefix, progress=progress, cache_dir=self.state_dir / "conda-cache")
         return self.conda_prefix
+
+    def _target(self) -> list[str]:
+        return ["--python", str(self.venv / "bin" / "python")]
 
     def _index_args(self, manifest: Manifest) -> list[str]:
         cfg = self.config.install
