@@ -5,8 +5,8 @@ The sink (``agent.toml`` top-level ``sink``) is one of:
 - empty: nothing to do;
 - a directory (a plain path or a ``file://`` URL): the files are copied into ``<sink>/<label>-<UTC time>/``;
 - an ``http(s)://`` URL, typically a presigned S3 PUT URL: one object, so the files are bundled into one
-  ``.tar.gz`` (members under ``<label>-<UTC time>/``) and PUT with a Content-Length and
-  ``Content-Type: application/gzip``.
+  ``.tar.gz`` (members under ``<label>-<UTC time>/``) and PUT with a Content-Length (S3 refuses chunked
+  uploads) and no Content-Type, so the URL must be presigned without one.
 
 Paths inside the destination are relative to the files' common parent directory; a directory among the
 files is taken whole. Nothing here raises: every error is logged and the stop sequence goes on, because
@@ -35,6 +35,7 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 PUT_ATTEMPTS = 3
+RETRY_DELAY = 2.0  # seconds, times the attempt number
 DEFAULT_TIMEOUT = 600.0  # the whole flush; the power-off waits for it
 
 
@@ -49,7 +50,7 @@ async def flush(sink: str, files: Sequence[Path], *, label: str = "", timeout: f
     except TimeoutError:
         log.error("sink: flush to %s gave up after %gs", _public(sink), timeout)
     except Exception as exc:  # the machine powers off regardless
-        log.error("sink: flush to %s failed: %s: %s", _public(sink), type(exc).__name__, exc)
+        log.error("sink: flush to %s failed: %s", _public(sink), _scrub(_describe(exc), sink))
 
 
 async def _flush(sink: str, files: Sequence[Path], name: str) -> None:
@@ -121,7 +122,10 @@ async def _put_tarball(url: str, members: list[tuple[Path, str]], name: str) -> 
                         async with session.put(
                             url,
                             data=body,
-                            headers={"Content-Type": "application/gzip", "Content-Length": str(size)},
+                            headers={"Content-Length": str(size)},
+                            # No Content-Type: a SigV2 presigned URL signs it (empty unless the presigner
+                            # chose one), and S3 refuses a PUT whose headers differ from the signature.
+                            skip_auto_headers=("Content-Type",),
                         ) as response:
                             if response.status < 300:
                                 log.info("sink: %d bytes PUT to %s", size, _public(url))
@@ -131,9 +135,10 @@ async def _put_tarball(url: str, members: list[tuple[Path, str]], name: str) -> 
                                 response.request_info, (), status=response.status, message=detail
                             )
                 except aiohttp.ClientError as exc:
-                    log.warning("sink: PUT to %s, attempt %d/%d: %s", _public(url), attempt, PUT_ATTEMPTS, exc)
+                    reason = _scrub(_describe(exc), url)
+                    log.warning("sink: PUT to %s, attempt %d/%d: %s", _public(url), attempt, PUT_ATTEMPTS, reason)
                     if attempt < PUT_ATTEMPTS:
-                        await asyncio.sleep(2.0 * attempt)
+                        await asyncio.sleep(RETRY_DELAY * attempt)
         log.error(
             "sink: PUT to %s failed %d times; logs and telemetry stay on this machine", _public(url), PUT_ATTEMPTS
         )
@@ -145,3 +150,18 @@ def _public(url: str) -> str:
     if not parts.scheme:
         return url
     return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientResponseError):  # its str() carries the whole URL
+        return f"HTTP {exc.status}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with any copy of ``url``'s query (and user info) removed."""
+    parts = urlsplit(url)
+    for secret in (parts.query, parts.username or "", parts.password or ""):
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text
