@@ -7,8 +7,11 @@ but not of ``file://`` packages, so those are checked here before anything is li
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -43,6 +46,7 @@ async def install_conda_lock(
     packages are downloaded and extracted (default: rattler's cache, ~/.cache/rattler).
     """
     rattler = _import_rattler()
+    _settle_at_exit()
     records = _locked_records(rattler, lock_path, platform or str(rattler.Subdir.current()))
     for record in records:
         _verify_local_package(record)
@@ -59,6 +63,18 @@ async def install_conda_lock(
         )
     except Exception as exc:  # rattler's errors share no base class; every one means "not installed"
         raise CondaInstallError(f"conda install into {prefix} failed: {_one_line(exc)}") from None
+
+
+def _settle_rattler_threads() -> None:
+    # py-rattler's tokio threads drop Python references just after a call returns; if that happens while the
+    # interpreter finalizes, CPython aborts the process. atexit runs before finalization: a short pause lets
+    # them finish. Measured with a script that installs and exits: 6 of 30 runs aborted without, 0 of 30 with.
+    time.sleep(0.1)
+
+
+@functools.cache
+def _settle_at_exit() -> None:
+    atexit.register(_settle_rattler_threads)
 
 
 def _import_rattler() -> ModuleType:
