@@ -15,7 +15,7 @@ from rawvm_agent.config import TelemetryConfig
 from rawvm_agent.telemetry import Sampler
 from rawvm_agent.telemetry.collectors import cpu, processes
 from rawvm_agent.telemetry.ring import Ring, Summary
-from rawvm_agent.telemetry.sample import pack, pack_array, unpack
+from rawvm_agent.telemetry.sample import array_header, pack, unpack
 from rawvm_agent.telemetry.store import Store, segment_name
 
 
@@ -109,9 +109,10 @@ def test_samples_after_pages_by_seq(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 70000])
-def test_pack_array_is_a_msgpack_array(n: int) -> None:
+def test_array_header_before_packed_frames_is_a_msgpack_array(n: int) -> None:
     frames = [pack({"seq": i, "t": 0.5}) for i in range(n)]
-    assert msgpack.unpackb(pack_array(frames), raw=False) == [{"seq": i, "t": 0.5} for i in range(n)]
+    data = array_header(n) + b"".join(frames)
+    assert msgpack.unpackb(data, raw=False) == [{"seq": i, "t": 0.5} for i in range(n)]
 
 
 def test_ring_keeps_the_newest_capacity_frames() -> None:

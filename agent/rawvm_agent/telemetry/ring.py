@@ -1,11 +1,13 @@
-"""The in-memory ring: the last N samples as packed msgpack frames, plus the few numbers idle checks need.
+"""The in-memory ring: the last N samples as compressed msgpack frames, plus the few numbers idle checks need.
 
-Frames stay packed (a few hundred bytes each instead of a tree of Python objects), so an hour at 1 Hz costs
-a few MB; they are unpacked only when read. Not thread-safe on its own: the sampler holds a lock around it.
+Frames stay packed and zlib-compressed (about 0.6 KB a sample here, 1.3 KB with 8 GPUs, instead of a tree of
+Python objects), so an hour at 1 Hz costs a few MB; compressing costs ~25 µs a tick. They are expanded only
+when read. Not thread-safe on its own: the sampler holds a lock around it.
 """
 
 from __future__ import annotations
 
+import zlib
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
@@ -40,17 +42,20 @@ class Ring:
         if self._seqs and seq <= self._seqs[-1]:
             raise ValueError(f"sample seq {seq} does not follow {self._seqs[-1]}")
         self._seqs.append(seq)
-        self._frames.append(frame)
+        self._frames.append(zlib.compress(frame, 1))
         self._summaries.append(summary)
+
+    def _range(self, seq: int, limit: int) -> range:
+        start = bisect_right(self._seqs, seq)
+        return range(start, min(len(self._frames), start + max(0, limit)))
 
     def frames_after(self, seq: int, limit: int) -> list[bytes]:
         """Up to ``limit`` frames with a seq greater than ``seq``, oldest first."""
-        start = bisect_right(self._seqs, seq)
-        stop = min(len(self._frames), start + max(0, limit))
-        return [self._frames[i] for i in range(start, stop)]
+        return [zlib.decompress(self._frames[i]) for i in self._range(seq, limit)]
 
-    def last_frame(self) -> bytes | None:
-        return self._frames[-1] if self._frames else None
+    def compressed_after(self, seq: int, limit: int) -> list[bytes]:
+        """The same frames still compressed: cheap to take under a lock, expanded afterwards."""
+        return [self._frames[i] for i in self._range(seq, limit)]
 
     def summaries_since(self, t: float) -> list[Summary]:
         """Summaries of samples taken at or after ``t`` (newest last)."""

@@ -14,6 +14,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ from rawvm_agent.telemetry.collectors import (
     ProcessesCollector,
 )
 from rawvm_agent.telemetry.ring import Ring, Summary
-from rawvm_agent.telemetry.sample import Sample, pack, pack_array, unpack
+from rawvm_agent.telemetry.sample import Sample, array_header, pack, unpack
 from rawvm_agent.telemetry.store import Store
 
 log = logging.getLogger("rawvm_agent.telemetry")
@@ -218,14 +219,17 @@ class Sampler:
     def samples_after(self, seq: int, limit: int = 3600) -> list[Sample]:
         """Samples with a seq greater than ``seq``, oldest first, at most ``limit``."""
         with self._lock:
-            frames = self._ring.frames_after(seq, limit)
-        return [unpack(frame) for frame in frames]
+            compressed = self._ring.compressed_after(seq, limit)
+        return [unpack(zlib.decompress(frame)) for frame in compressed]
 
-    def samples_after_msgpack(self, seq: int, limit: int = 3600) -> bytes:
-        """The same samples as one msgpack array, straight from the packed frames (no repacking)."""
+    def samples_after_msgpack(self, seq: int, limit: int = 3600) -> bytes | bytearray:
+        """The same samples as one msgpack array, straight from the packed frames (never unpacked)."""
         with self._lock:
-            frames = self._ring.frames_after(seq, limit)
-        return pack_array(frames)
+            compressed = self._ring.compressed_after(seq, limit)
+        out = bytearray(array_header(len(compressed)))
+        for frame in compressed:
+            out += zlib.decompress(frame)  # grow one buffer: no list of expanded frames beside it
+        return out
 
     def latest(self) -> Sample | None:
         with self._lock:
