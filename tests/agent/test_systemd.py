@@ -1,12 +1,14 @@
 """The dead-man units, checked by systemd's own tools: ``systemd-analyze verify`` loads them (any warning
 fails the test) and ``systemd-analyze timespan`` reads their time values. The chain is then checked unit
-by unit: restart → watchdog → OnFailure power-off → backstops. Needs the Debian package ``systemd``."""
+by unit: restart → watchdog → OnFailure power-off → backstops. Needs the Debian package ``systemd``.
+The agent's own last step, ``rawvm_agent.stopper.power_off``, is tested here too, with real commands."""
 
 from __future__ import annotations
 
 import configparser
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from rawvm_agent import systemd
+from rawvm_agent.config import IdleConfig
+from rawvm_agent.stopper import PowerOffError, power_off
 from rawvm_agent.systemd import render_backstop_command, render_units
 
 ANALYZE = shutil.which("systemd-analyze")
@@ -155,3 +159,57 @@ def test_bad_arguments_are_refused() -> None:
         render_units(agent_command=["bin/rawvm-agent"], config_path="/c", max_lifetime=60)
     with pytest.raises(ValueError, match="restart_limit"):
         render_units(agent_command=["rawvm-agent"], config_path="/c", max_lifetime=60, restart_limit=-1)
+
+
+# -- the power-off step (rawvm_agent.stopper): the agent's own end of the chain -------------------------
+
+
+async def test_power_off_runs_the_configured_command(tmp_path: Path) -> None:
+    marker = tmp_path / "powered-off"
+    command = (sys.executable, "-c", f"open({str(marker)!r}, 'w').write('off')")
+    await power_off(IdleConfig(poweroff_command=command))
+    assert marker.read_text() == "off"
+
+
+async def test_power_off_failures_raise_for_the_restart_chain(tmp_path: Path) -> None:
+    with pytest.raises(PowerOffError, match="exited 3: no permission"):
+        await power_off(IdleConfig(poweroff_command=("sh", "-c", "echo no permission; exit 3")))
+    with pytest.raises(PowerOffError, match="could not run"):
+        await power_off(IdleConfig(poweroff_command=(str(tmp_path / "no-such-poweroff"),)))
+    with pytest.raises(PowerOffError, match="still running"):
+        await power_off(IdleConfig(poweroff_command=("sleep", "30")), timeout=0.5)
+
+
+def test_empty_command_ends_the_agent_process_cleanly() -> None:
+    """The local provider's 'machine' is the agent process: power_off signals it to exit (SIGTERM), which
+    an asyncio agent handles as a clean shutdown."""
+    script = """
+import asyncio, signal
+from rawvm_agent.config import IdleConfig
+from rawvm_agent.stopper import power_off
+
+async def main():
+    done = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
+    await power_off(IdleConfig(poweroff_command=()))
+    await asyncio.wait_for(done.wait(), 30)
+    print("exited on SIGTERM")
+
+asyncio.run(main())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "exited on SIGTERM", result
+    bare = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import asyncio\nfrom rawvm_agent.config import IdleConfig\n"
+            "from rawvm_agent.stopper import power_off\nasyncio.run(power_off(IdleConfig(poweroff_command=())))\n"
+            "import time; time.sleep(30)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bare.returncode == -signal.SIGTERM  # no handler: the process simply ends
