@@ -1,0 +1,131 @@
+"""The local provider for real: agent processes on loopback, started detached, stopping by themselves.
+
+These use an empty bundle (the agent's own Python), so no package index is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from rawvm.agent_client import AgentClient
+from rawvm.providers.base import Machine, MachineSpec
+from rawvm.providers.local import LocalProvider, host_target
+from rawvm_agent.config import AgentConfig, IdleConfig, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def processes_of(machine_dir: Path) -> list[psutil.Process]:
+    """Every process whose command line mentions the machine's directory (wrapper, agent)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(machine_dir) in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def wait_gone(machine_dir: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not processes_of(machine_dir) and not machine_dir.exists():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"still there after {timeout}s: {processes_of(machine_dir)}, dir {machine_dir.exists()}")
+
+
+@pytest.fixture
+def provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalProvider]:
+    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
+    local = LocalProvider(root=tmp_path / "local")
+    yield local
+    for cluster in list((tmp_path / "local").glob("*")):  # whatever a failing test left running
+        local.down(cluster.name)
+
+
+def spec(cluster: str, keepalive: float, count: int = 1) -> MachineSpec:
+    agent = AgentConfig(cluster=cluster, token="t" * 43, idle=IdleConfig(keepalive=keepalive))
+    return MachineSpec(cluster=cluster, count=count, agent=agent, agent_wheel=Path("unused.whl"))
+
+
+async def wait_ready(machine: Machine, timeout: float = 60.0) -> AgentClient:
+    client = AgentClient(machine.agent_url, "t" * 43)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await client.healthz():
+            status = await client.status()
+            if status["phase"] in {"ready", "idle", "busy"}:
+                return client
+        await asyncio.sleep(0.2)
+    raise AssertionError("agent not ready")
+
+
+def test_host_target_describes_this_machine() -> None:
+    target = host_target()
+    assert target.platform in {"linux-x86_64", "linux-aarch64"}
+    assert target.python == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert target.glibc.count(".") == 1
+
+
+async def test_a_task_runs_and_the_machine_stops_by_itself(provider: LocalProvider) -> None:
+    (machine,) = provider.launch(spec("c1", keepalive=2))
+    machine_dir = Path(machine.details["dir"])
+    config = load_config(machine_dir / "agent.toml")
+    assert config.bind == "127.0.0.1" and config.idle.poweroff_command == ()
+    assert (machine_dir / "agent.toml").stat().st_mode & 0o777 == 0o600  # it holds the token
+    client = await wait_ready(machine)
+    try:
+        task = await client.submit(["python", "-c", "import sys; print('out'); sys.exit(4)"])
+        record = await asyncio.wait_for(client.wait_task(task), 60)
+        data, _ = await client.logs(task)
+    finally:
+        await client.close()
+    assert record["exit_code"] == 4
+    assert data == b"out\n"
+    assert [m.state for m in provider.list("c1")] == ["running"]
+    wait_gone(machine_dir)  # keepalive 2s of idleness, then the agent exits and the wrapper cleans up
+    assert not (machine_dir.parent).exists()  # the last machine takes the staged files with it
+    assert provider.list("c1") == []
+
+
+async def test_down_ends_the_whole_process_tree(provider: LocalProvider, tmp_path: Path) -> None:
+    machines = provider.launch(spec("c2", keepalive=600, count=2))
+    client = await wait_ready(machines[0])
+    await wait_ready(machines[1])
+    marker = tmp_path / "grandchild.pid"
+    # a task that leaves a detached grandchild in its own session: the subreaper still ends it
+    script = (
+        "import subprocess; p = subprocess.Popen(['sleep', '300'], start_new_session=True, "
+        f"stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        f"open({str(marker)!r}, 'w').write(str(p.pid))"
+    )
+    try:
+        task = await client.submit(["python", "-c", script])
+        await asyncio.wait_for(client.wait_task(task), 60)
+    finally:
+        await client.close()
+    grandchild = psutil.Process(int(marker.read_text()))
+    assert grandchild.is_running()
+    assert provider.down("c2") == 2
+    for machine in machines:
+        wait_gone(Path(machine.details["dir"]), timeout=30)
+    with pytest.raises(psutil.NoSuchProcess):
+        grandchild.status()
+
+
+async def test_the_agent_is_not_orphaned_when_its_wrapper_dies(provider: LocalProvider) -> None:
+    (machine,) = provider.launch(spec("c3", keepalive=600))
+    client = await wait_ready(machine)
+    await client.close()
+    wrapper = psutil.Process(int(machine.details["pid"]))
+    (agent,) = wrapper.children()
+    wrapper.send_signal(signal.SIGKILL)
+    agent.wait(timeout=30)  # PR_SET_PDEATHSIG: the agent leaves with its wrapper
+    assert not agent.is_running()
+    assert not provider.alive(machine)

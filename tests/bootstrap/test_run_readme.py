@@ -1,0 +1,109 @@
+"""The README's main command, from a fresh clone, on the default ``local`` provider.
+
+A user environment (a real venv with one small pure-Python package from PyPI, ``humanize``, which neither the
+agent nor rawvm depends on) is locked, installed by a detached local agent, and a script importing it runs
+there. Its output must stream (the script waits until the test has seen its first line), its exit code must
+come back as rawvm's, and once the keepalive passes no agent process and no machine directory may be left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCRIPT = """\
+import sys, time
+from pathlib import Path
+import humanize
+
+print("size:", humanize.naturalsize(123456789), flush=True)
+go = Path(sys.argv[1])
+deadline = time.monotonic() + 120
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+print("after go:", go.exists(), flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+sys.exit(3)
+"""
+
+
+def machine_processes(root: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(root) in part for part in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    user_env = tmp_path / "user-env"
+    subprocess.run(["uv", "venv", "--quiet", "--python", "3.11", str(user_env)], check=True)
+    subprocess.run(
+        ["uv", "pip", "install", "--quiet", "--python", str(user_env / "bin" / "python"), "humanize"], check=True
+    )
+    (clone / "script.py").write_text(SCRIPT)
+    go = tmp_path / "go"
+    state, tmp = tmp_path / "state", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp)}
+    env.pop("VIRTUAL_ENV", None)  # the clone's own environment, as for a newcomer
+
+    command = ["uv", "run", "rawvm", "run", "--from", str(user_env), "--keepalive", "3s", "--"]
+    proc = subprocess.Popen(
+        [*command, "python", "script.py", str(go)],
+        cwd=clone,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    errors: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True),
+        threading.Thread(target=lambda: errors.extend(proc.stderr or []), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        first = lines.get(timeout=600)  # fresh clone: uv syncs the workspace, then lock, launch, install
+        assert first == "size: 123.5 MB\n"
+        assert proc.poll() is None  # streamed while the task still runs
+        go.touch()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    err = "".join(errors)
+    assert proc.returncode == 3, err
+    assert lines.get(timeout=5) == "after go: True\n"
+    assert "to stderr\n" in err
+    assert "Traceback" not in err
+
+    (record_file,) = (state / "clusters").glob("*.json")
+    record = json.loads(record_file.read_text())
+    assert record_file.stat().st_mode & 0o777 == 0o600
+    (machine,) = record["machines"]
+    machine_dir = Path(machine["details"]["dir"])
+    assert machine_dir.is_relative_to(tmp)
+    deadline = time.monotonic() + 60  # keepalive 3s, then the agent exits and its wrapper cleans up
+    while (machine_processes(tmp) or machine_dir.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert machine_processes(tmp) == []
+    assert not machine_dir.exists()
