@@ -8,7 +8,7 @@ from packaging.markers import InvalidMarker, UndefinedComparison, UndefinedEnvir
 from packaging.requirements import InvalidRequirement
 from packaging.requirements import Requirement as PepRequirement
 
-from rawvm_resolver.environment import Environment, canonical
+from rawvm_resolver.environment import Environment, canonical, requirement_edge
 from rawvm_resolver.local import LocalBuild
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
@@ -113,12 +113,9 @@ def _edges(env: Environment) -> dict[str, list[tuple[str, str]]]:
     edges: dict[str, list[tuple[str, str]]] = {}
     for dist in env.distributions:
         for line in dist.requires:
-            try:
-                requirement = PepRequirement(line)
-            except InvalidRequirement:
-                continue
-            marker = str(requirement.marker) if requirement.marker else ""
-            edges.setdefault(canonical(requirement.name), []).append((dist.name, marker))
+            edge = requirement_edge(line)
+            if edge is not None:
+                edges.setdefault(edge[0], []).append((dist.name, edge[1]))
     return edges
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,3 +97,19 @@ def _key(dist: Distribution) -> str:
 
 def canonical(name: str) -> str:
     return str(canonicalize_name(name))
+
+
+_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+@functools.lru_cache(maxsize=65536)
+def requirement_edge(line: str) -> tuple[str, str] | None:
+    """(canonical name, marker text) of a Requires-Dist line; None when it has no name.
+
+    A regex, not a full PEP 508 parse: scanning reads thousands of these and only needs the two parts.
+    """
+    match = _NAME.match(line)
+    if match is None:
+        return None
+    _, _, marker = line.partition(";") if "@" not in line else line.rpartition(" ;")
+    return canonical(match.group(1)), marker.strip()

@@ -31,16 +31,26 @@ def describe_platform(tag: str) -> tuple[str, str, str]:
 
 
 def dominant_platform(wheel_tags: Iterable[str]) -> str:
-    """The most specific platform tag most wheels of an environment carry ("" when all are pure)."""
-    counts: Counter[str] = Counter()
+    """The platform an environment runs on, from its wheels' tags ("" when all are pure).
+
+    The most common (os, arch) wins; within it the highest version, since the machine runs at least the newest
+    macOS (or glibc) any installed wheel needs. Ties break by name, so scan order never matters.
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    best: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
     for text in wheel_tags:
         for tag in parse_tag(text):
-            if tag.platform != "any":
-                counts[tag.platform] += 1
+            if tag.platform == "any":
+                continue
+            os_name, arch, version = describe_platform(tag.platform)
+            key = (os_name, arch)
+            counts[key] += 1
+            rank = (tuple(int(part) for part in version.split(".") if part.isdigit()), tag.platform)
+            best[key] = max(best.get(key, rank), rank)
     if not counts:
         return ""
-    # Prefer the most frequent; break ties by name so the answer never depends on scan order.
-    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
+    key = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
+    return best[key][1]
 
 
 def python_from_tags(wheel_tags: Iterable[str]) -> str:

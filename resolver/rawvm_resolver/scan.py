@@ -16,10 +16,7 @@ import sysconfig
 from importlib.metadata import PathDistribution
 from pathlib import Path
 
-from packaging.requirements import InvalidRequirement
-from packaging.requirements import Requirement as PepRequirement
-
-from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform, canonical
+from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform, canonical, requirement_edge
 from rawvm_resolver.errors import InputError
 from rawvm_resolver.platforms import describe_platform, dominant_platform, python_from_tags
 from rawvm_resolver.sources import read_file_input
@@ -158,13 +155,10 @@ def mark_implied_requests(distributions: dict[str, Distribution]) -> dict[str, D
     needed: set[str] = set()
     for dist in distributions.values():
         for line in dist.requires:
-            try:
-                requirement = PepRequirement(line)
-            except InvalidRequirement:
+            edge = requirement_edge(line)
+            if edge is None or "extra" in edge[1]:
                 continue
-            if requirement.marker is not None and "extra" in str(requirement.marker):
-                continue
-            needed.add(canonical(requirement.name))
+            needed.add(edge[0])
     result: dict[str, Distribution] = {}
     for name, dist in distributions.items():
         if not dist.requested and name not in needed:
