@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     env = scan(ENVIRONMENT)
-    print(f"environment: {len(env.distributions)} distributions from {env.platform.platform}, Python {env.platform.python}")
+    source = env.platform
+    print(f"environment: {len(env.distributions)} distributions from {source.platform}, Python {source.python}")
     ratios = []
     with tempfile.TemporaryDirectory(prefix="rawvm-bench-") as scratch:
         work, project = Path(scratch), Path(scratch) / "project"

@@ -9,17 +9,18 @@ under ~/.cache/rawvm-tests (RAWVM_TEST_CACHE), so reruns are offline-fast.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import tomllib
-import zipfile
-import io
 import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packaging.utils import canonicalize_name
 from uv import find_uv_bin
@@ -36,7 +37,9 @@ class ForeignPackage:
     wheel: str  # the wheel's own WHEEL file ("" for an sdist-only package)
 
 
-def resolve_foreign(requested: list[str], *, python: str = "3.11", platform: str = "aarch64-apple-darwin") -> list[dict]:
+def resolve_foreign(
+    requested: list[str], *, python: str = "3.11", platform: str = "aarch64-apple-darwin"
+) -> list[dict[str, Any]]:
     """uv's pylock packages for the foreign platform, cached by input."""
     key = hashlib.sha256(json.dumps([requested, python, platform]).encode()).hexdigest()[:16]
     cached = CACHE / "resolutions" / f"{key}.toml"
@@ -47,8 +50,20 @@ def resolve_foreign(requested: list[str], *, python: str = "3.11", platform: str
         work = out / "requirements.in"
         work.write_text("\n".join(requested) + "\n")
         command = [
-            find_uv_bin(), "pip", "compile", str(work), "--python-platform", platform, "--python-version", python,
-            "--format", "pylock.toml", "-o", str(out / "pylock.toml"), "--quiet", "--no-header",
+            find_uv_bin(),
+            "pip",
+            "compile",
+            str(work),
+            "--python-platform",
+            platform,
+            "--python-version",
+            python,
+            "--format",
+            "pylock.toml",
+            "-o",
+            str(out / "pylock.toml"),
+            "--quiet",
+            "--no-header",
         ]
         # A laptop on macOS 14 (Sonoma): uv reads the macOS version from MACOSX_DEPLOYMENT_TARGET.
         env = {**os.environ, "MACOSX_DEPLOYMENT_TARGET": "14.0"}
@@ -87,7 +102,7 @@ class _RangeFile(io.RawIOBase):
             return b""
         request = urllib.request.Request(self.url, headers={"Range": f"bytes={self.position}-{end - 1}"})
         with urllib.request.urlopen(request, timeout=120) as response:
-            data = response.read()
+            data: bytes = response.read()
         self.position += len(data)
         return data
 
@@ -98,7 +113,7 @@ def _wheel_member(url: str, suffix: str) -> str:
     path = CACHE / "wheel-files" / digest[:2] / digest
     if path.exists():
         return path.read_text()
-    with zipfile.ZipFile(_RangeFile(url)) as archive:  # type: ignore[arg-type]
+    with zipfile.ZipFile(_RangeFile(url)) as archive:
         name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(f".dist-info/{suffix}"))
         text = archive.read(name).decode()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +123,7 @@ def _wheel_member(url: str, suffix: str) -> str:
     return text
 
 
-def _package(entry: dict) -> ForeignPackage:
+def _package(entry: dict[str, Any]) -> ForeignPackage:
     name, version = str(entry["name"]), str(entry["version"])
     wheels = entry.get("wheels", [])
     if not wheels:
@@ -126,7 +141,7 @@ def foreign_packages(requested: list[str], **kwargs: str) -> list[ForeignPackage
 
 
 def write_dist_info(
-    site: Path, package: ForeignPackage, *, requested: bool, direct_url: dict | None = None
+    site: Path, package: ForeignPackage, *, requested: bool, direct_url: dict[str, Any] | None = None
 ) -> Path:
     normalized = str(canonicalize_name(package.name)).replace("-", "_")
     dist_info = site / f"{normalized}-{package.version}.dist-info"
@@ -144,14 +159,20 @@ def write_dist_info(
 
 
 def build_venv(
-    root: Path, requested: list[str], *, python: str = "3.11", full_python: str = "3.11.9",
+    root: Path,
+    requested: list[str],
+    *,
+    python: str = "3.11",
+    full_python: str = "3.11.9",
     platform: str = "aarch64-apple-darwin",
 ) -> Path:
     """A venv-shaped foreign environment at ``root``; returns its site-packages directory."""
     site = root / "lib" / f"python{python}" / "site-packages"
     site.mkdir(parents=True, exist_ok=True)
     (root / "pyvenv.cfg").write_text(f"home = /opt/homebrew/bin\nversion_info = {full_python}\n")
-    wanted = {str(canonicalize_name(line.split("=")[0].split("[")[0].split("<")[0].split(">")[0])) for line in requested}
+    wanted = {
+        str(canonicalize_name(line.split("=")[0].split("[")[0].split("<")[0].split(">")[0])) for line in requested
+    }
     for package in foreign_packages(requested, python=python, platform=platform):
         write_dist_info(site, package, requested=str(canonicalize_name(package.name)) in wanted)
     return site

@@ -8,7 +8,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.project import MAX_FILE_BYTES, code_archive, list_project_files
 from rawvm_resolver.pylock import build_pylock
@@ -20,7 +19,9 @@ SHA = "a" * 64
 
 
 def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 def test_git_project_honours_gitignore_and_includes_untracked(tmp_path: Path) -> None:
@@ -107,7 +108,7 @@ def test_report_table_and_json() -> None:
 
 def test_uv_messages_become_one_line_naming_the_packages() -> None:
     stderr = (
-        "  × No solution found when resolving dependencies:\n"
+        "  \u00d7 No solution found when resolving dependencies:\n"
         "  ╰─▶ Because pyobjc-core==10.3 has no wheels with a matching platform tag and you require\n"
         "      pyobjc-core==10.3, we can conclude that your requirements are unsatisfiable.\n"
     )

@@ -6,7 +6,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from rawvm.cli import main
 
 pytestmark = [pytest.mark.network]

@@ -11,12 +11,13 @@ import subprocess
 import tarfile
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
-
 from rawvm.cli import main
 from rawvm_resolver import LockResult, Target, lock
 from rawvm_resolver.bundle import sha256_file
+
 from tests.resolver.foreign_env import add_editable, build_venv
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -70,7 +71,7 @@ def rows_by_name(result: LockResult) -> dict[str, tuple[str, str, str, str]]:
     return {row.name: (row.action, row.source, row.target, row.reason) for row in result.rows}
 
 
-def locked(bundle: Path) -> dict[str, dict[str, object]]:
+def locked(bundle: Path) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in tomllib.loads((bundle / "pylock.toml").read_text())["packages"]}
 
 
@@ -89,7 +90,7 @@ def test_cuda_x86_64_lock_translates_and_brings_nvidia(big_cuda_lock: LockResult
 
     packages = locked(big_cuda_lock.bundle_dir)
     assert packages["torch"]["version"] == "2.5.1"
-    torch_wheels = [w["url"] for w in packages["torch"]["wheels"]]  # type: ignore[attr-defined]
+    torch_wheels = [w["url"] for w in packages["torch"]["wheels"]]
     assert torch_wheels and all("manylinux" in url and "x86_64" in url for url in torch_wheels)
     nvidia = sorted(name for name in packages if name.startswith("nvidia-"))
     assert "nvidia-cudnn-cu12" in nvidia and "nvidia-cublas-cu12" in nvidia
@@ -105,7 +106,12 @@ def test_bundle_matches_contract_1(big_cuda_lock: LockResult) -> None:
     manifest = tomllib.loads(manifest_bytes.decode())
     assert manifest["format"] == 1
     assert manifest["target"] == {
-        "os": "linux", "arch": "x86_64", "glibc": "2.28", "python": "3.11", "accelerator": "cuda", "cuda": "12.8",
+        "os": "linux",
+        "arch": "x86_64",
+        "glibc": "2.28",
+        "python": "3.11",
+        "accelerator": "cuda",
+        "cuda": "12.8",
     }
     assert manifest["source"]["platform"].startswith("macosx_") and manifest["source"]["python"] == "3.11.9"
     assert manifest["source"]["fingerprint"].startswith("sha256:")
@@ -123,9 +129,9 @@ def test_bundle_matches_contract_1(big_cuda_lock: LockResult) -> None:
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 for m in members)
     # Every remote artifact carries a sha256, and only target wheels are listed.
     for entry in locked(bundle).values():
-        artifacts = [*entry.get("wheels", []), *([entry["sdist"]] if "sdist" in entry else [])]  # type: ignore[list-item]
-        assert artifacts and all(len(a["hashes"]["sha256"]) == 64 for a in artifacts)  # type: ignore[index]
-        assert all("macosx" not in str(a.get("url", "")) for a in artifacts)  # type: ignore[attr-defined]
+        artifacts = [*entry.get("wheels", []), *([entry["sdist"]] if "sdist" in entry else [])]
+        assert artifacts and all(len(a["hashes"]["sha256"]) == 64 for a in artifacts)
+        assert all("macosx" not in str(a.get("url", "")) for a in artifacts)
 
 
 def test_aarch64_cpu_lock(big_env: tuple[Path, Path], tmp_path: Path) -> None:
@@ -136,7 +142,7 @@ def test_aarch64_cpu_lock(big_env: tuple[Path, Path], tmp_path: Path) -> None:
     assert "conflict" not in rows["tensorflow-macos"][3]
     assert rows["torch"][0] == "translated" and "aarch64" in rows["torch"][3]
     packages = locked(result.bundle_dir)
-    assert all("aarch64" in w["url"] for w in packages["torch"]["wheels"])  # type: ignore[attr-defined]
+    assert all("aarch64" in w["url"] for w in packages["torch"]["wheels"])
     assert not [name for name in packages if name.startswith("nvidia-")]
     assert rows["mlx"][0] == "dropped"
 
@@ -163,7 +169,7 @@ def test_mlx_moves_to_the_nearest_release_with_a_linux_wheel_and_strict_refuses(
     assert "nearest" in reason
     from rawvm_resolver.errors import ResolverError
 
-    with pytest.raises(ResolverError, match="--strict: mlx==0.29.4"):
+    with pytest.raises(ResolverError, match=r"--strict: mlx==0\.29\.4"):
         lock(venv, target, tmp_path / "strict", project_dir=project, strict=True)
 
 
@@ -213,7 +219,9 @@ def test_installs_with_uv_pip_sync(small_cpu_bundle: Path, tmp_path: Path) -> No
     python = _fresh_venv(tmp_path / "venv")
     subprocess.run(
         [find_uv_bin(), "pip", "sync", "--python", str(python), str(small_cpu_bundle / "pylock.toml")],
-        check=True, env=_clean_pip_env(), cwd=tmp_path,
+        check=True,
+        env=_clean_pip_env(),
+        cwd=tmp_path,
     )
     completed = subprocess.run([str(python), "-c", IMPORTS], capture_output=True, text=True, check=True)
     assert completed.stdout.strip() == "6.0.4" or completed.stdout.strip()
@@ -224,21 +232,23 @@ def test_installs_with_pip_26(small_cpu_bundle: Path, tmp_path: Path) -> None:
 
     env = _clean_pip_env()
     python = _fresh_venv(tmp_path / "venv")
-    subprocess.run([find_uv_bin(), "pip", "install", "--quiet", "--python", str(python), "pip>=26"], check=True, env=env)
+    subprocess.run(
+        [find_uv_bin(), "pip", "install", "--quiet", "--python", str(python), "pip>=26"], check=True, env=env
+    )
     version = subprocess.run([str(python), "-m", "pip", "--version"], capture_output=True, text=True, check=True)
     assert int(version.stdout.split()[1].split(".")[0]) >= 26
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "-r", str(small_cpu_bundle / "pylock.toml")],
-        check=True, env=env, cwd=tmp_path,
+        check=True,
+        env=env,
+        cwd=tmp_path,
     )
     subprocess.run([str(python), "-c", IMPORTS], check=True)
     listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "freeze"], capture_output=True, text=True)
     assert "six==1.17.0" in listed.stdout and "appnope" not in listed.stdout.lower()
 
 
-def test_a_package_that_exists_for_no_linux_platform(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_package_that_exists_for_no_linux_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     build_venv(tmp_path / "venv", ["mlx-metal==0.29.4", "six==1.17.0"])
     code = main(["lock", "--from", str(tmp_path / "venv"), "-o", str(tmp_path / "bundle")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -251,7 +261,10 @@ def test_a_package_that_exists_for_no_linux_platform(
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--platform", "linux-riscv64"], "unknown platform 'linux-riscv64': choose one of linux-x86_64, linux-aarch64"),
+        (
+            ["--platform", "linux-riscv64"],
+            "unknown platform 'linux-riscv64': choose one of linux-x86_64, linux-aarch64",
+        ),
         (["--platform", "windows-x86_64"], "unknown platform"),
         (["--from", "/nonexistent/env"], "/nonexistent/env: no such file or directory"),
         (["--python", "three"], "invalid Python version 'three'"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from rawvm_resolver.environment import Distribution, Environment, SourcePlatform
 from rawvm_resolver.rules import RULES, TORCH_CPU_INDEX, rule_for
 from rawvm_resolver.target import Target

@@ -7,16 +7,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from rawvm_resolver.errors import InputError
 from rawvm_resolver.scan import scan
 
 
-def dist_info(site: Path, name: str, version: str, *, tags: str = "py3-none-any", requires: list[str] | None = None,
-              requested: bool = False, direct_url: dict[str, object] | None = None) -> None:
+def dist_info(
+    site: Path,
+    name: str,
+    version: str,
+    *,
+    tags: str = "py3-none-any",
+    requires: list[str] | None = None,
+    requested: bool = False,
+    direct_url: dict[str, object] | None = None,
+) -> None:
     path = site / f"{name.replace('-', '_')}-{version}.dist-info"
     path.mkdir(parents=True)
-    lines = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     lines += [f"Requires-Dist: {req}" for req in requires or []]
     (path / "METADATA").write_text("\n".join(lines) + "\n")
     (path / "WHEEL").write_text("Wheel-Version: 1.0\n" + "".join(f"Tag: {t}\n" for t in tags.split()))
@@ -39,11 +46,17 @@ def mac_site(tmp_path: Path) -> Path:
     dist_info(site, "pyarrow", "18.1.0", tags="cp311-cp311-macosx_12_0_arm64")
     dist_info(site, "scipy", "1.14.1", tags="cp311-cp311-macosx_14_0_arm64", requires=["numpy"])
     dist_info(
-        site, "mypkg", "0.1.0", requested=True,
+        site,
+        "mypkg",
+        "0.1.0",
+        requested=True,
         direct_url={"url": "file:///home/me/mypkg", "dir_info": {"editable": True}},
     )
     dist_info(
-        site, "gitpkg", "1.0", requested=True,
+        site,
+        "gitpkg",
+        "1.0",
+        requested=True,
         direct_url={"url": "https://github.com/o/r", "vcs_info": {"vcs": "git", "commit_id": "abc123"}},
     )
     return site
