@@ -4,8 +4,9 @@ One ``#cloud-config`` document, rendered with PyYAML, boots EC2 and the local qe
 
 1. ``write_files``: ``/etc/rawvm/agent.toml`` (0600; the only place the token appears), extra CA certificates,
    the agent's systemd units, and ``/opt/rawvm/bootstrap.sh``;
-2. ``runcmd`` runs the script: backstop shutdown first (a hung install is still bounded), CA trust, uv from its
-   wheel by exact URL + sha256, the agent venv, the agent wheel (sha256-checked), then the agent service.
+2. ``runcmd`` runs the script: backstop shutdown and dead-man units first (a hung install is still bounded), CA
+   trust, uv from its wheel by exact URL + sha256, the agent venv, the agent wheel (sha256-checked), then the
+   agent service.
    If any step fails the machine powers off: a failed bootstrap must not keep billing.
 
 CA certificates go to ``/usr/local/share/ca-certificates`` + ``update-ca-certificates`` rather than
@@ -35,6 +36,7 @@ AGENT_TOML = "/etc/rawvm/agent.toml"
 AGENT_VENV = "/opt/rawvm/agent"
 AGENT_COMMAND = (f"{AGENT_VENV}/bin/rawvm-agent",)
 BOOTSTRAP_SCRIPT = "/opt/rawvm/bootstrap.sh"
+AGENT_UNIT = "rawvm-agent.service"
 CA_DIR = "/usr/local/share/ca-certificates"
 UNIT_DIR = "/etc/systemd/system"
 BACKSTOP_GRACE = 600  # seconds past max_lifetime before the backstop powers off regardless of the agent
@@ -131,6 +133,7 @@ def _install_script(
     uv_wheel: UvWheel,
     trust_system_store: bool,
     backstop: bool,
+    early_units: Sequence[str],
 ) -> str:
     q = shlex.quote
     wheel_path = f"/opt/rawvm/wheels/{wheel_filename(agent_wheel_url)}"
@@ -143,6 +146,9 @@ def _install_script(
     if backstop:
         # Backstop first: whatever happens next, the machine stops after max_lifetime + grace.
         lines.append(shlex.join(render_backstop_command(agent_config.idle.max_lifetime, BACKSTOP_GRACE)))
+    if early_units:
+        # The dead-man units (backstop timer, ...) run before anything that can hang, and after reboots.
+        lines += ["systemctl daemon-reload", f"systemctl enable --now {' '.join(early_units)}"]
     if trust_system_store:
         lines += ["update-ca-certificates", "export UV_NATIVE_TLS=1"]
     lines += [
@@ -173,7 +179,7 @@ def _install_script(
         f"uv pip install --quiet --python {AGENT_VENV}/bin/python {q(wheel_path)}",
         'rm -rf "$WORK"',
         "systemctl daemon-reload",
-        "systemctl enable --now rawvm-agent.service",
+        f"systemctl enable --now {AGENT_UNIT}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -206,6 +212,10 @@ def render_user_data(
         max_lifetime=agent_config.idle.max_lifetime,
         grace=BACKSTOP_GRACE,
     )
+    if not backstop:
+        units = {name: text for name, text in units.items() if "backstop" not in name}
+    # Units that install themselves ([Install]) start early; the agent itself once it is installed.
+    early_units = sorted(name for name, text in units.items() if "[Install]" in text and name != AGENT_UNIT)
     for name, text in sorted(units.items()):
         files.append({"path": _unit_path(name), "permissions": "0644", "content": _Literal(text)})
     script = _install_script(
@@ -215,6 +225,7 @@ def render_user_data(
         uv_wheel=uv_wheel,
         trust_system_store=bool(certs) or agent_config.install.native_tls,
         backstop=backstop,
+        early_units=early_units,
     )
     files.append({"path": BOOTSTRAP_SCRIPT, "permissions": "0700", "content": _Literal(script)})
     # If the bootstrap fails, say so on the console and power off anyway.

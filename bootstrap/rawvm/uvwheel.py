@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -91,7 +91,7 @@ def _glibc_floor(platform: str, arch: str) -> tuple[int, int] | None:
     return None
 
 
-def pick_wheel(files: list[Mapping[str, Any]], arch: str, base_url: str) -> UvArtifact:
+def pick_wheel(files: Sequence[Mapping[str, Any]], arch: str, base_url: str) -> UvArtifact:
     """The manylinux wheel for ``arch`` needing the oldest glibc (it runs on the most images).
 
     ``files`` are PyPI JSON API file entries; relative URLs (mirrors serve them) are resolved against

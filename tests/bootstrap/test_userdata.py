@@ -186,15 +186,25 @@ def test_failure_path_really_powers_off(tmp_path: Path) -> None:
     assert "bootstrap failed" in result.stderr
 
 
-def test_systemd_units_are_installed() -> None:
+def test_systemd_units_are_installed_and_the_dead_man_units_start_first() -> None:
     files = _files(_render())
     units = [p for p in files if p.startswith("/etc/systemd/system/")]
     assert "/etc/systemd/system/rawvm-agent.service" in units
     assert all(files[p]["permissions"] == "0644" for p in units)
+    script = files[BOOTSTRAP_SCRIPT]["content"]
+    timers = [Path(p).name for p in units if p.endswith(".timer")]
+    assert timers, "rawvm_agent.systemd renders a backstop timer"
+    early = next(line for line in script.splitlines() if line.startswith("systemctl enable --now rawvm-backstop"))
+    assert all(t in early for t in timers) and "rawvm-agent.service" not in early
+    assert script.index(early) < script.index('fetch "$UV_URL"')
+    assert script.rstrip().endswith("systemctl enable --now rawvm-agent.service")
 
 
 def test_no_backstop_when_disabled() -> None:
-    assert "shutdown" not in _files(_render(backstop=False))[BOOTSTRAP_SCRIPT]["content"]
+    files = _files(_render(backstop=False))
+    assert "shutdown" not in files[BOOTSTRAP_SCRIPT]["content"]
+    assert not [p for p in files if "backstop" in p]
+    assert "/etc/systemd/system/rawvm-agent.service" in files
 
 
 def test_bad_inputs_are_clear_errors() -> None:

@@ -1,0 +1,131 @@
+"""S3 staging for EC2 machines: a private bucket, presigned GET URLs for the files, a presigned PUT URL as sink.
+
+The bucket blocks every form of public access and expires objects after a few days (lifecycle rule), so
+staging leaves nothing that costs money for long. Machines need no AWS credentials: every URL is presigned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from rawvm.errors import RawvmError, UsageError
+
+EXPIRE_DAYS = 3
+GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
+SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
+LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
+
+
+def default_bucket_name(account_id: str, region: str) -> str:
+    return f"rawvm-staging-{account_id}-{region}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def ensure_bucket(s3: Any, bucket: str, region: str) -> bool:
+    """Create the staging bucket when missing and (re)apply its policy; True when it was created."""
+    created = False
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            raise RawvmError(
+                f"S3 bucket {bucket} exists but is not usable ({_code(exc)}); pick another --bucket"
+            ) from None
+        kwargs: dict[str, Any] = {"Bucket": bucket}
+        if region != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        s3.create_bucket(**kwargs)
+        created = True
+    s3.put_public_access_block(
+        Bucket=bucket,
+        PublicAccessBlockConfiguration={
+            "BlockPublicAcls": True,
+            "IgnorePublicAcls": True,
+            "BlockPublicPolicy": True,
+            "RestrictPublicBuckets": True,
+        },
+    )
+    s3.put_bucket_lifecycle_configuration(
+        Bucket=bucket,
+        LifecycleConfiguration={
+            "Rules": [
+                {
+                    "ID": LIFECYCLE_RULE_ID,
+                    "Status": "Enabled",
+                    "Filter": {"Prefix": ""},
+                    "Expiration": {"Days": EXPIRE_DAYS},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                }
+            ]
+        },
+    )
+    return created
+
+
+class S3Stager:
+    """Uploads a cluster's files under ``clusters/<cluster>/`` and hands out presigned URLs."""
+
+    def __init__(self, s3: Any, bucket: str) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+
+    def _key(self, cluster: str, name: str) -> str:
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise UsageError(f"staged file name {name!r} must be a relative path inside the bundle")
+        return f"clusters/{cluster}/files/{name}"
+
+    def check_bucket(self) -> None:
+        try:
+            self.s3.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                raise RawvmError(f"staging bucket {self.bucket} does not exist: run 'rawvm setup aws' first") from None
+            raise RawvmError(f"staging bucket {self.bucket} is not usable: {_code(exc)}") from None
+
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+        """Upload each file unless the same bytes are there already; name -> presigned GET URL."""
+        self.check_bucket()
+        urls: dict[str, str] = {}
+        for name, path in files:
+            key = self._key(cluster, name)
+            sha = _sha256(path)
+            if self._stored_sha256(key) != sha:
+                self.s3.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
+            urls[name] = self.s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=GET_URL_SECONDS
+            )
+        return urls
+
+    def _stored_sha256(self, key: str) -> str:
+        try:
+            head = self.s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError:
+            return ""
+        return str(head.get("Metadata", {}).get("sha256", ""))
+
+    def sink_url(self, cluster: str, label: str = "sink") -> str:
+        """A presigned PUT URL for ``clusters/<cluster>/sink/<label>.tar.gz``."""
+        key = f"clusters/{cluster}/sink/{label}.tar.gz"
+        url: str = self.s3.generate_presigned_url(
+            "put_object",
+            Params={"Bucket": self.bucket, "Key": key, "ContentType": "application/gzip"},
+            ExpiresIn=SINK_URL_SECONDS,
+        )
+        return url

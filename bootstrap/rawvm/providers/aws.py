@@ -1,0 +1,427 @@
+"""The ``aws`` provider: EC2 machines from one launch template and one ``CreateFleet`` per launch.
+
+Per cluster it makes a security group (agent port open to the caller's /32 only) and a launch template
+(image, user-data, IMDSv2 only, terminate on shutdown, encrypted gp3 root deleted on termination, tags). A
+launch is one instant fleet across the cheapest fitting instance types x every zone of the default VPC;
+``spot_with_fallback`` asks for spot first and for the shortfall on demand in a second fleet. Throttling
+(``RequestLimitExceeded``) is retried by botocore's ``standard`` retry mode, with exponential backoff.
+Staging is an S3 bucket with presigned URLs (rawvm.aws_staging); teardown is by tag (rawvm.aws_teardown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import hashlib
+import os
+import re
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import tomli_w
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+from rawvm_agent.config import AgentConfig
+from rawvm_images.ec2 import CatalogError, Image, find_image
+from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
+
+from rawvm import aws_fleet, aws_network, aws_staging, aws_teardown
+from rawvm.errors import RawvmError, UsageError
+from rawvm.providers.base import Machine, MachineSpec
+from rawvm.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
+from rawvm.uvwheel import UvWheel, find_uv_wheel
+
+RETRY_CONFIG = Config(retries={"mode": "standard", "max_attempts": 10})
+ROOT_HEADROOM_GIB = 24  # room for the environment above the image's own size
+MIN_ROOT_GIB = 32
+_CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
+
+
+def default_config_path() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "rawvm" / "aws.toml"
+
+
+def read_settings(path: Path) -> dict[str, str]:
+    """``rawvm setup aws`` writes the region and bucket here; both are defaults, flags win."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    return {k: str(v) for k, v in raw.items() if k in ("region", "bucket")}
+
+
+def write_settings(path: Path, settings: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(settings))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _aws_error(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
+    return str(exc)
+
+
+class AwsProvider:
+    """EC2 through boto3. ``endpoint_url`` points every client elsewhere (moto in tests)."""
+
+    name = "aws"
+
+    def __init__(
+        self,
+        region: str = "",
+        bucket: str = "",
+        *,
+        session: boto3.session.Session | None = None,
+        endpoint_url: str | None = None,
+        caller_ip: Callable[[], str] = aws_network.public_ip,
+        ssh_key_name: str = "",
+        instance_type_limit: int = 3,
+        uv_wheel: UvWheel | None = None,
+        cache_dir: Path | None = None,
+        config_path: Path | None = None,
+        poll: float = 5.0,
+        down_timeout: float = 900.0,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        settings = read_settings(config_path or default_config_path())
+        self.session = session or boto3.session.Session()
+        self.region = region or settings.get("region", "")
+        self.bucket = bucket or settings.get("bucket", "")
+        self.endpoint_url = endpoint_url
+        self.caller_ip = caller_ip
+        self.ssh_key_name = ssh_key_name
+        self.instance_type_limit = instance_type_limit
+        self._uv_wheel = uv_wheel
+        self.cache_dir = cache_dir
+        self.poll = poll
+        self.down_timeout = down_timeout
+        self.sleep = sleep
+        self.clock = clock
+        self._clients: dict[tuple[str, str], Any] = {}
+        self._types: dict[str, list[InstanceType]] = {}
+
+    # -- clients and inputs ------------------------------------------------------------------------------------
+
+    def resolve_region(self, region: str = "") -> str:
+        name = region or self.region or self.session.region_name or ""
+        if not name:
+            raise UsageError("no AWS region: pass --region (e.g. us-east-1) or set AWS_REGION")
+        known = {r for p in _PARTITIONS for r in self.session.get_available_regions("ec2", partition_name=p)}
+        if name not in known:
+            raise UsageError(f"unknown AWS region {name!r}: use one like us-east-1 or eu-west-1")
+        return name
+
+    def client(self, service: str, region: str) -> Any:
+        key = (service, region)
+        if key not in self._clients:
+            config = RETRY_CONFIG
+            if service == "s3" and self.endpoint_url:
+                config = config.merge(Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+            elif service == "s3":
+                config = config.merge(Config(signature_version="s3v4"))
+            self._clients[key] = self.session.client(
+                service,  # type: ignore[call-overload]
+                region_name=region,
+                endpoint_url=self.endpoint_url,
+                config=config,
+            )
+        return self._clients[key]
+
+    @staticmethod
+    def check_cluster(cluster: str) -> str:
+        if not _CLUSTER.fullmatch(cluster):
+            raise UsageError(f"invalid cluster name {cluster!r}: up to 63 letters, digits, '.', '_' or '-'")
+        return cluster
+
+    def instance_types(self, region: str) -> list[InstanceType]:
+        if region not in self._types:
+            try:
+                self._types[region] = describe_instance_types(self.client("ec2", region), cache_dir=self.cache_dir)
+            except CatalogError as exc:
+                raise RawvmError(str(exc)) from None
+        return self._types[region]
+
+    def choose_types(self, spec: MachineSpec, region: str) -> list[InstanceType]:
+        types = self.instance_types(region)
+        try:
+            if spec.vm_type:
+                return [lookup(types, spec.vm_type, region)]
+            return choose_instance_types(
+                types,
+                cpu=spec.cpu,
+                memory_gib=spec.memory_gib,
+                gpu=spec.gpu,
+                arm=spec.arm,
+                spot=spec.spot_policy != "on-demand",
+                limit=self.instance_type_limit,
+            )
+        except CatalogError as exc:
+            raise UsageError(str(exc)) from None
+
+    @staticmethod
+    def _arch(spec: MachineSpec, chosen: Sequence[InstanceType]) -> str:
+        if spec.vm_type:
+            arches = chosen[0].arches
+            return "aarch64" if "aarch64" in arches and ("x86_64" not in arches or spec.arm) else "x86_64"
+        return "aarch64" if spec.arm else "x86_64"
+
+    def target_platform(self, spec: MachineSpec) -> str:
+        if spec.vm_type:
+            region = self.resolve_region(spec.region)
+            return f"linux-{self._arch(spec, self.choose_types(spec, region))}"
+        return "linux-aarch64" if spec.arm else "linux-x86_64"
+
+    def target_glibc(self) -> str:
+        return Image("", "", "x86_64", False).glibc
+
+    def target_python(self) -> str:
+        return Image("", "", "x86_64", False).python
+
+    # -- staging -----------------------------------------------------------------------------------------------
+
+    def bucket_name(self, region: str) -> str:
+        if self.bucket:
+            return self.bucket
+        try:
+            account = self.client("sts", region).get_caller_identity()["Account"]
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(
+                f"cannot identify the AWS account ({_aws_error(exc)}); check your AWS credentials"
+            ) from None
+        return aws_staging.default_bucket_name(str(account), region)
+
+    def stager(self, region: str = "") -> aws_staging.S3Stager:
+        region = self.resolve_region(region)
+        return aws_staging.S3Stager(self.client("s3", region), self.bucket_name(region))
+
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+        try:
+            return self.stager().stage(self.check_cluster(cluster), files)
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"staging to S3 failed: {_aws_error(exc)}") from None
+
+    def sink_url(self, cluster: str) -> str:
+        return self.stager().sink_url(self.check_cluster(cluster))
+
+    def setup(self, region: str = "") -> tuple[str, str, bool]:
+        """``rawvm setup aws``: the staging bucket (nothing with a standing cost); (region, bucket, created)."""
+        region = self.resolve_region(region)
+        bucket = self.bucket_name(region)
+        try:
+            created = aws_staging.ensure_bucket(self.client("s3", region), bucket, region)
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"cannot set up staging bucket {bucket}: {_aws_error(exc)}") from None
+        return region, bucket, created
+
+    # -- machines ----------------------------------------------------------------------------------------------
+
+    @property
+    def uv_wheel(self) -> UvWheel:
+        if self._uv_wheel is None:
+            self._uv_wheel = find_uv_wheel()
+        return self._uv_wheel
+
+    def _tags(self, spec: MachineSpec) -> dict[str, str]:
+        now = datetime.fromtimestamp(self.clock(), UTC).replace(microsecond=0)
+        expires = now + timedelta(seconds=spec.agent.idle.max_lifetime + BACKSTOP_GRACE)
+        return {
+            "rawvm:cluster": spec.cluster,
+            "rawvm:owner": spec.owner or getpass.getuser(),
+            "rawvm:created": now.isoformat().replace("+00:00", "Z"),
+            "rawvm:expires": expires.isoformat().replace("+00:00", "Z"),
+            "rawvm:port": str(spec.agent.port),
+            "Name": f"rawvm-{spec.cluster}",
+        }
+
+    def machine_config(self, spec: MachineSpec) -> AgentConfig:
+        """The agent config every machine of this launch gets: listening on all interfaces (the security
+        group is the fence), watching for spot notices when it may be spot."""
+        spot = dataclasses.replace(spec.agent.spot, enabled=spec.spot_policy != "on-demand")
+        return dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
+
+    def user_data(self, spec: MachineSpec) -> bytes:
+        wheel = spec.agent_wheel
+        if not wheel.is_file():
+            raise UsageError(f"agent wheel {wheel} not found; build it first")
+        name = f"agent/{wheel.name}"
+        url = self.stage(spec.cluster, [(name, wheel)])[name]
+        text = render_user_data(
+            self.machine_config(spec),
+            agent_wheel_url=url,
+            agent_wheel_sha256=_sha256(wheel),
+            uv_wheel=self.uv_wheel,
+            extra_ca_certs=spec.extra_ca_certs,
+        )
+        return encode_user_data(text)
+
+    def _image(self, region: str, arch: str, gpu: bool) -> tuple[Image, int]:
+        """The AMI and the root volume size to give it."""
+        try:
+            image = find_image(self.client("ssm", region), arch=arch, gpu=gpu)
+        except CatalogError as exc:
+            raise RawvmError(str(exc)) from None
+        described = self.client("ec2", region).describe_images(ImageIds=[image.image_id]).get("Images", [])
+        size = 0
+        if described:
+            root = described[0].get("RootDeviceName") or image.root_device
+            image = dataclasses.replace(image, root_device=root)
+            for mapping in described[0].get("BlockDeviceMappings", []):
+                if mapping.get("DeviceName") == root:
+                    size = int(mapping.get("Ebs", {}).get("VolumeSize", 0))
+        return image, max(MIN_ROOT_GIB, size + ROOT_HEADROOM_GIB)
+
+    def _launch_template(self, ec2: Any, cluster: str, data: dict[str, Any], tags: dict[str, str]) -> str:
+        name = f"rawvm-{cluster}"
+        existing = ec2.describe_launch_templates(Filters=aws_teardown.cluster_filters(cluster))["LaunchTemplates"]
+        if existing:
+            template_id = str(existing[0]["LaunchTemplateId"])
+            ec2.create_launch_template_version(LaunchTemplateId=template_id, LaunchTemplateData=data)
+            return template_id
+        response = ec2.create_launch_template(
+            LaunchTemplateName=name,
+            LaunchTemplateData=data,
+            TagSpecifications=[{"ResourceType": "launch-template", "Tags": aws_fleet.tag_list(tags)}],
+        )
+        return str(response["LaunchTemplate"]["LaunchTemplateId"])
+
+    def launch(self, spec: MachineSpec) -> list[Machine]:
+        if spec.spot_policy not in aws_fleet.SPOT_POLICIES:
+            raise UsageError(
+                f"unknown spot policy {spec.spot_policy!r}: choose one of {', '.join(aws_fleet.SPOT_POLICIES)}"
+            )
+        if spec.count < 1:
+            raise UsageError(f"machine count must be at least 1, got {spec.count}")
+        self.check_cluster(spec.cluster)
+        region = self.resolve_region(spec.region)
+        try:
+            return self._launch(spec, region)
+        except (NoCredentialsError, NoRegionError) as exc:
+            raise RawvmError(f"AWS is not configured: {exc}") from None
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"EC2 launch failed: {_aws_error(exc)}") from None
+
+    def _launch(self, spec: MachineSpec, region: str) -> list[Machine]:
+        ec2 = self.client("ec2", region)
+        chosen = self.choose_types(spec, region)
+        arch = self._arch(spec, chosen)
+        gpu = spec.gpu or any(t.gpus for t in chosen)
+        image, root_gib = self._image(region, arch, gpu)
+        vpc_id, subnets = aws_network.default_network(ec2)
+        tags = self._tags(spec)
+        user_data = self.user_data(spec)
+        group_id = aws_network.ensure_security_group(
+            ec2,
+            cluster=spec.cluster,
+            vpc_id=vpc_id,
+            caller_ip=self.caller_ip(),
+            port=spec.agent.port,
+            ssh=bool(self.ssh_key_name),
+            tags=tags,
+        )
+        data = aws_fleet.launch_template_data(
+            image_id=image.image_id,
+            root_device=image.root_device,
+            root_size_gib=root_gib,
+            security_group_id=group_id,
+            user_data=user_data,
+            tags=tags,
+            key_name=self.ssh_key_name,
+        )
+        template_id = self._launch_template(ec2, spec.cluster, data, tags)
+        placements = aws_fleet.overrides([t.name for t in chosen], subnets)
+        zones = dict(subnets)
+        launched, tried = self._fleets(ec2, template_id, placements, spec, tags, zones)
+        if len(launched) < spec.count:
+            aws_teardown.terminate(ec2, [m.instance_id for m in launched])
+            raise RawvmError(
+                f"EC2 started {len(launched)} of {spec.count} machines in {region} (released them); tried: "
+                + "; ".join(tried or ["no placement answered"])
+                + f". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback; "
+                f"'rawvm down {spec.cluster}' removes the cluster's security group and launch template"
+            )
+        by_id = {m.instance_id: m for m in launched}
+        machines = [m for m in self.list(spec.cluster, region=region) if m.id in by_id]
+        known = {m.id for m in machines}
+        for item in launched:  # not yet visible to DescribeInstances (eventual consistency)
+            if item.instance_id not in known:
+                machines.append(
+                    Machine(
+                        item.instance_id, self.name, spec.cluster, "", "pending", item.instance_type, spot=item.spot
+                    )
+                )
+        return machines
+
+    def _fleets(
+        self,
+        ec2: Any,
+        template_id: str,
+        placements: list[aws_fleet.Placement],
+        spec: MachineSpec,
+        tags: dict[str, str],
+        zones: dict[str, str],
+    ) -> tuple[list[aws_fleet.Launched], list[str]]:
+        plan = {"on-demand": ["on-demand"], "spot": ["spot"], "spot_with_fallback": ["spot", "on-demand"]}
+        launched: list[aws_fleet.Launched] = []
+        tried: list[str] = []
+        for lifecycle in plan[spec.spot_policy]:
+            short = spec.count - len(launched)
+            if short <= 0:
+                break
+            request = aws_fleet.fleet_request(
+                launch_template_id=template_id, placements=placements, count=short, lifecycle=lifecycle, tags=tags
+            )
+            result = aws_fleet.read_fleet_response(ec2.create_fleet(**request), zones)
+            launched.extend(result.launched[:short])
+            if len(result.launched) > short:  # never keep (or pay for) more than asked
+                aws_teardown.terminate(ec2, [m.instance_id for m in result.launched[short:]])
+            tried.extend(result.errors)
+        return launched, tried
+
+    def _machine(self, instance: dict[str, Any]) -> Machine:
+        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+        port = tags.get("rawvm:port") or str(AgentConfig().port)
+        address = instance.get("PublicIpAddress", "")
+        launched = instance.get("LaunchTime")
+        return Machine(
+            id=instance["InstanceId"],
+            provider=self.name,
+            cluster=tags.get("rawvm:cluster", ""),
+            agent_url=f"http://{address}:{port}" if address else "",
+            state=str(instance.get("State", {}).get("Name", "pending")),
+            instance_type=str(instance.get("InstanceType", "")),
+            zone=str(instance.get("Placement", {}).get("AvailabilityZone", "")),
+            spot=instance.get("InstanceLifecycle") == "spot",
+            launched_at=launched.timestamp() if isinstance(launched, datetime) else 0.0,
+            details={k: v for k, v in tags.items() if k.startswith("rawvm:")},
+        )
+
+    def list(self, cluster: str | None = None, *, region: str = "") -> list[Machine]:
+        region = self.resolve_region(region)
+        ec2 = self.client("ec2", region)
+        try:
+            found = list(aws_teardown.instances(ec2, cluster))
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"cannot list EC2 instances: {_aws_error(exc)}") from None
+        return [self._machine(i) for i in found]
+
+    def down(self, cluster: str, *, region: str = "") -> int:
+        ec2 = self.client("ec2", self.resolve_region(region))
+        try:
+            return aws_teardown.down(
+                ec2, self.check_cluster(cluster), timeout=self.down_timeout, poll=self.poll, sleep=self.sleep
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"rawvm down {cluster} failed: {_aws_error(exc)}") from None

@@ -1,0 +1,126 @@
+"""moto, the standard AWS mock, in SERVER mode: real HTTP on a loopback port, boto3 pointed at it.
+
+AWS itself is a boundary these tests cannot reach; everything on our side of it (botocore's serializers,
+retries, parsers, paginators) runs for real. Two things moto lacks are set up or injected here, openly:
+
+- AWS's public SSM parameters for Ubuntu/DLAMI AMIs cannot be created through the SSM API (the /aws prefix
+  is reserved), so they are put into moto's in-process parameter store, pointing at one of moto's AMIs.
+- moto never runs out of capacity or throttles, so tests inject those answers at the HTTP boundary with
+  botocore event handlers (see each test).
+"""
+
+from __future__ import annotations
+
+import datetime
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+from moto.server import ThreadedMotoServer
+from moto.ssm.models import Parameter, ssm_backends
+
+ACCOUNT = "123456789012"  # moto's default account
+REGION = "us-east-1"
+CALLER_IP = "203.0.113.7"
+READ_PREFIXES = ("Describe", "Get", "List", "Head")
+
+
+class MotoServer:
+    def __init__(self) -> None:
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+
+    def __enter__(self) -> MotoServer:
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+    def reset(self) -> None:
+        request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+def session() -> boto3.session.Session:
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION)
+
+
+def seed_public_image_parameters(ec2: Any, region: str = REGION) -> dict[str, str]:
+    """Put the Ubuntu 24.04 / DLAMI public parameters into moto's store, pointing at moto's own AMIs."""
+    from rawvm_images.ec2 import GPU_PARAMETERS, UBUNTU_PARAMETERS
+
+    images = ec2.describe_images(Owners=["amazon"])["Images"]
+    linux = [i for i in images if i.get("Platform") != "windows" and i.get("RootDeviceName")]
+    by_arch = {
+        "x86_64": next(i["ImageId"] for i in linux if i["Architecture"] == "x86_64"),
+        "aarch64": next((i["ImageId"] for i in linux if i["Architecture"] == "arm64"), linux[0]["ImageId"]),
+    }
+    store = ssm_backends[ACCOUNT][region]._parameters
+    seeded = {}
+    for table in (UBUNTU_PARAMETERS, GPU_PARAMETERS):
+        for arch, name in table.items():
+            store[name].append(
+                Parameter(  # type: ignore[abstract]
+                    account_id=ACCOUNT,
+                    name=name,
+                    value=by_arch[arch],
+                    parameter_type="String",
+                    description=None,
+                    allowed_pattern=None,
+                    keyid=None,
+                    last_modified_date=datetime.datetime.now(datetime.UTC),
+                    version=1,
+                    data_type="aws:ec2:image",
+                )
+            )
+            seeded[name] = by_arch[arch]
+    return seeded
+
+
+@dataclass
+class CallLog:
+    """Every EC2 API call a client makes, recorded by a botocore ``before-call`` hook (once per call)."""
+
+    calls: list[str] = field(default_factory=list)
+
+    def __call__(self, model: Any, **kwargs: Any) -> None:
+        self.calls.append(model.name)
+
+    @property
+    def mutating(self) -> list[str]:
+        return [c for c in self.calls if not c.startswith(READ_PREFIXES)]
+
+
+def record_calls(client: Any) -> CallLog:
+    log = CallLog()
+    client.meta.events.register("before-call.ec2", log)
+    return log
+
+
+def fake_wheel(tmp: Path) -> Path:
+    wheel = tmp / "rawvm_agent-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an empty zip: staged and hashed, never installed here
+    return wheel
+
+
+def iter_tags(tags: list[dict[str, str]] | None) -> Iterator[tuple[str, str]]:
+    for tag in tags or []:
+        yield tag["Key"], tag["Value"]
+
+
+def test_moto_server_answers_over_http_with_the_seeded_public_parameters() -> None:
+    """The harness itself: a real HTTP server, and the seeded parameters read back through the SSM API."""
+    from rawvm_images.ec2 import UBUNTU_PARAMETERS, find_image
+
+    with MotoServer() as server:
+        ec2 = session().client("ec2", endpoint_url=server.url)
+        seeded = seed_public_image_parameters(ec2)
+        ssm = session().client("ssm", endpoint_url=server.url)
+        image = find_image(ssm, arch="x86_64", gpu=False)
+        assert image.image_id == seeded[UBUNTU_PARAMETERS["x86_64"]]
+        assert image.platform == "linux-x86_64"

@@ -1,0 +1,350 @@
+"""The aws provider against moto in server mode (see test_aws_moto.py for what moto is and what is injected).
+
+moto applies a launch template's tags to the instances and volumes a fleet starts, but not its IMDS options,
+shutdown behaviour or block devices; those are read back from DescribeLaunchTemplateVersions, which is what
+EC2 applies to every instance of the fleet.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from botocore.awsrequest import AWSResponse, HTTPHeaders
+from rawvm.errors import RawvmError, UsageError
+from rawvm.providers.aws import AwsProvider
+from rawvm.providers.base import MachineSpec
+from rawvm.userdata import AGENT_TOML, USER_DATA_LIMIT
+from rawvm.uvwheel import UvArtifact, UvWheel
+from rawvm_agent import DEFAULT_PORT
+from rawvm_agent.config import AgentConfig, IdleConfig
+
+from tests.bootstrap.test_aws_moto import (
+    CALLER_IP,
+    REGION,
+    MotoServer,
+    fake_wheel,
+    iter_tags,
+    record_calls,
+    seed_public_image_parameters,
+    session,
+)
+
+UV = UvWheel(
+    "0.13.9",
+    UvArtifact("uv-x86_64.whl", "https://files.pythonhosted.org/uv-x86_64.whl", "11" * 32),
+    UvArtifact("uv-aarch64.whl", "https://files.pythonhosted.org/uv-aarch64.whl", "22" * 32),
+)
+TOKEN = "secret-token-0123456789"
+TAG_KEYS = {"rawvm:cluster", "rawvm:owner", "rawvm:created", "rawvm:expires"}
+
+pytestmark = pytest.mark.slow  # moto answers DescribeInstances over 1000 machines in seconds, not milliseconds
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+def make_provider(server: MotoServer, tmp: Path) -> AwsProvider:
+    provider = AwsProvider(
+        REGION,
+        "rawvm-test-staging",
+        session=session(),
+        endpoint_url=server.url,
+        caller_ip=lambda: CALLER_IP,
+        uv_wheel=UV,
+        cache_dir=tmp / "cache",
+        config_path=tmp / "aws.toml",
+        poll=0.01,
+        sleep=lambda s: None,
+    )
+    seed_public_image_parameters(provider.client("ec2", REGION))
+    provider.setup()
+    return provider
+
+
+def make_spec(tmp: Path, cluster: str, count: int, **kw: Any) -> MachineSpec:
+    agent = AgentConfig(token=TOKEN, idle=IdleConfig(max_lifetime=3600.0))
+    return MachineSpec(cluster=cluster, count=count, agent=agent, agent_wheel=fake_wheel(tmp), owner="tester", **kw)
+
+
+class SpotShortage:
+    """EC2 has spot capacity for only ``available`` machines.
+
+    At the HTTP boundary: a ``before-call`` hook lowers the spot fleet's target in the request moto receives
+    to ``available`` (so moto really starts that many spot instances), and an ``after-call`` hook adds to
+    the parsed answer the ``InsufficientInstanceCapacity`` errors AWS reports for the unfilled pools, in
+    AWS's own response shape. On-demand requests pass untouched.
+    """
+
+    def __init__(self, client: Any, available: int) -> None:
+        self.available = available
+        client.meta.events.register("before-call.ec2.CreateFleet", self.before)
+        client.meta.events.register("after-call.ec2.CreateFleet", self.after)
+
+    def before(self, params: dict[str, Any], context: dict[str, Any], **kwargs: Any) -> None:
+        body = params["body"]
+        if body.get("TargetCapacitySpecification.DefaultTargetCapacityType") == "spot":
+            context["short_overrides"] = [
+                (body[f"LaunchTemplateConfigs.1.Overrides.{i}.InstanceType"], body[key])
+                for i in range(1, 1000)
+                if (key := f"LaunchTemplateConfigs.1.Overrides.{i}.SubnetId") in body
+            ]
+            body["TargetCapacitySpecification.TotalTargetCapacity"] = str(self.available)
+
+    def after(self, parsed: dict[str, Any], context: dict[str, Any], **kwargs: Any) -> None:
+        for instance_type, subnet in context.get("short_overrides", []):
+            parsed.setdefault("Errors", []).append(
+                {
+                    "LaunchTemplateAndOverrides": {"Overrides": {"InstanceType": instance_type, "SubnetId": subnet}},
+                    "Lifecycle": "spot",
+                    "ErrorCode": "InsufficientInstanceCapacity",
+                    "ErrorMessage": "There is no Spot capacity available that matches your request.",
+                }
+            )
+
+
+@pytest.fixture(scope="module")
+def big_launch(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """1000 machines, spot_with_fallback, with spot capacity for 400 of them."""
+    moto.reset()
+    tmp = tmp_path_factory.mktemp("big")
+    provider = make_provider(moto, tmp)
+    ec2 = provider.client("ec2", REGION)
+    SpotShortage(ec2, available=400)
+    log = record_calls(ec2)
+    machines = provider.launch(make_spec(tmp, "big", 1000, cpu=2, spot_policy="spot_with_fallback"))
+    calls = list(log.calls)
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["big"]}])
+    instances = [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
+    return {"provider": provider, "ec2": ec2, "machines": machines, "calls": calls, "instances": instances}
+
+
+def test_1000_machines_spot_with_fallback_take_a_constant_handful_of_mutating_calls(big_launch: dict[str, Any]) -> None:
+    mutating = [c for c in big_launch["calls"] if not c.startswith(("Describe", "Get"))]
+    # Once per cluster: the security group (create + its one ingress rule) and the launch template.
+    # Per launch: one spot fleet, one on-demand fleet for the shortfall. No per-machine call.
+    assert mutating == [
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+        "CreateLaunchTemplate",
+        "CreateFleet",
+        "CreateFleet",
+    ]
+    assert Counter(m.spot for m in big_launch["machines"]) == {True: 400, False: 600}
+    assert len({m.id for m in big_launch["machines"]}) == 1000
+
+
+def test_the_spot_shortfall_is_filled_on_demand(big_launch: dict[str, Any]) -> None:
+    live = [i for i in big_launch["instances"] if i["State"]["Name"] in ("pending", "running")]
+    lifecycles = Counter(i.get("InstanceLifecycle", "on-demand") for i in live)
+    assert lifecycles == {"spot": 400, "on-demand": 600}
+
+
+def test_every_instance_and_volume_carries_the_tags(big_launch: dict[str, Any]) -> None:
+    ec2 = big_launch["ec2"]
+    instances = big_launch["instances"]
+    assert len(instances) == 1000
+    for instance in instances:
+        tags = dict(iter_tags(instance.get("Tags")))
+        assert tags.keys() >= TAG_KEYS, instance["InstanceId"]
+        assert tags["rawvm:cluster"] == "big" and tags["rawvm:owner"] == "tester"
+        assert tags["rawvm:expires"] > tags["rawvm:created"]
+    volume_ids = {m["Ebs"]["VolumeId"] for i in instances for m in i.get("BlockDeviceMappings", [])}
+    volumes = [v for p in ec2.get_paginator("describe_volumes").paginate() for v in p["Volumes"]]
+    ours = [v for v in volumes if v["VolumeId"] in volume_ids]
+    assert len(ours) == 1000
+    assert all(dict(iter_tags(v.get("Tags"))).keys() >= TAG_KEYS for v in ours)
+
+
+def _template_data(ec2: Any, cluster: str) -> dict[str, Any]:
+    template = ec2.describe_launch_templates(Filters=[{"Name": "tag:rawvm:cluster", "Values": [cluster]}])
+    (lt,) = template["LaunchTemplates"]
+    assert dict(iter_tags(lt.get("Tags"))).keys() >= TAG_KEYS
+    versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt["LaunchTemplateId"], Versions=["$Latest"])
+    data: dict[str, Any] = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    return data
+
+
+def test_launch_template_has_imdsv2_terminate_and_an_encrypted_root_deleted_on_termination(
+    big_launch: dict[str, Any],
+) -> None:
+    data = _template_data(big_launch["ec2"], "big")
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert int(data["MetadataOptions"]["HttpPutResponseHopLimit"]) == 1
+    assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
+    (root,) = data["BlockDeviceMappings"]
+    assert root["Ebs"]["Encrypted"] in (True, "true")
+    assert root["Ebs"]["DeleteOnTermination"] in (True, "true")
+    assert root["Ebs"]["VolumeType"] == "gp3"
+    assert "KeyName" not in data  # no SSH unless asked
+    for spec in data["TagSpecifications"]:
+        assert dict(iter_tags(spec["Tags"])).keys() >= TAG_KEYS
+    assert {s["ResourceType"] for s in data["TagSpecifications"]} >= {"instance", "volume"}
+
+
+def test_user_data_is_valid_cloud_config_under_16_kb(big_launch: dict[str, Any], tmp_path: Path) -> None:
+    data = _template_data(big_launch["ec2"], "big")
+    raw = base64.b64decode(data["UserData"])
+    assert len(raw) <= USER_DATA_LIMIT
+    text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+    path = tmp_path / "user-data"
+    path.write_text(text)
+    result = subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+    agent_toml = files[AGENT_TOML]
+    assert 'bind = "0.0.0.0"' in agent_toml and "enabled = true" in agent_toml  # spot watcher on
+    assert text.count(TOKEN) == 1  # only inside agent.toml
+
+
+def test_security_group_opens_only_the_agent_port_to_the_caller(big_launch: dict[str, Any]) -> None:
+    ec2 = big_launch["ec2"]
+    (group,) = ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["big"]}])[
+        "SecurityGroups"
+    ]
+    rules = group["IpPermissions"]
+    assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in rules] == [("tcp", DEFAULT_PORT, DEFAULT_PORT)]
+    assert [ip["CidrIp"] for ip in rules[0]["IpRanges"]] == [f"{CALLER_IP}/32"]
+    assert dict(iter_tags(group.get("Tags"))).keys() >= TAG_KEYS
+
+
+def test_launch_returns_the_machines_as_listed(big_launch: dict[str, Any]) -> None:
+    machines = big_launch["machines"]
+    assert len(machines) == 1000
+    assert all(m.provider == "aws" and m.cluster == "big" for m in machines)
+    assert all(m.agent_url.endswith(f":{DEFAULT_PORT}") for m in machines if m.agent_url)
+
+
+def _xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
+    """An HTTP answer as EC2 would send it, handed to botocore's parser in place of the network's."""
+
+    class Raw:
+        def stream(self, **kwargs: Any) -> Iterator[bytes]:
+            yield body
+
+    headers = HTTPHeaders()
+    headers["Content-Type"] = "text/xml"
+    return AWSResponse(request.url, status, headers, Raw())
+
+
+def _throttle_response(request: Any) -> AWSResponse:
+    body = (
+        b"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>RequestLimitExceeded</Code>"
+        b"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>rid</RequestID></Response>"
+    )
+    return _xml_response(request, 503, body)
+
+
+def test_request_limit_exceeded_is_retried_with_backoff(moto: MotoServer, tmp_path: Path) -> None:
+    """The first two CreateFleet attempts are answered with EC2's throttling error (injected before the
+    request leaves botocore); botocore's standard retry mode retries and the third reaches moto."""
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    ec2 = provider.client("ec2", REGION)
+    attempts: list[str] = []
+
+    def throttle(request: Any, **kwargs: Any) -> AWSResponse | None:
+        attempts.append("CreateFleet")
+        return _throttle_response(request) if len(attempts) <= 2 else None
+
+    ec2.meta.events.register("before-send.ec2.CreateFleet", throttle)
+    log = record_calls(ec2)
+    machines = provider.launch(make_spec(tmp_path, "throttled", 3, cpu=2))
+    assert len(machines) == 3
+    assert len(attempts) == 3  # two throttled, one through
+    assert log.calls.count("CreateFleet") == 1  # one API call, retried inside botocore
+
+
+def _capacity_error_response(request: Any) -> AWSResponse:
+    """An instant fleet that started nothing: AWS answers 200 with an errorSet."""
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?>'
+        b'<CreateFleetResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>r</requestId>'
+        b"<fleetId>fleet-0123</fleetId><errorSet><item><launchTemplateAndOverrides><overrides>"
+        b"<instanceType>c7i.large</instanceType><availabilityZone>us-east-1a</availabilityZone></overrides>"
+        b"</launchTemplateAndOverrides><lifecycle>on-demand</lifecycle>"
+        b"<errorCode>InsufficientInstanceCapacity</errorCode><errorMessage>no capacity</errorMessage></item>"
+        b"</errorSet><fleetInstanceSet/></CreateFleetResponse>"
+    )
+    return _xml_response(request, 200, body)
+
+
+def test_no_capacity_anywhere_is_one_clear_error_listing_what_was_tried(moto: MotoServer, tmp_path: Path) -> None:
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    ec2 = provider.client("ec2", REGION)
+    ec2.meta.events.register("before-send.ec2.CreateFleet", lambda request, **kw: _capacity_error_response(request))
+    with pytest.raises(RawvmError) as info:
+        provider.launch(make_spec(tmp_path, "nocap", 2, vm_type="c7i.large"))
+    message = str(info.value)
+    assert "started 0 of 2" in message
+    assert "c7i.large in us-east-1a (on-demand): InsufficientInstanceCapacity" in message
+    assert "\n" not in message
+
+
+def test_down_leaves_nothing_tagged(moto: MotoServer, tmp_path: Path) -> None:
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    provider.launch(make_spec(tmp_path, "gone", 5, cpu=2, spot_policy="spot"))
+    provider.launch(make_spec(tmp_path, "stays", 2, cpu=2))
+    assert provider.down("gone") == 5
+    ec2 = provider.client("ec2", REGION)
+    by_tag = [{"Name": "tag:rawvm:cluster", "Values": ["gone"]}]
+    live = ["pending", "running", "stopping", "stopped", "shutting-down"]
+    reservations = ec2.describe_instances(Filters=[*by_tag, {"Name": "instance-state-name", "Values": live}])
+    assert reservations["Reservations"] == []
+    assert ec2.describe_security_groups(Filters=by_tag)["SecurityGroups"] == []
+    assert ec2.describe_launch_templates(Filters=by_tag)["LaunchTemplates"] == []
+    assert len(provider.list("stays")) == 2  # another cluster is untouched
+    assert provider.down("gone") == 0  # idempotent
+
+
+def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServer, tmp_path: Path) -> None:
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
+    log = record_calls(provider.client("ec2", REGION))
+    provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
+    assert log.mutating == ["AuthorizeSecurityGroupIngress", "CreateLaunchTemplateVersion", "CreateFleet"]
+    assert len(provider.list("again")) == 2
+
+
+def test_unknown_instance_type_or_region_is_one_clear_line(moto: MotoServer, tmp_path: Path) -> None:
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    with pytest.raises(UsageError, match=r"unknown instance type 'c99.huge' in us-east-1"):
+        provider.launch(make_spec(tmp_path, "bad", 1, vm_type="c99.huge"))
+    with pytest.raises(UsageError, match=r"unknown AWS region 'mars-north-1'"):
+        provider.launch(make_spec(tmp_path, "bad", 1, region="mars-north-1"))
+    with pytest.raises(UsageError, match="unknown spot policy"):
+        provider.launch(make_spec(tmp_path, "bad", 1, spot_policy="cheap"))
+    with pytest.raises(UsageError, match="no current EC2 instance type has"):
+        provider.launch(make_spec(tmp_path, "bad", 1, cpu=100000))
+    log = record_calls(provider.client("ec2", REGION))
+    with pytest.raises(UsageError):
+        provider.launch(make_spec(tmp_path, "bad", 1, vm_type="c99.huge"))
+    assert log.mutating == []  # nothing was made for a bad request
+
+
+def test_ssh_opens_port_22_to_the_caller_only_when_asked(moto: MotoServer, tmp_path: Path) -> None:
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    provider.ssh_key_name = "my-key"
+    provider.launch(make_spec(tmp_path, "ssh", 1, cpu=2))
+    ec2 = provider.client("ec2", REGION)
+    (group,) = ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["ssh"]}])[
+        "SecurityGroups"
+    ]
+    assert sorted(r["FromPort"] for r in group["IpPermissions"]) == [22, DEFAULT_PORT]
+    assert all(ip["CidrIp"] == f"{CALLER_IP}/32" for r in group["IpPermissions"] for ip in r["IpRanges"])
+    assert _template_data(ec2, "ssh")["KeyName"] == "my-key"
