@@ -41,6 +41,7 @@ CASES = [
 def test_bad_input_gives_one_clear_line(
     argv: list[str], code: int, message: str, capsys: pytest.CaptureFixture[str], isolated_state: Path
 ) -> None:
+    rc: int | str | None
     try:
         rc = main(argv)
     except SystemExit as exc:  # argparse's own errors (e.g. -n two) leave through SystemExit

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from rawvm.agent_client import AgentClient
+from rawvm.agent_client import AgentClient, AgentError
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.local import LocalProvider, host_target
 from rawvm_agent.config import AgentConfig, IdleConfig, load_config
@@ -88,6 +88,9 @@ async def test_a_task_runs_and_the_machine_stops_by_itself(provider: LocalProvid
         await client.close()
     assert record["exit_code"] == 4
     assert data == b"out\n"
+    async with AgentClient(machine.agent_url, "wrong-token") as stranger:
+        with pytest.raises(AgentError, match="refused the token"):
+            await stranger.status()
     assert [m.state for m in provider.list("c1")] == ["running"]
     wait_gone(machine_dir)  # keepalive 2s of idleness, then the agent exits and the wrapper cleans up
     assert not (machine_dir.parent).exists()  # the last machine takes the staged files with it

@@ -73,8 +73,13 @@ def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
     )
     lines: queue.Queue[str] = queue.Queue()
     errors: list[str] = []
+
+    def read_stdout() -> None:
+        for line in proc.stdout or []:
+            lines.put(line)
+
     readers = [
-        threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True),
+        threading.Thread(target=read_stdout, daemon=True),
         threading.Thread(target=lambda: errors.extend(proc.stderr or []), daemon=True),
     ]
     for reader in readers:

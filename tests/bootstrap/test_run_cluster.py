@@ -1,0 +1,60 @@
+"""``rawvm up`` / ``run --cluster`` / ``logs`` / ``ls --json`` / ``down`` across invocations, two local machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def rawvm(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rawvm.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_up_run_logs_ls_down(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text("humanize\n")
+    (project / "job.py").write_text("import humanize\nprint('one', humanize.intcomma(1234567))\nprint('two')\n")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp)}
+
+    up = rawvm("up", "-n", "2", "--keepalive", "5m", "--from", "requirements.txt", env=env, cwd=project)
+    assert up.returncode == 0, up.stderr
+    cluster = up.stdout.strip()
+    assert cluster.startswith("rawvm-")
+    try:
+        run = rawvm("run", "--cluster", cluster, "--", "python", "job.py", env=env, cwd=project)
+        assert run.returncode == 0, run.stderr
+        assert sorted(run.stdout.splitlines()) == ["[m0] one 1,234,567", "[m0] two", "[m1] one 1,234,567", "[m1] two"]
+
+        logs = rawvm("logs", cluster, env=env, cwd=project)
+        assert logs.returncode == 0, logs.stderr
+        assert sorted(logs.stdout.splitlines()) == sorted(run.stdout.splitlines())
+
+        listed = json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout)
+        (view,) = [v for v in listed if v["name"] == cluster]
+        assert view["running"] == 2 and view["provider"] == "local"
+    finally:
+        down = rawvm("down", cluster, env=env, cwd=project)
+    assert down.returncode == 0, down.stderr
+    assert f"stopped 2 machines of {cluster}" in down.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        str(tmp) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
+    ):
+        time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+    assert json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout) == []
+    assert rawvm("down", cluster, env=env, cwd=project).returncode == 1  # forgotten
