@@ -5,7 +5,9 @@ The bootstrap renders these on the laptop (they go into the user-data) and cloud
 
 1. ``rawvm-agent.service`` (``Type=notify``): the agent stops the VM itself after ``keepalive`` of idleness.
    It crashes or is SIGKILLed → ``Restart=on-failure`` starts it again after ``RestartSec``; the agent
-   reloads its state file, so the idle clock resumes instead of restarting.
+   reloads its state file, so the idle clock resumes instead of restarting. A clean exit that systemd did
+   not ask for (a stray SIGTERM) restarts it as well (``RestartForceExitStatus=``): the agent may only end
+   for good by powering the machine off, or by an explicit ``systemctl stop``.
 2. It hangs (event loop stuck) → it stops sending ``WATCHDOG=1`` → after ``WatchdogSec`` systemd kills it
    with SIGABRT (result ``watchdog``) → step 1.
 3. It keeps failing: more than ``restart_limit`` restarts within ``StartLimitIntervalSec`` → the start limit
@@ -89,6 +91,9 @@ Type=notify
 NotifyAccess=main
 ExecStart={exec_start}
 Restart=on-failure
+# A clean exit systemd did not ask for (a stray SIGTERM from a task, say) restarts the agent too. When the
+# agent powered the machine off, systemd's stop job is already pending and it is not restarted.
+RestartForceExitStatus=0 SIGTERM SIGINT SIGHUP SIGPIPE
 RestartSec={_seconds(restart_delay)}
 WatchdogSec={_seconds(watchdog)}
 TimeoutStartSec={_seconds(DEFAULT_START_TIMEOUT)}

@@ -92,6 +92,8 @@ def test_the_chain_restart_watchdog_onfailure_poweroff(units: dict[str, str]) ->
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     # 1. A crash or SIGKILL is a failure → restarted; the agent reloads its idle clock from its state file.
     assert service["Restart"] == "on-failure"
+    # ... and so is a clean exit nobody asked for (a stray SIGTERM): only systemd's own stop ends it.
+    assert set(service["RestartForceExitStatus"].split()) == {"0", "SIGTERM", "SIGINT", "SIGHUP", "SIGPIPE"}
     # 2. A hung event loop stops the pings → killed after WatchdogSec → a failure → step 1.
     assert usec(service["WatchdogSec"]) == 60 * 1_000_000
     # 3. Restarts exhausted → failed → OnFailure=. Every start counts, so 5 restarts = 6 starts, and a
