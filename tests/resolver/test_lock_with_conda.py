@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import rattler
-
 from rawvm.cli import main
+
 from tests.resolver.test_conda_channel import build_demo_channel
 
 pytestmark = [pytest.mark.network]
