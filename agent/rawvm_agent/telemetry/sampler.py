@@ -101,22 +101,22 @@ class Sampler:
         self._latest: Sample | None = None
         self._failing: dict[str, str] = {}
         self._store_error = ""
+        self._persisting = False
         try:
-            frames = self._store.load(capacity)
+            self._store.load(self._reload)
             self._persisting = True
         except OSError as exc:  # an unwritable state dir costs the history on disk, not the telemetry
             log.warning("telemetry: %s unusable, keeping samples in memory only: %s", self._store.directory, exc)
-            frames, self._persisting = [], False
-        for frame in frames:
-            sample = unpack(frame)
-            if sample["seq"] > self._ring.last_seq:
-                self._ring.append(sample["seq"], frame, _summary(sample))
-                self._latest = sample
         if self._latest is not None:
             log.info("telemetry: reloaded %d samples up to seq %d", len(self._ring), self._ring.last_seq)
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._process = psutil.Process(os.getpid())
+
+    def _reload(self, sample: Sample, frame: bytes) -> None:
+        if sample["seq"] > self._ring.last_seq:  # the ring keeps the newest; older frames just pass through
+            self._ring.append(sample["seq"], frame, _summary(sample))
+            self._latest = sample
 
     # -- the interface the agent uses ---------------------------------------------------------------------------
 

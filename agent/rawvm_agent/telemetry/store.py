@@ -9,18 +9,19 @@ on rotation and close): a crash loses at most those. A frame cut short by a cras
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import msgpack
 
-from rawvm_agent.telemetry.sample import is_sample, pack
+from rawvm_agent.telemetry.sample import Sample, is_sample, pack
 
 log = logging.getLogger("rawvm_agent.telemetry.store")
 
 SEGMENT_GLOB = "samples-*.msgpack"
 WRITE_BUFFER = 64 * 1024
+READ_SIZE = 64 * 1024
 
 
 def segment_name(number: int) -> str:
@@ -49,33 +50,35 @@ class Store:
         paths = [p for p in self.directory.glob(SEGMENT_GLOB) if p.stem.removeprefix("samples-").isdigit()]
         return sorted(paths, key=_segment_number)
 
-    def load(self, limit: int) -> list[bytes]:
-        """The newest ``limit`` frames on disk, oldest first, and open the newest segment for appending."""
+    def load(self, on_frame: Callable[[Sample, bytes], None]) -> None:
+        """Replay every valid frame on disk, oldest first, then open the newest segment for appending.
+
+        Frames are handed over one at a time (the caller's ring keeps the newest), so reloading two hours
+        of samples never holds them all in memory at once.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
-        frames: deque[bytes] = deque(maxlen=limit)
         segments = self.segments()
         last_count = 0
         for path in segments:
-            last_count = self._read_segment(path, frames)
+            last_count = self._read_segment(path, on_frame)
         if segments:
             self._number = _segment_number(segments[-1])
             self._frames_in_segment = last_count
         else:
             self._number = 1
         self._open()
-        return list(frames)
 
-    def _read_segment(self, path: Path, frames: deque[bytes]) -> int:
-        """Append the segment's valid frames to ``frames``; cut off a torn tail. Returns how many it held."""
+    def _read_segment(self, path: Path, on_frame: Callable[[Sample, bytes], None]) -> int:
+        """Replay the segment's valid frames; cut off a torn tail. Returns how many frames it held."""
         count = 0
         good_offset = 0
         with path.open("rb") as f:
-            unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
+            unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, read_size=READ_SIZE)
             try:
                 for obj in unpacker:
                     good_offset = unpacker.tell()
                     if is_sample(obj):
-                        frames.append(pack(obj))
+                        on_frame(obj, pack(obj))
                         count += 1
             except (msgpack.UnpackException, ValueError) as exc:
                 log.warning("%s: unreadable data after byte %d (%s); dropping the rest", path, good_offset, exc)
