@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import json
 import ssl
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -189,6 +190,32 @@ async def test_default_platform_is_this_machine(channel: Path, tmp_path: Path) -
     lock = _write_lock(tmp_path / "conda-lock.yml", str(channel), target)
     await install_conda_lock(lock, tmp_path / "prefix", cache_dir=tmp_path / "cache")
     assert (tmp_path / "prefix" / "share" / "demo" / "flavour").read_text() == "cpu_0\n"
+
+
+@pytest.mark.slow
+def test_short_lived_process_exits_cleanly(channel: Path, tmp_path: Path) -> None:
+    """A process that installs and exits must not be aborted by py-rattler's threads at exit.
+
+    A statistical guard: without the pause at exit, 6 of 30 such runs aborted here.
+    """
+    lock = _write_lock(tmp_path / "conda-lock.yml", str(channel), CPU)
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from rawvm_agent.conda_install import install_conda_lock\n"
+        "asyncio.run(install_conda_lock(Path(sys.argv[1]), Path(sys.argv[2]), platform='linux-64',"
+        " cache_dir=Path(sys.argv[3])))\n"
+    )
+    for run in range(10):
+        prefix, cache = tmp_path / f"prefix{run}", tmp_path / "cache"
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(lock), str(prefix), str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert (prefix / "conda-meta" / "demo-1.0-cpu_0.json").is_file()
 
 
 async def test_unreadable_lock(tmp_path: Path) -> None:
