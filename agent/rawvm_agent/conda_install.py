@@ -66,6 +66,7 @@ async def install_conda_lock(
 
 
 def _settle_rattler_threads() -> None:
+    # A known pyo3-async-runtimes race with no shutdown API yet (PyO3/pyo3-async-runtimes#40).
     # py-rattler's tokio threads drop Python references just after a call returns; if that happens while the
     # interpreter finalizes, CPython aborts the process. atexit runs before finalization: a short pause lets
     # them finish. Measured with a script that installs and exits: 6 of 30 runs aborted without, 0 of 30 with.

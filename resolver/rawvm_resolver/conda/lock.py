@@ -145,6 +145,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _settle_rattler_threads() -> None:
+    # A known pyo3-async-runtimes race with no shutdown API yet (PyO3/pyo3-async-runtimes#40).
     # py-rattler's tokio worker threads drop their Python references just after a call returns. If the
     # interpreter is finalizing by then, CPython aborts the process (PyGILState_Release fatal error), so a
     # `rawvm lock` that succeeded could exit 134. atexit runs before finalization, while those threads can still
