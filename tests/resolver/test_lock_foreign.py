@@ -34,7 +34,7 @@ BIG = [
     "tensorflow-metal==1.1.0",
     "mlx==0.29.4",
 ]
-SMALL = ["six==1.17.0", "markupsafe", "pyyaml", "appnope"]
+SMALL = ["six==1.17.0", "markupsafe", "pyyaml", "appnope", "docopt==0.6.2"]  # docopt: sdist only
 CUDA_X86 = Target(arch="x86_64", python="", accelerator="cuda", cuda="12.8")
 
 
@@ -200,6 +200,7 @@ def small_cpu_bundle(small_env: tuple[Path, Path], tmp_path_factory: pytest.Temp
     result = lock(venv, Target(arch="x86_64", python=""), out, project_dir=project)
     rows = rows_by_name(result)
     assert rows["appnope"][0] == "dropped" and rows["smalllocal"][0] == "kept"
+    assert rows["docopt"][0] == "builds-from-source" and "builds from its sdist on the VM" in rows["docopt"][3]
     return out
 
 
@@ -210,7 +211,7 @@ def _fresh_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
-IMPORTS = "import six, markupsafe, yaml, smalllocal; assert smalllocal.VALUE == 42; print(yaml.__version__)"
+IMPORTS = "import six, markupsafe, yaml, docopt, smalllocal; assert smalllocal.VALUE == 42; print(yaml.__version__)"
 
 
 def test_installs_with_uv_pip_sync(small_cpu_bundle: Path, tmp_path: Path) -> None:
