@@ -57,7 +57,7 @@ async def install_conda_lock(
             target_prefix=prefix,
             cache_dir=cache_dir,
             platform=rattler.Subdir(platform) if platform else None,
-            execute_link_scripts=False,  # post-link scripts are arbitrary code; conda-forge packages need none
+            execute_link_scripts=False,  # post-link scripts run arbitrary code; conda-forge asks packages to avoid them
             show_progress=False,
             reporter=reporter,
         )
