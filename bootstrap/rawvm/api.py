@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, SpotConfig
 from rawvm_agent.durations import DurationError, format_duration, parse_duration
-from rawvm_resolver.target import DEFAULT_GLIBC, Target, parse_platform
+from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_platform
 
 from rawvm import clusters
 from rawvm.agent_client import AgentClient, AgentError
@@ -111,7 +111,7 @@ def target_for(provider: Provider, spec: MachineSpec) -> Target:
         python=python,
         glibc=glibc_of() if glibc_of is not None else DEFAULT_GLIBC,
         accelerator="cuda" if spec.gpu else "cpu",
-        cuda="12.8" if spec.gpu else "",
+        cuda=DEFAULT_CUDA if spec.gpu else "",
     )
 
 

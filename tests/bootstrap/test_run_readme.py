@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import subprocess
 import threading
 import time
@@ -47,9 +48,47 @@ def machine_processes(root: Path) -> list[psutil.Process]:
     return found
 
 
-def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
+def readme_run_command(readme: Path) -> list[str]:
+    """The README's ``uv run rawvm run ...`` line, as argv (its trailing ``# comment`` dropped)."""
+    for line in readme.read_text().splitlines():
+        if line.strip().startswith("uv run rawvm run "):
+            return shlex.split(line, comments=True)
+    raise AssertionError(f"{readme} shows no 'uv run rawvm run ...' command: the README's main command is rawvm run")
+
+
+def wait_nothing_left(tmp: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (machine_processes(tmp) or any(tmp.glob("rawvm-local-*/*"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert machine_processes(tmp) == []
+    assert not any(tmp.glob("rawvm-local-*/*"))
+
+
+def fresh_clone(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    state, tmp = tmp_path / "state", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp)}
+    env.pop("VIRTUAL_ENV", None)  # the clone's own environment, as for a newcomer
+    return clone, env, tmp
+
+
+def test_the_readme_main_command_runs_as_written(tmp_path: Path) -> None:
+    """Exactly the README's line in a fresh clone (with a short keepalive added so the test can see the end)."""
+    clone, env, tmp = fresh_clone(tmp_path)
+    argv = readme_run_command(clone / "README.md")
+    argv[4:4] = ["--keepalive", "3s"]  # after "uv run rawvm run"
+    result = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "the command's output comes back"
+    assert "Traceback" not in result.stderr
+    wait_nothing_left(tmp)
+
+
+def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
+    clone, env, tmp = fresh_clone(tmp_path)
+    state = tmp_path / "state"
     user_env = tmp_path / "user-env"
     subprocess.run(["uv", "venv", "--quiet", "--python", "3.11", str(user_env)], check=True)
     subprocess.run(
@@ -57,10 +96,6 @@ def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
     )
     (clone / "script.py").write_text(SCRIPT)
     go = tmp_path / "go"
-    state, tmp = tmp_path / "state", tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp)}
-    env.pop("VIRTUAL_ENV", None)  # the clone's own environment, as for a newcomer
 
     command = ["uv", "run", "rawvm", "run", "--from", str(user_env), "--keepalive", "3s", "--"]
     proc = subprocess.Popen(
@@ -107,8 +142,5 @@ def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
     (machine,) = record["machines"]
     machine_dir = Path(machine["details"]["dir"])
     assert machine_dir.is_relative_to(tmp)
-    deadline = time.monotonic() + 60  # keepalive 3s, then the agent exits and its wrapper cleans up
-    while (machine_processes(tmp) or machine_dir.exists()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert machine_processes(tmp) == []
+    wait_nothing_left(tmp)  # keepalive 3s, then the agent exits and its wrapper ends its tree and removes its dir
     assert not machine_dir.exists()
