@@ -40,11 +40,15 @@ def translate(env: Environment, target: Target, *, torch_index: str = "") -> Pla
     plan = Plan(extra_index_urls=[torch_index] if torch_index else [])
     present = env.by_name()
     for dist in env.distributions:
-        if dist.is_local or dist.source.kind == "vcs":
-            if dist.source.kind == "vcs":
-                plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}@{dist.source.commit}".rstrip("@")
-            else:
-                plan.local.append(dist)
+        if dist.source.kind == "vcs":
+            commit = f"@{dist.source.commit}" if dist.source.commit else ""
+            plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}{commit}"
+            continue
+        if dist.source.kind == "archive" and dist.source.local_path is None:
+            plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}"  # a remote archive: uv fetches it
+            continue
+        if dist.is_local:
+            plan.local.append(dist)
             continue
         _translate_one(plan, dist.name, dist.version, dist.requested, dist.extras, "", target, present)
     for text in env.requirements:
