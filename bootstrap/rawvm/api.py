@@ -137,6 +137,15 @@ def bundle_config(files: Sequence[tuple[str, Path]], urls: dict[str, str], manif
     )
 
 
+def lock_summary(rows: Sequence[Any]) -> str:
+    """``2 translated, 1 dropped``: what the lock changed against the source, "" when it kept everything."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.action != "kept":
+            counts[row.action] = counts.get(row.action, 0) + 1
+    return ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
+
+
 def _say(message: str) -> None:
     print(f"rawvm: {message}", file=sys.stderr, flush=True)
 
@@ -192,7 +201,7 @@ def _launch(
         cluster=name,
         count=n,
         agent=agent,
-        agent_wheel=build_agent_wheel(),
+        agent_wheel=Path(),  # built below, once the options have passed the provider's checks
         vm_type=vm_type,
         cpu=cpu,
         memory_gib=memory,
@@ -203,6 +212,7 @@ def _launch(
         extra_ca_certs=certs,
     )
     target = target_for(provider, spec)
+    spec = dataclasses.replace(spec, agent_wheel=build_agent_wheel())
     from rawvm_resolver import lock
 
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
@@ -210,6 +220,8 @@ def _launch(
         locked = lock(source, target, bundle_root / "bundle", progress=_say)
         for warning in locked.warnings:
             _say(f"warning: {warning}")
+        if summary := lock_summary(locked.rows):
+            _say(f"lock: {summary} (details: rawvm lock --explain)")
         timings["lock"] = time.monotonic() - started
         files = bundle_files(locked.bundle_dir)
         mark = time.monotonic()
@@ -221,19 +233,19 @@ def _launch(
         timings["stage"] = time.monotonic() - mark
         mark = time.monotonic()
         _say(f"launching {n} {provider_name} machine{'s' if n > 1 else ''} as cluster {name}")
-        machines = provider.launch(spec)
+        record = clusters.ClusterRecord(
+            name=name,
+            provider=provider_name,
+            token=token,
+            keepalive_s=keepalive_s,
+            max_lifetime_s=lifetime_s,
+            provider_options={"region": region} if region else {},
+        )
+        clusters.save(record)  # before launching, so 'rawvm down NAME' finds what a failed launch left
+        record.machines = provider.launch(spec)
         timings["launch"] = time.monotonic() - mark
     finally:
         shutil.rmtree(bundle_root, ignore_errors=True)
-    record = clusters.ClusterRecord(
-        name=name,
-        provider=provider_name,
-        token=token,
-        machines=machines,
-        keepalive_s=keepalive_s,
-        max_lifetime_s=lifetime_s,
-        provider_options={"region": region} if region else {},
-    )
     clusters.save(record)
     return _Launched(provider=provider, record=record, timings=timings)
 

@@ -144,3 +144,16 @@ def test_ls_json_counts_running_machines() -> None:
     views = [api.ClusterView("c", "local", 1.0, [{"id": "c-m0", "state": "running"}], 0.0)]
     (row,) = json.loads(api.ls_json(views))
     assert row["running"] == 1 and row["name"] == "c"
+
+
+def test_lock_summary_counts_what_changed() -> None:
+    from rawvm_resolver.report import ReportRow
+
+    rows = [
+        ReportRow("a", "kept", "1", "1", ""),
+        ReportRow("appnope", "dropped", "0.1", "", "macOS only"),
+        ReportRow("b", "translated", "1", "1", ""),
+        ReportRow("c", "translated", "1", "1", ""),
+    ]
+    assert api.lock_summary(rows) == "1 dropped, 2 translated"
+    assert api.lock_summary(rows[:1]) == ""

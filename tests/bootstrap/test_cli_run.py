@@ -26,6 +26,7 @@ CASES = [
     (["run", "-n", "0", "--", "true"], 2, "-n 0: the number of machines must be at least 1"),
     (["run", "--vm-type", "m7i.large", "--cpu", "4", "--", "true"], 2, "either --vm-type or --cpu"),
     (["run", "--spot-policy", "cheap", "--", "true"], 2, "unknown spot policy 'cheap'"),
+    (["run", "--gpu", "--", "true"], 2, "the local provider runs machines like this host"),
     (["run"], 2, "no command to run"),
     (["run", "--"], 2, "no command to run"),
     (["run", "--extra-ca-cert", "/nonexistent.pem", "--", "true"], 2, "--extra-ca-cert /nonexistent.pem"),

@@ -90,7 +90,21 @@ class LocalProvider:
         return _wrapper_process(Path(machine.details.get("dir", "")), machine.details.get("pid", "")) is not None
 
     def target_platform(self, spec: MachineSpec) -> str:
-        return host_target().platform
+        target = host_target()
+        if spec.gpu or spec.vm_type or (spec.arm and target.arch != "aarch64"):
+            raise UsageError(
+                f"the local provider runs machines like this host ({target.platform}, no GPU choice, no types): "
+                "drop --gpu/--arm/--vm-type or use --provider aws"
+            )
+        return target.platform
+
+    def _ensure_root(self) -> None:
+        """The root lives in a shared temp dir: it must be ours and private (the machines' tokens are inside)."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = self.root.lstat()
+        if self.root.is_symlink() or info.st_uid != os.getuid():
+            raise RawvmError(f"{self.root} is not a directory owned by you: remove it, or set TMPDIR elsewhere")
+        os.chmod(self.root, 0o700)
 
     def _cluster_dir(self, cluster: str) -> Path:
         return self.root / cluster
@@ -99,6 +113,7 @@ class LocalProvider:
         """Copies into the cluster's ``staged/`` directory; machines read them by absolute path."""
         from rawvm.staging import safe_relpath
 
+        self._ensure_root()
         staged = self._cluster_dir(cluster) / "staged"
         urls = {}
         for name, source in files:
@@ -134,9 +149,9 @@ class LocalProvider:
     def launch(self, spec: MachineSpec) -> list[Machine]:
         if not spec.agent.token:
             raise RawvmError("internal: the agent config has no token")
+        self._ensure_root()
         cluster_dir = self._cluster_dir(spec.cluster)
         cluster_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
         prepared = []
         for index in range(spec.count):  # every machine dir exists before any wrapper can clean up the cluster
             machine_id = f"m{index}"
