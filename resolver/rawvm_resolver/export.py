@@ -50,7 +50,7 @@ def requirements_txt(pylock: dict[str, Any], manifest: dict[str, Any]) -> str:
     target = manifest["target"]
     lines = [
         f"# rawvm lock for {target['os']}-{target['arch']} Python {target['python']} ({target['accelerator']})",
-        "# install: pip install --require-hashes --no-deps -r requirements.txt",
+        "# install from the bundle directory: pip install --require-hashes --no-deps -r requirements.txt",
     ]
     install = manifest.get("install", {})
     if install.get("index_url"):
