@@ -155,6 +155,7 @@ class _Launched:
     provider: Provider
     record: clusters.ClusterRecord
     timings: dict[str, float]
+    ready_timeout_s: float | None = None  # None: the provider's boot allowance
 
 
 def _launch(
@@ -258,9 +259,13 @@ def _short(machine: Machine) -> str:
 
 
 async def _wait_ready(
-    clients: dict[str, AgentClient], provider: Provider, record: clusters.ClusterRecord, view: MachineProgress
+    clients: dict[str, AgentClient],
+    provider: Provider,
+    record: clusters.ClusterRecord,
+    view: MachineProgress,
+    timeout: float | None = None,
 ) -> None:
-    timeout = float(getattr(provider, "ready_timeout_s", _DEFAULT_READY_TIMEOUT_S))
+    timeout = float(getattr(provider, "ready_timeout_s", _DEFAULT_READY_TIMEOUT_S)) if timeout is None else timeout
     deadline = time.monotonic() + timeout
     pending = dict(clients)
     alive: Callable[[Machine], bool] | None = getattr(provider, "alive", None)
@@ -352,7 +357,7 @@ async def _ready_and_run(
         view = make_progress(sys.stderr)
         mark = time.monotonic()
         try:
-            await _wait_ready(clients, launched.provider, record, view)
+            await _wait_ready(clients, launched.provider, record, view, launched.ready_timeout_s)
         finally:
             view.close()
         timings["ready"] = time.monotonic() - mark
@@ -408,7 +413,8 @@ def run(
     started = time.monotonic()
     if cluster and clusters.exists(cluster):
         record = clusters.load(cluster)
-        launched = _Launched(provider=get_provider(record.provider), record=record, timings={})
+        # machines that were up already answer at once; a short wait tells a stopped cluster quickly
+        launched = _Launched(provider=get_provider(record.provider), record=record, timings={}, ready_timeout_s=30.0)
     else:
         launched = _launch(
             provider_name=provider,

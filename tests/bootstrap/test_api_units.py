@@ -157,3 +157,16 @@ def test_lock_summary_counts_what_changed() -> None:
     ]
     assert api.lock_summary(rows) == "1 dropped, 2 translated"
     assert api.lock_summary(rows[:1]) == ""
+
+
+def test_rich_progress_shows_each_machine_and_its_phase() -> None:
+    from rawvm.progress import RichProgress
+
+    out = io.StringIO()
+    view = RichProgress(out)
+    view.update("m0", "installing", "sync 1/2 packages")
+    view.update("m1", "booting")
+    view.update("m0", "ready")
+    view.close()
+    text = out.getvalue()
+    assert "m0" in text and "m1" in text and "ready" in text and "booting" in text
