@@ -289,3 +289,19 @@ def test_a_directory_that_is_no_environment(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert "is no Python environment or project" in err[-1] and "venv" in err[-1]
+
+
+def test_exported_requirements_install_in_require_hashes_mode(small_cpu_bundle: Path, tmp_path: Path) -> None:
+    from uv import find_uv_bin
+
+    requirements = tmp_path / "requirements.txt"
+    assert main(["export", str(small_cpu_bundle), "--format", "requirements", "-o", str(requirements)]) == 0
+    python = _fresh_venv(tmp_path / "venv")
+    command = [find_uv_bin(), "pip", "install", "--python", str(python), "--require-hashes", "--no-deps"]
+    subprocess.run(
+        [*command, "-r", str(requirements)],
+        check=True,
+        env=_clean_pip_env(),
+        cwd=small_cpu_bundle,  # local wheels are listed as ./wheels/...
+    )
+    subprocess.run([str(python), "-c", IMPORTS], check=True)
