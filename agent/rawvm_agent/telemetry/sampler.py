@@ -141,7 +141,7 @@ class Sampler:
                 await task
         executor, self._executor = self._executor, None
         if executor is not None:
-            executor.shutdown(wait=True)  # a tick in flight finishes (a few ms)
+            await asyncio.to_thread(executor.shutdown, True)  # a tick in flight finishes first
         await asyncio.to_thread(self.close)
 
     def close(self) -> None:
