@@ -26,6 +26,8 @@ _ACCEPTED = (
     "or a conda environment.yml / prefix"
 )
 
+_FILE_INPUT_SUFFIXES = (".txt", ".in", ".toml", ".lock", ".yml", ".yaml")
+
 # Run inside a foreign interpreter to learn where its packages live.
 _PROBE = (
     "import json, platform, sys, sysconfig; "
@@ -43,8 +45,8 @@ def scan(source: str | Path | None) -> Environment:
     if not path.exists():
         raise InputError(f"{source}: no such file or directory; pass {_ACCEPTED}")
     if path.is_file():
-        if os.access(path, os.X_OK) and not path.suffix:
-            return _scan_interpreter(path)
+        if path.suffix not in _FILE_INPUT_SUFFIXES and os.access(path, os.X_OK):
+            return _scan_interpreter(path)  # python, python3.11, python.exe, ...
         return read_file_input(path)
     if (path / "conda-meta").is_dir():
         return read_file_input(path)  # a conda prefix: the conda helper reads it

@@ -92,7 +92,11 @@ def test_venv_reads_the_full_python_version(mac_site: Path) -> None:
     assert env.kind == "environment"
 
 
-def test_an_interpreter_path_is_asked_where_its_packages_are() -> None:
+def test_an_interpreter_path_is_asked_where_its_packages_are(tmp_path: Path) -> None:
+    versioned = tmp_path / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    versioned.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # "python3.11" has a suffix, yet runs
+    versioned.chmod(0o755)
+    assert scan(versioned).by_name().keys() == scan(sys.executable).by_name().keys()
     env = scan(sys.executable)
     assert env.platform.python.startswith(f"{sys.version_info.major}.{sys.version_info.minor}")
     assert "packaging" in env.by_name()
