@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -17,10 +18,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, SpotConfig
 from rawvm_agent.durations import DurationError, format_duration, parse_duration
@@ -33,6 +34,7 @@ from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import PROVIDERS, get_provider
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
+T = TypeVar("T")
 SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 SERVING_PHASES = frozenset({"ready", "busy", "idle"})
 ENDED_PHASES = frozenset({"failed", "stopping", "off"})
@@ -144,6 +146,16 @@ def lock_summary(rows: Sequence[Any]) -> str:
         if row.action != "kept":
             counts[row.action] = counts.get(row.action, 0) + 1
     return ", ".join(f"{n} {action}" for action, n in sorted(counts.items()))
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, also from code that already runs an event loop (Jupyter): then in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def _say(message: str) -> None:
@@ -434,7 +446,7 @@ def run(
         )
     record = launched.record
     try:
-        code, timings = asyncio.run(_ready_and_run(launched, argv, out, err))
+        code, timings = _run_sync(_ready_and_run(launched, argv, out, err))
     except KeyboardInterrupt:
         _say(f"interrupted; the machines of {record.name} stop after their keepalive, or now: rawvm down {record.name}")
         raise
@@ -484,7 +496,7 @@ def up(
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
     )
-    asyncio.run(_ready_and_run(launched, None, sys.stdout, sys.stderr))
+    _run_sync(_ready_and_run(launched, None, sys.stdout, sys.stderr))
     return launched.record
 
 
@@ -570,7 +582,7 @@ async def _logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, er
 def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) -> int:
     """Print the output of the latest task on each machine of ``cluster``; ``follow`` until it ends."""
     record = clusters.load(cluster)
-    return asyncio.run(_logs(record, follow, output or sys.stdout, sys.stderr))
+    return _run_sync(_logs(record, follow, output or sys.stdout, sys.stderr))
 
 
 def down(cluster: str) -> int:
@@ -579,7 +591,7 @@ def down(cluster: str) -> int:
     provider = get_provider(record.provider)
     running = sum(1 for m in provider.list(record.name) if m.state not in {"terminated", "stopped"})
     with contextlib.suppress(RawvmError):
-        asyncio.run(_shutdown_all(record))  # ask first: a stopping agent flushes its logs to the sink
+        _run_sync(_shutdown_all(record))  # ask first: a stopping agent flushes its logs to the sink
     stopped = provider.down(record.name)
     clusters.remove(record.name)
     return max(running, stopped)

@@ -1,0 +1,55 @@
+"""``rawvm.run(...)`` from Python, on the local provider: output, result, and use from inside an event loop
+(as in Jupyter)."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import rawvm
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def leftovers(tmp: Path) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "requirements.txt").write_text("humanize\n")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    return root
+
+
+async def test_run_from_python_inside_an_event_loop(project: Path, tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    result = rawvm.run(
+        [
+            "python",
+            "-c",
+            "import humanize, sys; print(humanize.intcomma(1234567)); print('oops', file=sys.stderr); sys.exit(5)",
+        ],
+        source="requirements.txt",
+        keepalive="2s",
+        output=out,
+        error_output=err,
+    )
+    assert out.getvalue() == "1,234,567\n"
+    assert err.getvalue() == "oops\n"
+    assert result.exit_code == 5
+    assert result.cost_usd == 0.0
+    assert [m.provider for m in result.machines] == ["local"]
+    assert {"lock", "stage", "launch", "ready", "task", "total"} <= set(result.timings)
+    deadline = time.monotonic() + 60
+    while leftovers(tmp_path / "tmp") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers(tmp_path / "tmp") == []
