@@ -144,7 +144,7 @@ def _added_row(name: str, entry: dict[str, Any], edges: dict[str, list[tuple[str
     elif name.startswith(_CUDA_PREFIXES):
         reason = "CUDA library wheel the target's torch / tensorflow / jax build pulls in"
     else:
-        reason = "a dependency of the target's builds that the source environment did not have"
+        reason = "not pinned in the source (or not installed there): uv chose it for the target"
     return ReportRow(name, "added", "", version, reason)
 
 

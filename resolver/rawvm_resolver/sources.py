@@ -172,12 +172,17 @@ def read_uv_lock(path: Path) -> Environment:
     for package in packages:
         counts[canonical(package["name"])] = counts.get(canonical(package["name"]), 0) + 1
     requested: set[str] = set()
+    extras: dict[str, set[str]] = {}
     dists: dict[str, Distribution] = {}
     for package in packages:
         name, source = canonical(package["name"]), package.get("source", {})
         local = source.get("editable") or source.get("virtual") or source.get("directory")
         if local is not None:
-            requested.update(canonical(dep["name"]) for dep in package.get("dependencies", []))
+            # `uv sync` installs the dev group by default, so the environment the user runs has it too.
+            wanted = [*package.get("dependencies", []), *package.get("dev-dependencies", {}).get("dev", [])]
+            for dep in wanted:
+                requested.add(canonical(dep["name"]))
+                extras.setdefault(canonical(dep["name"]), set()).update(dep.get("extra", []))
             if "virtual" not in source:
                 directory = (path.parent / local).resolve()
                 dists[name] = Distribution(
@@ -188,7 +193,8 @@ def read_uv_lock(path: Path) -> Environment:
             dists[name] = Distribution(name=name, display_name=package["name"], version=str(package["version"]))
     for name in requested:
         if name in dists and not dists[name].requested:
-            dists[name] = Distribution(**{**dists[name].__dict__, "requested": True})
+            chosen = tuple(sorted(extras.get(name, ())))
+            dists[name] = Distribution(**{**dists[name].__dict__, "requested": True, "extras": chosen})
     pyproject = path.with_name("pyproject.toml")
     project = _load_toml(pyproject).get("project", {}) if pyproject.exists() else {}
     return Environment(
