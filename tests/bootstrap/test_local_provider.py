@@ -16,7 +16,7 @@ import psutil
 import pytest
 from rawvm.agent_client import AgentClient, AgentError
 from rawvm.providers.base import Machine, MachineSpec
-from rawvm.providers.local import LocalProvider, host_target
+from rawvm.providers.local import LocalProvider, host_target, machine_environment
 from rawvm_agent.config import AgentConfig, IdleConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,33 @@ def test_host_target_describes_this_machine() -> None:
     assert target.glibc.count(".") == 1
 
 
-async def test_a_task_runs_and_the_machine_stops_by_itself(provider: LocalProvider) -> None:
+def test_the_machine_environment_passes_settings_not_credentials() -> None:
+    env = machine_environment(
+        {
+            "PATH": "/bin",
+            "SSL_CERT_FILE": "/ca.pem",
+            "UV_INDEX_URL": "https://idx",
+            "LC_ALL": "C.UTF-8",
+            "https_proxy": "http://p:3128",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "GITHUB_TOKEN": "t",
+            "VIRTUAL_ENV": "/work/.venv",
+            "PYTHONPATH": "/x",
+        }
+    )
+    assert env == {
+        "PATH": "/bin",
+        "SSL_CERT_FILE": "/ca.pem",
+        "UV_INDEX_URL": "https://idx",
+        "LC_ALL": "C.UTF-8",
+        "https_proxy": "http://p:3128",
+    }
+
+
+async def test_a_task_runs_and_the_machine_stops_by_itself(
+    provider: LocalProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-pass")
     (machine,) = provider.launch(spec("c1", keepalive=2))
     machine_dir = Path(machine.details["dir"])
     config = load_config(machine_dir / "agent.toml")
@@ -81,13 +107,14 @@ async def test_a_task_runs_and_the_machine_stops_by_itself(provider: LocalProvid
     assert (machine_dir / "agent.toml").stat().st_mode & 0o777 == 0o600  # it holds the token
     client = await wait_ready(machine)
     try:
-        task = await client.submit(["python", "-c", "import sys; print('out'); sys.exit(4)"])
+        code = "import os, sys; print('out', 'AWS_SECRET_ACCESS_KEY' in os.environ); sys.exit(4)"
+        task = await client.submit(["python", "-c", code])
         record = await asyncio.wait_for(client.wait_task(task), 60)
         data, _ = await client.logs(task)
     finally:
         await client.close()
     assert record["exit_code"] == 4
-    assert data == b"out\n"
+    assert data == b"out False\n"
     async with AgentClient(machine.agent_url, "wrong-token") as stranger:
         with pytest.raises(AgentError, match="refused the token"):
             await stranger.status()

@@ -8,6 +8,11 @@ session so it outlives the CLI. The wrapper runs the agent, and when the agent e
 ``poweroff_command = []`` makes it end its own process), ends whatever the agent left behind and removes the
 machine's directory. The agent gets SIGTERM if the wrapper dies (PR_SET_PDEATHSIG), so it is never orphaned;
 the wrapper is a child subreaper, so it can end every process of the machine's tree.
+
+The agent that runs is the one installed beside rawvm (the source ``spec.agent_wheel`` is built from), so a
+local machine needs no package index for the agent itself. It starts with a pared-down environment, as a
+fresh machine would: locale, proxies, CA settings and uv's own settings pass, credentials and the caller's
+virtualenv do not.
 """
 
 from __future__ import annotations
@@ -40,6 +45,19 @@ _STOP_GRACE_S = 10.0
 # A local machine shares the host's CPU and GPUs: other people's load there is not this machine's activity,
 # so only tasks and keepalives keep it alive (a threshold no reading can reach).
 _UNREACHABLE_PERCENT = 101.0
+
+
+_PASSED_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_CACHE_HOME"}
+    | {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NIX_SSL_CERT_FILE"}
+    | {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy"}
+)
+
+
+def machine_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a local machine's agent starts with (see the module docstring)."""
+    source = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in source.items() if k in _PASSED_ENV or k.startswith(("UV_", "LC_"))}
 
 
 def default_root() -> Path:
@@ -119,7 +137,11 @@ class LocalProvider:
         for name, source in files:
             target = staged / safe_relpath(name)
             target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            shutil.copyfile(source, target)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)  # bundles can be large; the front door deletes its copy after launch
+            except OSError:
+                shutil.copyfile(source, target)
             urls[name] = str(target)
         return urls
 
@@ -174,6 +196,7 @@ class LocalProvider:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # outlives the CLI and its terminal's signals
                     close_fds=True,
+                    env=machine_environment(),
                 )
             machines.append(
                 Machine(
