@@ -147,6 +147,8 @@ def test_pyproject_and_uv_lock(tmp_path: Path) -> None:
     (tmp_path / "uv.lock").write_text(
         'version = 1\n\n[[package]]\nname = "app"\nversion = "0.1"\nsource = { editable = "." }\n'
         'dependencies = [{ name = "rich" }]\n\n'
+        '[package.dev-dependencies]\ndev = [{ name = "moto", extra = ["server"] }]\n\n'
+        '[[package]]\nname = "moto"\nversion = "5.0.0"\nsource = { registry = "https://pypi.org/simple" }\n\n'
         '[[package]]\nname = "rich"\nversion = "13.9.4"\nsource = { registry = "https://pypi.org/simple" }\n'
         'dependencies = [{ name = "pygments" }]\n\n'
         '[[package]]\nname = "pygments"\nversion = "2.18.0"\nsource = { registry = "https://pypi.org/simple" }\n'
@@ -155,6 +157,7 @@ def test_pyproject_and_uv_lock(tmp_path: Path) -> None:
     assert dists["rich"].version == "13.9.4" and dists["rich"].requested
     assert dists["pygments"].version == "2.18.0" and not dists["pygments"].requested
     assert dists["app"].source.kind == "editable"
+    assert dists["moto"].requested and dists["moto"].extras == ("server",)  # uv sync installs the dev group
 
 
 @pytest.mark.parametrize("make", ["missing", "empty-dir", "text-file"])
