@@ -545,38 +545,50 @@ def ls_json(views: Sequence[ClusterView]) -> str:
     return json.dumps([{**dataclasses.asdict(v), "running": v.running} for v in views], indent=2, sort_keys=True)
 
 
+async def _machine_logs(
+    mid: str, client: AgentClient, prefix: str, follow: bool, output: TextIO, error_output: TextIO
+) -> bool:
+    """Print one machine's latest task output; False when its agent does not answer."""
+    try:
+        tasks = await client.tasks()
+    except AgentError:
+        _say(f"{mid}: its agent does not answer (stopped?); its logs went to its sink when it stopped")
+        return False
+    if not tasks:
+        _say(f"{mid}: no task yet")
+        return True
+    last = str(max(tasks, key=lambda t: float(t.get("started_at") or 0))["id"])
+
+    async def pump(stream: str, out: TextIO) -> None:
+        writer = _StreamWriter(out, prefix)
+        if follow:
+            async for chunk in client.follow_logs(last, stream=stream):
+                writer.write(chunk)
+        else:
+            offset = 0
+            while True:
+                data, offset = await client.logs(last, stream=stream, offset=offset)
+                if not data:
+                    break
+                writer.write(data)
+        writer.close()
+
+    await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
+    return True
+
+
 async def _logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, error_output: TextIO) -> int:
     import aiohttp
 
     many = len(record.machines) > 1
-    missing = 0
     async with aiohttp.ClientSession() as session:
-        for mid, client in _clients(record, session).items():
-            prefix = f"[{mid}] " if many else ""
-            try:
-                tasks = await client.tasks()
-            except AgentError:
-                missing += 1
-                _say(f"{mid}: its agent does not answer (stopped?); its logs went to its sink on stop")
-                continue
-            if not tasks:
-                _say(f"{mid}: no task yet")
-                continue
-            last = max(tasks, key=lambda t: float(t.get("started_at") or 0))
-            for stream, out in (("stdout", output), ("stderr", error_output)):
-                writer = _StreamWriter(out, prefix)
-                if follow:
-                    async for chunk in client.follow_logs(str(last["id"]), stream=stream):
-                        writer.write(chunk)
-                else:
-                    offset = 0
-                    while True:
-                        data, offset = await client.logs(str(last["id"]), stream=stream, offset=offset)
-                        if not data:
-                            break
-                        writer.write(data)
-                writer.close()
-    return 1 if missing == len(record.machines) else 0
+        answered = await asyncio.gather(
+            *(
+                _machine_logs(mid, client, f"[{mid}] " if many else "", follow, output, error_output)
+                for mid, client in _clients(record, session).items()
+            )
+        )
+    return 0 if any(answered) else 1
 
 
 def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) -> int:

@@ -42,6 +42,8 @@ def test_up_run_logs_ls_down(tmp_path: Path) -> None:
         logs = rawvm("logs", cluster, env=env, cwd=project)
         assert logs.returncode == 0, logs.stderr
         assert sorted(logs.stdout.splitlines()) == sorted(run.stdout.splitlines())
+        followed = rawvm("logs", cluster, "--follow", env=env, cwd=project)  # the task has ended: follow ends too
+        assert sorted(followed.stdout.splitlines()) == sorted(run.stdout.splitlines())
 
         listed = json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout)
         (view,) = [v for v in listed if v["name"] == cluster]
