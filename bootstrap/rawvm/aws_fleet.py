@@ -120,6 +120,7 @@ class Launched:
     instance_id: str
     instance_type: str
     spot: bool
+    zone: str = ""
 
 
 @dataclass
@@ -133,8 +134,11 @@ def read_fleet_response(response: Mapping[str, Any], subnet_zones: Mapping[str, 
     """The instances a ``CreateFleet`` (instant) started and the errors it reported, as readable lines."""
     result = FleetResult()
     for item in response.get("Instances", []):
+        override = item.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
+        zone = override.get("AvailabilityZone") or subnet_zones.get(override.get("SubnetId", ""), "")
+        spot = item.get("Lifecycle") == "spot"
         for instance_id in item.get("InstanceIds", []):
-            result.launched.append(Launched(instance_id, item.get("InstanceType", ""), item.get("Lifecycle") == "spot"))
+            result.launched.append(Launched(instance_id, item.get("InstanceType", ""), spot, zone))
     for error in response.get("Errors", []):
         override = error.get("LaunchTemplateAndOverrides", {}).get("Overrides", {})
         zone = override.get("AvailabilityZone") or subnet_zones.get(override.get("SubnetId", ""), "?")

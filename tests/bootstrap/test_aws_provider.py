@@ -218,11 +218,11 @@ def test_security_group_opens_only_the_agent_port_to_the_caller(big_launch: dict
     assert dict(iter_tags(group.get("Tags"))).keys() >= TAG_KEYS
 
 
-def test_launch_returns_the_machines_as_listed(big_launch: dict[str, Any]) -> None:
+def test_launch_returns_the_machines_it_started(big_launch: dict[str, Any]) -> None:
     machines = big_launch["machines"]
-    assert len(machines) == 1000
-    assert all(m.provider == "aws" and m.cluster == "big" for m in machines)
-    assert all(m.agent_url.endswith(f":{DEFAULT_PORT}") for m in machines if m.agent_url)
+    assert {m.id for m in machines} == {i["InstanceId"] for i in big_launch["instances"]}
+    assert all(m.provider == "aws" and m.cluster == "big" and m.state == "pending" for m in machines)
+    assert all(m.zone.startswith(REGION) for m in machines)
 
 
 def _xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
@@ -305,7 +305,13 @@ def test_down_leaves_nothing_tagged(moto: MotoServer, tmp_path: Path) -> None:
     assert reservations["Reservations"] == []
     assert ec2.describe_security_groups(Filters=by_tag)["SecurityGroups"] == []
     assert ec2.describe_launch_templates(Filters=by_tag)["LaunchTemplates"] == []
-    assert len(provider.list("stays")) == 2  # another cluster is untouched
+    stays = provider.list("stays")  # another cluster is untouched
+    assert len(stays) == 2 and all(m.state == "running" and m.cluster == "stays" for m in stays)
+    described = ec2.describe_instances(InstanceIds=[m.id for m in stays])["Reservations"]
+    addresses = {i["InstanceId"]: i.get("PublicIpAddress") for r in described for i in r["Instances"]}
+    for machine in stays:
+        expected = f"http://{addresses[machine.id]}:{DEFAULT_PORT}" if addresses[machine.id] else ""
+        assert machine.agent_url == expected
     assert provider.down("gone") == 0  # idempotent
 
 

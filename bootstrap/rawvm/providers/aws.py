@@ -352,17 +352,24 @@ class AwsProvider:
                 + f". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback; "
                 f"'rawvm down {spec.cluster}' removes the cluster's security group and launch template"
             )
-        by_id = {m.instance_id: m for m in launched}
-        machines = [m for m in self.list(spec.cluster, region=region) if m.id in by_id]
-        known = {m.id for m in machines}
-        for item in launched:  # not yet visible to DescribeInstances (eventual consistency)
-            if item.instance_id not in known:
-                machines.append(
-                    Machine(
-                        item.instance_id, self.name, spec.cluster, "", "pending", item.instance_type, spot=item.spot
-                    )
-                )
-        return machines
+        # Straight from the fleet's answer: addresses come later, and DescribeInstances may not even see the
+        # instances yet (eventual consistency); the front door polls list() for them.
+        launched_at = self.clock()
+        return [
+            Machine(
+                id=m.instance_id,
+                provider=self.name,
+                cluster=spec.cluster,
+                agent_url="",
+                state="pending",
+                instance_type=m.instance_type,
+                zone=m.zone,
+                spot=m.spot,
+                launched_at=launched_at,
+                details={k: v for k, v in tags.items() if k.startswith("rawvm:")},
+            )
+            for m in launched
+        ]
 
     def _fleets(
         self,
