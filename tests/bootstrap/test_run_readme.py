@@ -13,6 +13,7 @@ import os
 import queue
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
     clone, env, tmp = fresh_clone(tmp_path)
     state = tmp_path / "state"
     user_env = tmp_path / "user-env"
-    subprocess.run(["uv", "venv", "--quiet", "--python", "3.11", str(user_env)], check=True)
+    subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(user_env)], check=True)
     subprocess.run(
         ["uv", "pip", "install", "--quiet", "--python", str(user_env / "bin" / "python"), "humanize"], check=True
     )
