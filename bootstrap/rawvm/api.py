@@ -196,7 +196,8 @@ def _launch(
     name = clusters.check_name(cluster) if cluster else clusters.new_name()
     if clusters.exists(name):
         raise UsageError(f"a cluster named {name!r} exists: pick another name or 'rawvm down {name}' first")
-    provider = get_provider(provider_name)
+    options = {"region": region} if region and provider_name == "aws" else {}  # to find the machines again
+    provider = get_provider(provider_name, **options)
     timings: dict[str, float] = {}
     started = time.monotonic()
 
@@ -252,7 +253,7 @@ def _launch(
             token=token,
             keepalive_s=keepalive_s,
             max_lifetime_s=lifetime_s,
-            provider_options={"region": region} if region else {},
+            provider_options=options,
         )
         clusters.save(record)  # before launching, so 'rawvm down NAME' finds what a failed launch left
         record.machines = provider.launch(spec)
@@ -264,6 +265,10 @@ def _launch(
 
 
 # -- talking to the machines ------------------------------------------------------------------------------------
+
+
+def _provider_of(record: clusters.ClusterRecord) -> Provider:
+    return get_provider(record.provider, **record.provider_options)
 
 
 def _short(machine: Machine) -> str:
@@ -426,7 +431,7 @@ def run(
     if cluster and clusters.exists(cluster):
         record = clusters.load(cluster)
         # machines that were up already answer at once; a short wait tells a stopped cluster quickly
-        launched = _Launched(provider=get_provider(record.provider), record=record, timings={}, ready_timeout_s=30.0)
+        launched = _Launched(provider=_provider_of(record), record=record, timings={}, ready_timeout_s=30.0)
     else:
         launched = _launch(
             provider_name=provider,
@@ -519,7 +524,8 @@ def ls() -> list[ClusterView]:
     views = []
     providers: dict[str, Provider] = {}
     for record in clusters.all_records():
-        provider = providers.setdefault(record.provider, get_provider(record.provider))
+        key = json.dumps([record.provider, record.provider_options], sort_keys=True)
+        provider = providers[key] if key in providers else providers.setdefault(key, _provider_of(record))
         try:
             known = {m.id: m.state for m in provider.list(record.name)}
         except RawvmError:
@@ -600,7 +606,7 @@ def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) ->
 def down(cluster: str) -> int:
     """Stop every machine of ``cluster`` now and forget it; returns how many were running."""
     record = clusters.load(cluster)
-    provider = get_provider(record.provider)
+    provider = _provider_of(record)
     running = sum(1 for m in provider.list(record.name) if m.state not in {"terminated", "stopped"})
     with contextlib.suppress(RawvmError):
         _run_sync(_shutdown_all(record))  # ask first: a stopping agent flushes its logs to the sink
