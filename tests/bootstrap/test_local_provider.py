@@ -6,6 +6,8 @@ These use an empty bundle (the agent's own Python), so no package index is neede
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import signal
 import sys
 import time
@@ -159,3 +161,30 @@ async def test_the_agent_is_not_orphaned_when_its_wrapper_dies(provider: LocalPr
     agent.wait(timeout=30)  # PR_SET_PDEATHSIG: the agent leaves with its wrapper
     assert not agent.is_running()
     assert not provider.alive(machine)
+
+
+async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
+    provider: LocalProvider, tmp_path: Path
+) -> None:
+    """A bundle file whose sha256 does not match: the agent refuses it, the front door says so, and the machine
+    still stops after its keepalive."""
+    import aiohttp
+    from rawvm import api, clusters
+    from rawvm.errors import RawvmError
+    from rawvm.progress import PlainProgress
+    from rawvm_agent.config import BundleConfig, BundleFile
+
+    manifest = tmp_path / "rawvm-env.toml"
+    manifest.write_text("format = 1\n")
+    (url,) = provider.stage("c4", [("rawvm-env.toml", manifest)]).values()
+    bundle = BundleConfig(files=(BundleFile("rawvm-env.toml", url, "0" * 64),), manifest_sha256="0" * 64)
+    base = spec("c4", keepalive=2)
+    (machine,) = provider.launch(dataclasses.replace(base, agent=dataclasses.replace(base.agent, bundle=bundle)))
+    record = clusters.ClusterRecord(name="c4", provider="local", token="t" * 43, machines=[machine])
+    progress = io.StringIO()
+    async with aiohttp.ClientSession() as session:
+        clients = {"m0": AgentClient(machine.agent_url, record.token, session=session)}
+        with pytest.raises(RawvmError, match=r"machine m0 of c4 is failed: .*sha256"):
+            await asyncio.wait_for(api._wait_ready(clients, provider, record, PlainProgress(progress)), 60)
+    assert "rawvm: m0 failed" in progress.getvalue()
+    wait_gone(Path(machine.details["dir"]))
