@@ -33,6 +33,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--python", default="", metavar="X.Y", help="the VM's Python (default: the source's)")
     parser.add_argument("--torch-index", default="", metavar="URL", help="index for torch (needed for aarch64 CUDA)")
     parser.add_argument("--strict", action="store_true", help="make any version change an error")
+    parser.add_argument(
+        "--conda-channel",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="conda channel for the conda part, repeatable (default: the environment's, else conda-forge)",
+    )
     parser.add_argument("--explain", action="store_true", help="print every decision with its reason")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="bundle directory")
@@ -70,6 +77,7 @@ def run_lock(args: argparse.Namespace) -> int:
         args.output,
         torch_index=args.torch_index,
         strict=args.strict,
+        conda_channels=args.conda_channel,
         progress=None if quiet else (lambda message: print(f"rawvm: {message}", file=sys.stderr)),
     )
     for warning in result.warnings:

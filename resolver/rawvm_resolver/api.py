@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -45,11 +45,12 @@ def lock(
     strict: bool = False,
     progress: Callable[[str], None] | None = None,
     project_dir: Path | None = None,
+    conda_channels: Sequence[str] = (),
 ) -> LockResult:
     """Lock ``source`` (None: the running environment) for ``target`` into a bundle at ``out_dir``.
 
     ``target.python`` may be "" to mean the source environment's Python. ``project_dir`` (default: the current
-    directory) is what code.tar.gz holds.
+    directory) is what code.tar.gz holds. ``conda_channels`` overrides the environment's conda channels.
     """
     say = progress or (lambda _message: None)
     say(f"scanning {source or 'the running environment'}")
@@ -67,7 +68,7 @@ def lock(
         document = pylock_module.build_pylock(uv_lock, target, [build.artifact for build in local])
         rows = report_rows(env, plan, document, target, local)
         _check_strict(rows, strict)
-        conda_lock = _lock_conda(env, target, say)
+        conda_lock = _lock_conda(env, target, say, conda_channels)
         project = list_project_files(project_dir or Path.cwd(), exclude=(out_dir,))
         for skipped in project.skipped:
             plan.warnings.append(f"code.tar.gz leaves out {skipped}")
@@ -143,11 +144,13 @@ def _check_strict(rows: list[ReportRow], strict: bool) -> None:
         raise ResolverError(f"--strict: versions would change for the target: {listing}")
 
 
-def _lock_conda(env: Environment, target: Target, say: Callable[[str], None]) -> bytes | None:
+def _lock_conda(
+    env: Environment, target: Target, say: Callable[[str], None], channels: Sequence[str] = ()
+) -> bytes | None:
     conda_input = env.conda
     if conda_input is None or not getattr(conda_input, "specs", None):
         return None
     from rawvm_resolver import conda  # lazy: only conda inputs need rattler
 
     say(f"solving the conda part for {target.conda_subdir}")
-    return conda.lock_conda(cast(Any, conda_input), target)
+    return conda.lock_conda(cast(Any, conda_input), target, channels=list(channels) or None)

@@ -39,3 +39,23 @@ def test_environment_yml_gives_pylock_and_conda_lock(tmp_path: Path, capsys: pyt
 
     assert main(["export", str(out), "--format", "conda-lock", "-o", str(tmp_path / "exported.yml")]) == 0
     assert (tmp_path / "exported.yml").read_bytes() == (out / "conda-lock.yml").read_bytes()
+
+
+def test_conda_channel_flag_overrides_the_environment_channels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """environment.yml names a channel that does not exist; --conda-channel points at the real one."""
+    channel = build_demo_channel(tmp_path / "channel")
+    (tmp_path / "environment.yml").write_text(
+        f"name: demo\nchannels:\n  - {(tmp_path / 'missing-channel').as_uri()}\ndependencies:\n"
+        "  - python=3.11.8\n  - demo\n  - pip:\n    - six==1.17.0\n"
+    )
+    out = tmp_path / "bundle"
+    argv = ["lock", "--from", str(tmp_path / "environment.yml"), "--json", "-o", str(out)]
+    assert main(argv) == 1  # the environment's own channel cannot be read
+    assert "channel" in capsys.readouterr().err
+    assert main([*argv, "--conda-channel", channel.as_uri()]) == 0, capsys.readouterr().err
+    records = rattler.LockFile.from_path(out / "conda-lock.yml").default_environment()
+    assert records is not None
+    names = {r.name.normalized: str(r.build) for r in records.conda_repodata_records()["linux-64"]}
+    assert names["demo"] == "cpu_0"  # a CPU target gets the cpu build
