@@ -42,26 +42,45 @@ def default_network(ec2: Any) -> tuple[str, list[tuple[str, str]]]:
     return str(found[0]["VpcId"]), subnets
 
 
-def find_security_group(ec2: Any, cluster: str) -> str:
+def find_security_group(ec2: Any, cluster: str) -> dict[str, Any] | None:
     response = ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": [cluster]}])
-    groups = response.get("SecurityGroups", [])
-    return str(groups[0]["GroupId"]) if groups else ""
+    groups: list[dict[str, Any]] = response.get("SecurityGroups", [])
+    return groups[0] if groups else None
+
+
+def _open_ports(group: Mapping[str, Any], cidr: str) -> set[int]:
+    return {
+        int(rule["FromPort"])
+        for rule in group.get("IpPermissions", [])
+        if rule.get("IpProtocol") == "tcp"
+        and rule.get("FromPort") == rule.get("ToPort")
+        and any(r.get("CidrIp") == cidr for r in rule.get("IpRanges", []))
+    }
 
 
 def ensure_security_group(
     ec2: Any, *, cluster: str, vpc_id: str, caller_ip: str, port: int, ssh: bool, tags: Mapping[str, str]
 ) -> str:
-    """The cluster's security group, ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``)."""
+    """The cluster's security group, ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``).
+
+    A cluster launched again from the same address reuses its group without a call that changes anything.
+    """
     cidr = f"{ipaddress.IPv4Address(caller_ip)}/32"
-    group_id = find_security_group(ec2, cluster)
-    if not group_id:
-        group_id = ec2.create_security_group(
-            GroupName=f"rawvm-{cluster}",
-            Description=f"rawvm cluster {cluster}: agent port from the launching machine only",
-            VpcId=vpc_id,
-            TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(tags)}],
-        )["GroupId"]
-    ports = [port, 22] if ssh else [port]
+    group = find_security_group(ec2, cluster)
+    if group is None:
+        group_id = str(
+            ec2.create_security_group(
+                GroupName=f"rawvm-{cluster}",
+                Description=f"rawvm cluster {cluster}: agent port from the launching machine only",
+                VpcId=vpc_id,
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(tags)}],
+            )["GroupId"]
+        )
+        already: set[int] = set()
+    else:
+        group_id = str(group["GroupId"])
+        already = _open_ports(group, cidr)
+    wanted = [port, 22] if ssh else [port]
     permissions = [
         {
             "IpProtocol": "tcp",
@@ -69,11 +88,26 @@ def ensure_security_group(
             "ToPort": p,
             "IpRanges": [{"CidrIp": cidr, "Description": "rawvm launcher"}],
         }
-        for p in ports
+        for p in wanted
+        if p not in already
     ]
-    try:
-        ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") != "InvalidPermission.Duplicate":
-            raise
-    return str(group_id)
+    if permissions:
+        try:
+            ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidPermission.Duplicate":
+                raise
+    stale = _stale_rules(group, cidr) if group is not None else []
+    if stale:  # the launcher moved: its old address loses access
+        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=stale)
+    return group_id
+
+
+def _stale_rules(group: Mapping[str, Any], cidr: str) -> list[dict[str, Any]]:
+    stale = []
+    for rule in group.get("IpPermissions", []):
+        ranges = [{"CidrIp": r["CidrIp"]} for r in rule.get("IpRanges", []) if r.get("CidrIp") != cidr]
+        if ranges:
+            kept = {k: rule[k] for k in ("IpProtocol", "FromPort", "ToPort")}
+            stale.append({**kept, "IpRanges": ranges})
+    return stale

@@ -321,8 +321,21 @@ def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServ
     provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
     log = record_calls(provider.client("ec2", REGION))
     provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
-    assert log.mutating == ["AuthorizeSecurityGroupIngress", "CreateLaunchTemplateVersion", "CreateFleet"]
+    # Same caller address: the group already lets it in; the template gets a new version (fresh URLs).
+    assert log.mutating == ["CreateLaunchTemplateVersion", "CreateFleet"]
     assert len(provider.list("again")) == 2
+    provider.caller_ip = lambda: "198.51.100.9"  # the laptop moved: the new /32 replaces the old one
+    log.calls.clear()
+    provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
+    assert log.mutating == [
+        "AuthorizeSecurityGroupIngress",
+        "RevokeSecurityGroupIngress",
+        "CreateLaunchTemplateVersion",
+        "CreateFleet",
+    ]
+    by_tag = [{"Name": "tag:rawvm:cluster", "Values": ["again"]}]
+    (group,) = provider.client("ec2", REGION).describe_security_groups(Filters=by_tag)["SecurityGroups"]
+    assert [ip["CidrIp"] for r in group["IpPermissions"] for ip in r["IpRanges"]] == ["198.51.100.9/32"]
 
 
 def test_unknown_instance_type_or_region_is_one_clear_line(moto: MotoServer, tmp_path: Path) -> None:
