@@ -552,12 +552,14 @@ def ls_json(views: Sequence[ClusterView]) -> str:
 
 
 async def _machine_logs(
-    mid: str, client: AgentClient, prefix: str, follow: bool, output: TextIO, error_output: TextIO
+    cluster: str, mid: str, client: AgentClient, prefix: str, follow: bool, output: TextIO, error_output: TextIO
 ) -> bool:
     """Print one machine's latest task output; False when its agent does not answer."""
     try:
         tasks = await client.tasks()
     except AgentError:
+        if print_flushed_logs(cluster, mid, prefix, output, error_output):
+            return True
         _say(f"{mid}: its agent does not answer (stopped?); its logs went to its sink when it stopped")
         return False
     if not tasks:
@@ -590,17 +592,52 @@ async def _logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, er
     async with aiohttp.ClientSession() as session:
         answered = await asyncio.gather(
             *(
-                _machine_logs(mid, client, f"[{mid}] " if many else "", follow, output, error_output)
+                _machine_logs(record.name, mid, client, f"[{mid}] " if many else "", follow, output, error_output)
                 for mid, client in _clients(record, session).items()
             )
         )
     return 0 if any(answered) else 1
 
 
+def flushed_machines(cluster: str) -> list[str]:
+    """Machines of ``cluster`` that flushed their logs to this host's sink directory (local machines) on stop."""
+    root = clusters.state_dir() / "sinks" / cluster
+    names = {p.name[len(cluster) + 1 :].rsplit("-", 1)[0] for p in root.glob(f"{cluster}-*-*") if p.is_dir()}
+    return sorted(names)
+
+
+def print_flushed_logs(cluster: str, mid: str, prefix: str, output: TextIO, error_output: TextIO) -> bool:
+    """The latest task's output from the last flush ``mid`` made to the local sink; False when there is none."""
+    flushes = sorted(p for p in (clusters.state_dir() / "sinks" / cluster).glob(f"{cluster}-{mid}-*") if p.is_dir())
+    if not flushes:
+        return False
+    tasks = []
+    for record_path in flushes[-1].glob("tasks/*/task.json"):
+        with contextlib.suppress(OSError, ValueError):
+            tasks.append((float(json.loads(record_path.read_text()).get("started_at") or 0), record_path.parent))
+    if not tasks:
+        return False
+    task_dir = max(tasks)[1]
+    for stream, out in (("stdout", output), ("stderr", error_output)):
+        writer = _StreamWriter(out, prefix)
+        with contextlib.suppress(FileNotFoundError):
+            writer.write((task_dir / stream).read_bytes())
+        writer.close()
+    _say(f"{mid} has stopped: this is the output it flushed to {flushes[-1]}")
+    return True
+
+
 def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) -> int:
-    """Print the output of the latest task on each machine of ``cluster``; ``follow`` until it ends."""
+    """Print the output of the latest task on each machine of ``cluster``; ``follow`` until it ends.
+
+    Local machines that have stopped (and clusters already forgotten) answer from the logs they flushed."""
+    out = output or sys.stdout
+    if not clusters.exists(cluster) and (mids := flushed_machines(clusters.check_name(cluster))):
+        many = len(mids) > 1
+        shown = [print_flushed_logs(cluster, mid, f"[{mid}] " if many else "", out, sys.stderr) for mid in mids]
+        return 0 if any(shown) else 1
     record = clusters.load(cluster)
-    return _run_sync(_logs(record, follow, output or sys.stdout, sys.stderr))
+    return _run_sync(_logs(record, follow, out, sys.stderr))
 
 
 def down(cluster: str) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "tmp").mkdir()
     monkeypatch.chdir(root)
     monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # gettempdir() caches TMPDIR per process
     return root
 
 
@@ -49,7 +50,17 @@ async def test_run_from_python_inside_an_event_loop(project: Path, tmp_path: Pat
     assert result.cost_usd == 0.0
     assert [m.provider for m in result.machines] == ["local"]
     assert {"lock", "stage", "launch", "ready", "task", "total"} <= set(result.timings)
+    assert Path(result.machines[0].details["dir"]).is_relative_to(tmp_path / "tmp")
     deadline = time.monotonic() + 60
     while leftovers(tmp_path / "tmp") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert leftovers(tmp_path / "tmp") == []
+    # the machine has stopped: its output still comes back, from the logs it flushed to the local sink
+    from rawvm import api, clusters
+
+    for forgotten in (False, True):
+        if forgotten:
+            clusters.remove(result.cluster)  # as 'rawvm ls' does once every machine is gone
+        logs = io.StringIO()
+        assert api.logs(result.cluster, output=logs) == 0
+        assert logs.getvalue() == "1,234,567\n"
