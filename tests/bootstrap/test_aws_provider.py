@@ -88,6 +88,7 @@ class SpotShortage:
 
     def __init__(self, client: Any, available: int) -> None:
         self.available = available
+        self.spot_overrides: list[tuple[str, str]] = []
         client.meta.events.register("before-call.ec2.CreateFleet", self.before)
         client.meta.events.register("after-call.ec2.CreateFleet", self.after)
 
@@ -100,6 +101,7 @@ class SpotShortage:
                 if (key := f"LaunchTemplateConfigs.1.Overrides.{i}.SubnetId") in body
             ]
             body["TargetCapacitySpecification.TotalTargetCapacity"] = str(self.available)
+            self.spot_overrides = context["short_overrides"]
 
     def after(self, parsed: dict[str, Any], context: dict[str, Any], **kwargs: Any) -> None:
         for instance_type, subnet in context.get("short_overrides", []):
@@ -120,13 +122,20 @@ def big_launch(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> di
     tmp = tmp_path_factory.mktemp("big")
     provider = make_provider(moto, tmp)
     ec2 = provider.client("ec2", REGION)
-    SpotShortage(ec2, available=400)
+    shortage = SpotShortage(ec2, available=400)
     log = record_calls(ec2)
     machines = provider.launch(make_spec(tmp, "big", 1000, cpu=2, spot_policy="spot_with_fallback"))
     calls = list(log.calls)
     pages = ec2.get_paginator("describe_instances").paginate(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["big"]}])
     instances = [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
-    return {"provider": provider, "ec2": ec2, "machines": machines, "calls": calls, "instances": instances}
+    return {
+        "provider": provider,
+        "ec2": ec2,
+        "machines": machines,
+        "calls": calls,
+        "instances": instances,
+        "spot_overrides": shortage.spot_overrides,
+    }
 
 
 def test_1000_machines_spot_with_fallback_take_a_constant_handful_of_mutating_calls(big_launch: dict[str, Any]) -> None:
@@ -142,6 +151,15 @@ def test_1000_machines_spot_with_fallback_take_a_constant_handful_of_mutating_ca
     ]
     assert Counter(m.spot for m in big_launch["machines"]) == {True: 400, False: 600}
     assert len({m.id for m in big_launch["machines"]}) == 1000
+
+
+def test_one_fleet_spans_the_cheapest_types_across_every_zone(big_launch: dict[str, Any]) -> None:
+    """EC2 moves to the next zone or type inside the one CreateFleet call, so the overrides must offer them."""
+    overrides = big_launch["spot_overrides"]
+    subnets = big_launch["ec2"].describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    types = list(dict.fromkeys(t for t, _ in overrides))
+    assert len(types) == 3
+    assert sorted(overrides) == sorted((t, s["SubnetId"]) for t in types for s in subnets)
 
 
 def test_the_spot_shortfall_is_filled_on_demand(big_launch: dict[str, Any]) -> None:
