@@ -385,3 +385,66 @@ def test_ssh_opens_port_22_to_the_caller_only_when_asked(moto: MotoServer, tmp_p
     assert sorted(r["FromPort"] for r in group["IpPermissions"]) == [22, DEFAULT_PORT]
     assert all(ip["CidrIp"] == f"{CALLER_IP}/32" for r in group["IpPermissions"] for ip in r["IpRanges"])
     assert _template_data(ec2, "ssh")["KeyName"] == "my-key"
+
+
+def test_spot_only_shortfall_releases_what_started_and_says_what_was_tried(moto: MotoServer, tmp_path: Path) -> None:
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    ec2 = provider.client("ec2", REGION)
+    SpotShortage(ec2, available=2)
+    with pytest.raises(RawvmError) as info:
+        provider.launch(make_spec(tmp_path, "short", 5, cpu=2, spot_policy="spot"))
+    message = str(info.value)
+    assert "started 2 of 5" in message and "(spot): InsufficientInstanceCapacity" in message
+    assert "spot_with_fallback" in message
+    assert provider.list("short") == []  # nothing left running (or billing)
+
+
+def test_gpu_and_arm_launches_boot_the_matching_public_images(moto: MotoServer, tmp_path: Path) -> None:
+    from rawvm_images.ec2 import GPU_PARAMETERS, UBUNTU_PARAMETERS
+
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    seeded = seed_public_image_parameters(provider.client("ec2", REGION))
+    ec2 = provider.client("ec2", REGION)
+    gpu = make_spec(tmp_path, "gpu", 1, gpu=True)
+    (machine,) = provider.launch(gpu)
+    assert _template_data(ec2, "gpu")["ImageId"] == seeded[GPU_PARAMETERS["x86_64"]]
+    assert provider.instance_types(REGION) and machine.instance_type in {
+        t.name for t in provider.instance_types(REGION) if t.gpus
+    }
+    arm = make_spec(tmp_path, "arm", 1, arm=True)
+    assert provider.target_platform(arm) == "linux-aarch64"
+    provider.launch(arm)
+    assert _template_data(ec2, "arm")["ImageId"] == seeded[UBUNTU_PARAMETERS["aarch64"]]
+    # An explicit Graviton type means aarch64 even without --arm.
+    assert provider.target_platform(make_spec(tmp_path, "x", 1, vm_type="c7g.large")) == "linux-aarch64"
+    assert provider.target_platform(make_spec(tmp_path, "x", 1, vm_type="c7i.large")) == "linux-x86_64"
+
+
+def test_down_waits_out_a_security_group_still_in_use(moto: MotoServer, tmp_path: Path) -> None:
+    """EC2 refuses to delete a group while the terminated instances' interfaces linger (DependencyViolation);
+    the first delete is answered that way, and down tries again after a pause."""
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    provider.launch(make_spec(tmp_path, "busy", 2, cpu=2))
+    pauses: list[float] = []
+    provider.sleep = pauses.append
+    ec2 = provider.client("ec2", REGION)
+    answered: list[int] = []
+    body = (
+        b"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>DependencyViolation</Code>"
+        b"<Message>resource has a dependent object</Message></Error></Errors><RequestID>r</RequestID></Response>"
+    )
+
+    def in_use(request: Any, **kwargs: Any) -> AWSResponse | None:
+        answered.append(1)
+        return _xml_response(request, 400, body) if len(answered) == 1 else None
+
+    ec2.meta.events.register("before-send.ec2.DeleteSecurityGroup", in_use)
+    assert provider.down("busy") == 2
+    assert len(answered) == 2 and pauses
+    assert (
+        ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["busy"]}])["SecurityGroups"]
+        == []
+    )

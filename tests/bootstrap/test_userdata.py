@@ -257,3 +257,10 @@ def test_user_data_over_the_limit_is_one_clear_error() -> None:
         encode_user_data(text)
     message = str(info.value)
     assert "16384-byte limit" in message and "gzipped" in message and "\n" not in message
+
+
+def test_limit_boundary_is_exactly_16384_bytes() -> None:
+    at_limit = "#cloud-config\n#" + "x" * (USER_DATA_LIMIT - len("#cloud-config\n#"))
+    assert len(at_limit.encode()) == USER_DATA_LIMIT
+    assert encode_user_data(at_limit) == at_limit.encode()
+    assert encode_user_data(at_limit + "x")[:2] == b"\x1f\x8b"
