@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import random
 import shutil
@@ -264,3 +265,37 @@ def test_limit_boundary_is_exactly_16384_bytes() -> None:
     assert len(at_limit.encode()) == USER_DATA_LIMIT
     assert encode_user_data(at_limit) == at_limit.encode()
     assert encode_user_data(at_limit + "x")[:2] == b"\x1f\x8b"
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) -> None:
+    """The script's first half runs here, its system paths moved under tmp_path: uv's real wheel comes from
+    PyPI, is sha256-checked and unpacked, and runs; the agent wheel comes by URL and is checked. A wrong
+    sha256 stops the script. (A whole boot, venv and service included, is the qemu test's job.)"""
+    from rawvm.uvwheel import find_uv_wheel
+
+    wheel = tmp_path / "rawvm_agent-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"agent wheel bytes")
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    text = render_user_data(
+        _config(), agent_wheel_url=wheel.as_uri(), agent_wheel_sha256=sha, uv_wheel=find_uv_wheel(), backstop=False
+    )
+    script = _files(text)[BOOTSTRAP_SCRIPT]["content"].split("\nuv venv")[0]
+    moved = (
+        script.replace("/usr/local/bin", str(tmp_path / "bin"))
+        .replace("/opt/rawvm", str(tmp_path / "opt"))
+        .replace("/var/cache/rawvm", str(tmp_path / "cache"))
+        .replace("systemctl ", ": systemctl ")  # never touch this host's services
+        .replace("update-ca-certificates", ": update-ca-certificates")
+    )
+    assert "shutdown" not in moved
+    (tmp_path / "run.sh").write_text(moved)
+    subprocess.run(["sh", str(tmp_path / "run.sh")], check=True, timeout=600)
+    version = subprocess.run([str(tmp_path / "bin" / "uv"), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("uv ")
+    assert (tmp_path / "opt" / "wheels" / wheel.name).read_bytes() == b"agent wheel bytes"
+
+    (tmp_path / "run.sh").write_text(moved.replace(sha, "0" * 64))
+    failed = subprocess.run(["sh", str(tmp_path / "run.sh")], capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "FAILED" in failed.stdout + failed.stderr
