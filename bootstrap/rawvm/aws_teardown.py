@@ -28,6 +28,19 @@ def instances(ec2: Any, cluster: str | None, states: tuple[str, ...] = LIVE_STAT
             yield from reservation.get("Instances", [])
 
 
+def described(ec2: Any, instance_ids: list[str]) -> Iterator[dict[str, Any]]:
+    """DescribeInstances for these ids; ids EC2 does not know yet (eventual consistency) are skipped."""
+    paginator = ec2.get_paginator("describe_instances")
+    for start in range(0, len(instance_ids), TERMINATE_BATCH):
+        try:
+            for page in paginator.paginate(InstanceIds=instance_ids[start : start + TERMINATE_BATCH]):
+                for reservation in page.get("Reservations", []):
+                    yield from reservation.get("Instances", [])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                raise
+
+
 def terminate(ec2: Any, instance_ids: list[str]) -> None:
     for start in range(0, len(instance_ids), TERMINATE_BATCH):
         ec2.terminate_instances(InstanceIds=instance_ids[start : start + TERMINATE_BATCH])

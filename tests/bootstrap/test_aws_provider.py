@@ -236,11 +236,28 @@ def test_security_group_opens_only_the_agent_port_to_the_caller(big_launch: dict
     assert dict(iter_tags(group.get("Tags"))).keys() >= TAG_KEYS
 
 
-def test_launch_returns_the_machines_it_started(big_launch: dict[str, Any]) -> None:
+def test_launch_returns_the_machines_with_their_agent_urls(big_launch: dict[str, Any]) -> None:
     machines = big_launch["machines"]
-    assert {m.id for m in machines} == {i["InstanceId"] for i in big_launch["instances"]}
-    assert all(m.provider == "aws" and m.cluster == "big" and m.state == "pending" for m in machines)
-    assert all(m.zone.startswith(REGION) for m in machines)
+    by_id = {i["InstanceId"]: i for i in big_launch["instances"]}
+    assert {m.id for m in machines} == set(by_id)
+    for m in machines:
+        instance = by_id[m.id]
+        address = instance.get("PublicIpAddress") or instance["PrivateIpAddress"]
+        assert m.agent_url == f"http://{address}:{DEFAULT_PORT}"
+        assert m.provider == "aws" and m.cluster == "big" and m.zone == instance["Placement"]["AvailabilityZone"]
+        assert m.spot == (instance.get("InstanceLifecycle") == "spot")
+
+
+def test_agent_address_rule() -> None:
+    """Public address first; a running machine without one is reached privately; a pending one not yet."""
+    provider = AwsProvider(REGION, "b", session=session(), config_path=Path("/nonexistent"))
+    base = {"InstanceId": "i-1", "Tags": [{"Key": "rawvm:port", "Value": "9000"}]}
+    public = {**base, "State": {"Name": "running"}, "PublicIpAddress": "3.3.3.3", "PrivateIpAddress": "10.0.0.5"}
+    assert provider._machine(public).agent_url == "http://3.3.3.3:9000"
+    private = {**base, "State": {"Name": "running"}, "PrivateIpAddress": "10.0.0.5"}
+    assert provider._machine(private).agent_url == "http://10.0.0.5:9000"
+    pending = {**base, "State": {"Name": "pending"}, "PrivateIpAddress": "10.0.0.5"}
+    assert provider._machine(pending).agent_url == ""
 
 
 def _xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
@@ -326,10 +343,10 @@ def test_down_leaves_nothing_tagged(moto: MotoServer, tmp_path: Path) -> None:
     stays = provider.list("stays")  # another cluster is untouched
     assert len(stays) == 2 and all(m.state == "running" and m.cluster == "stays" for m in stays)
     described = ec2.describe_instances(InstanceIds=[m.id for m in stays])["Reservations"]
-    addresses = {i["InstanceId"]: i.get("PublicIpAddress") for r in described for i in r["Instances"]}
-    for machine in stays:
-        expected = f"http://{addresses[machine.id]}:{DEFAULT_PORT}" if addresses[machine.id] else ""
-        assert machine.agent_url == expected
+    addresses = {
+        i["InstanceId"]: i.get("PublicIpAddress") or i["PrivateIpAddress"] for r in described for i in r["Instances"]
+    }
+    assert all(m.agent_url == f"http://{addresses[m.id]}:{DEFAULT_PORT}" for m in stays)
     assert provider.down("gone") == 0  # idempotent
 
 

@@ -92,6 +92,7 @@ class AwsProvider:
         cache_dir: Path | None = None,
         config_path: Path | None = None,
         poll: float = 5.0,
+        address_timeout: float = 180.0,
         down_timeout: float = 900.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
@@ -108,6 +109,7 @@ class AwsProvider:
         self.cache_dir = cache_dir
         self.poll = poll
         self.down_timeout = down_timeout
+        self.address_timeout = address_timeout
         self.sleep = sleep
         self.clock = clock
         self._clients: dict[tuple[str, str], Any] = {}
@@ -352,11 +354,16 @@ class AwsProvider:
                 + f". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback; "
                 f"'rawvm down {spec.cluster}' removes the cluster's security group and launch template"
             )
-        # Straight from the fleet's answer: addresses come later, and DescribeInstances may not even see the
-        # instances yet (eventual consistency); the front door polls list() for them.
+        return self._await_addresses(ec2, spec, launched, tags)
+
+    def _await_addresses(
+        self, ec2: Any, spec: MachineSpec, launched: list[aws_fleet.Launched], tags: dict[str, str]
+    ) -> list[Machine]:
+        """The launched machines once each has an address to reach its agent at (or ``address_timeout``
+        passed: those still without one come back with an empty agent_url, and list() finds it later)."""
         launched_at = self.clock()
-        return [
-            Machine(
+        machines = {
+            m.instance_id: Machine(
                 id=m.instance_id,
                 provider=self.name,
                 cluster=spec.cluster,
@@ -369,7 +376,18 @@ class AwsProvider:
                 details={k: v for k, v in tags.items() if k.startswith("rawvm:")},
             )
             for m in launched
-        ]
+        }
+        deadline = time.monotonic() + self.address_timeout
+        waiting = list(machines)
+        while waiting:
+            for instance in aws_teardown.described(ec2, waiting):
+                seen = self._machine(instance)
+                machines[seen.id] = dataclasses.replace(seen, launched_at=launched_at)
+            waiting = [i for i, m in machines.items() if not m.agent_url and m.state in ("pending", "running")]
+            if not waiting or time.monotonic() > deadline:
+                break
+            self.sleep(self.poll)
+        return list(machines.values())
 
     def _fleets(
         self,
@@ -400,14 +418,19 @@ class AwsProvider:
     def _machine(self, instance: dict[str, Any]) -> Machine:
         tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
         port = tags.get("rawvm:port") or str(AgentConfig().port)
-        address = instance.get("PublicIpAddress", "")
+        state = str(instance.get("State", {}).get("Name", "pending"))
+        # The public address when there is one; a running machine without one (a subnet that maps none) is
+        # reached at its private address, over a VPN or from inside the VPC.
+        address = instance.get("PublicIpAddress") or (
+            instance.get("PrivateIpAddress", "") if state != "pending" else ""
+        )
         launched = instance.get("LaunchTime")
         return Machine(
             id=instance["InstanceId"],
             provider=self.name,
             cluster=tags.get("rawvm:cluster", ""),
             agent_url=f"http://{address}:{port}" if address else "",
-            state=str(instance.get("State", {}).get("Name", "pending")),
+            state=state,
             instance_type=str(instance.get("InstanceType", "")),
             zone=str(instance.get("Placement", {}).get("AvailabilityZone", "")),
             spot=instance.get("InstanceLifecycle") == "spot",
