@@ -465,3 +465,28 @@ def test_down_waits_out_a_security_group_still_in_use(moto: MotoServer, tmp_path
         ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["busy"]}])["SecurityGroups"]
         == []
     )
+
+
+def test_a_failing_fallback_fleet_releases_the_spot_machines(moto: MotoServer, tmp_path: Path) -> None:
+    """Spot fills 3 of 5; the on-demand fleet for the rest fails with an EC2 error (injected): nothing of
+    the half launch is left running, and the error is one line."""
+    moto.reset()
+    provider = make_provider(moto, tmp_path)
+    ec2 = provider.client("ec2", REGION)
+    SpotShortage(ec2, available=3)
+    body = (
+        b"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>VcpuLimitExceeded</Code>"
+        b"<Message>You have requested more vCPU capacity than your current limit</Message></Error></Errors>"
+        b"<RequestID>r</RequestID></Response>"
+    )
+
+    def on_demand_refused(request: Any, **kwargs: Any) -> AWSResponse | None:
+        sent = request.body if isinstance(request.body, bytes) else str(request.body).encode()
+        wants_on_demand = b"DefaultTargetCapacityType=on-demand" in sent
+        return _xml_response(request, 400, body) if wants_on_demand else None
+
+    ec2.meta.events.register("before-send.ec2.CreateFleet", on_demand_refused)
+    with pytest.raises(RawvmError) as info:
+        provider.launch(make_spec(tmp_path, "half", 5, cpu=2, spot_policy="spot_with_fallback"))
+    assert "VcpuLimitExceeded" in str(info.value) and "\n" not in str(info.value)
+    assert provider.list("half") == []

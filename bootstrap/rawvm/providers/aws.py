@@ -66,6 +66,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
+
+
 def _aws_error(exc: Exception) -> str:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
@@ -241,7 +248,7 @@ class AwsProvider:
         expires = now + timedelta(seconds=spec.agent.idle.max_lifetime + BACKSTOP_GRACE)
         return {
             "rawvm:cluster": spec.cluster,
-            "rawvm:owner": spec.owner or getpass.getuser(),
+            "rawvm:owner": spec.owner or _local_user(),
             "rawvm:created": now.isoformat().replace("+00:00", "Z"),
             "rawvm:expires": expires.isoformat().replace("+00:00", "Z"),
             "rawvm:port": str(spec.agent.port),
@@ -408,7 +415,12 @@ class AwsProvider:
             request = aws_fleet.fleet_request(
                 launch_template_id=template_id, placements=placements, count=short, lifecycle=lifecycle, tags=tags
             )
-            result = aws_fleet.read_fleet_response(ec2.create_fleet(**request), zones)
+            try:
+                response = ec2.create_fleet(**request)
+            except (ClientError, BotoCoreError):
+                aws_teardown.terminate(ec2, [m.instance_id for m in launched])  # no half launch left running
+                raise
+            result = aws_fleet.read_fleet_response(response, zones)
             launched.extend(result.launched[:short])
             if len(result.launched) > short:  # never keep (or pay for) more than asked
                 aws_teardown.terminate(ec2, [m.instance_id for m in result.launched[short:]])
