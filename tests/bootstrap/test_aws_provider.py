@@ -380,6 +380,10 @@ def test_unknown_instance_type_or_region_is_one_clear_line(moto: MotoServer, tmp
         provider.launch(make_spec(tmp_path, "bad", 1, vm_type="c99.huge"))
     with pytest.raises(UsageError, match=r"unknown AWS region 'mars-north-1'"):
         provider.launch(make_spec(tmp_path, "bad", 1, region="mars-north-1"))
+    with pytest.raises(UsageError, match=r"unknown AWS region 'mars-north-1'"):
+        provider.target_platform(make_spec(tmp_path, "bad", 1, region="mars-north-1"))
+    with pytest.raises(UsageError, match=r"unknown instance type 'c99.huge'"):
+        provider.target_platform(make_spec(tmp_path, "bad", 1, vm_type="c99.huge"))
     with pytest.raises(UsageError, match="unknown spot policy"):
         provider.launch(make_spec(tmp_path, "bad", 1, spot_policy="cheap"))
     with pytest.raises(UsageError, match="no current EC2 instance type has"):

@@ -188,8 +188,9 @@ class AwsProvider:
         return "aarch64" if spec.arm else "x86_64"
 
     def target_platform(self, spec: MachineSpec) -> str:
+        """Checks the region (and a named instance type) first: the front door asks before the slow lock."""
+        region = self.resolve_region(spec.region)
         if spec.vm_type:
-            region = self.resolve_region(spec.region)
             return f"linux-{self._arch(spec, self.choose_types(spec, region))}"
         return "linux-aarch64" if spec.arm else "linux-x86_64"
 
