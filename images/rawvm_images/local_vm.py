@@ -240,10 +240,14 @@ def _load(directory: Path) -> LocalImage:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, say: Progress) -> Iterator[None]:
     """An exclusive flock: a second builder waits, then finds the finished image."""
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another process is building the local VM image; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -268,10 +272,11 @@ def ensure_image(cache_dir: Path | None = None, progress: Progress | None = None
         raise ImageError("building the local VM image runs debootstrap, which needs root: run it once as root")
     cache.mkdir(parents=True, exist_ok=True)
     key = recipe_key()
-    with _locked(cache / f"{key}.lock"):
+    with _locked(cache / f"{key}.lock", say):
         found = cached_image(cache)
         if found:
             return found
+        say(f"building the local VM image {key} once (a few minutes; later runs reuse it from {cache})")
         work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache))
         try:
             _build(work, host_debian_mirror(), say)

@@ -95,7 +95,9 @@ class QemuProvider:
         self.accel = accel
         self.memory_mib = memory_mib
         self.cpus = cpus
-        self.progress: Progress = progress or (lambda _msg: None)
+        # Default: one line per step on stderr, like the front door's own progress (the first image build takes
+        # minutes and must not look like a hang).
+        self.progress: Progress = progress or _say
         self._image: LocalImage | None = None
 
     # -- the image ---------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class QemuProvider:
                 },
             )
             (files.directory / "machine.json").write_text(json.dumps(asdict(machine), indent=2) + "\n")
-            self.progress(f"{machine_id}: qemu pid {pid}, agent at {machine.agent_url}, console {files.serial_log}")
+            self.progress(f"{machine_id}: qemu pid {pid} ({accel}), serial console in {files.serial_log}")
             machines.append(machine)
         return machines
 
@@ -300,6 +302,10 @@ class QemuProvider:
             _terminate(int(info["pid"]), "rawvm.providers.qemu")
         shutil.rmtree(directory / "files", ignore_errors=True)
         return stopped
+
+
+def _say(message: str) -> None:
+    print(f"rawvm: {message}", file=sys.stderr, flush=True)
 
 
 def _place(source: Path, target: Path) -> None:
