@@ -17,7 +17,7 @@ from rawvm.errors import UsageError
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.qemu import GUEST_BIND, QemuProvider
 from rawvm_agent.config import AgentConfig
-from rawvm_images.qemu_boot import process_alive
+from rawvm_images.qemu_boot import TCG, process_alive
 
 pytestmark = pytest.mark.slow  # starts the detached server process
 
@@ -138,3 +138,14 @@ def test_the_server_exits_by_itself_once_the_clusters_vms_are_gone(provider: Qem
         time.sleep(0.2)
     assert not process_alive(int(server["pid"]))
     assert not (provider.cluster_dir("c2") / "server.json").exists()
+    machine_dir = provider.cluster_dir("c2") / "machines" / "c2-a"
+    assert not (machine_dir / "disk.qcow2").exists()  # a stopped VM's overlay is released
+    assert (machine_dir / "machine.json").exists()  # its record stays for ls/logs
+
+
+def test_accelerator_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RAWVM_QEMU_ACCEL", "tcg")
+    assert QemuProvider(tmp_path)._accel() == TCG
+    monkeypatch.setenv("RAWVM_QEMU_ACCEL", "hvf")
+    with pytest.raises(UsageError, match="auto, kvm or tcg"):
+        QemuProvider(tmp_path)._accel()

@@ -85,14 +85,15 @@ class QemuProvider:
         state_root: Path | None = None,
         *,
         image_cache: Path | None = None,
-        accel: str = "auto",
+        accel: str | None = None,
         memory_mib: int = 2048,
         cpus: int = 2,
         progress: Progress | None = None,
     ) -> None:
         self.root = (state_root or default_state_root()) / "qemu"
         self.image_cache = image_cache
-        self.accel = accel
+        # auto: KVM only when it is hardware KVM (kvm_intel/kvm_amd), else TCG; RAWVM_QEMU_ACCEL=kvm|tcg forces one.
+        self.accel = accel or os.environ.get("RAWVM_QEMU_ACCEL", "auto")
         self.memory_mib = memory_mib
         self.cpus = cpus
         # Default: one line per step on stderr, like the front door's own progress (the first image build takes
@@ -292,9 +293,7 @@ class QemuProvider:
             pid = int(machine.details.get("pid", "0"))
             if _terminate(pid, machine.details.get("directory", "")):
                 stopped += 1
-            files = BootFiles(path.parent)
-            for leftover in (files.overlay, files.seed, files.directory / "user-data"):
-                leftover.unlink(missing_ok=True)
+            _release_disk(BootFiles(path.parent))
             machine.state = "terminated"
             path.write_text(json.dumps(asdict(machine), indent=2) + "\n")
         info = _read_json(directory / "server.json")
@@ -302,6 +301,13 @@ class QemuProvider:
             _terminate(int(info["pid"]), "rawvm.providers.qemu")
         shutil.rmtree(directory / "files", ignore_errors=True)
         return stopped
+
+
+def _release_disk(files: BootFiles) -> None:
+    """What a stopped machine no longer needs: its overlay (GBs once the venv is in) and seed (holds the token).
+    The serial console log and the machine record stay, for ``rawvm ls``/``logs`` and post-mortems."""
+    for leftover in (files.overlay, files.seed, files.directory / "user-data"):
+        leftover.unlink(missing_ok=True)
 
 
 def _say(message: str) -> None:
@@ -378,7 +384,9 @@ def serve(directory: Path, poll: float = 2.0) -> None:
             time.sleep(poll)
             pids = _cluster_pids(directory)
             if pids and not any(process_alive(pid, marker) for pid, marker in pids):
-                # Give a just-stopped agent's upload a moment: it PUTs before powering off, so it is done.
+                # Every VM powered itself off (each agent PUTs to the sink before that, so uploads are done).
+                for _pid, machine_dir in pids:
+                    _release_disk(BootFiles(Path(machine_dir)))
                 break
             if not pids and time.monotonic() - started > SERVER_IDLE_EXIT:
                 break
