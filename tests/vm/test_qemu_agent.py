@@ -124,7 +124,9 @@ def test_rawvm_run_on_qemu_boots_installs_runs_and_powers_off_when_idle(
     """
     state = tmp_path / "state"
     monkeypatch.setenv("RAWVM_STATE_DIR", str(state))
-    requirements = tmp_path / "requirements.txt"
+    project = tmp_path / "project"  # the CLI ships the current directory's files as the bundle's code
+    project.mkdir()
+    requirements = project / "requirements.txt"
     requirements.write_text(REQUIREMENT + "\n")
     ca_flags = [arg for cert in host_extra_ca_certs() for arg in ("--extra-ca-cert", str(cert))]
     rawvm = str(Path(sys.executable).parent / "rawvm")  # the console script of this environment
@@ -132,7 +134,9 @@ def test_rawvm_run_on_qemu_boots_installs_runs_and_powers_off_when_idle(
     provider = QemuProvider(state)
     started = time.monotonic()
     try:
-        result = subprocess.run([*command, "--", *TASK], capture_output=True, text=True, timeout=BOOT_TIMEOUT + 120)
+        result = subprocess.run(
+            [*command, "--", *TASK], cwd=project, capture_output=True, text=True, timeout=BOOT_TIMEOUT + 120
+        )
         returned = time.monotonic()
         print(f"\n--- rawvm run stderr ---\n{result.stderr}")
         (machine,) = provider.list()
