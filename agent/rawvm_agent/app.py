@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -297,7 +298,10 @@ class Agent:
         return files
 
     def sink_label(self) -> str:
-        return "-".join(p for p in (self.config.cluster, self.config.machine_id) if p) or "machine"
+        """Names this machine's flush. Every EC2 machine of a cluster gets the same agent.toml (one launch
+        template), so without a machine_id the host name tells them apart (unique in a VPC)."""
+        machine = self.config.machine_id or socket.gethostname()
+        return "-".join(p for p in (self.config.cluster, machine) if p) or "machine"
 
     async def _flush_to_sink(self) -> None:
         if not self.config.sink:
@@ -307,7 +311,13 @@ class Agent:
         files = self.sink_files()
         log.info("flushing %d files to the sink", len(files))
         try:
-            await sink.flush(self.config.sink, files, label=self.sink_label(), timeout=SINK_TIMEOUT_S)
+            await sink.flush(
+                self.config.sink,
+                files,
+                label=self.sink_label(),
+                timeout=SINK_TIMEOUT_S,
+                form=self.config.sink_form,
+            )
         except Exception as exc:
             # The machine must stop even when the sink is unreachable: billing beats log shipping.
             log.error("flush to the sink failed: %s", exc or type(exc).__name__)

@@ -88,6 +88,9 @@ class AgentConfig:
     tls_key: str = ""
     state_dir: str = "/var/lib/rawvm"
     sink: str = ""  # where logs and telemetry go on stop: a directory, file:// URL, or http(s) PUT URL
+    # Form fields of an HTTP POST sink (an S3 presigned POST: key, policy, signature...); empty: PUT to ``sink``.
+    # Secret-ish (the policy's signature): never logged. Not hashed: a dict is not hashable.
+    sink_form: dict[str, str] = field(default_factory=dict, hash=False, repr=False)
     secret_env: tuple[str, ...] = ()  # env var names whose values are redacted from every log
     bundle: BundleConfig = BundleConfig()
     install: InstallConfig = InstallConfig()
@@ -142,6 +145,9 @@ def config_from_dict(raw: dict[str, Any]) -> AgentConfig:
         files = tuple(_build(BundleFile, f, "bundle.files.") for f in bundle_raw.pop("files", []))
         sections["bundle"] = BundleConfig(files=files, **bundle_raw)
     top = _build(AgentConfig, raw, "")
+    form = top.sink_form
+    if not isinstance(form, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in form.items()):
+        raise ConfigError("agent.toml: 'sink_form' must be a table of string fields (an S3 presigned POST's)")
     return AgentConfig(**{**{f.name: getattr(top, f.name) for f in fields(AgentConfig)}, **sections})
 
 
@@ -153,6 +159,8 @@ def config_to_dict(config: AgentConfig) -> dict[str, Any]:
             return {f.name: plain(getattr(obj, f.name)) for f in fields(obj)}
         if isinstance(obj, tuple | list):
             return [plain(x) for x in obj]
+        if isinstance(obj, dict):
+            return dict(obj)  # a copy: the config stays untouched
         return obj
 
     out: dict[str, Any] = plain(config)

@@ -6,12 +6,17 @@ The sink (``agent.toml`` top-level ``sink``) is one of:
 - a directory (a plain path or a ``file://`` URL): the files are copied into ``<sink>/<label>-<UTC time>/``;
 - an ``http(s)://`` URL, typically a presigned S3 PUT URL: one object, so the files are bundled into one
   ``.tar.gz`` (members under ``<label>-<UTC time>/``) and PUT with a Content-Length (S3 refuses chunked
-  uploads) and no Content-Type, so the URL must be presigned without one.
+  uploads) and no Content-Type, so the URL must be presigned without one;
+- the same URL with form fields (``sink_form``): an S3 presigned POST. The tar.gz goes as
+  ``multipart/form-data``: the fields first, in their order, then the file last as field ``file`` named
+  ``<label>-<UTC time>.tar.gz`` (S3 ignores fields after the file). With a key of ``.../${filename}`` every
+  machine of a cluster, sharing one user-data, writes its own object.
 
 Paths inside the destination are relative to the files' common parent directory; a directory among the
 files is taken whole. Nothing here raises: every error is logged and the stop sequence goes on, because
 the machine must power off whether or not its logs got out. Blocking work runs in a thread so the event
-loop keeps feeding the systemd watchdog. URLs are logged without their query (presigned signatures).
+loop keeps feeding the systemd watchdog. URLs are logged without their query (presigned signatures), and
+form fields (a POST policy and its signature) never.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import socket
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -39,26 +45,40 @@ RETRY_DELAY = 2.0  # seconds, times the attempt number
 DEFAULT_TIMEOUT = 600.0  # the whole flush; the power-off waits for it
 
 
-async def flush(sink: str, files: Sequence[Path], *, label: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Send ``files`` to ``sink``; ``label`` (default: the host name) names the subdir / tar prefix."""
+async def flush(
+    sink: str,
+    files: Sequence[Path],
+    *,
+    label: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    form: Mapping[str, str] | None = None,
+) -> None:
+    """Send ``files`` to ``sink``; ``label`` (default: the host name) names the subdir / tar prefix.
+
+    ``form``: the fields of an HTTP POST upload (an S3 presigned POST); without them an http(s) sink is PUT.
+    """
     if not sink:
         log.info("sink: none configured, nothing flushed")
         return
     name = _bundle_name(label or socket.gethostname())
+    fields = dict(form or {})
     try:
-        await asyncio.wait_for(_flush(sink, files, name), timeout)
+        await asyncio.wait_for(_flush(sink, files, name, fields), timeout)
     except TimeoutError:
         log.error("sink: flush to %s gave up after %gs", _public(sink), timeout)
     except Exception as exc:  # the machine powers off regardless
-        log.error("sink: flush to %s failed: %s", _public(sink), _scrub(_describe(exc), sink))
+        log.error("sink: flush to %s failed: %s", _public(sink), _scrub(_describe(exc), sink, fields))
 
 
-async def _flush(sink: str, files: Sequence[Path], name: str) -> None:
+async def _flush(sink: str, files: Sequence[Path], name: str, fields: dict[str, str]) -> None:
     members = _members(files)
     scheme = urlsplit(sink).scheme.lower()
     if scheme in ("http", "https"):
-        await _put_tarball(sink, members, name)
-    elif scheme == "file":
+        await _upload_tarball(sink, members, name, fields)
+        return
+    if fields:
+        log.warning("sink: form fields are for an http(s):// sink (a presigned POST); ignored for %s", _public(sink))
+    if scheme == "file":
         await asyncio.to_thread(_copy_tree, Path(url2pathname(urlsplit(sink).path)), members, name)
     elif scheme == "":
         await asyncio.to_thread(_copy_tree, Path(sink), members, name)
@@ -110,7 +130,8 @@ def _write_tarball(path: Path, members: list[tuple[Path, str]], name: str) -> No
                 log.error("sink: could not archive %s: %s", source, exc)
 
 
-async def _put_tarball(url: str, members: list[tuple[Path, str]], name: str) -> None:
+async def _upload_tarball(url: str, members: list[tuple[Path, str]], name: str, fields: dict[str, str]) -> None:
+    method = "POST" if fields else "PUT"
     with tempfile.TemporaryDirectory(prefix="rawvm-sink-") as scratch:
         tarball = Path(scratch) / f"{name}.tar.gz"
         await asyncio.to_thread(_write_tarball, tarball, members, name)
@@ -119,29 +140,48 @@ async def _put_tarball(url: str, members: list[tuple[Path, str]], name: str) -> 
             for attempt in range(1, PUT_ATTEMPTS + 1):
                 try:
                     with tarball.open("rb") as body:
-                        async with session.put(
-                            url,
-                            data=body,
-                            headers={"Content-Length": str(size)},
-                            # No Content-Type: a SigV2 presigned URL signs it (empty unless the presigner
-                            # chose one), and S3 refuses a PUT whose headers differ from the signature.
-                            skip_auto_headers=("Content-Type",),
-                        ) as response:
+                        request = _post_request(body, fields) if fields else _put_request(body, size)
+                        async with session.request(method, url, **request) as response:
                             if response.status < 300:
-                                log.info("sink: %d bytes PUT to %s", size, _public(url))
+                                log.info("sink: %d bytes %s to %s", size, method, _public(url))
                                 return
                             detail = (await response.text())[:300]
                             raise aiohttp.ClientResponseError(
                                 response.request_info, (), status=response.status, message=detail
                             )
                 except aiohttp.ClientError as exc:
-                    reason = _scrub(_describe(exc), url)
-                    log.warning("sink: PUT to %s, attempt %d/%d: %s", _public(url), attempt, PUT_ATTEMPTS, reason)
+                    reason = _scrub(_describe(exc), url, fields)
+                    log.warning(
+                        "sink: %s to %s, attempt %d/%d: %s", method, _public(url), attempt, PUT_ATTEMPTS, reason
+                    )
                     if attempt < PUT_ATTEMPTS:
                         await asyncio.sleep(RETRY_DELAY * attempt)
         log.error(
-            "sink: PUT to %s failed %d times; logs and telemetry stay on this machine", _public(url), PUT_ATTEMPTS
+            "sink: %s to %s failed %d times; logs and telemetry stay on this machine",
+            method,
+            _public(url),
+            PUT_ATTEMPTS,
         )
+
+
+def _put_request(body: BinaryIO, size: int) -> dict[str, Any]:
+    return {
+        "data": body,
+        "headers": {"Content-Length": str(size)},
+        # No Content-Type: a presigned URL that names one signs it (SigV4 as a signed header, SigV2 in the
+        # string to sign), and S3 refuses a PUT whose headers differ from the signature.
+        "skip_auto_headers": ("Content-Type",),
+    }
+
+
+def _post_request(body: BinaryIO, fields: dict[str, str]) -> dict[str, Any]:
+    form = aiohttp.FormData()
+    for key, value in fields.items():
+        form.add_field(key, value)
+    # Last: S3 reads the fields up to the file and ignores what follows it. The file name fills ${filename}.
+    # A file object has a known size, so the body goes with a Content-Length (S3 refuses chunked uploads).
+    form.add_field("file", body, filename=Path(body.name).name, content_type="application/gzip")
+    return {"data": form}
 
 
 def _public(url: str) -> str:
@@ -158,10 +198,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _scrub(text: str, url: str) -> str:
-    """``text`` with any copy of ``url``'s query (and user info) removed."""
+def _scrub(text: str, url: str, fields: Mapping[str, str] | None = None) -> str:
+    """``text`` with any copy of ``url``'s query (and user info) and of the form fields' values removed."""
     parts = urlsplit(url)
-    for secret in (parts.query, parts.username or "", parts.password or ""):
+    for secret in (parts.query, parts.username or "", parts.password or "", *(fields or {}).values()):
         if secret:
             text = text.replace(secret, "<redacted>")
     return text
