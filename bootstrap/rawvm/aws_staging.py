@@ -1,7 +1,12 @@
-"""S3 staging for EC2 machines: a private bucket, presigned GET URLs for the files, a presigned PUT URL as sink.
+"""S3 staging for EC2 machines: a private bucket, presigned GET URLs for the files, a presigned POST as sink.
 
 The bucket blocks every form of public access and expires objects after a few days (lifecycle rule), so
-staging leaves nothing that costs money for long. Machines need no AWS credentials: every URL is presigned.
+staging leaves nothing that costs money for long. Machines need no AWS credentials: every URL is presigned,
+with SigV4 against the bucket's regional endpoint (``s3_config``).
+
+The sink is a presigned POST, not a PUT: every machine of a cluster boots from the same user-data, and one
+PUT URL names one object, so the machines would overwrite each other's logs. The POST's key is
+``clusters/<cluster>/sink/${filename}``; S3 fills in the file name each agent sends (its own label).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
@@ -18,11 +24,23 @@ from rawvm.errors import RawvmError, UsageError
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
 SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
+SINK_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
 LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
 
 
 def default_bucket_name(account_id: str, region: str) -> str:
     return f"rawvm-staging-{account_id}-{region}"
+
+
+def s3_config(*, path_style: bool = False) -> Config:
+    """How the S3 client must sign what machines fetch and upload: SigV4 (S3 refuses SigV2 in newer regions
+    and for KMS objects) at the regional endpoint (``bucket.s3.<region>.amazonaws.com``; the global one
+    answers a new bucket outside us-east-1 with a redirect a presigned request cannot follow). Path style
+    for a custom endpoint (a test server) or a bucket name with dots (its TLS certificate would not match)."""
+    return Config(
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if path_style else "virtual", "us_east_1_regional_endpoint": "regional"},
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -120,12 +138,30 @@ class S3Stager:
             return ""
         return str(head.get("Metadata", {}).get("sha256", ""))
 
+    @staticmethod
+    def sink_prefix(cluster: str) -> str:
+        return f"clusters/{cluster}/sink/"
+
     def sink_url(self, cluster: str, label: str = "sink") -> str:
-        """A presigned PUT URL for ``clusters/<cluster>/sink/<label>.tar.gz``."""
-        key = f"clusters/{cluster}/sink/{label}.tar.gz"
+        """A presigned PUT URL for ``clusters/<cluster>/sink/<label>.tar.gz``: one object, so one machine.
+
+        No ContentType: SigV4 would sign the header, and the agent's PUT sends none (S3 would answer
+        SignatureDoesNotMatch)."""
+        key = f"{self.sink_prefix(cluster)}{label}.tar.gz"
         url: str = self.s3.generate_presigned_url(
-            "put_object",
-            Params={"Bucket": self.bucket, "Key": key, "ContentType": "application/gzip"},
-            ExpiresIn=SINK_URL_SECONDS,
+            "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=SINK_URL_SECONDS
         )
         return url
+
+    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
+        """A presigned POST (URL, form fields) that every machine of ``cluster`` can use for its own object:
+        ``clusters/<cluster>/sink/<file name the agent sends>``, nothing outside that prefix, at most
+        ``SINK_MAX_BYTES``."""
+        prefix = self.sink_prefix(cluster)
+        post = self.s3.generate_presigned_post(
+            self.bucket,
+            prefix + "${filename}",
+            Conditions=[["starts-with", "$key", prefix], ["content-length-range", 0, SINK_MAX_BYTES]],
+            ExpiresIn=SINK_URL_SECONDS,
+        )
+        return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}

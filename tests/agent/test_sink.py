@@ -114,7 +114,7 @@ async def test_http_sink_puts_one_tar_gz(state_dir: Path, caplog: pytest.LogCapt
     assert path_qs == "/bucket/runs/m1.tar.gz?X-Amz-Signature=s3cr3t&X-Amz-Expires=600"
     # S3 refuses chunked uploads to a presigned PUT: the length must be announced.
     assert headers["Content-Length"] == str(len(body)) and "Transfer-Encoding" not in headers
-    assert "Content-Type" not in headers  # presigned without one; a SigV2 signature covers it
+    assert "Content-Type" not in headers  # presigned without one; SigV2 and SigV4 signatures cover it
     tops, files = untar(body)
     assert len(tops) == 1 and next(iter(tops)).startswith("m1-")
     assert files == expected(state_dir)

@@ -1,18 +1,31 @@
-"""S3 staging and ``rawvm setup aws`` against moto in server mode (the standard AWS mock; AWS is unreachable
-here). Presigned URLs are fetched with plain HTTP, as a machine would."""
+"""S3 staging, the sink and ``rawvm setup aws`` against moto in server mode (the standard AWS mock; AWS is
+unreachable here). Presigned URLs are fetched with plain HTTP and the sink is written by the agent's own
+``rawvm_agent.sink.flush``, as a machine would. moto checks no signature, so what a signature covers is
+checked on the presigned URL and policy themselves."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
 import hashlib
+import io
+import json
+import shutil
+import tarfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from rawvm.aws_staging import EXPIRE_DAYS, S3Stager
 from rawvm.cli import main
 from rawvm.errors import RawvmError
 from rawvm.providers.aws import AwsProvider, read_settings
+from rawvm.providers.base import MachineSpec
+from rawvm_agent.config import AgentConfig
+from rawvm_agent.sink import flush
 
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, session
 
@@ -25,12 +38,47 @@ def moto() -> Iterator[MotoServer]:
         yield server
 
 
+BUCKET = "rawvm-stage-test"
+
+
 @pytest.fixture
 def provider(moto: MotoServer, tmp_path: Path) -> AwsProvider:
     moto.reset()
-    return AwsProvider(
-        REGION, "rawvm-stage-test", session=session(), endpoint_url=moto.url, config_path=tmp_path / "aws.toml"
-    )
+    return AwsProvider(REGION, BUCKET, session=session(), endpoint_url=moto.url, config_path=tmp_path / "aws.toml")
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """What an agent flushes when it stops: task output, telemetry frames, state."""
+    root = tmp_path / "state"
+    (root / "tasks" / "t1").mkdir(parents=True)
+    (root / "telemetry").mkdir()
+    (root / "tasks" / "t1" / "stdout").write_bytes(b"hello from the task\n")
+    (root / "telemetry" / "samples-00000001.msgpack").write_bytes(bytes(range(256)) * 64)
+    (root / "state.json").write_text('{"phase": "stopping"}')
+    return root
+
+
+def files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def expected(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files(root)}
+
+
+def contents(blob: bytes) -> tuple[set[str], dict[str, bytes]]:
+    """(top-level directories, path under them -> bytes) of a flushed tar.gz."""
+    tops: set[str] = set()
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        for member in tar.getmembers():
+            top, _, rest = member.name.partition("/")
+            tops.add(top)
+            extracted = tar.extractfile(member) if member.isfile() else None
+            if extracted is not None:
+                found[rest] = extracted.read()
+    return tops, found
 
 
 def test_setup_makes_a_private_bucket_whose_objects_expire(provider: AwsProvider) -> None:
@@ -79,16 +127,74 @@ def test_unchanged_files_are_not_uploaded_again(provider: AwsProvider, tmp_path:
     assert len(puts) == 2
 
 
-def test_sink_url_accepts_one_put(provider: AwsProvider) -> None:
+def test_sink_put_url_is_sigv4_and_signs_no_content_type(provider: AwsProvider, state_dir: Path) -> None:
+    """The agent's PUT sends no Content-Type; a SigV4 URL that signed one would get SignatureDoesNotMatch
+    from real S3 (moto checks no signature, so the URL itself is inspected)."""
     provider.setup()
-    url = provider.sink_url("c1")
-    request = urllib.request.Request(
-        url, data=b"\x1f\x8b tarball", method="PUT", headers={"Content-Type": "application/gzip"}
-    )
-    urllib.request.urlopen(request, timeout=30).close()
+    url = provider.stager().sink_url("c1", "m1")
+    query = parse_qs(urlsplit(url).query)
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+    assert query["X-Amz-SignedHeaders"] == ["host"]
+    assert "content-type" not in url.lower()
+    asyncio.run(flush(url, files(state_dir), label="c1-m1"))
+    blob = provider.client("s3", REGION).get_object(Bucket=BUCKET, Key="clusters/c1/sink/m1.tar.gz")["Body"].read()
+    assert contents(blob)[1] == expected(state_dir)
+
+
+def test_machines_sharing_one_presigned_post_each_land_their_own_object(
+    provider: AwsProvider, state_dir: Path, tmp_path: Path
+) -> None:
+    """Every EC2 machine of a cluster gets the same agent.toml; with the cluster's presigned POST each
+    agent's flush becomes its own object under the cluster's sink prefix, intact."""
+    provider.setup()
+    spec = MachineSpec(cluster="c1", count=2, agent=AgentConfig(sink=provider.sink_url("c1")), agent_wheel=Path())
+    config = provider.machine_config(spec)
+    assert config.sink == provider.sink_url("c1") and config.sink_form["key"] == "clusters/c1/sink/${filename}"
+    policy = json.loads(base64.b64decode(config.sink_form["policy"]))
+    assert ["starts-with", "$key", "clusters/c1/sink/"] in policy["conditions"]
+    assert any(c[0] == "content-length-range" for c in policy["conditions"] if isinstance(c, list))
+    other = tmp_path / "other-state"
+    shutil.copytree(state_dir, other)
+    (other / "tasks" / "t1" / "stdout").write_bytes(b"the second machine's output\n")
+
+    async def both() -> None:
+        await flush(config.sink, files(state_dir), label="c1-ip-10-0-1-7", form=config.sink_form)
+        await flush(config.sink, files(other), label="c1-ip-10-0-1-8", form=config.sink_form)
+
+    asyncio.run(both())
     s3 = provider.client("s3", REGION)
-    got = s3.get_object(Bucket="rawvm-stage-test", Key="clusters/c1/sink/sink.tar.gz")["Body"].read()
-    assert got == b"\x1f\x8b tarball"
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="clusters/c1/")["Contents"])
+    assert len(keys) == 2 and all(k.startswith("clusters/c1/sink/") and k.endswith(".tar.gz") for k in keys)
+    first, second = (s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys)
+    assert keys[0].startswith("clusters/c1/sink/c1-ip-10-0-1-7-") and contents(first) == (
+        {keys[0].rsplit("/", 1)[1].removesuffix(".tar.gz")},
+        expected(state_dir),
+    )
+    assert keys[1].startswith("clusters/c1/sink/c1-ip-10-0-1-8-") and contents(second)[1] == expected(other)
+
+
+def test_machine_config_leaves_another_sink_alone(provider: AwsProvider) -> None:
+    spec = MachineSpec(
+        cluster="c1", count=1, agent=AgentConfig(sink="https://example.org/put?sig=x"), agent_wheel=Path()
+    )
+    assert provider.machine_config(spec).sink_form == {}
+    assert provider.machine_config(dataclasses.replace(spec, agent=AgentConfig())).sink == ""
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1"])
+def test_presigned_urls_use_the_regional_endpoint_and_sigv4(region: str, tmp_path: Path) -> None:
+    """Outside us-east-1 the global endpoint answers a new bucket with a redirect a presigned request cannot
+    follow; presigning is local, so this needs no AWS."""
+    real = AwsProvider(region, "rawvm-staging-123456789012", session=session(), config_path=tmp_path / "aws.toml")
+    stager = real.stager()
+    put = urlsplit(stager.sink_url("c1", "m1"))
+    post_url, fields = stager.sink_post("c1")
+    assert put.netloc == urlsplit(post_url).netloc == f"rawvm-staging-123456789012.s3.{region}.amazonaws.com"
+    assert parse_qs(put.query)["X-Amz-Credential"][0].endswith(f"/{region}/s3/aws4_request")
+    assert fields["x-amz-algorithm"] == "AWS4-HMAC-SHA256"
+    assert fields["x-amz-credential"].endswith(f"/{region}/s3/aws4_request")
+    dotted = AwsProvider(region, "rawvm.staging", session=session(), config_path=tmp_path / "aws.toml")
+    assert urlsplit(dotted.stager().sink_url("c1")).path.startswith("/rawvm.staging/")  # TLS names no dots
 
 
 def test_staging_without_setup_says_what_to_run(provider: AwsProvider, tmp_path: Path) -> None:
@@ -96,7 +202,7 @@ def test_staging_without_setup_says_what_to_run(provider: AwsProvider, tmp_path:
     payload.write_text("x")
     with pytest.raises(RawvmError, match="run 'rawvm setup aws' first"):
         provider.stage("c1", [("f", payload)])
-    stager = S3Stager(provider.client("s3", REGION), "rawvm-stage-test")
+    stager = S3Stager(provider.client("s3", REGION), BUCKET)
     with pytest.raises(RawvmError, match="relative path"):
         stager._key("c1", "../escape")
 

@@ -137,10 +137,9 @@ class AwsProvider:
         key = (service, region)
         if key not in self._clients:
             config = RETRY_CONFIG
-            if service == "s3" and self.endpoint_url:
-                config = config.merge(Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
-            elif service == "s3":
-                config = config.merge(Config(signature_version="s3v4"))
+            if service == "s3":
+                path_style = bool(self.endpoint_url) or "." in self.bucket
+                config = config.merge(aws_staging.s3_config(path_style=path_style))
             self._clients[key] = self.session.client(
                 service,  # type: ignore[call-overload]
                 region_name=region,
@@ -224,7 +223,19 @@ class AwsProvider:
             raise RawvmError(f"staging to S3 failed: {_aws_error(exc)}") from None
 
     def sink_url(self, cluster: str) -> str:
-        return self.stager().sink_url(self.check_cluster(cluster))
+        """The URL of the cluster's presigned POST; ``machine_config`` adds its form fields."""
+        return self.sink_post(cluster)[0]
+
+    def sink_form(self, cluster: str) -> dict[str, str]:
+        """The form fields of the cluster's presigned POST sink (optional provider hook)."""
+        return self.sink_post(cluster)[1]
+
+    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
+        """One presigned POST for every machine of ``cluster``: each agent's upload is its own object."""
+        try:
+            return self.stager().sink_post(self.check_cluster(cluster))
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"presigning the S3 sink failed: {_aws_error(exc)}") from None
 
     def setup(self, region: str = "") -> tuple[str, str, bool]:
         """``rawvm setup aws``: the staging bucket (nothing with a standing cost); (region, bucket, created)."""
@@ -260,7 +271,16 @@ class AwsProvider:
         """The agent config every machine of this launch gets: listening on all interfaces (the security
         group is the fence), watching for spot notices when it may be spot."""
         spot = dataclasses.replace(spec.agent.spot, enabled=spec.spot_policy != "on-demand")
-        return dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
+        agent = dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
+        return self._with_sink_form(agent)
+
+    def _with_sink_form(self, agent: AgentConfig) -> AgentConfig:
+        """The cluster's sink (``sink_url``) is a presigned POST: the agents need its form fields too. Every
+        machine gets the same ones; each names its upload after itself. Another sink is left as it is."""
+        if not agent.sink or agent.sink_form:
+            return agent
+        url, form = self.sink_post(agent.cluster)
+        return dataclasses.replace(agent, sink_form=form) if agent.sink == url else agent
 
     def user_data(self, spec: MachineSpec) -> bytes:
         wheel = spec.agent_wheel
