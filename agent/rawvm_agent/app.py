@@ -206,6 +206,13 @@ class Agent:
             log.error("install failed: %s", exc)
             self.set_phase(Phase.FAILED)
             return
+        except Exception as exc:
+            # Any other error must still end in FAILED: "installing" counts as busy, and a machine stuck there
+            # would run until max_lifetime.
+            self.state.error = f"{type(exc).__name__}: {exc}"
+            log.exception("install failed unexpectedly")
+            self.set_phase(Phase.FAILED)
+            return
         self.state.installed_manifest = self.config.bundle.manifest_sha256 if self.config.bundle.files else "-"
         self.state.error = ""
         log.info("environment ready")

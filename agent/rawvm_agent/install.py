@@ -484,9 +484,28 @@ def _pylock_package_count(path: Path) -> int:
 
 
 def unpack_code(archive: Path, dest: Path) -> None:
-    """Unpack the project code; tarfile's ``data`` filter refuses absolute paths, ``..``, links out, devices."""
+    """Unpack the project code, refusing absolute paths, ``..``, links and devices.
+
+    tarfile's ``data`` filter does that where it exists (3.11.4+); older Pythons, such as Debian 12's 3.11.2 on a
+    VM, get the same rule from :func:`_checked_members`.
+    """
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:
+                tar.extractall(dest, members=_checked_members(tar))  # noqa: S202 - members are checked
     except (tarfile.TarError, OSError) as exc:
         raise InstallError(f"cannot unpack {archive.name}: {exc}") from None
+
+
+def _checked_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    members = tar.getmembers()
+    for member in members:
+        name = PurePosixPath(member.name)
+        if not (member.isfile() or member.isdir()):
+            raise InstallError(f"code archive member {member.name!r} is not a regular file or directory")
+        if name.is_absolute() or ".." in name.parts:
+            raise InstallError(f"code archive member {member.name!r} points outside the work directory")
+        member.mode &= 0o755  # no setuid/setgid bits from an archive
+    return members

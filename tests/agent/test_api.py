@@ -287,6 +287,29 @@ async def test_bad_bundle_fails_refuses_tasks_and_still_powers_off(make_client: 
     assert not (tmp_path / "state" / "env").exists() and not (tmp_path / "state" / "work").exists()
 
 
+async def test_an_unexpected_install_error_still_fails_and_powers_off(
+    make_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only InstallError: any exception during install must end in phase failed, or "installing" (busy)
+    would keep the machine up until max_lifetime. The bug this guards was a TypeError from an old Python."""
+    from rawvm_agent.install import Installer
+
+    async def broken(self: Installer) -> None:
+        raise TypeError("extractall() got an unexpected keyword argument 'filter'")
+
+    monkeypatch.setattr(Installer, "install", broken)
+    bundle = tiny_bundle(tmp_path / "src")
+    marker = tmp_path / "off"
+    agent, client = await make_client(
+        bundle=bundle, idle={"keepalive": "1s", "poweroff_command": ["touch", str(marker)]}
+    )
+    await asyncio.wait_for(agent.stopped.wait(), 30)
+    body = await status(client)
+    assert "failed" in body["phase_times"]
+    assert body["error"].startswith("TypeError: extractall()")
+    assert marker.exists()
+
+
 @pytest.mark.slow
 async def test_tasks_wait_for_install(make_client: ClientFactory, tmp_path: Path) -> None:
     bundle = tiny_bundle(tmp_path / "src")

@@ -266,3 +266,51 @@ async def test_real_pypi_lock_installs(tmp_path: Path) -> None:
     env = await installer(tmp_path / "state", bundle.config()).install()
     result = run_in(env, "python", "-c", "import iniconfig; print(iniconfig.__file__)")
     assert result.returncode == 0 and str(env.venv) in result.stdout
+
+
+def _archive_with(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    archive = tmp_path / "code.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        ok = tarfile.TarInfo("pkg/ok.py")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"42"))
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data) if data else None)
+    return archive
+
+
+def _symlink(name: str, target: str) -> tarfile.TarInfo:
+    link = tarfile.TarInfo(name)
+    link.type, link.linkname = tarfile.SYMTYPE, target
+    return link
+
+
+@pytest.mark.parametrize(
+    "member",
+    [tarfile.TarInfo("../escape.txt"), tarfile.TarInfo("/abs/escape.txt"), _symlink("link", "/etc")],
+    ids=["dotdot", "absolute", "symlink"],
+)
+def test_code_archive_rules_hold_without_tarfile_filters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, member: tarfile.TarInfo
+) -> None:
+    """Debian 12's Python 3.11.2 (the VM's) has no tarfile extraction filters: our own member check applies."""
+    monkeypatch.delattr(tarfile, "data_filter")
+    archive = _archive_with(tmp_path, member, b"evil" if member.isfile() else b"")
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(InstallError):
+        unpack_code(archive, work)
+    assert list(work.rglob("*")) == []  # refused before anything was written
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_code_archive_unpacks_without_tarfile_filters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(tarfile, "data_filter")
+    member = tarfile.TarInfo("pkg/setuid.py")
+    member.mode = 0o4755
+    archive = _archive_with(tmp_path, member, b"x = 1\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    unpack_code(archive, work)
+    assert (work / "pkg" / "ok.py").read_bytes() == b"42"
+    assert (work / "pkg" / "setuid.py").stat().st_mode & 0o7777 == 0o755
