@@ -127,9 +127,71 @@ def test_ca_certificates_are_written_one_per_file_and_trusted(tmp_path: Path) ->
     assert [Path(p).suffix for p in crts] == [".crt", ".crt"]
     assert all(files[p]["content"].count("BEGIN CERTIFICATE") == 1 for p in crts)
     script = files[BOOTSTRAP_SCRIPT]["content"]
-    assert "update-ca-certificates" in script
+    assert "cat /usr/local/share/ca-certificates/rawvm-*.crt >> /etc/ssl/certs/ca-certificates.crt" in script
     assert "UV_NATIVE_TLS=1" in script
-    assert "update-ca-certificates" not in _files(_render())[BOOTSTRAP_SCRIPT]["content"]
+    assert "ca-certificates.crt" not in _files(_render())[BOOTSTRAP_SCRIPT]["content"]
+
+
+def make_ca_and_leaf(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh CA and a leaf certificate it signed, as PEM files (cryptography, dev dependency)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rawvm test proxy CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pypi.example")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_pem, leaf_pem = tmp_path / "ca.pem", tmp_path / "leaf.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    leaf_pem.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    return ca_pem, leaf_pem
+
+
+def test_ca_append_makes_the_system_bundle_trust_the_extra_ca(tmp_path: Path) -> None:
+    """Run the rendered CA step against a copy of this host's bundle; OpenSSL must then verify a leaf certificate
+    signed by a fresh test CA, and must not before (so the step, not luck, made it trusted)."""
+    ca_pem, leaf_pem = make_ca_and_leaf(tmp_path)
+    script = _files(_render(extra_ca_certs=[ca_pem]))[BOOTSTRAP_SCRIPT]["content"]
+    step = next(line for line in script.splitlines() if line.startswith("cat /usr/local/share/ca-certificates/"))
+    ca_dir, bundle = tmp_path / "ca-dir", tmp_path / "ca-certificates.crt"
+    ca_dir.mkdir()
+    shutil.copy(ca_pem, ca_dir / "rawvm-0.crt")
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", bundle)
+
+    def verifies() -> bool:
+        args = ["openssl", "verify", "-CAfile", str(bundle), str(leaf_pem)]
+        return subprocess.run(args, capture_output=True).returncode == 0
+
+    assert not verifies()
+    local_step = step.replace("/usr/local/share/ca-certificates", str(ca_dir)).replace(
+        "/etc/ssl/certs/ca-certificates.crt", str(bundle)
+    )
+    subprocess.run(["sh", "-c", local_step], check=True)
+    assert verifies()
 
 
 def test_not_a_certificate_is_one_clear_error(tmp_path: Path) -> None:
