@@ -63,6 +63,9 @@ class Agent:
         self.redactor = Redactor([self.token])
         self.redactor.add(*(self.environ[n] for n in config.secret_env if self.environ.get(n)))
         self.redactor.add(*map(url_password, (config.install.index_url, *config.install.extra_index_urls)))
+        # An S3 presigned POST's signature, policy and session token: as good as a credential until they expire.
+        secret_fields = ("signature", "policy", "token", "credential")
+        self.redactor.add(*(v for k, v in config.sink_form.items() if any(f in k.lower() for f in secret_fields)))
         self.log_file = self.state_dir / "agent.log"
         self.store = StateStore(self.state_dir / "state.json")
         self.state = AgentState()

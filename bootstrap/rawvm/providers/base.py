@@ -63,7 +63,8 @@ class Provider(Protocol):
         ...
 
     def sink_url(self, cluster: str) -> str:
-        """Where agents deliver logs and telemetry when they stop (a directory or a PUT URL)."""
+        """Where agents deliver logs and telemetry when they stop: a directory, a PUT URL, or a POST URL whose form
+        fields the provider adds to the agent config (aws: ``sink_form``)."""
         ...
 
     def launch(self, spec: MachineSpec) -> list[Machine]:
