@@ -541,6 +541,14 @@ def ls() -> list[ClusterView]:
         ]
         view = ClusterView(record.name, record.provider, record.created, machines, record.price_per_hour)
         if known is not None and view.running == 0 and time.time() - record.created > 60:
+            # Its machines stopped by themselves; release what was made for the cluster (aws: security group,
+            # launch template; qemu: state files) before forgetting it, or nothing would ever clean those up.
+            try:
+                provider.down(record.name)
+            except RawvmError as exc:
+                _say(f"{record.name}: its machines are gone but cleaning up failed ({exc}); try 'rawvm down'")
+                views.append(view)
+                continue
             clusters.remove(record.name)
             continue
         views.append(view)

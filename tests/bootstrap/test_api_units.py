@@ -170,3 +170,30 @@ def test_rich_progress_shows_each_machine_and_its_phase() -> None:
     view.close()
     text = out.getvalue()
     assert "m0" in text and "m1" in text and "ready" in text and "booting" in text
+
+
+def test_ls_releases_a_finished_clusters_provider_resources_before_forgetting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster whose machines all stopped by themselves is forgotten by 'rawvm ls', and its provider's leftovers
+    (here the real local provider's staged files; on aws the security group and launch template) go with it."""
+    import tempfile
+    import time
+
+    from rawvm.providers.local import default_root
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    cluster_dir = default_root() / "old"
+    (cluster_dir / "staged").mkdir(parents=True)
+    (cluster_dir / "staged" / "pylock.toml").write_text("")
+    gone = Machine(id="old-m0", provider="local", cluster="old", agent_url="http://127.0.0.1:1", details={"pid": "0"})
+    clusters.save(clusters.ClusterRecord(name="old", provider="local", token="t", machines=[gone], created=0.0))
+    recent = clusters.ClusterRecord(name="new", provider="local", token="t", machines=[gone], created=time.time())
+    clusters.save(recent)
+
+    names = [view.name for view in api.ls()]
+    assert names == ["new"]  # a just-launched cluster may not have machines yet: kept
+    assert not cluster_dir.exists()
+    with pytest.raises(RawvmError):
+        clusters.load("old")
