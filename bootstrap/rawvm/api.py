@@ -30,6 +30,7 @@ from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_pla
 from rawvm import clusters
 from rawvm.agent_client import AgentClient, AgentError
 from rawvm.errors import RawvmError, UsageError
+from rawvm.files import sha256_file
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import PROVIDERS, get_provider
 from rawvm.providers.base import Machine, MachineSpec, Provider
@@ -122,19 +123,9 @@ def bundle_files(bundle_dir: Path) -> list[tuple[str, Path]]:
     return sorted((p.relative_to(bundle_dir).as_posix(), p) for p in bundle_dir.rglob("*") if p.is_file())
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def bundle_config(files: Sequence[tuple[str, Path]], urls: dict[str, str], manifest_sha256: str) -> BundleConfig:
     return BundleConfig(
-        files=tuple(BundleFile(path=name, url=urls[name], sha256=_sha256(path)) for name, path in files),
+        files=tuple(BundleFile(path=name, url=urls[name], sha256=sha256_file(path)) for name, path in files),
         manifest_sha256=manifest_sha256,
     )
 

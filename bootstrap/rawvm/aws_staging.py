@@ -11,7 +11,6 @@ PUT URL names one object, so the machines would overwrite each other's logs. The
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
+from rawvm.files import sha256_file
 
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
@@ -41,14 +41,6 @@ def s3_config(*, path_style: bool = False) -> Config:
         signature_version="s3v4",
         s3={"addressing_style": "path" if path_style else "virtual", "us_east_1_regional_endpoint": "regional"},
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _code(exc: ClientError) -> str:
@@ -123,15 +115,15 @@ class S3Stager:
         urls: dict[str, str] = {}
         for name, path in files:
             key = self._key(cluster, name)
-            sha = _sha256(path)
-            if self._stored_sha256(key) != sha:
+            sha = sha256_file(path)
+            if self._storedsha256_file(key) != sha:
                 self.s3.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
             urls[name] = self.s3.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=GET_URL_SECONDS
             )
         return urls
 
-    def _stored_sha256(self, key: str) -> str:
+    def _storedsha256_file(self, key: str) -> str:
         try:
             head = self.s3.head_object(Bucket=self.bucket, Key=key)
         except ClientError:

@@ -22,6 +22,7 @@ from types import TracebackType
 from urllib.parse import quote, unquote, urlsplit
 
 from rawvm.errors import RawvmError
+from rawvm.files import place_file
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,7 @@ class LoopbackStager:
         urls: dict[str, str] = {}
         for name, source in files:
             rel = safe_relpath(name)
-            target = self.root / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-            tmp.replace(target)
+            place_file(source, self.root / rel)
             urls[name] = self.url(rel)
         return urls
 

@@ -39,11 +39,8 @@ class BundleContents:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def manifest_document(contents: BundleContents, files: list[dict[str, str]]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
-import hashlib
 import os
 import re
 import time
@@ -32,6 +31,7 @@ from rawvm_images.instance_types import InstanceType, choose_instance_types, des
 
 from rawvm import aws_fleet, aws_network, aws_staging, aws_teardown
 from rawvm.errors import RawvmError, UsageError
+from rawvm.files import sha256_file
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
 from rawvm.uvwheel import UvWheel, find_uv_wheel
@@ -60,10 +60,6 @@ def read_settings(path: Path) -> dict[str, str]:
 def write_settings(path: Path, settings: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(settings))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _local_user() -> str:
@@ -291,7 +287,7 @@ class AwsProvider:
         text = render_user_data(
             self.machine_config(spec),
             agent_wheel_url=url,
-            agent_wheel_sha256=_sha256(wheel),
+            agent_wheel_sha256=sha256_file(wheel),
             uv_wheel=self.uv_wheel,
             extra_ca_certs=spec.extra_ca_certs,
         )

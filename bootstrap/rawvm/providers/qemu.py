@@ -17,7 +17,6 @@ State, per cluster, under ``$RAWVM_STATE_DIR`` (else ``$XDG_STATE_HOME/rawvm``, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from rawvm_images.qemu_boot import (
 )
 
 from rawvm.errors import RawvmError, UsageError
+from rawvm.files import place_file, sha256_file
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.staging import QEMU_HOST, LoopbackStager, safe_relpath
 from rawvm.userdata import encode_user_data, render_user_data
@@ -65,14 +65,6 @@ def default_state_root() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "rawvm"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class QemuProvider:
@@ -141,7 +133,7 @@ class QemuProvider:
                 rel = safe_relpath(name)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-            _place(source, directory / "files" / rel)
+            place_file(source, directory / "files" / rel)
             urls[name] = self._url(port, "files", quote(rel))
         return urls
 
@@ -185,7 +177,7 @@ class QemuProvider:
         directory = self.cluster_dir(spec.cluster)
         wheel_name = f"agent/{spec.agent_wheel.name}"
         wheel_url = self.stage(spec.cluster, [(wheel_name, spec.agent_wheel)])[wheel_name]
-        wheel_sha256 = _sha256(spec.agent_wheel)
+        wheel_sha256 = sha256_file(spec.agent_wheel)
         uv_wheel = find_uv_wheel()
         accel = self._accel()
         machines = []
@@ -312,18 +304,6 @@ def _release_disk(files: BootFiles) -> None:
 
 def _say(message: str) -> None:
     print(f"rawvm: {message}", file=sys.stderr, flush=True)
-
-
-def _place(source: Path, target: Path) -> None:
-    """Atomically put ``source`` at ``target``: a hard link when on the same file system, else a copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    tmp.replace(target)
 
 
 def _terminate(pid: int, marker: str, wait: float = 10.0) -> bool:
