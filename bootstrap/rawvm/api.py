@@ -247,6 +247,7 @@ def _launch(
             provider_options=options,
         )
         clusters.save(record)  # before launching, so 'rawvm down NAME' finds what a failed launch left
+        remember_sink_provider(name, provider_name, options)  # 'rawvm logs' reads the sink after the record goes
         record.machines = provider.launch(spec)
         timings["launch"] = time.monotonic() - mark
     finally:
@@ -551,15 +552,12 @@ def ls_json(views: Sequence[ClusterView]) -> str:
 
 
 async def _machine_logs(
-    cluster: str, mid: str, client: AgentClient, prefix: str, follow: bool, output: TextIO, error_output: TextIO
+    mid: str, client: AgentClient, prefix: str, follow: bool, output: TextIO, error_output: TextIO
 ) -> bool:
-    """Print one machine's latest task output; False when its agent does not answer."""
+    """Print one machine's latest task output; False when its agent does not answer (stopped?)."""
     try:
         tasks = await client.tasks()
     except AgentError:
-        if print_flushed_logs(cluster, mid, prefix, output, error_output):
-            return True
-        _say(f"{mid}: its agent does not answer (stopped?); its logs went to its sink when it stopped")
         return False
     if not tasks:
         _say(f"{mid}: no task yet")
@@ -589,25 +587,106 @@ async def _logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, er
 
     many = len(record.machines) > 1
     async with aiohttp.ClientSession() as session:
+        clients = _clients(record, session)
         answered = await asyncio.gather(
             *(
-                _machine_logs(record.name, mid, client, f"[{mid}] " if many else "", follow, output, error_output)
-                for mid, client in _clients(record, session).items()
+                _machine_logs(mid, client, f"[{mid}] " if many else "", follow, output, error_output)
+                for mid, client in clients.items()
             )
         )
+    stopped = [mid for mid, ok in zip(clients, answered, strict=True) if not ok]
+    if stopped and _print_stopped(record, stopped, many, output, error_output):
+        return 0
     return 0 if any(answered) else 1
 
 
+def _print_stopped(
+    record: clusters.ClusterRecord, stopped: Sequence[str], many: bool, output: TextIO, error_output: TextIO
+) -> bool:
+    """The flushed output of the machines whose agents did not answer; False when none was shown.
+
+    A flush is named after its agent's label: the machine id on local and qemu, but the host name on EC2 (every
+    machine there shares one agent.toml), which the record does not know. So flushes that name no recorded
+    machine are shown too, under their own name: they come from machines that have stopped."""
+    fetch_flushes(record.name, _provider_of(record))
+    flushed = flushed_machines(record.name)
+    known = {_short(m) for m in record.machines}
+    unnamed = [mid for mid in flushed if mid not in known]
+    many = many or len(unnamed) > 1
+    shown = False
+    for mid in [m for m in stopped if m in flushed] + unnamed:
+        shown = print_flushed_logs(record.name, mid, f"[{mid}] " if many else "", output, error_output) or shown
+    if not unnamed:
+        for mid in stopped:
+            if mid not in flushed:
+                _say(f"{mid}: its agent does not answer (stopped?) and it has flushed no logs to the sink yet")
+    return shown
+
+
+def sink_dir(cluster: str) -> Path:
+    """Where this host keeps a cluster's flushes: the local provider's sink, and what ``fetch_sink`` brings."""
+    return clusters.state_dir() / "sinks" / cluster
+
+
+_SINK_PROVIDER = "provider.json"
+
+
+def remember_sink_provider(cluster: str, provider: str, options: dict[str, str]) -> None:
+    """Note the cluster's provider (and e.g. its region) beside its flushes: once ``rawvm ls`` has forgotten the
+    cluster, ``rawvm logs`` still knows where the flushes are."""
+    directory = sink_dir(cluster)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / _SINK_PROVIDER).write_text(json.dumps({"provider": provider, "options": options}, sort_keys=True))
+
+
+def _remembered_provider(cluster: str) -> Provider | None:
+    """The provider noted at launch; None when there is no note (a cluster launched before notes were kept:
+    only its local flushes can be read)."""
+    try:
+        raw = json.loads((sink_dir(cluster) / _SINK_PROVIDER).read_text())
+        name, options = str(raw["provider"]), {str(k): str(v) for k, v in dict(raw.get("options", {})).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return get_provider(name, **options)
+
+
+def fetch_flushes(cluster: str, provider: Provider | None) -> int:
+    """Bring the cluster's flushes into ``sink_dir`` with the provider's ``fetch_sink`` hook, when it has one
+    (local machines flush there directly). A failure is said, not raised: what was fetched before still shows."""
+    fetch: Callable[[str, Path], int] | None = getattr(provider, "fetch_sink", None)
+    if fetch is None:
+        return 0
+    try:
+        return fetch(cluster, sink_dir(cluster))
+    except RawvmError as exc:
+        _say(f"{cluster}: cannot fetch the logs its machines flushed: {exc}")
+        return 0
+
+
+def _flush_owner(cluster: str, name: str) -> str:
+    """The machine of the flush directory ``<cluster>-<machine>-<UTC time>``. A qemu agent's machine id starts
+    with the cluster already (``<cluster>-<cluster>-<id>-<UTC>``): that repeat is dropped to give the short id."""
+    return name[len(cluster) + 1 :].rsplit("-", 1)[0].removeprefix(f"{cluster}-")
+
+
+def _flushes(cluster: str) -> dict[str, list[Path]]:
+    """Each machine's flush directories in this host's sink directory, oldest first."""
+    found: dict[str, list[Path]] = {}
+    for path in sorted(sink_dir(cluster).glob(f"{cluster}-*-*")):
+        if path.is_dir():
+            found.setdefault(_flush_owner(cluster, path.name), []).append(path)
+    return found
+
+
 def flushed_machines(cluster: str) -> list[str]:
-    """Machines of ``cluster`` that flushed their logs to this host's sink directory (local machines) on stop."""
-    root = clusters.state_dir() / "sinks" / cluster
-    names = {p.name[len(cluster) + 1 :].rsplit("-", 1)[0] for p in root.glob(f"{cluster}-*-*") if p.is_dir()}
-    return sorted(names)
+    """Machines of ``cluster`` whose flushed logs are in this host's sink directory (local machines flush there
+    themselves; ``fetch_flushes`` brings those of the other providers)."""
+    return sorted(_flushes(cluster))
 
 
 def print_flushed_logs(cluster: str, mid: str, prefix: str, output: TextIO, error_output: TextIO) -> bool:
-    """The latest task's output from the last flush ``mid`` made to the local sink; False when there is none."""
-    flushes = sorted(p for p in (clusters.state_dir() / "sinks" / cluster).glob(f"{cluster}-{mid}-*") if p.is_dir())
+    """The latest task's output from the last flush ``mid`` made to the sink; False when there is none."""
+    flushes = _flushes(cluster).get(mid, [])
     if not flushes:
         return False
     tasks = []
@@ -629,12 +708,16 @@ def print_flushed_logs(cluster: str, mid: str, prefix: str, output: TextIO, erro
 def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) -> int:
     """Print the output of the latest task on each machine of ``cluster``; ``follow`` until it ends.
 
-    Local machines that have stopped (and clusters already forgotten) answer from the logs they flushed."""
+    Machines that have stopped, and clusters already forgotten, answer from the logs they flushed to their sink
+    (fetched first from the provider's sink, for qemu and aws)."""
     out = output or sys.stdout
-    if not clusters.exists(cluster) and (mids := flushed_machines(clusters.check_name(cluster))):
-        many = len(mids) > 1
-        shown = [print_flushed_logs(cluster, mid, f"[{mid}] " if many else "", out, sys.stderr) for mid in mids]
-        return 0 if any(shown) else 1
+    if not clusters.exists(cluster):
+        name = clusters.check_name(cluster)
+        fetch_flushes(name, _remembered_provider(name))
+        if mids := flushed_machines(name):
+            many = len(mids) > 1
+            shown = [print_flushed_logs(name, mid, f"[{mid}] " if many else "", out, sys.stderr) for mid in mids]
+            return 0 if any(shown) else 1
     record = clusters.load(cluster)
     return _run_sync(_logs(record, follow, out, sys.stderr))
 

@@ -7,10 +7,12 @@ with SigV4 against the bucket's regional endpoint (``s3_config``).
 The sink is a presigned POST, not a PUT: every machine of a cluster boots from the same user-data, and one
 PUT URL names one object, so the machines would overwrite each other's logs. The POST's key is
 ``clusters/<cluster>/sink/${filename}``; S3 fills in the file name each agent sends (its own label).
+``fetch_sink`` brings those objects back, unpacked, for ``rawvm logs``.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
+from rawvm.sink_fetch import FlushCache
 
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
@@ -144,6 +147,25 @@ class S3Stager:
             "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=SINK_URL_SECONDS
         )
         return url
+
+    def fetch_sink(self, cluster: str, dest: Path) -> int:
+        """Download and unpack every flush under the cluster's sink prefix into ``dest`` (the local sink's
+        layout), skipping those already there (same key and ETag). Returns how many it unpacked."""
+        cache = FlushCache(dest)
+        fetched = 0
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.sink_prefix(cluster))
+        for page in pages:
+            for item in page.get("Contents", []):
+                key, etag = str(item["Key"]), str(item.get("ETag", "")).strip('"')
+                if not key.endswith(".tar.gz") or cache.has(key, etag):
+                    continue
+                dest.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as scratch:
+                    archive = Path(scratch) / "flush.tar.gz"
+                    self.s3.download_file(self.bucket, key, str(archive))
+                    fetched += cache.unpack(key, etag, archive)
+        cache.raise_errors()
+        return fetched
 
     def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
         """A presigned POST (URL, form fields) that every machine of ``cluster`` can use for its own object:

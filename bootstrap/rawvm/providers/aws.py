@@ -233,6 +233,13 @@ class AwsProvider:
         except (ClientError, BotoCoreError) as exc:
             raise RawvmError(f"presigning the S3 sink failed: {_aws_error(exc)}") from None
 
+    def fetch_sink(self, cluster: str, dest: Path) -> int:
+        """Optional provider hook: the cluster's flushes (S3 objects) unpacked into ``dest``; see aws_staging."""
+        try:
+            return self.stager().fetch_sink(self.check_cluster(cluster), dest)
+        except (ClientError, BotoCoreError) as exc:
+            raise RawvmError(f"fetching the flushed logs from S3 failed: {_aws_error(exc)}") from None
+
     def setup(self, region: str = "") -> tuple[str, str, bool]:
         """``rawvm setup aws``: the staging bucket (nothing with a standing cost); (region, bucket, created)."""
         region = self.resolve_region(region)

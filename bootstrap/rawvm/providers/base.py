@@ -52,6 +52,15 @@ class Machine:
 
 @runtime_checkable
 class Provider(Protocol):
+    """What every provider has. Optional hooks, which the front door calls through ``getattr`` when present:
+    ``target_glibc()``, ``target_python()``, ``alive(machine)``, ``ready_timeout_s``, and
+
+    ``fetch_sink(cluster: str, dest: Path) -> int``: bring every flush the cluster's agents sent to the sink into
+    ``dest``, in the local provider's sink layout (``<label>-<UTC time>/tasks/<id>/{task.json,stdout,stderr}``,
+    ``agent.log``, telemetry), skipping flushes already there; returns how many it brought. ``rawvm logs`` reads
+    stopped machines and forgotten clusters from ``dest``. Providers whose sink is that directory need none.
+    """
+
     name: str
 
     def target_platform(self, spec: MachineSpec) -> str:

@@ -47,6 +47,7 @@ from rawvm_images.qemu_boot import (
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import place_file, sha256_file
 from rawvm.providers.base import Machine, MachineSpec
+from rawvm.sink_fetch import FlushCache
 from rawvm.staging import QEMU_HOST, LoopbackStager, safe_relpath
 from rawvm.userdata import encode_user_data, render_user_data
 from rawvm.uvwheel import find_uv_wheel
@@ -141,6 +142,20 @@ class QemuProvider:
         """The cluster's sink prefix; machine ``M`` PUTs ``<prefix>M.tar.gz``, landing in ``<cluster dir>/sink/``."""
         port = self._ensure_server(self.cluster_dir(cluster))
         return self._url(port, "sink", "")
+
+    def fetch_sink(self, cluster: str, dest: Path) -> int:
+        """Unpack the cluster's flushes (one ``<machine>.tar.gz`` each in ``<cluster dir>/sink/``) into ``dest``,
+        in the local sink's layout; skips those already there. Returns how many it unpacked."""
+        sink = self.cluster_dir(cluster) / "sink"
+        cache = FlushCache(dest)
+        fetched = 0
+        for archive in sorted(sink.rglob("*.tar.gz")):
+            stat = archive.stat()
+            source, fingerprint = archive.relative_to(sink).as_posix(), f"{stat.st_size}:{stat.st_mtime_ns}"
+            if not cache.has(source, fingerprint):
+                fetched += cache.unpack(source, fingerprint, archive)
+        cache.raise_errors()
+        return fetched
 
     @staticmethod
     def _url(port: int, kind: str, rel: str) -> str:
