@@ -8,7 +8,8 @@ are what went over the wire, not what our code believes it sent.
 
 - rawvm: ``AwsProvider.launch`` for N machines, spot_with_fallback (spot capacity is plentiful on moto, so
   one fleet fills it). The wall time includes everything the provider does: choosing types, the image
-  lookup, S3 staging of the agent wheel, user-data, security group, launch template, the fleet, and the
+  lookup, S3 staging of the agent wheel, user-data, the caller's security group (made here: each run starts
+  from a reset mock, as a first launch from an address does), launch template, the fleet, and the
   DescribeInstances that returns the machines.
 - naive: the same preparation, security group and launch template, then one ``RunInstances`` per machine
   (MinCount=MaxCount=1). This is the loop a launcher written as "for each machine: start it" makes, and the
@@ -100,9 +101,7 @@ def run_naive(server: MotoServer, tmp: Path, n: int) -> tuple[int, float, int]:
     vpc_id, subnets = default_network(ec2)
     tags = provider._tags(the_spec)
     user_data = provider.user_data(the_spec)
-    group = ensure_security_group(
-        ec2, cluster="naive", vpc_id=vpc_id, caller_ip=CALLER_IP, port=8470, ssh=False, tags=tags
-    )
+    group = ensure_security_group(ec2, vpc_id=vpc_id, caller_ip=CALLER_IP, port=8470, ssh=False, tags=tags)
     data = launch_template_data(
         image_id=image.image_id,
         root_device=image.root_device,

@@ -17,6 +17,8 @@ from rawvm.aws_fleet import tag_list
 from rawvm.errors import RawvmError
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
+CALLER_TAG = "rawvm:caller"  # marks a caller's security group (value: the /32 it admits)
+CLUSTER_ONLY_TAGS = ("rawvm:cluster", "rawvm:expires")  # a caller's group outlives any one cluster
 
 
 def public_ip(url: str = CHECKIP_URL) -> str:
@@ -42,9 +44,15 @@ def default_network(ec2: Any) -> tuple[str, list[tuple[str, str]]]:
     return str(found[0]["VpcId"]), subnets
 
 
-def find_security_group(ec2: Any, cluster: str) -> dict[str, Any] | None:
-    response = ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": [cluster]}])
-    groups: list[dict[str, Any]] = response.get("SecurityGroups", [])
+def caller_group_name(caller_ip: str, port: int, ssh: bool) -> str:
+    """One group per caller address and port set: every cluster launched from that address shares it."""
+    address = str(ipaddress.IPv4Address(caller_ip)).replace(".", "-")
+    return f"rawvm-caller-{address}-{port}" + ("-ssh" if ssh else "")
+
+
+def find_security_group(ec2: Any, vpc_id: str, name: str) -> dict[str, Any] | None:
+    filters = [{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]}]
+    groups: list[dict[str, Any]] = ec2.describe_security_groups(Filters=filters).get("SecurityGroups", [])
     return groups[0] if groups else None
 
 
@@ -59,28 +67,32 @@ def _open_ports(group: Mapping[str, Any], cidr: str) -> set[int]:
 
 
 def ensure_security_group(
-    ec2: Any, *, cluster: str, vpc_id: str, caller_ip: str, port: int, ssh: bool, tags: Mapping[str, str]
+    ec2: Any, *, vpc_id: str, caller_ip: str, port: int, ssh: bool, tags: Mapping[str, str]
 ) -> str:
-    """The cluster's security group, ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``).
+    """The caller's security group: ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``).
 
-    A cluster launched again from the same address reuses its group without a call that changes anything.
+    It belongs to the caller's address, not to a cluster, so only the first launch from an address pays for it
+    (CreateSecurityGroup + AuthorizeSecurityGroupIngress, which EC2 cannot do in one call); later clusters from
+    the same address reuse it without a call that changes anything. ``rawvm down`` deletes it once no live
+    instance uses it. A launcher that moves gets a new group; the old one goes with the clusters that used it.
     """
     cidr = f"{ipaddress.IPv4Address(caller_ip)}/32"
-    group = find_security_group(ec2, cluster)
+    name = caller_group_name(caller_ip, port, ssh)
+    group = find_security_group(ec2, vpc_id, name)
+    group_tags = {k: v for k, v in tags.items() if k not in CLUSTER_ONLY_TAGS} | {CALLER_TAG: cidr}
     if group is None:
         group_id = str(
             ec2.create_security_group(
-                GroupName=f"rawvm-{cluster}",
-                Description=f"rawvm cluster {cluster}: agent port from the launching machine only",
+                GroupName=name,
+                Description=f"rawvm: agent port {port} from {cidr} only (the launching machine)",
                 VpcId=vpc_id,
-                TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(tags)}],
+                TagSpecifications=[{"ResourceType": "security-group", "Tags": tag_list(group_tags)}],
             )["GroupId"]
         )
         already: set[int] = set()
     else:
         group_id = str(group["GroupId"])
         already = _open_ports(group, cidr)
-    wanted = [port, 22] if ssh else [port]
     permissions = [
         {
             "IpProtocol": "tcp",
@@ -88,7 +100,7 @@ def ensure_security_group(
             "ToPort": p,
             "IpRanges": [{"CidrIp": cidr, "Description": "rawvm launcher"}],
         }
-        for p in wanted
+        for p in ([port, 22] if ssh else [port])
         if p not in already
     ]
     if permissions:
@@ -97,17 +109,4 @@ def ensure_security_group(
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "InvalidPermission.Duplicate":
                 raise
-    stale = _stale_rules(group, cidr) if group is not None else []
-    if stale:  # the launcher moved: its old address loses access
-        ec2.revoke_security_group_ingress(GroupId=group_id, IpPermissions=stale)
     return group_id
-
-
-def _stale_rules(group: Mapping[str, Any], cidr: str) -> list[dict[str, Any]]:
-    stale = []
-    for rule in group.get("IpPermissions", []):
-        ranges = [{"CidrIp": r["CidrIp"]} for r in rule.get("IpRanges", []) if r.get("CidrIp") != cidr]
-        if ranges:
-            kept = {k: rule[k] for k in ("IpProtocol", "FromPort", "ToPort")}
-            stale.append({**kept, "IpRanges": ranges})
-    return stale

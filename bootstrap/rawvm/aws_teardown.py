@@ -1,5 +1,6 @@
 """``rawvm down`` on EC2: terminate a cluster's instances by tag, wait until they are gone, then delete its
-security group and launch template (a security group cannot go while a network interface still uses it)."""
+launch template, and the caller's security group it used once no live instance uses it any more (a security
+group cannot go while a network interface still uses it; other clusters from the same address may share it)."""
 
 from __future__ import annotations
 
@@ -69,32 +70,62 @@ def down(
                 f"(e.g. {left[0]}); run 'rawvm down {cluster}' again"
             )
         sleep(poll)
-    _delete_security_groups(ec2, cluster, deadline, poll, sleep, clock)
     templates = ec2.describe_launch_templates(Filters=cluster_filters(cluster)).get("LaunchTemplates", [])
+    group_ids = sorted({g for t in templates for g in _template_groups(ec2, t["LaunchTemplateId"])})
     for template in templates:
         ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
+    cluster_groups = ec2.describe_security_groups(Filters=cluster_filters(cluster)).get("SecurityGroups", [])
+    for group_id in [*group_ids, *(g["GroupId"] for g in cluster_groups if g["GroupId"] not in group_ids)]:
+        if not _in_use(ec2, group_id):
+            _delete_security_group(ec2, group_id, cluster, deadline, poll, sleep, clock)
     return len(ids)
 
 
-def _delete_security_groups(
+def _template_groups(ec2: Any, template_id: str) -> set[str]:
+    """The security groups any version of a launch template names (a relaunch from a new address adds one)."""
+    groups: set[str] = set()
+    pages = ec2.get_paginator("describe_launch_template_versions").paginate(LaunchTemplateId=template_id)
+    for page in pages:
+        for version in page.get("LaunchTemplateVersions", []):
+            groups.update(version.get("LaunchTemplateData", {}).get("SecurityGroupIds", []))
+    return groups
+
+
+def _in_use(ec2: Any, group_id: str) -> bool:
+    """Whether another cluster still needs the group: a remaining rawvm launch template names it (a cluster lives
+    until 'rawvm down' removes its template), or a live instance uses it."""
+    pages = ec2.get_paginator("describe_launch_templates").paginate(Filters=cluster_filters(None))
+    if any(group_id in _template_groups(ec2, t["LaunchTemplateId"]) for p in pages for t in p["LaunchTemplates"]):
+        return True
+    filters = [
+        {"Name": "instance.group-id", "Values": [group_id]},
+        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+    ]
+    response = ec2.describe_instances(Filters=filters)
+    return any(r.get("Instances") for r in response.get("Reservations", []))
+
+
+def _delete_security_group(
     ec2: Any,
+    group_id: str,
     cluster: str,
     deadline: float,
     poll: float,
     sleep: Callable[[float], None],
     clock: Callable[[], float],
 ) -> None:
-    groups = ec2.describe_security_groups(Filters=cluster_filters(cluster)).get("SecurityGroups", [])
-    for group in groups:
-        while True:
-            try:
-                ec2.delete_security_group(GroupId=group["GroupId"])
-                break
-            except ClientError as exc:
-                # Network interfaces of just-terminated instances linger for a little while.
-                if exc.response.get("Error", {}).get("Code") != "DependencyViolation" or clock() > deadline:
-                    raise RawvmError(
-                        f"cannot delete security group {group['GroupId']} of cluster {cluster}: "
-                        f"{exc.response.get('Error', {}).get('Code')}; run 'rawvm down {cluster}' again later"
-                    ) from None
-                sleep(poll)
+    while True:
+        try:
+            ec2.delete_security_group(GroupId=group_id)
+            return
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "InvalidGroup.NotFound":
+                return  # another 'rawvm down' got there first
+            # Network interfaces of just-terminated instances linger for a little while.
+            if code != "DependencyViolation" or clock() > deadline:
+                raise RawvmError(
+                    f"cannot delete security group {group_id} of cluster {cluster}: {code}; "
+                    f"run 'rawvm down {cluster}' again later"
+                ) from None
+            sleep(poll)

@@ -117,13 +117,17 @@ class SpotShortage:
 
 @pytest.fixture(scope="module")
 def big_launch(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """1000 machines, spot_with_fallback, with spot capacity for 400 of them."""
+    """1000 machines, spot_with_fallback, with spot capacity for 400 of them, launched as a new cluster from an
+    address that launched one small cluster before (which paid for the caller's security group)."""
     moto.reset()
     tmp = tmp_path_factory.mktemp("big")
     provider = make_provider(moto, tmp)
     ec2 = provider.client("ec2", REGION)
-    shortage = SpotShortage(ec2, available=400)
     log = record_calls(ec2)
+    provider.launch(make_spec(tmp, "first", 1, cpu=2))
+    first_calls = list(log.calls)
+    log.calls.clear()
+    shortage = SpotShortage(ec2, available=400)
     machines = provider.launch(make_spec(tmp, "big", 1000, cpu=2, spot_policy="spot_with_fallback"))
     calls = list(log.calls)
     pages = ec2.get_paginator("describe_instances").paginate(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["big"]}])
@@ -133,20 +137,25 @@ def big_launch(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> di
         "ec2": ec2,
         "machines": machines,
         "calls": calls,
+        "first_calls": first_calls,
         "instances": instances,
         "spot_overrides": shortage.spot_overrides,
     }
 
 
-def test_1000_machines_spot_with_fallback_take_a_constant_handful_of_mutating_calls(big_launch: dict[str, Any]) -> None:
-    mutating = [c for c in big_launch["calls"] if not c.startswith(("Describe", "Get"))]
-    # Once per cluster: the security group (create + its one ingress rule) and the launch template.
-    # Per launch: one spot fleet, one on-demand fleet for the shortfall. No per-machine call.
-    assert mutating == [
+def _mutating(calls: list[str]) -> list[str]:
+    return [c for c in calls if not c.startswith(("Describe", "Get"))]
+
+
+def test_1000_machines_spot_with_fallback_take_at_most_3_mutating_calls(big_launch: dict[str, Any]) -> None:
+    # The launch template, one spot fleet, one on-demand fleet for the shortfall. No per-machine call.
+    assert _mutating(big_launch["calls"]) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet"]
+    # The first launch from an address also makes the caller's security group (EC2 needs two calls for a
+    # group and its rule); every later cluster from that address reuses it.
+    assert _mutating(big_launch["first_calls"]) == [
         "CreateSecurityGroup",
         "AuthorizeSecurityGroupIngress",
         "CreateLaunchTemplate",
-        "CreateFleet",
         "CreateFleet",
     ]
     assert Counter(m.spot for m in big_launch["machines"]) == {True: 400, False: 600}
@@ -227,13 +236,15 @@ def test_user_data_is_valid_cloud_config_under_16_kb(big_launch: dict[str, Any],
 
 def test_security_group_opens_only_the_agent_port_to_the_caller(big_launch: dict[str, Any]) -> None:
     ec2 = big_launch["ec2"]
-    (group,) = ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["big"]}])[
-        "SecurityGroups"
-    ]
+    (group_id,) = _template_data(ec2, "big")["SecurityGroupIds"]
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert group_id in _template_data(ec2, "first")["SecurityGroupIds"]  # shared by the caller's clusters
     rules = group["IpPermissions"]
     assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in rules] == [("tcp", DEFAULT_PORT, DEFAULT_PORT)]
     assert [ip["CidrIp"] for ip in rules[0]["IpRanges"]] == [f"{CALLER_IP}/32"]
-    assert dict(iter_tags(group.get("Tags"))).keys() >= TAG_KEYS
+    tags = dict(iter_tags(group.get("Tags")))
+    assert tags["rawvm:owner"] == "tester" and tags["rawvm:caller"] == f"{CALLER_IP}/32"
+    assert "rawvm:cluster" not in tags  # it outlives any one cluster; 'down' deletes it once unused
 
 
 def test_launch_returns_the_machines_with_their_agent_urls(big_launch: dict[str, Any]) -> None:
@@ -348,6 +359,15 @@ def test_down_leaves_nothing_tagged(moto: MotoServer, tmp_path: Path) -> None:
     }
     assert all(m.agent_url == f"http://{addresses[m.id]}:{DEFAULT_PORT}" for m in stays)
     assert provider.down("gone") == 0  # idempotent
+    # "gone" and "stays" came from one address and share its security group: it stays while "stays" runs.
+    (group_id,) = _template_data(ec2, "stays")["SecurityGroupIds"]
+    assert ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+    assert provider.down("stays") == 2
+    by_owner = [{"Name": "tag:rawvm:owner", "Values": ["tester"]}]
+    live_filter = [*by_owner, {"Name": "instance-state-name", "Values": live}]
+    assert ec2.describe_instances(Filters=live_filter)["Reservations"] == []
+    assert ec2.describe_security_groups(Filters=by_owner)["SecurityGroups"] == []
+    assert ec2.describe_launch_templates(Filters=by_owner)["LaunchTemplates"] == []
 
 
 def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServer, tmp_path: Path) -> None:
@@ -363,14 +383,18 @@ def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServ
     log.calls.clear()
     provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
     assert log.mutating == [
+        "CreateSecurityGroup",
         "AuthorizeSecurityGroupIngress",
-        "RevokeSecurityGroupIngress",
         "CreateLaunchTemplateVersion",
         "CreateFleet",
     ]
-    by_tag = [{"Name": "tag:rawvm:cluster", "Values": ["again"]}]
-    (group,) = provider.client("ec2", REGION).describe_security_groups(Filters=by_tag)["SecurityGroups"]
+    ec2 = provider.client("ec2", REGION)
+    (group_id,) = _template_data(ec2, "again")["SecurityGroupIds"]
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     assert [ip["CidrIp"] for r in group["IpPermissions"] for ip in r["IpRanges"]] == ["198.51.100.9/32"]
+    assert provider.down("again") == 3
+    by_owner = [{"Name": "tag:rawvm:owner", "Values": ["tester"]}]
+    assert ec2.describe_security_groups(Filters=by_owner)["SecurityGroups"] == []  # both addresses' groups
 
 
 def test_unknown_instance_type_or_region_is_one_clear_line(moto: MotoServer, tmp_path: Path) -> None:
@@ -400,9 +424,8 @@ def test_ssh_opens_port_22_to_the_caller_only_when_asked(moto: MotoServer, tmp_p
     provider.ssh_key_name = "my-key"
     provider.launch(make_spec(tmp_path, "ssh", 1, cpu=2))
     ec2 = provider.client("ec2", REGION)
-    (group,) = ec2.describe_security_groups(Filters=[{"Name": "tag:rawvm:cluster", "Values": ["ssh"]}])[
-        "SecurityGroups"
-    ]
+    (group_id,) = _template_data(ec2, "ssh")["SecurityGroupIds"]
+    (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     assert sorted(r["FromPort"] for r in group["IpPermissions"]) == [22, DEFAULT_PORT]
     assert all(ip["CidrIp"] == f"{CALLER_IP}/32" for r in group["IpPermissions"] for ip in r["IpRanges"])
     assert _template_data(ec2, "ssh")["KeyName"] == "my-key"

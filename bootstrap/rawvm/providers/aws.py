@@ -357,7 +357,6 @@ class AwsProvider:
         user_data = self.user_data(spec)
         group_id = aws_network.ensure_security_group(
             ec2,
-            cluster=spec.cluster,
             vpc_id=vpc_id,
             caller_ip=self.caller_ip(),
             port=spec.agent.port,
