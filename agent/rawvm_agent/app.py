@@ -237,13 +237,15 @@ class Agent:
         """One look at activity: update busy/idle, and start the stop sequence when the policy says so."""
         assert self.policy is not None
         now = self.clock()
-        window = self.config.idle.window
+        # The readings since the last look, not over the idle window: the policy keeps the window itself, and a
+        # window-long mean fed into a window-long look-back would delay idleness by up to twice the window.
+        recent = max(self.config.telemetry.interval, 0.1)
         self.decision = self.policy.observe(
             now,
             # Installing is work too: a slow download must not look like an idle machine.
             task_running=bool(self.tasks.running) or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
-            cpu_percent=self.sampler.cpu_percent(window),
-            gpu_percents=self.sampler.gpu_utilization(window),
+            cpu_percent=self.sampler.cpu_percent(recent),
+            gpu_percents=self.sampler.gpu_utilization(recent),
             last_keepalive=self.state.last_keepalive,
         )
         if self.state.phase in SERVING:
