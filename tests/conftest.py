@@ -1,4 +1,8 @@
-"""Shared fixtures. Markers (network, vm, slow) are declared in the root pyproject.toml; CI runs them all."""
+"""Shared fixtures. Markers (network, vm, slow) are declared in the root pyproject.toml; CI runs them all.
+
+A test whose needs this machine lacks (the package index for ``network``, qemu and debootstrap for ``vm``) is
+skipped with the remedy in its reason; under ``CI=true`` it fails instead (tests/systools.py).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.systools import need_index, need_vm_tools
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("network"):
+        need_index()
+    if item.get_closest_marker("vm"):
+        need_vm_tools()

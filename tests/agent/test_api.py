@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from rawvm_agent.config import config_from_dict
 from rawvm_agent.state import StateStore
 
 from tests.agent.core_helpers import TOKEN, agent_config, tiny_bundle
+from tests.systools import need_tool
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ClientFactory = Callable[..., Awaitable[tuple[Agent, TestClient[Any, Any]]]]
@@ -187,7 +187,6 @@ async def test_samples_msgpack_by_default_json_on_request(make_client: ClientFac
     assert (await client.get("/v1/samples?after=abc", headers=AUTH)).status == 400
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 async def test_metrics_pass_promtool(make_client: ClientFactory) -> None:
     agent, client = await make_client()
     await run_task(client, {"argv": ["true"]})
@@ -202,7 +201,8 @@ async def test_metrics_pass_promtool(make_client: ClientFactory) -> None:
     assert 'rawvm_agent_tasks{state="exited"} 1' in text
     assert "rawvm_agent_tasks_started_total 1" in text
     assert "rawvm_cpu_seconds_total" in text  # the sampler's families come first
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    promtool = need_tool("promtool", "prometheus")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

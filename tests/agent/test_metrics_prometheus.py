@@ -9,7 +9,6 @@ the target up; a job with a wrong token is refused (401).
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,9 +26,8 @@ from rawvm_agent.telemetry import CONTENT_TYPE
 from tests.agent.core_helpers import TOKEN, free_port
 from tests.agent.test_nvml import prom_value
 from tests.agent.test_nvml_fakelib import eight_gpus, installed
+from tests.systools import need_tool
 
-PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SCRAPE_WAIT_S = 120  # bound on how long Prometheus may take to start and scrape; not a speed assertion
 
@@ -63,8 +61,8 @@ async def get_metrics(server: TestServer) -> str:
 
 
 def promtool_check(text: str) -> None:
-    assert PROMTOOL is not None, "promtool (Debian package prometheus) is required"
-    result = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    promtool = need_tool("promtool", "prometheus")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"promtool: {result.stdout}{result.stderr}"
 
 
@@ -139,8 +137,7 @@ scrape_configs:
 @pytest.fixture
 async def prometheus_server(tmp_path: Path) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
     """Start ``prometheus`` on a free loopback port scraping the given agent port; stopped at teardown."""
-    if PROMETHEUS is None:
-        pytest.fail("prometheus (Debian package prometheus) is required")
+    prometheus = need_tool("prometheus", "prometheus")
     procs: list[subprocess.Popen[bytes]] = []
 
     async def start(agent_port: int) -> str:
@@ -151,7 +148,7 @@ async def prometheus_server(tmp_path: Path) -> AsyncIterator[Callable[[int], Awa
         procs.append(
             subprocess.Popen(
                 [
-                    str(PROMETHEUS),
+                    prometheus,
                     f"--config.file={config}",
                     f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                     f"--web.listen-address=127.0.0.1:{port}",

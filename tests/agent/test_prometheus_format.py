@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 
 import pytest
 from rawvm_agent.telemetry.prometheus import escape_help, escape_label_value, family, format_value, gauge
 
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) not installed")
+from tests.systools import need_tool
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    promtool = need_tool("promtool", "prometheus")
+    return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
 
 
 def test_label_values_escape_backslash_quote_and_newline() -> None:
@@ -72,7 +70,6 @@ def test_bad_label_names_are_refused(label: str) -> None:
         family("rawvm_x_bytes", "gauge", "X.", [({label: "v"}, 1)])
 
 
-@needs_promtool
 def test_promtool_accepts_hostile_label_values_and_help() -> None:
     text = family(
         "rawvm_odd_bytes",
@@ -85,7 +82,6 @@ def test_promtool_accepts_hostile_label_values_and_help() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_promtool
 def test_promtool_really_rejects_a_broken_page() -> None:
     """The check above could not pass by accident: promtool fails a page with a bad escape."""
     result = promtool_check('# HELP rawvm_x_bytes X.\n# TYPE rawvm_x_bytes gauge\nrawvm_x_bytes{a="b"c"} 1\n')

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from rawvm_agent.config import config_from_dict
 from rawvm_agent.logs import MASK, RedactingFormatter, Redactor, setup_logging, url_password
 
 from tests.agent.core_helpers import TOKEN, agent_config
+from tests.systools import need_tool
 
 ROUTES = [
     ("GET", "/metrics"),
@@ -138,7 +138,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            need_tool("openssl", "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
             "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
             "-keyout", str(key), "-out", str(cert),
         ],
@@ -148,7 +148,6 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 async def test_tls_when_cert_and_key_are_configured(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     raw = agent_config(tmp_path / "state", tls_cert=str(cert), tls_key=str(key))

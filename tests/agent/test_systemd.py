@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import configparser
 import shlex
-import shutil
 import signal
 import stat
 import subprocess
@@ -20,8 +19,7 @@ from rawvm_agent.config import IdleConfig
 from rawvm_agent.stopper import PowerOffError, power_off
 from rawvm_agent.systemd import render_backstop_command, render_units
 
-ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian package systemd)")
+from tests.systools import need_tool
 
 MAX_LIFETIME = 2 * 3600.0
 GRACE = 600.0
@@ -37,16 +35,16 @@ def write_units(directory: Path, units: dict[str, str]) -> list[Path]:
 
 
 def verify(paths: list[Path]) -> subprocess.CompletedProcess[str]:
-    assert ANALYZE is not None
+    analyze = need_tool("systemd-analyze", "systemd")
     return subprocess.run(
-        [ANALYZE, "verify", "--man=no", *map(str, paths)], capture_output=True, text=True, timeout=60, check=False
+        [analyze, "verify", "--man=no", *map(str, paths)], capture_output=True, text=True, timeout=60, check=False
     )
 
 
 def usec(span: str) -> int:
     """Microseconds in a systemd time span, as systemd itself parses it."""
-    assert ANALYZE is not None
-    out = subprocess.run([ANALYZE, "timespan", span], capture_output=True, text=True, check=True, timeout=30).stdout
+    analyze = need_tool("systemd-analyze", "systemd")
+    out = subprocess.run([analyze, "timespan", span], capture_output=True, text=True, check=True, timeout=30).stdout
     return int(next(line for line in out.splitlines() if line.strip().startswith("μs:")).split(":")[1])
 
 
@@ -68,13 +66,11 @@ def units() -> dict[str, str]:
     )
 
 
-@needs_analyze
 def test_systemd_loads_every_unit_without_a_single_warning(tmp_path: Path, units: dict[str, str]) -> None:
     result = verify(write_units(tmp_path, units))
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result
 
 
-@needs_analyze
 def test_verify_is_a_real_check(tmp_path: Path, units: dict[str, str]) -> None:
     """The negative control: the same verification rejects a missing binary and warns on a bad value."""
     missing = render_units(agent_command=["/nonexistent/rawvm-agent"], config_path="/x", max_lifetime=60)
@@ -85,7 +81,6 @@ def test_verify_is_a_real_check(tmp_path: Path, units: dict[str, str]) -> None:
     assert "Restart" in result.stderr or "restart" in result.stderr
 
 
-@needs_analyze
 def test_the_chain_restart_watchdog_onfailure_poweroff(units: dict[str, str]) -> None:
     agent = parse(units[systemd.AGENT_UNIT])
     service = agent["Service"]
@@ -112,7 +107,6 @@ def test_the_chain_restart_watchdog_onfailure_poweroff(units: dict[str, str]) ->
     assert shlex.split(poweroff["Service"]["ExecStart"]) == ["systemctl", "poweroff"]
 
 
-@needs_analyze
 def test_backstops_fire_at_max_lifetime_plus_grace(units: dict[str, str]) -> None:
     minutes = int((MAX_LIFETIME + GRACE) // 60)
     timer = parse(units[systemd.BACKSTOP_TIMER])
@@ -134,7 +128,6 @@ def test_backstop_minutes_round_up() -> None:
     assert render_backstop_command(12 * 3600) == ["shutdown", "-P", "+730"]
 
 
-@needs_analyze
 def test_exec_start_quoting_survives_systemd(tmp_path: Path) -> None:
     """An agent path with a space, % and $ only verifies if systemd reads the quoting back exactly."""
     odd_dir = tmp_path / "rawvm agent 100% $HOME"
@@ -189,6 +182,8 @@ def test_empty_command_ends_the_agent_process_cleanly() -> None:
 import asyncio, signal
 from rawvm_agent.config import IdleConfig
 from rawvm_agent.stopper import power_off
+
+from tests.systools import need_tool
 
 async def main():
     done = asyncio.Event()

@@ -28,6 +28,8 @@ from rawvm.userdata import (
 from rawvm.uvwheel import UvArtifact, UvWheel
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, config_from_dict
 
+from tests.systools import need_tool
+
 TOKEN = "tok-9f8e7d6c5b4a39281706"
 WHEEL_URL = "http://10.0.2.2:8123/rawvm_agent-0.1.0-py3-none-any.whl?sig=a&b=c"
 WHEEL_SHA = "ab" * 32
@@ -74,8 +76,7 @@ def _files(text: str) -> dict[str, dict[str, Any]]:
 
 
 def cloud_init_schema(path: Path) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("cloud-init")
-    assert exe, "cloud-init must be installed (Debian package cloud-init) to validate user-data"
+    exe = need_tool("cloud-init", "cloud-init")
     return subprocess.run([exe, "schema", "--config-file", str(path)], capture_output=True, text=True, timeout=120)
 
 
@@ -183,7 +184,7 @@ def test_ca_append_makes_the_system_bundle_trust_the_extra_ca(tmp_path: Path) ->
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", bundle)
 
     def verifies() -> bool:
-        args = ["openssl", "verify", "-CAfile", str(bundle), str(leaf_pem)]
+        args = [need_tool("openssl", "openssl"), "verify", "-CAfile", str(bundle), str(leaf_pem)]
         return subprocess.run(args, capture_output=True).returncode == 0
 
     assert not verifies()

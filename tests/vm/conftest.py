@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from rawvm.agent_wheel import build_agent_wheel
 from rawvm.providers.qemu import QemuProvider
-from rawvm_images.local_vm import LocalImage, ensure_image, missing_tools
+from rawvm_images.local_vm import LocalImage, ensure_image
+
+from tests.systools import need_vm_tools
 
 
 @pytest.fixture(scope="session")
 def vm_image() -> LocalImage:
-    missing = missing_tools()
-    if missing:
-        pytest.fail(f"the VM tests need {', '.join(missing)}")
+    need_vm_tools()
     # Built once per machine into ~/.cache/rawvm/images (or $RAWVM_CACHE/images): minutes the first time.
     return ensure_image(progress=lambda msg: print(f"[image] {msg}", flush=True))
 
