@@ -27,13 +27,14 @@ from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig
 from rawvm_agent.durations import DurationError, format_duration, parse_duration
 from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_platform
 
-from rawvm import clusters
+from rawvm import clusters, cost_guard
 from rawvm.agent_client import AgentClient, AgentError
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import PROVIDERS, get_provider
 from rawvm.providers.base import Machine, MachineSpec, Provider
+from rawvm.userdata import BACKSTOP_GRACE
 
 T = TypeVar("T")
 SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
@@ -177,12 +178,16 @@ def _launch(
     source: str | Path | None,
     cluster: str | None,
     extra_ca_certs: Sequence[str | Path],
+    max_cost: float | str | None = "default",
+    max_cost_action: str = "",
 ) -> _Launched:
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
     )
     keepalive_s = parse_duration_flag("--keepalive", keepalive)
     lifetime_s = parse_duration_flag("--max-lifetime", max_lifetime)
+    project = Path(source) if source is not None and Path(source).is_dir() else Path.cwd()
+    cap, cap_action = cost_guard.resolve(max_cost, max_cost_action, project)
     certs = check_ca_certs(extra_ca_certs)
     name = clusters.check_name(cluster) if cluster else clusters.new_name()
     if clusters.exists(name):
@@ -217,7 +222,18 @@ def _launch(
         extra_ca_certs=certs,
     )
     target = target_for(provider, spec)
-    spec = dataclasses.replace(spec, agent_wheel=build_agent_wheel())
+    # The price before anything slow or billed: a refused launch has locked, staged and started nothing.
+    estimate: Callable[[MachineSpec], cost_guard.FleetPrice] | None = getattr(provider, "estimate", None)
+    lifetime_s = cost_guard.guard(
+        (lambda: estimate(spec)) if estimate is not None else None,
+        lifetime_s=lifetime_s,
+        grace_s=BACKSTOP_GRACE,
+        max_cost=cap,
+        action=cap_action,
+        say=_say,
+    )
+    agent = dataclasses.replace(agent, idle=dataclasses.replace(agent.idle, max_lifetime=lifetime_s))
+    spec = dataclasses.replace(spec, agent=agent, agent_wheel=build_agent_wheel())
     from rawvm_resolver import lock
 
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
@@ -279,7 +295,10 @@ async def _wait_ready(
     pending = dict(clients)
     alive: Callable[[Machine], bool] | None = getattr(provider, "alive", None)
     by_id = {_short(m): m for m in record.machines}
+    billed = record.provider not in FREE_PROVIDERS
     while pending:
+        if billed:
+            view.cost(_cost_line(record, cost_of(record, time.time())))
         for mid, client in list(pending.items()):
             try:
                 status = await client.status()
@@ -382,13 +401,24 @@ async def _ready_and_run(
 
 
 def cost_of(record: clusters.ClusterRecord, until: float) -> float:
-    return sum(m.price_per_hour * max(0.0, until - m.launched_at) / 3600.0 for m in record.machines)
+    """USD so far: each machine's price x the time since its launch, at most its lifetime (+ the backstop's
+    grace) when the record knows it, since no machine runs longer."""
+    limit = record.max_lifetime_s + BACKSTOP_GRACE if record.max_lifetime_s else float("inf")
+    return sum(m.price_per_hour * min(limit, max(0.0, until - m.launched_at)) / 3600.0 for m in record.machines)
+
+
+def price_unknown(record: clusters.ClusterRecord) -> bool:
+    """A billed provider's machine whose price could not be had (its price_per_hour is 0)."""
+    return record.provider not in FREE_PROVIDERS and any(m.price_per_hour == 0 for m in record.machines)
 
 
 def _cost_line(record: clusters.ClusterRecord, cost: float) -> str:
-    if record.provider in FREE_PROVIDERS or record.price_per_hour == 0:
+    if record.provider in FREE_PROVIDERS:
         return f"cost: free ({record.provider})"
-    return f"cost so far: ${cost:.4f} at ${record.price_per_hour:.4f}/h"
+    if record.price_per_hour == 0:
+        return "cost: unknown (no price could be read)"
+    unknown = " + machines of unknown price" if price_unknown(record) else ""
+    return f"cost so far: ${cost:.4f} at ${record.price_per_hour:.4f}/h{unknown}"
 
 
 def run(
@@ -408,6 +438,8 @@ def run(
     source: str | Path | None = None,
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    max_cost: float | str | None = "default",
+    max_cost_action: str = "",
     output: TextIO | None = None,
     error_output: TextIO | None = None,
 ) -> RunResult:
@@ -415,6 +447,10 @@ def run(
 
     With ``cluster`` naming a cluster from ``up``, runs on its machines instead of launching new ones. The
     machines stop by themselves after ``keepalive`` of idleness.
+
+    ``max_cost`` (USD) caps a launch's worst case (every machine running until its ``max_lifetime``):
+    ``"default"`` takes ``max-cost`` from the project's ``pyproject.toml`` ``[tool.rawvm]``, None means no cap.
+    Over the cap the launch is refused, or with ``max_cost_action="shorten"`` the lifetimes are lowered to fit.
     """
     out = output if output is not None else sys.stdout
     err = error_output if error_output is not None else sys.stderr
@@ -440,6 +476,8 @@ def run(
             source=source,
             cluster=cluster,
             extra_ca_certs=extra_ca_certs,
+            max_cost=max_cost,
+            max_cost_action=max_cost_action,
         )
     record = launched.record
     try:
@@ -475,8 +513,11 @@ def up(
     source: str | Path | None = None,
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    max_cost: float | str | None = "default",
+    max_cost_action: str = "",
 ) -> clusters.ClusterRecord:
-    """Launch machines and wait until every one is ready; returns the cluster's record."""
+    """Launch machines and wait until every one is ready; returns the cluster's record. ``max_cost`` and
+    ``max_cost_action`` as in ``run``."""
     launched = _launch(
         provider_name=provider,
         n=n,
@@ -492,6 +533,8 @@ def up(
         source=source,
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
+        max_cost=max_cost,
+        max_cost_action=max_cost_action,
     )
     _run_sync(_ready_and_run(launched, None, sys.stdout, sys.stderr))
     return launched.record
@@ -503,7 +546,9 @@ class ClusterView:
     provider: str
     created: float
     machines: list[dict[str, str]]
-    price_per_hour: float
+    price_per_hour: float  # USD/hour of every machine of the record (0 when free or unknown)
+    cost_so_far: float = 0.0  # USD since launch, each machine at most its lifetime
+    price_unknown: bool = False  # some machine of a billed provider has no known price
 
     @property
     def running(self) -> int:
@@ -528,10 +573,19 @@ def ls() -> list[ClusterView]:
                 "state": (known.get(m.id, "gone") if known is not None else "unknown"),
                 "agent_url": m.agent_url,
                 "instance_type": m.instance_type,
+                "price_per_hour": f"{m.price_per_hour:.6f}" if m.price_per_hour else "unknown",
             }
             for m in record.machines
         ]
-        view = ClusterView(record.name, record.provider, record.created, machines, record.price_per_hour)
+        view = ClusterView(
+            record.name,
+            record.provider,
+            record.created,
+            machines,
+            record.price_per_hour,
+            cost_so_far=cost_of(record, time.time()),
+            price_unknown=price_unknown(record),
+        )
         if known is not None and view.running == 0 and time.time() - record.created > 60:
             # Its machines stopped by themselves; release what was made for the cluster (aws: security group,
             # launch template; qemu: state files) before forgetting it, or nothing would ever clean those up.
