@@ -51,10 +51,6 @@ def is_rawvm(tags: dict[str, str]) -> bool:
     return any(key in tags for key in TAG_KEYS)
 
 
-def _tag_filter() -> list[dict[str, Any]]:
-    return [{"Name": "tag-key", "Values": list(TAG_KEYS)}]
-
-
 def parse_time(text: str) -> float | None:
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
@@ -91,35 +87,32 @@ class _Ec2View:
     interfaces: list[dict[str, Any]]
 
 
+def _tagged(ec2: Any, operation: str, key: str, id_field: str, *filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """Everything ``operation`` lists that carries any of rawvm's tag keys, each once. One request per key:
+    a ``tag-key`` filter with several values is an OR in EC2, but not in every mock of it."""
+    found: dict[str, dict[str, Any]] = {}
+    for tag_key in TAG_KEYS:
+        for item in _pages(ec2, operation, key, Filters=[{"Name": "tag-key", "Values": [tag_key]}, *filters]):
+            found.setdefault(str(item[id_field]), item)
+    return list(found.values())
+
+
 def _read(ec2: Any) -> _Ec2View:
-    instances = [
-        i
-        for page in ec2.get_paginator("describe_instances").paginate(
-            Filters=[*_tag_filter(), {"Name": "instance-state-name", "Values": list(aws_teardown.LIVE_STATES)}]
-        )
-        for r in page.get("Reservations", [])
-        for i in r.get("Instances", [])
-    ]
+    live = {"Name": "instance-state-name", "Values": list(aws_teardown.LIVE_STATES)}
+    available = {"Name": "status", "Values": ["available"]}
+    instances: dict[str, dict[str, Any]] = {}
+    for tag_key in TAG_KEYS:
+        filters = [{"Name": "tag-key", "Values": [tag_key]}, live]
+        for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    instances.setdefault(str(instance["InstanceId"]), instance)
     return _Ec2View(
-        instances=instances,
-        templates=list(_pages(ec2, "describe_launch_templates", "LaunchTemplates", Filters=_tag_filter())),
-        groups=list(_pages(ec2, "describe_security_groups", "SecurityGroups", Filters=_tag_filter())),
-        volumes=list(
-            _pages(
-                ec2,
-                "describe_volumes",
-                "Volumes",
-                Filters=[*_tag_filter(), {"Name": "status", "Values": ["available"]}],
-            )
-        ),
-        interfaces=list(
-            _pages(
-                ec2,
-                "describe_network_interfaces",
-                "NetworkInterfaces",
-                Filters=[*_tag_filter(), {"Name": "status", "Values": ["available"]}],
-            )
-        ),
+        instances=list(instances.values()),
+        templates=_tagged(ec2, "describe_launch_templates", "LaunchTemplates", "LaunchTemplateId"),
+        groups=_tagged(ec2, "describe_security_groups", "SecurityGroups", "GroupId"),
+        volumes=_tagged(ec2, "describe_volumes", "Volumes", "VolumeId", available),
+        interfaces=_tagged(ec2, "describe_network_interfaces", "NetworkInterfaces", "NetworkInterfaceId", available),
     )
 
 
