@@ -415,3 +415,19 @@ def test_ls_shows_the_price_per_machine_and_the_running_total(
     assert main(["ls"]) == 0
     table = capsys.readouterr().out
     assert "cost so far" in table and "$0.089" in table
+
+
+def test_the_progress_lines_carry_the_running_total() -> None:
+    import io
+
+    from rawvm.progress import PlainProgress
+
+    out = io.StringIO()
+    view = PlainProgress(out)
+    view.update("m0", "booting")
+    view.cost("cost so far: $0.0012 at $0.3570/h")
+    view.update("m0", "booting")  # no phase change, no line
+    view.update("m0", "ready")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "$" not in lines[0]
+    assert lines[1].startswith("rawvm: m0 ready (") and lines[1].endswith("; cost so far: $0.0012 at $0.3570/h)")

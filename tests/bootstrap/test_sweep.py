@@ -178,3 +178,31 @@ def test_sweep_lists_exactly_the_planted_leftovers_deletes_them_and_finds_none_a
     alive = [{"Name": "tag:rawvm:cluster", "Values": ["alive"]}]
     assert ec2.describe_launch_templates(Filters=alive)["LaunchTemplates"]
     assert {g["GroupId"] for g in live["SecurityGroups"]} <= groups
+
+
+def test_all_regions_finds_a_leftover_in_another_region_and_region_and_all_regions_exclude_each_other(
+    moto: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    moto.reset()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("RAWVM_CACHE_DIR", str(tmp_path / "cache"))
+    from tests.bootstrap.test_aws_moto import session
+
+    far = session().client("ec2", region_name="ap-southeast-2", endpoint_url=moto.url)
+    volume = far.create_volume(
+        AvailabilityZone="ap-southeast-2a",
+        Size=8,
+        VolumeType="gp3",
+        TagSpecifications=tag_spec("volume", {"rawvm:cluster": "far", **OLD}),
+    )["VolumeId"]
+    argv = ["sweep", "--all-regions", "--dry-run", "--json", "--endpoint-url", moto.url]
+    assert main([*argv, "--config", str(tmp_path / "c")]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(x["kind"], x["id"], x["region"], x["monthly_usd"]) for x in listed] == [
+        ("volume", volume, "ap-southeast-2", None)  # no gp3 price cached for that region: unknown
+    ]
+    with pytest.raises(SystemExit) as info:
+        main(["sweep", "--region", REGION, "--all-regions"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
