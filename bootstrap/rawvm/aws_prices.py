@@ -65,15 +65,15 @@ def s3_filters(region: str) -> list[dict[str, str]]:
     )
 
 
-def on_demand_usd(price_list: Iterable[str], *, unit: str, usage_contains: str = "") -> float | None:
+def on_demand_usd(price_list: Iterable[str | dict[str, Any]], *, unit: str, usage_contains: str = "") -> float | None:
     """The on-demand USD price per ``unit`` in GetProducts' ``PriceList`` strings; None when there is none.
 
     Only the first tier (``beginRange`` 0) counts. Several matching products (rare: a filter that is not
     specific enough) give the highest price, so an estimate errs towards the bill, never below it. A price of
     0 is no price: it would make any cost cap meaningless."""
     found: list[float] = []
-    for text in price_list:
-        doc = json.loads(text)
+    for item in price_list:
+        doc = json.loads(item) if isinstance(item, str) else item  # boto3 hands back JSON strings
         attributes = doc.get("product", {}).get("attributes", {})
         if usage_contains and usage_contains not in str(attributes.get("usagetype", "")):
             continue

@@ -111,6 +111,34 @@ def test_on_demand_price_is_asked_once_and_cached_for_a_day(tmp_path: Path) -> N
         stubber.assert_no_pending_responses()
 
 
+def test_the_same_answer_through_botocores_own_http_parser(tmp_path: Path) -> None:
+    """Without the Stubber: the request is built and signed for real, and the recorded answer comes back as the
+    HTTP body the Price List API sends (JSON 1.1), parsed by botocore."""
+    from botocore.awsrequest import AWSResponse, HTTPHeaders
+
+    client = pricing_client()
+    sent: list[dict[str, Any]] = []
+
+    def answer(request: Any, **kwargs: Any) -> AWSResponse:
+        sent.append(json.loads(request.body))
+        body = json.dumps(DATA["c7i.large"]).encode()
+
+        class Raw:
+            def stream(self, **kw: Any) -> Iterator[bytes]:
+                yield body
+
+        headers = HTTPHeaders()
+        headers["Content-Type"] = "application/x-amz-json-1.1"
+        return AWSResponse(request.url, 200, headers, Raw())
+
+    client.meta.events.register("before-send.pricing.GetProducts", answer)
+    book = PriceBook(lambda: client, lambda r: None, cache_dir=tmp_path)
+    assert book.on_demand(REGION, "c7i.large") == pytest.approx(C7I_LARGE)
+    (request,) = sent
+    assert request["ServiceCode"] == "AmazonEC2" and request["FormatVersion"] == "aws_v1"
+    assert {f["Field"]: f["Value"] for f in request["Filters"]}["instanceType"] == "c7i.large"
+
+
 def test_the_filters_are_the_documented_ones() -> None:
     fields = {f["Field"]: f["Value"] for f in aws_prices.instance_filters("eu-west-1", "m7i.large")}
     assert fields == {
