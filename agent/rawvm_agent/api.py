@@ -64,6 +64,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
 
 
+@routes.get("/metrics/dcgm")
+async def metrics_dcgm(request: web.Request) -> web.Response:
+    """The GPU fields under dcgm-exporter's exact names and labels, for DCGM dashboards that need ``modelName``."""
+    body = _agent(request).sampler.render_dcgm()
+    return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
+
+
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
     return web.json_response(_agent(request).status())

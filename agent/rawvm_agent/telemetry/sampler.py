@@ -322,6 +322,12 @@ class Sampler:
             parts.append(extra if extra.endswith("\n") else extra + "\n")
         return "".join(parts)
 
+    def render_dcgm(self) -> str:
+        """The GPU fields alone, exactly as dcgm-exporter names and labels them (see telemetry/dcgm.py)."""
+        sample = self.latest()
+        gpus = sample.get("gpu") if sample else None
+        return "".join(self._gpu.dcgm_metrics(gpus)) if isinstance(gpus, list) else ""
+
     def _process_families(self) -> list[str]:
         """The agent's own footprint, under the names every Prometheus client library uses."""
         try:
