@@ -80,10 +80,12 @@ async def status(request: web.Request) -> web.Response:
 async def samples(request: web.Request) -> web.Response:
     after = _int_param(request, "after", -1, minimum=-1)
     limit = _int_param(request, "limit", 3600, minimum=1)
+    newest = request.query.get("newest", "") in ("1", "true", "yes")  # the last `limit` samples after `after`
     sampler = _agent(request).sampler
     if "application/json" in request.headers.get("Accept", ""):
-        return web.json_response(sampler.samples_after(after, limit=limit))
-    return web.Response(body=sampler.samples_after_msgpack(after, limit=limit), content_type="application/msgpack")
+        return web.json_response(sampler.samples_after(after, limit=limit, newest=newest))
+    body = sampler.samples_after_msgpack(after, limit=limit, newest=newest)
+    return web.Response(body=body, content_type="application/msgpack")
 
 
 @routes.post("/v1/tasks")
