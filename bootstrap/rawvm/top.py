@@ -220,6 +220,7 @@ class Follower:
         self.connections = connections
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 2.0))
         self._session: aiohttp.ClientSession | None = None
+        self.answers = 0  # looks that got an answer, all machines together (bench/follow.py counts them)
 
     @property
     def views(self) -> list[MachineView]:
@@ -271,6 +272,7 @@ class Follower:
             if samples:
                 machine.last_sample = samples[-1]
         machine.failures = 0
+        self.answers += 1
         view.answering = True
         view.error = ""
         view.last_answer = time.time()
