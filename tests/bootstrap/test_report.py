@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 import msgpack
 import polars as pl
 import pytest
+from aiohttp import ClientSession
 from PIL import Image
 from rawvm import api, clusters
 from rawvm.cli import main
@@ -34,6 +36,8 @@ from rawvm_agent.telemetry.collectors import CpuCollector, GpuCollector, MemoryC
 from rawvm_agent.telemetry.sample import pack
 from rawvm_agent.telemetry.store import Store
 
+from tests.agent.core_helpers import TOKEN
+from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
 from tests.agent.test_nvml_fakelib import eight_gpus, installed
 from tests.systools import need_tool
 
@@ -243,3 +247,27 @@ def _no_stray_records(state: Path) -> Iterator[None]:
     yield
     for record in clusters.all_records():
         clusters.remove(record.name)
+
+
+async def test_a_running_machine_reports_from_its_agent(
+    state: Path, tmp_path: Path, aiohttp_server: ServerFactory
+) -> None:
+    """Nothing flushed yet: the samples and tasks come from the running agent (8 fake GPUs), paged by seq."""
+    with installed(eight_gpus()):
+        server = await serve_agent(aiohttp_server, tmp_path / "agent")
+        await asyncio.sleep(1.0)  # a few samples at the test agent's 0.2 s interval
+        url = str(server.make_url("")).rstrip("/")
+        machine = Machine(id="live-m0", provider="local", cluster="live", agent_url=url, launched_at=time.time())
+        clusters.save(clusters.ClusterRecord(name="live", provider="local", token=TOKEN, machines=[machine]))
+        parquet = tmp_path / "live.parquet"
+        summary = await asyncio.to_thread(make_report, "live", parquet, "parquet")
+        async with ClientSession() as http:
+            headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
+            async with http.get(f"{url}/v1/samples", headers=headers) as resp:
+                served = {s["seq"]: s for s in await resp.json()}
+    table = pl.read_parquet(parquet)
+    assert table.height >= 3 and set(table.get_column("seq").to_list()) <= set(served)
+    assert [m.machine for m in summary.machines] == ["m0"] and summary.machines[0].gpus == 8
+    assert summary.gpu_hours > 0 and summary.cost_usd == 0.0  # local: free
+    for row in table.iter_rows(named=True):
+        assert row["gpu2_util_percent"] == served[row["seq"]]["gpu"][2]["utilization_gpu_percent"] == 25
