@@ -114,7 +114,6 @@ def render(views: Sequence[Any], now: float, height: int) -> Any:
     ):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     budget = max(1, height - 3)  # the summary line, the header, a spare line
-    shown = 0
     hidden = 0
     for v in views:
         lines = max(1, len(v.gpus))
@@ -122,7 +121,6 @@ def render(views: Sequence[Any], now: float, height: int) -> Any:
             hidden += 1
             continue
         budget -= lines
-        shown += 1
         name = f"{v.cluster}/{v.machine}" if many_clusters else v.machine
         if v.answering:
             phase = Text(v.phase, style={"busy": "green", "idle": "yellow", "failed": "red"}.get(v.phase, ""))

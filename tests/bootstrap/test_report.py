@@ -271,3 +271,29 @@ async def test_a_running_machine_reports_from_its_agent(
     assert summary.gpu_hours > 0 and summary.cost_usd == 0.0  # local: free
     for row in table.iter_rows(named=True):
         assert row["gpu2_util_percent"] == served[row["seq"]]["gpu"][2]["utilization_gpu_percent"] == 25
+
+
+@pytest.mark.slow
+def test_rawvm_down_lets_the_machines_flush_first(tmp_path: Path) -> None:
+    """``rawvm down`` asks each agent to stop and waits for its flush before ending the machine, so the report
+    (and ``rawvm logs``) still has the machine's telemetry and tasks afterwards."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "requirements.txt").write_text("")
+    state = tmp_path / "state"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp)}
+    up = rawvm("up", "--keepalive", "10m", "--from", "requirements.txt", env=env, cwd=project)
+    assert up.returncode == 0, up.stderr
+    cluster = up.stdout.strip()
+    run = rawvm("run", "--cluster", cluster, "--", "python", "-c", "print('hi')", env=env, cwd=project)
+    assert run.returncode == 0 and run.stdout == "hi\n", run.stderr
+    down = rawvm("down", cluster, env=env, cwd=project)
+    assert down.returncode == 0, down.stderr
+    (flush,) = (state / "sinks" / cluster).glob(f"{cluster}-m0-*")
+    assert list(flush.glob("telemetry/samples-*.msgpack")) and list(flush.glob("tasks/*/task.json"))
+    out = tmp_path / "r.html"
+    made = rawvm("report", cluster, "-o", str(out), env=env, cwd=project)
+    assert made.returncode == 0, made.stderr
+    assert "<code>python -c print(&#x27;hi&#x27;)</code>" in out.read_text()
