@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -165,21 +166,18 @@ def snapshot_json(views: Sequence[Any], now: float) -> str:
     return json.dumps({"time": now, "machines": rows}, indent=2, sort_keys=True)
 
 
-async def _snapshot(records: list[Any], connections: int) -> str:
+async def _poll_once(records: list[Any], connections: int) -> list[Any]:
     from rawvm.top import Follower
 
     async with Follower(records, connections=connections) as follower:
-        views = await follower.poll_all()
-    return snapshot_json(views, time.time())
+        return await follower.poll_all()
 
 
-async def _live(records: list[Any], interval: float, connections: int) -> None:
-    from rich.console import Console
+async def _live(records: list[Any], interval: float, connections: int, console: Any) -> None:
     from rich.live import Live
 
     from rawvm.top import Follower
 
-    console = Console()
     async with Follower(records, interval=interval, connections=connections) as follower:
         follow = asyncio.create_task(follower.run())
         try:
@@ -198,12 +196,23 @@ def _top(args: argparse.Namespace) -> int:
         from rawvm.errors import UsageError
 
         raise UsageError("--interval must be more than 0 seconds")
+    if args.connections < 1:
+        from rawvm.errors import UsageError
+
+        raise UsageError("--connections must be at least 1")
     records = _records(args.cluster)
     if args.json:
-        print(asyncio.run(_snapshot(records, args.connections)))
+        print(snapshot_json(asyncio.run(_poll_once(records, args.connections)), time.time()))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or redirected: one table, every row, no screen control codes
+        console = Console(width=int(os.environ.get("COLUMNS") or 250))  # not squeezed into 80 columns
+        console.print(render(asyncio.run(_poll_once(records, args.connections)), time.time(), 1 << 30))
         return 0
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one leaves top
-        asyncio.run(_live(records, args.interval, args.connections))
+        asyncio.run(_live(records, args.interval, args.connections, console))
     return 0
 
 
@@ -215,7 +224,7 @@ def register(subparsers: Any) -> None:
         "refreshed every second. Watching never keeps a machine alive.",
     )
     top.add_argument("cluster", nargs="?", default=None, metavar="CLUSTER")
-    top.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    top.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit (also: pipe it)")
     top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between looks (%(default)s)")
     top.add_argument(
         "--connections", type=int, default=64, metavar="N", help="at most N requests in flight (%(default)s)"

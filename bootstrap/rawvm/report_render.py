@@ -189,7 +189,7 @@ section.machine svg {{ max-width: 100%; height: auto; }}
 {rows}
 </table>
 <h2>Machines</h2>
-<table id="machines"><tr><th>machine</th><th>hours</th><th>GPUs</th><th>GPU-hours</th><th>mean CPU</th>
+<table id="per-machine"><tr><th>machine</th><th>hours</th><th>GPUs</th><th>GPU-hours</th><th>mean CPU</th>
 <th>mean GPU util</th><th>idle GPU-hours</th><th>$/hour</th></tr>
 {per_machine}
 </table>

@@ -118,6 +118,11 @@ def test_top_json_shows_the_busy_machine_busy_and_the_others_idle(cluster: Clust
         v = views[other]
         assert v["answering"] and v["phase"] == "idle" and v["task"] == "" and v["tasks_running"] == 0
         assert v["idle_seconds"] > 0 and v["keepalive_s"] == 600
+    plain = rawvm("top", cluster.name, env=cluster.env, cwd=cluster.project)  # piped: one plain table
+    assert plain.returncode == 0, plain.stderr
+    rows = {line.split()[0]: line for line in plain.stdout.splitlines() if line.split()[:1] in (["m0"], ["m1"], ["m2"])}
+    assert " busy " in rows["m0"] and "python burn.py 600" in rows["m0"] and " idle " in rows["m1"]
+    assert "\x1b[?1049h" not in plain.stdout  # no alternate screen when not on a terminal
     for v in views.values():
         # local machines share this host: its memory and disk, and a free price
         assert v["memory_total_bytes"] == psutil.virtual_memory().total
