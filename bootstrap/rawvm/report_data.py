@@ -181,7 +181,11 @@ def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
             read_flush(telemetry, machine, flush)
     if record is not None:
         telemetry.prices = {_short(m.id, name): price_of(record, m.price_per_hour) for m in record.machines}
-        telemetry.default_price = 0.0 if record.provider in FREE_PROVIDERS else None
+        # EC2 flushes are named after the host, not the instance: when every machine has the same known price
+        # (one instance type), a host-named flush costs that too; otherwise its price is unknown.
+        known = {p for p in telemetry.prices.values() if p is not None}
+        same = known.pop() if len(known) == 1 and None not in telemetry.prices.values() else None
+        telemetry.default_price = 0.0 if record.provider in FREE_PROVIDERS else same
         if live:
             api._run_sync(read_agents(telemetry, record))
     elif provider is not None and getattr(provider, "name", "") in FREE_PROVIDERS:

@@ -157,7 +157,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "state"
 
 
-def plant_gpu_cluster(name: str, price: float) -> list[dict[str, Any]]:
+def plant_gpu_cluster(name: str, price: float, flushed_as: str = "m0", machine_id: str = "m0") -> list[dict[str, Any]]:
     """One hour of 1 Hz samples of an 8-GPU machine (GPU 7 idle), with 10 minutes missing in the middle."""
     lib = eight_gpus()
     lib.gpus[7].util_gpu = 0
@@ -167,7 +167,7 @@ def plant_gpu_cluster(name: str, price: float) -> list[dict[str, Any]]:
         gpu.close()
     cpu, memory = CpuCollector().collect(), MemoryCollector().collect()
     times = [T0 + k for k in range(1800)] + [T0 + 2400 + k for k in range(1800)]
-    flush = api.sink_dir(name) / f"{name}-m0-20260101T000000Z"
+    flush = api.sink_dir(name) / f"{name}-{flushed_as}-20260101T000000Z"
     store = Store(flush / "telemetry", segment_frames=len(times))
     store.load(lambda sample, frame: None)
     planted = []
@@ -179,7 +179,7 @@ def plant_gpu_cluster(name: str, price: float) -> list[dict[str, Any]]:
     task = {"id": "t1", "argv": ["python", "train.py"], "started_at": T0 + 10, "ended_at": T0 + 4000, "exit_code": 0}
     (flush / "tasks" / "t1").mkdir(parents=True)
     (flush / "tasks" / "t1" / "task.json").write_text(json.dumps(task))
-    machine = Machine(id=f"{name}-m0", provider="aws", cluster=name, agent_url="", price_per_hour=price)
+    machine = Machine(id=f"{name}-{machine_id}", provider="aws", cluster=name, agent_url="", price_per_hour=price)
     clusters.save(clusters.ClusterRecord(name=name, provider="aws", token="x", machines=[machine]))
     return planted
 
@@ -217,6 +217,16 @@ def test_idle_gpu_hours_and_their_cost_match_the_hand_count(state: Path, tmp_pat
     assert table.get_column("gpu7_util_percent").unique().to_list() == [0.0]
     assert table.get_column("gpu3_power_watts").null_count() == 3600  # GPU 3 answers NotSupported for power
     assert table.get_column("gpu4_power_watts").unique().to_list() == [106.0]
+
+
+@pytest.mark.slow
+def test_an_ec2_flush_named_after_its_host_costs_the_clusters_one_price(state: Path, tmp_path: Path) -> None:
+    # EC2 machines share one agent.toml, so they flush under their host name, which the record does not know
+    plant_gpu_cluster("ec2", PRICE, flushed_as="ip-10-0-0-5", machine_id="i-0abc")
+    summary = make_report("ec2", tmp_path / "r.csv", "csv", live=False)
+    assert [m.machine for m in summary.machines] == ["ip-10-0-0-5"]
+    assert summary.idle_gpu_cost_usd == pytest.approx(PRICE / 8)
+    assert pl.read_csv(tmp_path / "r.csv").height == 3600
 
 
 @pytest.mark.slow
