@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, SpotConfig
 from rawvm_agent.durations import DurationError, format_duration, parse_duration
 from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_platform
@@ -177,6 +179,7 @@ def _launch(
     source: str | Path | None,
     cluster: str | None,
     extra_ca_certs: Sequence[str | Path],
+    extra_requirements: Sequence[tuple[str, str]] = (),
 ) -> _Launched:
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
@@ -222,9 +225,13 @@ def _launch(
 
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
     try:
-        locked = lock(source, target, bundle_root / "bundle", progress=_say)
+        locked = lock(source, target, bundle_root / "bundle", progress=_say, extra_requirements=extra_requirements)
         for warning in locked.warnings:
             _say(f"warning: {warning}")
+        asked = {canonicalize_name(Requirement(line).name) for line, _ in extra_requirements}
+        for row in locked.rows:
+            if row.name in asked and row.action == "added":
+                _say(f"lock: added {row.name} {row.target} ({row.reason})")
         if summary := lock_summary(locked.rows):
             _say(f"lock: {summary} (details: rawvm lock --explain)")
         timings["lock"] = time.monotonic() - started
