@@ -163,6 +163,7 @@ class Agent:
 
     async def close(self) -> None:
         """Leave without powering off (the process is being stopped or restarted): save, stop children."""
+        self.calls.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

@@ -7,8 +7,8 @@ long-polls ``/v1/calls/results``. Payloads are bytes the agent never unpickles; 
 queue is bounded. Calls in flight (queued or running in a worker) keep the machine busy; idle workers do not.
 
 A worker that dies (segfault, ``os._exit``, out of memory) fails only the calls it held, with status LOST, and
-is replaced while calls wait. When the agent stops, queued calls are dropped with it: the client sees the
-machine go and fails them.
+is replaced at once while calls wait, else by the next batch. When the agent stops, queued calls are dropped
+with it: the client sees the machine go and fails them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from aiohttp import web
 
 from rawvm_agent import call_worker
 from rawvm_agent.call_worker import ERROR, LOST, FrameError, pack, unpack
-from rawvm_agent.tasks import NotReadyError, TaskError, TaskRequest
+from rawvm_agent.tasks import NotReadyError, TaskError, TaskRequest, TaskState
 
 if TYPE_CHECKING:
     from rawvm_agent.app import Agent
@@ -44,6 +44,7 @@ MAX_QUEUED_BYTES = 512 << 20  # payloads waiting for a worker, all clients toget
 MAX_SLOTS = 256
 WORKER_WAIT_S = 20.0  # a worker's long poll; it comes straight back
 MAX_CLIENT_WAIT_S = 30.0
+WAIT_SLICE_S = 0.25  # long polls look this often whether the agent is leaving or the worker died
 LOST_TAIL_BYTES = 2048
 
 
@@ -69,6 +70,7 @@ class CallHub:
         self._next = 0
         self._work_waiting = asyncio.Event()
         self._result_waiting: dict[str, asyncio.Event] = {}
+        self.closing = False
         self._touched = False  # a call came or finished since the idle policy last looked
         self._watchers: set[asyncio.Task[None]] = set()
 
@@ -111,11 +113,12 @@ class CallHub:
 
     async def results_for(self, client: str, wait: float) -> list[tuple[int, int, bytes]]:
         waiting = self.results.setdefault(client, deque())
-        if not waiting and wait > 0:
-            event = self._result_waiting.setdefault(client, asyncio.Event())
+        deadline = time.monotonic() + wait
+        event = self._result_waiting.setdefault(client, asyncio.Event())
+        while not waiting and not self._leaving() and time.monotonic() < deadline:
             event.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), wait)
+                await asyncio.wait_for(event.wait(), WAIT_SLICE_S)
         out: list[tuple[int, int, bytes]] = []
         size = 0
         while waiting and (not out or size + len(waiting[0][2]) <= MAX_REQUEST_BYTES):
@@ -125,6 +128,13 @@ class CallHub:
         if not waiting:
             self.results.pop(client, None)
         return out
+
+    def close(self) -> None:
+        """The agent is leaving: long polls answer now, or the server's shutdown would wait for them."""
+        self.closing = True
+
+    def _leaving(self) -> bool:
+        return self.closing or self.agent.stopping
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -147,14 +157,13 @@ class CallHub:
                 worker.held.remove(number)
                 self._deliver(number, status, payload)
         deadline = time.monotonic() + WORKER_WAIT_S
-        while not self.queue and not self.agent.stopping:
-            self._work_waiting.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
+        while not self.queue:
+            if self._leaving() or worker.task.done.is_set() or time.monotonic() >= deadline:
                 return []
+            self._work_waiting.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._work_waiting.wait(), left)
-        if self.agent.stopping:
+                await asyncio.wait_for(self._work_waiting.wait(), WAIT_SLICE_S)
+        if self._leaving():
             return []
         # A fair share, not a full batch: long calls must spread over the workers, tiny ones share a request.
         share = max(1, min(most, math.ceil(len(self.queue) / max(1, len(self.workers)))))
@@ -235,11 +244,12 @@ class CallHub:
             for number in worker.held:
                 self._deliver(number, LOST, message.encode())
             worker.held.clear()
-        if self.agent.stopping:
-            return
-        log.warning("call worker %s ended (exit code %s); starting another", worker.name, code)
-        with contextlib.suppress(TaskError):
-            await self._start_worker()
+        if self.agent.stopping or worker.task.record.state == TaskState.INTERRUPTED:
+            return  # the agent is stopping or closing: no replacement
+        log.warning("call worker %s ended (exit code %s)", worker.name, code)
+        if self.queue:  # calls wait: replace it now (otherwise the next batch of calls does)
+            with contextlib.suppress(TaskError):
+                await self._ensure_workers(self.slots)
 
 
 def _tail(path: Path) -> str:
@@ -345,6 +355,6 @@ async def worker_exchange(request: web.Request) -> web.Response:
         batch = await calls.work(request.query.get("worker", ""), done, int(_number(request, "max", 1)))
     except KeyError:
         return _error(404, "no such call worker")
-    if calls.agent.stopping and not batch:
+    if calls._leaving() and not batch:
         return _error(410, "the agent is stopping")
     return _octets(pack(batch))
