@@ -28,7 +28,8 @@ HEADER = struct.Struct("!QBI")
 OK, ERROR, LOST = 0, 1, 2  # LOST: the worker running the call died; the agent writes that result itself
 WORK_PATH = "/v1/calls/work"
 FUNCTION_CACHE = 32
-BATCH = 64  # calls a worker takes per round trip: tiny calls share one HTTP request
+BATCH = 256  # most calls a worker takes per round trip: tiny calls share one HTTP request
+BATCH_SECONDS = 0.05  # ...but about this much work at a time, so long calls spread over the workers
 
 
 class FrameError(ValueError):
@@ -65,14 +66,20 @@ def _resolve(fn: Any) -> Any:
     import importlib
 
     _, module_name, qualname = fn
-    try:
-        import rawvm  # noqa: F401  (the environment has rawvm: its decorator wraps, we unwrap below)
-    except ImportError:
-        sys.modules["rawvm"] = _stand_in_rawvm()
     target: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         target = getattr(target, part)
     return getattr(target, "__wrapped__", target)
+
+
+def _ensure_rawvm() -> None:
+    """Unpickling a function by reference imports its module, which may ``import rawvm`` for its decorators."""
+    if "rawvm" in sys.modules:
+        return
+    try:
+        import rawvm  # noqa: F401  (the environment has rawvm: its decorator wraps, _resolve unwraps)
+    except ImportError:
+        sys.modules["rawvm"] = _stand_in_rawvm()
 
 
 def _stand_in_rawvm() -> Any:
@@ -96,6 +103,7 @@ def _run_call(pickler: Any, payload: bytes, functions: dict[bytes, Any]) -> tupl
         if fn is None:  # a map sends the same pickled function with every call: unpickle it once
             if len(functions) >= FUNCTION_CACHE:
                 functions.clear()
+            _ensure_rawvm()
             fn = functions[blob] = _resolve(pickler.loads(blob))
         return OK, pickler.dumps(fn(*args, **kwargs))
     except BaseException as exc:  # the user's function may raise anything, SystemExit included
@@ -126,13 +134,14 @@ def serve(url: str, token: str, worker: str) -> None:
     else:
         connection = http.client.HTTPConnection(host, port)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
-    path = f"{WORK_PATH}?worker={urllib.parse.quote(worker)}&max={BATCH}"
+    path = f"{WORK_PATH}?worker={urllib.parse.quote(worker)}&max="
+    most = 1  # until the first calls have shown how long they take
     done: list[tuple[int, int, bytes]] = []
     functions: dict[bytes, Any] = {}
     failures = 0
     while True:
         try:
-            connection.request("POST", path, body=pack(done), headers=headers)
+            connection.request("POST", f"{path}{most}", body=pack(done), headers=headers)
             response = connection.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException):
@@ -149,9 +158,13 @@ def serve(url: str, token: str, worker: str) -> None:
             print(f"rawvm call worker: the agent answered {response.status}: {body[:200]!r}", file=sys.stderr)
             return
         done = []
+        started = time.perf_counter()
         for call_id, _, payload in unpack(body):
             status, result = _run_call(cloudpickle, payload, functions)
             done.append((call_id, status, result))
+        if done:
+            each = (time.perf_counter() - started) / len(done)
+            most = max(1, min(BATCH, int(BATCH_SECONDS / max(each, 1e-6))))
 
 
 def main() -> None:
