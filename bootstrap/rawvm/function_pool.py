@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ DEFAULT_WINDOW = 1024  # before a machine has said how many workers it runs
 RESULTS_WAIT_S = 20.0
 RECHECK_AFTER_S = 2.0  # an unused pool's machines may have stopped: ask them before sending more
 STOPPING_MARGIN_S = 5.0  # a machine about to stop for idleness is not worth sending to
+KEPT_BUNDLES = 16  # locks kept for launching again: the newest, one per reuse key
 
 
 # -- the private loop ---------------------------------------------------------------------------------------------
@@ -146,6 +148,17 @@ def reuse_key(options: PoolOptions, project_dir: Path) -> str:
 
 def _key_path(key: str) -> Path:
     return clusters.state_dir() / "functions" / f"{key}.json"
+
+
+def _bundle_path(key: str) -> Path:
+    """The lock of this key, kept: machines launched again for an unchanged key need no new lock."""
+    path = clusters.state_dir() / "functions" / "bundles" / key
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    kept = sorted((p for p in path.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[KEPT_BUNDLES:]:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 @dataclass
@@ -280,6 +293,7 @@ class Pool:
             cluster=None,
             extra_ca_certs=o.extra_ca_certs,
             extra_requirements=o.requirements,
+            bundle_cache=_bundle_path(self.key),
         )
         self.launches += 1
         record = launched.record

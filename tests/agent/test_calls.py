@@ -55,7 +55,8 @@ class Running:
 
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
-    config = config_from_dict(agent_config(tmp_path / "state"))
+    # The power-off of a stop (test_bad_requests_are_refused shuts down) must not end pytest: a harmless command.
+    config = config_from_dict(agent_config(tmp_path / "state", idle={"poweroff_command": ["true"]}))
     agent = Agent(config)
     runner = web.AppRunner(create_app(agent))
     await runner.setup()
@@ -145,9 +146,19 @@ async def test_bad_requests_are_refused(running: Running) -> None:
         assert resp.status == 400 and "client" in (await resp.json())["error"]
     async with session.post(f"{url}/v1/calls/work", params={"worker": "nobody"}, data=b"", headers=AUTH) as resp:
         assert resp.status == 404
-    too_big = b"\0" * (calls.MAX_REQUEST_BYTES + 1)
-    async with session.post(f"{url}/v1/calls", params={"client": "c"}, data=too_big, headers=AUTH) as resp:
-        assert resp.status == 413
+    # Over the cap: refused from the Content-Length, before a byte of the body is read.
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"POST /v1/calls?client=c HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Length: {calls.MAX_REQUEST_BYTES + 1}\r\n\r\n".encode()
+    )
+    assert (await reader.readline()).split()[1] == b"413"
+    writer.close()
+
+
+async def test_a_stopping_machine_takes_no_calls(running: Running) -> None:
+    session, url = running.session, running.url
     async with session.post(f"{url}/v1/shutdown", headers=AUTH) as resp:
         assert resp.status == 202
     async with session.post(f"{url}/v1/calls", params={"client": "c"}, data=pack([(1, 0, b"x")]), headers=AUTH) as resp:

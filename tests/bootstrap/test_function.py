@@ -181,4 +181,11 @@ def test_a_package_the_base_environment_lacks(work: ModuleType, capfd: pytest.Ca
     said = capfd.readouterr().err
     assert "lock: added humanize" in said and "asked for by @rawvm.function(packages=...)" in said
     assert "lock: added cloudpickle" in said  # the environment lacked it: the lock report says it was added
+    # Its machines stop (as after the keepalive); the next call launches again, without a new lock.
+    first = work.intcomma.cluster
+    work.intcomma.down()
+    assert work.intcomma(1000) == "1,000"
+    said = capfd.readouterr().err
+    assert work.intcomma.cluster != first
+    assert "lock: the environment is unchanged, using its bundle" in said and "resolving" not in said
     assert work.intcomma.cluster != work.square.cluster  # other packages: another environment, other machines
