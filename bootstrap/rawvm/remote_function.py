@@ -18,9 +18,10 @@ and the next call with the same environment, code and options reuses them (see `
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
@@ -34,6 +35,7 @@ from rawvm.function_pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_lo
 P = ParamSpec("P")
 R = TypeVar("R")
 
+PROGRESS_MIN_CALLS = 100
 _CLOUDPICKLE_WHY = "@rawvm.function sends calls and results with cloudpickle, same version as the caller's"
 
 
@@ -141,16 +143,40 @@ class RemoteFunction(Generic[P, R]):
             raise UsageError(f"errors={errors!r}: choose 'raise' or 'skip'")
         futures = self._start(self._payloads(((item,), {}) for item in items))
         results: list[R] = []
-        for future in futures:
-            try:
-                results.append(future.result())
-            except Exception:
-                if errors == "raise":
-                    pool = self._pool
-                    if pool is not None:
-                        on_loop(_drop(pool)).result()
-                    raise
+        with _map_progress(futures, getattr(self.fn, "__name__", "calls")):
+            for future in futures:
+                try:
+                    results.append(future.result())
+                except Exception:
+                    if errors == "raise":
+                        pool = self._pool
+                        if pool is not None:
+                            on_loop(_drop(pool)).result()
+                        raise
         return results
+
+
+@contextlib.contextmanager
+def _map_progress(futures: Sequence[concurrent.futures.Future[Any]], name: str) -> Iterator[None]:
+    """A rich progress bar on stderr while a map of more than a few calls runs, on a terminal only."""
+    if len(futures) < PROGRESS_MIN_CALLS or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"rawvm: {name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("calls", total=len(futures))
+        for future in futures:
+            future.add_done_callback(lambda _: progress.advance(task))  # rich's Progress takes updates from threads
+        yield
 
 
 async def _drop(pool: Pool) -> int:
