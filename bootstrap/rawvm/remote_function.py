@@ -147,8 +147,8 @@ class RemoteFunction(Generic[P, R]):
             for future in futures:
                 try:
                     results.append(future.result())
-                except Exception:
-                    if errors == "raise":
+                except BaseException as exc:
+                    if errors == "raise" or not isinstance(exc, Exception):  # a failure, or Ctrl-C
                         pool = self._pool
                         if pool is not None:
                             on_loop(_drop(pool)).result()
@@ -233,6 +233,8 @@ def function(
     api.parse_duration_flag("max_lifetime", max_lifetime)
     if slots < 0:
         raise UsageError(f"slots={slots}: the calls per machine must be at least 1 (0: one per core)")
+    if source and not Path(source).expanduser().exists():
+        raise UsageError(f"source={str(source)!r}: no such file or directory (a venv, requirements file or project)")
     if isinstance(packages, str):
         raise UsageError(f"packages={packages!r}: give a list of requirements, e.g. packages=['humanize']")
     requirements = [(line, "asked for by @rawvm.function(packages=...)") for line in packages]
@@ -249,7 +251,7 @@ def function(
         keepalive=keepalive,
         max_lifetime=max_lifetime,
         spot_policy=spot_policy,
-        source=str(Path(source).resolve()) if source else "",
+        source=str(Path(source).expanduser().resolve()) if source else "",
         extra_ca_certs=tuple(str(Path(c).resolve()) for c in extra_ca_certs),
         slots=slots or (1 if gpu else 0),
         requirements=tuple(requirements),
