@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -226,6 +227,10 @@ def function(
     run at once on each machine (default: its cores; 1 with ``gpu``). The project (code.tar.gz) is the current
     directory when the function is decorated.
     """
+    if os.environ.get("RAWVM_CALLS_WORKER"):
+        # On a machine, importing the user's module runs this line again: the function stays a plain function
+        # there (a call it makes to another decorated function runs in place), and laptop paths are not checked.
+        return fn if fn is not None else (lambda f: f)
     api.check_options(
         provider=provider, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
     )

@@ -119,3 +119,12 @@ def test_extra_requirements_are_added_only_when_the_environment_lacks_them() -> 
     assert "cloudpickle" not in plan.rows  # the environment keeps its own version
     with pytest.raises(Exception, match="not a requirement"):
         _add_extra_requirements(plan, env, [("not a requirement!", "why")])
+
+
+def test_on_a_machine_the_decorator_leaves_the_function_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def f(x: int) -> int:
+        return x
+
+    monkeypatch.setenv("RAWVM_CALLS_WORKER", "w1")  # what the agent sets for its call workers
+    assert rawvm.function(f) is f
+    assert rawvm.function(source="/only/on/the/laptop/.venv", n=4)(f) is f
