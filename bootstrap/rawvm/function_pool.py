@@ -334,6 +334,32 @@ class Pool:
         self._dispatch()
         return [c.future for c in calls]
 
+    async def run_in_order(
+        self,
+        payloads: Sequence[bytes],
+        loads: Callable[[bytes], Any],
+        stop_on_error: bool,
+        each_done: Callable[[], None] | None = None,
+    ) -> list[tuple[bool, Any]]:
+        """Run the calls; ``(True, result)`` or ``(False, exception)`` each, in input order. With
+        ``stop_on_error`` the list ends at the first failure in input order, and calls not sent yet are dropped."""
+        futures = await self.run(payloads, loads)
+        if each_done is not None:
+            for future in futures:
+                future.add_done_callback(lambda _: each_done())
+        outcomes: list[tuple[bool, Any]] = []
+        for future in futures:
+            try:
+                outcomes.append((True, await future))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the remote function's exception, whatever it is
+                outcomes.append((False, exc))
+                if stop_on_error:
+                    self.drop_unsent()
+                    break
+        return outcomes
+
     def _dispatch(self) -> None:
         live = [m for m in self.machines if not m.dead]
         if not live:

@@ -21,6 +21,7 @@ import concurrent.futures
 import contextlib
 import functools
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -104,7 +105,8 @@ class RemoteFunction(Generic[P, R]):
         name = getattr(self.fn, "__name__", "the function")
         payloads = []
         for args, kwargs in arguments:
-            payload = cloudpickle.dumps((blob, args, kwargs))
+            call = (blob, args, kwargs)
+            payload = pickle.dumps(call, protocol=5) if plain(args) and plain(kwargs) else cloudpickle.dumps(call)
             if len(payload) > MAX_CALL_BYTES:
                 raise UsageError(
                     f"a call to {name} pickles to {len(payload) >> 20} MiB, over the "
@@ -142,26 +144,45 @@ class RemoteFunction(Generic[P, R]):
         """
         if errors not in ("raise", "skip"):
             raise UsageError(f"errors={errors!r}: choose 'raise' or 'skip'")
-        futures = self._start(self._payloads(((item,), {}) for item in items))
+        payloads = self._payloads(((item,), {}) for item in items)
+        pool = self._get_pool()
         results: list[R] = []
-        with _map_progress(futures, getattr(self.fn, "__name__", "calls")):
-            for future in futures:
-                try:
-                    results.append(future.result())
-                except BaseException as exc:
-                    if errors == "raise" or not isinstance(exc, Exception):  # a failure, or Ctrl-C
-                        pool = self._pool
-                        if pool is not None:
-                            on_loop(_drop(pool)).result()
-                        raise
+        with _map_progress(len(payloads), getattr(self.fn, "__name__", "calls")) as advance:
+            # One crossing to the loop thread for the whole map, not one per call.
+            waiting = on_loop(pool.run_in_order(payloads, cloudpickle.loads, errors == "raise", advance))
+            try:
+                outcomes = waiting.result()
+            except BaseException:  # Ctrl-C: the calls not sent yet are dropped
+                on_loop(_drop(pool)).result()
+                raise
+        for ok, value in outcomes:
+            if ok:
+                results.append(value)
+            elif errors == "raise":
+                raise value
         return results
 
 
+def plain(value: Any, depth: int = 0) -> bool:
+    """Only builtin scalars and small containers of them: the C pickler is enough and ~8x faster."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if depth == 0 and kind in (tuple, list) and len(value) <= 64:
+        return all(plain(v, 1) for v in value)
+    if depth == 0 and kind is dict and len(value) <= 64:
+        return all(type(k) is str and plain(v, 1) for k, v in value.items())
+    return False
+
+
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
 @contextlib.contextmanager
-def _map_progress(futures: Sequence[concurrent.futures.Future[Any]], name: str) -> Iterator[None]:
+def _map_progress(total: int, name: str) -> Iterator[Callable[[], None] | None]:
     """A rich progress bar on stderr while a map of more than a few calls runs, on a terminal only."""
-    if len(futures) < PROGRESS_MIN_CALLS or not sys.stderr.isatty():
-        yield
+    if total < PROGRESS_MIN_CALLS or not sys.stderr.isatty():
+        yield None
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -174,10 +195,8 @@ def _map_progress(futures: Sequence[concurrent.futures.Future[Any]], name: str) 
         console=Console(stderr=True),
         transient=True,
     ) as progress:
-        task = progress.add_task("calls", total=len(futures))
-        for future in futures:
-            future.add_done_callback(lambda _: progress.advance(task))  # rich's Progress takes updates from threads
-        yield
+        task = progress.add_task("calls", total=total)
+        yield lambda: progress.advance(task)  # called on the loop thread: rich's Progress takes that
 
 
 async def _drop(pool: Pool) -> int:

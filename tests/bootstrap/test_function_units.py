@@ -128,3 +128,10 @@ def test_on_a_machine_the_decorator_leaves_the_function_alone(monkeypatch: pytes
     monkeypatch.setenv("RAWVM_CALLS_WORKER", "w1")  # what the agent sets for its call workers
     assert rawvm.function(f) is f
     assert rawvm.function(source="/only/on/the/laptop/.venv", n=4)(f) is f
+
+
+def test_only_builtin_scalars_skip_cloudpickle() -> None:
+    from rawvm.remote_function import plain
+
+    assert plain((1, "a", b"b", 2.5, None)) and plain({"k": 1}) and plain(())
+    assert not plain((lambda: 1,)) and not plain(([1],)) and not plain((object(),)) and not plain({1: 2})
