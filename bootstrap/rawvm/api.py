@@ -169,6 +169,7 @@ def _locked_bundle(
     dest: Path,
     extra_requirements: Sequence[tuple[str, str]],
     bundle_cache: Path | None,
+    project_dir: Path | None = None,
 ) -> tuple[Path, str]:
     """Lock ``source`` into ``dest``: the bundle directory and its manifest's sha256. With ``bundle_cache`` (a
     directory named after everything the bundle depends on, as ``@rawvm.function`` keeps them), a bundle already
@@ -178,7 +179,7 @@ def _locked_bundle(
         return bundle_cache, sha256_file(bundle_cache / "rawvm-env.toml")
     from rawvm_resolver import lock
 
-    locked = lock(source, target, dest, progress=_say, extra_requirements=extra_requirements)
+    locked = lock(source, target, dest, progress=_say, extra_requirements=extra_requirements, project_dir=project_dir)
     for warning in locked.warnings:
         _say(f"warning: {warning}")
     asked = {canonicalize_name(Requirement(line).name) for line, _ in extra_requirements}
@@ -216,6 +217,7 @@ def _launch(
     extra_ca_certs: Sequence[str | Path],
     extra_requirements: Sequence[tuple[str, str]] = (),
     bundle_cache: Path | None = None,
+    project_dir: Path | None = None,
 ) -> _Launched:
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
@@ -260,7 +262,7 @@ def _launch(
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
     try:
         bundle_dir, manifest_sha256 = _locked_bundle(
-            source, target, bundle_root / "bundle", extra_requirements, bundle_cache
+            source, target, bundle_root / "bundle", extra_requirements, bundle_cache, project_dir
         )
         timings["lock"] = time.monotonic() - started
         files = bundle_files(bundle_dir)

@@ -187,9 +187,10 @@ class _Machine:
 class Pool:
     """One cluster's machines and the calls on them. Every method runs on the background loop."""
 
-    def __init__(self, key: str, options: PoolOptions) -> None:
+    def __init__(self, key: str, options: PoolOptions, project_dir: Path) -> None:
         self.key = key
         self.options = options
+        self.project_dir = project_dir  # what code.tar.gz holds (the key covers its files)
         self.record: clusters.ClusterRecord | None = None
         self.machines: list[_Machine] = []
         self.backlog: collections.deque[_Call] = collections.deque()
@@ -294,6 +295,7 @@ class Pool:
             extra_ca_certs=o.extra_ca_certs,
             extra_requirements=o.requirements,
             bundle_cache=_bundle_path(self.key),
+            project_dir=self.project_dir,
         )
         self.launches += 1
         record = launched.record
@@ -489,10 +491,10 @@ _pools: dict[str, Pool] = {}
 _pools_lock = threading.Lock()
 
 
-def pool_for(key: str, options: PoolOptions) -> Pool:
+def pool_for(key: str, options: PoolOptions, project_dir: Path) -> Pool:
     with _pools_lock:
         if key not in _pools:
-            _pools[key] = Pool(key, options)
+            _pools[key] = Pool(key, options, project_dir)
         return _pools[key]
 
 

@@ -55,7 +55,7 @@ class RemoteFunction(Generic[P, R]):
 
     def _get_pool(self) -> Pool:
         if self._pool is None:
-            self._pool = pool_for(reuse_key(self.options, self.project_dir), self.options)
+            self._pool = pool_for(reuse_key(self.options, self.project_dir), self.options, self.project_dir)
         return self._pool
 
     @property
