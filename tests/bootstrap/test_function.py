@@ -55,6 +55,11 @@ def crash(code):
     os._exit(code)
 
 
+@rawvm.function(n=1, keepalive="2s", source="requirements.txt")
+def brief(x):
+    return -x
+
+
 @rawvm.function(n=1, keepalive="60s", source="requirements.txt", packages=["humanize"])
 def intcomma(x):
     import humanize
@@ -189,3 +194,15 @@ def test_a_package_the_base_environment_lacks(work: ModuleType, capfd: pytest.Ca
     assert work.intcomma.cluster != first
     assert "lock: the environment is unchanged, using its bundle" in said and "resolving" not in said
     assert work.intcomma.cluster != work.square.cluster  # other packages: another environment, other machines
+
+
+def test_idle_workers_do_not_keep_a_machine_alive_after_the_keepalive(work: ModuleType) -> None:
+    assert work.brief.map(range(5)) == [0, -1, -2, -3, -4]
+    record = clusters.load(work.brief.cluster)
+    (machine,) = record.machines
+    directory = Path(machine.details["dir"])
+    deadline = time.monotonic() + 60
+    while (directory.exists() or _leftovers(directory)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not directory.exists() and _leftovers(directory) == []  # powered off by itself: nothing left
+    assert not api._provider_of(record).alive(machine)
