@@ -145,6 +145,8 @@ class RemoteFunction(Generic[P, R]):
         if errors not in ("raise", "skip"):
             raise UsageError(f"errors={errors!r}: choose 'raise' or 'skip'")
         payloads = self._payloads(((item,), {}) for item in items)
+        if not payloads:
+            return []  # nothing to run: no machines either
         pool = self._get_pool()
         results: list[R] = []
         with _map_progress(len(payloads), getattr(self.fn, "__name__", "calls")) as advance:

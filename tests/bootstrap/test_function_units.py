@@ -39,8 +39,9 @@ def test_bad_options_are_one_line_usage_errors(options: dict[str, object], messa
         rawvm.function(**options)
 
 
-def test_map_refuses_an_unknown_errors_mode() -> None:
+def test_map_refuses_an_unknown_errors_mode_and_maps_nothing_without_machines() -> None:
     remote = rawvm.function(lambda x: x)
+    assert remote.map([]) == [] and remote.cluster == "" and remote.launches == 0
     with pytest.raises(rawvm.UsageError, match="errors='ignore'"):
         remote.map([1], errors="ignore")  # type: ignore[call-overload]
 
