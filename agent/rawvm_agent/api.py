@@ -66,6 +66,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
 
 
+@routes.get("/metrics/dcgm")
+async def metrics_dcgm(request: web.Request) -> web.Response:
+    """The GPU fields under dcgm-exporter's exact names and labels, for DCGM dashboards that need ``modelName``."""
+    body = _agent(request).sampler.render_dcgm()
+    return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
+
+
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
     return web.json_response(_agent(request).status())
@@ -75,10 +82,12 @@ async def status(request: web.Request) -> web.Response:
 async def samples(request: web.Request) -> web.Response:
     after = _int_param(request, "after", -1, minimum=-1)
     limit = _int_param(request, "limit", 3600, minimum=1)
+    newest = request.query.get("newest", "") in ("1", "true", "yes")  # the last `limit` samples after `after`
     sampler = _agent(request).sampler
     if "application/json" in request.headers.get("Accept", ""):
-        return web.json_response(sampler.samples_after(after, limit=limit))
-    return web.Response(body=sampler.samples_after_msgpack(after, limit=limit), content_type="application/msgpack")
+        return web.json_response(sampler.samples_after(after, limit=limit, newest=newest))
+    body = sampler.samples_after_msgpack(after, limit=limit, newest=newest)
+    return web.Response(body=body, content_type="application/msgpack")
 
 
 @routes.post("/v1/tasks")

@@ -771,11 +771,30 @@ def down(cluster: str) -> int:
     return max(running, stopped)
 
 
-async def _shutdown_all(record: clusters.ClusterRecord) -> None:
+_FLUSH_WAIT_S = 60.0
+
+
+async def _shutdown_all(record: clusters.ClusterRecord, flush_wait: float = _FLUSH_WAIT_S) -> None:
+    """Ask every agent to stop, then give each up to ``flush_wait`` to flush its logs and telemetry to the sink
+    (phase ``off``, or no answer any more) before the provider ends the machines: ending them at once lost it."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
         clients = [AgentClient(m.agent_url, record.token, session=session, timeout=5) for m in record.machines]
+        asked = []
         for client in clients:
             with contextlib.suppress(AgentError):
                 await client.shutdown()
+                asked.append(client)
+
+        async def flushed(client: AgentClient) -> None:
+            deadline = time.monotonic() + flush_wait
+            while time.monotonic() < deadline:
+                try:
+                    if (await client.status()).get("phase") == "off":
+                        return
+                except AgentError:
+                    return  # gone: it flushed and exited
+                await asyncio.sleep(_POLL_S)
+
+        await asyncio.gather(*(flushed(c) for c in asked))
