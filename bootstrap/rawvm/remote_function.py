@@ -8,8 +8,8 @@
     square.map(range(100))         # [0, 1, 4, ...] in input order, spread over up to 3 machines
 
 The function and its arguments travel with cloudpickle: a function of one of the project's modules by reference
-(the module is in the bundle's code.tar.gz and imports on the machine, its ``@rawvm.function`` lines included),
-one from ``__main__``, a notebook or elsewhere by value.
+(the module is in the bundle's code.tar.gz and imports on the machine, where its ``@rawvm.function`` lines leave
+the functions alone), one from ``__main__``, a notebook or elsewhere by value.
 Results come back the same way; an exception raised remotely is raised here as itself, chained from a
 ``RemoteTraceback`` that shows the remote frames. The machines stay warm for ``keepalive`` after the last call,
 and the next call with the same environment, code and options reuses them (see ``rawvm.function_pool``).
