@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, SpotConfig
 from rawvm_agent.durations import DurationError, format_duration, parse_duration
 from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_platform
@@ -162,6 +164,42 @@ class _Launched:
     ready_timeout_s: float | None = None  # None: the provider's boot allowance
 
 
+def _locked_bundle(
+    source: str | Path | None,
+    target: Target,
+    dest: Path,
+    extra_requirements: Sequence[tuple[str, str]],
+    bundle_cache: Path | None,
+    project_dir: Path | None = None,
+) -> tuple[Path, str]:
+    """Lock ``source`` into ``dest``: the bundle directory and its manifest's sha256. With ``bundle_cache`` (a
+    directory named after everything the bundle depends on, as ``@rawvm.function`` keeps them), a bundle already
+    there is used as it is, and a fresh one is kept there for the next launch."""
+    if bundle_cache is not None and (bundle_cache / "rawvm-env.toml").is_file():
+        _say(f"lock: the environment is unchanged, using its bundle from {bundle_cache}")
+        return bundle_cache, sha256_file(bundle_cache / "rawvm-env.toml")
+    from rawvm_resolver import lock
+
+    locked = lock(source, target, dest, progress=_say, extra_requirements=extra_requirements, project_dir=project_dir)
+    for warning in locked.warnings:
+        _say(f"warning: {warning}")
+    asked = {canonicalize_name(Requirement(line).name) for line, _ in extra_requirements}
+    for row in locked.rows:
+        if row.name in asked and row.action == "added":
+            _say(f"lock: added {row.name} {row.target} ({row.reason})")
+    if summary := lock_summary(locked.rows):
+        _say(f"lock: {summary} (details: rawvm lock --explain)")
+    if bundle_cache is not None:
+        partial = bundle_cache.with_name(f".{bundle_cache.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(locked.bundle_dir, partial)
+        try:
+            partial.rename(bundle_cache)  # whole or not at all: a cut copy never passes for a bundle
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)  # another process kept the same bundle first
+    return locked.bundle_dir, locked.manifest_sha256
+
+
 def _launch(
     *,
     provider_name: str,
@@ -180,6 +218,9 @@ def _launch(
     extra_ca_certs: Sequence[str | Path],
     max_cost: float | str | None = "default",
     max_cost_action: str = "",
+    extra_requirements: Sequence[tuple[str, str]] = (),
+    bundle_cache: Path | None = None,
+    project_dir: Path | None = None,
 ) -> _Launched:
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
@@ -234,21 +275,17 @@ def _launch(
     )
     agent = dataclasses.replace(agent, idle=dataclasses.replace(agent.idle, max_lifetime=lifetime_s))
     spec = dataclasses.replace(spec, agent=agent, agent_wheel=build_agent_wheel())
-    from rawvm_resolver import lock
-
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
     try:
-        locked = lock(source, target, bundle_root / "bundle", progress=_say)
-        for warning in locked.warnings:
-            _say(f"warning: {warning}")
-        if summary := lock_summary(locked.rows):
-            _say(f"lock: {summary} (details: rawvm lock --explain)")
+        bundle_dir, manifest_sha256 = _locked_bundle(
+            source, target, bundle_root / "bundle", extra_requirements, bundle_cache, project_dir
+        )
         timings["lock"] = time.monotonic() - started
-        files = bundle_files(locked.bundle_dir)
+        files = bundle_files(bundle_dir)
         mark = time.monotonic()
         urls = provider.stage(name, files)
         agent = dataclasses.replace(
-            agent, bundle=bundle_config(files, urls, locked.manifest_sha256), sink=provider.sink_url(name)
+            agent, bundle=bundle_config(files, urls, manifest_sha256), sink=provider.sink_url(name)
         )
         spec = dataclasses.replace(spec, agent=agent)
         timings["stage"] = time.monotonic() - mark
