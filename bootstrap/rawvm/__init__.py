@@ -19,4 +19,12 @@ def run(*args: Any, **kwargs: Any) -> Any:
     return _run(*args, **kwargs)
 
 
-__all__ = ["RawvmError", "UsageError", "run"]
+def dask_cluster(*args: Any, **kwargs: Any) -> Any:
+    """A Dask cluster on rawvm machines (TLS, adaptive, gone when idle); see ``rawvm.dask_cluster.dask_cluster``.
+    Needs the ``dask`` extra."""
+    from rawvm.dask_cluster import dask_cluster as _dask_cluster
+
+    return _dask_cluster(*args, **kwargs)
+
+
+__all__ = ["RawvmError", "UsageError", "dask_cluster", "run"]
