@@ -4,6 +4,7 @@ archive in the bundle, input checks) are tested on their own first."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,6 +148,13 @@ def wait_gone(tmp: Path, seconds: float) -> list[psutil.Process]:
     return leftovers(tmp)
 
 
+def running_machines(cluster: object) -> int:
+    from rawvm.providers.local import LocalProvider
+
+    records = cluster.fleet.records  # type: ignore[attr-defined]
+    return sum(1 for r in records for m in LocalProvider().list(r.name) if m.state == "running")
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "project"
@@ -197,6 +205,17 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
             client.wait_for_workers(4, timeout=300)
             assert len(client.scheduler_info()["workers"]) == 4
             assert len(cluster.fleet.records) == 2  # the fourth worker came from one more launch
+
+            # adaptive, with nothing to do: down to one worker; the retired workers' machines power off by themselves
+            cluster.adapt(minimum=1, maximum=4)
+            deadline = time.monotonic() + 120
+            while len(client.scheduler_info()["workers"]) > 1 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert len(client.scheduler_info()["workers"]) == 1
+            deadline = time.monotonic() + 120
+            while running_machines(cluster) > 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert running_machines(cluster) == 2  # the scheduler's and the one worker's
     finally:
         cluster.close()
     assert wait_gone(tmp_path / "tmp", 60) == []
@@ -205,14 +224,12 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
 
 LOST_LAPTOP = """
 import sys, time
-import rawvm
-from distributed import Client
+from rawvm.dask_cluster import connect
 
-cluster = rawvm.dask_cluster(1, keepalive="20s")
-client = Client(cluster)
+client = connect(sys.argv[1])
 client.wait_for_workers(1, timeout=120)
 assert client.submit(lambda: 1 + 1).result() == 2
-print("READY", cluster.scheduler_address, cluster.fleet.tls.directory, flush=True)
+print("READY", flush=True)
 time.sleep(3600)
 """
 
@@ -227,24 +244,45 @@ def cannot_connect(address: str, security: Security | None) -> str:
     raise AssertionError(f"a client connected to {address} with {security}")
 
 
+def rawvm_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rawvm.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+
+
 @pytest.mark.network
 @pytest.mark.slow
-def test_tls_refuses_strangers_and_a_lost_client_costs_at_most_the_keepalive(project: Path, tmp_path: Path) -> None:
+def test_cli_cluster_refuses_strangers_and_a_lost_client_costs_at_most_the_keepalive(
+    project: Path, tmp_path: Path
+) -> None:
+    """``rawvm dask up`` starts the cluster and exits; a client connects with the saved certificates, computes,
+    and is killed without closing anything (a lost laptop). The machines outlive it, then all stop within the
+    keepalive; ``rawvm dask down`` afterwards finds nothing running and forgets the cluster."""
+    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path / "tmp")}
+    up = rawvm_cli("dask", "up", "-n", "1", "--keepalive", "20s", env=env, cwd=project)
+    assert up.returncode == 0, up.stderr
+    name = up.stdout.strip()
+    assert "connect with: from rawvm.dask_cluster import connect" in up.stderr
+    state = tmp_path / "state" / "dask" / name
+    assert "PRIVATE KEY" not in up.stdout + up.stderr
+    address = json.loads((state / "cluster.json").read_text())["scheduler_address"]
+    ca, cert, key = (str(state / "tls" / n) for n in ("ca.pem", "client.pem", "client.key"))
+
     script = project / "laptop.py"
     script.write_text(textwrap.dedent(LOST_LAPTOP))
-    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp_path / "tmp")}
     laptop = subprocess.Popen(
-        [sys.executable, str(script)], cwd=project, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, str(script), name],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         assert laptop.stdout is not None
-        line = laptop.stdout.readline()
-        assert line.startswith("READY "), f"the cluster did not start (exit {laptop.poll()})"
-        _, address, tls_dir = line.split()
-        ca, cert, key = (str(Path(tls_dir) / n) for n in ("ca.pem", "client.pem", "client.key"))
+        assert laptop.stdout.readline().startswith("READY"), f"the client failed (exit {laptop.poll()})"
         with Client(address, security=Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key), timeout=30):
             pass  # the cluster's own certificates connect: what follows is refused for its certificates alone
-
         stranger = make_cluster_tls("stranger", tmp_path / "stranger")
         refusals = {
             "plain tcp": cannot_connect(address.replace("tls://", "tcp://"), None),
@@ -266,3 +304,7 @@ def test_tls_refuses_strangers_and_a_lost_client_costs_at_most_the_keepalive(pro
     assert leftovers(tmp_path / "tmp"), "the machines must outlive the laptop until their keepalive"
     remaining = wait_gone(tmp_path / "tmp", 20 + 40)  # keepalive, plus slack for a loaded 2-core machine
     assert remaining == [], [p.info["cmdline"] for p in remaining]
+    down = rawvm_cli("dask", "down", name, env=env, cwd=project)
+    assert down.returncode == 0, down.stderr
+    assert f"stopped 0 machines of Dask cluster {name}" in down.stderr
+    assert not state.exists()
