@@ -308,3 +308,13 @@ def test_cli_cluster_refuses_strangers_and_a_lost_client_costs_at_most_the_keepa
     assert down.returncode == 0, down.stderr
     assert f"stopped 0 machines of Dask cluster {name}" in down.stderr
     assert not state.exists()
+
+
+@pytest.mark.network
+def test_a_locked_environment_without_distributed_stops_before_any_launch(project: Path, tmp_path: Path) -> None:
+    (project / "requirements.txt").write_text("humanize\n")
+    with pytest.raises(UsageError, match="the environment has no 'distributed'"):
+        dask_cluster(1, source="requirements.txt", name="nodask")
+    assert leftovers(tmp_path / "tmp") == []
+    assert not (tmp_path / "state" / "dask" / "nodask").exists()  # its keys went with it
+    assert not list((tmp_path / "state").glob("clusters/nodask*"))  # nothing was launched, nothing to forget
