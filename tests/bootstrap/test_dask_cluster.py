@@ -318,3 +318,30 @@ def test_a_locked_environment_without_distributed_stops_before_any_launch(projec
     assert leftovers(tmp_path / "tmp") == []
     assert not (tmp_path / "state" / "dask" / "nodask").exists()  # its keys went with it
     assert not list((tmp_path / "state").glob("clusters/nodask*"))  # nothing was launched, nothing to forget
+
+
+def test_without_the_dask_extra_every_entry_point_is_one_line(tmp_path: Path) -> None:
+    """``distributed`` absent (``sys.modules[name] = None`` makes its import fail as a missing package would)."""
+    hide = "import sys; sys.modules['distributed'] = None; "
+    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state")}
+    api_call = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            hide + "import rawvm\ntry:\n rawvm.dask_cluster(1)\nexcept rawvm.UsageError as e: print(e)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert api_call.stdout == "Dask clusters need the 'dask' extra: pip install 'rawvm[dask]'\n", api_call.stderr
+    cli = subprocess.run(
+        [sys.executable, "-c", hide + "from rawvm.cli import main; sys.exit(main(['dask', 'up', '-n', '1']))"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert (cli.returncode, cli.stderr) == (
+        2,
+        "rawvm: Dask clusters need the 'dask' extra: pip install 'rawvm[dask]'\n",
+    )
