@@ -247,7 +247,9 @@ class Fleet:
                 try:
                     await asyncio.wait_for(probe.identity(), 10)
                     return
-                except (OSError, TimeoutError):
+                # Not listening yet. Behind qemu's port forward the TCP connect succeeds and the guest then drops
+                # it, which tornado reports as "IOStream is not idle; cannot convert to SSL" (ValueError).
+                except (OSError, TimeoutError, ValueError):
                     pass
                 await self._raise_if_ended(slot, slot.task_ids[-1], "the Dask scheduler")
                 if time.monotonic() > deadline:
