@@ -148,6 +148,19 @@ def wait_gone(tmp: Path, seconds: float) -> list[psutil.Process]:
     return leftovers(tmp)
 
 
+def dashboard_is_https_only(link: str, ca: Path) -> None:
+    import ssl
+    import urllib.request
+
+    health = link.replace("/status", "/health")
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False  # as Dask itself: the CA is the identity, not a host name
+    with urllib.request.urlopen(health, context=context, timeout=10) as answer:
+        assert answer.read() == b"ok"
+    with pytest.raises(OSError):  # plain HTTP on the same port: the TLS server drops it
+        urllib.request.urlopen(health.replace("https://", "http://"), timeout=10).read()
+
+
 def running_machines(cluster: object) -> int:
     from rawvm.providers.local import LocalProvider
 
@@ -188,6 +201,7 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
     try:
         assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         assert cluster.dashboard_link.startswith("https://127.0.0.1:")
+        dashboard_is_https_only(cluster.dashboard_link, cluster.fleet.tls.ca)
         with Client(cluster) as client:
             client.wait_for_workers(3, timeout=120)
             names = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
