@@ -19,6 +19,15 @@ def run(*args: Any, **kwargs: Any) -> Any:
     return _run(*args, **kwargs)
 
 
+def dask_cluster(*args: Any, **kwargs: Any) -> Any:
+    """A Dask cluster on rawvm machines (TLS, adaptive, gone when idle); see ``rawvm.dask_clusters.dask_cluster``.
+    Needs the ``dask`` extra."""
+    from rawvm.dask_clusters import dask_cluster as _dask_cluster
+
+    return _dask_cluster(*args, **kwargs)
+
+
+
 def function(*args: Any, **kwargs: Any) -> Any:
     """``@rawvm.function(n=3, keepalive="30s")``: run a Python function on machines; see ``rawvm.remote_function``."""
     from rawvm.remote_function import function as _function
@@ -39,4 +48,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rawvm' has no attribute {name!r}")
 
 
-__all__ = ["RawvmError", "RemoteError", "RemoteFunction", "RemoteTraceback", "UsageError", "function", "run"]
+__all__ = [
+    "RawvmError",
+    "RemoteError",
+    "RemoteFunction",
+    "RemoteTraceback",
+    "UsageError",
+    "dask_cluster",
+    "function",
+    "run",
+]

@@ -108,6 +108,25 @@ class AgentClient:
         body: list[dict[str, Any]] = await self._request("GET", "/v1/tasks")
         return body
 
+    async def samples(self, *, after: int = -1, limit: int = 1) -> list[dict[str, Any]]:
+        """Telemetry samples after ``after`` (JSON); reading them is never activity."""
+        url = f"{self.base_url}/v1/samples"
+        headers = {**self._headers, "Accept": "application/json"}
+        try:
+            async with self._get_session().get(
+                url,
+                params={"after": str(after), "limit": str(limit)},
+                headers=headers,
+                timeout=self._timeout,
+                ssl=self._ssl,
+            ) as resp:
+                if resp.status >= 400:
+                    raise AgentError(f"samples on {self.base_url}: HTTP {resp.status}")
+                body: list[dict[str, Any]] = await resp.json(content_type=None)
+                return body
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise AgentError(f"cannot reach the agent at {self.base_url}: {exc or type(exc).__name__}") from None
+
     async def keepalive(self) -> None:
         await self._request("POST", "/v1/keepalive")
 

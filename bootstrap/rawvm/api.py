@@ -133,6 +133,26 @@ def bundle_config(files: Sequence[tuple[str, Path]], urls: dict[str, str], manif
     )
 
 
+def add_code_files(bundle_dir: Path, archives: Sequence[tuple[str, Path]]) -> str:
+    """Copy ``(name, tar.gz)`` archives into the bundle as ``code`` files and list them, with their sha256, in
+    its manifest; returns the manifest's new sha256 (the root of trust the agent is given)."""
+    import tomllib
+
+    import tomli_w
+
+    manifest_path = bundle_dir / "rawvm-env.toml"
+    manifest = tomllib.loads(manifest_path.read_text(encoding="utf-8"))
+    entries = [f for f in manifest.get("files", []) if f.get("path") not in {name for name, _ in archives}]
+    for name, archive in archives:
+        target = bundle_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(archive, target)
+        entries.append({"path": name, "sha256": sha256_file(target), "kind": "code"})
+    manifest["files"] = sorted(entries, key=lambda f: str(f["path"]))
+    manifest_path.write_text(tomli_w.dumps(manifest), encoding="utf-8")
+    return sha256_file(manifest_path)
+
+
 def lock_summary(rows: Sequence[Any]) -> str:
     """``2 translated, 1 dropped``: what the lock changed against the source, "" when it kept everything."""
     counts: dict[str, int] = {}
@@ -221,7 +241,17 @@ def _launch(
     extra_requirements: Sequence[tuple[str, str]] = (),
     bundle_cache: Path | None = None,
     project_dir: Path | None = None,
+    extra_code: Sequence[tuple[str, Path]] = (),
+    open_ports: tuple[int, ...] = (),
+    peer_ports: tuple[int, int] | None = None,
+    client_timeout: float | None = None,
+    check_bundle: Callable[[Path], None] | None = None,
 ) -> _Launched:
+    """Lock, stage, launch. ``extra_code``: ``(bundle name, tar.gz)`` archives added to the bundle as code (listed
+    in its manifest with their sha256, unpacked into the work dir), e.g. a Dask cluster's TLS files;
+    ``open_ports``/``peer_ports``: see ``MachineSpec``; ``client_timeout``: how long a keepalive ping keeps a machine
+    busy (the agent's default when None); ``check_bundle(bundle_dir)`` may refuse the locked bundle (UsageError)
+    before anything is staged or launched."""
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
     )
@@ -244,7 +274,9 @@ def _launch(
     agent = AgentConfig(
         cluster=name,
         token=token,
-        idle=IdleConfig(keepalive=keepalive_s, max_lifetime=lifetime_s),
+        idle=IdleConfig(keepalive=keepalive_s, max_lifetime=lifetime_s)
+        if client_timeout is None
+        else IdleConfig(keepalive=keepalive_s, max_lifetime=lifetime_s, client_timeout=client_timeout),
         install=InstallConfig(native_tls=bool(certs)),  # extra CAs go into the machine's trust store
         spot=SpotConfig(enabled=spot_policy != "on-demand"),
     )
@@ -261,6 +293,8 @@ def _launch(
         region=region,
         spot_policy=spot_policy,
         extra_ca_certs=certs,
+        open_ports=open_ports,
+        peer_ports=peer_ports,
     )
     target = target_for(provider, spec)
     # The price before anything slow or billed: a refused launch has locked, staged and started nothing.
@@ -281,6 +315,9 @@ def _launch(
             source, target, bundle_root / "bundle", extra_requirements, bundle_cache, project_dir
         )
         timings["lock"] = time.monotonic() - started
+        if check_bundle is not None:
+            check_bundle(bundle_dir)
+        manifest_sha256 = add_code_files(bundle_dir, extra_code) if extra_code else manifest_sha256
         files = bundle_files(bundle_dir)
         mark = time.monotonic()
         urls = provider.stage(name, files)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -44,10 +44,14 @@ def default_network(ec2: Any) -> tuple[str, list[tuple[str, str]]]:
     return str(found[0]["VpcId"]), subnets
 
 
-def caller_group_name(caller_ip: str, port: int, ssh: bool) -> str:
+def caller_group_name(
+    caller_ip: str, port: int, ssh: bool, extra_ports: Sequence[int] = (), peer_ports: tuple[int, int] | None = None
+) -> str:
     """One group per caller address and port set: every cluster launched from that address shares it."""
     address = str(ipaddress.IPv4Address(caller_ip)).replace(".", "-")
-    return f"rawvm-caller-{address}-{port}" + ("-ssh" if ssh else "")
+    extra = "".join(f"-{p}" for p in sorted(set(extra_ports)))
+    peers = f"-peers-{peer_ports[0]}-{peer_ports[1]}" if peer_ports else ""
+    return f"rawvm-caller-{address}-{port}{extra}{peers}" + ("-ssh" if ssh else "")
 
 
 def find_security_group(ec2: Any, vpc_id: str, name: str) -> dict[str, Any] | None:
@@ -66,10 +70,29 @@ def _open_ports(group: Mapping[str, Any], cidr: str) -> set[int]:
     }
 
 
+def _peer_open(group: Mapping[str, Any], group_id: str, peer_ports: tuple[int, int]) -> bool:
+    return any(
+        rule.get("IpProtocol") == "tcp"
+        and (rule.get("FromPort"), rule.get("ToPort")) == peer_ports
+        and any(pair.get("GroupId") == group_id for pair in rule.get("UserIdGroupPairs", []))
+        for rule in group.get("IpPermissions", [])
+    )
+
+
 def ensure_security_group(
-    ec2: Any, *, vpc_id: str, caller_ip: str, port: int, ssh: bool, tags: Mapping[str, str]
+    ec2: Any,
+    *,
+    vpc_id: str,
+    caller_ip: str,
+    port: int,
+    ssh: bool,
+    tags: Mapping[str, str],
+    extra_ports: Sequence[int] = (),
+    peer_ports: tuple[int, int] | None = None,
 ) -> str:
-    """The caller's security group: ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``).
+    """The caller's security group: ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``, and each
+    of ``extra_ports``: a Dask scheduler and dashboard), plus ``peer_ports`` from the group itself (machines of
+    the caller's clusters reaching each other: Dask's workers, which also need this cluster's TLS certificate).
 
     It belongs to the caller's address, not to a cluster, so only the first launch from an address pays for it
     (CreateSecurityGroup + AuthorizeSecurityGroupIngress, which EC2 cannot do in one call); later clusters from
@@ -77,7 +100,7 @@ def ensure_security_group(
     instance uses it. A launcher that moves gets a new group; the old one goes with the clusters that used it.
     """
     cidr = f"{ipaddress.IPv4Address(caller_ip)}/32"
-    name = caller_group_name(caller_ip, port, ssh)
+    name = caller_group_name(caller_ip, port, ssh, extra_ports, peer_ports)
     group = find_security_group(ec2, vpc_id, name)
     group_tags = {k: v for k, v in tags.items() if k not in CLUSTER_ONLY_TAGS} | {CALLER_TAG: cidr}
     if group is None:
@@ -90,9 +113,11 @@ def ensure_security_group(
             )["GroupId"]
         )
         already: set[int] = set()
+        peers_open = False
     else:
         group_id = str(group["GroupId"])
         already = _open_ports(group, cidr)
+        peers_open = bool(peer_ports) and _peer_open(group, group_id, peer_ports or (0, 0))
     permissions = [
         {
             "IpProtocol": "tcp",
@@ -100,9 +125,18 @@ def ensure_security_group(
             "ToPort": p,
             "IpRanges": [{"CidrIp": cidr, "Description": "rawvm launcher"}],
         }
-        for p in ([port, 22] if ssh else [port])
+        for p in sorted({port, *extra_ports, *([22] if ssh else [])})
         if p not in already
     ]
+    if peer_ports and not peers_open:
+        permissions.append(
+            {
+                "IpProtocol": "tcp",
+                "FromPort": peer_ports[0],
+                "ToPort": peer_ports[1],
+                "UserIdGroupPairs": [{"GroupId": group_id, "Description": "rawvm cluster peers"}],
+            }
+        )
     if permissions:
         try:
             ec2.authorize_security_group_ingress(GroupId=group_id, IpPermissions=permissions)

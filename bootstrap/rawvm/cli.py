@@ -19,6 +19,7 @@ _COMMAND_MODULES = (
     "rawvm.cli_top",
     "rawvm.cli_report",
     "rawvm.cli_sweep",
+    "rawvm.cli_dask",
 )
 
 

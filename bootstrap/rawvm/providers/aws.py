@@ -422,6 +422,8 @@ class AwsProvider:
             port=spec.agent.port,
             ssh=bool(self.ssh_key_name),
             tags=tags,
+            extra_ports=spec.open_ports,
+            peer_ports=spec.peer_ports,
         )
         data = aws_fleet.launch_template_data(
             image_id=image.image_id,
@@ -531,7 +533,8 @@ class AwsProvider:
             zone=str(instance.get("Placement", {}).get("AvailabilityZone", "")),
             spot=instance.get("InstanceLifecycle") == "spot",
             launched_at=launched.timestamp() if isinstance(launched, datetime) else 0.0,
-            details={k: v for k, v in tags.items() if k.startswith("rawvm:")},
+            details={k: v for k, v in tags.items() if k.startswith("rawvm:")}
+            | ({"private_ip": str(instance["PrivateIpAddress"])} if instance.get("PrivateIpAddress") else {}),
         )
 
     def list(self, cluster: str | None = None, *, region: str = "") -> list[Machine]:

@@ -31,6 +31,13 @@ class MachineSpec:
     spot_policy: str = "on-demand"  # on-demand | spot | spot_with_fallback
     extra_ca_certs: tuple[Path, ...] = ()  # PEM files the machine must trust (TLS-intercepting proxies)
     owner: str = ""
+    # TCP ports, besides the agent's, that the caller reaches on every machine (a Dask scheduler and dashboard).
+    # aws: opened to the caller's /32 only; qemu: forwarded to free host ports, ``Machine.details["port:N"]``;
+    # local: nothing to do (every machine is this host).
+    open_ports: tuple[int, ...] = ()
+    # A TCP port range the cluster's machines reach on each other (Dask's workers and nannies); aws: allowed
+    # from the security group itself.
+    peer_ports: tuple[int, int] | None = None
 
 
 @dataclass

@@ -211,7 +211,7 @@ class QemuProvider:
             files = BootFiles(directory / "machines" / machine_id)
             try:
                 prepare_boot(image, files, user_data, hostname=machine_id)
-                pid, port = self._start(image, files, accel, config.port)
+                pid, port, opened = self._start(image, files, accel, config.port, spec.open_ports)
             except ImageError as exc:
                 raise RawvmError(f"qemu machine {machine_id}: {exc}") from None
             scheme = "https" if config.tls_cert else "http"
@@ -228,7 +228,8 @@ class QemuProvider:
                     "accel": accel,
                     "serial_log": str(files.serial_log),
                     "directory": str(files.directory),
-                },
+                }
+                | {f"port:{guest}": str(host) for guest, host in opened.items()},
             )
             (files.directory / "machine.json").write_text(json.dumps(asdict(machine), indent=2) + "\n")
             self.progress(f"{machine_id}: qemu pid {pid} ({accel}), serial console in {files.serial_log}")
@@ -254,20 +255,25 @@ class QemuProvider:
             sink = f"{cluster_sink}{machine_id}.tar.gz"
         return replace(agent, machine_id=machine_id, bind=GUEST_BIND, sink=sink, install=install)
 
-    def _start(self, image: LocalImage, files: BootFiles, accel: str, guest_port: int) -> tuple[int, int]:
+    def _start(
+        self, image: LocalImage, files: BootFiles, accel: str, guest_port: int, open_ports: Sequence[int] = ()
+    ) -> tuple[int, int, dict[int, int]]:
+        """Boot the VM with the agent port and each of ``open_ports`` forwarded from free host ports; returns the
+        qemu pid, the agent's host port and guest port -> host port for ``open_ports``."""
         last: ImageError | None = None
         for _ in range(3):  # a free port can be taken between the probe and qemu's bind
             port = free_port()
+            opened = {guest: free_port() for guest in open_ports}
             argv = qemu_command(
                 image,
                 files,
                 accel=accel,
                 memory_mib=self.memory_mib,
                 cpus=self.cpus,
-                forwards=[(port, guest_port)],
+                forwards=[(port, guest_port), *((host, guest) for guest, host in opened.items())],
             )
             try:
-                return start_detached(argv, files), port
+                return start_detached(argv, files), port, opened
             except ImageError as exc:
                 last = exc
                 if "hostfwd" not in str(exc) and "Could not set up host forwarding" not in str(exc):

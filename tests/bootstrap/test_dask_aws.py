@@ -1,0 +1,69 @@
+"""A Dask cluster's EC2 launch, against moto in server mode (see test_aws_moto.py): the real launch path of
+``rawvm.dask_cluster`` (lock for EC2's Ubuntu, bundle with the TLS archive staged to S3, CreateFleet) opens the
+scheduler and dashboard ports to the caller's /32 only, and the workers' ports only inside the group."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from pathlib import Path
+
+import pytest
+from rawvm import api
+from rawvm.dask_clusters import DaskOptions, Fleet
+from rawvm.dask_procs import ARCHIVE_NAME, DASHBOARD_PORT, PEER_PORTS, SCHEDULER_PORT, scheduler_place
+from rawvm_agent import DEFAULT_PORT
+
+from tests.bootstrap.test_aws_moto import CALLER_IP, REGION, MotoServer
+from tests.bootstrap.test_aws_provider import _template_data, make_provider
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "requirements.txt").write_text("distributed\n")
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
+    with MotoServer() as moto:
+        provider = make_provider(moto, tmp_path)
+        monkeypatch.setattr(api, "get_provider", lambda name, **options: provider)
+        options = DaskOptions(name="dask-moto", provider="aws", cpu=2, region=REGION, source="requirements.txt")
+        fleet = Fleet(options, tmp_path / "state" / "dask" / "dask-moto")
+        launched = fleet._launch_sync(3, "", "dask-moto")  # the scheduler's machine and two workers', one launch
+        ec2 = provider.client("ec2", REGION)
+
+        (group_id,) = _template_data(ec2, "dask-moto")["SecurityGroupIds"]
+        (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+        from_caller = sorted(
+            (r["FromPort"], r["ToPort"], ip["CidrIp"]) for r in group["IpPermissions"] for ip in r.get("IpRanges", [])
+        )
+        assert from_caller == [
+            (DEFAULT_PORT, DEFAULT_PORT, f"{CALLER_IP}/32"),
+            (SCHEDULER_PORT, SCHEDULER_PORT, f"{CALLER_IP}/32"),
+            (DASHBOARD_PORT, DASHBOARD_PORT, f"{CALLER_IP}/32"),
+        ]
+        from_group = [
+            (r["FromPort"], r["ToPort"], pair["GroupId"])
+            for r in group["IpPermissions"]
+            for pair in r.get("UserIdGroupPairs", [])
+        ]
+        assert from_group == [(*PEER_PORTS, group_id)]  # workers and nannies: only the group's own machines
+        assert not any(r.get("Ipv6Ranges") or r.get("PrefixListIds") for r in group["IpPermissions"])
+
+        # the TLS files travel as a staged bundle file (sha256 in agent.toml), never in the user-data
+        raw = base64.b64decode(_template_data(ec2, "dask-moto")["UserData"])
+        user_data = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
+        assert ARCHIVE_NAME in user_data
+        assert fleet.tls.node_key.read_text().splitlines()[1] not in user_data
+        assert "PRIVATE KEY" not in user_data
+
+        machines = launched.record.machines
+        assert len(machines) == 3 and all(m.details.get("private_ip") for m in machines)
+        place = scheduler_place("aws", machines[0])
+        public = machines[0].agent_url.split("://")[1].rsplit(":", 1)[0]
+        assert place.client_address == f"tls://{public}:{SCHEDULER_PORT}"
+        assert place.worker_address == f"tls://{machines[0].details['private_ip']}:{SCHEDULER_PORT}"
+        api.down("dask-moto")
