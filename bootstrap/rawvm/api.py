@@ -177,7 +177,11 @@ def _launch(
     source: str | Path | None,
     cluster: str | None,
     extra_ca_certs: Sequence[str | Path],
+    extra_files: Sequence[tuple[str, Path]] = (),
+    amend_agent: Callable[[AgentConfig, dict[str, str]], AgentConfig] | None = None,
 ) -> _Launched:
+    """Lock, stage, launch. ``extra_files`` are staged beside the bundle (e.g. a batch spec), and
+    ``amend_agent(agent config, staged URLs)`` adds what they are for to the config every machine gets."""
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
     )
@@ -230,10 +234,12 @@ def _launch(
         timings["lock"] = time.monotonic() - started
         files = bundle_files(locked.bundle_dir)
         mark = time.monotonic()
-        urls = provider.stage(name, files)
+        urls = provider.stage(name, [*files, *extra_files])
         agent = dataclasses.replace(
             agent, bundle=bundle_config(files, urls, locked.manifest_sha256), sink=provider.sink_url(name)
         )
+        if amend_agent is not None:
+            agent = amend_agent(agent, urls)
         spec = dataclasses.replace(spec, agent=agent)
         timings["stage"] = time.monotonic() - mark
         mark = time.monotonic()

@@ -12,7 +12,7 @@ from rawvm_resolver.errors import ResolverError
 from rawvm.errors import RawvmError
 
 # module -> it defines ``register(subparsers)``; each sets ``func`` on its parser.
-_COMMAND_MODULES = ("rawvm.cli_lock", "rawvm.cli_run", "rawvm.cli_cloud")
+_COMMAND_MODULES = ("rawvm.cli_lock", "rawvm.cli_run", "rawvm.cli_cloud", "rawvm.cli_batch")
 
 
 class _Parser(argparse.ArgumentParser):
