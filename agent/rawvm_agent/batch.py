@@ -9,9 +9,9 @@ hands it with ``POST /v1/batch/adopt`` (the unfinished share of a machine that d
 Each task is an ordinary agent task (own log dir, own exit code, counted by the idle policy) with
 ``RAWVM_TASK_ID``, ``RAWVM_TASK_COUNT``, ``RAWVM_TASK_ATTEMPT`` and, for a map, ``RAWVM_TASK_VALUE``. A task's
 final result (state, exit code, attempts with their agent task ids) goes to
-``state_dir/batch/results/<id>.json`` and, with the logs of its attempts, to the sink a few seconds later (each
-flush holds every result so far): a crash loses only the tasks that were running. A restarted agent reloads
-the results and runs what has none. A queue with work left counts as busy.
+``state_dir/batch/results/<id>.json`` and, with the logs of its attempts, to the sink within a second (a
+directory sink) or five (http): a crash loses the running tasks and those that ended in that last interval.
+A restarted agent reloads the results and runs what has none. A queue with work left counts as busy.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ from rawvm_agent.tasks import NotReadyError, Task, TaskError, TaskRequest, TaskS
 log = logging.getLogger("rawvm_agent.batch")
 
 SPEC_FORMAT = 1
-FLUSH_EVERY_S = 5.0  # at most one incremental sink flush per this long while the queue runs
+# At most one incremental flush per this long while the queue runs: a directory sink gets only what is new
+# each time (cheap, so often); an http sink (one object per flush, or one per machine) gets everything so far.
+FLUSH_EVERY_S = {"dir": 1.0, "http": 5.0}
 _MACHINE_INDEX = re.compile(r"(?:^|-)m(\d+)$")
 DONE, FAILED = "done", "failed"
 
@@ -289,7 +291,7 @@ class BatchRunner:
                 await self._maybe_flush()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S)
+                    await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S["dir"])
         finally:
             for worker in list(self._workers):
                 worker.cancel()
@@ -379,15 +381,18 @@ class BatchRunner:
         log.info("batch: task %d %s after %d attempt(s)", bid, result["state"], len(attempts))
 
     async def _maybe_flush(self) -> None:
-        """Send the results and their tasks' logs to the sink: every FLUSH_EVERY_S while work runs, at once
-        when the queue has drained."""
-        if not self._unflushed or (self.pending and time.monotonic() - self._last_flush < FLUSH_EVERY_S):
+        """Send results and their tasks' logs to the sink: every FLUSH_EVERY_S while work runs, at once when the
+        queue has drained."""
+        http = self.config.sink.lower().startswith(("http://", "https://"))
+        every = FLUSH_EVERY_S["http" if http else "dir"]
+        if not self._unflushed or (self.pending and time.monotonic() - self._last_flush < every):
             return
-        # Every result so far, not only the new ones: a sink that is one object per machine (a presigned PUT,
-        # qemu's) keeps only the last flush.
+        # A directory sink keeps every flush, so the new results are enough; an http sink may be one object per
+        # machine (a presigned PUT, qemu's) that keeps only the last flush, so it gets every result so far.
+        ids = list(self.order) if http else self._unflushed
         self._unflushed = []
-        files = [self.state_dir / "state.json", self.dir / "spec.json"]
-        for bid in self.order:
+        files = [self.state_dir / "state.json", self.dir / "spec.json"]  # state.json roots the layout at state_dir
+        for bid in ids:
             files.append(self.dir / "results" / f"{bid}.json")
             files += [self.state_dir / "tasks" / a["task"] for a in self.results[bid]["attempts"] if a["task"]]
         self._last_flush = time.monotonic()
