@@ -305,18 +305,28 @@ _LAUNCH_KEYS = (
 )
 
 
+def write_spec(spec: BatchSpec, directory: Path) -> tuple[Path, str]:
+    """The spec as the file staged beside the bundle, and its sha256 (agent.toml carries only the URL and the
+    hash, so the user-data stays small however many tasks there are)."""
+    path = directory / SPEC_FILE
+    path.write_text(json.dumps(spec.to_json(), sort_keys=True))
+    return path, sha256_file(path)
+
+
+def with_batch(agent: AgentConfig, urls: dict[str, str], digest: str) -> AgentConfig:
+    return dataclasses.replace(agent, batch=BatchConfig(spec_url=urls[SPEC_FILE], spec_sha256=digest))
+
+
 def _launch_round(spec: BatchSpec, launch: dict[str, Any], cluster: str | None) -> api._Launched:
     """One launch of ``spec.machines`` machines through the front door, the spec staged beside the bundle."""
     with tempfile.TemporaryDirectory(prefix="rawvm-batch-") as scratch:
-        path = Path(scratch) / SPEC_FILE
-        path.write_text(json.dumps(spec.to_json(), sort_keys=True))
-        digest = sha256_file(path)
-
-        def amend(agent: AgentConfig, urls: dict[str, str]) -> AgentConfig:
-            return dataclasses.replace(agent, batch=BatchConfig(spec_url=urls[SPEC_FILE], spec_sha256=digest))
-
+        path, digest = write_spec(spec, Path(scratch))
         return api._launch(
-            **launch, n=spec.machines, cluster=cluster, extra_files=[(SPEC_FILE, path)], amend_agent=amend
+            **launch,
+            n=spec.machines,
+            cluster=cluster,
+            extra_files=[(SPEC_FILE, path)],
+            amend_agent=lambda agent, urls: with_batch(agent, urls, digest),
         )
 
 

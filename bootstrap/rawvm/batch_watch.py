@@ -149,6 +149,7 @@ class _Watcher:
         self.silent_since: dict[str, float] = {}
         self.running: dict[str, int] = {}
         self.results: dict[int, dict[str, Any]] = {}
+        self.came_from: dict[int, str] = {}  # the machine whose API gave the result
         self.orphans: set[int] = set()  # ids of dead machines not yet handed to a live one
         self.cluster = ""
         self.fetch: Callable[[], int] = lambda: 0
@@ -192,19 +193,26 @@ class _Watcher:
             self.silent_since.pop(mid, None)
             st, page = answer
             for result in page["results"]:
-                self.results[int(result["id"])] = newest(self.results.get(int(result["id"])), result)
+                bid = int(result["id"])
+                if newest(self.results.get(bid), result) is result:
+                    self.results[bid], self.came_from[bid] = result, mid
             self.after[mid] = int(page["next"])
             self.running[mid] = len(st.get("running", {}))
         await self._hand_over()
 
     def _dead(self, mid: str) -> None:
-        """A machine died: what it flushed counts; its other ids go to the live machines."""
+        """A machine died: what it flushed to the sink counts; its other ids go to the live machines. A result
+        seen over the API but never flushed is run again: it would be missing from the sink later, and its
+        log with it."""
         self.live.discard(mid)
         self.running.pop(mid, None)
         self.fetch()
-        for bid, result in sink_results(self.cluster).items():
-            if bid in self.owned[mid]:
-                self.results[bid] = newest(self.results.get(bid), result)
+        durable = sink_results(self.cluster)
+        for bid in self.owned[mid]:
+            if bid in durable:
+                self.results[bid] = newest(self.results.get(bid), durable[bid])
+            elif self.came_from.get(bid) == mid:
+                del self.results[bid]
         unfinished = {i for i in self.owned[mid] if i not in self.results}
         self.orphans |= unfinished
         self.owned[mid] = set()
