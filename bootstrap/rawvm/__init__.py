@@ -19,4 +19,11 @@ def run(*args: Any, **kwargs: Any) -> Any:
     return _run(*args, **kwargs)
 
 
-__all__ = ["RawvmError", "UsageError", "run"]
+def batch(*args: Any, **kwargs: Any) -> Any:
+    """Run a command once per task id or value over many machines; see ``rawvm.batches.batch``."""
+    from rawvm.batches import batch as _batch
+
+    return _batch(*args, **kwargs)
+
+
+__all__ = ["RawvmError", "UsageError", "batch", "run"]

@@ -19,8 +19,8 @@ from rich.table import Table
 
 from rawvm import api
 from rawvm.agent_client import AgentClient, AgentError
-from rawvm.batch import BatchClient, BatchStatus, newest, sink_results
 from rawvm.batch_plan import compress_ids
+from rawvm.batches import BatchClient, BatchStatus, newest, sink_results
 from rawvm.errors import RawvmError
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine

@@ -1,4 +1,4 @@
-"""``rawvm batch run|status|logs|retry``: batch arrays on the command line (see rawvm.batch)."""
+"""``rawvm batch run|status|logs|retry``: batch arrays on the command line (see rawvm.batches)."""
 
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ def _with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rawvm import batch
+    from rawvm import batches
 
     args = _with_header_options(args.parser, args)
     options = {k: getattr(args, k) for k in _MACHINE_KEYS}
-    result = batch.batch(
+    result = batches.batch(
         args.cmd,
         array=args.array,
         map_over_file=args.map_over_file,
@@ -64,9 +64,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from rawvm import batch, batch_watch
+    from rawvm import batch_watch, batches
 
-    st = batch.status(args.cluster)
+    st = batches.status(args.cluster)
     if args.json:
         print(
             json.dumps(
@@ -80,15 +80,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from rawvm import batch
+    from rawvm import batches
 
-    return batch.logs(args.cluster, args.task)
+    return batches.logs(args.cluster, args.task)
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from rawvm import batch
+    from rawvm import batches
 
-    result = batch.retry(args.cluster, n=args.n, detach=args.detach)
+    result = batches.retry(args.cluster, n=args.n, detach=args.detach)
     return result.exit_code
 
 

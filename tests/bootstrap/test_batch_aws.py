@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rawvm import batch, batch_plan
+from rawvm import batch_plan, batches
 from rawvm.userdata import AGENT_TOML, USER_DATA_LIMIT
 from rawvm_agent.batch import BatchSpec
 
@@ -45,10 +45,10 @@ def test_a_1000_task_batch_on_100_machines_is_one_launch_with_small_user_data(tm
         log = record_calls(ec2)
         SpotShortage(ec2, available=60)
 
-        path, digest = batch.write_spec(spec, tmp_path)
-        urls = provider.stage("big-batch", [(batch.SPEC_FILE, path)])
+        path, digest = batches.write_spec(spec, tmp_path)
+        urls = provider.stage("big-batch", [(batches.SPEC_FILE, path)])
         base = make_spec(tmp_path, "big-batch", machines, cpu=2, spot_policy="spot_with_fallback")
-        machine_spec = dataclasses.replace(base, agent=batch.with_batch(base.agent, urls, digest))
+        machine_spec = dataclasses.replace(base, agent=batches.with_batch(base.agent, urls, digest))
         launched = provider.launch(machine_spec)
 
         assert len(launched) == 100

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
-from rawvm import batch, clusters
+from rawvm import batches, clusters
 from rawvm_agent.batch import share_of
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def wait_status(env: dict[str, str], cluster: str, ok: Any, timeout: float = 120
 def flushed_results(cluster: str) -> dict[str, dict[int, dict[str, Any]]]:
     """Each machine's results as its flushes to the sink hold them."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in batch.record_path(cluster).parent.glob(f"{cluster}-*/batch/results/*.json"):
+    for path in batches.record_path(cluster).parent.glob(f"{cluster}-*/batch/results/*.json"):
         result = json.loads(path.read_text())
         out.setdefault(result["machine"], {})[result["id"]] = result
     return out
@@ -179,7 +179,7 @@ def wait_some_results(cluster: str, machine: str, count: int, timeout: float = 1
     deadline = time.monotonic() + timeout
     while True:
         record = clusters.load(cluster)
-        live = batch.api._run_sync(batch._poll(record))
+        live = batches.api._run_sync(batches._poll(record))
         if machine in live and len(live[machine]["results"]) >= count:
             return
         assert time.monotonic() < deadline, "no results yet"
@@ -239,3 +239,31 @@ def test_a_machine_killed_while_attached_has_its_tasks_run_on_the_others(env: di
     assert "batch done 50 running 0 failed 0 queued 0" in err
     body = status_json(env, out.strip())
     assert body["counts"]["done"] == 50
+
+
+def test_the_python_api_maps_over_values(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tempfile
+
+    import rawvm
+
+    monkeypatch.setattr(tempfile, "tempdir", env["TMPDIR"])  # the local machines live under the test's tmp
+    monkeypatch.chdir(env["CWD"])
+    code = (
+        "import os; print(os.environ['RAWVM_TASK_VALUE'], os.environ['RAWVM_TASK_ID'], os.environ['RAWVM_TASK_COUNT'])"
+    )
+    result = rawvm.batch(
+        ["python", "-c", code],
+        map_over_values=["a.parquet", "b.parquet", "c.parquet"],
+        n=2,
+        source="requirements.txt",
+        keepalive="3s",
+    )
+    assert result.exit_code == 0 and result.states == {0: "done", 1: "done", 2: "done"}
+    assert [result.results[i]["value"] for i in range(3)] == ["a.parquet", "b.parquet", "c.parquet"]
+    capsys.readouterr()
+    for i, value in enumerate(["a.parquet", "b.parquet", "c.parquet"]):
+        assert batches.logs(result.cluster, i) == 0
+        assert capsys.readouterr().out == f"{value} {i} 3\n"
+    wait_no_machines(env)
