@@ -148,6 +148,7 @@ class BatchRunner:
         self._unflushed: list[int] = []
         self._last_flush = 0.0
         self._workers: set[asyncio.Task[None]] = set()
+        self.stopping = False  # the agent refused a task: it is stopping, start no more
 
     @property
     def configured(self) -> bool:
@@ -282,7 +283,7 @@ class BatchRunner:
             spec.concurrency(),
         )
         try:
-            while True:
+            while not self.stopping:
                 for bid in self.queue()[: max(spec.concurrency() - len(self.running), 0)]:
                     self.running[bid] = ""
                     worker = asyncio.create_task(self._run_task(spec, bid), name=f"batch-{bid}")
@@ -317,7 +318,8 @@ class BatchRunner:
                 try:
                     task = await self._start_task(request)
                 except NotReadyError:
-                    return  # the agent is stopping: no result, so the id shows as unfinished
+                    self.stopping = True  # the agent is stopping: no result, so the id shows as unfinished
+                    return
                 except TaskError as exc:
                     now = time.time()
                     attempts.append(
@@ -328,7 +330,8 @@ class BatchRunner:
                     timed_out = await self._wait(task, spec.task_timeout)
                     record = task.record
                     if record.state != TaskState.EXITED:
-                        return  # interrupted by the agent's stop: unfinished, not failed
+                        self.stopping = True  # interrupted by the agent's stop: unfinished, not failed
+                        return
                     attempts.append(
                         {
                             "task": record.id,

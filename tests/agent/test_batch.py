@@ -215,3 +215,26 @@ async def test_a_restarted_agent_keeps_its_results_and_runs_only_the_rest(tmp_pa
         await client.close()
     assert got[0]["id"] == 2 and sorted(r["id"] for r in got) == [0, 1, 2, 3]
     assert len(agent.tasks.tasks) == 3  # task 2 did not run again
+
+
+async def test_a_stop_mid_batch_leaves_the_running_tasks_without_result_and_starts_no_more(
+    make_agent: Factory, tmp_path: Path
+) -> None:
+    sink = tmp_path / "sink"
+    code = "import os, time; time.sleep(0.05 if os.environ['RAWVM_TASK_ID'] == '0' else 60)"
+    spec = {**spec_json([0, 1, 2, 3], 1, tasks_per_machine=2), "argv": [sys.executable, "-c", code]}
+    off = tmp_path / "powered-off"
+    poweroff = [sys.executable, "-c", f"open({str(off)!r}, 'w').write('off')"]
+    idle = {"keepalive": "10m", "window": "1s", "cpu_threshold": 101.0, "poweroff_command": poweroff}
+    agent, client = await make_agent(spec, sink=str(sink), idle=idle)
+    await wait_results(client, 1)  # task 0 done; 1 and 2 running, 3 queued
+    deadline = time.monotonic() + 30
+    while len(agent.batch.running) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    started = len(agent.tasks.tasks)
+    assert (await client.post("/v1/shutdown", headers=AUTH)).status == 202
+    await asyncio.wait_for(agent.stopped.wait(), 30)
+    assert len(agent.tasks.tasks) == started == 3  # nothing started after the stop began
+    assert sorted(agent.batch.results) == [0]  # 1 and 2 were interrupted: no result, so they show as unfinished
+    assert {p.stem for p in sink.glob("*/batch/results/*.json")} == {"0"}
+    assert off.read_text() == "off" and agent.batch.stopping  # its loop ended: no spinning on refusals
