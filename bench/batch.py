@@ -21,6 +21,7 @@ with other work the absolute figures move from run to run, the ratio less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,8 +61,14 @@ def _rawvm_batch(tasks: int, machines: int, per_machine: int, scratch: Path) -> 
     if run.returncode != 0:
         raise SystemExit(f"rawvm batch run failed ({run.returncode}):\n{run.stderr}")
     cluster = run.stdout.strip()
-    results = [json.loads(p.read_text()) for p in (state / "sinks" / cluster).glob(f"{cluster}-*/batch/results/*.json")]
-    by_id = {r["id"]: r for r in results}
+    by_id: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + 60  # the machines flush their last results within a second or so
+    while len(by_id) < tasks and time.monotonic() < deadline:
+        time.sleep(0.5)
+        for path in (state / "sinks" / cluster).glob(f"{cluster}-*/batch/results/*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                result = json.loads(path.read_text())
+                by_id[result["id"]] = result
     if sorted(by_id) != list(range(tasks)) or any(r["state"] != "done" for r in by_id.values()):
         raise SystemExit(f"rawvm batch: {len(by_id)} results of {tasks}, not all done")
     first = min(a["started_at"] for r in by_id.values() for a in r["attempts"])
@@ -70,8 +78,9 @@ def _rawvm_batch(tasks: int, machines: int, per_machine: int, scratch: Path) -> 
 
 def batch_array(args: argparse.Namespace) -> list[str]:
     parallel = args.machines * args.per_machine
-    with tempfile.TemporaryDirectory(prefix="rawvm-bench-batch-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="rawvm-bench-batch-", ignore_cleanup_errors=True) as scratch:
         rawvm = _rawvm_batch(args.tasks, args.machines, args.per_machine, Path(scratch))
+        time.sleep(8)  # the machines' keepalive (5s): they stop and leave the directory
     baseline = _xargs(args.tasks, parallel)
     ours, theirs = rawvm["tasks"] / args.tasks * 1000, baseline / args.tasks * 1000
     return [

@@ -148,6 +148,7 @@ class BatchRunner:
         self._unflushed: list[int] = []
         self._last_flush = 0.0
         self._workers: set[asyncio.Task[None]] = set()
+        self._flushing: asyncio.Task[None] | None = None
         self.stopping = False  # the agent refused a task: it is stopping, start no more
 
     @property
@@ -289,13 +290,17 @@ class BatchRunner:
                     worker = asyncio.create_task(self._run_task(spec, bid), name=f"batch-{bid}")
                     self._workers.add(worker)
                     worker.add_done_callback(self._workers.discard)
-                await self._maybe_flush()
+                if self._flushing is None or self._flushing.done():
+                    # In the background: the queue keeps its slots full while files are copied or uploaded.
+                    self._flushing = asyncio.create_task(self._maybe_flush(), name="batch-flush")
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S["dir"])
         finally:
             for worker in list(self._workers):
                 worker.cancel()
+            if self._flushing is not None:
+                self._flushing.cancel()
 
     def _task_env(self, spec: BatchSpec, bid: int, attempt: int) -> dict[str, str]:
         env = {
