@@ -147,7 +147,7 @@ class _Watcher:
         self.after = dict.fromkeys(clients, 0)
         self.live = set(clients)
         self.silent_since: dict[str, float] = {}
-        self.running: dict[str, int] = {}
+        self.running: dict[str, set[int]] = {}  # per machine, the ids its last status said were running
         self.results: dict[int, dict[str, Any]] = {}
         self.came_from: dict[int, str] = {}  # the machine whose API gave the result
         self.orphans: set[int] = set()  # ids of dead machines not yet handed to a live one
@@ -159,7 +159,9 @@ class _Watcher:
 
     def counts(self) -> dict[str, int]:
         states = [r["state"] for r in self.results.values()]
-        done, failed, running = states.count("done"), states.count("failed"), sum(self.running.values())
+        # A status and a results page are two reads: an id may have ended in between, so its result wins.
+        running = len(set().union(*self.running.values()) - set(self.results))
+        done, failed = states.count("done"), states.count("failed")
         return {
             "done": done,
             "failed": failed,
@@ -197,7 +199,7 @@ class _Watcher:
                 if newest(self.results.get(bid), result) is result:
                     self.results[bid], self.came_from[bid] = result, mid
             self.after[mid] = int(page["next"])
-            self.running[mid] = len(st.get("running", {}))
+            self.running[mid] = {int(k) for k in dict(st.get("running", {}))}
         await self._hand_over()
 
     def _dead(self, mid: str) -> None:

@@ -93,3 +93,21 @@ def test_a_bad_header_line_names_the_script(tmp_path: Path) -> None:
     (tmp_path / "job.sh").write_text("# rawvm: --cluster 'unclosed\necho hi\n")
     with pytest.raises(UsageError, match=r"job.sh: bad '# rawvm:' line"):
         batch_plan.header_options(["bash", "job.sh"], tmp_path)
+
+
+def test_progress_counts_stay_consistent_when_a_task_ends_between_two_reads() -> None:
+    """The watch reads a machine's status, then its results: a task can be running in the first and done in the
+    second. Its result wins, so the counts still add up to the number of tasks."""
+    from rawvm.batch_watch import BatchProgress, _Watcher
+
+    spec = batch_plan.make_spec(
+        ["true"], [0, 1, 2, 3], None, machines=1, tasks_per_machine=2, max_retries=0, task_timeout_s=0, gpu=False
+    )
+    watcher = _Watcher(spec, {}, {}, None)
+    watcher.results = {i: {"id": i, "state": "done"} for i in range(4)}
+    watcher.running = {"m0": {3}}
+    assert watcher.counts() == {"done": 4, "failed": 0, "running": 0, "queued": 0}
+    assert BatchProgress.line(watcher.counts()) == "done 4 running 0 failed 0 queued 0"
+    watcher.results.pop(3)
+    watcher.results[2]["state"] = "failed"
+    assert watcher.counts() == {"done": 2, "failed": 1, "running": 1, "queued": 0}
