@@ -21,12 +21,13 @@ from typing import Any
 from aiohttp import web
 
 from rawvm_agent import __version__, idle, sdnotify, sink, spot, stopper
+from rawvm_agent.batch import BatchRunner
 from rawvm_agent.calls import CallHub
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.install import Environment, Installer, InstallError
 from rawvm_agent.logs import Redactor, setup_logging, url_password
 from rawvm_agent.state import SERVING, AgentState, InstallProgress, Phase, StateStore
-from rawvm_agent.tasks import NotReadyError, TaskManager, TaskRequest
+from rawvm_agent.tasks import NotReadyError, Task, TaskManager, TaskRequest
 from rawvm_agent.telemetry import Sampler, prometheus
 
 log = logging.getLogger("rawvm_agent")
@@ -81,6 +82,7 @@ class Agent:
         )
         self.calls = CallHub(self)  # @rawvm.function calls and their workers (calls.py)
         self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self.save_state)
+        self.batch = BatchRunner(config, self.state_dir, self._start_batch_task, self._flush_files)
         self.env: Environment | None = None
         self.policy: idle.IdlePolicy | None = None
         self.decision: idle.IdleDecision | None = None
@@ -133,7 +135,9 @@ class Agent:
             log.warning("resuming an interrupted stop (%s)", self.state.stop_reason or "unknown reason")
             self.request_stop(self.state.stop_reason or "resumed stop")
         else:
-            self._spawn(self._install(), "install")
+            install = self._spawn(self._install(), "install")
+            if self.batch.configured:
+                self._spawn(self.batch.run(self._env_after(install)), "batch")
             self._spawn(self._idle_loop(), "idle")
             if self.config.spot.enabled:
                 self._spawn(spot.watch_spot(self.config.spot, self._on_spot_notice), "spot")
@@ -148,11 +152,21 @@ class Agent:
                 log.warning("idle clock in the state file is unreadable; starting it over")
         return idle.IdlePolicy(self.config.idle, self.state.started_at)
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         task.add_done_callback(self._background_done)
         self._background.append(task)
+        return task
+
+    async def _env_after(self, install: asyncio.Future[Any]) -> Environment | None:
+        await asyncio.wait([install])
+        return self.env
+
+    async def _start_batch_task(self, request: TaskRequest) -> Task:
+        if self._stop_task is not None or self.env is None:
+            raise NotReadyError(f"the agent is {self.state.phase}; no new tasks")
+        return await self.tasks.start(request, self.env, self.environ)
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -170,6 +184,7 @@ class Agent:
         if self._stop_task is not None and not self._stop_task.done():
             self._stop_task.cancel()
             await asyncio.gather(self._stop_task, return_exceptions=True)
+        await self.batch.close()
         await self.tasks.close()
         with contextlib.suppress(Exception):
             await self.sampler.stop()
@@ -246,7 +261,9 @@ class Agent:
         self.decision = self.policy.observe(
             now,
             # Installing is work too: a slow download must not look like an idle machine.
-            task_running=self.calls.tasks_busy() or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
+            task_running=self.calls.tasks_busy()
+            or self.batch.pending  # a batch queue with work left is not idle, even between two tasks
+            or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
             cpu_percent=self.sampler.cpu_percent(recent),
             gpu_percents=self.sampler.gpu_utilization(recent),
             last_keepalive=self.state.last_keepalive,
@@ -321,6 +338,13 @@ class Agent:
         template), so without a machine_id the host name tells them apart (unique in a VPC)."""
         machine = self.config.machine_id or socket.gethostname()
         return "-".join(p for p in (self.config.cluster, machine) if p) or "machine"
+
+    async def _flush_files(self, files: list[Path]) -> None:
+        """An incremental flush (batch results so far); the stop sequence still flushes everything."""
+        if self.config.sink:
+            await sink.flush(
+                self.config.sink, files, label=self.sink_label(), timeout=SINK_TIMEOUT_S, form=self.config.sink_form
+            )
 
     async def _flush_to_sink(self) -> None:
         if not self.config.sink:
@@ -448,12 +472,13 @@ class Agent:
 
 def create_app(agent: Agent) -> web.Application:
     """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it."""
-    from rawvm_agent import api
+    from rawvm_agent import api, batch_api
     from rawvm_agent.auth import token_middleware
 
     app = web.Application(middlewares=[token_middleware(agent.token)], client_max_size=1 << 20)
     app[AGENT_KEY] = agent
     api.add_routes(app)
+    batch_api.add_routes(app)
 
     async def on_startup(_: web.Application) -> None:
         await agent.start()

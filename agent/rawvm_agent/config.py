@@ -77,6 +77,15 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """A batch array this machine runs by itself (rawvm_agent.batch). Empty ``spec_url``: no batch."""
+
+    spec_url: str = ""  # the staged batch spec (JSON: command, task ids and values, retries), fetched like the bundle
+    spec_sha256: str = ""
+    index: int = -1  # this machine's share; -1: from machine_id ``...m<k>``, or given later over the API
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     cluster: str = "default"
     machine_id: str = ""
@@ -98,6 +107,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = TelemetryConfig()
     spot: SpotConfig = SpotConfig()
     tasks: TaskConfig = TaskConfig()
+    batch: BatchConfig = BatchConfig()
 
     def bearer_token(self) -> str:
         if self.token:
@@ -114,6 +124,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "telemetry": TelemetryConfig,
     "spot": SpotConfig,
     "tasks": TaskConfig,
+    "batch": BatchConfig,
 }
 
 

@@ -19,6 +19,13 @@ def run(*args: Any, **kwargs: Any) -> Any:
     return _run(*args, **kwargs)
 
 
+def batch(*args: Any, **kwargs: Any) -> Any:
+    """Run a command once per task id or value over many machines; see ``rawvm.batches.batch``."""
+    from rawvm.batches import batch as _batch
+
+    return _batch(*args, **kwargs)
+
+
 def dask_cluster(*args: Any, **kwargs: Any) -> Any:
     """A Dask cluster on rawvm machines (TLS, adaptive, gone when idle); see ``rawvm.dask_clusters.dask_cluster``.
     Needs the ``dask`` extra."""
@@ -54,6 +61,7 @@ __all__ = [
     "RemoteFunction",
     "RemoteTraceback",
     "UsageError",
+    "batch",
     "dask_cluster",
     "function",
     "run",

@@ -246,8 +246,12 @@ def _launch(
     peer_ports: tuple[int, int] | None = None,
     client_timeout: float | None = None,
     check_bundle: Callable[[Path], None] | None = None,
+    extra_files: Sequence[tuple[str, Path]] = (),
+    amend_agent: Callable[[AgentConfig, dict[str, str]], AgentConfig] | None = None,
 ) -> _Launched:
-    """Lock, stage, launch. ``extra_code``: ``(bundle name, tar.gz)`` archives added to the bundle as code (listed
+    """Lock, stage, launch. ``extra_files`` are staged beside the bundle (e.g. a batch spec), and
+    ``amend_agent(agent config, staged URLs)`` adds what they are for to the config every machine gets.
+    ``extra_code``: ``(bundle name, tar.gz)`` archives added to the bundle as code (listed
     in its manifest with their sha256, unpacked into the work dir), e.g. a Dask cluster's TLS files;
     ``open_ports``/``peer_ports``: see ``MachineSpec``; ``client_timeout``: how long a keepalive ping keeps a machine
     busy (the agent's default when None); ``check_bundle(bundle_dir)`` may refuse the locked bundle (UsageError)
@@ -320,10 +324,12 @@ def _launch(
         manifest_sha256 = add_code_files(bundle_dir, extra_code) if extra_code else manifest_sha256
         files = bundle_files(bundle_dir)
         mark = time.monotonic()
-        urls = provider.stage(name, files)
+        urls = provider.stage(name, [*files, *extra_files])
         agent = dataclasses.replace(
             agent, bundle=bundle_config(files, urls, manifest_sha256), sink=provider.sink_url(name)
         )
+        if amend_agent is not None:
+            agent = amend_agent(agent, urls)
         spec = dataclasses.replace(spec, agent=agent)
         timings["stage"] = time.monotonic() - mark
         mark = time.monotonic()

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "rawvm.cli_report",
     "rawvm.cli_sweep",
     "rawvm.cli_dask",
+    "rawvm.cli_batch",
 )
 
 

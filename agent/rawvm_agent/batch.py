@@ -1,0 +1,412 @@
+"""Batch arrays on one machine, with no controller: this machine's share of the task list, run and retried here.
+
+agent.toml's ``[batch]`` names the batch spec (a staged JSON file, sha256-checked like the bundle): the command,
+the task ids (and values for a map), how many machines share them, K concurrent tasks per machine, retries and
+a per-task timeout. Shares are static: machine ``i`` of ``N`` runs ``ids[i::N]`` (its index comes from
+agent.toml, from a machine id ending in ``m<i>``, or over ``POST /v1/batch/share``), plus any ids the client
+hands it with ``POST /v1/batch/adopt`` (the unfinished share of a machine that died while the client watched).
+
+Each task is an ordinary agent task (own log dir, own exit code, counted by the idle policy) with
+``RAWVM_TASK_ID``, ``RAWVM_TASK_COUNT``, ``RAWVM_TASK_ATTEMPT`` and, for a map, ``RAWVM_TASK_VALUE``. A task's
+final result (state, exit code, attempts with their agent task ids) goes to
+``state_dir/batch/results/<id>.json`` and, with the logs of its attempts, to the sink within a second (a
+directory sink) or five (http): a crash loses the running tasks and those that ended in that last interval.
+A restarted agent reloads the results and runs what has none. A queue with work left counts as busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from rawvm_agent.config import AgentConfig
+from rawvm_agent.install import Environment, InstallError, fetch, ssl_context
+from rawvm_agent.state import write_json_atomic
+from rawvm_agent.tasks import NotReadyError, Task, TaskError, TaskRequest, TaskState
+
+log = logging.getLogger("rawvm_agent.batch")
+
+SPEC_FORMAT = 1
+# At most one incremental flush per this long while the queue runs: a directory sink gets only what is new
+# each time (cheap, so often); an http sink (one object per flush, or one per machine) gets everything so far.
+FLUSH_EVERY_S = {"dir": 1.0, "http": 5.0}
+_MACHINE_INDEX = re.compile(r"(?:^|-)m(\d+)$")
+DONE, FAILED = "done", "failed"
+
+
+class BatchError(ValueError):
+    """A batch spec or request that cannot be used; one line for the log or the API caller."""
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    argv: list[str]
+    ids: list[int]
+    values: list[str] | None  # a map: values[i] belongs to ids[i]
+    machines: int
+    tasks_per_machine: int  # 0: the machine's cores (1 with a GPU)
+    max_retries: int
+    task_timeout: float  # seconds; 0: none
+    gpu: bool = False
+
+    @classmethod
+    def from_json(cls, raw: Any) -> BatchSpec:
+        if not isinstance(raw, dict) or raw.get("format") != SPEC_FORMAT:
+            raise BatchError(f"batch spec: not a format {SPEC_FORMAT} object")
+        argv, ids, values = raw.get("argv"), raw.get("ids"), raw.get("values")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise BatchError("batch spec: 'argv' must be a non-empty list of strings")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+            raise BatchError("batch spec: 'ids' must be a non-empty list of integers")
+        if len(set(ids)) != len(ids):
+            raise BatchError("batch spec: 'ids' repeat")
+        if values is not None and (
+            not isinstance(values, list) or len(values) != len(ids) or not all(isinstance(v, str) for v in values)
+        ):
+            raise BatchError("batch spec: 'values' must be one string per id")
+        numbers = {k: raw.get(k) for k in ("machines", "tasks_per_machine", "max_retries")}
+        if not all(isinstance(v, int) and v >= 0 for v in numbers.values()) or numbers["machines"] == 0:
+            raise BatchError("batch spec: machines (>= 1), tasks_per_machine, max_retries must be integers >= 0")
+        timeout = raw.get("task_timeout", 0)
+        if not isinstance(timeout, int | float) or timeout < 0:
+            raise BatchError("batch spec: 'task_timeout' must be seconds >= 0")
+        return cls(
+            argv=argv,
+            ids=ids,
+            values=values,
+            machines=int(raw["machines"]),
+            tasks_per_machine=int(raw["tasks_per_machine"]),
+            max_retries=int(raw["max_retries"]),
+            task_timeout=float(timeout),
+            gpu=bool(raw.get("gpu", False)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": SPEC_FORMAT,
+            "argv": self.argv,
+            "ids": self.ids,
+            "values": self.values,
+            "machines": self.machines,
+            "tasks_per_machine": self.tasks_per_machine,
+            "max_retries": self.max_retries,
+            "task_timeout": self.task_timeout,
+            "gpu": self.gpu,
+        }
+
+    def share(self, index: int) -> list[int]:
+        return share_of(self.ids, self.machines, index)
+
+    def concurrency(self) -> int:
+        if self.tasks_per_machine:
+            return self.tasks_per_machine
+        return 1 if self.gpu else max(os.cpu_count() or 1, 1)
+
+
+def share_of(ids: Sequence[int], machines: int, index: int) -> list[int]:
+    """Machine ``index`` of ``machines`` runs every ``machines``-th id from position ``index``: even shares,
+    the same on the client and on every machine, with nothing to agree on at run time."""
+    return list(ids[index::machines])
+
+
+class BatchRunner:
+    """This machine's part of a batch; ``run`` is one background task of the agent."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        state_dir: Path,
+        start_task: Callable[[TaskRequest], Awaitable[Task]],
+        flush: Callable[[list[Path]], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.dir = state_dir / "batch"
+        self._start_task = start_task
+        self._flush = flush
+        self.spec: BatchSpec | None = None
+        self.index: int | None = None
+        self.error = ""
+        self.results: dict[int, dict[str, Any]] = {}
+        self.order: list[int] = []  # ids in the order their results came (the results API pages over it)
+        self.running: dict[int, str] = {}  # batch id -> agent task id of its current attempt ("" while starting)
+        self.adopted: list[int] = []
+        self._attempts: dict[int, list[dict[str, Any]]] = {}
+        self._wake = asyncio.Event()
+        self._unflushed: list[int] = []
+        self._last_flush = 0.0
+        self._workers: set[asyncio.Task[None]] = set()
+        self._flushing: asyncio.Task[None] | None = None
+        self.stopping = False  # the agent refused a task: it is stopping, start no more
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.config.batch.spec_url)
+
+    @property
+    def pending(self) -> bool:
+        """Work left in this machine's queue: the idle policy counts it as a running task. A machine still
+        waiting for its share is not pending: with no client to give it one, it must still stop."""
+        return bool(self.running) or bool(self.queue())
+
+    def queue(self) -> list[int]:
+        if self.spec is None:
+            return []
+        mine = self.spec.share(self.index) if self.index is not None else []
+        return [i for i in [*mine, *self.adopted] if i not in self.results and i not in self.running]
+
+    # -- setup ------------------------------------------------------------------------------------------
+
+    async def _load_spec(self) -> BatchSpec:
+        target = self.dir / "spec.json"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            partial = self.dir / ".spec.partial"
+            connector = aiohttp.TCPConnector(ssl=ssl_context(self.config.install))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                digest = await fetch(session, self.config.batch.spec_url, partial, lambda n: None)
+            if self.config.batch.spec_sha256 and digest != self.config.batch.spec_sha256.lower():
+                partial.unlink(missing_ok=True)
+                raise BatchError(f"batch spec has sha256 {digest[:16]}…, agent.toml says another; refusing it")
+            partial.replace(target)
+        return BatchSpec.from_json(json.loads(target.read_text(encoding="utf-8")))
+
+    def _initial_index(self, spec: BatchSpec) -> int | None:
+        if self.config.batch.index >= 0:
+            return self.config.batch.index
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return int(json.loads((self.dir / "index.json").read_text())["index"])
+        if spec.machines == 1:
+            return 0
+        if match := _MACHINE_INDEX.search(self.config.machine_id):
+            return int(match.group(1))
+        return None
+
+    def _load_previous(self) -> None:
+        """Results and adoptions of an earlier run of this agent (it restarted): those tasks do not run again."""
+        found = []
+        for path in (self.dir / "results").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                result = json.loads(path.read_text(encoding="utf-8"))
+                found.append((float(result.get("ended_at") or 0), int(result["id"]), result))
+        for _, bid, result in sorted(found):
+            self.results[bid] = result
+            self.order.append(bid)
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.adopted = [int(i) for i in json.loads((self.dir / "adopted.json").read_text())]
+
+    # -- API --------------------------------------------------------------------------------------------
+
+    def set_index(self, index: Any) -> None:
+        """Given before the spec is loaded (the agent answers long before its install ends), it is kept."""
+        if not self.configured:
+            raise BatchError("no batch on this machine")
+        top = self.spec.machines - 1 if self.spec is not None else None
+        if not isinstance(index, int) or index < 0 or (top is not None and index > top):
+            raise BatchError(f"'index' must be an integer from 0 to {top if top is not None else 'machines - 1'}")
+        if self.index is not None and self.index != index:
+            raise BatchError(f"this machine already has share {self.index}")
+        self.index = index
+        write_json_atomic(self.dir / "index.json", {"index": index})
+        self._wake.set()
+
+    def adopt(self, ids: Any) -> list[int]:
+        """Take over ``ids`` (of a machine that died); returns those that were new here."""
+        if self.spec is None:
+            raise BatchError("no batch here (or its spec is not loaded yet)")
+        known = set(self.spec.ids)
+        if not isinstance(ids, list) or not all(isinstance(i, int) and i in known for i in ids):
+            raise BatchError("'ids' must be a list of task ids of this batch")
+        mine = set(self.spec.share(self.index)) if self.index is not None else set()
+        new = [i for i in dict.fromkeys(ids) if i not in mine and i not in self.adopted]
+        if new:
+            self.adopted.extend(new)
+            write_json_atomic(self.dir / "adopted.json", self.adopted)
+            self._wake.set()
+        return new
+
+    def status(self) -> dict[str, Any]:
+        spec = self.spec
+        finals = [r["state"] for r in self.results.values()]
+        return {
+            "configured": self.configured,
+            "error": self.error,
+            "index": self.index,
+            "machines": spec.machines if spec else 0,
+            "concurrency": spec.concurrency() if spec else 0,
+            "share": spec.share(self.index) if spec and self.index is not None else [],
+            "adopted": list(self.adopted),
+            "queued": self.queue(),
+            "running": {str(k): v for k, v in self.running.items()},
+            "done": finals.count(DONE),
+            "failed": finals.count(FAILED),
+            "results": len(self.order),
+        }
+
+    def results_after(self, after: int) -> dict[str, Any]:
+        return {"results": [self.results[i] for i in self.order[after:]], "next": len(self.order)}
+
+    # -- running ----------------------------------------------------------------------------------------
+
+    async def run(self, ready: Awaitable[Environment | None]) -> None:
+        """Wait for the environment, then keep the queue running (adopted ids may come at any time)."""
+        if await ready is None:
+            return
+        try:
+            spec = self.spec = await self._load_spec()
+        except (BatchError, InstallError, OSError, ValueError) as exc:
+            self.error = str(exc)
+            log.error("batch: %s", exc)
+            return
+        self.index = self._initial_index(spec) if self.index is None else self.index
+        if self.index is not None and self.index >= spec.machines:
+            self.error = f"share {self.index} given, but the batch has {spec.machines} machines"
+            log.error("batch: %s", self.error)
+            return
+        self._load_previous()
+        log.info(
+            "batch: %d tasks on %d machines, share %s, %d at a time",
+            len(spec.ids),
+            spec.machines,
+            "unknown yet" if self.index is None else self.index,
+            spec.concurrency(),
+        )
+        try:
+            while not self.stopping:
+                for bid in self.queue()[: max(spec.concurrency() - len(self.running), 0)]:
+                    self.running[bid] = ""
+                    worker = asyncio.create_task(self._run_task(spec, bid), name=f"batch-{bid}")
+                    self._workers.add(worker)
+                    worker.add_done_callback(self._workers.discard)
+                if self._flushing is None or self._flushing.done():
+                    # In the background: the queue keeps its slots full while files are copied or uploaded.
+                    self._flushing = asyncio.create_task(self._maybe_flush(), name="batch-flush")
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S["dir"])
+        finally:
+            for worker in list(self._workers):
+                worker.cancel()
+            if self._flushing is not None:
+                self._flushing.cancel()
+
+    def _task_env(self, spec: BatchSpec, bid: int, attempt: int) -> dict[str, str]:
+        env = {
+            "RAWVM_TASK_ID": str(bid),
+            "RAWVM_TASK_COUNT": str(len(spec.ids)),
+            "RAWVM_TASK_ATTEMPT": str(attempt),
+            "PYTHONUNBUFFERED": "1",
+        }
+        if spec.values is not None:
+            env["RAWVM_TASK_VALUE"] = spec.values[spec.ids.index(bid)]
+        return env
+
+    async def _run_task(self, spec: BatchSpec, bid: int) -> None:
+        attempts = self._attempts.setdefault(bid, [])
+        try:
+            while True:
+                request = TaskRequest(
+                    argv=spec.argv, env=self._task_env(spec, bid, len(attempts) + 1), cwd="", secret_env=[]
+                )
+                try:
+                    task = await self._start_task(request)
+                except NotReadyError:
+                    self.stopping = True  # the agent is stopping: no result, so the id shows as unfinished
+                    return
+                except TaskError as exc:
+                    now = time.time()
+                    attempts.append(
+                        {"task": "", "exit_code": 127, "error": str(exc), "started_at": now, "ended_at": now}
+                    )
+                else:
+                    self.running[bid] = task.record.id
+                    timed_out = await self._wait(task, spec.task_timeout)
+                    record = task.record
+                    if record.state != TaskState.EXITED:
+                        self.stopping = True  # interrupted by the agent's stop: unfinished, not failed
+                        return
+                    attempts.append(
+                        {
+                            "task": record.id,
+                            "exit_code": record.exit_code,
+                            "started_at": record.started_at,
+                            "ended_at": record.ended_at,
+                            **({"timed_out": True} if timed_out else {}),
+                        }
+                    )
+                if attempts[-1]["exit_code"] == 0 or len(attempts) > spec.max_retries:
+                    self._record(spec, bid, attempts)
+                    return
+                log.info("batch: task %d failed (attempt %d), retrying", bid, len(attempts))
+        finally:
+            self.running.pop(bid, None)
+            self._wake.set()
+
+    @staticmethod
+    async def _wait(task: Task, timeout: float) -> bool:
+        """Wait for the task to end; past ``timeout`` end its process group. True when it timed out."""
+        try:
+            await asyncio.wait_for(task.done.wait(), timeout or None)
+            return False
+        except TimeoutError:
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                if task.process is not None and task.process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(task.process.pid, sig)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(task.done.wait(), grace)
+                    break
+            await task.done.wait()
+            return True
+
+    def _record(self, spec: BatchSpec, bid: int, attempts: list[dict[str, Any]]) -> None:
+        last = attempts[-1]
+        result = {
+            "id": bid,
+            "value": spec.values[spec.ids.index(bid)] if spec.values is not None else None,
+            "state": DONE if last["exit_code"] == 0 else FAILED,
+            "exit_code": last["exit_code"],
+            "attempts": attempts,
+            "machine": self.config.machine_id,
+            "ended_at": last["ended_at"],
+        }
+        write_json_atomic(self.dir / "results" / f"{bid}.json", result)
+        self.results[bid] = result
+        self.order.append(bid)
+        self._unflushed.append(bid)
+        log.info("batch: task %d %s after %d attempt(s)", bid, result["state"], len(attempts))
+
+    async def _maybe_flush(self) -> None:
+        """Send results and their tasks' logs to the sink: every FLUSH_EVERY_S while work runs, at once when the
+        queue has drained."""
+        http = self.config.sink.lower().startswith(("http://", "https://"))
+        every = FLUSH_EVERY_S["http" if http else "dir"]
+        if not self._unflushed or (self.pending and time.monotonic() - self._last_flush < every):
+            return
+        # A directory sink keeps every flush, so the new results are enough; an http sink may be one object per
+        # machine (a presigned PUT, qemu's) that keeps only the last flush, so it gets every result so far.
+        ids = list(self.order) if http else self._unflushed
+        self._unflushed = []
+        files = [self.state_dir / "state.json", self.dir / "spec.json"]  # state.json roots the layout at state_dir
+        for bid in ids:
+            files.append(self.dir / "results" / f"{bid}.json")
+            files += [self.state_dir / "tasks" / a["task"] for a in self.results[bid]["attempts"] if a["task"]]
+        self._last_flush = time.monotonic()
+        await self._flush([f for f in files if f.exists()])
+
+    async def close(self) -> None:
+        for worker in list(self._workers):
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)

@@ -1,0 +1,470 @@
+"""Batch arrays: ``rawvm.batch(...)`` and ``rawvm batch run|status|logs|retry`` (see docs/architecture.md).
+
+The front door's launch (``api._launch``) with the batch spec staged beside the bundle and named in every
+machine's agent.toml: each machine runs its static share by itself, so a detached batch still completes. On
+this host the batch record (spec, rounds, launch options) lives beside the cluster's flushes in
+``api.sink_dir(cluster)/batch.json``, so status and logs work after the machines and the cluster record are gone.
+
+A task with no result is ``lost`` once the machine that held it is gone; ``retry`` reruns exactly the lost and
+failed ids on fresh machines of the same cluster (a new round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rawvm_agent.batch import BatchSpec, share_of
+from rawvm_agent.config import AgentConfig, BatchConfig
+
+from rawvm import api, batch_plan, clusters
+from rawvm.agent_client import AgentClient, AgentError
+from rawvm.errors import RawvmError, UsageError
+from rawvm.files import sha256_file
+from rawvm.providers.base import Provider
+
+SPEC_FILE = "rawvm-batch.json"
+RECORD_FILE = "batch.json"
+FINAL_STATES = ("done", "failed")
+DEFAULT_KEEPALIVE = "2m"
+
+
+class BatchClient(AgentClient):
+    """The agent API's batch routes (rawvm_agent.batch_api)."""
+
+    async def batch_status(self) -> dict[str, Any]:
+        body: dict[str, Any] = await self._request("GET", "/v1/batch")
+        return body
+
+    async def batch_results(self, after: int = 0) -> dict[str, Any]:
+        body: dict[str, Any] = await self._request("GET", "/v1/batch/results", params={"after": str(after)})
+        return body
+
+    async def batch_share(self, index: int) -> None:
+        await self._request("POST", "/v1/batch/share", json={"index": index})
+
+    async def batch_adopt(self, ids: Sequence[int]) -> list[int]:
+        body = await self._request("POST", "/v1/batch/adopt", json={"ids": list(ids)})
+        return [int(i) for i in body.get("adopted", [])]
+
+
+# -- the record on this host -------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchRecord:
+    cluster: str
+    spec: dict[str, Any]  # the first round's spec: every id and value
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # each {"spec": ..., "machines": [short ids]}
+    launch: dict[str, Any] = field(default_factory=dict)  # provider options, for a retry's fresh machines
+    created: float = field(default_factory=time.time)
+
+    @property
+    def ids(self) -> list[int]:
+        return [int(i) for i in self.spec["ids"]]
+
+    def owners(self) -> dict[int, str]:
+        """Which machine holds each id under the static shares, the latest round winning."""
+        owner: dict[int, str] = {}
+        for round_ in self.rounds:
+            spec, machines = round_["spec"], round_["machines"]
+            for index, mid in enumerate(machines):
+                for bid in share_of(spec["ids"], int(spec["machines"]), index):
+                    owner[int(bid)] = mid
+        return owner
+
+
+def record_path(cluster: str) -> Path:
+    return api.sink_dir(cluster) / RECORD_FILE
+
+
+def save_record(record: BatchRecord) -> None:
+    path = record_path(record.cluster)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(record), sort_keys=True))
+    tmp.replace(path)
+
+
+def load_record(cluster: str) -> BatchRecord:
+    name = clusters.check_name(cluster)
+    try:
+        raw = json.loads(record_path(name).read_text())
+        return BatchRecord(**raw)
+    except FileNotFoundError:
+        raise RawvmError(f"no batch named {cluster!r} here: see 'rawvm ls'") from None
+    except (ValueError, TypeError) as exc:
+        raise RawvmError(f"the batch record of {cluster!r} ({record_path(name)}) is damaged: {exc}") from None
+
+
+# -- results: from the sink and from live agents ------------------------------------------------------------
+
+
+def newest(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    """Of two results for one id, the later one (a retry round's result replaces a failed one)."""
+    if a is None or float(b.get("ended_at") or 0) >= float(a.get("ended_at") or 0):
+        return b
+    return a
+
+
+def sink_results(cluster: str) -> dict[int, dict[str, Any]]:
+    """Every result the cluster's machines flushed to the sink (on this host, after ``fetch_flushes``)."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in api.sink_dir(cluster).glob(f"{cluster}-*/batch/results/*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            result = json.loads(path.read_text())
+            found[int(result["id"])] = newest(found.get(int(result["id"])), result)
+    return found
+
+
+def sink_task_dir(cluster: str, agent_task: str) -> Path | None:
+    """The newest flushed copy of an agent task's directory (stdout, stderr, task.json)."""
+    found = sorted(api.sink_dir(cluster).glob(f"{cluster}-*/tasks/{agent_task}"))
+    return found[-1] if found else None
+
+
+@dataclass
+class BatchStatus:
+    cluster: str
+    states: dict[int, str]  # id -> done | failed | running | queued | lost
+    results: dict[int, dict[str, Any]]
+    running: dict[int, tuple[str, str]]  # id -> (machine, agent task id)
+    answering: list[str]  # machines whose agents answered
+
+    def ids(self, state: str) -> list[int]:
+        return sorted(i for i, s in self.states.items() if s == state)
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.ids(s)) for s in ("done", "failed", "running", "queued", "lost")}
+
+
+async def _poll(record: clusters.ClusterRecord, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+    """Each answering machine's batch status and results: ``{mid: {"status": ..., "results": [...]}}``."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+
+        async def one(mid: str, url: str) -> tuple[str, dict[str, Any] | None]:
+            client = BatchClient(url, record.token, session=session, timeout=timeout)
+            try:
+                return mid, {
+                    "status": await client.batch_status(),
+                    "results": (await client.batch_results())["results"],
+                }
+            except AgentError:
+                return mid, None
+
+        answers = await asyncio.gather(*(one(api._short(m), m.agent_url) for m in record.machines))
+    return {mid: answer for mid, answer in answers if answer is not None}
+
+
+def _alive_silent(record: clusters.ClusterRecord, answering: set[str]) -> set[str]:
+    """Machines that do not answer but that their provider still runs (booting, or busy past the timeout)."""
+    provider = api._provider_of(record)
+    silent = [m for m in record.machines if api._short(m) not in answering]
+    if not silent:
+        return set()
+    try:
+        running = {m.id for m in provider.list(record.name) if m.state in {"pending", "running"}}
+    except RawvmError:
+        return {api._short(m) for m in silent}  # unknown: do not call their tasks lost
+    alive = getattr(provider, "alive", None)
+    return {api._short(m) for m in silent if m.id in running and (alive is None or alive(m))}
+
+
+def status(cluster: str) -> BatchStatus:
+    """Every id's state, from the sink and from whichever machines still answer."""
+    brec = load_record(cluster)
+    api.fetch_flushes(brec.cluster, api._remembered_provider(brec.cluster))
+    results = sink_results(brec.cluster)
+    live: dict[str, dict[str, Any]] = {}
+    silent: set[str] = set()
+    if clusters.exists(brec.cluster):
+        crec = clusters.load(brec.cluster)
+        live = api._run_sync(_poll(crec))
+        silent = _alive_silent(crec, set(live))
+    return merge_status(brec, results, live, silent)
+
+
+def merge_status(
+    brec: BatchRecord, results: dict[int, dict[str, Any]], live: dict[str, dict[str, Any]], silent: set[str]
+) -> BatchStatus:
+    running: dict[int, tuple[str, str]] = {}
+    queued: set[int] = set()
+    owners = brec.owners()
+    for mid, answer in live.items():
+        for result in answer["results"]:
+            results[int(result["id"])] = newest(results.get(int(result["id"])), result)
+        st = answer["status"]
+        if st.get("machines"):
+            queued.update(int(i) for i in st.get("queued", []))
+            running.update({int(k): (mid, str(v)) for k, v in dict(st.get("running", {})).items()})
+        elif not st.get("error"):  # still installing: its whole share waits
+            queued.update(i for i, owner in owners.items() if owner == mid)
+    states: dict[int, str] = {}
+    for bid in brec.ids:
+        if bid in results:
+            states[bid] = str(results[bid]["state"])
+        elif bid in running:
+            states[bid] = "running"
+        elif bid in queued or owners.get(bid) in silent:
+            states[bid] = "queued"
+        else:
+            states[bid] = "lost"
+    return BatchStatus(brec.cluster, states, results, running, sorted(live))
+
+
+# -- logs ---------------------------------------------------------------------------------------------------
+
+
+def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output: TextIO | None = None) -> int:
+    """Print task ``task``'s output (its last attempt): from its machine while it answers, else from the sink."""
+    out, err = output or sys.stdout, error_output or sys.stderr
+    st = status(cluster)
+    if task not in st.states:
+        raise UsageError(f"batch {cluster} has no task {task}")
+    machine, agent_task = "", ""
+    if task in st.running:
+        machine, agent_task = st.running[task]
+    elif task in st.results:
+        attempts = [a for a in st.results[task].get("attempts", []) if a.get("task")]
+        agent_task = str(attempts[-1]["task"]) if attempts else ""
+        machine = str(st.results[task].get("machine", ""))
+    if not agent_task:
+        _say(f"task {task} is {st.states[task]}: no output yet")
+        return 0 if st.states[task] in {"queued", "running"} else 1
+    if machine.removeprefix(f"{cluster}-") in st.answering and clusters.exists(cluster):
+        crec = clusters.load(cluster)
+        url = next(m.agent_url for m in crec.machines if api._short(m) == machine.removeprefix(f"{cluster}-"))
+        api._run_sync(_live_logs(url, crec.token, agent_task, out, err))
+        return 0
+    task_dir = sink_task_dir(cluster, agent_task)
+    if task_dir is None:
+        _say(f"task {task} ({st.states[task]}): its machine has gone and its output is not in the sink")
+        return 1
+    for stream, dest in (("stdout", out), ("stderr", err)):
+        with contextlib.suppress(FileNotFoundError):
+            dest.write((task_dir / stream).read_bytes().decode("utf-8", errors="replace"))
+            dest.flush()
+    return 0
+
+
+async def _live_logs(url: str, token: str, agent_task: str, out: TextIO, err: TextIO) -> None:
+    async with AgentClient(url, token) as client:
+        for stream, dest in (("stdout", out), ("stderr", err)):
+            offset = 0
+            while True:
+                data, offset = await client.logs(agent_task, stream=stream, offset=offset)
+                if not data:
+                    break
+                dest.write(data.decode("utf-8", errors="replace"))
+            dest.flush()
+
+
+# -- run and retry ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    cluster: str
+    exit_code: int
+    states: dict[int, str]
+    results: dict[int, dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def ids(self, state: str) -> list[int]:
+        return sorted(i for i, s in self.states.items() if s == state)
+
+
+def _say(message: str) -> None:
+    print(f"rawvm: {message}", file=sys.stderr, flush=True)
+
+
+_LAUNCH_KEYS = (
+    "provider_name",
+    "vm_type",
+    "cpu",
+    "memory",
+    "gpu",
+    "arm",
+    "region",
+    "keepalive",
+    "max_lifetime",
+    "spot_policy",
+    "source",
+    "extra_ca_certs",
+)
+
+
+def write_spec(spec: BatchSpec, directory: Path) -> tuple[Path, str]:
+    """The spec as the file staged beside the bundle, and its sha256 (agent.toml carries only the URL and the
+    hash, so the user-data stays small however many tasks there are)."""
+    path = directory / SPEC_FILE
+    path.write_text(json.dumps(spec.to_json(), sort_keys=True))
+    return path, sha256_file(path)
+
+
+def with_batch(agent: AgentConfig, urls: dict[str, str], digest: str) -> AgentConfig:
+    return dataclasses.replace(agent, batch=BatchConfig(spec_url=urls[SPEC_FILE], spec_sha256=digest))
+
+
+def _launch_round(spec: BatchSpec, launch: dict[str, Any], cluster: str | None) -> api._Launched:
+    """One launch of ``spec.machines`` machines through the front door, the spec staged beside the bundle."""
+    with tempfile.TemporaryDirectory(prefix="rawvm-batch-") as scratch:
+        path, digest = write_spec(spec, Path(scratch))
+        return api._launch(
+            **launch,
+            n=spec.machines,
+            cluster=cluster,
+            extra_files=[(SPEC_FILE, path)],
+            amend_agent=lambda agent, urls: with_batch(agent, urls, digest),
+        )
+
+
+def batch(
+    command: Sequence[str],
+    *,
+    array: str | None = None,
+    map_over_file: str | Path | None = None,
+    map_over_values: str | Sequence[str] | None = None,
+    n: int = 1,
+    tasks_per_machine: int = 0,
+    max_retries: int = 2,
+    task_timeout: str = "",
+    detach: bool = False,
+    provider: str = "local",
+    vm_type: str = "",
+    cpu: int = 0,
+    memory: float = 0,
+    gpu: bool = False,
+    arm: bool = False,
+    region: str = "",
+    keepalive: str = DEFAULT_KEEPALIVE,
+    max_lifetime: str = "12h",
+    spot_policy: str = "on-demand",
+    source: str | Path | None = None,
+    cluster: str | None = None,
+    extra_ca_certs: Sequence[str | Path] = (),
+) -> BatchResult:
+    """Run ``command`` once per task id (``array``: ``0-999`` or ``1,4-6``) or per value (a map), over up to ``n``
+    machines, ``tasks_per_machine`` at a time on each (0: its cores, 1 with a GPU), each task retried up to
+    ``max_retries`` times. Attached, it shows progress and returns once every task has a final result;
+    ``detach`` returns right after the launch, and the machines finish the batch and stop by themselves."""
+    argv = api.check_command(command)
+    ids, values = batch_plan.tasks_of(array, map_over_file, map_over_values)
+    if n < 1:
+        raise UsageError(f"-n {n}: the number of machines must be at least 1")
+    timeout_s = api.parse_duration_flag("--task-timeout", task_timeout) if task_timeout else 0.0
+    machines = batch_plan.machines_needed(len(ids), n, tasks_per_machine)
+    spec = batch_plan.make_spec(
+        argv,
+        ids,
+        values,
+        machines=machines,
+        tasks_per_machine=tasks_per_machine,
+        max_retries=max_retries,
+        task_timeout_s=timeout_s,
+        gpu=gpu,
+    )
+    launch = {
+        "provider_name": provider,
+        "vm_type": vm_type,
+        "cpu": cpu,
+        "memory": memory,
+        "gpu": gpu,
+        "arm": arm,
+        "region": region,
+        "keepalive": keepalive,
+        "max_lifetime": max_lifetime,
+        "spot_policy": spot_policy,
+        "source": str(source) if source is not None else None,
+        "extra_ca_certs": [str(c) for c in extra_ca_certs],
+    }
+    return _run_round(spec, launch, cluster, detach, first=True)
+
+
+def _run_round(spec: BatchSpec, launch: dict[str, Any], cluster: str | None, detach: bool, first: bool) -> BatchResult:
+    from rawvm import batch_watch
+
+    started = time.monotonic()
+    launched = _launch_round(spec, launch, cluster)
+    record = launched.record
+    name = record.name
+    brec = BatchRecord(cluster=name, spec=spec.to_json(), launch=launch) if first else load_record(name)
+    brec.rounds.append({"spec": spec.to_json(), "machines": [api._short(m) for m in record.machines]})
+    save_record(brec)
+    timings = {**launched.timings}
+    where = f"{len(spec.ids)} tasks on {len(record.machines)} machine{'s' if len(record.machines) > 1 else ''}"
+    if detach:
+        api._run_sync(batch_watch.hand_out_shares(launched))
+        _say(f"batch {name}: {where}, detached; see 'rawvm batch status {name}'")
+        states = dict.fromkeys(spec.ids, "queued")
+        return BatchResult(name, 0, states, {}, {**timings, "total": time.monotonic() - started})
+    _say(f"batch {name}: {where}")
+    try:
+        results, lost = api._run_sync(batch_watch.watch(launched, spec))
+    except KeyboardInterrupt:
+        _say(f"interrupted; the batch goes on without you: rawvm batch status {name} (stop it: rawvm down {name})")
+        raise
+    timings["total"] = time.monotonic() - started
+    final = status_after(brec, results, lost)
+    code = 0 if all(s == "done" for s in final.states.values()) else 1
+    batch_watch.summary(final, sys.stderr)
+    keep = launch["keepalive"]
+    _say(
+        f"batch {name} ended in {timings['total']:.1f} s; its machines stop after {keep} idle (now: rawvm down {name})"
+    )
+    return BatchResult(name, code, final.states, final.results, timings)
+
+
+def status_after(brec: BatchRecord, results: dict[int, dict[str, Any]], lost: set[int]) -> BatchStatus:
+    """The end of an attached round: what the watch saw, merged with the sink (earlier rounds)."""
+    merged = sink_results(brec.cluster)
+    for bid, result in results.items():
+        merged[bid] = newest(merged.get(bid), result)
+    st = merge_status(brec, merged, {}, set())
+    for bid in lost:
+        if bid not in merged:
+            st.states[bid] = "lost"
+    return st
+
+
+def retry(cluster: str, *, n: int = 0, detach: bool = False) -> BatchResult:
+    """Rerun exactly the lost and failed ids of ``cluster`` on fresh machines (a new round of the same cluster).
+    The cluster must have no task running or queued; its idle machines are stopped first."""
+    st = status(cluster)
+    todo = sorted(st.ids("lost") + st.ids("failed"))
+    if st.ids("running") or st.ids("queued"):
+        busy = len(st.ids("running")) + len(st.ids("queued"))
+        raise RawvmError(f"batch {cluster} still has {busy} tasks running or queued: wait, or 'rawvm down {cluster}'")
+    if not todo:
+        _say(f"batch {cluster}: nothing to retry, every task is done")
+        return BatchResult(cluster, 0, st.states, st.results)
+    brec = load_record(cluster)
+    if clusters.exists(cluster):
+        with contextlib.suppress(RawvmError):
+            api.down(cluster)  # idle machines of the last round: their results are in the sink already
+    _release(brec)
+    first = BatchSpec.from_json(brec.spec)
+    values = [first.values[first.ids.index(i)] for i in todo] if first.values is not None else None
+    machines = batch_plan.machines_needed(len(todo), n or len(brec.rounds[-1]["machines"]), first.tasks_per_machine)
+    spec = dataclasses.replace(first, ids=todo, values=values, machines=machines)
+    _say(f"batch {cluster}: retrying {len(todo)} tasks ({batch_plan.compress_ids(todo)})")
+    return _run_round(spec, brec.launch, cluster, detach, first=False)
+
+
+def _release(brec: BatchRecord) -> None:
+    """What the provider still holds for a cluster whose record is gone (e.g. a killed local machine's dir)."""
+    provider: Provider | None = api._remembered_provider(brec.cluster)
+    if provider is not None and not clusters.exists(brec.cluster):
+        with contextlib.suppress(RawvmError):
+            provider.down(brec.cluster)
