@@ -39,6 +39,8 @@ RAWVM_ADDITIONS: dict[str, str] = {
     "tensorflow-base": "tensorflow",
     "tensorflow-cpu": "tensorflow",
     "tensorflow-estimator": "tensorflow-estimator",
+    "nbconvert-core": "nbconvert",  # conda-forge's split of nbconvert
+    "pandera-base": "pandera",
     "torchvision": "torchvision",  # the pytorch channel's, same names as PyPI's
     "torchaudio": "torchaudio",
     "torchtext": "torchtext",

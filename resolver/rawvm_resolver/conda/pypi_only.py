@@ -1,9 +1,9 @@
 """``--pypi-only``: the conda part of an environment becomes PyPI pins, so no conda channel is needed.
 
 Each conda package is looked up in the kept name mapping (``pypi_names``). A mapped package becomes a pin of its
-PyPI distribution at the conda version when PyPI has that version for the target, else at the nearest release
-that has one (reported ``version-changed``). Conda-only packages (the interpreter, compilers, C/C++ runtimes,
-system libraries: PyPI wheels bundle what they need) are dropped with their reason. A package the mapping does
+PyPI distribution at the conda version when PyPI has that version for the target, else at least the nearest
+release that has one (reported ``version-changed``). Conda-only packages (the interpreter, compilers, C/C++
+runtimes, system libraries: PyPI wheels bundle what they need) are dropped with their reason. A package the mapping does
 not list is taken as the PyPI project of the same name only when PyPI has that exact version; else it is
 treated as conda-only and dropped, with that said.
 """
@@ -202,8 +202,11 @@ def to_pypi(env: Environment, target: Target) -> Conversion:
         pin, note = decision
         if note:
             out.notes[name] = note
-        if pin:
+        if pin and pin == package.version:
             dists.append(Distribution(name=name, display_name=name, version=pin, requested=True))
+        elif pin:
+            # PyPI lacks the conda version: a floor, not a pin, so the packages that moved with it still fit
+            requirements.append(f"{name}>={pin}")
         else:
             requirements.append(f"{name}{package.spec}")
     out.environment = dataclasses.replace(
@@ -289,7 +292,7 @@ def _decide(
         nearest = ""
     if nearest:
         where = f"{target.platform} (Python {target.python})"
-        return nearest, f"PyPI has no {version} for {where}: nearest release with one"
+        return nearest, f"PyPI has no {version} for {where}: at least the nearest release with one, {nearest}"
     return "", f"conda's {version} is no PyPI version and has no near release: the newest that fits"
 
 
