@@ -177,6 +177,7 @@ def _launch(
     source: str | Path | None,
     cluster: str | None,
     extra_ca_certs: Sequence[str | Path],
+    pypi_only: bool = False,
 ) -> _Launched:
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
@@ -222,7 +223,7 @@ def _launch(
 
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
     try:
-        locked = lock(source, target, bundle_root / "bundle", progress=_say)
+        locked = lock(source, target, bundle_root / "bundle", progress=_say, pypi_only=pypi_only)
         for warning in locked.warnings:
             _say(f"warning: {warning}")
         if summary := lock_summary(locked.rows):
@@ -408,13 +409,15 @@ def run(
     source: str | Path | None = None,
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    pypi_only: bool = False,
     output: TextIO | None = None,
     error_output: TextIO | None = None,
 ) -> RunResult:
     """Run ``command`` on ``n`` fresh machines in the locked environment of ``source`` (default: this one).
 
     With ``cluster`` naming a cluster from ``up``, runs on its machines instead of launching new ones. The
-    machines stop by themselves after ``keepalive`` of idleness.
+    machines stop by themselves after ``keepalive`` of idleness. ``pypi_only`` locks a conda ``source`` from PyPI
+    alone (no conda channel), as ``rawvm lock --pypi-only`` does.
     """
     out = output if output is not None else sys.stdout
     err = error_output if error_output is not None else sys.stderr
@@ -440,6 +443,7 @@ def run(
             source=source,
             cluster=cluster,
             extra_ca_certs=extra_ca_certs,
+            pypi_only=pypi_only,
         )
     record = launched.record
     try:
@@ -475,6 +479,7 @@ def up(
     source: str | Path | None = None,
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    pypi_only: bool = False,
 ) -> clusters.ClusterRecord:
     """Launch machines and wait until every one is ready; returns the cluster's record."""
     launched = _launch(
@@ -492,6 +497,7 @@ def up(
         source=source,
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
+        pypi_only=pypi_only,
     )
     _run_sync(_ready_and_run(launched, None, sys.stdout, sys.stderr))
     return launched.record

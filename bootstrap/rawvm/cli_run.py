@@ -42,6 +42,9 @@ def _machine_flags(parser: argparse.ArgumentParser) -> None:
         help="a CA certificate the machines must trust (TLS-intercepting proxies); repeatable",
     )
     parser.add_argument("--cluster", default=None, metavar="NAME", help="cluster name (default: a fresh one)")
+    parser.add_argument(
+        "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
+    )
 
 
 def _machine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,6 +63,7 @@ def _machine_options(args: argparse.Namespace) -> dict[str, Any]:
         "source": args.source,
         "cluster": args.cluster,
         "extra_ca_certs": args.extra_ca_certs,
+        "pypi_only": args.pypi_only,
     }
 
 
