@@ -305,7 +305,7 @@ def _same(file: IndexFile, version: str) -> bool:
 
 def _listings(names: list[str]) -> dict[str, list[IndexFile]]:
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(zip(names, pool.map(index_files, names), strict=True))
+        return dict(zip(names, pool.map(lambda name: list(index_files(name)), names), strict=True))
 
 
 def _package(spec: str) -> _Package:
