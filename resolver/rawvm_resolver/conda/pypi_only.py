@@ -150,6 +150,9 @@ _CONDA_ONLY: tuple[tuple[str, str], ...] = (
 )
 
 
+_NOT_A_LIBRARY = ("the interpreter", "the installer", "conda", "Apple's")
+
+
 @dataclass
 class Conversion:
     """What --pypi-only did with the conda part: the environment to lock, and the decisions to report."""
@@ -184,7 +187,9 @@ def to_pypi(env: Environment, target: Target) -> Conversion:
         if mapped.known and mapped.pypi:
             _merge(out, wanted, mapped.pypi, package, present)
         elif reason is not None:
-            out.rows[package.conda] = ReportRow(package.conda, "dropped", package.version, "", f"conda-only: {reason}")
+            bundled = "" if reason.startswith(_NOT_A_LIBRARY) else "; PyPI wheels bundle the native code they need"
+            row = ReportRow(package.conda, "dropped", package.version, "", f"conda-only: {reason}{bundled}")
+            out.rows[package.conda] = row
         else:
             _merge(out, wanted, canonical(package.conda), package, present)
     listings = _listings(sorted(wanted))
