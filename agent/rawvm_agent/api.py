@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from rawvm_agent import calls
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.tasks import STREAMS, NotReadyError, TaskError, read_log
 from rawvm_agent.telemetry import prometheus
@@ -25,6 +26,7 @@ FOLLOW_POLL_S = 1.0
 
 def add_routes(app: web.Application) -> None:
     app.add_routes(routes)
+    app.add_routes(calls.routes)  # @rawvm.function calls (calls.py)
 
 
 def _agent(request: web.Request) -> Agent:
@@ -64,6 +66,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
 
 
+@routes.get("/metrics/dcgm")
+async def metrics_dcgm(request: web.Request) -> web.Response:
+    """The GPU fields under dcgm-exporter's exact names and labels, for DCGM dashboards that need ``modelName``."""
+    body = _agent(request).sampler.render_dcgm()
+    return web.Response(body=body.encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
+
+
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
     return web.json_response(_agent(request).status())
@@ -73,10 +82,12 @@ async def status(request: web.Request) -> web.Response:
 async def samples(request: web.Request) -> web.Response:
     after = _int_param(request, "after", -1, minimum=-1)
     limit = _int_param(request, "limit", 3600, minimum=1)
+    newest = request.query.get("newest", "") in ("1", "true", "yes")  # the last `limit` samples after `after`
     sampler = _agent(request).sampler
     if "application/json" in request.headers.get("Accept", ""):
-        return web.json_response(sampler.samples_after(after, limit=limit))
-    return web.Response(body=sampler.samples_after_msgpack(after, limit=limit), content_type="application/msgpack")
+        return web.json_response(sampler.samples_after(after, limit=limit, newest=newest))
+    body = sampler.samples_after_msgpack(after, limit=limit, newest=newest)
+    return web.Response(body=body, content_type="application/msgpack")
 
 
 @routes.post("/v1/tasks")

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from rawvm_agent import __version__, idle, sdnotify, sink, spot, stopper
+from rawvm_agent.calls import CallHub
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.install import Environment, Installer, InstallError
 from rawvm_agent.logs import Redactor, setup_logging, url_password
@@ -78,6 +79,7 @@ class Agent:
             secret_env_names=config.secret_env,
             on_change=self._on_tasks_change,
         )
+        self.calls = CallHub(self)  # @rawvm.function calls and their workers (calls.py)
         self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self.save_state)
         self.env: Environment | None = None
         self.policy: idle.IdlePolicy | None = None
@@ -161,6 +163,7 @@ class Agent:
 
     async def close(self) -> None:
         """Leave without powering off (the process is being stopped or restarted): save, stop children."""
+        self.calls.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -243,7 +246,7 @@ class Agent:
         self.decision = self.policy.observe(
             now,
             # Installing is work too: a slow download must not look like an idle machine.
-            task_running=bool(self.tasks.running) or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
+            task_running=self.calls.tasks_busy() or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
             cpu_percent=self.sampler.cpu_percent(recent),
             gpu_percents=self.sampler.gpu_utilization(recent),
             last_keepalive=self.state.last_keepalive,
@@ -256,6 +259,10 @@ class Agent:
             if self.decision.forced:
                 log.warning("stopping although busy: %s", self.decision.reason)
             self.request_stop(self.decision.reason or "idle")
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_task is not None
 
     def keepalive(self) -> None:
         self.state.last_keepalive = self.clock()

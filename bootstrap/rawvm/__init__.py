@@ -1,6 +1,6 @@
 """rawvm: run Python work on raw cloud VMs with your own environment, and leave nothing running.
 
-The front door: ``rawvm.run(...)`` and the ``rawvm`` CLI.
+The front door: ``rawvm.run(...)``, ``@rawvm.function`` and the ``rawvm`` CLI.
 """
 
 from __future__ import annotations
@@ -19,4 +19,24 @@ def run(*args: Any, **kwargs: Any) -> Any:
     return _run(*args, **kwargs)
 
 
-__all__ = ["RawvmError", "UsageError", "run"]
+def function(*args: Any, **kwargs: Any) -> Any:
+    """``@rawvm.function(n=3, keepalive="30s")``: run a Python function on machines; see ``rawvm.remote_function``."""
+    from rawvm.remote_function import function as _function
+
+    return _function(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: ``import rawvm`` stays cheap for the CLI.
+    if name in ("RemoteTraceback", "RemoteError"):
+        from rawvm import function_pool
+
+        return getattr(function_pool, name)
+    if name == "RemoteFunction":
+        from rawvm.remote_function import RemoteFunction
+
+        return RemoteFunction
+    raise AttributeError(f"module 'rawvm' has no attribute {name!r}")
+
+
+__all__ = ["RawvmError", "RemoteError", "RemoteFunction", "RemoteTraceback", "UsageError", "function", "run"]

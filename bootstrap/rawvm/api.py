@@ -23,17 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, SpotConfig
 from rawvm_agent.durations import DurationError, format_duration, parse_duration
 from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_platform
 
-from rawvm import clusters
+from rawvm import clusters, cost_guard
 from rawvm.agent_client import AgentClient, AgentError
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import PROVIDERS, get_provider
 from rawvm.providers.base import Machine, MachineSpec, Provider
+from rawvm.userdata import BACKSTOP_GRACE
 
 T = TypeVar("T")
 SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
@@ -161,6 +164,51 @@ class _Launched:
     ready_timeout_s: float | None = None  # None: the provider's boot allowance
 
 
+def _locked_bundle(
+    source: str | Path | None,
+    target: Target,
+    dest: Path,
+    extra_requirements: Sequence[tuple[str, str]],
+    bundle_cache: Path | None,
+    project_dir: Path | None = None,
+    pypi_only: bool = False,
+) -> tuple[Path, str]:
+    """Lock ``source`` into ``dest``: the bundle directory and its manifest's sha256. With ``bundle_cache`` (a
+    directory named after everything the bundle depends on, as ``@rawvm.function`` keeps them), a bundle already
+    there is used as it is, and a fresh one is kept there for the next launch."""
+    if bundle_cache is not None and (bundle_cache / "rawvm-env.toml").is_file():
+        _say(f"lock: the environment is unchanged, using its bundle from {bundle_cache}")
+        return bundle_cache, sha256_file(bundle_cache / "rawvm-env.toml")
+    from rawvm_resolver import lock
+
+    locked = lock(
+        source,
+        target,
+        dest,
+        progress=_say,
+        extra_requirements=extra_requirements,
+        project_dir=project_dir,
+        pypi_only=pypi_only,
+    )
+    for warning in locked.warnings:
+        _say(f"warning: {warning}")
+    asked = {canonicalize_name(Requirement(line).name) for line, _ in extra_requirements}
+    for row in locked.rows:
+        if row.name in asked and row.action == "added":
+            _say(f"lock: added {row.name} {row.target} ({row.reason})")
+    if summary := lock_summary(locked.rows):
+        _say(f"lock: {summary} (details: rawvm lock --explain)")
+    if bundle_cache is not None:
+        partial = bundle_cache.with_name(f".{bundle_cache.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(locked.bundle_dir, partial)
+        try:
+            partial.rename(bundle_cache)  # whole or not at all: a cut copy never passes for a bundle
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)  # another process kept the same bundle first
+    return locked.bundle_dir, locked.manifest_sha256
+
+
 def _launch(
     *,
     provider_name: str,
@@ -178,12 +226,19 @@ def _launch(
     cluster: str | None,
     extra_ca_certs: Sequence[str | Path],
     pypi_only: bool = False,
+    max_cost: float | str | None = "default",
+    max_cost_action: str = "",
+    extra_requirements: Sequence[tuple[str, str]] = (),
+    bundle_cache: Path | None = None,
+    project_dir: Path | None = None,
 ) -> _Launched:
     check_options(
         provider=provider_name, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
     )
     keepalive_s = parse_duration_flag("--keepalive", keepalive)
     lifetime_s = parse_duration_flag("--max-lifetime", max_lifetime)
+    project = Path(source) if source is not None and Path(source).is_dir() else Path.cwd()
+    cap, cap_action = cost_guard.resolve(max_cost, max_cost_action, project)
     certs = check_ca_certs(extra_ca_certs)
     name = clusters.check_name(cluster) if cluster else clusters.new_name()
     if clusters.exists(name):
@@ -218,22 +273,29 @@ def _launch(
         extra_ca_certs=certs,
     )
     target = target_for(provider, spec)
-    spec = dataclasses.replace(spec, agent_wheel=build_agent_wheel())
-    from rawvm_resolver import lock
-
+    # The price before anything slow or billed: a refused launch has locked, staged and started nothing.
+    estimate: Callable[[MachineSpec], cost_guard.FleetPrice] | None = getattr(provider, "estimate", None)
+    lifetime_s = cost_guard.guard(
+        (lambda: estimate(spec)) if estimate is not None else None,
+        lifetime_s=lifetime_s,
+        grace_s=BACKSTOP_GRACE,
+        max_cost=cap,
+        action=cap_action,
+        say=_say,
+    )
+    agent = dataclasses.replace(agent, idle=dataclasses.replace(agent.idle, max_lifetime=lifetime_s))
+    spec = dataclasses.replace(spec, agent=agent, agent_wheel=build_agent_wheel())
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
     try:
-        locked = lock(source, target, bundle_root / "bundle", progress=_say, pypi_only=pypi_only)
-        for warning in locked.warnings:
-            _say(f"warning: {warning}")
-        if summary := lock_summary(locked.rows):
-            _say(f"lock: {summary} (details: rawvm lock --explain)")
+        bundle_dir, manifest_sha256 = _locked_bundle(
+            source, target, bundle_root / "bundle", extra_requirements, bundle_cache, project_dir, pypi_only
+        )
         timings["lock"] = time.monotonic() - started
-        files = bundle_files(locked.bundle_dir)
+        files = bundle_files(bundle_dir)
         mark = time.monotonic()
         urls = provider.stage(name, files)
         agent = dataclasses.replace(
-            agent, bundle=bundle_config(files, urls, locked.manifest_sha256), sink=provider.sink_url(name)
+            agent, bundle=bundle_config(files, urls, manifest_sha256), sink=provider.sink_url(name)
         )
         spec = dataclasses.replace(spec, agent=agent)
         timings["stage"] = time.monotonic() - mark
@@ -280,7 +342,10 @@ async def _wait_ready(
     pending = dict(clients)
     alive: Callable[[Machine], bool] | None = getattr(provider, "alive", None)
     by_id = {_short(m): m for m in record.machines}
+    billed = record.provider not in FREE_PROVIDERS
     while pending:
+        if billed:
+            view.cost(_cost_line(record, cost_of(record, time.time())))
         for mid, client in list(pending.items()):
             try:
                 status = await client.status()
@@ -383,13 +448,24 @@ async def _ready_and_run(
 
 
 def cost_of(record: clusters.ClusterRecord, until: float) -> float:
-    return sum(m.price_per_hour * max(0.0, until - m.launched_at) / 3600.0 for m in record.machines)
+    """USD so far: each machine's price x the time since its launch, at most its lifetime (+ the backstop's
+    grace) when the record knows it, since no machine runs longer."""
+    limit = record.max_lifetime_s + BACKSTOP_GRACE if record.max_lifetime_s else float("inf")
+    return sum(m.price_per_hour * min(limit, max(0.0, until - m.launched_at)) / 3600.0 for m in record.machines)
+
+
+def price_unknown(record: clusters.ClusterRecord) -> bool:
+    """A billed provider's machine whose price could not be had (its price_per_hour is 0)."""
+    return record.provider not in FREE_PROVIDERS and any(m.price_per_hour == 0 for m in record.machines)
 
 
 def _cost_line(record: clusters.ClusterRecord, cost: float) -> str:
-    if record.provider in FREE_PROVIDERS or record.price_per_hour == 0:
+    if record.provider in FREE_PROVIDERS:
         return f"cost: free ({record.provider})"
-    return f"cost so far: ${cost:.4f} at ${record.price_per_hour:.4f}/h"
+    if record.price_per_hour == 0:
+        return "cost: unknown (no price could be read)"
+    unknown = " + machines of unknown price" if price_unknown(record) else ""
+    return f"cost so far: ${cost:.4f} at ${record.price_per_hour:.4f}/h{unknown}"
 
 
 def run(
@@ -410,6 +486,8 @@ def run(
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
     pypi_only: bool = False,
+    max_cost: float | str | None = "default",
+    max_cost_action: str = "",
     output: TextIO | None = None,
     error_output: TextIO | None = None,
 ) -> RunResult:
@@ -418,6 +496,10 @@ def run(
     With ``cluster`` naming a cluster from ``up``, runs on its machines instead of launching new ones. The
     machines stop by themselves after ``keepalive`` of idleness. ``pypi_only`` locks a conda ``source`` from PyPI
     alone (no conda channel), as ``rawvm lock --pypi-only`` does.
+
+    ``max_cost`` (USD) caps a launch's worst case (every machine running until its ``max_lifetime``):
+    ``"default"`` takes ``max-cost`` from the project's ``pyproject.toml`` ``[tool.rawvm]``, None means no cap.
+    Over the cap the launch is refused, or with ``max_cost_action="shorten"`` the lifetimes are lowered to fit.
     """
     out = output if output is not None else sys.stdout
     err = error_output if error_output is not None else sys.stderr
@@ -444,6 +526,8 @@ def run(
             cluster=cluster,
             extra_ca_certs=extra_ca_certs,
             pypi_only=pypi_only,
+            max_cost=max_cost,
+            max_cost_action=max_cost_action,
         )
     record = launched.record
     try:
@@ -480,8 +564,11 @@ def up(
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
     pypi_only: bool = False,
+    max_cost: float | str | None = "default",
+    max_cost_action: str = "",
 ) -> clusters.ClusterRecord:
-    """Launch machines and wait until every one is ready; returns the cluster's record."""
+    """Launch machines and wait until every one is ready; returns the cluster's record. ``max_cost`` and
+    ``max_cost_action`` as in ``run``."""
     launched = _launch(
         provider_name=provider,
         n=n,
@@ -498,6 +585,8 @@ def up(
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
         pypi_only=pypi_only,
+        max_cost=max_cost,
+        max_cost_action=max_cost_action,
     )
     _run_sync(_ready_and_run(launched, None, sys.stdout, sys.stderr))
     return launched.record
@@ -509,7 +598,9 @@ class ClusterView:
     provider: str
     created: float
     machines: list[dict[str, str]]
-    price_per_hour: float
+    price_per_hour: float  # USD/hour of every machine of the record (0 when free or unknown)
+    cost_so_far: float = 0.0  # USD since launch, each machine at most its lifetime
+    price_unknown: bool = False  # some machine of a billed provider has no known price
 
     @property
     def running(self) -> int:
@@ -534,10 +625,19 @@ def ls() -> list[ClusterView]:
                 "state": (known.get(m.id, "gone") if known is not None else "unknown"),
                 "agent_url": m.agent_url,
                 "instance_type": m.instance_type,
+                "price_per_hour": f"{m.price_per_hour:.6f}" if m.price_per_hour else "unknown",
             }
             for m in record.machines
         ]
-        view = ClusterView(record.name, record.provider, record.created, machines, record.price_per_hour)
+        view = ClusterView(
+            record.name,
+            record.provider,
+            record.created,
+            machines,
+            record.price_per_hour,
+            cost_so_far=cost_of(record, time.time()),
+            price_unknown=price_unknown(record),
+        )
         if known is not None and view.running == 0 and time.time() - record.created > 60:
             # Its machines stopped by themselves; release what was made for the cluster (aws: security group,
             # launch template; qemu: state files) before forgetting it, or nothing would ever clean those up.
@@ -740,11 +840,30 @@ def down(cluster: str) -> int:
     return max(running, stopped)
 
 
-async def _shutdown_all(record: clusters.ClusterRecord) -> None:
+_FLUSH_WAIT_S = 60.0
+
+
+async def _shutdown_all(record: clusters.ClusterRecord, flush_wait: float = _FLUSH_WAIT_S) -> None:
+    """Ask every agent to stop, then give each up to ``flush_wait`` to flush its logs and telemetry to the sink
+    (phase ``off``, or no answer any more) before the provider ends the machines: ending them at once lost it."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
         clients = [AgentClient(m.agent_url, record.token, session=session, timeout=5) for m in record.machines]
+        asked = []
         for client in clients:
             with contextlib.suppress(AgentError):
                 await client.shutdown()
+                asked.append(client)
+
+        async def flushed(client: AgentClient) -> None:
+            deadline = time.monotonic() + flush_wait
+            while time.monotonic() < deadline:
+                try:
+                    if (await client.status()).get("phase") == "off":
+                        return
+                except AgentError:
+                    return  # gone: it flushed and exited
+                await asyncio.sleep(_POLL_S)
+
+        await asyncio.gather(*(flushed(c) for c in asked))

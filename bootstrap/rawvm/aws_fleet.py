@@ -57,6 +57,8 @@ def launch_template_data(
         "TagSpecifications": [
             {"ResourceType": "instance", "Tags": tag_list(tags)},
             {"ResourceType": "volume", "Tags": tag_list(tags)},
+            # Tagged so that 'rawvm sweep' can tell an interface left behind is rawvm's.
+            {"ResourceType": "network-interface", "Tags": tag_list(tags)},
         ],
     }
     if key_name:

@@ -12,7 +12,14 @@ from rawvm_resolver.errors import ResolverError
 from rawvm.errors import RawvmError
 
 # module -> it defines ``register(subparsers)``; each sets ``func`` on its parser.
-_COMMAND_MODULES = ("rawvm.cli_lock", "rawvm.cli_run", "rawvm.cli_cloud")
+_COMMAND_MODULES = (
+    "rawvm.cli_lock",
+    "rawvm.cli_run",
+    "rawvm.cli_cloud",
+    "rawvm.cli_top",
+    "rawvm.cli_report",
+    "rawvm.cli_sweep",
+)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -45,6 +45,19 @@ def _machine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
     )
+    parser.add_argument(
+        "--max-cost",
+        default="default",
+        metavar="USD",
+        help="cap on the launch's worst case (every machine until --max-lifetime), or 'none' "
+        "(default: max-cost in pyproject.toml [tool.rawvm], else none)",
+    )
+    parser.add_argument(
+        "--max-cost-action",
+        default="",
+        choices=["refuse", "shorten"],
+        help="over --max-cost: refuse the launch (default) or shorten each machine's lifetime to fit",
+    )
 
 
 def _machine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +77,8 @@ def _machine_options(args: argparse.Namespace) -> dict[str, Any]:
         "cluster": args.cluster,
         "extra_ca_certs": args.extra_ca_certs,
         "pypi_only": args.pypi_only,
+        "max_cost": args.max_cost,
+        "max_cost_action": args.max_cost_action,
     }
 
 
@@ -103,12 +118,19 @@ def _ls(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(box=None)
-    for column in ("cluster", "provider", "machines", "running", "created", "$/h"):
+    for column in ("cluster", "provider", "machines", "running", "created", "$/h", "cost so far"):
         table.add_column(column)
     now = time.time()
     for v in views:
-        price = f"{v.price_per_hour:.4f}" if v.price_per_hour else "free" if v.provider != "aws" else "?"
-        table.add_row(v.name, v.provider, str(len(v.machines)), str(v.running), _ago(now - v.created), price)
+        if v.provider in ("local", "qemu"):
+            price = total = "free"
+        elif not v.price_per_hour:
+            price = total = "unknown"
+        else:
+            more = " + unknown" if v.price_unknown else ""
+            price, total = f"{v.price_per_hour:.4f}{more}", f"${v.cost_so_far:.4f}{more}"
+        row = (v.name, v.provider, str(len(v.machines)), str(v.running), _ago(now - v.created), price, total)
+        table.add_row(*row)
     Console().print(table)
     return 0
 

@@ -16,6 +16,10 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 class MachineProgress(Protocol):
     def update(self, machine: str, phase: str, detail: str = "") -> None: ...
 
+    def cost(self, text: str) -> None:
+        """The running total, e.g. ``cost so far: $0.0123 at $0.3570/h``."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -38,14 +42,19 @@ class PlainProgress:
         self._stream = stream
         self._start = time.monotonic()
         self._phases: dict[str, str] = {}
+        self._cost = ""
 
     def update(self, machine: str, phase: str, detail: str = "") -> None:
         if self._phases.get(machine) == phase:
             return
         self._phases[machine] = phase
         extra = f": {detail}" if detail and phase == "failed" else ""
-        print(f"rawvm: {machine} {phase}{extra} ({time.monotonic() - self._start:.1f} s)", file=self._stream)
+        cost = f"; {self._cost}" if self._cost else ""
+        print(f"rawvm: {machine} {phase}{extra} ({time.monotonic() - self._start:.1f} s{cost})", file=self._stream)
         self._stream.flush()
+
+    def cost(self, text: str) -> None:
+        self._cost = text  # said with the next phase change: a line per poll would drown the log
 
     def close(self) -> None:
         pass
@@ -63,7 +72,13 @@ class RichProgress:
             transient=False,
         )
         self._tasks: dict[str, TaskID] = {}
+        self._cost_task: TaskID | None = None
         self._progress.start()
+
+    def cost(self, text: str) -> None:
+        if self._cost_task is None:
+            self._cost_task = self._progress.add_task("[dim]$", total=None, phase=text, detail="")
+        self._progress.update(self._cost_task, phase=text)
 
     def update(self, machine: str, phase: str, detail: str = "") -> None:
         if machine not in self._tasks:

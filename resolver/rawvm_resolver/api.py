@@ -47,12 +47,15 @@ def lock(
     project_dir: Path | None = None,
     conda_channels: Sequence[str] = (),
     pypi_only: bool = False,
+    extra_requirements: Sequence[tuple[str, str]] = (),
 ) -> LockResult:
     """Lock ``source`` (None: the running environment) for ``target`` into a bundle at ``out_dir``.
 
     ``target.python`` may be "" to mean the source environment's Python. ``project_dir`` (default: the current
     directory) is what code.tar.gz holds. ``conda_channels`` overrides the environment's conda channels.
     ``pypi_only`` locks a conda environment from PyPI alone (rawvm_resolver.conda.pypi_only): no conda channel.
+    ``extra_requirements`` are ``(PEP 508 requirement, reason)`` pairs added when the environment lacks the
+    package (an environment that has it keeps its own version); each shows in the report as ``added``.
     """
     say = progress or (lambda _message: None)
     say(f"scanning {source or 'the running environment'}")
@@ -67,6 +70,7 @@ def lock(
         env = conversion.environment
     say(f"translating {len(env.distributions)} distributions for {target.platform} Python {target.python}")
     plan = translate(env, target, torch_index=torch_index)
+    _add_extra_requirements(plan, env, extra_requirements)
     with tempfile.TemporaryDirectory(prefix="rawvm-lock-") as scratch:
         work = Path(scratch)
         local = build_local_packages(plan.local, work / "wheels", work / "build")
@@ -105,6 +109,20 @@ def lock(
         target=target,
         warnings=tuple(plan.warnings),
     )
+
+
+def _add_extra_requirements(plan: Plan, env: Environment, extra: Sequence[tuple[str, str]]) -> None:
+    present = set(env.by_name()) | set(plan.requirements)
+    for line, reason in extra:
+        try:
+            requirement = PepRequirement(line)
+        except InvalidRequirement as exc:
+            raise InputError(f"{line!r} is not a requirement: {exc}") from None
+        name = canonical(requirement.name)
+        if name in present:
+            continue
+        plan.requirements[name] = str(requirement)
+        plan.rows[name] = ReportRow(name, "added", "", "", reason)
 
 
 def _complete_target(target: Target, env: Environment) -> Target:

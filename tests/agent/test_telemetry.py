@@ -105,6 +105,10 @@ def test_samples_after_pages_by_seq(tmp_path: Path) -> None:
     assert s.samples_after(5) == []
     assert s.latest() == s.samples_after(4)[0]
     assert msgpack.unpackb(s.samples_after_msgpack(1), raw=False) == s.samples_after(1)
+    # newest: the last `limit` of those after `after` (a viewer that starts late wants the present)
+    assert [x["seq"] for x in s.samples_after(-1, limit=2, newest=True)] == [4, 5]
+    assert [x["seq"] for x in s.samples_after(3, limit=4, newest=True)] == [4, 5]
+    assert msgpack.unpackb(s.samples_after_msgpack(0, limit=1, newest=True), raw=False) == [s.latest()]
     s.close()
 
 

@@ -45,17 +45,19 @@ class Ring:
         self._frames.append(zlib.compress(frame, 1))
         self._summaries.append(summary)
 
-    def _range(self, seq: int, limit: int) -> range:
+    def _range(self, seq: int, limit: int, newest: bool = False) -> range:
         start = bisect_right(self._seqs, seq)
+        if newest:  # the last ``limit`` of them: a viewer that starts late wants now, not an hour ago
+            start = max(start, len(self._frames) - max(0, limit))
         return range(start, min(len(self._frames), start + max(0, limit)))
 
-    def frames_after(self, seq: int, limit: int) -> list[bytes]:
-        """Up to ``limit`` frames with a seq greater than ``seq``, oldest first."""
-        return [zlib.decompress(self._frames[i]) for i in self._range(seq, limit)]
+    def frames_after(self, seq: int, limit: int, newest: bool = False) -> list[bytes]:
+        """Up to ``limit`` frames with a seq greater than ``seq``, oldest first (the newest ones with ``newest``)."""
+        return [zlib.decompress(self._frames[i]) for i in self._range(seq, limit, newest)]
 
-    def compressed_after(self, seq: int, limit: int) -> list[bytes]:
+    def compressed_after(self, seq: int, limit: int, newest: bool = False) -> list[bytes]:
         """The same frames still compressed: cheap to take under a lock, expanded afterwards."""
-        return [self._frames[i] for i in self._range(seq, limit)]
+        return [self._frames[i] for i in self._range(seq, limit, newest)]
 
     def summaries_since(self, t: float) -> list[Summary]:
         """Summaries of samples taken at or after ``t`` (newest last)."""

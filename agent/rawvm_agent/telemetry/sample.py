@@ -20,7 +20,8 @@ Fields (units in the key names; counters are totals since boot, rates are the re
   ``utilization_memory_percent``, ``memory_used_bytes``, ``memory_total_bytes``, ``power_watts``,
   ``energy_joules``, ``temperature_celsius``, ``sm_clock_hertz``, ``memory_clock_hertz``,
   ``clock_event_reasons`` (NVML bitmask), ``ecc_corrected_errors``, ``ecc_uncorrected_errors``,
-  ``processes`` (list of ``pid``, ``used_memory_bytes``), ``xid_errors`` (XID code as a string → count).
+  ``processes`` (list of ``pid``, ``used_memory_bytes``), ``xid_errors`` (XID code as a string → count),
+  ``xid_last`` (the latest XID code).
   A key the device does not support is absent.
 """
 

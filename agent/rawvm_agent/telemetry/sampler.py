@@ -216,16 +216,17 @@ class Sampler:
             log.info("telemetry: collector %s recovered", name)
         self._failing = errors
 
-    def samples_after(self, seq: int, limit: int = 3600) -> list[Sample]:
-        """Samples with a seq greater than ``seq``, oldest first, at most ``limit``."""
+    def samples_after(self, seq: int, limit: int = 3600, newest: bool = False) -> list[Sample]:
+        """Samples with a seq greater than ``seq``, oldest first, at most ``limit`` (the newest ones with
+        ``newest``)."""
         with self._lock:
-            compressed = self._ring.compressed_after(seq, limit)
+            compressed = self._ring.compressed_after(seq, limit, newest)
         return [unpack(zlib.decompress(frame)) for frame in compressed]
 
-    def samples_after_msgpack(self, seq: int, limit: int = 3600) -> bytes | bytearray:
+    def samples_after_msgpack(self, seq: int, limit: int = 3600, newest: bool = False) -> bytes | bytearray:
         """The same samples as one msgpack array, straight from the packed frames (never unpacked)."""
         with self._lock:
-            compressed = self._ring.compressed_after(seq, limit)
+            compressed = self._ring.compressed_after(seq, limit, newest)
         out = bytearray(array_header(len(compressed)))
         for frame in compressed:
             out += zlib.decompress(frame)  # grow one buffer: no list of expanded frames beside it
@@ -321,6 +322,12 @@ class Sampler:
         if extra:
             parts.append(extra if extra.endswith("\n") else extra + "\n")
         return "".join(parts)
+
+    def render_dcgm(self) -> str:
+        """The GPU fields alone, exactly as dcgm-exporter names and labels them (see telemetry/dcgm.py)."""
+        sample = self.latest()
+        gpus = sample.get("gpu") if sample else None
+        return "".join(self._gpu.dcgm_metrics(gpus)) if isinstance(gpus, list) else ""
 
     def _process_families(self) -> list[str]:
         """The agent's own footprint, under the names every Prometheus client library uses."""

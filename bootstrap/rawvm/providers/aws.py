@@ -29,7 +29,8 @@ from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
-from rawvm import aws_fleet, aws_network, aws_staging, aws_teardown
+from rawvm import aws_fleet, aws_network, aws_prices, aws_staging, aws_teardown
+from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
 from rawvm.providers.base import Machine, MachineSpec
@@ -37,6 +38,8 @@ from rawvm.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
 from rawvm.uvwheel import UvWheel, find_uv_wheel
 
 RETRY_CONFIG = Config(retries={"mode": "standard", "max_attempts": 10})
+# A price is a nicety before a launch, not worth minutes of retries: a few quick tries, then "unknown".
+PRICING_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=20)
 ROOT_HEADROOM_GIB = 24  # room for the environment above the image's own size
 MIN_ROOT_GIB = 32
 _CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -99,6 +102,8 @@ class AwsProvider:
         down_timeout: float = 900.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
+        pricing_client: Any | None = None,
+        price_cache_dir: Path | None = None,
     ) -> None:
         settings = read_settings(config_path or default_config_path())
         self.session = session or boto3.session.Session()
@@ -117,6 +122,10 @@ class AwsProvider:
         self.clock = clock
         self._clients: dict[tuple[str, str], Any] = {}
         self._types: dict[str, list[InstanceType]] = {}
+        self._pricing_client = pricing_client
+        self.prices = aws_prices.PriceBook(
+            self._pricing, lambda r: self.client("ec2", r), cache_dir=price_cache_dir, clock=clock
+        )
 
     # -- clients and inputs ------------------------------------------------------------------------------------
 
@@ -143,6 +152,17 @@ class AwsProvider:
                 config=config,
             )
         return self._clients[key]
+
+    def _pricing(self) -> Any | None:
+        """The Price List client. None with a custom endpoint (a test server) and no client given: prices are
+        then unknown unless cached, and nothing reaches the real AWS."""
+        if self._pricing_client is None and not self.endpoint_url:
+            self._pricing_client = self.session.client(
+                "pricing",
+                region_name=aws_prices.PRICING_REGION,
+                config=PRICING_CONFIG,
+            )
+        return self._pricing_client
 
     @staticmethod
     def check_cluster(cluster: str) -> str:
@@ -188,6 +208,46 @@ class AwsProvider:
         if spec.vm_type:
             return f"linux-{self._arch(spec, self.choose_types(spec, region))}"
         return "linux-aarch64" if spec.arm else "linux-x86_64"
+
+    # -- prices ------------------------------------------------------------------------------------------------
+
+    def estimate(self, spec: MachineSpec) -> FleetPrice:
+        """Optional provider hook: the launch's price before it happens (rawvm.cost_guard says it and keeps
+        --max-cost). The dearest type the fleet may pick; spot at the dearest zone's latest price;
+        spot_with_fallback the dearer of spot and on-demand, since the fallback may start every machine on
+        demand."""
+        region = self.resolve_region(spec.region)
+        chosen = [t.name for t in self.choose_types(spec, region)]
+        lifecycles = {"on-demand": ["on-demand"], "spot": ["spot"], "spot_with_fallback": ["spot", "on-demand"]}
+        kinds = lifecycles.get(spec.spot_policy, ["on-demand"])
+        spot = self.prices.spot(region, chosen) if "spot" in kinds else {}
+        known: dict[str, float] = {}
+        missing: list[str] = []
+        for name in chosen:
+            zones = spot.get(name, {})
+            each = [
+                (max(zones.values()) if zones else None) if kind == "spot" else self.prices.on_demand(region, name)
+                for kind in kinds
+            ]
+            if any(p is None for p in each):
+                missing.append(name)
+            else:
+                known[name] = max(p for p in each if p is not None)
+        label = " or ".join(kinds)
+        if missing:
+            source = " and ".join(
+                s for s, k in (("the AWS Price List", "on-demand"), ("EC2's spot price history", "spot")) if k in kinds
+            )
+            why = f"no {label} price for {', '.join(missing)} in {region} from {source}"
+            return FleetPrice(spec.count, None, f"{'/'.join(chosen)} {label}", why)
+        dearest = max(chosen, key=lambda n: known[n])
+        basis = f"{dearest} {label}" if len(chosen) == 1 else f"up to {dearest} {label} (of {', '.join(chosen)})"
+        return FleetPrice(spec.count, known[dearest], basis)
+
+    def machine_price(self, region: str, machine: Machine) -> float:
+        """$/hour of a launched machine (its type, lifecycle and zone); 0.0 when unknown."""
+        price = self.prices.machine_hour(region, machine.instance_type, spot=machine.spot, zone=machine.zone)
+        return price or 0.0
 
     def target_glibc(self) -> str:
         return Image("", "", "x86_64", False).glibc
@@ -384,7 +444,8 @@ class AwsProvider:
                 + f". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback; "
                 f"'rawvm down {spec.cluster}' removes the cluster's security group and launch template"
             )
-        return self._await_addresses(ec2, spec, launched, tags)
+        machines = self._await_addresses(ec2, spec, launched, tags)
+        return [dataclasses.replace(m, price_per_hour=self.machine_price(region, m)) for m in machines]
 
     def _await_addresses(
         self, ec2: Any, spec: MachineSpec, launched: list[aws_fleet.Launched], tags: dict[str, str]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from rawvm_agent.telemetry import dcgm
 from rawvm_agent.telemetry.prometheus import family
 
 log = logging.getLogger("rawvm_agent.telemetry.gpu")
@@ -68,6 +70,8 @@ class GpuCollector:
         self._devices: list[_Device] = []
         self._xid_lock = threading.Lock()
         self._xid_counts: dict[tuple[int, int], int] = {}  # (gpu index, xid) → events seen
+        self._xid_last: dict[int, int] = {}  # gpu index → the latest XID code (DCGM_FI_DEV_XID_ERRORS)
+        self.hostname = socket.gethostname()  # dcgm-exporter's Hostname label
         self._stop_events = threading.Event()
         self._event_thread: threading.Thread | None = None
         self._event_set: Any = None
@@ -205,8 +209,11 @@ class GpuCollector:
             out["processes"] = processes
         with self._xid_lock:
             xids = {str(xid): n for (index, xid), n in self._xid_counts.items() if index == device.index}
+            last_xid = self._xid_last.get(device.index)
         if xids:
             out["xid_errors"] = xids
+        if last_xid is not None:
+            out["xid_last"] = last_xid
         return out
 
     def _processes(self, device: _Device) -> list[dict[str, int]] | None:
@@ -275,6 +282,7 @@ class GpuCollector:
             log.warning("GPU %d: XID %d", index, xid)
             with self._xid_lock:
                 self._xid_counts[(index, xid)] = self._xid_counts.get((index, xid), 0) + 1
+                self._xid_last[index] = xid
 
     def stop_events(self) -> None:
         """Stop the event thread (within one wait period) and free the event set. Blocks: call from a thread."""
@@ -389,3 +397,8 @@ class GpuCollector:
                 for p in g.get("processes", [])
             ],
         )
+        yield from dcgm.families(value, self.hostname)
+
+    def dcgm_metrics(self, value: list[dict[str, Any]]) -> Iterator[str]:
+        """dcgm-exporter's page for these readings: its full label set and types (``/metrics/dcgm``)."""
+        return dcgm.families(value, self.hostname, exact=True)

@@ -1,0 +1,183 @@
+"""The call worker: one long-running Python process per slot, in the machine's locked environment.
+
+The agent (``calls.py``) starts it as a task, ``python <state_dir>/calls/worker.py``, with the work dir as its
+cwd. It loops: POST the results of its last batch to the agent's ``/v1/calls/work`` over loopback, receive the
+next batch of calls, run each. A call is ``cloudpickle.dumps((cloudpickle.dumps(fn), args, kwargs))``; its result is
+``cloudpickle.dumps(value)`` (status OK) or ``cloudpickle.dumps((exception or None, type name, message,
+formatted traceback))`` (status ERROR). One process serves many calls: no interpreter start per call.
+
+This file is both a module of the agent (the frame codec below, which the agent and the client import) and
+a standalone script: it imports only the standard library, plus cloudpickle when run as the worker, because
+the locked environment has neither rawvm_agent nor aiohttp.
+
+Frames: a batch is a concatenation of ``!QBI`` headers (call id, status, payload length) each followed by its
+payload bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+HEADER = struct.Struct("!QBI")
+OK, ERROR, LOST = 0, 1, 2  # LOST: the worker running the call died; the agent writes that result itself
+WORK_PATH = "/v1/calls/work"
+FUNCTION_CACHE = 32
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+BATCH = 256  # most calls a worker takes per round trip: tiny calls share one HTTP request
+BATCH_SECONDS = 0.05  # ...but about this much work at a time, so long calls spread over the workers
+
+
+class FrameError(ValueError):
+    """A batch that does not parse: truncated, or a length past the end."""
+
+
+def pack(frames: Iterable[tuple[int, int, bytes]]) -> bytes:
+    return b"".join(HEADER.pack(call_id, status, len(payload)) + payload for call_id, status, payload in frames)
+
+
+def unpack(data: bytes) -> list[tuple[int, int, bytes]]:
+    frames = []
+    view = memoryview(data)
+    at = 0
+    while at < len(view):
+        if at + HEADER.size > len(view):
+            raise FrameError("truncated frame header")
+        call_id, status, size = HEADER.unpack_from(view, at)
+        at += HEADER.size
+        if at + size > len(view):
+            raise FrameError("frame payload runs past the end of the batch")
+        frames.append((call_id, status, bytes(view[at : at + size])))
+        at += size
+    return frames
+
+
+REFERENCE = "rawvm-function-ref"  # (REFERENCE, module, qualname): a decorated function of an importable module
+
+
+def _resolve(fn: Any) -> Any:
+    """A reference imports the function's module from the work dir (the bundle's code) and finds it there."""
+    if not (isinstance(fn, tuple) and len(fn) == 3 and fn[0] == REFERENCE):
+        return fn
+    import importlib
+
+    _, module_name, qualname = fn
+    target: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return getattr(target, "__wrapped__", target)
+
+
+def _ensure_rawvm() -> None:
+    """Unpickling a function by reference imports its module, which may ``import rawvm`` for its decorators."""
+    if "rawvm" in sys.modules:
+        return
+    try:
+        import rawvm  # noqa: F401  (the environment has rawvm: its decorator wraps, _resolve unwraps)
+    except ImportError:
+        sys.modules["rawvm"] = _stand_in_rawvm()
+
+
+def _stand_in_rawvm() -> Any:
+    """A ``rawvm`` whose ``function`` decorator leaves the function alone: importing the user's module on the
+    machine runs its ``@rawvm.function`` lines, and the locked environment need not have rawvm."""
+    import types
+
+    module = types.ModuleType("rawvm")
+
+    def function(fn: Any = None, **_options: Any) -> Any:
+        return fn if fn is not None else (lambda f: f)
+
+    module.function = function  # type: ignore[attr-defined]
+    return module
+
+
+def _run_call(pickler: Any, payload: bytes, functions: dict[bytes, Any]) -> tuple[int, bytes]:
+    try:
+        blob, args, kwargs = pickler.loads(payload)
+        fn = functions.get(blob)
+        if fn is None:  # a map sends the same pickled function with every call: unpickle it once
+            if len(functions) >= FUNCTION_CACHE:
+                functions.clear()
+            _ensure_rawvm()
+            fn = functions[blob] = _resolve(pickler.loads(blob))
+        value = fn(*args, **kwargs)
+        # Builtin scalars need no cloudpickle: the C pickler is several times faster for tiny results.
+        return OK, pickle.dumps(value, protocol=5) if type(value) in _SCALARS else pickler.dumps(value)
+    except BaseException as exc:  # the user's function may raise anything, SystemExit included
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        frames = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # from the user's frame on
+        formatted = "".join(traceback.format_exception(type(exc), exc, frames))
+        described = (None, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), formatted)
+        try:
+            return ERROR, pickler.dumps((exc, *described[1:]))
+        except Exception:  # an exception that does not pickle still travels as its type name and text
+            return ERROR, pickler.dumps(described)
+
+
+def serve(url: str, token: str, worker: str) -> None:
+    """Take calls from the agent at ``url`` until it goes away."""
+    import http.client
+    import ssl
+    import urllib.parse
+
+    import cloudpickle
+
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 8470
+    connection: http.client.HTTPConnection
+    if parts.scheme == "https":  # loopback to our own agent: its certificate names the machine, not 127.0.0.1
+        connection = http.client.HTTPSConnection(host, port, context=ssl._create_unverified_context())  # noqa: S323
+    else:
+        connection = http.client.HTTPConnection(host, port)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    path = f"{WORK_PATH}?worker={urllib.parse.quote(worker)}&max="
+    most = 1  # until the first calls have shown how long they take
+    done: list[tuple[int, int, bytes]] = []
+    functions: dict[bytes, Any] = {}
+    failures = 0
+    while True:
+        try:
+            connection.request("POST", f"{path}{most}", body=pack(done), headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException):
+            failures += 1
+            if failures > 20:
+                return  # the agent is gone (stopping): so is this worker
+            connection.close()
+            time.sleep(min(0.05 * failures, 1.0))
+            continue
+        failures = 0
+        if response.status == 410:
+            return  # the agent is stopping
+        if response.status != 200:
+            print(f"rawvm call worker: the agent answered {response.status}: {body[:200]!r}", file=sys.stderr)
+            return
+        done = []
+        started = time.perf_counter()
+        for call_id, _, payload in unpack(body):
+            status, result = _run_call(cloudpickle, payload, functions)
+            done.append((call_id, status, result))
+        if done:
+            each = (time.perf_counter() - started) / len(done)
+            most = max(1, min(BATCH, int(BATCH_SECONDS / max(each, 1e-6))))
+
+
+def main() -> None:
+    # The user's code imports from the work dir (the bundle's code), as a task run there would.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, os.getcwd())
+    serve(os.environ["RAWVM_CALLS_URL"], os.environ.pop("RAWVM_CALLS_TOKEN"), os.environ.get("RAWVM_CALLS_WORKER", ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Function calls (``@rawvm.function``): a queue of opaque call payloads, served to long-running workers.
+
+The client POSTs batches of calls; the agent keeps them in memory and starts, on the first batch, ``slots``
+call workers (``call_worker.py``) as ordinary tasks in the locked environment. Each worker long-polls
+``/v1/calls/work`` over loopback: it posts the results of its last batch and receives the next. The client
+long-polls ``/v1/calls/results``. Payloads are bytes the agent never unpickles; they are size-capped, and the
+queue is bounded. Calls in flight (queued or running in a worker) keep the machine busy; idle workers do not.
+
+A worker that dies (segfault, ``os._exit``, out of memory) fails only the calls it held, with status LOST, and
+is replaced at once while calls wait, else by the next batch. When the agent stops, queued calls are dropped
+with it: the client sees the machine go and fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from rawvm_agent import call_worker
+from rawvm_agent.call_worker import ERROR, LOST, FrameError, pack, unpack
+from rawvm_agent.tasks import NotReadyError, TaskError, TaskRequest, TaskState
+
+if TYPE_CHECKING:
+    from rawvm_agent.app import Agent
+    from rawvm_agent.tasks import Task
+
+log = logging.getLogger("rawvm_agent.calls")
+
+routes = web.RouteTableDef()
+
+MAX_REQUEST_BYTES = 64 << 20  # one batch, either way
+MAX_QUEUED_BYTES = 512 << 20  # payloads waiting for a worker, all clients together
+MAX_SLOTS = 256
+WORKER_WAIT_S = 20.0  # a worker's long poll; it comes straight back
+MAX_CLIENT_WAIT_S = 30.0
+WAIT_SLICE_S = 0.25  # long polls look this often whether the agent is leaving or the worker died
+LOST_TAIL_BYTES = 2048
+
+
+@dataclass
+class _Worker:
+    name: str
+    task: Task
+    held: list[int] = field(default_factory=list)  # internal call numbers it is running
+
+
+class CallHub:
+    """The calls of one agent: queue, workers, results per client."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.queue: deque[tuple[int, bytes]] = deque()  # (internal number, payload), oldest first
+        self.queued_bytes = 0
+        self.routes: dict[int, tuple[str, int]] = {}  # internal number -> (client, the client's call id)
+        self.results: dict[str, deque[tuple[int, int, bytes]]] = {}
+        self.workers: dict[str, _Worker] = {}
+        self.slots = 0
+        self.done_total = 0
+        self._next = 0
+        self._work_waiting = asyncio.Event()
+        self._result_waiting: dict[str, asyncio.Event] = {}
+        self.closing = False
+        self._touched = False  # a call came or finished since the idle policy last looked
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    # -- idle policy ----------------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.routes)
+
+    def tasks_busy(self) -> bool:
+        """What the idle policy's ``task_running`` means with call workers around: a task other than a worker
+        runs, a call is queued or running, or one came or ended since the last look. Idle workers are not work."""
+        task_ids = {w.task.record.id for w in self.workers.values()}
+        other = any(t.record.id not in task_ids for t in self.agent.tasks.running)
+        busy = other or bool(self.routes) or self._touched
+        self._touched = False
+        return busy
+
+    # -- client side ------------------------------------------------------------------------------------
+
+    async def submit(self, client: str, frames: list[tuple[int, int, bytes]], slots: int) -> int:
+        agent = self.agent
+        if agent.stopping:
+            raise NotReadyError(f"the agent is {agent.state.phase}; no new calls")
+        if agent.env is None:
+            raise NotReadyError(f"the environment is not ready (phase {agent.state.phase})")
+        size = sum(len(p) for _, _, p in frames)
+        if self.queued_bytes + size > MAX_QUEUED_BYTES:
+            raise TaskError(f"the call queue is full ({self.queued_bytes} bytes waiting); send fewer calls at once")
+        await self._ensure_workers(slots)
+        for call_id, _, payload in frames:
+            self._next += 1
+            self.routes[self._next] = (client, call_id)
+            self.queue.append((self._next, payload))
+            self.queued_bytes += len(payload)
+        self._touched = True
+        if self.queue:
+            self._work_waiting.set()
+        return len(frames)
+
+    async def results_for(self, client: str, wait: float) -> list[tuple[int, int, bytes]]:
+        waiting = self.results.setdefault(client, deque())
+        deadline = time.monotonic() + wait
+        event = self._result_waiting.setdefault(client, asyncio.Event())
+        while not waiting and not self._leaving() and time.monotonic() < deadline:
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), WAIT_SLICE_S)
+        out: list[tuple[int, int, bytes]] = []
+        size = 0
+        while waiting and (not out or size + len(waiting[0][2]) <= MAX_REQUEST_BYTES):
+            frame = waiting.popleft()
+            out.append(frame)
+            size += len(frame[2])
+        if not waiting:
+            self.results.pop(client, None)
+        return out
+
+    def close(self) -> None:
+        """The agent is leaving: long polls answer now, or the server's shutdown would wait for them."""
+        self.closing = True
+
+    def _leaving(self) -> bool:
+        return self.closing or self.agent.stopping
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "queued": len(self.queue),
+            "running": sum(len(w.held) for w in self.workers.values()),
+            "results_waiting": sum(len(q) for q in self.results.values()),
+            "workers": len(self.workers),
+            "slots": self.slots,
+            "done_total": self.done_total,
+        }
+
+    # -- worker side ------------------------------------------------------------------------------------
+
+    async def work(self, name: str, done: list[tuple[int, int, bytes]], most: int) -> list[tuple[int, int, bytes]]:
+        worker = self.workers.get(name)
+        if worker is None:
+            raise KeyError(name)
+        for number, status, payload in done:
+            if number in worker.held:
+                worker.held.remove(number)
+                self._deliver(number, status, payload)
+        deadline = time.monotonic() + WORKER_WAIT_S
+        while not self.queue:
+            if self._leaving() or worker.task.done.is_set() or time.monotonic() >= deadline:
+                return []
+            self._work_waiting.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work_waiting.wait(), WAIT_SLICE_S)
+        if self._leaving():
+            return []
+        # A fair share, not a full batch: long calls must spread over the workers, tiny ones share a request.
+        share = max(1, min(most, math.ceil(len(self.queue) / max(1, len(self.workers)))))
+        out: list[tuple[int, int, bytes]] = []
+        while self.queue and len(out) < share:
+            number, payload = self.queue.popleft()
+            self.queued_bytes -= len(payload)
+            worker.held.append(number)
+            out.append((number, 0, payload))
+        return out
+
+    def _deliver(self, number: int, status: int, payload: bytes) -> None:
+        route = self.routes.pop(number, None)
+        if route is None:
+            return
+        client, call_id = route
+        self.results.setdefault(client, deque()).append((call_id, status, payload))
+        self.done_total += 1
+        self._touched = True
+        if event := self._result_waiting.get(client):
+            event.set()
+
+    # -- workers ----------------------------------------------------------------------------------------
+
+    def _worker_url(self) -> str:
+        config = self.agent.config
+        host = config.bind if config.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 (a test, not a bind)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if config.tls_cert else 'http'}://{host}:{config.port}"
+
+    def _script(self) -> Path:
+        """The worker script, copied out of the agent's package: the locked environment cannot import it."""
+        directory = self.agent.state_dir / "calls"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        path = directory / "worker.py"
+        source = Path(call_worker.__file__).read_bytes()
+        if not path.is_file() or path.read_bytes() != source:
+            path.write_bytes(source)
+        return path
+
+    async def _ensure_workers(self, slots: int) -> None:
+        wanted = min(max(slots, 0) or os.cpu_count() or 1, MAX_SLOTS)
+        self.slots = max(self.slots, wanted)
+        while len(self.workers) < self.slots:
+            await self._start_worker()
+
+    async def _start_worker(self) -> None:
+        agent = self.agent
+        assert agent.env is not None
+        self._next += 1
+        name = f"w{self._next}"
+        request = TaskRequest(
+            argv=["python", str(self._script())],
+            env={
+                "RAWVM_CALLS_URL": self._worker_url(),
+                "RAWVM_CALLS_TOKEN": agent.token,
+                "RAWVM_CALLS_WORKER": name,
+                "PYTHONUNBUFFERED": "1",
+            },
+            cwd="",
+            secret_env=["RAWVM_CALLS_TOKEN"],
+        )
+        task = await agent.tasks.start(request, agent.env, agent.environ)
+        self.workers[name] = worker = _Worker(name, task)
+        log.info("call worker %s started as task %s", name, task.record.id)
+        watcher = asyncio.create_task(self._watch(worker), name=f"calls-{name}")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, worker: _Worker) -> None:
+        await worker.task.done.wait()
+        self.workers.pop(worker.name, None)
+        code = worker.task.record.exit_code
+        if worker.held:
+            tail = _tail(worker.task.log_path("stderr"))
+            message = f"the worker process running this call died (exit code {code}); its last stderr:\n{tail}"
+            for number in worker.held:
+                self._deliver(number, LOST, message.encode())
+            worker.held.clear()
+        if self.agent.stopping or worker.task.record.state == TaskState.INTERRUPTED:
+            return  # the agent is stopping or closing: no replacement
+        log.warning("call worker %s ended (exit code %s)", worker.name, code)
+        if self.queue:  # calls wait: replace it now (otherwise the next batch of calls does)
+            with contextlib.suppress(TaskError):
+                await self._ensure_workers(self.slots)
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - LOST_TAIL_BYTES))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# -- HTTP -----------------------------------------------------------------------------------------------------
+
+
+def hub(request: web.Request) -> CallHub:
+    from rawvm_agent.app import AGENT_KEY
+
+    return request.app[AGENT_KEY].calls
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole body, refusing more than MAX_REQUEST_BYTES (the app's client_max_size is for JSON bodies)."""
+    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_REQUEST_BYTES, actual_size=request.content_length)
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_REQUEST_BYTES, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
+
+
+def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    try:
+        return unpack(data)
+    except FrameError as exc:
+        raise _bad(f"bad call batch: {exc}") from None
+
+
+def _number(request: web.Request, name: str, default: float) -> float:
+    try:
+        value = float(request.query.get(name, default))
+    except ValueError:
+        raise _bad(f"{name!r} must be a number") from None
+    if not math.isfinite(value):
+        raise _bad(f"{name!r} must be a finite number")
+    return value
+
+
+def _client(request: web.Request) -> str:
+    client = request.query.get("client", "")
+    if not client or len(client) > 64:
+        raise _bad("'client' (1 to 64 characters) is required")
+    return client
+
+
+def _octets(data: bytes) -> web.Response:
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+@routes.post("/v1/calls")
+async def submit_calls(request: web.Request) -> web.Response:
+    calls = hub(request)
+    client = _client(request)
+    frames = _frames(await _read_body(request))
+    try:
+        queued = await calls.submit(client, frames, int(_number(request, "slots", 0)))
+    except NotReadyError as exc:
+        return _error(409, str(exc))
+    except TaskError as exc:
+        return _error(429, str(exc))
+    return web.json_response({"queued": queued, "workers": len(calls.workers)}, status=202)
+
+
+@routes.get("/v1/calls/results")
+async def call_results(request: web.Request) -> web.Response:
+    wait = min(max(_number(request, "wait", 0), 0.0), MAX_CLIENT_WAIT_S)
+    return _octets(pack(await hub(request).results_for(_client(request), wait)))
+
+
+@routes.get("/v1/calls")
+async def call_stats(request: web.Request) -> web.Response:
+    return web.json_response(hub(request).stats())
+
+
+@routes.post(call_worker.WORK_PATH)
+async def worker_exchange(request: web.Request) -> web.Response:
+    calls = hub(request)
+    done = _frames(await _read_body(request))
+    if any(status not in (0, ERROR) for _, status, _ in done):
+        return _error(400, "a worker reports status 0 (ok) or 1 (error)")
+    try:
+        batch = await calls.work(request.query.get("worker", ""), done, int(_number(request, "max", 1)))
+    except KeyError:
+        return _error(404, "no such call worker")
+    if calls._leaving() and not batch:
+        return _error(410, "the agent is stopping")
+    return _octets(pack(batch))

@@ -1,0 +1,516 @@
+"""The machinery under ``@rawvm.function``: warm machines per environment, and calls spread over them.
+
+Everything asynchronous runs on one private event loop in a daemon thread, so the API works the same from a
+plain script and from Jupyter (whose thread already runs a loop). Callers get ``concurrent.futures`` futures.
+
+A ``Pool`` is one cluster for one reuse key: the scanned environment's fingerprint (what the resolver writes to
+``[source] fingerprint``), the project's files, the extra requirements and the machine options. A later function
+with the same key, in this process or (through ``$RAWVM_STATE_DIR/functions/<key>.json``) another one, reuses
+the machines while they are warm: no lock, no boot. Calls go to the least-loaded machine, in batches, through
+the agent's ``/v1/calls`` endpoints (agent/rawvm_agent/calls.py); one long poll per machine brings results back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import secrets
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+from rawvm_agent.call_worker import ERROR, LOST, OK, pack, unpack
+
+from rawvm import clusters
+from rawvm.errors import RawvmError
+
+T = TypeVar("T")
+
+MAX_CALL_BYTES = 48 << 20  # one pickled call; the agent refuses requests over 64 MiB
+MAX_BATCH_CALLS = 1024
+MAX_BATCH_BYTES = 32 << 20
+WINDOW_PER_WORKER = 1024  # calls in flight per worker slot: enough to hide the round trips of tiny calls
+DEFAULT_WINDOW = 1024  # before a machine has said how many workers it runs
+RESULTS_WAIT_S = 20.0
+RECHECK_AFTER_S = 2.0  # an unused pool's machines may have stopped: ask them before sending more
+STOPPING_MARGIN_S = 5.0  # a machine about to stop for idleness is not worth sending to
+KEPT_BUNDLES = 16  # locks kept for launching again: the newest, one per reuse key
+
+
+# -- the private loop ---------------------------------------------------------------------------------------------
+
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="rawvm-function-loop", daemon=True).start()
+            _loop = loop
+            atexit.register(_close_all)
+        return _loop
+
+
+def on_loop(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    return asyncio.run_coroutine_threadsafe(coro, background_loop())
+
+
+# -- results ------------------------------------------------------------------------------------------------------
+
+
+class RemoteTraceback(Exception):
+    """The formatted traceback of an exception raised on the machine; the ``__cause__`` of the local exception,
+    as ``concurrent.futures`` does for process pools, so both tracebacks print."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text.rstrip()}\n"""'
+
+
+class RemoteError(RawvmError):
+    """A remote failure that cannot be raised as itself: an exception that did not pickle (its type and message
+    are here), or a call lost with its worker process or machine."""
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+def decode_result(loads: Callable[[bytes], Any], status: int, payload: bytes) -> tuple[bool, Any]:
+    """(True, value) or (False, the exception to raise locally)."""
+    if status == OK:
+        return True, loads(payload)
+    if status == LOST:
+        return False, RemoteError(payload.decode(errors="replace"))
+    if status == ERROR:
+        exc, type_name, message, text = loads(payload)
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(f"{type_name}: {message}", type_name)
+        exc.__cause__ = RemoteTraceback(text)
+        return False, exc
+    return False, RemoteError(f"unknown result status {status}")
+
+
+# -- the pool -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    provider: str = "local"
+    n: int = 1
+    vm_type: str = ""
+    cpu: int = 0
+    memory: float = 0
+    gpu: bool = False
+    arm: bool = False
+    region: str = ""
+    keepalive: str = "30s"
+    max_lifetime: str = "12h"
+    spot_policy: str = "on-demand"
+    source: str = ""  # "": the running environment
+    extra_ca_certs: tuple[str, ...] = ()
+    slots: int = 0  # concurrent calls per machine; 0: its cores
+    requirements: tuple[tuple[str, str], ...] = ()  # (PEP 508, why) the lock adds when the environment lacks it
+
+
+def reuse_key(options: PoolOptions, project_dir: Path) -> str:
+    """Same key, same machines: the environment's fingerprint, the project's files, the options."""
+    from rawvm_resolver.project import list_project_files
+    from rawvm_resolver.scan import scan
+
+    fingerprint = scan(options.source or None).fingerprint()
+    project = list_project_files(project_dir)
+    code = hashlib.sha256()
+    for relative in project.files:
+        code.update(relative.encode() + b"\0")
+        with contextlib.suppress(OSError):
+            code.update(hashlib.sha256((project.root / relative).read_bytes()).digest())
+    payload = {"env": fingerprint, "code": code.hexdigest(), "root": str(project.root), "options": asdict(options)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _key_path(key: str) -> Path:
+    return clusters.state_dir() / "functions" / f"{key}.json"
+
+
+def _bundle_path(key: str) -> Path:
+    """The lock of this key, kept: machines launched again for an unchanged key need no new lock."""
+    path = clusters.state_dir() / "functions" / "bundles" / key
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    kept = sorted((p for p in path.parent.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[KEPT_BUNDLES:]:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+@dataclass
+class _Call:
+    id: int
+    payload: bytes
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class _Machine:
+    id: str
+    url: str
+    window: int = DEFAULT_WINDOW
+    outbox: collections.deque[_Call] = field(default_factory=collections.deque)
+    inflight: dict[int, _Call] = field(default_factory=dict)
+    sending: bool = False
+    polling: bool = False
+    dead: str = ""  # why it is out of the pool
+
+    @property
+    def load(self) -> int:
+        return len(self.outbox) + len(self.inflight)
+
+
+class Pool:
+    """One cluster's machines and the calls on them. Every method runs on the background loop."""
+
+    def __init__(self, key: str, options: PoolOptions, project_dir: Path) -> None:
+        self.key = key
+        self.options = options
+        self.project_dir = project_dir  # what code.tar.gz holds (the key covers its files)
+        self.record: clusters.ClusterRecord | None = None
+        self.machines: list[_Machine] = []
+        self.backlog: collections.deque[_Call] = collections.deque()
+        self.launches = 0
+        self.client = secrets.token_hex(8)  # this process's results on the agents
+        self._session: aiohttp.ClientSession | None = None
+        self._next = 0
+        self._ready_lock: asyncio.Lock | None = None
+        self._last_used = 0.0
+        self._loads: Callable[[bytes], Any] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # senders and pollers, kept referenced while they run
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- machines ---------------------------------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> str:
+        return self.record.name if self.record else ""
+
+    def _headers(self) -> dict[str, str]:
+        assert self.record is not None
+        return {"Authorization": f"Bearer {self.record.token}"}
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def ensure(self) -> None:
+        """Machines ready to take calls: the warm ones, or freshly launched ones."""
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            live = [m for m in self.machines if not m.dead]
+            if live and time.monotonic() - self._last_used < RECHECK_AFTER_S:
+                return
+            if self.record is None:
+                self.record = self._recorded_cluster()
+                if self.record is not None:
+                    self.machines = [_Machine(m.id, m.agent_url) for m in self.record.machines]
+            if self.record is not None and await self._check_warm():
+                self._last_used = time.monotonic()
+                return
+            await asyncio.get_running_loop().run_in_executor(None, self._launch)
+            self._last_used = time.monotonic()
+
+    def _recorded_cluster(self) -> clusters.ClusterRecord | None:
+        """The cluster an earlier process launched for this key, if its record is still here."""
+        try:
+            name = str(json.loads(_key_path(self.key).read_text())["cluster"])
+            return clusters.load(name) if clusters.exists(name) else None
+        except (OSError, ValueError, KeyError, TypeError, RawvmError):
+            return None
+
+    async def _check_warm(self) -> bool:
+        """Drop machines that stopped (or are about to, for idleness); True while one is left."""
+        now = time.time()
+
+        async def warm(machine: _Machine) -> None:
+            if machine.dead:
+                return
+            try:
+                async with self._http().get(
+                    f"{machine.url}/v1/status", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    status = await resp.json() if resp.status == 200 else {}
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                status = {}
+            phase = status.get("phase", "")
+            stops_at = (status.get("idle") or {}).get("stops_at")
+            if phase not in ("ready", "busy", "idle"):
+                self._kill(machine, f"machine {machine.id} is {phase or 'not answering'}")
+            elif isinstance(stops_at, int | float) and stops_at - now < STOPPING_MARGIN_S and not machine.load:
+                self._kill(machine, f"machine {machine.id} is about to stop for idleness")
+
+        await asyncio.gather(*(warm(m) for m in self.machines))
+        return any(not m.dead for m in self.machines)
+
+    def _launch(self) -> None:
+        """Lock, stage, launch and wait for ready (in a worker thread: the front door is synchronous)."""
+        from rawvm import api
+
+        o = self.options
+        launched = api._launch(
+            provider_name=o.provider,
+            n=o.n,
+            vm_type=o.vm_type,
+            cpu=o.cpu,
+            memory=o.memory,
+            gpu=o.gpu,
+            arm=o.arm,
+            region=o.region,
+            keepalive=o.keepalive,
+            max_lifetime=o.max_lifetime,
+            spot_policy=o.spot_policy,
+            source=o.source or None,
+            cluster=None,
+            extra_ca_certs=o.extra_ca_certs,
+            extra_requirements=o.requirements,
+            bundle_cache=_bundle_path(self.key),
+            project_dir=self.project_dir,
+        )
+        self.launches += 1
+        record = launched.record
+        try:
+            api._run_sync(api._ready_and_run(launched, None, sys.stdout, sys.stderr))
+        except RawvmError as exc:
+            raise RawvmError(f"{exc} (cluster {record.name})") from None
+        path = _key_path(self.key)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(json.dumps({"cluster": record.name}))
+        self.record = record
+        self.machines = [_Machine(m.id, m.agent_url) for m in record.machines]
+
+    def _kill(self, machine: _Machine, why: str) -> None:
+        """Out of the pool: its unsent calls go back to the backlog, those it held fail."""
+        if machine.dead:
+            return
+        machine.dead = why
+        self.backlog.extendleft(reversed(machine.outbox))
+        machine.outbox.clear()
+        for call in machine.inflight.values():
+            if not call.future.done():
+                call.future.set_exception(RemoteError(f"{why}; the call was running there"))
+        machine.inflight.clear()
+
+    # -- calls ------------------------------------------------------------------------------------------------
+
+    async def run(self, payloads: Sequence[bytes], loads: Callable[[bytes], Any]) -> list[asyncio.Future[Any]]:
+        """Queue the calls; their futures, in order."""
+        self._loads = loads
+        await self.ensure()
+        loop = asyncio.get_running_loop()
+        calls = []
+        for payload in payloads:
+            self._next += 1
+            calls.append(_Call(self._next, payload, loop.create_future()))
+        self.backlog.extend(calls)
+        self._dispatch()
+        return [c.future for c in calls]
+
+    async def run_in_order(
+        self,
+        payloads: Sequence[bytes],
+        loads: Callable[[bytes], Any],
+        stop_on_error: bool,
+        each_done: Callable[[], None] | None = None,
+    ) -> list[tuple[bool, Any]]:
+        """Run the calls; ``(True, result)`` or ``(False, exception)`` each, in input order. With
+        ``stop_on_error`` the list ends at the first failure in input order, and calls not sent yet are dropped."""
+        futures = await self.run(payloads, loads)
+        if each_done is not None:
+            for future in futures:
+                future.add_done_callback(lambda _: each_done())
+        outcomes: list[tuple[bool, Any]] = []
+        for future in futures:
+            try:
+                outcomes.append((True, await future))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the remote function's exception, whatever it is
+                outcomes.append((False, exc))
+                if stop_on_error:
+                    self.drop_unsent()
+                    break
+        return outcomes
+
+    def _dispatch(self) -> None:
+        live = [m for m in self.machines if not m.dead]
+        if not live:
+            while self.backlog:
+                call = self.backlog.popleft()
+                if not call.future.done():
+                    call.future.set_exception(RemoteError(f"no machine of {self.cluster} is left to run the call"))
+            return
+        while self.backlog:
+            machine = min(live, key=lambda m: m.load)
+            if machine.load >= machine.window:
+                break
+            call = self.backlog.popleft()
+            if not call.future.cancelled():
+                machine.outbox.append(call)
+        for machine in live:
+            if machine.outbox and not machine.sending:
+                machine.sending = True
+                self._spawn(self._send(machine))
+
+    async def _send(self, machine: _Machine) -> None:
+        try:
+            while machine.outbox and not machine.dead:
+                batch: list[_Call] = []
+                size = 0
+                while machine.outbox and len(batch) < MAX_BATCH_CALLS:
+                    if batch and size + len(machine.outbox[0].payload) > MAX_BATCH_BYTES:
+                        break
+                    call = machine.outbox.popleft()
+                    batch.append(call)
+                    size += len(call.payload)
+                for call in batch:
+                    machine.inflight[call.id] = call
+                try:
+                    async with self._http().post(
+                        f"{machine.url}/v1/calls",
+                        params={"client": self.client, "slots": str(self.options.slots)},
+                        data=pack((c.id, 0, c.payload) for c in batch),
+                        headers=self._headers(),
+                        timeout=aiohttp.ClientTimeout(total=120),
+                    ) as resp:
+                        body = await resp.json(content_type=None)
+                        if resp.status == 429:  # the agent's queue is full: wait for results, try again
+                            for call in reversed(batch):
+                                del machine.inflight[call.id]
+                                machine.outbox.appendleft(call)
+                            await asyncio.sleep(0.5)
+                            continue
+                        if resp.status != 202:
+                            raise RawvmError(str((body or {}).get("error") or f"HTTP {resp.status}"))
+                except (TimeoutError, aiohttp.ClientError, ValueError, RawvmError) as exc:
+                    for call in reversed(batch):  # never sent, or refused: another machine may take them
+                        machine.inflight.pop(call.id, None)
+                        self.backlog.appendleft(call)
+                    self._kill(machine, f"machine {machine.id} refused calls ({exc or type(exc).__name__})")
+                    break
+                workers = int((body or {}).get("workers") or 0)
+                if workers:
+                    machine.window = max(DEFAULT_WINDOW, workers * WINDOW_PER_WORKER)
+                if not machine.polling:
+                    machine.polling = True
+                    self._spawn(self._poll(machine))
+        finally:
+            machine.sending = False
+            self._dispatch()
+
+    async def _poll(self, machine: _Machine) -> None:
+        assert self._loads is not None
+        failures = 0
+        try:
+            while machine.inflight and not machine.dead:
+                try:
+                    async with self._http().get(
+                        f"{machine.url}/v1/calls/results",
+                        params={"client": self.client, "wait": str(RESULTS_WAIT_S)},
+                        headers=self._headers(),
+                        timeout=aiohttp.ClientTimeout(total=RESULTS_WAIT_S + 30),
+                    ) as resp:
+                        if resp.status != 200:
+                            raise RawvmError(f"HTTP {resp.status}")
+                        frames = unpack(await resp.read())
+                except (TimeoutError, aiohttp.ClientError, ValueError, RawvmError) as exc:
+                    failures += 1
+                    if failures >= 3:
+                        self._kill(machine, f"machine {machine.id} stopped answering ({exc or type(exc).__name__})")
+                        break
+                    await asyncio.sleep(0.5 * failures)
+                    continue
+                failures = 0
+                for call_id, status, payload in frames:
+                    call = machine.inflight.pop(call_id, None)
+                    if call is None or call.future.done():
+                        continue
+                    try:
+                        ok, value = decode_result(self._loads, status, payload)
+                    except Exception as exc:  # a result that does not unpickle here (a module only remote has)
+                        ok, value = False, exc
+                    if ok:
+                        call.future.set_result(value)
+                    else:
+                        call.future.set_exception(value)
+                self._last_used = time.monotonic()
+                self._dispatch()
+        finally:
+            machine.polling = False
+            self._dispatch()
+
+    def drop_unsent(self) -> int:
+        """Forget calls not sent yet (a map that already failed); how many."""
+        dropped = 0
+        for queue in (self.backlog, *(m.outbox for m in self.machines)):
+            for call in queue:
+                call.future.cancel()
+                dropped += 1
+            queue.clear()
+        return dropped
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# -- pools of this process ----------------------------------------------------------------------------------------
+
+_pools: dict[str, Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def pool_for(key: str, options: PoolOptions, project_dir: Path) -> Pool:
+    with _pools_lock:
+        if key not in _pools:
+            _pools[key] = Pool(key, options, project_dir)
+        return _pools[key]
+
+
+def forget(pool: Pool) -> None:
+    with _pools_lock:
+        if _pools.get(pool.key) is pool:
+            del _pools[pool.key]
+    _key_path(pool.key).unlink(missing_ok=True)
+
+
+def _close_all() -> None:
+    if _loop is None or not _loop.is_running():
+        return
+
+    async def close() -> None:
+        await asyncio.gather(*(p.close() for p in list(_pools.values())), return_exceptions=True)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(close(), _loop).result(timeout=5)

@@ -1,0 +1,292 @@
+"""``@rawvm.function``: call a plain Python function on machines, from a script or a notebook.
+
+    @rawvm.function(n=3, keepalive="30s")
+    def square(x): return x * x
+
+    square(4)                      # 16, computed on a machine
+    square.submit(4).result()      # a concurrent.futures.Future
+    square.map(range(100))         # [0, 1, 4, ...] in input order, spread over up to 3 machines
+
+The function and its arguments travel with cloudpickle: a function of one of the project's modules by reference
+(the module is in the bundle's code.tar.gz and imports on the machine, where its ``@rawvm.function`` lines leave
+the functions alone), one from ``__main__``, a notebook or elsewhere by value.
+Results come back the same way; an exception raised remotely is raised here as itself, chained from a
+``RemoteTraceback`` that shows the remote frames. The machines stay warm for ``keepalive`` after the last call,
+and the next call with the same environment, code and options reuses them (see ``rawvm.function_pool``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import os
+import pickle
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+import cloudpickle
+from rawvm_agent.call_worker import REFERENCE
+
+from rawvm import api
+from rawvm.errors import UsageError
+from rawvm.function_pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_loop, pool_for, reuse_key
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PROGRESS_MIN_CALLS = 100
+_CLOUDPICKLE_WHY = "@rawvm.function sends calls and results with cloudpickle, same version as the caller's"
+
+
+class RemoteFunction(Generic[P, R]):
+    """A function that runs on machines; see the module docstring."""
+
+    def __init__(self, fn: Callable[P, R], options: PoolOptions, project_dir: Path) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.options = options
+        self.project_dir = project_dir
+        self._pool: Pool | None = None
+
+    # -- the machines -------------------------------------------------------------------------------------------
+
+    def _get_pool(self) -> Pool:
+        if self._pool is None:
+            self._pool = pool_for(reuse_key(self.options, self.project_dir), self.options, self.project_dir)
+        return self._pool
+
+    @property
+    def cluster(self) -> str:
+        """The cluster running the calls; "" before the first call."""
+        return self._pool.cluster if self._pool else ""
+
+    @property
+    def launches(self) -> int:
+        """How many clusters this function's pool has launched in this process (reuse keeps it at 1)."""
+        return self._pool.launches if self._pool else 0
+
+    def down(self) -> None:
+        """Stop the machines now instead of after the keepalive."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        forget(pool)
+        if pool.cluster:
+            from rawvm import clusters
+
+            if clusters.exists(pool.cluster):
+                api.down(pool.cluster)
+        on_loop(pool.close()).result(timeout=10)
+
+    # -- calls --------------------------------------------------------------------------------------------------
+
+    def _pickled_function(self) -> bytes:
+        """By reference when the function's module is a file of the project (so code.tar.gz has it and the
+        machine imports it: remote tracebacks show its file and lines, its module state lives on); else by
+        value (``__main__``, a notebook cell, a module from elsewhere)."""
+        module = sys.modules.get(getattr(self.fn, "__module__", "") or "")
+        qualname = getattr(self.fn, "__qualname__", "")
+        file = getattr(module, "__file__", None)
+        if module is not None and file and module.__name__ != "__main__" and "<locals>" not in qualname:
+            target: Any = module
+            for part in qualname.split("."):
+                target = getattr(target, part, None)
+            if target is self and Path(file).resolve().is_relative_to(self.project_dir.resolve()):
+                reference: bytes = cloudpickle.dumps((REFERENCE, module.__name__, qualname))
+                return reference
+        by_value: bytes = cloudpickle.dumps(self.fn)
+        return by_value
+
+    def _payloads(self, arguments: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[bytes]:
+        blob = self._pickled_function()
+        name = getattr(self.fn, "__name__", "the function")
+        payloads = []
+        for args, kwargs in arguments:
+            call = (blob, args, kwargs)
+            payload = pickle.dumps(call, protocol=5) if plain(args) and plain(kwargs) else cloudpickle.dumps(call)
+            if len(payload) > MAX_CALL_BYTES:
+                raise UsageError(
+                    f"a call to {name} pickles to {len(payload) >> 20} MiB, over the "
+                    f"{MAX_CALL_BYTES >> 20} MiB limit: pass big data as a file or URL instead"
+                )
+            payloads.append(payload)
+        return payloads
+
+    def _start(self, payloads: Sequence[bytes]) -> list[concurrent.futures.Future[R]]:
+        pool = self._get_pool()
+        queued = on_loop(pool.run(payloads, cloudpickle.loads)).result()
+        return [_bridge(f) for f in queued]
+
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
+        """Start one call; its future."""
+        return self._start(self._payloads([(args, kwargs)]))[0]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.submit(*args, **kwargs).result()
+
+    def local(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the plain function here."""
+        return self.fn(*args, **kwargs)
+
+    @overload
+    def map(self, items: Iterable[Any], *, errors: Literal["raise"] = "raise") -> list[R]: ...
+    @overload
+    def map(self, items: Iterable[Any], *, errors: Literal["skip"]) -> list[R]: ...
+
+    def map(self, items: Iterable[Any], *, errors: Literal["raise", "skip"] = "raise") -> list[R]:
+        """``[f(x) for x in items]``, computed on up to ``n`` machines, in input order.
+
+        ``errors="raise"``: the first failed call (in input order) raises here, calls not yet sent are dropped.
+        ``errors="skip"``: failed calls are left out of the list.
+        """
+        if errors not in ("raise", "skip"):
+            raise UsageError(f"errors={errors!r}: choose 'raise' or 'skip'")
+        payloads = self._payloads(((item,), {}) for item in items)
+        if not payloads:
+            return []  # nothing to run: no machines either
+        pool = self._get_pool()
+        results: list[R] = []
+        with _map_progress(len(payloads), getattr(self.fn, "__name__", "calls")) as advance:
+            # One crossing to the loop thread for the whole map, not one per call.
+            waiting = on_loop(pool.run_in_order(payloads, cloudpickle.loads, errors == "raise", advance))
+            try:
+                outcomes = waiting.result()
+            except BaseException:  # Ctrl-C: the calls not sent yet are dropped
+                on_loop(_drop(pool)).result()
+                raise
+        for ok, value in outcomes:
+            if ok:
+                results.append(value)
+            elif errors == "raise":
+                raise value
+        return results
+
+
+def plain(value: Any, depth: int = 0) -> bool:
+    """Only builtin scalars and small containers of them: the C pickler is enough and ~8x faster."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if depth == 0 and kind in (tuple, list) and len(value) <= 64:
+        return all(plain(v, 1) for v in value)
+    if depth == 0 and kind is dict and len(value) <= 64:
+        return all(type(k) is str and plain(v, 1) for k, v in value.items())
+    return False
+
+
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+
+
+@contextlib.contextmanager
+def _map_progress(total: int, name: str) -> Iterator[Callable[[], None] | None]:
+    """A rich progress bar on stderr while a map of more than a few calls runs, on a terminal only."""
+    if total < PROGRESS_MIN_CALLS or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"rawvm: {name}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task("calls", total=total)
+        yield lambda: progress.advance(task)  # called on the loop thread: rich's Progress takes that
+
+
+async def _drop(pool: Pool) -> int:
+    return pool.drop_unsent()
+
+
+def _bridge(future: Any) -> concurrent.futures.Future[Any]:
+    """An asyncio future of the background loop as a concurrent.futures one, usable from any thread."""
+    out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    out.set_running_or_notify_cancel()
+
+    def copy(done: Any) -> None:
+        if done.cancelled():
+            out.cancel()
+        elif done.exception() is not None:
+            out.set_exception(done.exception())
+        else:
+            out.set_result(done.result())
+
+    future.get_loop().call_soon_threadsafe(future.add_done_callback, copy)
+    return out
+
+
+def function(
+    fn: Callable[P, R] | None = None,
+    *,
+    provider: str = "local",
+    vm_type: str = "",
+    cpu: int = 0,
+    memory: float = 0,
+    gpu: bool = False,
+    arm: bool = False,
+    n: int = 1,
+    keepalive: str = "30s",
+    spot_policy: str = "on-demand",
+    region: str = "",
+    max_lifetime: str = "12h",
+    source: str | Path | None = None,
+    packages: Sequence[str] = (),
+    slots: int = 0,
+    extra_ca_certs: Sequence[str | Path] = (),
+) -> Any:
+    """Run ``fn`` on machines: ``@rawvm.function`` or ``@rawvm.function(n=4, gpu=True, ...)``.
+
+    The machine options are those of ``rawvm.run``. ``source`` is the environment to lock (default: this one);
+    ``packages`` are requirements the machines get on top of it (``["humanize>=4"]``); ``slots`` is how many calls
+    run at once on each machine (default: its cores; 1 with ``gpu``). The project (code.tar.gz) is the current
+    directory when the function is decorated.
+    """
+    if os.environ.get("RAWVM_CALLS_WORKER"):
+        # On a machine, importing the user's module runs this line again: the function stays a plain function
+        # there (a call it makes to another decorated function runs in place), and laptop paths are not checked.
+        return fn if fn is not None else (lambda f: f)
+    api.check_options(
+        provider=provider, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
+    )
+    api.parse_duration_flag("keepalive", keepalive)
+    api.parse_duration_flag("max_lifetime", max_lifetime)
+    if slots < 0:
+        raise UsageError(f"slots={slots}: the calls per machine must be at least 1 (0: one per core)")
+    if source and not Path(source).expanduser().exists():
+        raise UsageError(f"source={str(source)!r}: no such file or directory (a venv, requirements file or project)")
+    if isinstance(packages, str):
+        raise UsageError(f"packages={packages!r}: give a list of requirements, e.g. packages=['humanize']")
+    requirements = [(line, "asked for by @rawvm.function(packages=...)") for line in packages]
+    requirements.append((f"cloudpickle=={cloudpickle.__version__}", _CLOUDPICKLE_WHY))
+    options = PoolOptions(
+        provider=provider,
+        n=n,
+        vm_type=vm_type,
+        cpu=cpu,
+        memory=memory,
+        gpu=gpu,
+        arm=arm,
+        region=region,
+        keepalive=keepalive,
+        max_lifetime=max_lifetime,
+        spot_policy=spot_policy,
+        source=str(Path(source).expanduser().resolve()) if source else "",
+        extra_ca_certs=tuple(str(Path(c).resolve()) for c in extra_ca_certs),
+        slots=slots or (1 if gpu else 0),
+        requirements=tuple(requirements),
+    )
+    project_dir = Path.cwd()
+
+    def wrap(f: Callable[P, R]) -> RemoteFunction[P, R]:
+        if not callable(f):
+            raise UsageError("@rawvm.function decorates a function")
+        return RemoteFunction(f, options, project_dir)
+
+    return wrap(fn) if fn is not None else wrap
