@@ -102,6 +102,10 @@ _CONDA_ONLY: tuple[tuple[str, str], ...] = (
     ("yaml", "C library"),
     ("hdf5", "C library"),
     ("tbb", "C library"),
+    ("mkl", "math library"),
+    ("mkl_fft", "Intel MKL add-on for numpy (PyPI's numpy uses OpenBLAS)"),
+    ("mkl_random", "Intel MKL add-on for numpy (PyPI's numpy uses OpenBLAS)"),
+    ("mkl-service", "Intel MKL add-on for numpy (PyPI's numpy uses OpenBLAS)"),
     ("mkl*", "math library"),
     ("openblas", "math library"),
     ("blas", "math library metapackage"),
@@ -168,6 +172,7 @@ class _Package:
     conda: str
     version: str  # the exact conda version, "" when the spec is a range or absent
     spec: str  # PEP 440 specifier text for a range (">=1.2,<2"), else ""
+    only_reason: str = ""  # a broad conda-only pattern matched: dropped unless PyPI has this very version
 
 
 def to_pypi(env: Environment, target: Target) -> Conversion:
@@ -186,10 +191,11 @@ def to_pypi(env: Environment, target: Target) -> Conversion:
         mapped = pypi_name(package.conda)
         if mapped.known and mapped.pypi:
             _merge(out, wanted, mapped.pypi, package, present)
+        elif reason is not None and (_definite(package.conda) or not package.version):
+            out.rows[package.conda] = _conda_only_row(package, reason)
         elif reason is not None:
-            bundled = "" if reason.startswith(_NOT_A_LIBRARY) else "; PyPI wheels bundle the native code they need"
-            row = ReportRow(package.conda, "dropped", package.version, "", f"conda-only: {reason}{bundled}")
-            out.rows[package.conda] = row
+            # lib*, qt*, cuda-*: mostly C libraries, but libsass, qtconsole, cuda-python are Python packages
+            _merge(out, wanted, canonical(package.conda), dataclasses.replace(package, only_reason=reason), present)
         else:
             _merge(out, wanted, canonical(package.conda), package, present)
     listings = _listings(sorted(wanted))
@@ -272,6 +278,8 @@ def _decide(
 ) -> tuple[str, str] | ReportRow:
     """(pin or "", note) for a package that goes to PyPI, or the row that drops it."""
     conda, version = package.conda, package.version
+    if not files and package.only_reason:
+        return _conda_only_row(package, package.only_reason)
     if not files:
         if unmapped:
             why = "conda-only: not in the name mapping, and PyPI has no project of that name"
@@ -281,6 +289,8 @@ def _decide(
     if not version:
         return "", ""
     exact = [file for file in files if str(file.version) == version or _same(file, version)]
+    if unmapped and not exact and package.only_reason:
+        return _conda_only_row(package, package.only_reason)
     if unmapped and not exact:
         return ReportRow(
             conda,
@@ -325,6 +335,16 @@ def _package(spec: str) -> _Package:
         return _Package(name, "", str(SpecifierSet(text)) if text else "")
     except InvalidSpecifier:
         return _Package(name, "", "")  # a conda-only form (1.2|1.3): let uv choose
+
+
+def _conda_only_row(package: _Package, reason: str) -> ReportRow:
+    bundled = "" if reason.startswith(_NOT_A_LIBRARY) else "; PyPI wheels bundle the native code they need"
+    return ReportRow(package.conda, "dropped", package.version, "", f"conda-only: {reason}{bundled}")
+
+
+def _definite(name: str) -> bool:
+    """A conda-only entry named exactly (python, openssl), not by a glob that Python packages can share."""
+    return any(pattern == name for pattern, _ in _CONDA_ONLY)
 
 
 def _conda_only(name: str, target: Target) -> str | None:
