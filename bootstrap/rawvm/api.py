@@ -191,6 +191,7 @@ def _locked_bundle(
     extra_requirements: Sequence[tuple[str, str]],
     bundle_cache: Path | None,
     project_dir: Path | None = None,
+    pypi_only: bool = False,
 ) -> tuple[Path, str]:
     """Lock ``source`` into ``dest``: the bundle directory and its manifest's sha256. With ``bundle_cache`` (a
     directory named after everything the bundle depends on, as ``@rawvm.function`` keeps them), a bundle already
@@ -200,7 +201,15 @@ def _locked_bundle(
         return bundle_cache, sha256_file(bundle_cache / "rawvm-env.toml")
     from rawvm_resolver import lock
 
-    locked = lock(source, target, dest, progress=_say, extra_requirements=extra_requirements, project_dir=project_dir)
+    locked = lock(
+        source,
+        target,
+        dest,
+        progress=_say,
+        extra_requirements=extra_requirements,
+        project_dir=project_dir,
+        pypi_only=pypi_only,
+    )
     for warning in locked.warnings:
         _say(f"warning: {warning}")
     asked = {canonicalize_name(Requirement(line).name) for line, _ in extra_requirements}
@@ -236,6 +245,7 @@ def _launch(
     source: str | Path | None,
     cluster: str | None,
     extra_ca_certs: Sequence[str | Path],
+    pypi_only: bool = False,
     max_cost: float | str | None = "default",
     max_cost_action: str = "",
     extra_requirements: Sequence[tuple[str, str]] = (),
@@ -316,7 +326,7 @@ def _launch(
     bundle_root = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
     try:
         bundle_dir, manifest_sha256 = _locked_bundle(
-            source, target, bundle_root / "bundle", extra_requirements, bundle_cache, project_dir
+            source, target, bundle_root / "bundle", extra_requirements, bundle_cache, project_dir, pypi_only
         )
         timings["lock"] = time.monotonic() - started
         if check_bundle is not None:
@@ -518,6 +528,7 @@ def run(
     source: str | Path | None = None,
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    pypi_only: bool = False,
     max_cost: float | str | None = "default",
     max_cost_action: str = "",
     output: TextIO | None = None,
@@ -526,7 +537,8 @@ def run(
     """Run ``command`` on ``n`` fresh machines in the locked environment of ``source`` (default: this one).
 
     With ``cluster`` naming a cluster from ``up``, runs on its machines instead of launching new ones. The
-    machines stop by themselves after ``keepalive`` of idleness.
+    machines stop by themselves after ``keepalive`` of idleness. ``pypi_only`` locks a conda ``source`` from PyPI
+    alone (no conda channel), as ``rawvm lock --pypi-only`` does.
 
     ``max_cost`` (USD) caps a launch's worst case (every machine running until its ``max_lifetime``):
     ``"default"`` takes ``max-cost`` from the project's ``pyproject.toml`` ``[tool.rawvm]``, None means no cap.
@@ -556,6 +568,7 @@ def run(
             source=source,
             cluster=cluster,
             extra_ca_certs=extra_ca_certs,
+            pypi_only=pypi_only,
             max_cost=max_cost,
             max_cost_action=max_cost_action,
         )
@@ -593,6 +606,7 @@ def up(
     source: str | Path | None = None,
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    pypi_only: bool = False,
     max_cost: float | str | None = "default",
     max_cost_action: str = "",
 ) -> clusters.ClusterRecord:
@@ -613,6 +627,7 @@ def up(
         source=source,
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
+        pypi_only=pypi_only,
         max_cost=max_cost,
         max_cost_action=max_cost_action,
     )

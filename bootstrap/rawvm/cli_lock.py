@@ -23,8 +23,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--from",
         dest="source",
         metavar="PATH",
-        help="interpreter, venv, site-packages, requirements file, pyproject.toml, uv.lock or environment.yml "
-        "(default: the running environment)",
+        help="interpreter, venv, site-packages, requirements file, pyproject.toml, uv.lock, environment.yml "
+        "or a conda list --export/--explicit file (default: the running environment)",
     )
     parser.add_argument("--platform", default="linux-x86_64", help=f"one of {', '.join(PLATFORMS)}")
     parser.add_argument(
@@ -39,6 +39,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="URL",
         help="conda channel for the conda part, repeatable (default: the environment's, else conda-forge)",
+    )
+    parser.add_argument(
+        "--pypi-only",
+        action="store_true",
+        help="lock a conda environment from PyPI alone: conda packages become PyPI pins, conda-only ones are dropped",
     )
     parser.add_argument("--explain", action="store_true", help="print every decision with its reason")
     parser.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -78,6 +83,7 @@ def run_lock(args: argparse.Namespace) -> int:
         torch_index=args.torch_index,
         strict=args.strict,
         conda_channels=args.conda_channel,
+        pypi_only=args.pypi_only,
         progress=None if quiet else (lambda message: print(f"rawvm: {message}", file=sys.stderr)),
     )
     for warning in result.warnings:

@@ -43,6 +43,9 @@ def _machine_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cluster", default=None, metavar="NAME", help="cluster name (default: a fresh one)")
     parser.add_argument(
+        "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
+    )
+    parser.add_argument(
         "--max-cost",
         default="default",
         metavar="USD",
@@ -73,6 +76,7 @@ def _machine_options(args: argparse.Namespace) -> dict[str, Any]:
         "source": args.source,
         "cluster": args.cluster,
         "extra_ca_certs": args.extra_ca_certs,
+        "pypi_only": args.pypi_only,
         "max_cost": args.max_cost,
         "max_cost_action": args.max_cost_action,
     }

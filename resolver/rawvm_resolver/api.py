@@ -46,12 +46,14 @@ def lock(
     progress: Callable[[str], None] | None = None,
     project_dir: Path | None = None,
     conda_channels: Sequence[str] = (),
+    pypi_only: bool = False,
     extra_requirements: Sequence[tuple[str, str]] = (),
 ) -> LockResult:
     """Lock ``source`` (None: the running environment) for ``target`` into a bundle at ``out_dir``.
 
     ``target.python`` may be "" to mean the source environment's Python. ``project_dir`` (default: the current
     directory) is what code.tar.gz holds. ``conda_channels`` overrides the environment's conda channels.
+    ``pypi_only`` locks a conda environment from PyPI alone (rawvm_resolver.conda.pypi_only): no conda channel.
     ``extra_requirements`` are ``(PEP 508 requirement, reason)`` pairs added when the environment lacks the
     package (an environment that has it keeps its own version); each shows in the report as ``added``.
     """
@@ -59,6 +61,13 @@ def lock(
     say(f"scanning {source or 'the running environment'}")
     env = scan(source)
     target = _complete_target(target, env)
+    conversion = None
+    if pypi_only and env.conda is not None:
+        from rawvm_resolver.conda.pypi_only import to_pypi  # lazy: only conda inputs need it
+
+        say("mapping the conda packages to their PyPI releases (--pypi-only)")
+        conversion = to_pypi(env, target)
+        env = conversion.environment
     say(f"translating {len(env.distributions)} distributions for {target.platform} Python {target.python}")
     plan = translate(env, target, torch_index=torch_index)
     _add_extra_requirements(plan, env, extra_requirements)
@@ -71,6 +80,10 @@ def lock(
         _check_torch_build(uv_lock, target, torch_index)
         document = pylock_module.build_pylock(uv_lock, target, [build.artifact for build in local])
         rows = report_rows(env, plan, document, target, local)
+        if conversion is not None:
+            from rawvm_resolver.conda.pypi_only import annotate
+
+            rows = annotate(rows, conversion)
         _check_strict(rows, strict)
         conda_lock = _lock_conda(env, target, say, conda_channels)
         project = list_project_files(project_dir or Path.cwd(), exclude=(out_dir,))

@@ -29,6 +29,11 @@ def running_platform() -> SourcePlatform:
 
 
 def read_file_input(path: Path) -> Environment:
+    if path.is_file() and not _CONDA_FILE.fullmatch(path.name):
+        from rawvm_resolver.conda.lists import conda_list_kind, read_conda_list  # lazy, as below
+
+        if conda_list_kind(path) is not None:  # by content: these are often named requirements.txt
+            return _conda_environment(read_conda_list(path), origin=str(path))
     if path.is_dir() and (path / "conda-meta").is_dir():
         from rawvm_resolver import conda  # lazy: the conda part is optional and owns its own dependencies
 
@@ -230,11 +235,17 @@ def _conda_environment(conda_input: Any, *, origin: str) -> Environment:
     for spec in conda_input.specs:
         if match := re.fullmatch(r"python\s*=?=?\s*(3\.\d+(?:\.\d+)?)[.*]*(?:\s.*)?", str(spec).strip()):
             python = match.group(1)
-    platform = running_platform()
+    os_name, _, arch = str(getattr(conda_input, "subdir", "")).partition("-")
+    platform = SourcePlatform(
+        python=python or running_platform().python,
+        platform="",
+        os={"osx": "macos", "win": "windows"}.get(os_name, os_name),
+        arch={"64": "x86_64"}.get(arch, arch),
+    )
     return Environment(
         origin=origin,
         kind="conda",
-        platform=SourcePlatform(python=python, platform="") if python else platform,
+        platform=platform,
         distributions=tuple(sorted(dists.values(), key=lambda d: d.name)),
         requirements=tuple(requirements),
         conda=conda_input,

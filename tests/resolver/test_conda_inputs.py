@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,7 +45,16 @@ def test_macos_export_keeps_versions_drops_builds_and_macos_runtimes(tmp_path: P
     path = tmp_path / "environment.yml"
     path.write_text(MACOS_EXPORT)
     conda = read_environment_yml(path)
-    assert conda == CondaInput(
+    assert conda.subdir == "osx-arm64"  # the builds say where it came from
+    dropped = [(name, version) for name, version, _ in conda.dropped]
+    assert dropped == [
+        ("appnope", "0.1.4"),
+        ("libcxx", "16.0.6"),
+        ("libgfortran", "5.0.0"),
+        ("libgfortran5", "13.2.0"),
+        ("llvm-openmp", "18.1.2"),
+    ]
+    assert dataclasses.replace(conda, subdir="", dropped=()) == CondaInput(
         channels=("conda-forge",),
         specs=(
             "bzip2 ==1.0.8",

@@ -15,7 +15,14 @@ from urllib.request import url2pathname
 import yaml
 
 from rawvm_resolver.conda.history import requested_specs
-from rawvm_resolver.conda.specs import carry_over, expand_channels, normalize_channel, spec_name
+from rawvm_resolver.conda.specs import (
+    carry_over,
+    drop_build_string,
+    expand_channels,
+    macos_only_reason,
+    normalize_channel,
+    spec_name,
+)
 from rawvm_resolver.errors import InputError
 
 
@@ -24,6 +31,8 @@ class CondaInput:
     channels: tuple[str, ...]  # in priority order; empty: the lock's default channels
     specs: tuple[str, ...]  # MatchSpec strings to solve for the target, build strings removed
     pip_requirements: tuple[str, ...]  # the `- pip:` section (of a prefix: what pip installed); locked by uv
+    subdir: str = ""  # the source's conda subdir when the input names it (osx-arm64), else ""
+    dropped: tuple[tuple[str, str, str], ...] = ()  # (name, version, reason): macOS-only packages left out
 
 
 def read_environment_yml(path: Path) -> CondaInput:
@@ -32,6 +41,7 @@ def read_environment_yml(path: Path) -> CondaInput:
     channels = _string_list(document.get("channels") or [], path, "channels")
     specs: list[str] = []
     pip: list[str] = []
+    dropped: list[tuple[str, str, str]] = []
     for item in document.get("dependencies") or []:
         if isinstance(item, dict) and set(item) == {"pip"}:
             pip += _string_list(item["pip"] or [], path, "pip")
@@ -39,9 +49,34 @@ def read_environment_yml(path: Path) -> CondaInput:
             spec = carry_over(item)
             if spec is not None:
                 specs.append(spec)
+            else:
+                name = spec_name(drop_build_string(item))
+                dropped.append((name, _pinned_version(item), macos_only_reason(name) or "exists only for macOS"))
         else:
             raise InputError(f"{path}: unexpected dependency entry {item!r}; list MatchSpec strings and one '- pip:'")
-    return CondaInput(channels=expand_channels(channels), specs=tuple(specs), pip_requirements=tuple(pip))
+    return CondaInput(
+        channels=expand_channels(channels),
+        specs=tuple(specs),
+        pip_requirements=tuple(pip),
+        subdir=_export_subdir(document),
+        dropped=tuple(dropped),
+    )
+
+
+def _pinned_version(spec: str) -> str:
+    parts = spec.strip().split("=")
+    return parts[1] if len(parts) >= 2 else ""
+
+
+def _export_subdir(document: dict[str, Any]) -> str:
+    """``osx-arm64`` / ``osx-64`` when a `conda env export` says it came from a Mac (its prefix or its builds)."""
+    prefix = str(document.get("prefix") or "")
+    builds = " ".join(str(item) for item in document.get("dependencies") or [] if isinstance(item, str))
+    if "osxarm64" in builds or "/opt/homebrew/" in prefix:
+        return "osx-arm64"
+    if "osx64" in builds:
+        return "osx-64"
+    return "osx" if prefix.startswith("/Users/") else ""  # a Mac, arch unknown
 
 
 def scan_conda_prefix(prefix: Path) -> CondaInput:

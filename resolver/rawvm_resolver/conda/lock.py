@@ -129,7 +129,7 @@ async def _solve(
     except _CHANNEL_ERRORS as exc:
         raise ResolverError(
             f"cannot read the conda channels {', '.join(channels)} for {target.conda_subdir}: {_one_line(exc)}; "
-            "check the channel names or URLs and the network"
+            "check the channel names or URLs and the network, or lock everything from PyPI with --pypi-only"
         ) from None
     except rattler_errors.SolverError as exc:
         raise ResolverError(
