@@ -11,8 +11,8 @@ Sections (each a function returning its report lines; run in order):
    start in the machine's environment, output capture, result files and the incremental sink flushes, and not
    the launch, which is reported apart (lock + boot + install, once per batch). The baseline is xargs spawning
    ``true`` with nothing around it: the ratio is rawvm's per-task overhead over a bare fork/exec.
-2. The ``f.map`` half (10 000 tiny calls against ``concurrent.futures.ProcessPoolExecutor.map``) is added to
-   ``SECTIONS`` by the functions work.
+2. ``function_map``: 10 000 tiny ``f.map`` calls of ``@rawvm.function`` against
+   ``concurrent.futures.ProcessPoolExecutor.map`` of the same function (``bench/batch_map.py``, also runnable alone).
 
 Local machines share this host's cores, so both sides compete for the same CPUs; on a 2-core machine shared
 with other work the absolute figures move from run to run, the ratio less.
@@ -93,8 +93,18 @@ def batch_array(args: argparse.Namespace) -> list[str]:
     ]
 
 
-# Each section: (name, function). The f.map half adds ("function map", ...) here.
-SECTIONS: list[tuple[str, Callable[[argparse.Namespace], list[str]]]] = [("batch array", batch_array)]
+def function_map(args: argparse.Namespace) -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import batch_map
+
+    return [batch_map.measure(calls=args.calls, machines=1, repeat=3).report()]
+
+
+# Each section: (name, function), run in order.
+SECTIONS: list[tuple[str, Callable[[argparse.Namespace], list[str]]]] = [
+    ("batch array", batch_array),
+    ("function map", function_map),
+]
 
 
 def main() -> None:
@@ -102,6 +112,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--machines", type=int, default=4)
     parser.add_argument("--per-machine", type=int, default=2, help="K concurrent tasks per machine")
+    parser.add_argument("--calls", type=int, default=10_000, help="f.map calls in the function section")
     parser.add_argument("--only", default="", help="run one section by name")
     args = parser.parse_args()
     for name, section in SECTIONS:
