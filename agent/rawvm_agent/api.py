@@ -83,7 +83,7 @@ async def samples(request: web.Request) -> web.Response:
 async def start_task(request: web.Request) -> web.Response:
     try:
         body: Any = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         return _error(400, "the request body must be JSON {argv, env, cwd, secret_env}")
     agent = _agent(request)
     try:

@@ -442,9 +442,10 @@ class Agent:
 def create_app(agent: Agent) -> web.Application:
     """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it."""
     from rawvm_agent import api
+    from rawvm_agent.api_errors import json_errors
     from rawvm_agent.auth import token_middleware
 
-    app = web.Application(middlewares=[token_middleware(agent.token)], client_max_size=1 << 20)
+    app = web.Application(middlewares=[json_errors, token_middleware(agent.token)], client_max_size=1 << 20)
     app[AGENT_KEY] = agent
     api.add_routes(app)
 
