@@ -226,7 +226,13 @@ async def _serving(client: TestClient[Any, Any]) -> bool:
 async def test_bad_log_parameters(make_client: ClientFactory) -> None:
     _, client = await make_client()
     task = await run_task(client, {"argv": ["true"]})
-    for query in ("stream=stdin", "offset=-1", "offset=x"):
+    for query in (
+        "stream=stdin",
+        "offset=-1",
+        "offset=x",
+        "offset=99999999999999999999999",
+        "offset=9223372036854775808",
+    ):
         resp = await client.get(f"/v1/tasks/{task['id']}/logs?{query}", headers=AUTH)
         assert resp.status == 400, query
 
