@@ -171,8 +171,8 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
        (70 min here), so this test proves them armed, not fired.
     2. A task SIGKILLs the agent's main pid once: systemd's ``Restart=on-failure`` brings it back (the serial
        console shows the SIGKILL and the scheduled restart) and the agent answers again, still installed.
-    3. A task SIGSTOPs the agent (a hang): the watchdog (WatchdogSec, then SIGKILL after TimeoutAbortSec) restarts
-       it, resumed from its state file — the same VM, no second boot.
+    3. A task SIGSTOPs the agent (a hang): after WatchdogSec the watchdog aborts it (SIGABRT with SIGCONT) and
+       ``Restart=`` brings it back, resumed from its state file — in the same VM, no second boot.
     4. A last task starts a killer outside the agent's cgroup (``systemd-run``) that SIGKILLs every new agent
        process. The restarts exhaust ``StartLimitBurst`` ("Start request repeated too quickly") →
        ``OnFailure=rawvm-poweroff.service`` → ``systemctl poweroff`` → qemu exits. That link — OnFailure, with no
@@ -199,8 +199,8 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
     assert "rawvm-agent.service: Main process exited, code=killed, status=9/KILL" in serial
     assert "rawvm-agent.service: Scheduled restart job" in serial
 
-    # 3. The agent hangs: SIGSTOP. It stops feeding the watchdog → after WatchdogSec systemd sends SIGABRT, which a
-    #    stopped process cannot act on → SIGKILL after TimeoutAbortSec → restarted, state and idle clock kept.
+    # 3. The agent hangs: SIGSTOP. It stops feeding the watchdog → after WatchdogSec systemd sends SIGABRT (and
+    #    SIGCONT, so a stopped process dies of it) → result 'watchdog' → restarted, state and idle clock kept.
     hung_at = time.monotonic()
     booted.client.run_task(["sh", "-c", "kill -STOP $(systemctl show -p MainPID --value rawvm-agent.service)"])
     wait_for("the agent to stop answering", lambda: not booted.client.healthy(), 60, lambda: tail(booted.serial_log))
@@ -211,7 +211,7 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
     assert after_hang["restarts"] > after["restarts"]
     serial = booted.serial_log.read_text(errors="replace")
     assert "rawvm-agent.service: Watchdog timeout" in serial, tail(booted.serial_log)
-    assert "rawvm-agent.service: State 'stop-watchdog' timed out. Killing." in serial, tail(booted.serial_log)
+    assert "rawvm-agent.service: Failed with result 'watchdog'." in serial, tail(booted.serial_log)
 
     # 4. Restarts exhausted: the dead-man switch powers the VM off.
     killer = (
