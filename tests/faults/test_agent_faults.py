@@ -8,6 +8,7 @@ test is about the sink.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -248,13 +249,20 @@ def test_disk_full_mid_install_fails_clearly_and_still_powers_off(
     status = agent.wait(lambda s: s["phase"] == "failed", timeout=120)
     assert "No space left on device" in status["error"] or "os error 28" in status["error"], status["error"]
     assert agent.request("POST", "/v1/tasks", {"argv": ["true"]})[0] == 409
+    assert not (state / "env").exists()  # the half-built environment went, leaving room for the logs
+    # Then the disk fills up for good (another process, a runaway log): no state save can succeed any more.
+    with (small_disk / "filler").open("wb") as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * (1 << 16))
+            filler.flush()
     took = powered_off(agent, marker)
     files = flushed(sink)
     log = files["agent.log"].read_text()
     assert "install failed" in log and ("No space left on device" in log or "os error 28" in log)
-    saved = json.loads(files["state.json"].read_text())
-    assert saved["error"] == status["error"] and saved["stop_reason"].startswith("idle for")
-    assert not (state / "env").exists()  # the half-built environment went, leaving room for the logs
+    saved = json.loads(files["state.json"].read_text())  # the last state that fitted on the disk
+    assert saved["phase"] == "failed" and saved["error"] == status["error"]
+    stderr = agent.stderr_path.read_text()
+    assert "going on without it" in stderr and "stopping: idle for" in stderr  # the save failed; the stop did not
     print(f"disk full: failed with {status['error'][:120]!r}; off {took:.1f}s later")
     reliability.survived("disk full mid-install")
 
