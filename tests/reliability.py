@@ -17,7 +17,7 @@ import pytest
 class Tally:
     survived: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
-    fault_tests: set[str] = field(default_factory=set)  # node ids of the fault tests that ran
+    fault_tests: set[str] = field(default_factory=set)  # node ids of the fault tests selected (a skip counts)
     printed: bool = False
 
 
@@ -33,7 +33,7 @@ def count(key: str, n: int = 1) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when == "call" and "faults" in report.keywords and "/fuzz/" not in report.nodeid:
+    if report.when == "setup" and "faults" in report.keywords and "/fuzz/" not in report.nodeid:
         TALLY.fault_tests.add(report.nodeid)
 
 
