@@ -37,6 +37,9 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+MAX_INT_PARAM = 1 << 53  # offsets and sequence numbers beyond this are nonsense (and beyond what seek takes)
+
+
 def _int_param(request: web.Request, name: str, default: int, minimum: int = 0) -> int:
     raw = request.query.get(name, "")
     if raw == "":
@@ -47,9 +50,10 @@ def _int_param(request: web.Request, name: str, default: int, minimum: int = 0) 
         raise web.HTTPBadRequest(
             text=json.dumps({"error": f"'{name}' must be an integer"}), content_type="application/json"
         ) from None
-    if value < minimum:
+    if not minimum <= value <= MAX_INT_PARAM:
         raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"'{name}' must be >= {minimum}"}), content_type="application/json"
+            text=json.dumps({"error": f"'{name}' must be between {minimum} and {MAX_INT_PARAM}"}),
+            content_type="application/json",
         )
     return value
 
@@ -94,7 +98,7 @@ async def samples(request: web.Request) -> web.Response:
 async def start_task(request: web.Request) -> web.Response:
     try:
         body: Any = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         return _error(400, "the request body must be JSON {argv, env, cwd, secret_env}")
     agent = _agent(request)
     try:

@@ -92,6 +92,7 @@ class Agent:
         self._stop_task: asyncio.Task[None] | None = None
         self._background: list[asyncio.Task[Any]] = []
         self._last_save = 0.0
+        self._save_error = ""
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -99,6 +100,8 @@ class Agent:
         """Resume or begin: restore state, start telemetry, install (unless done), start the loops."""
         now = self.clock()
         previous = self.store.load()
+        if self.store.damage:
+            log.warning("state file %s is damaged (%s); starting over", self.store.path, self.store.damage[:200])
         resumed_stop = False
         if previous is None:
             self.state.started_at = now
@@ -191,11 +194,19 @@ class Agent:
         self.save_state()
 
     def save_state(self) -> None:
+        """Persist the state; a full or failing disk is logged, never raised: the machine must still stop."""
         self.state.boot_id = self.boot_id
         if self.policy is not None:
             self.state.idle = self.policy.to_state()
-        self.store.save(self.state)
         self._last_save = self.clock()
+        try:
+            self.store.save(self.state)
+        except OSError as exc:
+            if str(exc) != self._save_error:
+                log.error("cannot save %s (%s); going on without it", self.store.path, exc)
+            self._save_error = str(exc)
+        else:
+            self._save_error = ""
 
     def set_phase(self, phase: Phase) -> None:
         if self.state.phase == phase:
@@ -473,9 +484,10 @@ class Agent:
 def create_app(agent: Agent) -> web.Application:
     """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it."""
     from rawvm_agent import api, batch_api
+    from rawvm_agent.api_errors import json_errors
     from rawvm_agent.auth import token_middleware
 
-    app = web.Application(middlewares=[token_middleware(agent.token)], client_max_size=1 << 20)
+    app = web.Application(middlewares=[json_errors, token_middleware(agent.token)], client_max_size=1 << 20)
     app[AGENT_KEY] = agent
     api.add_routes(app)
     batch_api.add_routes(app)

@@ -165,8 +165,8 @@ async def fetch(
         try:
             on_size(source.stat().st_size)
             return await asyncio.to_thread(_copy_file, source, dest, on_bytes)
-        except OSError as exc:
-            raise InstallError(f"cannot read bundle file {source}: {exc.strerror}") from None
+        except OSError as exc:  # reading the source, or writing the copy (a full disk)
+            raise InstallError(f"cannot copy bundle file {source} to {dest.parent}: {exc.strerror}") from None
     raise InstallError(f"unsupported bundle URL scheme {scheme!r} (use http, https or file)")
 
 
@@ -462,14 +462,24 @@ class Installer:
         with self.install_log.open("a", encoding="utf-8") as fh:
             fh.write(f"$ {self.redactor.redact(' '.join(cmd))}\n{text}\n")
         if proc.returncode != 0:
-            lines = [line for line in text.splitlines() if line.strip()]
-            detail = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+            detail = uv_error_summary(text) or f"exit code {proc.returncode}"
             raise InstallError(f"uv {args[0]} {args[1] if args[0] == 'pip' else ''}".rstrip() + f" failed: {detail}")
 
     def _step(self, step: str) -> None:
         self.progress.step = step
         log.info("install: %s", step)
         self.on_progress()
+
+
+def uv_error_summary(output: str) -> str:
+    """One line from uv's output: what failed (its ``error:`` line) and the root cause (its last line), e.g.
+    ``Failed to download `x @ http://...`: tcp connect error: Connection refused (os error 111)``."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    what = next((line.removeprefix("error:").strip() for line in lines if line.startswith("error:")), "")
+    cause = lines[-1].removeprefix("Caused by:").removeprefix("error:").strip()
+    return (f"{what}: {cause}" if what and cause not in what else what or cause)[:500]
 
 
 def _pylock_package_count(path: Path) -> int:

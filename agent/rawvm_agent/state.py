@@ -67,11 +67,51 @@ class AgentState:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> AgentState:
+        """The state in ``raw``; TypeError or ValueError when any field has the wrong type (a damaged file must not
+        crash the agent later, in arithmetic on a string: it is refused here, and the agent starts over)."""
+        if not isinstance(raw, dict):
+            raise TypeError(f"the state must be a JSON object, not {type(raw).__name__}")
         raw = dict(raw)
-        install = InstallProgress(**raw.pop("install", {}))
+        install_raw = raw.pop("install", {})
+        if not isinstance(install_raw, dict):
+            raise TypeError("'install' must be an object")
+        install = InstallProgress(**install_raw)
+        _check_types(install, _INSTALL_TYPES)
         phase = Phase(raw.pop("phase", Phase.BOOTING.value))
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
-        return cls(phase=phase, install=install, **known)
+        state = cls(phase=phase, install=install, **known)
+        _check_types(state, _STATE_TYPES)
+        if not all(isinstance(k, str) and _is_number(v) for k, v in state.phase_times.items()):
+            raise TypeError("'phase_times' must map phase names to times")
+        return state
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_NUMBER = (int, float)
+_STATE_TYPES: dict[str, tuple[type, ...]] = {
+    "phase_times": (dict,),
+    "started_at": _NUMBER,
+    "restarts": (int,),
+    "boot_id": (str,),
+    "error": (str,),
+    "installed_manifest": (str,),
+    "idle": (dict,),
+    "last_keepalive": (*_NUMBER, type(None)),
+    "stop_reason": (str,),
+}
+_INSTALL_TYPES: dict[str, tuple[type, ...]] = {"step": (str,)} | {
+    f: (int,) for f in ("files_total", "files_done", "bytes_total", "bytes_done", "packages_total", "packages_done")
+}
+
+
+def _check_types(obj: Any, types: dict[str, tuple[type, ...]]) -> None:
+    for name, allowed in types.items():
+        value = getattr(obj, name)
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise TypeError(f"{name!r} has the wrong type ({type(value).__name__})")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -94,18 +134,22 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.damage = ""  # why the last load found the file unusable ("" when it was fine or absent)
 
     def load(self) -> AgentState | None:
+        self.damage = ""
         try:
             raw = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):
+        except (ValueError, OSError) as exc:
             # A corrupt state file must not keep the agent from starting; start over (and reinstall).
+            self.damage = f"{type(exc).__name__}: {exc}"
             return None
         try:
             return AgentState.from_dict(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError) as exc:
+            self.damage = f"{type(exc).__name__}: {exc}"
             return None
 
     def save(self, state: AgentState) -> None:

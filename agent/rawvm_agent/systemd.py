@@ -8,8 +8,9 @@ The bootstrap renders these on the laptop (they go into the user-data) and cloud
    reloads its state file, so the idle clock resumes instead of restarting. A clean exit that systemd did
    not ask for (a stray SIGTERM) restarts it as well (``RestartForceExitStatus=``): the agent may only end
    for good by powering the machine off, or by an explicit ``systemctl stop``.
-2. It hangs (event loop stuck) → it stops sending ``WATCHDOG=1`` → after ``WatchdogSec`` systemd kills it
-   with SIGABRT (result ``watchdog``) → step 1.
+2. It hangs (event loop stuck, or the process SIGSTOPped) → it stops sending ``WATCHDOG=1`` → after
+   ``WatchdogSec`` systemd kills it with SIGABRT and SIGCONT (result ``watchdog``), with SIGKILL
+   ``TimeoutAbortSec`` later if it still has not exited → step 1.
 3. It keeps failing: more than ``restart_limit`` restarts within ``StartLimitIntervalSec`` → the start limit
    is hit, the unit enters ``failed`` → ``OnFailure=rawvm-poweroff.service``. Since systemd 239, OnFailure=
    fires only once the restart logic gives up, never on a failure that is followed by a restart.
@@ -44,6 +45,9 @@ DEFAULT_WATCHDOG = 60.0  # seconds; the agent pings every half of it from its ev
 DEFAULT_RESTART_DELAY = 5.0
 DEFAULT_START_TIMEOUT = 300.0  # import + state reload + READY=1, on a slow (emulated) VM
 DEFAULT_STOP_TIMEOUT = 120.0  # SIGTERM → exit; bounded so a stuck agent cannot hold up a power-off for long
+# After a watchdog timeout systemd sends SIGABRT (with SIGCONT, so a stopped agent dies of it too). An agent that
+# still does not exit (stuck in a signal handler, say) gets SIGKILL after this, not after the whole TimeoutStopSec.
+DEFAULT_ABORT_TIMEOUT = 30.0
 DEFAULT_START_LIMIT_INTERVAL = 1800.0  # restart_limit failures within this window → power off
 
 _HEADER = "# Rendered by rawvm_agent.systemd; the dead-man chain is described in docs/architecture.md.\n"
@@ -98,6 +102,7 @@ RestartSec={_seconds(restart_delay)}
 WatchdogSec={_seconds(watchdog)}
 TimeoutStartSec={_seconds(DEFAULT_START_TIMEOUT)}
 TimeoutStopSec={_seconds(DEFAULT_STOP_TIMEOUT)}
+TimeoutAbortSec={_seconds(DEFAULT_ABORT_TIMEOUT)}
 # A task the kernel OOM-kills ends as that task's failure; it must not stop the agent with it.
 OOMPolicy=continue
 

@@ -87,13 +87,42 @@ class TaskRequest:
         cwd, secret_env = body.get("cwd", "") or "", body.get("secret_env", []) or []
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise TaskError("'argv' must be a non-empty list of strings")
+        if not argv[0] or any("\0" in a for a in argv):
+            # exec() cannot take these: refuse them here, as a bad request, not later as an agent error.
+            raise TaskError("'argv' strings must not hold a NUL character, and argv[0] must not be empty")
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise TaskError("'env' must be an object of string values")
+        if bad := [k for k, v in env.items() if not _env_name_ok(k) or "\0" in v]:
+            raise TaskError(
+                f"'env' entry {bad[0][:64]!r}: names must be non-empty without '=' or NUL, values without NUL"
+            )
         if not isinstance(cwd, str):
             raise TaskError("'cwd' must be a string")
+        if "\0" in cwd:
+            raise TaskError("'cwd' must not hold a NUL character")
         if not isinstance(secret_env, list) or not all(isinstance(s, str) for s in secret_env):
             raise TaskError("'secret_env' must be a list of env var names")
         return cls(argv=argv, env=env, cwd=cwd, secret_env=secret_env)
+
+
+def _env_name_ok(name: str) -> bool:
+    return bool(name) and "=" not in name and "\0" not in name
+
+
+def task_cwd(work_dir: Path, cwd: str) -> Path:
+    """``cwd`` (relative to the work dir) as a directory inside the work dir; symlinks and ``..`` that lead out
+    of it, and absolute paths elsewhere, are refused: a task runs in the project's files, nowhere else."""
+    root = work_dir.resolve()
+    try:
+        target = (root / cwd).resolve() if cwd else root
+        inside, is_dir = target.is_relative_to(root), target.is_dir()
+    except OSError as exc:  # a name too long, a symlink loop
+        raise TaskError(f"cwd {cwd[:200]!r}: {exc.strerror or exc}") from None
+    if not inside:
+        raise TaskError(f"cwd {cwd[:200]!r} is outside the work dir: give a directory inside it (relative path)")
+    if not is_dir:
+        raise TaskError(f"cwd {cwd[:200]!r} is not a directory in the work dir")
+    return target
 
 
 class RateWatch:
@@ -204,9 +233,7 @@ class TaskManager:
         secrets += [v for n in self.secret_env_names if (v := request.env.get(n) or base_environ.get(n))]
         self.redactor.add(*secrets)
 
-        cwd = (env.work_dir / request.cwd) if request.cwd else env.work_dir
-        if not cwd.is_dir():
-            raise TaskError(f"cwd {request.cwd!r} is not a directory in the work dir")
+        cwd = task_cwd(env.work_dir, request.cwd)
         environ = env.task_environ(base_environ)
         environ.update(request.env)
         # PATH from the request would hide the environment's bin dir; keep the venv first.
@@ -229,12 +256,14 @@ class TaskManager:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, so a stop kills its children too
             )
-        except (FileNotFoundError, PermissionError) as exc:
+        except (OSError, ValueError) as exc:
+            # Not found, not executable, not a program (ENOEXEC), a name too long: the request's fault, a 400.
             with contextlib.suppress(OSError):
                 for stream in STREAMS:
                     task.log_path(stream).unlink()
                 task.dir.rmdir()
-            raise TaskError(f"cannot run {request.argv[0]!r}: {exc.strerror}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TaskError(f"cannot run {request.argv[0][:200]!r}: {reason}") from None
         record.pid = task.process.pid
         task.save()
         self.tasks[task_id] = task

@@ -333,17 +333,6 @@ def _launch(
             check_bundle(bundle_dir)
         manifest_sha256 = add_code_files(bundle_dir, extra_code) if extra_code else manifest_sha256
         files = bundle_files(bundle_dir)
-        mark = time.monotonic()
-        urls = provider.stage(name, [*files, *extra_files])
-        agent = dataclasses.replace(
-            agent, bundle=bundle_config(files, urls, manifest_sha256), sink=provider.sink_url(name)
-        )
-        if amend_agent is not None:
-            agent = amend_agent(agent, urls)
-        spec = dataclasses.replace(spec, agent=agent)
-        timings["stage"] = time.monotonic() - mark
-        mark = time.monotonic()
-        _say(f"launching {n} {provider_name} machine{'s' if n > 1 else ''} as cluster {name}")
         record = clusters.ClusterRecord(
             name=name,
             provider=provider_name,
@@ -352,14 +341,49 @@ def _launch(
             max_lifetime_s=lifetime_s,
             provider_options=options,
         )
-        clusters.save(record)  # before launching, so 'rawvm down NAME' finds what a failed launch left
+        clusters.save(record)  # before staging, so 'rawvm down NAME' finds what a failed launch left
         remember_sink_provider(name, provider_name, options)  # 'rawvm logs' reads the sink after the record goes
-        record.machines = provider.launch(spec)
-        timings["launch"] = time.monotonic() - mark
+
+        def stage_and_launch() -> list[Machine]:
+            nonlocal spec
+            mark = time.monotonic()
+            urls = provider.stage(name, [*files, *extra_files])
+            staged = dataclasses.replace(
+                agent, bundle=bundle_config(files, urls, manifest_sha256), sink=provider.sink_url(name)
+            )
+            if amend_agent is not None:
+                staged = amend_agent(staged, urls)
+            spec = dataclasses.replace(spec, agent=staged)
+            timings["stage"] = time.monotonic() - mark
+            mark = time.monotonic()
+            _say(f"launching {n} {provider_name} machine{'s' if n > 1 else ''} as cluster {name}")
+            machines = provider.launch(spec)
+            timings["launch"] = time.monotonic() - mark
+            return machines
+
+        record.machines = launch_or_release(provider, name, stage_and_launch)
     finally:
         shutil.rmtree(bundle_root, ignore_errors=True)
     clusters.save(record)
     return _Launched(provider=provider, record=record, timings=timings)
+
+
+def launch_or_release(provider: Provider, cluster: str, launch: Callable[[], list[Machine]]) -> list[Machine]:
+    """``launch()`` (staging and launching a new cluster); when it fails, release whatever it left (staged files,
+    machines a partial fleet started, security group, launch template) with ``provider.down`` and forget the
+    cluster, so a failed launch leaves nothing behind. If releasing fails too, the record stays and the message
+    says to run ``rawvm down``."""
+    try:
+        return launch()
+    except RawvmError as exc:
+        try:
+            provider.down(cluster)
+        except RawvmError as cleanup:
+            raise RawvmError(
+                f"{exc}; releasing what the launch left failed too ({cleanup}): run 'rawvm down {cluster}'"
+            ) from None
+        clusters.remove(cluster)
+        raise type(exc)(f"{exc} (nothing of cluster {cluster} was left running)") from None
 
 
 # -- talking to the machines ------------------------------------------------------------------------------------

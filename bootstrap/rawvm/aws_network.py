@@ -18,6 +18,9 @@ from rawvm.errors import RawvmError
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
 CALLER_TAG = "rawvm:caller"  # marks a caller's security group (value: the /32 it admits)
+# The cluster whose launch created the group: if that launch failed before its launch template named the group
+# (a lost answer, a refused call), 'rawvm down' of that cluster still finds the group and deletes it when unused.
+MADE_BY_TAG = "rawvm:made-by"
 CLUSTER_ONLY_TAGS = ("rawvm:cluster", "rawvm:expires")  # a caller's group outlives any one cluster
 
 
@@ -89,6 +92,7 @@ def ensure_security_group(
     tags: Mapping[str, str],
     extra_ports: Sequence[int] = (),
     peer_ports: tuple[int, int] | None = None,
+    made_by: str = "",
 ) -> str:
     """The caller's security group: ingress only from ``caller_ip``/32 to ``port`` (and 22 when ``ssh``, and each
     of ``extra_ports``: a Dask scheduler and dashboard), plus ``peer_ports`` from the group itself (machines of
@@ -103,6 +107,8 @@ def ensure_security_group(
     name = caller_group_name(caller_ip, port, ssh, extra_ports, peer_ports)
     group = find_security_group(ec2, vpc_id, name)
     group_tags = {k: v for k, v in tags.items() if k not in CLUSTER_ONLY_TAGS} | {CALLER_TAG: cidr}
+    if made_by:
+        group_tags[MADE_BY_TAG] = made_by
     if group is None:
         group_id = str(
             ec2.create_security_group(

@@ -117,7 +117,7 @@ class S3Stager:
         self.check_bucket()
         urls: dict[str, str] = {}
         for name, path in files:
-            key = self._key(cluster, name)
+            key = self._key(cluster, name)  # under files_prefix(cluster)
             sha = sha256_file(path)
             if self._storedsha256_file(key) != sha:
                 self.s3.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
@@ -132,6 +132,29 @@ class S3Stager:
         except ClientError:
             return ""
         return str(head.get("Metadata", {}).get("sha256", ""))
+
+    @staticmethod
+    def files_prefix(cluster: str) -> str:
+        return f"clusters/{cluster}/files/"
+
+    def delete_files(self, cluster: str) -> int:
+        """Delete the cluster's staged files (not its flushed logs); how many. A missing bucket has none."""
+        deleted = 0
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.files_prefix(cluster)
+            )
+            for page in pages:
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:  # a page holds at most 1000 keys, DeleteObjects' limit
+                    answer = self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                    if errors := answer.get("Errors"):
+                        raise RawvmError(f"cannot delete staged file {errors[0].get('Key')}: {errors[0].get('Code')}")
+                    deleted += len(keys)
+        except ClientError as exc:
+            if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        return deleted
 
     @staticmethod
     def sink_prefix(cluster: str) -> str:

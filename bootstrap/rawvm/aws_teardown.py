@@ -75,7 +75,11 @@ def down(
     for template in templates:
         ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
     cluster_groups = ec2.describe_security_groups(Filters=cluster_filters(cluster)).get("SecurityGroups", [])
-    for group_id in [*group_ids, *(g["GroupId"] for g in cluster_groups if g["GroupId"] not in group_ids)]:
+    # A group this cluster's launch made but never got to name in a template (that launch failed in between).
+    made = [{"Name": "tag:rawvm:made-by", "Values": [cluster]}]
+    cluster_groups += ec2.describe_security_groups(Filters=made).get("SecurityGroups", [])
+    extra = list(dict.fromkeys(g["GroupId"] for g in cluster_groups if g["GroupId"] not in group_ids))
+    for group_id in [*group_ids, *extra]:
         if not _in_use(ec2, group_id):
             _delete_security_group(ec2, group_id, cluster, deadline, poll, sleep, clock)
     return len(ids)

@@ -160,10 +160,79 @@ async def test_task_request_errors_are_one_line(make_client: ClientFactory) -> N
     assert (await client.get("/v1/tasks/nope/logs", headers=AUTH)).status == 404
 
 
+async def test_nul_characters_and_cwd_outside_the_work_dir_are_400_not_500(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """Issue 12's probe found these: NUL in argv or an env key answered 500, and ``cwd: "../../.."`` ran."""
+    agent, client = await make_client()
+    await wait_until(lambda: _serving(client))
+    assert agent.env is not None
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (agent.env.work_dir / "escape").symlink_to(outside)
+    (agent.env.work_dir / "inside").mkdir()
+    cases = [
+        ({"argv": ["echo", "a\u0000b"]}, "NUL"),
+        ({"argv": ["ech\u0000o"]}, "NUL"),
+        ({"argv": [""]}, "argv[0]"),
+        ({"argv": ["true"], "env": {"A\u0000B": "1"}}, "env"),
+        ({"argv": ["true"], "env": {"A=B": "1"}}, "env"),
+        ({"argv": ["true"], "env": {"": "1"}}, "env"),
+        ({"argv": ["true"], "env": {"A": "x\u0000y"}}, "env"),
+        ({"argv": ["true"], "cwd": "../../.."}, "outside the work dir"),
+        ({"argv": ["true"], "cwd": "inside/../.."}, "outside the work dir"),
+        ({"argv": ["true"], "cwd": "/etc"}, "outside the work dir"),
+        ({"argv": ["true"], "cwd": "escape"}, "outside the work dir"),
+        ({"argv": ["true"], "cwd": "in\u0000side"}, "NUL"),
+        ({"argv": ["true"], "cwd": "x" * 5000}, "cwd"),
+        ({"argv": ["/etc/passwd"]}, "cannot run"),  # not executable
+    ]
+    for body, word in cases:
+        resp = await client.post("/v1/tasks", json=body, headers=AUTH)
+        error = (await resp.json())["error"]
+        assert resp.status == 400, (body, resp.status, error)
+        assert word in error and "\n" not in error, (body, error)
+    assert agent.tasks.tasks == {}  # none of them ran
+    ok = await client.post("/v1/tasks", json={"argv": ["pwd"], "cwd": "inside/../inside"}, headers=AUTH)
+    assert ok.status == 201
+    nested = b"[" * 100_000 + b"]" * 100_000  # deeper than json's recursion limit
+    resp = await client.post("/v1/tasks", data=nested, headers=AUTH)
+    assert resp.status == 400 and "JSON" in (await resp.json())["error"]
+
+
+async def test_aiohttp_errors_are_one_line_json_too(make_client: ClientFactory) -> None:
+    _, client = await make_client()
+    for method, path, code in [
+        ("GET", "/nope", 404),
+        ("DELETE", "/v1/status", 405),
+        ("PUT", "/v1/tasks", 405),
+        ("GET", "/v1/samples?after=x", 400),
+    ]:
+        resp = await client.request(method, path, headers=AUTH)
+        assert resp.status == code, (method, path)
+        assert resp.content_type == "application/json"
+        error = (await resp.json())["error"]
+        assert error and "\n" not in error
+    resp = await client.post("/v1/tasks", data=b"x" * (2 << 20), headers=AUTH)
+    assert resp.status == 413 and "size" in (await resp.json())["error"]
+    resp = await client.request("DELETE", "/v1/status", headers=AUTH)
+    assert "GET" in resp.headers["Allow"]
+
+
+async def _serving(client: TestClient[Any, Any]) -> bool:
+    return (await status(client))["phase"] in ("ready", "idle", "busy")
+
+
 async def test_bad_log_parameters(make_client: ClientFactory) -> None:
     _, client = await make_client()
     task = await run_task(client, {"argv": ["true"]})
-    for query in ("stream=stdin", "offset=-1", "offset=x"):
+    for query in (
+        "stream=stdin",
+        "offset=-1",
+        "offset=x",
+        "offset=99999999999999999999999",
+        "offset=9223372036854775808",
+    ):
         resp = await client.get(f"/v1/tasks/{task['id']}/logs?{query}", headers=AUTH)
         assert resp.status == 400, query
 

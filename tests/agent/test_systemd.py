@@ -91,6 +91,8 @@ def test_the_chain_restart_watchdog_onfailure_poweroff(units: dict[str, str]) ->
     assert set(service["RestartForceExitStatus"].split()) == {"0", "SIGTERM", "SIGINT", "SIGHUP", "SIGPIPE"}
     # 2. A hung event loop stops the pings → killed after WatchdogSec → a failure → step 1.
     assert usec(service["WatchdogSec"]) == 60 * 1_000_000
+    # ... and one that does not exit on the watchdog's SIGABRT is SIGKILLed 30 s later, not TimeoutStopSec later.
+    assert usec(service["TimeoutAbortSec"]) == 30 * 1_000_000 < usec(service["TimeoutStopSec"])
     # 3. Restarts exhausted → failed → OnFailure=. Every start counts, so 5 restarts = 6 starts, and a
     #    tight crash loop must fit the window or it would never exhaust it.
     unit = agent["Unit"]

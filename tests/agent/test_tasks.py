@@ -177,8 +177,25 @@ async def test_records_survive_a_restart_and_running_ones_become_lost(tmp_path: 
         ({"argv": ["x"], "cwd": 3}, "cwd"),
         ({"argv": ["x"], "secret_env": "A"}, "secret_env"),
         ([], "JSON object"),
+        ({"argv": ["a\0b"]}, "NUL"),
+        ({"argv": ["x"], "env": {"K\0": "v"}}, "env"),
+        ({"argv": ["x"], "env": {"K=1": "v"}}, "env"),
+        ({"argv": ["x"], "cwd": "a\0"}, "NUL"),
     ],
 )
 def test_request_validation(body: object, word: str) -> None:
     with pytest.raises(TaskError, match=word):
         TaskRequest.from_json(body)
+
+
+def test_task_cwd_stays_inside_the_work_dir(tmp_path: Path) -> None:
+    from rawvm_agent.tasks import task_cwd
+
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "out").symlink_to(tmp_path)
+    assert task_cwd(work, "") == work.resolve()
+    assert task_cwd(work, "sub/../sub") == (work / "sub").resolve()
+    for cwd in ("../../..", "..", "/", str(tmp_path), "out", "sub/../../work/../.."):
+        with pytest.raises(TaskError, match="outside the work dir"):
+            task_cwd(work, cwd)

@@ -23,6 +23,7 @@ from rawvm_agent.state import SERVING
 from rawvm_images.local_vm import LocalImage
 from rawvm_images.qemu_boot import process_alive
 
+from tests import reliability
 from tests.vm.helpers import (
     AgentClient,
     bundle_config,
@@ -158,6 +159,7 @@ def test_rawvm_run_on_qemu_boots_installs_runs_and_powers_off_when_idle(
     print(f"[timing] rawvm run → output and exit {returned - started:.1f}s, → qemu exit {off - started:.1f}s")
 
 
+@pytest.mark.faults
 def test_agent_killed_from_inside_the_vm_still_powers_off(
     qemu_provider: QemuProvider, vm_image: LocalImage, agent_wheel: Path, tmp_path: Path
 ) -> None:
@@ -169,7 +171,9 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
        (70 min here), so this test proves them armed, not fired.
     2. A task SIGKILLs the agent's main pid once: systemd's ``Restart=on-failure`` brings it back (the serial
        console shows the SIGKILL and the scheduled restart) and the agent answers again, still installed.
-    3. A second task starts a killer outside the agent's cgroup (``systemd-run``) that SIGKILLs every new agent
+    3. A task SIGSTOPs the agent (a hang): after WatchdogSec the watchdog aborts it (SIGABRT with SIGCONT) and
+       ``Restart=`` brings it back, resumed from its state file — in the same VM, no second boot.
+    4. A last task starts a killer outside the agent's cgroup (``systemd-run``) that SIGKILLs every new agent
        process. The restarts exhaust ``StartLimitBurst`` ("Start request repeated too quickly") →
        ``OnFailure=rawvm-poweroff.service`` → ``systemctl poweroff`` → qemu exits. That link — OnFailure, with no
        agent alive to decide anything — is what powers this VM off, and the console log must show it.
@@ -195,6 +199,21 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
     assert "rawvm-agent.service: Main process exited, code=killed, status=9/KILL" in serial
     assert "rawvm-agent.service: Scheduled restart job" in serial
 
+    # 3. The agent hangs: SIGSTOP. It stops feeding the watchdog → after WatchdogSec systemd sends SIGABRT (and
+    #    SIGCONT, so a stopped process dies of it) → result 'watchdog' → restarted, state and idle clock kept.
+    hung_at = time.monotonic()
+    booted.client.run_task(["sh", "-c", "kill -STOP $(systemctl show -p MainPID --value rawvm-agent.service)"])
+    wait_for("the agent to stop answering", lambda: not booted.client.healthy(), 60, lambda: tail(booted.serial_log))
+    wait_for("the watchdog to restart the hung agent", booted.client.healthy, 420, lambda: tail(booted.serial_log))
+    print(f"[timing] SIGSTOP → agent answering again {time.monotonic() - hung_at:.1f}s")
+    after_hang = booted.client.status()
+    assert after_hang["phase"] in SERVING and after_hang["started_at"] == before["started_at"], after_hang
+    assert after_hang["restarts"] > after["restarts"]
+    serial = booted.serial_log.read_text(errors="replace")
+    assert "rawvm-agent.service: Watchdog timeout" in serial, tail(booted.serial_log)
+    assert "rawvm-agent.service: Failed with result 'watchdog'." in serial, tail(booted.serial_log)
+
+    # 4. Restarts exhausted: the dead-man switch powers the VM off.
     killer = (
         "while :; do pid=$(systemctl show -p MainPID --value rawvm-agent.service);"
         ' [ "${pid:-0}" -gt 0 ] && kill -9 "$pid"; sleep 0.2; done'
@@ -207,3 +226,5 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
     assert "rawvm-agent.service: Triggering OnFailure= dependencies" in serial
     assert "Starting rawvm-poweroff.service" in serial
     assert "reboot: Power down" in serial
+    reliability.survived("agent SIGKILL on a VM")
+    reliability.survived("agent hang (SIGSTOP) on a VM")

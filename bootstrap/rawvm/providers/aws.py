@@ -23,6 +23,7 @@ from typing import Any
 
 import boto3
 import tomli_w
+from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
 from rawvm_agent.config import AgentConfig
@@ -37,6 +38,9 @@ from rawvm.providers.base import Machine, MachineSpec
 from rawvm.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
 from rawvm.uvwheel import UvWheel, find_uv_wheel
 
+# What a boto3 call can raise: an AWS error answer, a transport error, or boto3's own (S3 transfers wrap failures
+# in S3UploadFailedError): each becomes one RawvmError line.
+AWS_ERRORS = (ClientError, BotoCoreError, Boto3Error)
 RETRY_CONFIG = Config(retries={"mode": "standard", "max_attempts": 10})
 # A price is a nicety before a launch, not worth minutes of retries: a few quick tries, then "unknown".
 PRICING_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=20)
@@ -262,7 +266,7 @@ class AwsProvider:
             return self.bucket
         try:
             account = self.client("sts", region).get_caller_identity()["Account"]
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(
                 f"cannot identify the AWS account ({_aws_error(exc)}); check your AWS credentials"
             ) from None
@@ -275,7 +279,7 @@ class AwsProvider:
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
         try:
             return self.stager().stage(self.check_cluster(cluster), files)
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(f"staging to S3 failed: {_aws_error(exc)}") from None
 
     def sink_url(self, cluster: str) -> str:
@@ -290,14 +294,14 @@ class AwsProvider:
         """One presigned POST for every machine of ``cluster``: each agent's upload is its own object."""
         try:
             return self.stager().sink_post(self.check_cluster(cluster))
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(f"presigning the S3 sink failed: {_aws_error(exc)}") from None
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:
         """Optional provider hook: the cluster's flushes (S3 objects) unpacked into ``dest``; see aws_staging."""
         try:
             return self.stager().fetch_sink(self.check_cluster(cluster), dest)
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(f"fetching the flushed logs from S3 failed: {_aws_error(exc)}") from None
 
     def setup(self, region: str = "") -> tuple[str, str, bool]:
@@ -306,7 +310,7 @@ class AwsProvider:
         bucket = self.bucket_name(region)
         try:
             created = aws_staging.ensure_bucket(self.client("s3", region), bucket, region)
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(f"cannot set up staging bucket {bucket}: {_aws_error(exc)}") from None
         return region, bucket, created
 
@@ -403,7 +407,7 @@ class AwsProvider:
             return self._launch(spec, region)
         except (NoCredentialsError, NoRegionError) as exc:
             raise RawvmError(f"AWS is not configured: {exc}") from None
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(f"EC2 launch failed: {_aws_error(exc)}") from None
 
     def _launch(self, spec: MachineSpec, region: str) -> list[Machine]:
@@ -424,6 +428,7 @@ class AwsProvider:
             tags=tags,
             extra_ports=spec.open_ports,
             peer_ports=spec.peer_ports,
+            made_by=spec.cluster,
         )
         data = aws_fleet.launch_template_data(
             image_id=image.image_id,
@@ -443,8 +448,7 @@ class AwsProvider:
             raise RawvmError(
                 f"EC2 started {len(launched)} of {spec.count} machines in {region} (released them); tried: "
                 + "; ".join(tried or ["no placement answered"])
-                + f". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback; "
-                f"'rawvm down {spec.cluster}' removes the cluster's security group and launch template"
+                + ". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback"
             )
         machines = self._await_addresses(ec2, spec, launched, tags)
         return [dataclasses.replace(m, price_per_hour=self.machine_price(region, m)) for m in machines]
@@ -503,7 +507,7 @@ class AwsProvider:
             )
             try:
                 response = ec2.create_fleet(**request)
-            except (ClientError, BotoCoreError):
+            except AWS_ERRORS:
                 aws_teardown.terminate(ec2, [m.instance_id for m in launched])  # no half launch left running
                 raise
             result = aws_fleet.read_fleet_response(response, zones)
@@ -542,15 +546,19 @@ class AwsProvider:
         ec2 = self.client("ec2", region)
         try:
             found = list(aws_teardown.instances(ec2, cluster))
-        except (ClientError, BotoCoreError) as exc:
+        except AWS_ERRORS as exc:
             raise RawvmError(f"cannot list EC2 instances: {_aws_error(exc)}") from None
         return [self._machine(i) for i in found]
 
     def down(self, cluster: str, *, region: str = "") -> int:
+        """Terminate the cluster's machines, delete its launch template, the security groups only it used, and
+        its staged files (the machines fetched them at boot; the flushed logs under ``sink/`` stay)."""
         ec2 = self.client("ec2", self.resolve_region(region))
         try:
-            return aws_teardown.down(
+            stopped = aws_teardown.down(
                 ec2, self.check_cluster(cluster), timeout=self.down_timeout, poll=self.poll, sleep=self.sleep
             )
-        except (ClientError, BotoCoreError) as exc:
-            raise RawvmError(f"rawvm down {cluster} failed: {_aws_error(exc)}") from None
+            self.stager(region).delete_files(cluster)
+        except AWS_ERRORS as exc:
+            raise RawvmError(f"rawvm down {cluster} failed: {_aws_error(exc)}; run it again") from None
+        return stopped

@@ -1,0 +1,82 @@
+"""The laptop goes away mid-stream: ``rawvm run`` is SIGKILLed while its task streams output (the lid shut, the
+terminal closed, the process OOM-killed). The machine is on its own from then on: the task runs to its end, the
+machine powers off after its keepalive, the task's whole output is in the sink, and ``rawvm logs`` shows it.
+
+The real CLI on the default ``local`` provider, as the README runs it; the project's requirements are empty, so
+no package index is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests import reliability
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+LINES = 120
+JOB = f"""\
+import time
+for i in range({LINES}):
+    print("line", i, flush=True)
+    time.sleep(0.05)
+"""
+
+
+def machine_processes(root: Path) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if any(str(root) in a for a in p.info["cmdline"] or [])]
+
+
+def test_rawvm_run_killed_mid_stream_the_machine_finishes_powers_off_and_logs_show_everything(tmp_path: Path) -> None:
+    project, tmp = tmp_path / "project", tmp_path / "tmp"
+    project.mkdir()
+    tmp.mkdir()
+    (project / "requirements.txt").write_text("")
+    (project / "job.py").write_text(JOB)
+    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp)}
+    command = [sys.executable, "-m", "rawvm.cli", "run", "--cluster", "laptop", "--keepalive", "3s"]
+    laptop = subprocess.Popen(
+        [*command, "--from", "requirements.txt", "--", "python", "job.py"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in laptop.stdout or []], daemon=True).start()
+    try:
+        seen = [lines.get(timeout=180) for _ in range(10)]  # streaming: ten lines in, the task still running
+        assert seen == [f"line {i}\n" for i in range(10)]
+        laptop.send_signal(signal.SIGKILL)  # no goodbye: nothing in rawvm gets to clean up or say anything
+        assert laptop.wait(10) == -signal.SIGKILL
+    finally:
+        if laptop.poll() is None:
+            laptop.kill()
+    killed_at = time.monotonic()
+
+    deadline = killed_at + 120
+    while (machine_processes(tmp) or any(tmp.glob("rawvm-local-*/laptop"))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert machine_processes(tmp) == [], "the machine is still running"
+    assert not any(tmp.glob("rawvm-local-*/laptop")), "the machine's directory is still there"
+    gone_after = time.monotonic() - killed_at
+
+    logs = subprocess.run(
+        [sys.executable, "-m", "rawvm.cli", "logs", "laptop"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.splitlines() == [f"line {i}" for i in range(LINES)]  # every line, also those after the kill
+    assert "has stopped: this is the output it flushed" in logs.stderr
+    print(f"laptop gone after 10 lines; machine finished, flushed and powered off {gone_after:.1f}s later")
+    reliability.survived("laptop gone mid-stream")
