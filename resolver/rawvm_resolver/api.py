@@ -34,6 +34,8 @@ class LockResult:
     rows: tuple[ReportRow, ...]  # the translation report, sorted by name
     target: Target
     warnings: tuple[str, ...] = ()
+    uv_runs: int = 0  # uv resolutions this lock took, the relaxation's included
+    relaxation_runs: int = 0  # of those, the runs spent finding which inconsistent pins to relax
 
 
 def lock(
@@ -46,18 +48,21 @@ def lock(
     progress: Callable[[str], None] | None = None,
     project_dir: Path | None = None,
     conda_channels: Sequence[str] = (),
+    keep_vcs: bool = False,
 ) -> LockResult:
     """Lock ``source`` (None: the running environment) for ``target`` into a bundle at ``out_dir``.
 
     ``target.python`` may be "" to mean the source environment's Python. ``project_dir`` (default: the current
     directory) is what code.tar.gz holds. ``conda_channels`` overrides the environment's conda channels.
+    ``keep_vcs`` keeps VCS sources as VCS requirements (the VM must reach them); by default each becomes the index
+    release of the same name. ``strict`` refuses any version change, relaxing inconsistent pins included.
     """
     say = progress or (lambda _message: None)
     say(f"scanning {source or 'the running environment'}")
     env = scan(source)
     target = _complete_target(target, env)
     say(f"translating {len(env.distributions)} distributions for {target.platform} Python {target.python}")
-    plan = translate(env, target, torch_index=torch_index)
+    plan = translate(env, target, torch_index=torch_index, keep_vcs=keep_vcs)
     with tempfile.TemporaryDirectory(prefix="rawvm-lock-") as scratch:
         work = Path(scratch)
         local = build_local_packages(plan.local, work / "wheels", work / "build")
@@ -91,6 +96,8 @@ def lock(
         rows=tuple(sorted_rows(rows)),
         target=target,
         warnings=tuple(plan.warnings),
+        uv_runs=plan.uv_runs,
+        relaxation_runs=plan.relaxation_runs,
     )
 
 
