@@ -135,7 +135,8 @@ def _editable_distribution(target: str, base_dir: Path, hints: dict[str, str]) -
         base, ref = split_vcs_url(url)
         name = canonical(_egg_project(egg_name) or base.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git"))
         source = Source(kind="vcs", url=base, commit=ref)
-        return Distribution(name=name, version=hints.get(name, ""), requested=True, source=source)
+        version = hints.get(name, "") or egg_name.removeprefix(_egg_project(egg_name)).removeprefix("-")
+        return Distribution(name=name, version=version, requested=True, source=source)
     local = _local_path(url, base_dir)
     name = _local_project_name(local) if local.is_dir() else canonical(_egg_project(egg_name) or local.name)
     suffix = f"#{fragment}" if fragment else ""

@@ -121,8 +121,13 @@ def _translate_one(
     if rule is not None and rule.action == LINUX_OR_DROP:
         plan.linux_or_drop.add(name)
         backend = rule.cuda_extras if target.is_cuda else rule.cpu_extras
-        if requested and backend and not text:
-            plan.requirements[name] = _requirement(name, tuple(sorted({*extras, *backend})), "")
+        if requested and backend:
+            if text:
+                with_backend = PepRequirement(text)
+                with_backend.extras |= set(backend)
+                plan.requirements[name] = str(with_backend)
+            else:
+                plan.requirements[name] = _requirement(name, tuple(sorted({*extras, *backend})), "")
             plan.optional_extras[name] = backend
             plan.rows[name] = ReportRow(name, "translated", shown, "", rule.reason)
             requested = False  # the requirement is written

@@ -35,7 +35,7 @@ _ORIGINS = (
 def known_version(dist: Distribution) -> tuple[str, str]:
     """(version, where it was read) for a source that is not on this machine; ("", "") when nothing says."""
     if dist.version:
-        return dist.version, "its installed metadata"
+        return dist.version, "the version the source records"
     url = dist.source.url
     fragment = urlparse(url).fragment
     egg = re.search(r"(?:^|&)egg=([^&]+)", fragment)
@@ -90,5 +90,8 @@ def missing_reason(dist: Distribution) -> str:
 
 
 def local_path_exists(dist: Distribution) -> bool:
+    """Whether the source is here to build: a file, or a directory that is a Python project."""
     path = dist.source.local_path
-    return path is not None and path.exists()
+    if path is None or not path.exists():
+        return False
+    return path.is_file() or any((path / name).is_file() for name in ("pyproject.toml", "setup.py", "setup.cfg"))
