@@ -131,6 +131,16 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
             plan.rows[name] = ReportRow(name, "dropped", pin, "", reason)
             plan.warnings.append(f"{name}: {reason}")
             changed = True
+        elif name in plan.requirements and pin and not files:
+            # A pinned name the index has never heard of: conda (or another tool) installed it, not pip
+            # (nb-conda, a private package). Dropping it keeps the rest of the environment; the report says so.
+            if strict:
+                raise ResolverError(f"--strict: {name}=={pin} has no release on the index; it would be dropped")
+            _remove(plan, name)
+            reason = f"WARNING: {name}=={pin} has no release on the index (conda or another tool installed it): dropped"
+            plan.rows[name] = ReportRow(name, "dropped", pin, "", reason)
+            plan.warnings.append(f"{name}: {reason}")
+            changed = True
         elif name in plan.requirements:
             offered = ", ".join(platforms_offered(files))
             where = f"its wheels are for {offered}" if offered else "the index has no release of it"
@@ -166,3 +176,4 @@ def _drop_optional_extras(plan: Plan, target: Target, stderr: str, *, strict: bo
 def _remove(plan: Plan, name: str) -> None:
     plan.requirements.pop(name, None)
     plan.constraints.pop(name, None)
+    plan.optional_extras.pop(name, None)  # else giving up the extras would bring the package back

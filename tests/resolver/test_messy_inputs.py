@@ -191,3 +191,15 @@ def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Pat
     assert rows["mlx-cpu"].target == "0.29.0"  # the library the Linux wheel needs
     old = lock(source, Target(arch="x86_64", python="3.11", glibc="2.28"), tmp_path / "old", project_dir=tmp_path)
     assert {row.name: row for row in old.rows}["mlx"].action == "dropped"  # manylinux_2_35 wheels only
+
+
+@pytest.mark.network
+def test_a_pin_the_index_never_had_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    # nb-conda comes from conda, yet a pip freeze inside the conda environment lists it
+    source = _write(tmp_path, "nb-conda==2.2.1\nsix==1.16.0\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["nb-conda"].action == "dropped" and rows["nb-conda"].reason.startswith("WARNING: ")
+    assert rows["six"].target == "1.16.0"
+    with pytest.raises(ResolverError, match="nb-conda"):
+        lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
