@@ -37,7 +37,7 @@ def resolve(
             return run_uv(plan, target, work_dir / f"attempt-{attempt}")
         except UvFailure as failure:
             if not is_unsatisfiable(failure.stderr):
-                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr)}") from None
+                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
             progress("uv found no solution; checking which pins the target lacks")
             if _adjust(plan, target, failure.stderr, strict=strict):
                 continue
@@ -63,11 +63,12 @@ def is_unsatisfiable(stderr: str) -> bool:
     return "No solution found" in stderr or "unsatisfiable" in stderr
 
 
-def summarise(stderr: str) -> str:
-    """uv's explanation on one line."""
+def summarise(stderr: str, limit: int = 0) -> str:
+    """uv's explanation on one line (cut at ``limit`` characters when given: a build log can run long)."""
     text = " ".join(line.strip(" \u00d7\u2570\u2500\u25b6\u2502") for line in stderr.splitlines() if line.strip())
     text = re.sub(r"\s+", " ", text).replace("No solution found when resolving dependencies: ", "")
-    return text.removeprefix("error: ").strip()
+    text = text.removeprefix("error: ").strip()
+    return text if not limit or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def mentioned(stderr: str, names: list[str]) -> list[str]:
