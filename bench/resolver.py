@@ -3,7 +3,12 @@
 The environment is bench/data/datascience-macos-arm64 (~150 distributions from a macOS arm64 laptop: torch,
 pandas, polars, scikit-learn, jupyter, dask, pyarrow, ...). For each cross-architecture target, rawvm's full lock
 (scan, translate, uv, pylock, report, bundle) is timed against the exact `uv pip compile` command rawvm runs,
-fed the same requirements and constraints. Target: rawvm <= 1.3x uv. Run: uv run python bench/resolver.py
+fed the same requirements and constraints. Target: rawvm <= 1.3x uv.
+
+Then the public corpus (tests/data/real-envs: real macOS freezes, poetry exports, conda files): each file is
+locked once for linux-x86_64 at the default image's glibc (uv's cache warm from a first pass), printing the
+median and worst lock time, how many locked, and how many uv runs the relaxation of inconsistent pins needed.
+Run: uv run python bench/resolver.py [--runs N] [--no-corpus]
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from rawvm_images.ec2 import UBUNTU_2404_GLIBC
 from rawvm_resolver import Target, lock
 from rawvm_resolver.compile import CompileInputs, uv_compile_command, write_inputs
+from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.scan import scan
 from rawvm_resolver.translate import translate
 
 ENVIRONMENT = Path(__file__).resolve().parent / "data" / "datascience-macos-arm64"
+CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "real-envs"
 TARGETS = {
     "linux-x86_64 --cuda": Target(arch="x86_64", python="3.11", accelerator="cuda", cuda="12.8"),
     "linux-aarch64": Target(arch="aarch64", python="3.11"),
@@ -42,6 +50,7 @@ def time_uv(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-corpus", action="store_true", help="skip the corpus part")
     args = parser.parse_args()
     env = scan(ENVIRONMENT)
     source = env.platform
@@ -69,6 +78,40 @@ def main() -> None:
                 f"ratio {rawvm_median / uv_median:.2f}x (target <= 1.3x)"
             )
     print(f"worst ratio {max(ratios):.2f}x over {args.runs} runs per target")
+    if not args.no_corpus:
+        bench_corpus()
+
+
+def bench_corpus() -> None:
+    """Median and worst lock time over the corpus, and the uv runs the relaxation needed."""
+    target = Target(arch="x86_64", python="3.11", glibc=UBUNTU_2404_GLIBC)
+    files = sorted(path for path in CORPUS.iterdir() if path.is_file() and not path.name.startswith("conda-"))
+    times: list[float] = []
+    relaxed: dict[str, int] = {}
+    locked = 0
+    with tempfile.TemporaryDirectory(prefix="rawvm-bench-corpus-") as scratch:
+        work = Path(scratch)
+        for index, path in enumerate(files):
+            for attempt in ("warm", "timed"):  # the first fills uv's cache, as a user's second lock would find it
+                start = time.perf_counter()
+                try:
+                    result = lock(path, target, work / f"{index}-{attempt}", project_dir=work)
+                except ResolverError as exc:
+                    outcome = f"failed: {exc}"
+                    relaxation = 0
+                else:
+                    outcome, relaxation = "locked", result.relaxation_runs
+                elapsed = time.perf_counter() - start
+            times.append(elapsed)
+            locked += outcome == "locked"
+            if relaxation:
+                relaxed[path.name] = relaxation
+            print(f"  {path.name:<34} {elapsed:6.2f}s  {outcome}  (relaxation uv runs: {relaxation})")
+    print(
+        f"corpus: {locked}/{len(files)} locked for {target.platform} glibc {target.glibc}; lock time median "
+        f"{statistics.median(times):.2f}s, worst {max(times):.2f}s; relaxation needed by {len(relaxed)} files, "
+        f"{sum(relaxed.values())} uv runs in all, at most {max(relaxed.values(), default=0)} for one file"
+    )
 
 
 if __name__ == "__main__":

@@ -6,11 +6,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from rawvm_images.ec2 import UBUNTU_2404_GLIBC
+from rawvm_images.local_vm import DEBIAN_12_GLIBC
 from rawvm_resolver import Target, lock
 from rawvm_resolver.errors import InputError
 from rawvm_resolver.export import FORMATS, export
 from rawvm_resolver.report import format_table, to_json
-from rawvm_resolver.target import DEFAULT_CUDA, PLATFORMS, parse_cuda_version, parse_platform, parse_python_version
+from rawvm_resolver.target import (
+    DEFAULT_CUDA,
+    PLATFORMS,
+    parse_cuda_version,
+    parse_glibc_version,
+    parse_platform,
+    parse_python_version,
+)
+
+# The glibc of each provider's default image: a lock for it may use every wheel that image can run.
+PROVIDER_GLIBC = {"aws": UBUNTU_2404_GLIBC, "qemu": DEBIAN_12_GLIBC}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -32,7 +44,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--python", default="", metavar="X.Y", help="the VM's Python (default: the source's)")
     parser.add_argument("--torch-index", default="", metavar="URL", help="index for torch (needed for aarch64 CUDA)")
-    parser.add_argument("--strict", action="store_true", help="make any version change an error")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="make any version change an error (inconsistent pins included: no relaxation)",
+    )
+    parser.add_argument(
+        "--provider",
+        choices=sorted(PROVIDER_GLIBC),
+        default="aws",
+        help="whose default image the lock is for: sets the glibc level (aws: Ubuntu 24.04, glibc "
+        f"{UBUNTU_2404_GLIBC}; qemu: Debian 12, glibc {DEBIAN_12_GLIBC}) (%(default)s)",
+    )
+    parser.add_argument("--glibc", default="", metavar="2.X", help="the target's glibc (default: the provider's image)")
+    parser.add_argument(
+        "--keep-vcs",
+        action="store_true",
+        help="keep git+/hg+ sources as VCS requirements the VM fetches (default: the index release of the same name)",
+    )
     parser.add_argument(
         "--conda-channel",
         action="append",
@@ -64,9 +93,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def target_from_args(args: argparse.Namespace) -> Target:
     arch = parse_platform(args.platform)
     python = parse_python_version(args.python) if args.python else ""
+    glibc = parse_glibc_version(args.glibc) if args.glibc else PROVIDER_GLIBC[args.provider]
     if args.cuda is not None:
-        return Target(arch=arch, python=python, accelerator="cuda", cuda=parse_cuda_version(args.cuda))
-    return Target(arch=arch, python=python)
+        return Target(arch=arch, python=python, glibc=glibc, accelerator="cuda", cuda=parse_cuda_version(args.cuda))
+    return Target(arch=arch, python=python, glibc=glibc)
 
 
 def run_lock(args: argparse.Namespace) -> int:
@@ -84,6 +114,7 @@ def run_lock(args: argparse.Namespace) -> int:
         strict=args.strict,
         conda_channels=args.conda_channel,
         pypi_only=args.pypi_only,
+        keep_vcs=args.keep_vcs,
         progress=None if quiet else (lambda message: print(f"rawvm: {message}", file=sys.stderr)),
     )
     for warning in result.warnings:

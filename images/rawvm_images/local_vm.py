@@ -24,6 +24,7 @@ from pathlib import Path
 Progress = Callable[[str], None]
 
 SUITE = "bookworm"
+DEBIAN_12_GLIBC = "2.36"  # bookworm's libc6: what a lock for this image targets before the image is built
 ARCH = "x86_64"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 net.ifnames=0"

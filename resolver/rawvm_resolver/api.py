@@ -34,6 +34,8 @@ class LockResult:
     rows: tuple[ReportRow, ...]  # the translation report, sorted by name
     target: Target
     warnings: tuple[str, ...] = ()
+    uv_runs: int = 0  # uv resolutions this lock took, the relaxation's included
+    relaxation_runs: int = 0  # of those, the runs spent finding which inconsistent pins to relax
 
 
 def lock(
@@ -48,6 +50,7 @@ def lock(
     conda_channels: Sequence[str] = (),
     pypi_only: bool = False,
     extra_requirements: Sequence[tuple[str, str]] = (),
+    keep_vcs: bool = False,
 ) -> LockResult:
     """Lock ``source`` (None: the running environment) for ``target`` into a bundle at ``out_dir``.
 
@@ -56,6 +59,8 @@ def lock(
     ``pypi_only`` locks a conda environment from PyPI alone (rawvm_resolver.conda.pypi_only): no conda channel.
     ``extra_requirements`` are ``(PEP 508 requirement, reason)`` pairs added when the environment lacks the
     package (an environment that has it keeps its own version); each shows in the report as ``added``.
+    ``keep_vcs`` keeps VCS sources as VCS requirements (the VM must reach them); by default each becomes the index
+    release of the same name. ``strict`` refuses any version change, relaxing inconsistent pins included.
     """
     say = progress or (lambda _message: None)
     say(f"scanning {source or 'the running environment'}")
@@ -69,7 +74,7 @@ def lock(
         conversion = to_pypi(env, target)
         env = conversion.environment
     say(f"translating {len(env.distributions)} distributions for {target.platform} Python {target.python}")
-    plan = translate(env, target, torch_index=torch_index)
+    plan = translate(env, target, torch_index=torch_index, keep_vcs=keep_vcs)
     _add_extra_requirements(plan, env, extra_requirements)
     with tempfile.TemporaryDirectory(prefix="rawvm-lock-") as scratch:
         work = Path(scratch)
@@ -108,6 +113,8 @@ def lock(
         rows=tuple(sorted_rows(rows)),
         target=target,
         warnings=tuple(plan.warnings),
+        uv_runs=plan.uv_runs,
+        relaxation_runs=plan.relaxation_runs,
     )
 
 

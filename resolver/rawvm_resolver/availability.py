@@ -5,9 +5,11 @@ Only used when uv reports a resolution failure, to tell "this pin has no build f
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from packaging.tags import Tag
@@ -36,8 +38,12 @@ class IndexFile:
         return not self.tags
 
 
-def index_files(name: str, index_url: str = PYPI_SIMPLE) -> list[IndexFile]:
-    """Every non-yanked wheel and sdist of ``name`` on the index; [] when the index does not know it."""
+@functools.lru_cache(maxsize=4096)
+def index_files(name: str, index_url: str = PYPI_SIMPLE) -> tuple[IndexFile, ...]:
+    """Every non-yanked wheel and sdist of ``name`` on the index; () when the index does not know it.
+
+    Cached for the process: one lock asks again on every adjustment, and a corpus run asks for the same names.
+    """
     if not index_url.startswith(("https://", "http://")):
         raise ResolverError(f"index {index_url!r} is not an http(s) URL")
     request = urllib.request.Request(f"{index_url.rstrip('/')}/{name}/", headers={"Accept": _JSON})  # noqa: S310
@@ -46,7 +52,7 @@ def index_files(name: str, index_url: str = PYPI_SIMPLE) -> list[IndexFile]:
             data = json.load(response)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
-            return []
+            return ()
         raise ResolverError(f"cannot ask {index_url} about {name}: HTTP {exc.code}") from exc
     except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
         raise ResolverError(f"cannot ask {index_url} about {name}: {exc}") from exc
@@ -57,7 +63,7 @@ def index_files(name: str, index_url: str = PYPI_SIMPLE) -> list[IndexFile]:
         parsed = parse_filename(str(entry.get("filename", "")))
         if parsed is not None:
             files.append(parsed)
-    return files
+    return tuple(files)
 
 
 def parse_filename(filename: str) -> IndexFile | None:
@@ -73,7 +79,7 @@ def parse_filename(filename: str) -> IndexFile | None:
     return None
 
 
-def artifact_kind(files: list[IndexFile], version: str, accepted: frozenset[Tag]) -> str:
+def artifact_kind(files: Sequence[IndexFile], version: str, accepted: frozenset[Tag]) -> str:
     """ "wheel" when the target has a wheel of ``version``, "sdist" when only an sdist, "" when neither."""
     try:
         wanted = Version(version)
@@ -87,7 +93,7 @@ def artifact_kind(files: list[IndexFile], version: str, accepted: frozenset[Tag]
     return ""
 
 
-def nearest_version(files: list[IndexFile], version: str, accepted: frozenset[Tag]) -> str:
+def nearest_version(files: Sequence[IndexFile], version: str, accepted: frozenset[Tag]) -> str:
     """The release closest to ``version`` with a wheel for the target (else an sdist); "" when none.
 
     Closest: the lowest newer final release, else the highest older one (upgrades fix more than they break).
@@ -110,7 +116,7 @@ def nearest_version(files: list[IndexFile], version: str, accepted: frozenset[Ta
     return ""
 
 
-def platforms_offered(files: list[IndexFile]) -> list[str]:
+def platforms_offered(files: Sequence[IndexFile]) -> list[str]:
     """The platform tags the newest release ships wheels for (for messages)."""
     if not files:
         return []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
+import threading
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,16 @@ from typing import Any
 from uv import find_uv_bin
 
 from rawvm_resolver.target import Target
+
+_UV_BIN_LOCK = threading.Lock()
+
+
+@functools.cache
+def uv_bin() -> str:
+    """The uv binary. Found under a lock: sysconfig's first read is not thread-safe on Python 3.11, and locks
+    run in threads (the corpus test, a caller's pool) would otherwise see ``EXE`` as None."""
+    with _UV_BIN_LOCK:
+        return find_uv_bin()
 
 
 class UvFailure(Exception):
@@ -42,7 +54,7 @@ def write_inputs(inputs: CompileInputs, work_dir: Path) -> tuple[Path, Path]:
 def uv_compile_command(inputs: CompileInputs, requirements: Path, constraints: Path, output: Path) -> list[str]:
     """The exact ``uv pip compile`` command line rawvm runs (the benchmark runs it bare, too)."""
     command = [
-        find_uv_bin(),
+        uv_bin(),
         "pip",
         "compile",
         str(requirements),

@@ -16,8 +16,8 @@ from email.parser import Parser
 from pathlib import Path
 
 from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
-from uv import find_uv_bin
 
+from rawvm_resolver.compile import uv_bin
 from rawvm_resolver.environment import Distribution
 from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.pylock import LocalArtifact
@@ -78,7 +78,7 @@ def _build_one(dist: Distribution, wheels_dir: Path, work_dir: Path) -> LocalBui
 def _uv_build(source: Path, out_dir: Path, kind: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
-    command = [find_uv_bin(), "build", kind, "--quiet", "--out-dir", str(out_dir), str(source)]
+    command = [uv_bin(), "build", kind, "--quiet", "--out-dir", str(out_dir), str(source)]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     built = sorted(out_dir.glob("*.whl" if kind == "--wheel" else "*.tar.gz"))
     if completed.returncode != 0 or not built:

@@ -2,7 +2,9 @@
 
 The changes, each reported: a pin with no artifact for the target moves to the nearest version that has one;
 a package Linux never had (mlx, by rule) is dropped with a warning; CUDA extras added by a rule are given
-up when they conflict. Anything else is an error naming uv's reason. ``strict`` turns every change into an error.
+up when they conflict; a source that was not on this machine and has no index release is dropped with a warning.
+When the pins themselves conflict (pip installed an inconsistent set), the fewest pins that uv's explanation
+names are relaxed (see relax.py). ``strict`` turns every change into an error.
 """
 
 from __future__ import annotations
@@ -31,23 +33,42 @@ def resolve(
     if not plan.requirements:
         return {"packages": []}
     for attempt in range(_MAX_ATTEMPTS):
-        inputs = CompileInputs(plan.requirement_lines(), plan.constraint_lines(), target, list(plan.extra_index_urls))
         try:
-            return uv_compile(inputs, work_dir / f"attempt-{attempt}")
+            return run_uv(plan, target, work_dir / f"attempt-{attempt}")
         except UvFailure as failure:
-            if "No solution found" not in failure.stderr and "unsatisfiable" not in failure.stderr:
-                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr)}") from None
+            if not is_unsatisfiable(failure.stderr):
+                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
             progress("uv found no solution; checking which pins the target lacks")
-            if not _adjust(plan, target, failure.stderr, strict=strict):
+            if _adjust(plan, target, failure.stderr, strict=strict):
+                continue
+            if strict:
                 raise ResolverError(f"cannot lock for {target.platform}: {summarise(failure.stderr)}") from None
+            from rawvm_resolver.relax import relax_pins  # here: relax.py builds on this module
+
+            progress("the pins conflict with each other; relaxing the fewest that uv names")
+            locked = relax_pins(plan, target, work_dir / f"relax-{attempt}", failure.stderr)
+            if locked is not None:
+                return locked
     raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
 
 
-def summarise(stderr: str) -> str:
-    """uv's explanation on one line."""
+def run_uv(plan: Plan, target: Target, work_dir: Path) -> dict[str, Any]:
+    """One uv resolution of the plan as it stands (counted on the plan); UvFailure when uv finds none."""
+    inputs = CompileInputs(plan.requirement_lines(), plan.constraint_lines(), target, list(plan.extra_index_urls))
+    plan.uv_runs += 1
+    return uv_compile(inputs, work_dir)
+
+
+def is_unsatisfiable(stderr: str) -> bool:
+    return "No solution found" in stderr or "unsatisfiable" in stderr
+
+
+def summarise(stderr: str, limit: int = 0) -> str:
+    """uv's explanation on one line (cut at ``limit`` characters when given: a build log can run long)."""
     text = " ".join(line.strip(" \u00d7\u2570\u2500\u25b6\u2502") for line in stderr.splitlines() if line.strip())
     text = re.sub(r"\s+", " ", text).replace("No solution found when resolving dependencies: ", "")
-    return text.removeprefix("error: ").strip()
+    text = text.removeprefix("error: ").strip()
+    return text if not limit or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def mentioned(stderr: str, names: list[str]) -> list[str]:
@@ -93,20 +114,31 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
                     f"the nearest release with one is {nearest}"
                 )
             plan.constraints[name] = nearest
-            plan.rows[name] = ReportRow(
-                name,
-                "version-changed",
-                pin,
-                nearest,
-                f"{pin} has no wheel or sdist for {target.platform} (Python {target.python}): nearest release with one",
+            reason = (
+                f"{pin} has no wheel or sdist for {target.platform} (Python {target.python}): nearest release with one"
             )
+            if name in plan.index_or_drop and name in plan.rows:
+                reason = f"{plan.rows[name].reason}; {reason}"  # keep why the source was replaced
+            plan.rows[name] = ReportRow(name, "version-changed", pin, nearest, reason)
             changed = True
-        elif name in plan.linux_or_drop:
+        elif name in plan.linux_or_drop or name in plan.index_or_drop:
             if strict:
                 raise ResolverError(f"--strict: {name} has no build for {target.platform}; it would be dropped")
             _remove(plan, name)
             offered = ", ".join(platforms_offered(files)) or "none"
             reason = f"WARNING: no build for {target.platform} at glibc {target.glibc} (wheels for: {offered}): dropped"
+            if not files and name in plan.index_or_drop:
+                reason = plan.index_or_drop[name]
+            plan.rows[name] = ReportRow(name, "dropped", pin, "", reason)
+            plan.warnings.append(f"{name}: {reason}")
+            changed = True
+        elif name in plan.requirements and pin and not files:
+            # A pinned name the index has never heard of: conda (or another tool) installed it, not pip
+            # (nb-conda, a private package). Dropping it keeps the rest of the environment; the report says so.
+            if strict:
+                raise ResolverError(f"--strict: {name}=={pin} has no release on the index; it would be dropped")
+            _remove(plan, name)
+            reason = f"WARNING: {name}=={pin} has no release on the index (conda or another tool installed it): dropped"
             plan.rows[name] = ReportRow(name, "dropped", pin, "", reason)
             plan.warnings.append(f"{name}: {reason}")
             changed = True
@@ -145,3 +177,4 @@ def _drop_optional_extras(plan: Plan, target: Target, stderr: str, *, strict: bo
 def _remove(plan: Plan, name: str) -> None:
     plan.requirements.pop(name, None)
     plan.constraints.pop(name, None)
+    plan.optional_extras.pop(name, None)  # else giving up the extras would bring the package back

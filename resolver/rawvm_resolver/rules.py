@@ -27,17 +27,25 @@ class Rule:
     replacement: str = ""  # RENAME: the Linux distribution
     cuda_extras: tuple[str, ...] = ()  # RENAME: extras added on a CUDA target
     cuda_reason: str = ""  # RENAME: the reason on a CUDA target
+    cpu_extras: tuple[str, ...] = ()  # LINUX_OR_DROP: extras the Linux build needs on a CPU target
+    macos_only: bool = False  # the package exists only for macOS: a Linux lock must never pin it
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("pyobjc", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists"),
-    Rule("pyobjc-*", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists"),
+    Rule("pyobjc", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
+    Rule("pyobjc-*", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
     Rule(
         "appnope",
         DROP,
         "macOS App Nap control: nothing on Linux needs it (uv adds it back if a Linux package does)",
+        macos_only=True,
     ),
-    Rule("tensorflow-metal", DROP, "Apple Metal GPU plugin for TensorFlow: Linux uses TensorFlow's own kernels"),
+    Rule(
+        "tensorflow-metal",
+        DROP,
+        "Apple Metal GPU plugin for TensorFlow: Linux uses TensorFlow's own kernels",
+        macos_only=True,
+    ),
     Rule(
         "tensorflow-macos",
         RENAME,
@@ -45,6 +53,7 @@ RULES: tuple[Rule, ...] = (
         replacement="tensorflow",
         cuda_extras=("and-cuda",),
         cuda_reason="Apple's TensorFlow build: tensorflow[and-cuda] on a CUDA target (its CUDA libraries as wheels)",
+        macos_only=True,
     ),
     Rule(
         "jax-metal",
@@ -53,9 +62,31 @@ RULES: tuple[Rule, ...] = (
         replacement="jax",
         cuda_extras=("cuda12",),
         cuda_reason="Apple Metal plugin for JAX: jax[cuda12] on a CUDA target (the CUDA 12 plugin and libraries)",
+        macos_only=True,
+    ),
+    Rule(
+        "onnxruntime-silicon",
+        RENAME,
+        "community build of ONNX Runtime for Apple silicon: onnxruntime from PyPI on Linux",
+        replacement="onnxruntime",
+        macos_only=True,
     ),
     Rule("torch", TORCH, "the target's build of torch, same version"),
-    Rule("mlx", LINUX_OR_DROP, "Apple's array framework: its Linux build where the target has one"),
+    # mlx's Linux wheels (manylinux_2_35 since 0.26.5, so glibc >= 2.35) hold only the Python binding: the
+    # library itself is mlx-cpu or mlx-cuda, which mlx's own `cpu` / `cuda` extras pull in on Linux.
+    Rule(
+        "mlx",
+        LINUX_OR_DROP,
+        "Apple's array framework: its Linux build with the backend the target needs (mlx[cpu] or mlx[cuda])",
+        cpu_extras=("cpu",),
+        cuda_extras=("cuda",),
+    ),
+    Rule(
+        "mlx-metal",
+        DROP,
+        "mlx's Metal backend, macOS-only: on Linux mlx[cpu] / mlx[cuda] bring mlx-cpu / mlx-cuda instead",
+        macos_only=True,
+    ),
     Rule("pywin32", DROP, "Windows-only API bindings: no Linux build exists"),
     Rule("pywinpty", DROP, "Windows-only pseudo-terminal: Linux terminals need no helper"),
 )
@@ -67,6 +98,12 @@ def rule_for(name: str) -> Rule | None:
         if fnmatchcase(name, rule.pattern):
             return rule
     return None
+
+
+def is_macos_only(name: str) -> bool:
+    """Whether the table says ``name`` exists only for macOS (a Linux lock that pins it is wrong)."""
+    rule = rule_for(name)
+    return rule is not None and rule.macos_only
 
 
 def torch_reason(arch: str, cuda: bool, index: str) -> str:

@@ -47,7 +47,8 @@ def read_file_input(path: Path) -> Environment:
 
         return _conda_environment(conda.read_environment_yml(path), origin=str(path))
     if path.suffix in (".txt", ".in") or path.name.startswith("requirements"):
-        dists, requirements = parse_requirement_lines(_read_requirement_file(path, set()), path.parent)
+        lines = _read_requirement_file(path, set())
+        dists, requirements = parse_requirement_lines(lines, path.parent, hints=editable_pins(path.read_text()))
         return Environment(
             origin=str(path),
             kind="requirements",
@@ -83,18 +84,20 @@ def _read_requirement_file(path: Path, seen: set[Path]) -> list[str]:
     return lines
 
 
-def parse_requirement_lines(lines: list[str], base_dir: Path) -> tuple[dict[str, Distribution], list[str]]:
-    """Split requirement lines into exact pins (distributions, all requested) and other requirements."""
+def parse_requirement_lines(
+    lines: list[str], base_dir: Path, *, hints: dict[str, str] | None = None
+) -> tuple[dict[str, Distribution], list[str]]:
+    """Split requirement lines into exact pins (distributions, all requested) and other requirements.
+
+    ``hints``: name -> version for editable lines whose version only a comment records (see editable_pins).
+    """
     dists: dict[str, Distribution] = {}
     requirements: list[str] = []
     for line in lines:
         words = shlex.split(line)
         if words[0] in ("-e", "--editable") and len(words) > 1:
-            local = (base_dir / words[1]).resolve()
-            name = _local_project_name(local)
-            dists[name] = Distribution(
-                name=name, version="", requested=True, source=Source(kind="editable", url=local.as_uri())
-            )
+            dist = _editable_distribution(words[1], base_dir, hints or {})
+            dists[dist.name] = dist
             continue
         if words[0].startswith("-"):
             continue  # index options, hashes, constraints files: the lock decides indexes and hashes itself
@@ -120,6 +123,60 @@ def parse_requirement_lines(lines: list[str], base_dir: Path) -> tuple[dict[str,
     return dists, requirements
 
 
+_EDITABLE_COMMENT = re.compile(r"^#\s*Editable\b.*\(([A-Za-z0-9][\w.-]*)==([^)\s]+)\)", re.MULTILINE)
+
+
+def editable_pins(text: str) -> dict[str, str]:
+    """pip freeze writes ``# Editable install with no version control (pkg==1.0)`` above an ``-e`` path."""
+    return {canonical(name): version for name, version in _EDITABLE_COMMENT.findall(text)}
+
+
+def _editable_distribution(target: str, base_dir: Path, hints: dict[str, str]) -> Distribution:
+    """``-e`` of a VCS URL or a local path; the path need not exist here (the translation decides)."""
+    url, _, fragment = target.partition("#")
+    egg = re.search(r"(?:^|&)egg=([^&]+)", fragment)
+    egg_name = egg.group(1) if egg else ""
+    if url.startswith(_VCS_PREFIXES):
+        base, ref = split_vcs_url(url)
+        name = canonical(_egg_project(egg_name) or base.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git"))
+        source = Source(kind="vcs", url=base, commit=ref)
+        version = hints.get(name, "") or egg_name.removeprefix(_egg_project(egg_name)).removeprefix("-")
+        return Distribution(name=name, version=version, requested=True, source=source)
+    local = _local_path(url, base_dir)
+    name = _local_project_name(local) if local.is_dir() else canonical(_egg_project(egg_name) or local.name)
+    suffix = f"#{fragment}" if fragment else ""
+    source = Source(kind="editable", url=local.as_uri() + suffix)
+    return Distribution(name=name, version=hints.get(name, ""), requested=True, source=source)
+
+
+_VCS_PREFIXES = ("git+", "hg+", "svn+", "bzr+")
+
+
+def _egg_project(egg: str) -> str:
+    """``pkg`` from ``pkg`` or ``pkg-1.2`` (the version form old pip wrote)."""
+    name, dash, version = egg.rpartition("-")
+    return name if dash and re.fullmatch(r"\d[\w.+!]*", version) else egg
+
+
+def split_vcs_url(url: str) -> tuple[str, str]:
+    """``git+ssh://git@host/o/r.git@ref`` -> (``git+ssh://git@host/o/r.git``, ``ref``); the ref is after the path."""
+    scheme, sep, rest = url.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" in path:
+        path, _, ref = path.rpartition("@")
+        return f"{scheme}{sep}{host}{slash}{path}", ref
+    return url, ""
+
+
+def _local_path(text: str, base_dir: Path) -> Path:
+    if text.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        text = unquote(urlparse(text).path)
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
 def _exact_pin(requirement: PepRequirement) -> str:
     specs = list(requirement.specifier)
     if len(specs) == 1 and specs[0].operator in ("==", "===") and "*" not in specs[0].version:
@@ -135,8 +192,8 @@ def _url_distribution(name: str, url: str, base_dir: Path) -> Distribution:
         local = local if local.is_absolute() else (base_dir / local).resolve()
         kind = "directory" if local.is_dir() else "archive"
         return Distribution(name=name, version="", requested=True, source=Source(kind=kind, url=local.as_uri()))
-    if url.startswith(("git+", "hg+", "svn+", "bzr+")):
-        base, _, commit = url.rpartition("@") if "@" in url.split("://", 1)[-1] else (url, "", "")
+    if url.startswith(_VCS_PREFIXES):
+        base, commit = split_vcs_url(url.partition("#")[0])
         return Distribution(name=name, version="", requested=True, source=Source(kind="vcs", url=base, commit=commit))
     return Distribution(name=name, version="", requested=True, source=Source(kind="archive", url=url))
 

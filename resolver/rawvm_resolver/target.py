@@ -55,6 +55,13 @@ def parse_python_version(text: str) -> str:
     return text.strip()
 
 
+def parse_glibc_version(text: str) -> str:
+    """``2.39`` -> ``2.39``; the manylinux level a lock targets (the image's glibc)."""
+    if not re.fullmatch(r"2\.\d{1,2}", text.strip()) or int(text.strip().split(".")[1]) < 17:
+        raise InputError(f"invalid glibc version {text!r}: use 2.X with X >= 17, e.g. 2.39 (Ubuntu 24.04)")
+    return text.strip()
+
+
 def parse_cuda_version(text: str) -> str:
     if not re.fullmatch(r"\d{2}\.\d", text.strip()):
         raise InputError(f"invalid CUDA version {text!r}: use X.Y, e.g. {DEFAULT_CUDA}")

@@ -15,6 +15,7 @@ from rawvm_resolver.environment import Distribution, Environment, canonical
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.rules import DROP, LINUX_OR_DROP, RENAME, TORCH, TORCH_FAMILY, rule_for, torch_reason
 from rawvm_resolver.target import Target
+from rawvm_resolver.unreachable import index_reason, known_version, local_path_exists, missing_reason, short_url
 
 
 @dataclass
@@ -25,6 +26,9 @@ class Plan:
     renamed: dict[str, str] = field(default_factory=dict)  # target name -> source name it replaces
     optional_extras: dict[str, tuple[str, ...]] = field(default_factory=dict)  # extras dropped on a conflict
     linux_or_drop: set[str] = field(default_factory=set)  # names dropped (with a warning) when Linux lacks them
+    index_or_drop: dict[str, str] = field(default_factory=dict)  # unreachable sources: name -> reason if no release
+    uv_runs: int = 0  # how many times uv resolved (or failed to) for this plan
+    relaxation_runs: int = 0  # of those, the runs spent finding which inconsistent pins to relax
     local: list[Distribution] = field(default_factory=list)  # editable / local packages to build
     extra_index_urls: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -36,19 +40,23 @@ class Plan:
         return [f"{name}=={self.constraints[name]}" for name in sorted(self.constraints)]
 
 
-def translate(env: Environment, target: Target, *, torch_index: str = "") -> Plan:
+def translate(env: Environment, target: Target, *, torch_index: str = "", keep_vcs: bool = False) -> Plan:
+    """What uv is asked for. ``keep_vcs``: a VCS source stays a VCS requirement (the VM must reach it)."""
     plan = Plan(extra_index_urls=[torch_index] if torch_index else [])
     present = env.by_name()
     for dist in env.distributions:
-        if dist.source.kind == "vcs":
+        if dist.source.kind == "vcs" and keep_vcs:
             commit = f"@{dist.source.commit}" if dist.source.commit else ""
             plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}{commit}"
             continue
         if dist.source.kind == "archive" and dist.source.local_path is None:
             plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}"  # a remote archive: uv fetches it
             continue
-        if dist.is_local:
+        if dist.is_local and local_path_exists(dist):
             plan.local.append(dist)
+            continue
+        if dist.is_local or dist.source.kind == "vcs":
+            _from_index(plan, dist, target, present)
             continue
         _translate_one(plan, dist.name, dist.version, dist.requested, dist.extras, "", target, present)
     for text in env.requirements:
@@ -61,6 +69,16 @@ def translate(env: Environment, target: Target, *, torch_index: str = "") -> Pla
     if not any(name in plan.requirements or name in plan.constraints for name in TORCH_FAMILY):
         plan.extra_index_urls = []  # no torch: the torch index has nothing to add
     return plan
+
+
+def _from_index(plan: Plan, dist: Distribution, target: Target, present: dict[str, Distribution]) -> None:
+    """A source that is not on this machine: the index release of the same name, never a refusal."""
+    version, where = known_version(dist)
+    _translate_one(plan, dist.name, version, True, dist.extras, "", target, present)
+    plan.index_or_drop[dist.name] = missing_reason(dist)
+    if dist.name not in plan.rows:  # a rule (a drop, a rename) has said more already
+        shown = version or short_url(dist.source.url)
+        plan.rows[dist.name] = ReportRow(dist.name, "translated", shown, "", index_reason(dist, version, where))
 
 
 def _translate_one(
@@ -102,6 +120,17 @@ def _translate_one(
         )
     if rule is not None and rule.action == LINUX_OR_DROP:
         plan.linux_or_drop.add(name)
+        backend = rule.cuda_extras if target.is_cuda else rule.cpu_extras
+        if requested and backend:
+            if text:
+                with_backend = PepRequirement(text)
+                with_backend.extras |= set(backend)
+                plan.requirements[name] = str(with_backend)
+            else:
+                plan.requirements[name] = _requirement(name, tuple(sorted({*extras, *backend})), "")
+            plan.optional_extras[name] = backend
+            plan.rows[name] = ReportRow(name, "translated", shown, "", rule.reason)
+            requested = False  # the requirement is written
     if requested:
         plan.requirements[name] = text or _requirement(name, extras, "")
     if version:

@@ -250,11 +250,12 @@ def test_installs_with_pip_26(small_cpu_bundle: Path, tmp_path: Path) -> None:
 
 
 def test_a_package_that_exists_for_no_linux_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    build_venv(tmp_path / "venv", ["mlx-metal==0.29.4", "six==1.17.0"])
+    # mediapipe-silicon: a community build with macOS arm64 wheels only, and in no rule (mlx-metal now is one)
+    build_venv(tmp_path / "venv", ["mediapipe-silicon==0.9.2.1", "six==1.17.0"])
     code = main(["lock", "--from", str(tmp_path / "venv"), "-o", str(tmp_path / "bundle")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert err[-1].startswith("rawvm: mlx-metal exists for no Linux platform")
+    assert err[-1].startswith("rawvm: mediapipe-silicon exists for no Linux platform")
     assert "macosx" in err[-1] and "remove it" in err[-1]
     assert not (tmp_path / "bundle").exists()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from rawvm_resolver.environment import Distribution, Environment, SourcePlatform
-from rawvm_resolver.rules import RULES, TORCH_CPU_INDEX, rule_for
+from rawvm_resolver.rules import RULES, TORCH_CPU_INDEX, is_macos_only, rule_for
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import translate
 
@@ -31,7 +31,9 @@ CASES = [
     ("tensorflow-macos", "tensorflow-macos", "2.16.2", CPU_X86, "tensorflow", "translated"),
     ("jax-metal", "jax-metal", "0.1.1", CPU_ARM, "jax", "translated"),
     ("torch", "torch", "2.5.1", CUDA_X86, "torch", "translated"),
-    ("mlx", "mlx", "0.29.0", CPU_X86, "mlx", None),
+    ("onnxruntime-silicon", "onnxruntime-silicon", "1.16.0", CPU_ARM, "onnxruntime", "translated"),
+    ("mlx", "mlx", "0.29.0", CPU_X86, "mlx[cpu]", "translated"),
+    ("mlx-metal", "mlx-metal", "0.29.0", CPU_X86, None, "dropped"),
     ("pywin32", "pywin32", "306", CPU_X86, None, "dropped"),
     ("pywinpty", "pywinpty", "2.0.13", CPU_X86, None, "dropped"),
 ]
@@ -91,6 +93,23 @@ def test_torch_index_is_ignored_without_torch() -> None:
 
 def test_mlx_is_marked_for_drop_when_linux_lacks_it() -> None:
     assert translate(env_of(requested("mlx", "0.29.0")), CPU_X86).linux_or_drop == {"mlx"}
+
+
+def test_mlx_takes_the_backend_extra_its_linux_wheels_need() -> None:
+    # mlx's Linux wheel is only the binding: libmlx comes from mlx-cpu / mlx-cuda through mlx's extras.
+    cpu = translate(env_of(requested("mlx", "0.29.0"), Distribution("mlx-metal", "0.29.0")), CPU_ARM)
+    assert cpu.requirement_lines() == ["mlx[cpu]"]
+    assert cpu.constraint_lines() == ["mlx==0.29.0"]
+    assert cpu.optional_extras == {"mlx": ("cpu",)}
+    cuda = translate(env_of(requested("mlx", "0.29.0")), CUDA_X86)
+    assert cuda.requirement_lines() == ["mlx[cuda]"]
+    assert translate(env_of(requested("mlx-metal", "0.29.0")), CPU_X86).rows["mlx-metal"].action == "dropped"
+
+
+def test_macos_only_names_come_from_the_table() -> None:
+    assert is_macos_only("pyobjc-framework-quartz") and is_macos_only("tensorflow-macos")
+    assert is_macos_only("mlx-metal") and is_macos_only("appnope")
+    assert not is_macos_only("mlx") and not is_macos_only("torch") and not is_macos_only("pywin32")
 
 
 def test_unruled_packages_are_pinned_and_dependencies_are_constraints_only() -> None:

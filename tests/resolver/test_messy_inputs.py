@@ -1,0 +1,205 @@
+"""Messy inputs, each on a small inline case: sources not on this machine, inconsistent pins, the glibc level.
+
+Readers and translation run offline; the relaxation and glibc cases run real uv against PyPI (network).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from rawvm.cli_lock import PROVIDER_GLIBC, target_from_args
+from rawvm_resolver import Target, lock
+from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform
+from rawvm_resolver.errors import InputError, ResolverError
+from rawvm_resolver.relax import relaxation_order
+from rawvm_resolver.report import ReportRow
+from rawvm_resolver.sources import editable_pins, parse_requirement_lines, read_file_input, split_vcs_url
+from rawvm_resolver.target import parse_glibc_version
+from rawvm_resolver.translate import Plan, translate
+from rawvm_resolver.unreachable import known_version, origin_of
+
+CPU = Target(arch="x86_64", python="3.11", glibc="2.39")
+CROOT = (
+    "numpy @ file:///private/var/folders/k1/30mswbxs7r1g6zwn8y4fyt500000gp/T/abs_f2amvjkczw/croot/"
+    "numpy_and_numpy_base_1725470317860/work/dist/numpy-2.0.1-cp311-cp311-macosx_11_0_arm64.whl#sha256=6ec8"
+)
+POETRY = (
+    "importlib-metadata @ file:///Users/y/Library/Caches/pypoetry/artifacts/58/de/f6/e8/"
+    "importlib_metadata-4.8.1-py3-none-any.whl"
+)
+VCS = "-e git+ssh://git@github.com/psf/requests.git@0e322af87745eff34caffe4df68456ebc20d9068#egg=requests"
+
+
+def _reqs(*lines: str) -> dict[str, Distribution]:
+    return parse_requirement_lines(list(lines), Path("/nonexistent"))[0]
+
+
+def _env(dists: dict[str, Distribution]) -> Environment:
+    platform = SourcePlatform(python="3.11", platform="")
+    return Environment("test", "requirements", platform, tuple(sorted(dists.values(), key=lambda d: d.name)))
+
+
+# -- readers -------------------------------------------------------------------------------------------------
+
+
+def test_croot_wheel_path_gives_name_and_version() -> None:
+    dist = _reqs(CROOT)["numpy"]
+    assert dist.source.kind == "archive" and dist.is_local
+    assert known_version(dist) == ("2.0.1", "the wheel file name")
+    assert origin_of(dist) == "conda-built package"
+
+
+def test_croot_work_directory_has_no_version() -> None:
+    dist = _reqs("attrs @ file:///tmp/build/80754af9/attrs_1620827162558/work")["attrs"]
+    assert known_version(dist) == ("", "")
+    assert origin_of(dist) == "conda-built package"
+
+
+def test_poetry_and_pip_cache_wheels() -> None:
+    dist = _reqs(POETRY)["importlib-metadata"]
+    assert known_version(dist) == ("4.8.1", "the wheel file name") and origin_of(dist) == "poetry cache wheel"
+    pip = _reqs("six @ file:///Users/a/Library/Caches/pip/wheels/c3/2a/six-1.16.0-py2.py3-none-any.whl")["six"]
+    assert known_version(pip)[0] == "1.16.0" and origin_of(pip) == "pip cache wheel"
+
+
+def test_editable_vcs_line_is_a_vcs_source_named_by_its_egg() -> None:
+    dist = _reqs(VCS)["requests"]
+    assert dist.source == Source(
+        kind="vcs", url="git+ssh://git@github.com/psf/requests.git", commit="0e322af87745eff34caffe4df68456ebc20d9068"
+    )
+
+
+def test_vcs_url_split_keeps_the_user_at_host() -> None:
+    assert split_vcs_url("git+ssh://git@github.com/o/r.git") == ("git+ssh://git@github.com/o/r.git", "")
+    assert split_vcs_url("git+https://github.com/o/r.git@v1.2") == ("git+https://github.com/o/r.git", "v1.2")
+
+
+def test_editable_path_not_here_takes_the_freeze_comment_version(tmp_path: Path) -> None:
+    text = "# Editable install with no version control (mytool==0.3.0)\n-e /Users/someone/src/mytool\nsix==1.16.0\n"
+    assert editable_pins(text) == {"mytool": "0.3.0"}
+    (tmp_path / "requirements.txt").write_text(text)
+    dists = read_file_input(tmp_path / "requirements.txt").by_name()
+    assert dists["mytool"].source.kind == "editable" and dists["mytool"].version == "0.3.0"
+
+
+def test_egg_fragment_with_version() -> None:
+    dist = _reqs("-e git+https://github.com/wacul/diffbotpy.git@master#egg=diffbotpy-0.1")["diffbotpy"]
+    assert known_version(dist) == ("0.1", "the version the source records")
+
+
+# -- translation ---------------------------------------------------------------------------------------------
+
+
+def test_sources_not_here_become_index_requirements_with_a_reason() -> None:
+    plan = translate(_env(_reqs(CROOT, POETRY, VCS, "appnope @ file:///tmp/build/80754af9/appnope_1/work")), CPU)
+    assert plan.local == []
+    assert plan.requirement_lines() == ["importlib-metadata", "numpy", "requests"]
+    assert plan.constraint_lines() == ["importlib-metadata==4.8.1", "numpy==2.0.1"]
+    assert plan.rows["numpy"].action == "translated" and "wheel file name" in plan.rows["numpy"].reason
+    assert "--keep-vcs" in plan.rows["requests"].reason
+    assert plan.rows["appnope"].action == "dropped"  # the rules table still decides first
+    assert set(plan.index_or_drop) == {"importlib-metadata", "numpy", "requests", "appnope"}
+
+
+def test_keep_vcs_keeps_the_vcs_requirement() -> None:
+    plan = translate(_env(_reqs(VCS)), CPU, keep_vcs=True)
+    assert plan.requirement_lines() == [
+        "requests @ git+ssh://git@github.com/psf/requests.git@0e322af87745eff34caffe4df68456ebc20d9068"
+    ]
+    assert plan.rows == {}
+
+
+def test_a_directory_that_is_no_project_is_not_built(tmp_path: Path) -> None:
+    dists = parse_requirement_lines(["-e ."], tmp_path)[0]
+    plan = translate(_env(dists), CPU)
+    assert plan.local == [] and list(plan.index_or_drop) == list(dists)
+
+
+def test_relaxation_prefers_a_moved_pin_then_a_dependency() -> None:
+    plan = Plan(constraints={"conan": "1.51.3", "jinja2": "2.11.3", "torch": "1.10.2", "torchvision": "0.9.0"})
+    conan = "Because conan==1.51.3 depends on jinja2>=3.0,<4.0.0 and you require jinja2==2.11.3, unsatisfiable."
+    assert relaxation_order(plan, conan) == ["jinja2", "conan"]
+    plan.rows["torchvision"] = ReportRow("torchvision", "version-changed", "0.9.0a0", "0.9.0", "nearest")
+    torch = "Because torchvision==0.9.0 depends on torch==1.8.0 and you require torch==1.10.2, unsatisfiable."
+    assert relaxation_order(plan, torch) == ["torchvision", "torch"]
+
+
+# -- the glibc level -------------------------------------------------------------------------------------------
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    values: dict[str, object] = {"platform": "linux-x86_64", "python": "", "cuda": None, "glibc": "", "provider": "aws"}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def test_default_glibc_is_the_providers_default_image() -> None:
+    assert target_from_args(_args()).glibc == PROVIDER_GLIBC["aws"] == "2.39"
+    assert target_from_args(_args(provider="qemu")).glibc == "2.36"
+    assert target_from_args(_args(glibc="2.35")).glibc == "2.35"
+    with pytest.raises(InputError):
+        parse_glibc_version("2.5x")
+
+
+# -- real uv (network) -----------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "requirements.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.network
+def test_inconsistent_pins_relax_the_fewest_and_keep_the_rest(tmp_path: Path) -> None:
+    source = _write(tmp_path, "conan==1.51.3\njinja2==2.11.3\nmarkupsafe==2.0.1\nsix==1.16.0\ncolorama==0.4.5\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["jinja2"].action == "version-changed" and rows["jinja2"].target.startswith("3.")
+    assert rows["jinja2"].reason.startswith("the source environment was inconsistent: ")
+    assert "conan" in rows["jinja2"].reason
+    changed = [row.name for row in result.rows if row.action == "version-changed"]
+    assert changed == ["jinja2"], changed  # one pin relaxed: the fewest
+    assert {rows[name].target for name in ("six", "colorama")} == {"1.16.0", "0.4.5"}
+    assert result.relaxation_runs >= 1 and result.uv_runs > result.relaxation_runs
+
+
+@pytest.mark.network
+def test_strict_keeps_the_refusal(tmp_path: Path) -> None:
+    source = _write(tmp_path, "conan==1.51.3\njinja2==2.11.3\n")
+    with pytest.raises(ResolverError) as info:
+        lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path, strict=True)
+    assert "\n" not in str(info.value) and "jinja2" in str(info.value)
+
+
+@pytest.mark.network
+def test_a_source_with_no_index_release_is_dropped_not_refused(tmp_path: Path) -> None:
+    source = _write(tmp_path, "-e git+ssh://git@github.com/example/no-such-rawvm-pkg.git#egg=no-such-rawvm-pkg\nsix\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["no-such-rawvm-pkg"].action == "dropped" and "index has no release" in rows["no-such-rawvm-pkg"].reason
+    assert rows["six"].target and any("no-such-rawvm-pkg" in warning for warning in result.warnings)
+
+
+@pytest.mark.network
+def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Path) -> None:
+    source = _write(tmp_path, "mlx==0.29.0\nmlx-metal==0.29.0\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["mlx"].target == "0.29.0" and rows["mlx-metal"].action == "dropped"
+    assert rows["mlx-cpu"].target == "0.29.0"  # the library the Linux wheel needs
+    old = lock(source, Target(arch="x86_64", python="3.11", glibc="2.28"), tmp_path / "old", project_dir=tmp_path)
+    assert {row.name: row for row in old.rows}["mlx"].action == "dropped"  # manylinux_2_35 wheels only
+
+
+@pytest.mark.network
+def test_a_pin_the_index_never_had_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    # nb-conda comes from conda, yet a pip freeze inside the conda environment lists it
+    source = _write(tmp_path, "nb-conda==2.2.1\nsix==1.16.0\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["nb-conda"].action == "dropped" and rows["nb-conda"].reason.startswith("WARNING: ")
+    assert rows["six"].target == "1.16.0"
+    with pytest.raises(ResolverError, match="nb-conda"):
+        lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
