@@ -60,6 +60,7 @@ class Manifest:
     index_url: str
     extra_index_urls: tuple[str, ...]
     files: tuple[ManifestFile, ...]
+    build_constraints: tuple[str, ...] = ()  # requirements for sdist build environments (setuptools<82)
 
     def of_kind(self, kind: str) -> list[ManifestFile]:
         return [f for f in self.files if f.kind == kind]
@@ -118,6 +119,7 @@ def parse_manifest(text: str) -> Manifest:
         index_url=str(install.get("index_url", "")),
         extra_index_urls=tuple(install.get("extra_index_urls", ())),
         files=tuple(files),
+        build_constraints=tuple(str(line) for line in install.get("build_constraints", ())),
     )
 
 
@@ -415,6 +417,11 @@ class Installer:
         args = ["--index-url", index] if index else []
         for url in extras:
             args += ["--extra-index-url", url]
+        if manifest.build_constraints:
+            # Outside the verified bundle: the lines come from its manifest, whose sha256 was checked.
+            path = self.state_dir / "build-constraints.txt"
+            path.write_text("".join(f"{line}\n" for line in manifest.build_constraints))
+            args += ["--build-constraints", str(path)]
         return args
 
     def uv_environ(self) -> dict[str, str]:

@@ -34,7 +34,6 @@ def dask_cluster(*args: Any, **kwargs: Any) -> Any:
     return _dask_cluster(*args, **kwargs)
 
 
-
 def function(*args: Any, **kwargs: Any) -> Any:
     """``@rawvm.function(n=3, keepalive="30s")``: run a Python function on machines; see ``rawvm.remote_function``."""
     from rawvm.remote_function import function as _function

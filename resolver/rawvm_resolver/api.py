@@ -104,6 +104,7 @@ def lock(
             conda_lock=conda_lock,
             local_files={build.artifact.path: work / "wheels" / Path(build.artifact.path).name for build in local},
             extra_index_urls=list(plan.extra_index_urls),
+            build_constraints=list(plan.build_constraints),
             rows=rows,
         )
         digest = write_bundle(out_dir, contents)

@@ -5,9 +5,13 @@ Only used when uv reports a resolution failure, to tell "this pin has no build f
 
 from __future__ import annotations
 
+import dataclasses
+import email.parser
 import functools
 import json
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from rawvm_resolver.errors import ResolverError
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 _JSON = "application/vnd.pypi.simple.v1+json"
+_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # as uv retries: a DNS hiccup or a reset must not fail a whole lock
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class IndexFile:
     filename: str
     version: Version
     tags: frozenset[Tag]  # empty for an sdist
+    url: str = ""  # where the index serves it
+    metadata: bool = False  # the index serves its core metadata at url + ".metadata" (PEP 658 / 714)
 
     @property
     def is_sdist(self) -> bool:
@@ -46,24 +53,62 @@ def index_files(name: str, index_url: str = PYPI_SIMPLE) -> tuple[IndexFile, ...
     """
     if not index_url.startswith(("https://", "http://")):
         raise ResolverError(f"index {index_url!r} is not an http(s) URL")
-    request = urllib.request.Request(f"{index_url.rstrip('/')}/{name}/", headers={"Accept": _JSON})  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (scheme checked above)
-            data = json.load(response)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return ()
-        raise ResolverError(f"cannot ask {index_url} about {name}: HTTP {exc.code}") from exc
-    except (urllib.error.URLError, TimeoutError, json.JSONDecodeError) as exc:
-        raise ResolverError(f"cannot ask {index_url} about {name}: {exc}") from exc
+    data = _fetch_json(f"{index_url.rstrip('/')}/{name}/", f"cannot ask {index_url} about {name}")
+    if data is None:
+        return ()
     files: list[IndexFile] = []
-    for entry in data.get("files", []):
+    entries = data.get("files")
+    for entry in entries if isinstance(entries, list) else []:
         if entry.get("yanked"):
             continue
         parsed = parse_filename(str(entry.get("filename", "")))
         if parsed is not None:
-            files.append(parsed)
+            metadata = bool(entry.get("core-metadata") or entry.get("dist-info-metadata"))
+            url = urllib.parse.urljoin(f"{index_url.rstrip('/')}/{name}/", str(entry.get("url", "")))
+            files.append(dataclasses.replace(parsed, url=url, metadata=metadata))
     return tuple(files)
+
+
+def wheel_requirements(file: IndexFile) -> list[str]:
+    """The Requires-Dist lines of a wheel: from the metadata file the index serves beside it (PEP 658), else
+    read out of the remote wheel by range requests; [] when neither works (uv still decides)."""
+    if file.metadata and file.url.startswith(("https://", "http://")):
+        request = urllib.request.Request(f"{file.url.split('#', 1)[0]}.metadata")  # noqa: S310 (scheme checked)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+                text = response.read().decode("utf-8", errors="replace")
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            text = ""
+        if text:
+            message = email.parser.Parser().parsestr(text, headersonly=True)
+            return [str(value) for value in message.get_all("Requires-Dist") or []]
+    from rawvm_resolver.wheel_metadata import remote_wheel_requirements  # lazy: only moved pins need it
+
+    if not file.url.startswith("https://"):
+        return []
+    return remote_wheel_requirements(file.url.split("#", 1)[0]) or []
+
+
+def _fetch_json(url: str, failure: str) -> dict[str, object] | None:
+    """The index's JSON page; None on 404. Transient failures (DNS, resets, timeouts, 5xx) are retried."""
+    request = urllib.request.Request(url, headers={"Accept": _JSON})  # noqa: S310 (scheme checked by the caller)
+    for delay in (*_RETRY_DELAYS, None):
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
+                data = json.load(response)
+            return data if isinstance(data, dict) else {}
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            if exc.code < 500 or delay is None:
+                raise ResolverError(f"{failure}: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            if delay is None:
+                raise ResolverError(f"{failure}: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise ResolverError(f"{failure}: the index answered something that is not JSON ({exc})") from exc
+        time.sleep(delay)
+    raise AssertionError("unreachable")  # the last delay is None: the loop returns or raises
 
 
 def parse_filename(filename: str) -> IndexFile | None:

@@ -35,6 +35,7 @@ class BundleContents:
     local_files: dict[str, Path] = field(default_factory=dict)  # bundle path (wheels/...) -> built file
     extra_index_urls: list[str] = field(default_factory=list)
     index_url: str = ""
+    build_constraints: list[str] = field(default_factory=list)
     rows: list[ReportRow] = field(default_factory=list)
 
 
@@ -60,7 +61,11 @@ def manifest_document(contents: BundleContents, files: list[dict[str, str]]) -> 
             "platform": contents.source.platform,
             "fingerprint": contents.fingerprint,
         },
-        "install": {"index_url": contents.index_url, "extra_index_urls": list(contents.extra_index_urls)},
+        "install": {
+            "index_url": contents.index_url,
+            "extra_index_urls": list(contents.extra_index_urls),
+            **({"build_constraints": list(contents.build_constraints)} if contents.build_constraints else {}),
+        },
         "files": sorted(files, key=lambda entry: entry["path"]),
         "report": [asdict(row) for row in sorted_rows(contents.rows)],
     }

@@ -16,6 +16,7 @@ from uv import find_uv_bin
 from rawvm_resolver.target import Target
 
 _UV_BIN_LOCK = threading.Lock()
+BUILD_CONSTRAINTS = "build-constraints.txt"
 
 
 @functools.cache
@@ -34,12 +35,17 @@ class UvFailure(Exception):
         self.stderr = stderr
 
 
+class UvTimeout(Exception):
+    """uv was still resolving when its time was up (it was stopped)."""
+
+
 @dataclass(frozen=True)
 class CompileInputs:
     requirements: list[str]
     constraints: list[str]  # name==version
     target: Target
     extra_index_urls: list[str] = field(default_factory=list)
+    build_constraints: list[str] = field(default_factory=list)
 
 
 def write_inputs(inputs: CompileInputs, work_dir: Path) -> tuple[Path, Path]:
@@ -48,6 +54,8 @@ def write_inputs(inputs: CompileInputs, work_dir: Path) -> tuple[Path, Path]:
     constraints = work_dir / "constraints.txt"
     requirements.write_text("".join(f"{line}\n" for line in inputs.requirements))
     constraints.write_text("".join(f"{line}\n" for line in inputs.constraints))
+    if inputs.build_constraints:
+        (work_dir / BUILD_CONSTRAINTS).write_text("".join(f"{line}\n" for line in inputs.build_constraints))
     return requirements, constraints
 
 
@@ -73,18 +81,23 @@ def uv_compile_command(inputs: CompileInputs, requirements: Path, constraints: P
     ]
     for url in inputs.extra_index_urls:
         command += ["--extra-index-url", url]
+    if inputs.build_constraints:
+        command += ["--build-constraints", str(requirements.parent / BUILD_CONSTRAINTS)]
     if inputs.extra_index_urls:
         # The torch index mirrors numpy, pillow, ... at few versions: let every index offer every version.
         command += ["--index-strategy", "unsafe-best-match"]
     return command
 
 
-def uv_compile(inputs: CompileInputs, work_dir: Path) -> dict[str, Any]:
-    """Resolve with uv; the parsed pylock.toml it wrote, or UvFailure."""
+def uv_compile(inputs: CompileInputs, work_dir: Path, timeout: float | None = None) -> dict[str, Any]:
+    """Resolve with uv; the parsed pylock.toml it wrote, or UvFailure (UvTimeout after ``timeout`` seconds)."""
     requirements, constraints = write_inputs(inputs, work_dir)
     output = work_dir / "pylock.toml"
     command = uv_compile_command(inputs, requirements, constraints, output)
-    completed = subprocess.run(command, capture_output=True, text=True, env=_uv_env(), check=False)
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, env=_uv_env(), check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UvTimeout(f"uv pip compile ran past {timeout:.0f} s") from None
     if completed.returncode != 0:
         raise UvFailure(completed.stderr)
     return tomllib.loads(output.read_text())

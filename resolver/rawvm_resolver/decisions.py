@@ -152,10 +152,7 @@ def _flag_sdist(row: ReportRow, locked: dict[str, dict[str, Any]], target: Targe
     entry = locked.get(row.name)
     if row.action == "builds-from-source" or entry is None or "wheels" in entry or "sdist" not in entry:
         return row
-    return ReportRow(
-        row.name,
-        "builds-from-source",
-        row.source,
-        row.target,
-        f"no wheel for {target.platform} (Python {target.python}): builds from its sdist on the VM",
-    )
+    reason = f"no wheel for {target.platform} (Python {target.python}): builds from its sdist on the VM"
+    if row.action in ("translated", "version-changed"):
+        reason = f"{row.reason}; {reason}"  # the change stays in the report, not only the build
+    return ReportRow(row.name, "builds-from-source", row.source, row.target, reason)

@@ -56,6 +56,8 @@ def requirements_txt(pylock: dict[str, Any], manifest: dict[str, Any]) -> str:
     if install.get("index_url"):
         lines.append(f"--index-url {install['index_url']}")
     lines.extend(f"--extra-index-url {url}" for url in install.get("extra_index_urls", []))
+    if install.get("build_constraints"):
+        lines.append(f"# sdists build with: {' '.join(install['build_constraints'])} (PIP_CONSTRAINT / uv -b)")
     for package in pylock.get("packages", []):
         artifacts = [*package.get("wheels", []), *([package["sdist"]] if "sdist" in package else [])]
         hashes = sorted({artifact["hashes"]["sha256"] for artifact in artifacts})
@@ -82,6 +84,10 @@ def dockerfile(pylock: dict[str, Any], manifest: dict[str, Any]) -> str:
     ]
     if has_local:
         lines.append("COPY wheels/ /opt/rawvm/wheels/")
+    build_constraints = manifest.get("install", {}).get("build_constraints", [])
+    if build_constraints:  # what the lock's sdists were built with (setuptools<82 for pkg_resources)
+        lines.append(f"RUN printf '%s\\n' {' '.join(repr(line) for line in build_constraints)} > /opt/rawvm/build.txt")
+        lines.append("ENV UV_BUILD_CONSTRAINT=/opt/rawvm/build.txt")
     lines += [
         "RUN uv pip install --system --no-deps -r /opt/rawvm/pylock.toml",
         "ADD code.tar.gz /app/",

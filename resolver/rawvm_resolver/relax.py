@@ -3,62 +3,119 @@
 pip installs whatever it is told, so a freeze can hold pins that cannot all hold at once (``torchvision==0.9.0``
 needs ``torch==1.8.0`` while ``torch==1.10.2`` is frozen), or that only conflict on Linux (a dependency behind a
 ``sys_platform == "linux"`` marker). uv then says the requirements are unsatisfiable and names the pins in its
-explanation. We relax the fewest of those: each named pin alone first (the first that resolves wins), else the
-one whose removal moves the conflict elsewhere, then again, within a bound of uv runs. Every other pin keeps
-its exact version; each relaxed pin is reported as ``version-changed`` with uv's own reason.
+explanation. We relax few of those, greedily: the most likely culprit first, to the range uv says is needed
+(else a floor at the pin), following the conflict from pin to pin as uv names the next one, within a bound of
+uv runs and of wall time. Every other pin keeps its exact version; each relaxed pin is reported as
+``version-changed`` with uv's own reason.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
-from rawvm_resolver.compile import UvFailure
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+from rawvm_resolver.compile import UvFailure, UvTimeout
 from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.resolve import is_unsatisfiable, mentioned, run_uv, summarise
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
 
-MAX_RELAXATION_RUNS = 12  # uv runs one lock may spend finding which pins to relax
+MAX_RELAXATION_RUNS = 24  # uv runs one lock may spend finding which pins to relax
+RELAXATION_SECONDS = 300.0  # and the wall time those runs may take together
+RUN_SECONDS = 90.0  # one candidate that keeps uv searching longer is not the one (uv is backtracking far)
 _REASON_LIMIT = 400
+# "conan==1.51.3 depends on distro{sys_platform == 'linux'}>=1.0.2,<=1.6.0 and ...": the name and the range.
+_DEPENDS_ON = re.compile(
+    r"depends on ([a-z0-9][a-z0-9.-]*)(?:\[[^\]]*\])?(?:\{[^}]*\})?((?:[<>=!~]=?[^\s,]*[^\s,.],?)*)"
+)
 
 
-def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str) -> dict[str, Any] | None:
-    """The lock once the fewest conflicting pins are relaxed; None when the plan changed and uv should run again.
+def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline: float) -> dict[str, Any] | str:
+    """The lock once conflicting pins are relaxed, or the conflict left after relaxing one (uv's explanation).
 
-    Raises ResolverError (one line, uv's reason) when the conflict names no pin or the bound is spent.
+    The candidates are the pins uv's explanation names, most likely culprit first. A relaxed pin becomes a range
+    (``Plan.ranges``): the range uv says another package needs of it, else a floor at the pinned version (newer
+    releases fit newer dependencies, and uv never backtracks into old sdists it would have to build). The first
+    candidate whose relaxation resolves wins. The first whose relaxation moves the conflict elsewhere (uv no
+    longer names it) stays relaxed and the new explanation is returned, so the caller follows the chain one uv
+    run per link. When no single pin helps, every pin uv names is unpinned at once. Raises ResolverError (one
+    line, uv's reason) when nothing can be relaxed or the bound (MAX_RELAXATION_RUNS uv runs, ``deadline`` on the
+    monotonic clock) is spent.
     """
-    explanation = stderr
-    candidates = relaxation_order(plan, explanation)
+    candidates = relaxation_order(plan, stderr)
     if not candidates:
-        raise ResolverError(f"cannot lock for {target.platform}: {summarise(explanation)}")
-    moved: tuple[str, str] | None = None  # a pin whose removal left a different conflict, and that conflict
+        raise ResolverError(f"cannot lock for {target.platform}: {summarise(stderr)}")
+    needed = required_ranges(stderr)
+    searching = []  # candidates whose run kept uv busy past RUN_SECONDS
     for name in candidates:
-        if plan.relaxation_runs >= MAX_RELAXATION_RUNS:
-            raise ResolverError(
-                f"cannot lock for {target.platform}: the pins conflict and {MAX_RELAXATION_RUNS} uv runs found no "
-                f"small set to relax: {summarise(explanation)}"
-            )
-        pin = plan.constraints.pop(name)
-        plan.relaxation_runs += 1
+        before = (plan.constraints.get(name), plan.ranges.get(name))
+        pin = plan.constraints.pop(name, None)
+        if pin is not None:
+            plan.ranges[name] = needed.get(name, f">={pin}")
+        else:
+            plan.ranges.pop(name)  # relaxed to a range already: lift the range too
+        outcome = _try(plan, target, work_dir / f"without-{name}", deadline, stderr)
+        if isinstance(outcome, dict) or (isinstance(outcome, str) and not mentioned(outcome, [name])):
+            _report(plan, name, pin or before[1] or "", stderr)
+            return outcome
+        _restore(plan, name, *before)
+        if outcome is None:
+            searching.append(name)
+    relaxed = {name: plan.constraints.pop(name, "") or plan.ranges.pop(name, "") for name in candidates}
+    outcome = _try(plan, target, work_dir / "without-all-named", deadline, stderr)
+    if outcome is None:
+        slow = f" (relaxing {', '.join(searching)} kept uv searching past {RUN_SECONDS:.0f} s)" if searching else ""
+        raise ResolverError(f"cannot lock for {target.platform}: the pins conflict{slow}: {summarise(stderr, 600)}")
+    for name, pin in relaxed.items():
+        _report(plan, name, pin, stderr)
+    return outcome
+
+
+def required_ranges(explanation: str) -> dict[str, str]:
+    """The ranges uv says packages need of a name (``depends on jinja2>=3.0,<4.0.0``), where all agree on one."""
+    found: dict[str, set[str]] = {}
+    for match in _DEPENDS_ON.finditer(explanation.lower().replace("_", "-")):
+        spec = match.group(2).rstrip(",")
         try:
-            locked = run_uv(plan, target, work_dir / f"without-{name}")
-        except UvFailure as failure:
-            plan.constraints[name] = pin
-            if not is_unsatisfiable(failure.stderr):
-                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr)}") from None
-            if moved is None and not mentioned(failure.stderr, [name]):
-                moved = (name, failure.stderr)
+            SpecifierSet(spec)
+        except InvalidSpecifier:
             continue
-        _report(plan, name, pin, explanation)
-        return locked
-    if moved is None:
-        raise ResolverError(f"cannot lock for {target.platform}: {summarise(explanation)}")
-    name, _ = moved
-    _report(plan, name, plan.constraints.pop(name), explanation)
-    return None  # the caller runs uv again: the next conflict may be one it fixes itself
+        if spec:
+            found.setdefault(match.group(1), set()).add(spec)
+    return {name: specs.pop() for name, specs in found.items() if len(specs) == 1}
+
+
+def _restore(plan: Plan, name: str, pin: str | None, relaxed_to: str | None) -> None:
+    plan.ranges.pop(name, None)
+    if pin is not None:
+        plan.constraints[name] = pin
+    if relaxed_to is not None:
+        plan.ranges[name] = relaxed_to
+
+
+def _try(plan: Plan, target: Target, work_dir: Path, deadline: float, explanation: str) -> dict[str, Any] | str | None:
+    """One relaxation run: the lock, uv's new explanation of why there is none, or None when uv ran too long."""
+    left = deadline - time.monotonic()
+    if plan.relaxation_runs >= MAX_RELAXATION_RUNS or left <= 0:
+        spent = f"{plan.relaxation_runs} uv runs" if left > 0 else f"{RELAXATION_SECONDS:.0f} s of uv runs"
+        raise ResolverError(
+            f"cannot lock for {target.platform}: the pins conflict and {spent} found no set to relax: "
+            f"{summarise(explanation, 600)}"
+        )
+    plan.relaxation_runs += 1
+    try:
+        return run_uv(plan, target, work_dir, timeout=min(left, RUN_SECONDS))
+    except UvTimeout:
+        return None
+    except UvFailure as failure:
+        if not is_unsatisfiable(failure.stderr):
+            raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
+        return failure.stderr
 
 
 def relaxation_order(plan: Plan, explanation: str) -> list[str]:
@@ -66,16 +123,16 @@ def relaxation_order(plan: Plan, explanation: str) -> list[str]:
 
     First a pin already moved for the target (it is no longer what the user had), then a dependency uv says a
     package "depends on" (moving it into the range keeps the package that asks for it), then the others in
-    the order uv names them.
+    the order uv names them; last a pin already relaxed to a range (lifting it lets uv go further).
     """
-    named = mentioned(explanation, sorted(plan.constraints))
-    lowered = explanation.lower().replace("_", "-")
-    depended = {match.group(1) for match in re.finditer(r"depends on ([a-z0-9][a-z0-9.-]*?)(?=[<>=!~;, ]|$)", lowered)}
+    named = mentioned(explanation, sorted({*plan.constraints, *plan.ranges}))
+    depended = {match.group(1) for match in _DEPENDS_ON.finditer(explanation.lower().replace("_", "-"))}
     changed = {name for name, row in plan.rows.items() if row.action == "version-changed"}
 
     def rank(item: tuple[int, str]) -> tuple[int, int]:
         position, name = item
-        return (0 if name in changed else 1 if name in depended else 2, position)
+        group = 3 if name in plan.ranges else 0 if name in changed else 1 if name in depended else 2
+        return (group, position)
 
     return [name for _, name in sorted(enumerate(named), key=rank)]
 

@@ -10,6 +10,7 @@ names are relaxed (see relax.py). ``strict`` turns every change into an error.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 
 from rawvm_resolver.availability import artifact_kind, index_files, nearest_version, platforms_offered
 from rawvm_resolver.compile import CompileInputs, UvFailure, uv_compile
+from rawvm_resolver.environment import canonical
 from rawvm_resolver.errors import ResolverError
+from rawvm_resolver.follow import follow_moved_pins
 from rawvm_resolver.platforms import target_tags
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
@@ -32,31 +35,106 @@ def resolve(
     """The parsed pylock.toml uv wrote for the (possibly adjusted) plan."""
     if not plan.requirements:
         return {"packages": []}
-    for attempt in range(_MAX_ATTEMPTS):
-        try:
-            return run_uv(plan, target, work_dir / f"attempt-{attempt}")
-        except UvFailure as failure:
-            if not is_unsatisfiable(failure.stderr):
-                raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
-            progress("uv found no solution; checking which pins the target lacks")
-            if _adjust(plan, target, failure.stderr, strict=strict):
-                continue
-            if strict:
-                raise ResolverError(f"cannot lock for {target.platform}: {summarise(failure.stderr)}") from None
-            from rawvm_resolver.relax import relax_pins  # here: relax.py builds on this module
+    from rawvm_resolver.relax import RELAXATION_SECONDS, relax_pins  # here: relax.py builds on this module
 
-            progress("the pins conflict with each other; relaxing the fewest that uv names")
-            locked = relax_pins(plan, target, work_dir / f"relax-{attempt}", failure.stderr)
-            if locked is not None:
-                return locked
+    deadline = time.monotonic() + RELAXATION_SECONDS
+    explanation = ""  # uv's last "no solution" when it is already known (a relaxation step returns it)
+    for attempt in range(_MAX_ATTEMPTS):
+        if not explanation:
+            try:
+                return run_uv(plan, target, work_dir / f"attempt-{attempt}")
+            except UvFailure as failure:
+                if not is_unsatisfiable(failure.stderr):
+                    if _old_setuptools_needed(plan, failure.stderr):
+                        progress("an sdist imports pkg_resources; building sdists with setuptools<82")
+                        continue
+                    if _unbuildable_pin(plan, target, failure.stderr, strict=strict):
+                        progress("a pinned sdist does not build here; moving its pin")
+                        continue
+                    raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
+                explanation = failure.stderr
+        progress("uv found no solution; checking which pins the target lacks")
+        if _adjust(plan, target, explanation, strict=strict):
+            explanation = ""
+            continue
+        if strict:
+            raise ResolverError(f"cannot lock for {target.platform}: {summarise(explanation)}")
+        progress("the pins conflict with each other; relaxing the ones uv names")
+        outcome = relax_pins(plan, target, work_dir / f"relax-{attempt}", explanation, deadline)
+        if isinstance(outcome, dict):
+            return outcome
+        explanation = outcome  # the conflict the relaxed pin left: adjust or relax again, without rerunning uv
     raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
 
 
-def run_uv(plan: Plan, target: Target, work_dir: Path) -> dict[str, Any]:
+def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = None) -> dict[str, Any]:
     """One uv resolution of the plan as it stands (counted on the plan); UvFailure when uv finds none."""
-    inputs = CompileInputs(plan.requirement_lines(), plan.constraint_lines(), target, list(plan.extra_index_urls))
+    inputs = CompileInputs(
+        plan.requirement_lines(),
+        plan.constraint_lines(),
+        target,
+        list(plan.extra_index_urls),
+        list(plan.build_constraints),
+    )
     plan.uv_runs += 1
-    return uv_compile(inputs, work_dir)
+    return uv_compile(inputs, work_dir, timeout)
+
+
+# setuptools 82 removed pkg_resources, which many older setup.py files import.
+SETUPTOOLS_WITH_PKG_RESOURCES = "setuptools<82"
+
+
+def _old_setuptools_needed(plan: Plan, stderr: str) -> bool:
+    """An sdist's build failed for want of pkg_resources: build sdists with the last setuptools that has it.
+
+    The constraint is recorded in the bundle, so the VM builds that sdist the same way (a build constraint
+    touches only build environments, never the locked packages)."""
+    match = _BUILD_FAILURE.search(stderr)
+    if match is None or "No module named 'pkg_resources'" not in stderr:
+        return False
+    if SETUPTOOLS_WITH_PKG_RESOURCES in plan.build_constraints:
+        return False
+    plan.build_constraints.append(SETUPTOOLS_WITH_PKG_RESOURCES)
+    plan.warnings.append(
+        f"{match.group(1)}=={match.group(2)}: its setup.py imports pkg_resources, which setuptools 82 removed: "
+        f"sdists build with {SETUPTOOLS_WITH_PKG_RESOURCES}, here and on the VM"
+    )
+    return True
+
+
+_BUILD_FAILURE = re.compile(r"Failed to (?:download and )?build `([A-Za-z0-9][A-Za-z0-9._-]*)==([^`]+)`")
+
+
+def _unbuildable_pin(plan: Plan, target: Target, stderr: str, *, strict: bool) -> bool:
+    """A pinned sdist whose build (for its metadata) fails with today's build tools: gym 0.21.0's setup.py is
+    rejected by setuptools >= 67. The pin moves to the nearest release with a wheel for the target, else it is
+    relaxed for uv to choose; False when the failure is not about a pin (the caller reports uv's error)."""
+    match = _BUILD_FAILURE.search(stderr)
+    if match is None:
+        return False
+    name, version = canonical(match.group(1)), match.group(2)
+    cause = build_cause(stderr[match.end() :])
+    if plan.constraints.get(name) != version:
+        raise ResolverError(
+            f"{name}=={version} (the release the environment allows) cannot be used on {target.platform}: its "
+            f"sdist does not build with today's build tools ({cause}); allow another {name} release or remove it"
+        )
+    if strict:
+        raise ResolverError(f"--strict: the sdist of {name}=={version} does not build for {target.platform}: {cause}")
+    files = index_files(name)
+    accepted = target_tags(target.python, target.arch, target.glibc)
+    wheels = [file for file in files if file.tags & accepted]
+    nearest = nearest_version(wheels, version, accepted)
+    why = f"the sdist of {version} does not build with today's build tools ({cause})"
+    if nearest:
+        plan.constraints[name] = nearest
+        plan.rows[name] = ReportRow(name, "version-changed", version, nearest, f"{why}: nearest release with a wheel")
+        follow_moved_pins(plan, target, {name: nearest})
+    else:
+        del plan.constraints[name]
+        plan.rows[name] = ReportRow(name, "version-changed", version, "", f"{why} and no release has a wheel: uv chose")
+    plan.warnings.append(f"{name}=={version}: {why}")
+    return True
 
 
 def is_unsatisfiable(stderr: str) -> bool:
@@ -82,6 +160,14 @@ def mentioned(stderr: str, names: list[str]) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def build_cause(stderr: str, limit: int = 200) -> str:
+    """The line of a failed build's output that says why: its last one before uv's hint."""
+    output = stderr.split("[stderr]", 1)[-1].split("\nhint:", 1)[0]
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.strip().startswith("warnings.")]
+    cause = lines[-1] if lines else summarise(stderr)
+    return cause if len(cause) <= limit else cause[: limit - 1] + "…"
+
+
 def _adjust(plan: Plan, target: Target, stderr: str, *, strict: bool) -> bool:
     candidates = sorted(set(plan.constraints) | set(plan.requirements))
     suspects = mentioned(stderr, candidates)
@@ -99,6 +185,7 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
     with ThreadPoolExecutor(max_workers=8) as pool:
         listings = dict(zip(names, pool.map(index_files, names), strict=True))
     changed = False
+    moved: dict[str, str] = {}
     for name in names:
         files = listings[name]
         pin = plan.constraints.get(name, "")
@@ -120,6 +207,7 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
             if name in plan.index_or_drop and name in plan.rows:
                 reason = f"{plan.rows[name].reason}; {reason}"  # keep why the source was replaced
             plan.rows[name] = ReportRow(name, "version-changed", pin, nearest, reason)
+            moved[name] = nearest
             changed = True
         elif name in plan.linux_or_drop or name in plan.index_or_drop:
             if strict:
@@ -152,6 +240,8 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
         elif pin:
             del plan.constraints[name]  # a dependency pinned at a version Linux lacks: let uv choose
             changed = True
+    if moved:
+        follow_moved_pins(plan, target, moved)
     return changed
 
 
@@ -177,4 +267,5 @@ def _drop_optional_extras(plan: Plan, target: Target, stderr: str, *, strict: bo
 def _remove(plan: Plan, name: str) -> None:
     plan.requirements.pop(name, None)
     plan.constraints.pop(name, None)
+    plan.ranges.pop(name, None)
     plan.optional_extras.pop(name, None)  # else giving up the extras would bring the package back

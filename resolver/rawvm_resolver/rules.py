@@ -31,6 +31,10 @@ class Rule:
     macos_only: bool = False  # the package exists only for macOS: a Linux lock must never pin it
 
 
+# A pip freeze taken inside a conda environment lists conda's own tools; their PyPI releases are stale or do not
+# build (ruamel-yaml-conda 0.15.80's sdist fails), and the VM's environment is a uv venv that needs none of them.
+_CONDA_TOOLING = "conda's own tooling, listed by a pip freeze of a conda environment: the VM's uv venv needs no conda"
+
 RULES: tuple[Rule, ...] = (
     Rule("pyobjc", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
     Rule("pyobjc-*", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
@@ -86,6 +90,25 @@ RULES: tuple[Rule, ...] = (
         DROP,
         "mlx's Metal backend, macOS-only: on Linux mlx[cpu] / mlx[cuda] bring mlx-cpu / mlx-cuda instead",
         macos_only=True,
+    ),
+    *(
+        Rule(name, DROP, _CONDA_TOOLING)
+        for name in (
+            "conda",
+            "conda-build",
+            "conda-content-trust",
+            "conda-libmamba-solver",
+            "conda-package-handling",
+            "conda-package-streaming",
+            "conda-repo-cli",
+            "conda-token",
+            "conda-verify",
+            "ruamel-yaml-conda",
+            "anaconda-client",
+            "anaconda-navigator",
+            "anaconda-project",
+            "navigator-updater",
+        )
     ),
     Rule("pywin32", DROP, "Windows-only API bindings: no Linux build exists"),
     Rule("pywinpty", DROP, "Windows-only pseudo-terminal: Linux terminals need no helper"),

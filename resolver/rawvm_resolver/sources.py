@@ -105,7 +105,8 @@ def parse_requirement_lines(
         try:
             requirement = PepRequirement(text)
         except InvalidRequirement as exc:
-            raise InputError(f"invalid requirement {text!r}: {exc}") from exc
+            reason = str(exc).splitlines()[0] if str(exc) else "not PEP 508"  # packaging adds caret lines
+            raise InputError(f"invalid requirement {text!r}: {reason} (pip refuses it too)") from exc
         name = canonical(requirement.name)
         pin = _exact_pin(requirement)
         if requirement.url:
@@ -195,7 +196,26 @@ def _url_distribution(name: str, url: str, base_dir: Path) -> Distribution:
     if url.startswith(_VCS_PREFIXES):
         base, commit = split_vcs_url(url.partition("#")[0])
         return Distribution(name=name, version="", requested=True, source=Source(kind="vcs", url=base, commit=commit))
+    if forge := forge_archive(url):
+        base, ref = forge
+        return Distribution(name=name, version="", requested=True, source=Source(kind="vcs", url=base, commit=ref))
     return Distribution(name=name, version="", requested=True, source=Source(kind="archive", url=url))
+
+
+# https://github.com/o/r/archive/refs/heads/develop.zip, https://gitlab.com/o/r/-/archive/main/r-main.tar.gz
+_FORGE_ARCHIVE = re.compile(
+    r"https?://(?P<host>github\.com|gitlab\.com)/(?P<repo>[^/]+/[^/]+?)/(?:-/)?archive/"
+    r"(?:refs/(?:heads|tags)/)?(?P<ref>[^/]+?)(?:/[^/]+)?\.(?:zip|tar\.gz|tgz)"
+)
+
+
+def forge_archive(url: str) -> tuple[str, str] | None:
+    """A GitHub / GitLab archive URL as the repository and ref it snapshots (a branch archive moves like a
+    VCS ref, and the VM may not reach the forge): (``git+https://host/o/r.git``, ref), or None."""
+    match = _FORGE_ARCHIVE.fullmatch(url.partition("#")[0])
+    if match is None:
+        return None
+    return f"git+https://{match.group('host')}/{match.group('repo')}.git", match.group("ref")
 
 
 def _local_project_name(path: Path) -> str:

@@ -22,6 +22,7 @@ from rawvm_resolver.unreachable import index_reason, known_version, local_path_e
 class Plan:
     requirements: dict[str, str] = field(default_factory=dict)  # name -> PEP 508 string for uv
     constraints: dict[str, str] = field(default_factory=dict)  # name -> exact version
+    ranges: dict[str, str] = field(default_factory=dict)  # relaxed pins: name -> the specifier uv chooses within
     rows: dict[str, ReportRow] = field(default_factory=dict)  # decisions made before resolution
     renamed: dict[str, str] = field(default_factory=dict)  # target name -> source name it replaces
     optional_extras: dict[str, tuple[str, ...]] = field(default_factory=dict)  # extras dropped on a conflict
@@ -31,13 +32,15 @@ class Plan:
     relaxation_runs: int = 0  # of those, the runs spent finding which inconsistent pins to relax
     local: list[Distribution] = field(default_factory=list)  # editable / local packages to build
     extra_index_urls: list[str] = field(default_factory=list)
+    build_constraints: list[str] = field(default_factory=list)  # for sdist builds, here and on the VM alike
     warnings: list[str] = field(default_factory=list)
 
     def requirement_lines(self) -> list[str]:
         return [self.requirements[name] for name in sorted(self.requirements)]
 
     def constraint_lines(self) -> list[str]:
-        return [f"{name}=={self.constraints[name]}" for name in sorted(self.constraints)]
+        exact = [f"{name}=={version}" for name, version in self.constraints.items()]
+        return sorted(exact + [f"{name}{spec}" for name, spec in self.ranges.items() if spec])
 
 
 def translate(env: Environment, target: Target, *, torch_index: str = "", keep_vcs: bool = False) -> Plan:

@@ -197,6 +197,15 @@ def test_index_settings_reach_uv(tmp_path: Path) -> None:
     assert plain._index_args(manifest) == ["--index-url", "https://other/simple"]
 
 
+def test_the_bundles_build_constraints_reach_uv(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    inst = installer(tmp_path / "state", {})
+    manifest = parse_manifest('format = 1\n[install]\nbuild_constraints = ["setuptools<82"]\n')
+    args = inst._index_args(manifest)
+    assert args[:1] == ["--build-constraints"] and Path(args[1]).read_text() == "setuptools<82\n"
+    assert installer(tmp_path / "s2", {})._index_args(parse_manifest("format = 1\n")) == []
+
+
 @pytest.mark.parametrize("bad", ["/etc/passwd", "../up", "a/../../b", "", "a//b"])
 def test_bundle_paths_must_be_plain_relative(bad: str) -> None:
     with pytest.raises(BundleError):

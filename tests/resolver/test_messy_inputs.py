@@ -6,6 +6,7 @@ Readers and translation run offline; the relaxation and glibc cases run real uv 
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,11 @@ from rawvm.cli_lock import PROVIDER_GLIBC, target_from_args
 from rawvm_resolver import Target, lock
 from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform
 from rawvm_resolver.errors import InputError, ResolverError
-from rawvm_resolver.relax import relaxation_order
+from rawvm_resolver.follow import follow_moved_pins
+from rawvm_resolver.relax import relaxation_order, required_ranges
 from rawvm_resolver.report import ReportRow
-from rawvm_resolver.sources import editable_pins, parse_requirement_lines, read_file_input, split_vcs_url
+from rawvm_resolver.resolve import build_cause
+from rawvm_resolver.sources import editable_pins, forge_archive, parse_requirement_lines, read_file_input, split_vcs_url
 from rawvm_resolver.target import parse_glibc_version
 from rawvm_resolver.translate import Plan, translate
 from rawvm_resolver.unreachable import known_version, origin_of
@@ -203,3 +206,99 @@ def test_a_pin_the_index_never_had_is_dropped_with_a_warning(tmp_path: Path) -> 
     assert rows["six"].target == "1.16.0"
     with pytest.raises(ResolverError, match="nb-conda"):
         lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
+
+
+# -- a moved pin takes its dependencies along; relaxation uses the range uv names ---------------------------------
+
+
+def test_required_ranges_are_read_from_uvs_explanation() -> None:
+    explanation = (
+        "Because conan==1.51.3 depends on distro{sys_platform == 'linux' or sys_platform == 'linux2'}>=1.0.2,<=1.6.0 "
+        "and you require distro==1.7.0, we can conclude ... Because conan==1.51.3 depends on jinja2>=3.0,<4.0.0 and "
+        "torchvision==0.9.0 depends on torch==1.8.0. poetry==1.1.14 depends on packaging>=20.4,<21.0 and "
+        "statsmodels==0.13.2 depends on packaging>=21.3"
+    )
+    assert required_ranges(explanation) == {"distro": ">=1.0.2,<=1.6.0", "jinja2": ">=3.0,<4.0.0", "torch": "==1.8.0"}
+    # packaging is asked for in two ranges that do not meet: no single range to relax it to
+
+
+def test_a_relaxed_pin_is_a_range_in_the_constraints() -> None:
+    plan = Plan(constraints={"six": "1.16.0"}, ranges={"jinja2": ">=3.0,<4.0.0", "packaging": ">=20.9"})
+    assert plan.constraint_lines() == ["jinja2>=3.0,<4.0.0", "packaging>=20.9", "six==1.16.0"]
+
+
+def test_a_failed_builds_cause_is_its_last_line() -> None:
+    stderr = (
+        "error: Failed to build `gym==0.21.0`\n  cause: The build backend returned an error\n"
+        "  cause: Call to `setuptools.build_meta:__legacy__.get_requires_for_build_wheel` failed (exit status: 1)\n\n"
+        "         [stderr]\n         /tmp/x/dist.py:318: UserWarning: Unknown distribution option: 'tests_require'\n"
+        "           warnings.warn(msg)\n"
+        "         error in gym setup command: 'extras_require' must be a dictionary whose values are strings\n\n"
+        "hint: Build failures usually indicate a problem with the package or the build environment\n"
+    )
+    assert (
+        build_cause(stderr)
+        == "error in gym setup command: 'extras_require' must be a dictionary whose values are strings"
+    )
+
+
+@pytest.mark.network
+def test_a_moved_pin_relaxes_the_pins_its_new_version_refuses() -> None:
+    # tensorflow 2.9.2 has no Python 3.11 wheel, so its pin moves to 2.12.0, whose wheel asks for keras>=2.12,<2.13
+    plan = Plan(constraints={"tensorflow": "2.12.0", "keras": "2.9.0", "numpy": "1.23.1", "six": "1.16.0"})
+    relaxed = follow_moved_pins(plan, CPU, {"tensorflow": "2.12.0"})
+    assert relaxed == ["keras"]
+    assert plan.constraints == {"tensorflow": "2.12.0", "numpy": "1.23.1", "six": "1.16.0"}  # numpy 1.23 fits <1.24
+    assert "keras<2.13,>=2.12.0" in plan.rows["keras"].reason and plan.rows["keras"].action == "version-changed"
+
+
+@pytest.mark.network
+def test_a_pinned_sdist_that_no_longer_builds_moves_and_says_why(tmp_path: Path) -> None:
+    # gym 0.21.0's setup.py is refused by today's setuptools (and its metadata by every modern installer)
+    result = lock(_write(tmp_path, "gym==0.21.0\n"), CPU, tmp_path / "bundle", project_dir=tmp_path)
+    row = {row.name: row for row in result.rows}["gym"]
+    assert row.source == "0.21.0" and row.target != "0.21.0"
+    assert "the sdist of 0.21.0 does not build with today's build tools (error in gym setup command" in row.reason
+    with pytest.raises(ResolverError) as info:  # a range that allows nothing else: one line that says so
+        lock(_write(tmp_path, "gym~=0.21.0\n"), CPU, tmp_path / "range", project_dir=tmp_path)
+    assert "\n" not in str(info.value) and str(info.value).startswith(
+        "gym==0.21.0 (the release the environment allows)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "https://github.com/pyannote/pyannote-audio/archive/refs/heads/develop.zip",
+            ("git+https://github.com/pyannote/pyannote-audio.git", "develop"),
+        ),
+        ("https://github.com/o/r/archive/v1.0.tar.gz", ("git+https://github.com/o/r.git", "v1.0")),
+        ("https://gitlab.com/o/r/-/archive/main/r-main.zip", ("git+https://gitlab.com/o/r.git", "main")),
+        ("https://files.pythonhosted.org/packages/x/six-1.16.0.tar.gz", None),
+    ],
+)
+def test_a_forge_archive_url_is_a_vcs_snapshot(url: str, expected: tuple[str, str] | None) -> None:
+    assert forge_archive(url) == expected
+
+
+def test_a_branch_archive_becomes_the_index_release_unless_kept() -> None:
+    # source: dvrk-dvys/EZ_RVC requirements.txt (2114fbb767a7586c07cddbeb1521930c9d5979b6), one line of it
+    dists = _reqs("pyannote-audio @ https://github.com/pyannote/pyannote-audio/archive/refs/heads/develop.zip")
+    assert dists["pyannote-audio"].source.kind == "vcs"
+    plan = translate(_env(dists), CPU)
+    assert plan.requirements["pyannote-audio"] == "pyannote-audio" and "pyannote-audio" in plan.index_or_drop
+    kept = translate(_env(dists), CPU, keep_vcs=True)
+    assert kept.requirements["pyannote-audio"] == (
+        "pyannote-audio @ git+https://github.com/pyannote/pyannote-audio.git@develop"
+    )
+
+
+@pytest.mark.network
+def test_an_sdist_that_imports_pkg_resources_builds_with_the_setuptools_that_has_it(tmp_path: Path) -> None:
+    # mmcv 2.2.0 is sdist-only and its setup.py imports pkg_resources, which setuptools 82 removed
+    result = lock(_write(tmp_path, "mmcv==2.2.0\n"), CPU, tmp_path / "bundle", project_dir=tmp_path)
+    assert {row.name: row for row in result.rows}["mmcv"].target == "2.2.0"  # the user's version, not moved
+    manifest = tomllib.loads((result.bundle_dir / "rawvm-env.toml").read_text())
+    assert manifest["install"]["build_constraints"] == ["setuptools<82"]  # the VM builds it the same way
+    assert any("pkg_resources" in warning and "mmcv==2.2.0" in warning for warning in result.warnings)

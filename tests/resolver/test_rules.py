@@ -36,6 +36,26 @@ CASES = [
     ("mlx-metal", "mlx-metal", "0.29.0", CPU_X86, None, "dropped"),
     ("pywin32", "pywin32", "306", CPU_X86, None, "dropped"),
     ("pywinpty", "pywinpty", "2.0.13", CPU_X86, None, "dropped"),
+    # conda's own tools, as a pip freeze inside a conda environment lists them (versions from real freezes)
+    *(
+        (name, name, version, CPU_X86, None, "dropped")
+        for name, version in [
+            ("conda", "4.12.0"),
+            ("conda-build", "3.21.8"),
+            ("conda-content-trust", "0.1.1"),
+            ("conda-libmamba-solver", "23.1.0"),
+            ("conda-package-handling", "1.7.3"),
+            ("conda-package-streaming", "0.7.0"),
+            ("conda-repo-cli", "1.0.4"),
+            ("conda-token", "0.3.0"),
+            ("conda-verify", "3.4.2"),
+            ("ruamel-yaml-conda", "0.15.80"),
+            ("anaconda-client", "1.9.0"),
+            ("anaconda-navigator", "2.1.4"),
+            ("anaconda-project", "0.10.2"),
+            ("navigator-updater", "0.2.1"),
+        ]
+    ),
 ]
 
 

@@ -1,0 +1,74 @@
+"""A wheel's METADATA without downloading the wheel: HTTP range requests into the zip, as pip's lazy wheel does.
+
+Indexes serve the metadata beside the wheel (PEP 658) for most new uploads but not all (tensorflow 2.12.0's
+wheels have none), and PyPI's JSON API may be out of reach behind a mirror-only proxy. A zip's central
+directory sits at its end, so a few ranges of a few KiB find and read ``*.dist-info/METADATA``.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import io
+import urllib.error
+import urllib.request
+import zipfile
+
+_BLOCK = 64 * 1024
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only, seekable view of a remote file, fetched in blocks by HTTP Range requests."""
+
+    def __init__(self, url: str, timeout: float = 60) -> None:
+        self.url, self.timeout, self.position = url, timeout, 0
+        self.blocks: dict[int, bytes] = {}
+        request = urllib.request.Request(url, method="HEAD")  # noqa: S310 (the caller checks the scheme)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            self.size = int(response.headers["Content-Length"])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        end = min(self.position + len(buffer), self.size)
+        data = b"".join(self._block(index) for index in range(self.position // _BLOCK, (end - 1) // _BLOCK + 1))
+        start = self.position - (self.position // _BLOCK) * _BLOCK
+        chunk = data[start : start + end - self.position] if end > self.position else b""
+        buffer[: len(chunk)] = chunk
+        self.position += len(chunk)
+        return len(chunk)
+
+    def _block(self, index: int) -> bytes:
+        if index not in self.blocks:
+            first, last = index * _BLOCK, min((index + 1) * _BLOCK, self.size) - 1
+            request = urllib.request.Request(self.url, headers={"Range": f"bytes={first}-{last}"})  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                if response.status != 206:
+                    raise OSError(f"{self.url}: the server ignored the range request")
+                self.blocks[index] = response.read()
+        return self.blocks[index]
+
+
+def remote_wheel_requirements(url: str) -> list[str] | None:
+    """The Requires-Dist lines of the wheel at ``url``; None when it cannot be read that way."""
+    try:
+        with zipfile.ZipFile(io.BufferedReader(RangeFile(url), buffer_size=_BLOCK)) as wheel:
+            names = [name for name in wheel.namelist() if name.count("/") == 1 and name.endswith(".dist-info/METADATA")]
+            if len(names) != 1:
+                return None
+            text = wheel.read(names[0]).decode("utf-8", errors="replace")
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return None
+    message = email.parser.Parser().parsestr(text, headersonly=True)
+    return [str(value) for value in message.get_all("Requires-Dist") or []]
