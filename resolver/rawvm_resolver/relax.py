@@ -30,6 +30,10 @@ RELAXATION_SECONDS = 300.0  # and the wall time those runs may take together
 RUN_SECONDS = 90.0  # one candidate that keeps uv searching longer is not the one (uv is backtracking far)
 _REASON_LIMIT = 400
 # "conan==1.51.3 depends on distro{sys_platform == 'linux'}>=1.0.2,<=1.6.0 and ...": the name and the range.
+# "conan==1.51.3 depends on jinja2>=3.0": who asks (conan) for what (jinja2).
+_ASKS = re.compile(
+    r"([a-z0-9][a-z0-9.-]*)(?:\[[^\]]*\])?(?:[<>=!~]=?[^\s,]*(?:,[<>=!~]=?[^\s,]*)*)? depends on ([a-z0-9][a-z0-9.-]*)"
+)
 _DEPENDS_ON = re.compile(
     r"depends on ([a-z0-9][a-z0-9.-]*)(?:\[[^\]]*\])?(?:\{[^}]*\})?((?:[<>=!~]=?[^\s,]*[^\s,.],?)*)"
 )
@@ -52,7 +56,10 @@ def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline
         raise ResolverError(f"cannot lock for {target.platform}: {summarise(stderr)}")
     needed = required_ranges(stderr)
     searching = []  # candidates whose run kept uv busy past RUN_SECONDS
+    tried: set[str] = set()  # pins already unpinned in this call (an asker swapped in)
     for name in candidates:
+        if name in tried:
+            continue
         before = (plan.constraints.get(name), plan.ranges.get(name))
         pin = plan.constraints.pop(name, None)
         if pin is not None:
@@ -60,7 +67,18 @@ def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline
         else:
             plan.ranges.pop(name)  # relaxed to a range already: lift the range too
         outcome = _try(plan, target, work_dir / f"without-{name}", deadline, stderr)
-        if isinstance(outcome, dict) or (isinstance(outcome, str) and not mentioned(outcome, [name])):
+        if isinstance(outcome, dict):
+            _report(plan, name, pin or before[1] or "", stderr)
+            return outcome
+        if isinstance(outcome, str) and _moved(plan, name, stderr, outcome):
+            asker = next(
+                (a for a in askers(stderr).get(name, []) if a in plan.constraints and mentioned(outcome, [a])), ""
+            )
+            if asker:  # the package that asked is in trouble still: it, not its dependency, is what must move
+                tried.add(asker)
+                swapped = _swap(plan, target, work_dir, deadline, stderr, name, before, asker)
+                if swapped is not None:
+                    return swapped
             _report(plan, name, pin or before[1] or "", stderr)
             return outcome
         _restore(plan, name, *before)
@@ -88,6 +106,49 @@ def required_ranges(explanation: str) -> dict[str, str]:
         if spec:
             found.setdefault(match.group(1), set()).add(spec)
     return {name: specs.pop() for name, specs in found.items() if len(specs) == 1}
+
+
+def _swap(
+    plan: Plan,
+    target: Target,
+    work_dir: Path,
+    deadline: float,
+    stderr: str,
+    name: str,
+    before: tuple[str | None, str | None],
+    asker: str,
+) -> dict[str, Any] | str | None:
+    """Unpin ``asker`` instead of relaxing ``name`` (its dependency); None, with ``name`` relaxed as it was, when
+    that does not help either."""
+    relaxed_to = plan.ranges.get(name)
+    _restore(plan, name, *before)
+    pin = plan.constraints.pop(asker)
+    outcome = _try(plan, target, work_dir / f"without-{asker}", deadline, stderr)
+    if isinstance(outcome, dict) or (isinstance(outcome, str) and not mentioned(outcome, [asker])):
+        _report(plan, asker, pin, stderr)
+        return outcome
+    plan.constraints[asker] = pin
+    plan.constraints.pop(name, None)
+    if relaxed_to is not None:
+        plan.ranges[name] = relaxed_to
+    return None
+
+
+def _moved(plan: Plan, name: str, old: str, new: str) -> bool:
+    """Whether relaxing ``name`` moved the conflict on: uv no longer names it, or names a pin it did not before
+    (statsmodels wanted packaging>=21.3; granted, poetry's packaging<21 is the conflict now)."""
+    if not mentioned(new, [name]):
+        return True
+    pins = sorted(plan.constraints)
+    return bool(set(mentioned(new, pins)) - set(mentioned(old, pins)))
+
+
+def askers(explanation: str) -> dict[str, list[str]]:
+    """For each name uv says a package "depends on", the packages that ask for it, in uv's order."""
+    found: dict[str, list[str]] = {}
+    for match in _ASKS.finditer(explanation.lower().replace("_", "-")):
+        found.setdefault(match.group(2), []).append(match.group(1))
+    return found
 
 
 def _restore(plan: Plan, name: str, pin: str | None, relaxed_to: str | None) -> None:

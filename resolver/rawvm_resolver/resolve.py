@@ -16,6 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import InvalidRequirement
+from packaging.requirements import Requirement as PepRequirement
+from packaging.tags import Tag
+
 from rawvm_resolver.availability import artifact_kind, index_files, nearest_version, platforms_offered
 from rawvm_resolver.compile import CompileInputs, UvFailure, uv_compile
 from rawvm_resolver.environment import canonical
@@ -42,7 +46,11 @@ def resolve(
     for attempt in range(_MAX_ATTEMPTS):
         if not explanation:
             try:
-                return run_uv(plan, target, work_dir / f"attempt-{attempt}")
+                locked = run_uv(plan, target, work_dir / f"attempt-{attempt}")
+                if strict or not _prefer_wheels(plan, target, locked):
+                    return locked
+                progress("compiled packages pinned at releases without a wheel for the target; moving them")
+                continue
             except UvFailure as failure:
                 if not is_unsatisfiable(failure.stderr):
                     if _old_setuptools_needed(plan, failure.stderr):
@@ -62,7 +70,10 @@ def resolve(
         progress("the pins conflict with each other; relaxing the ones uv names")
         outcome = relax_pins(plan, target, work_dir / f"relax-{attempt}", explanation, deadline)
         if isinstance(outcome, dict):
-            return outcome
+            if not _prefer_wheels(plan, target, outcome):
+                return outcome
+            explanation = ""
+            continue
         explanation = outcome  # the conflict the relaxed pin left: adjust or relax again, without rerunning uv
     raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
 
@@ -78,6 +89,51 @@ def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = N
     )
     plan.uv_runs += 1
     return uv_compile(inputs, work_dir, timeout)
+
+
+def _prefer_wheels(plan: Plan, target: Target, locked: dict[str, Any]) -> bool:
+    """Move pins the lock would build from source although the package ships compiled wheels for the target in
+    other releases (pyarrow 9.0.0 on Python 3.11): its sdist needs a compiler and the library's C/C++
+    dependencies on the VM. A pure-Python sdist (no platform wheel in any release) builds anywhere and stays.
+    True when a pin moved and uv must run again."""
+    sdist_only = [
+        canonical(str(package.get("name", "")))
+        for package in locked.get("packages", [])
+        if "sdist" in package and not package.get("wheels")
+    ]
+    names = [name for name in sdist_only if name in plan.constraints and name not in plan.moved_to_wheels]
+    if not names:
+        return False
+    accepted = target_tags(target.python, target.arch, target.glibc)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        listings = dict(zip(names, pool.map(index_files, names), strict=True))
+    moved: dict[str, str] = {}
+    for name in names:
+        plan.moved_to_wheels.add(name)
+        compiled = [file for file in listings[name] if file.tags & accepted and _is_platform_wheel(file.tags)]
+        nearest = nearest_version(compiled, plan.constraints[name], accepted)
+        if not nearest:
+            continue
+        pin = plan.constraints[name]
+        plan.constraints[name] = nearest
+        reason = (
+            f"{pin} has no wheel for {target.platform} (Python {target.python}) and its sdist is compiled code: "
+            f"nearest release with a wheel"
+        )
+        prior = plan.rows.get(name)
+        if prior is not None and prior.action in ("translated", "version-changed"):
+            reason = f"{prior.reason}; {reason}"
+        plan.rows[name] = ReportRow(
+            name, "version-changed", prior.source if prior and prior.source else pin, nearest, reason
+        )
+        moved[name] = nearest
+    if moved:
+        follow_moved_pins(plan, target, moved)
+    return bool(moved)
+
+
+def _is_platform_wheel(tags: frozenset[Tag]) -> bool:
+    return any(tag.platform != "any" for tag in tags)
 
 
 # setuptools 82 removed pkg_resources, which many older setup.py files import.
@@ -115,10 +171,21 @@ def _unbuildable_pin(plan: Plan, target: Target, stderr: str, *, strict: bool) -
     name, version = canonical(match.group(1)), match.group(2)
     cause = build_cause(stderr[match.end() :])
     if plan.constraints.get(name) != version:
-        raise ResolverError(
-            f"{name}=={version} (the release the environment allows) cannot be used on {target.platform}: its "
-            f"sdist does not build with today's build tools ({cause}); allow another {name} release or remove it"
+        relaxed = None if strict else _past_compatible_release(plan.requirements.get(name, ""), version)
+        if relaxed is None:
+            raise ResolverError(
+                f"{name}=={version} (the release the environment allows) cannot be used on {target.platform}: its "
+                f"sdist does not build with today's build tools ({cause}); allow another {name} release or remove it"
+            )
+        asked = plan.requirements[name]
+        plan.requirements[name] = relaxed
+        reason = (
+            f"{asked} allows only {version}, whose sdist does not build with today's build tools ({cause}): "
+            f"relaxed to {relaxed}, uv chose the version"
         )
+        plan.rows[name] = ReportRow(name, "version-changed", asked.removeprefix(name), "", reason)
+        plan.warnings.append(f"{name}: {reason}")
+        return True
     if strict:
         raise ResolverError(f"--strict: the sdist of {name}=={version} does not build for {target.platform}: {cause}")
     files = index_files(name)
@@ -158,6 +225,20 @@ def mentioned(stderr: str, names: list[str]) -> list[str]:
         if match:
             found.append((match.start(), name))
     return [name for _, name in sorted(found)]
+
+
+def _past_compatible_release(text: str, version: str) -> str | None:
+    """``gym~=0.21.0`` whose only release fails to build -> ``gym>0.21.0``: a compatible-release request asks
+    for "about this version", so the next releases honour it best. None for any other specifier (the user's)."""
+    try:
+        requirement = PepRequirement(text)
+    except InvalidRequirement:
+        return None
+    if not requirement.specifier or any(spec.operator != "~=" for spec in requirement.specifier):
+        return None
+    extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+    marker = f"; {requirement.marker}" if requirement.marker else ""
+    return f"{requirement.name}{extras}>{version}{marker}"
 
 
 def build_cause(stderr: str, limit: int = 200) -> str:
@@ -231,8 +312,15 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
             plan.warnings.append(f"{name}: {reason}")
             changed = True
         elif name in plan.requirements:
-            offered = ", ".join(platforms_offered(files))
-            where = f"its wheels are for {offered}" if offered else "the index has no release of it"
+            platforms = platforms_offered(files)
+            where = f"its wheels are for {', '.join(platforms)}" if platforms else "the index has no release of it"
+            if any(platform.startswith(("manylinux", "musllinux", "linux")) for platform in platforms):
+                pythons = sorted({tag.interpreter for file in files for tag in file.tags if tag.interpreter != "py3"})
+                raise ResolverError(
+                    f"{name} has no build for {target.platform} Python {target.python} ({where}; for "
+                    f"{', '.join(pythons[-4:]) or 'other Pythons'}): remove it from the environment, or lock for a "
+                    f"Python it supports (--python)"
+                )
             raise ResolverError(
                 f"{name} exists for no Linux platform ({where}): remove it from the environment, "
                 f"or lock for a platform it supports"

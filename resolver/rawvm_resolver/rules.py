@@ -75,6 +75,13 @@ RULES: tuple[Rule, ...] = (
         replacement="onnxruntime",
         macos_only=True,
     ),
+    Rule(
+        "faiss",
+        RENAME,
+        "conda's faiss: on PyPI the FAISS project's wheels are faiss-cpu, same version (PyPI's `faiss` is an "
+        "unrelated 2019 build for CPython <= 3.7); it runs on a GPU machine too, on the CPU",
+        replacement="faiss-cpu",
+    ),
     Rule("torch", TORCH, "the target's build of torch, same version"),
     # mlx's Linux wheels (manylinux_2_35 since 0.26.5, so glibc >= 2.35) hold only the Python binding: the
     # library itself is mlx-cpu or mlx-cuda, which mlx's own `cpu` / `cuda` extras pull in on Linux.

@@ -209,6 +209,18 @@ _FORGE_ARCHIVE = re.compile(
 )
 
 
+_FORGE_DOWNLOAD = re.compile(
+    r"https?://(github\.com/[^/]+/[^/]+/releases/download/|gitlab\.com/.+/-/(releases|package_files)/"
+    r"|objects\.githubusercontent\.com/|raw\.githubusercontent\.com/)"
+)
+
+
+def is_forge_download(url: str) -> bool:
+    """A file a code forge serves (a GitHub release asset such as spaCy's models): like a VCS source, the VM
+    may not reach the forge, so by default the index release of the same name replaces it."""
+    return bool(_FORGE_DOWNLOAD.match(url))
+
+
 def forge_archive(url: str) -> tuple[str, str] | None:
     """A GitHub / GitLab archive URL as the repository and ref it snapshots (a branch archive moves like a
     VCS ref, and the VM may not reach the forge): (``git+https://host/o/r.git``, ref), or None."""

@@ -14,6 +14,7 @@ from packaging.requirements import Requirement as PepRequirement
 from rawvm_resolver.environment import Distribution, Environment, canonical
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.rules import DROP, LINUX_OR_DROP, RENAME, TORCH, TORCH_FAMILY, rule_for, torch_reason
+from rawvm_resolver.sources import is_forge_download
 from rawvm_resolver.target import Target
 from rawvm_resolver.unreachable import index_reason, known_version, local_path_exists, missing_reason, short_url
 
@@ -33,6 +34,7 @@ class Plan:
     local: list[Distribution] = field(default_factory=list)  # editable / local packages to build
     extra_index_urls: list[str] = field(default_factory=list)
     build_constraints: list[str] = field(default_factory=list)  # for sdist builds, here and on the VM alike
+    moved_to_wheels: set[str] = field(default_factory=set)  # pins already checked for a compiled wheel
     warnings: list[str] = field(default_factory=list)
 
     def requirement_lines(self) -> list[str]:
@@ -53,6 +55,9 @@ def translate(env: Environment, target: Target, *, torch_index: str = "", keep_v
             plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}{commit}"
             continue
         if dist.source.kind == "archive" and dist.source.local_path is None:
+            if is_forge_download(dist.source.url) and not keep_vcs:
+                _from_index(plan, dist, target, present)
+                continue
             plan.requirements[dist.name] = f"{dist.name} @ {dist.source.url}"  # a remote archive: uv fetches it
             continue
         if dist.is_local and local_path_exists(dist):

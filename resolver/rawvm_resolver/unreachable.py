@@ -22,6 +22,7 @@ from packaging.utils import (
 )
 
 from rawvm_resolver.environment import Distribution
+from rawvm_resolver.sources import is_forge_download
 
 # Where a path comes from, by the marks each tool leaves in it (first match wins).
 _ORIGINS = (
@@ -62,6 +63,8 @@ def origin_of(dist: Distribution) -> str:
     """What kind of source this is, in words, for the report."""
     if dist.source.kind == "vcs":
         return "VCS source"
+    if is_forge_download(dist.source.url):
+        return "code-forge download"
     for pattern, words in _ORIGINS:
         if pattern.search(dist.source.url):
             return words
@@ -76,17 +79,20 @@ def short_url(url: str, limit: int = 72) -> str:
 def index_reason(dist: Distribution, version: str, where: str) -> str:
     source = f"{origin_of(dist)} {short_url(dist.source.url)}"
     release = f"the index release {version} (version from {where})" if version else "the newest index release"
-    tail = "; pass --keep-vcs to keep the VCS URL if the VM can reach it" if dist.source.kind == "vcs" else ""
+    tail = "; pass --keep-vcs to keep the URL if the VM can reach it" if _keepable(dist) else ""
     return f"{source} is not on this machine: {release} of the same name{tail}"
 
 
 def missing_reason(dist: Distribution) -> str:
-    vcs = dist.source.kind == "vcs"
-    where = "lock where its source is" + (", or pass --keep-vcs if the VM can reach it" if vcs else "")
+    where = "lock where its source is" + (", or pass --keep-vcs if the VM can reach it" if _keepable(dist) else "")
     return (
         f"WARNING: {origin_of(dist)} {short_url(dist.source.url)} is not on this machine and the index has no "
         f"release of {dist.name}: dropped ({where})"
     )
+
+
+def _keepable(dist: Distribution) -> bool:
+    return dist.source.kind == "vcs" or is_forge_download(dist.source.url)
 
 
 def local_path_exists(dist: Distribution) -> bool:

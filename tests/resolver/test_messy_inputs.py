@@ -259,8 +259,12 @@ def test_a_pinned_sdist_that_no_longer_builds_moves_and_says_why(tmp_path: Path)
     row = {row.name: row for row in result.rows}["gym"]
     assert row.source == "0.21.0" and row.target != "0.21.0"
     assert "the sdist of 0.21.0 does not build with today's build tools (error in gym setup command" in row.reason
-    with pytest.raises(ResolverError) as info:  # a range that allows nothing else: one line that says so
-        lock(_write(tmp_path, "gym~=0.21.0\n"), CPU, tmp_path / "range", project_dir=tmp_path)
+    # a compatible-release request (~=) asks for "about 0.21.0": the releases after it are the nearest
+    near = lock(_write(tmp_path, "gym~=0.21.0\n"), CPU, tmp_path / "near", project_dir=tmp_path)
+    relaxed = {row.name: row for row in near.rows}["gym"]
+    assert "relaxed to gym>0.21.0" in relaxed.reason
+    with pytest.raises(ResolverError) as info:  # any other specifier is the user's law: one line that says so
+        lock(_write(tmp_path, "gym>=0.21.0,<0.22\n"), CPU, tmp_path / "range", project_dir=tmp_path)
     assert "\n" not in str(info.value) and str(info.value).startswith(
         "gym==0.21.0 (the release the environment allows)"
     )
@@ -302,3 +306,44 @@ def test_an_sdist_that_imports_pkg_resources_builds_with_the_setuptools_that_has
     manifest = tomllib.loads((result.bundle_dir / "rawvm-env.toml").read_text())
     assert manifest["install"]["build_constraints"] == ["setuptools<82"]  # the VM builds it the same way
     assert any("pkg_resources" in warning and "mmcv==2.2.0" in warning for warning in result.warnings)
+
+
+@pytest.mark.network
+def test_a_compiled_package_without_a_wheel_moves_and_a_pure_sdist_stays(tmp_path: Path) -> None:
+    # pyarrow 9.0.0 has no Python 3.11 wheel (its sdist needs Arrow C++ on the VM); htmlmin never had a wheel
+    source = _write(tmp_path, "pyarrow==9.0.0\nhtmlmin==0.1.12\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["pyarrow"].action == "version-changed" and rows["pyarrow"].source == "9.0.0"
+    assert int(rows["pyarrow"].target.split(".")[0]) >= 10 and "its sdist is compiled code" in rows["pyarrow"].reason
+    assert rows["htmlmin"].action == "builds-from-source" and rows["htmlmin"].target == "0.1.12"
+    strict = lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
+    assert {row.name: row for row in strict.rows}["pyarrow"].action == "builds-from-source"  # --strict moves nothing
+
+
+@pytest.mark.network
+def test_a_package_linux_has_only_for_other_pythons_says_so(tmp_path: Path) -> None:
+    # PyPI's faiss (not faiss-cpu) has manylinux1 wheels for CPython <= 3.7 only; a conda env's pip freeze lists it
+    with pytest.raises(ResolverError) as info:
+        lock(_write(tmp_path, "faiss==1.7.4\nsix==1.16.0\n"), CPU, tmp_path / "bundle", project_dir=tmp_path)
+    message = str(info.value)
+    assert message.startswith("faiss has no build for linux-x86_64 Python 3.11") and "--python" in message
+    assert "manylinux1_x86_64" in message and "\n" not in message
+
+
+def test_a_forge_release_file_is_replaced_like_a_vcs_source_unless_kept() -> None:
+    # source: mahmadza/sturdy-barnacle requirements.txt (df3a0dde8cfae979beb4084ef06674fea5a8e318), one line of it
+    url = (
+        "https://github.com/explosion/spacy-models/releases/download/en_core_web_sm-3.8.0/"
+        "en_core_web_sm-3.8.0-py3-none-any.whl#sha256=1932429db727d4bff3deed6b34cfc05df17794f4a52eeb26cf8928f7c1a0fb85"
+    )
+    dists = _reqs(f"en-core-web-sm @ {url}")
+    plan = translate(_env(dists), CPU)
+    assert plan.requirements["en-core-web-sm"] == "en-core-web-sm" and plan.constraints["en-core-web-sm"] == "3.8.0"
+    assert (
+        "code-forge download" in plan.rows["en-core-web-sm"].reason
+        and "--keep-vcs" in plan.rows["en-core-web-sm"].reason
+    )
+    assert "--keep-vcs" in plan.index_or_drop["en-core-web-sm"]  # no index release: dropped, saying how to keep it
+    kept = translate(_env(dists), CPU, keep_vcs=True)
+    assert kept.requirements["en-core-web-sm"] == f"en-core-web-sm @ {url}"

@@ -44,8 +44,9 @@ SAMPLE = (
     "poetry-nlp-nexus-cache.txt",
     "conda-scc-proc-osx-64-export.txt",
 )
-# Three CPU locks installed for real: a conda list via --pypi-only, a poetry cache export, a conda-built freeze.
-INSTALLED = ("conda-twitter-scraper-osx-arm64.yml", "poetry-nlp-nexus-cache.txt", "pip-graphml-m1.txt")
+# Three CPU locks installed for real: a conda environment.yml via --pypi-only, a poetry cache export, a pip
+# freeze of a conda-forge environment (conda-bld paths and a git source); none needs torch, to keep CI short.
+INSTALLED = ("conda-semantic-plausibility-m1.yml", "poetry-hexletlvl4-cache.txt", "pip-labelseg-croot-mac.txt")
 
 
 def _has(pattern: str) -> Callable[[str], bool]:

@@ -31,6 +31,7 @@ CASES = [
     ("tensorflow-macos", "tensorflow-macos", "2.16.2", CPU_X86, "tensorflow", "translated"),
     ("jax-metal", "jax-metal", "0.1.1", CPU_ARM, "jax", "translated"),
     ("torch", "torch", "2.5.1", CUDA_X86, "torch", "translated"),
+    ("faiss", "faiss", "1.7.4", CPU_X86, "faiss-cpu", "translated"),
     ("onnxruntime-silicon", "onnxruntime-silicon", "1.16.0", CPU_ARM, "onnxruntime", "translated"),
     ("mlx", "mlx", "0.29.0", CPU_X86, "mlx[cpu]", "translated"),
     ("mlx-metal", "mlx-metal", "0.29.0", CPU_X86, None, "dropped"),
