@@ -170,6 +170,17 @@ def _unbuildable_pin(plan: Plan, target: Target, stderr: str, *, strict: bool) -
         return False
     name, version = canonical(match.group(1)), match.group(2)
     cause = build_cause(stderr[match.end() :])
+    if name in plan.unbuildable and not strict:
+        # Its pin was relaxed for this already, and uv's choice does not build either: no release builds today
+        # and none has a wheel. The VM could not install it either; the rest of the environment is kept.
+        reason = (
+            f"WARNING: no release of {name} has a wheel for {target.platform} and the sdists uv tried do not build "
+            f"with today's build tools ({cause}): dropped"
+        )
+        _remove(plan, name)
+        plan.rows[name] = ReportRow(name, "dropped", plan.unbuildable[name], "", reason)
+        plan.warnings.append(f"{name}: {reason}")
+        return True
     if plan.constraints.get(name) != version:
         relaxed = None if strict else _past_compatible_release(plan.requirements.get(name, ""), version)
         if relaxed is None:
@@ -199,6 +210,7 @@ def _unbuildable_pin(plan: Plan, target: Target, stderr: str, *, strict: bool) -
         follow_moved_pins(plan, target, {name: nearest})
     else:
         del plan.constraints[name]
+        plan.unbuildable[name] = version
         plan.rows[name] = ReportRow(name, "version-changed", version, "", f"{why} and no release has a wheel: uv chose")
     plan.warnings.append(f"{name}=={version}: {why}")
     return True

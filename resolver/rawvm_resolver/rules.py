@@ -29,11 +29,17 @@ class Rule:
     cuda_reason: str = ""  # RENAME: the reason on a CUDA target
     cpu_extras: tuple[str, ...] = ()  # LINUX_OR_DROP: extras the Linux build needs on a CPU target
     macos_only: bool = False  # the package exists only for macOS: a Linux lock must never pin it
+    same_version: bool = True  # RENAME: the replacement takes the renamed package's version
 
 
 # A pip freeze taken inside a conda environment lists conda's own tools; their PyPI releases are stale or do not
 # build (ruamel-yaml-conda 0.15.80's sdist fails), and the VM's environment is a uv venv that needs none of them.
 _CONDA_TOOLING = "conda's own tooling, listed by a pip freeze of a conda environment: the VM's uv venv needs no conda"
+
+_PYG_EXTENSION = (
+    "WARNING: PyG extension whose PyPI release is an sdist that needs torch to build: dropped (torch_geometric "
+    "runs without it); install its wheel on the VM from https://data.pyg.org/whl/ for your torch and CUDA"
+)
 
 RULES: tuple[Rule, ...] = (
     Rule("pyobjc", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
@@ -82,7 +88,22 @@ RULES: tuple[Rule, ...] = (
         "unrelated 2019 build for CPython <= 3.7); it runs on a GPU machine too, on the CPU",
         replacement="faiss-cpu",
     ),
+    Rule(
+        "sklearn",
+        RENAME,
+        "the deprecated `sklearn` alias on PyPI (its sdist refuses to install since 0.0.post12): scikit-learn, at "
+        "the environment's own scikit-learn version if it has one",
+        replacement="scikit-learn",
+        same_version=False,
+    ),
     Rule("torch", TORCH, "the target's build of torch, same version"),
+    # PyG's compiled extensions: PyPI has only sdists, whose setup.py imports torch (so no resolver can even read
+    # their metadata without installing torch); the wheels are on PyG's own index, per torch version and CUDA.
+    # torch_geometric itself runs without them (they speed up some layers).
+    *(
+        Rule(name, DROP, _PYG_EXTENSION)
+        for name in ("pyg-lib", "torch-cluster", "torch-scatter", "torch-sparse", "torch-spline-conv")
+    ),
     # mlx's Linux wheels (manylinux_2_35 since 0.26.5, so glibc >= 2.35) hold only the Python binding: the
     # library itself is mlx-cpu or mlx-cuda, which mlx's own `cpu` / `cuda` extras pull in on Linux.
     Rule(

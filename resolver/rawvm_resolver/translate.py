@@ -35,6 +35,7 @@ class Plan:
     extra_index_urls: list[str] = field(default_factory=list)
     build_constraints: list[str] = field(default_factory=list)  # for sdist builds, here and on the VM alike
     moved_to_wheels: set[str] = field(default_factory=set)  # pins already checked for a compiled wheel
+    unbuildable: dict[str, str] = field(default_factory=dict)  # pins relaxed because their sdist fails to build
     warnings: list[str] = field(default_factory=list)
 
     def requirement_lines(self) -> list[str]:
@@ -115,7 +116,7 @@ def _translate_one(
         own = present.get(new)
         if own is not None and own.version:
             plan.constraints[new] = own.version
-        elif version:
+        elif version and rule.same_version:
             plan.constraints[new] = version
         plan.renamed[new] = name
         reason = rule.cuda_reason if target.is_cuda and rule.cuda_reason else rule.reason

@@ -26,7 +26,10 @@ from rawvm_resolver.sources import is_forge_download
 
 # Where a path comes from, by the marks each tool leaves in it (first match wins).
 _ORIGINS = (
-    (re.compile(r"/croots?/|/conda-bld/|/tmp/build/|/opt/concourse/|/recipes/ci/|/ci_\d+/"), "conda-built package"),
+    (
+        re.compile(r"/croots?/|/conda-bld/|/feedstock_root/|/tmp/build/|/opt/concourse/|/recipes/ci/|/ci_\d+/"),
+        "conda-built package",
+    ),
     (re.compile(r"pypoetry/(artifacts|cache)"), "poetry cache wheel"),
     (re.compile(r"Caches/pip/|\.cache/pip/"), "pip cache wheel"),
     (re.compile(r"Caches/uv/|\.cache/uv/"), "uv cache wheel"),

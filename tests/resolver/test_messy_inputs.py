@@ -58,6 +58,9 @@ def test_croot_work_directory_has_no_version() -> None:
     dist = _reqs("attrs @ file:///tmp/build/80754af9/attrs_1620827162558/work")["attrs"]
     assert known_version(dist) == ("", "")
     assert origin_of(dist) == "conda-built package"
+    # source: Haas-Lab/Label_Seg_Program requirements.txt (8722781ea4ac9e998e52a716e91f39d3055b48ed), one line
+    forge = _reqs("Pygments @ file:///home/conda/feedstock_root/build_artifacts/pygments_1650904496387/work")
+    assert origin_of(forge["pygments"]) == "conda-built package"  # conda-forge's build path
 
 
 def test_poetry_and_pip_cache_wheels() -> None:
@@ -347,3 +350,15 @@ def test_a_forge_release_file_is_replaced_like_a_vcs_source_unless_kept() -> Non
     assert "--keep-vcs" in plan.index_or_drop["en-core-web-sm"]  # no index release: dropped, saying how to keep it
     kept = translate(_env(dists), CPU, keep_vcs=True)
     assert kept.requirements["en-core-web-sm"] == f"en-core-web-sm @ {url}"
+
+
+@pytest.mark.network
+def test_a_pin_no_release_of_which_builds_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    # suds-jurko (every release an sdist using setuptools' removed use_2to3), from dvrk-dvys/EZ_RVC's freeze
+    source = _write(tmp_path, "suds-jurko==0.6\nsix==1.16.0\n")
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    rows = {row.name: row for row in result.rows}
+    assert rows["suds-jurko"].action == "dropped" and rows["suds-jurko"].reason.startswith("WARNING: ")
+    assert "use_2to3" in rows["suds-jurko"].reason and rows["six"].target == "1.16.0"
+    with pytest.raises(ResolverError, match="suds-jurko"):
+        lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)

@@ -56,7 +56,9 @@ def _has(pattern: str) -> Callable[[str], bool]:
 
 # The failure classes of issue 7 that show in a file's text (class 4, inconsistent pins, shows only when locking).
 CLASSES: dict[str, Callable[[str], bool]] = {
-    "1 conda-built local file URL": _has(r" @ file://\S*(/croot/|/conda-bld/|/tmp/build/|/private/var/folders/)"),
+    "1 conda-built local file URL": _has(
+        r" @ file://\S*(/croot/|/conda-bld/|/feedstock_root/|/tmp/build/|/private/var/folders/)"
+    ),
     "2 cached wheel file URL": _has(r" @ file://\S*(pypoetry/artifacts|Caches/pip|cache/uv)\S*\.whl"),
     "3 VCS or local editable source": _has(r"^(-e\s+\S+|\S+ @ git\+\S+)"),
     "5 glibc level (mlx)": _has(r"^(- )?mlx\b"),

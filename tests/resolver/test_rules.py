@@ -32,6 +32,17 @@ CASES = [
     ("jax-metal", "jax-metal", "0.1.1", CPU_ARM, "jax", "translated"),
     ("torch", "torch", "2.5.1", CUDA_X86, "torch", "translated"),
     ("faiss", "faiss", "1.7.4", CPU_X86, "faiss-cpu", "translated"),
+    ("sklearn", "sklearn", "0.0.post12", CPU_X86, "scikit-learn", "translated"),
+    *(  # PyG's extensions (versions from a real freeze: ipastore/colon_matching requirements.txt)
+        (name, name, version, CPU_X86, None, "dropped")
+        for name, version in [
+            ("pyg-lib", "0.4.0"),
+            ("torch-cluster", "1.6.3"),
+            ("torch-scatter", "2.1.2"),
+            ("torch-sparse", "0.6.18"),
+            ("torch-spline-conv", "1.2.2"),
+        ]
+    ),
     ("onnxruntime-silicon", "onnxruntime-silicon", "1.16.0", CPU_ARM, "onnxruntime", "translated"),
     ("mlx", "mlx", "0.29.0", CPU_X86, "mlx[cpu]", "translated"),
     ("mlx-metal", "mlx-metal", "0.29.0", CPU_X86, None, "dropped"),
@@ -96,6 +107,13 @@ def test_renamed_packages_keep_the_version_and_gain_cuda_extras() -> None:
     plan = translate(env_of(requested("jax-metal", "0.1.1"), Distribution("jax", "0.4.34")), CUDA_X86)
     assert plan.requirement_lines() == ["jax[cuda12]"]
     assert plan.constraint_lines() == ["jax==0.4.34"]  # jax's own pin, not jax-metal's version
+
+
+def test_the_sklearn_alias_becomes_scikit_learn_at_its_own_version() -> None:
+    alone = translate(env_of(requested("sklearn", "0.0.post12")), CPU_X86)
+    assert alone.requirement_lines() == ["scikit-learn"] and alone.constraint_lines() == []  # 0.0 is no sklearn
+    both = translate(env_of(requested("scikit-learn", "1.3.2"), requested("sklearn", "0.0.post12")), CPU_X86)
+    assert both.constraints["scikit-learn"] == "1.3.2"
 
 
 def test_torch_reason_is_honest_about_the_build() -> None:
