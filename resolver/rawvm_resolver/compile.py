@@ -17,6 +17,7 @@ from rawvm_resolver.target import Target
 
 _UV_BIN_LOCK = threading.Lock()
 BUILD_CONSTRAINTS = "build-constraints.txt"
+EXCLUDES = "excludes.txt"
 
 
 @functools.cache
@@ -46,6 +47,7 @@ class CompileInputs:
     target: Target
     extra_index_urls: list[str] = field(default_factory=list)
     build_constraints: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
 
 
 def write_inputs(inputs: CompileInputs, work_dir: Path) -> tuple[Path, Path]:
@@ -56,6 +58,8 @@ def write_inputs(inputs: CompileInputs, work_dir: Path) -> tuple[Path, Path]:
     constraints.write_text("".join(f"{line}\n" for line in inputs.constraints))
     if inputs.build_constraints:
         (work_dir / BUILD_CONSTRAINTS).write_text("".join(f"{line}\n" for line in inputs.build_constraints))
+    if inputs.excludes:
+        (work_dir / EXCLUDES).write_text("".join(f"{name}\n" for name in inputs.excludes))
     return requirements, constraints
 
 
@@ -83,6 +87,8 @@ def uv_compile_command(inputs: CompileInputs, requirements: Path, constraints: P
         command += ["--extra-index-url", url]
     if inputs.build_constraints:
         command += ["--build-constraints", str(requirements.parent / BUILD_CONSTRAINTS)]
+    if inputs.excludes:
+        command += ["--excludes", str(requirements.parent / EXCLUDES)]
     if inputs.extra_index_urls:
         # The torch index mirrors numpy, pillow, ... at few versions: let every index offer every version.
         command += ["--index-strategy", "unsafe-best-match"]

@@ -66,7 +66,11 @@ def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline
             plan.ranges[name] = needed.get(name, f">={pin}")
         else:
             plan.ranges.pop(name)  # relaxed to a range already: lift the range too
-        outcome = _try(plan, target, work_dir / f"without-{name}", deadline, stderr)
+        try:
+            outcome = _try(plan, target, work_dir / f"without-{name}", deadline, stderr)
+        except UvFailure:
+            _restore(plan, name, *before)  # nothing relaxed without its row: the caller fixes the build, then retries
+            raise
         if isinstance(outcome, dict):
             _report(plan, name, pin or before[1] or "", stderr)
             return outcome
@@ -84,8 +88,14 @@ def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline
         _restore(plan, name, *before)
         if outcome is None:
             searching.append(name)
+    saved = {name: (plan.constraints.get(name), plan.ranges.get(name)) for name in candidates}
     relaxed = {name: plan.constraints.pop(name, "") or plan.ranges.pop(name, "") for name in candidates}
-    outcome = _try(plan, target, work_dir / "without-all-named", deadline, stderr)
+    try:
+        outcome = _try(plan, target, work_dir / "without-all-named", deadline, stderr)
+    except UvFailure:
+        for name, before in saved.items():
+            _restore(plan, name, *before)
+        raise
     if outcome is None:
         slow = f" (relaxing {', '.join(searching)} kept uv searching past {RUN_SECONDS:.0f} s)" if searching else ""
         raise ResolverError(f"cannot lock for {target.platform}: the pins conflict{slow}: {summarise(stderr, 600)}")
@@ -123,7 +133,11 @@ def _swap(
     relaxed_to = plan.ranges.get(name)
     _restore(plan, name, *before)
     pin = plan.constraints.pop(asker)
-    outcome = _try(plan, target, work_dir / f"without-{asker}", deadline, stderr)
+    try:
+        outcome = _try(plan, target, work_dir / f"without-{asker}", deadline, stderr)
+    except UvFailure:
+        plan.constraints[asker] = pin
+        raise
     if isinstance(outcome, dict) or (isinstance(outcome, str) and not mentioned(outcome, [asker])):
         _report(plan, asker, pin, stderr)
         return outcome
@@ -175,7 +189,7 @@ def _try(plan: Plan, target: Target, work_dir: Path, deadline: float, explanatio
         return None
     except UvFailure as failure:
         if not is_unsatisfiable(failure.stderr):
-            raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
+            raise  # a build failed, not the resolution: relax_pins restores the pins, the caller fixes the build
         return failure.stderr
 
 

@@ -68,7 +68,15 @@ def resolve(
         if strict:
             raise ResolverError(f"cannot lock for {target.platform}: {summarise(explanation)}")
         progress("the pins conflict with each other; relaxing the ones uv names")
-        outcome = relax_pins(plan, target, work_dir / f"relax-{attempt}", explanation, deadline)
+        try:
+            outcome = relax_pins(plan, target, work_dir / f"relax-{attempt}", explanation, deadline)
+        except UvFailure as failure:  # a relaxation let uv pick an sdist that does not build
+            if _old_setuptools_needed(plan, failure.stderr) or _unbuildable_pin(
+                plan, target, failure.stderr, strict=False
+            ):
+                explanation = ""
+                continue
+            raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
         if isinstance(outcome, dict):
             if not _prefer_wheels(plan, target, outcome):
                 return outcome
@@ -86,6 +94,7 @@ def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = N
         target,
         list(plan.extra_index_urls),
         list(plan.build_constraints),
+        sorted(plan.excludes),
     )
     plan.uv_runs += 1
     return uv_compile(inputs, work_dir, timeout)

@@ -45,6 +45,13 @@ RULES: tuple[Rule, ...] = (
     Rule("pyobjc", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
     Rule("pyobjc-*", DROP, "macOS-only bridge to Objective-C frameworks: no Linux build exists", macos_only=True),
     Rule(
+        "applaunchservices",
+        DROP,
+        "macOS Launch Services bindings (Spyder's helper, built on pyobjc): nothing on Linux can use them",
+        macos_only=True,
+    ),
+    Rule("appscript", DROP, "macOS Apple Events bridge: no Linux counterpart exists", macos_only=True),
+    Rule(
         "appnope",
         DROP,
         "macOS App Nap control: nothing on Linux needs it (uv adds it back if a Linux package does)",

@@ -36,6 +36,7 @@ class Plan:
     build_constraints: list[str] = field(default_factory=list)  # for sdist builds, here and on the VM alike
     moved_to_wheels: set[str] = field(default_factory=set)  # pins already checked for a compiled wheel
     unbuildable: dict[str, str] = field(default_factory=dict)  # pins relaxed because their sdist fails to build
+    excludes: set[str] = field(default_factory=set)  # never resolved, not even as a dependency (uv --excludes)
     warnings: list[str] = field(default_factory=list)
 
     def requirement_lines(self) -> list[str]:
@@ -104,6 +105,8 @@ def _translate_one(
     shown = version or text
     if rule is not None and rule.action == DROP:
         plan.rows[name] = ReportRow(name, "dropped", shown, "", rule.reason)
+        if rule.macos_only:
+            plan.excludes.add(name)  # nor may a package that (wrongly) asks for it on Linux bring it back
         return
     if rule is not None and rule.action == RENAME:
         new = rule.replacement
@@ -119,6 +122,8 @@ def _translate_one(
         elif version and rule.same_version:
             plan.constraints[new] = version
         plan.renamed[new] = name
+        if not rule.same_version:
+            plan.excludes.add(name)  # an alias that no longer installs: a dependency asking for it gets `new`
         reason = rule.cuda_reason if target.is_cuda and rule.cuda_reason else rule.reason
         plan.rows[name] = ReportRow(name, "translated", shown, "", reason)
         return

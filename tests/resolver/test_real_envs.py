@@ -33,12 +33,15 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "real-envs"
 FILES = sorted(path for path in CORPUS.iterdir() if path.is_file())
 SOURCE_LINE = re.compile(r"# source: [\w.-]+/[\w.-]+ \S.* \([0-9a-f]{40}\)")
 MIN_SHARE = 0.9
+# Whichever test first needs the x86_64 locks runs them all in its setup: 41 files, a few minutes each at worst
+# (a relaxation is bounded at 300 s), three at a time; a cold uv cache adds the metadata downloads.
+CORPUS_SECONDS = 2700
 CPU_X86 = Target(arch="x86_64", python="", glibc=UBUNTU_2404_GLIBC)
 ARM = Target(arch="aarch64", python="", glibc=UBUNTU_2404_GLIBC)
 CUDA = Target(arch="x86_64", python="", glibc=UBUNTU_2404_GLIBC, accelerator="cuda", cuda="12.8")
-# Five files for each other target: torch, TensorFlow, mlx, a conda list and a poetry export among them.
+# Five files for each other target: TensorFlow (moved for Python 3.11), mlx, a conda list and a poetry export.
 SAMPLE = (
-    "pip-acodet-m1.txt",
+    "pip-pd-m1-editable.txt",
     "pip-seal-mlx.txt",
     "pip-celersight-mac.txt",
     "poetry-nlp-nexus-cache.txt",
@@ -185,6 +188,7 @@ def x86_locks(work: Path) -> Iterator[list[Outcome]]:
 
 
 @pytest.mark.network
+@pytest.mark.timeout(CORPUS_SECONDS)
 def test_the_corpus_locks_for_linux_x86_64(x86_locks: list[Outcome], capsys: pytest.CaptureFixture[str]) -> None:
     with capsys.disabled():
         print(_summary("linux-x86_64", x86_locks))
@@ -195,6 +199,7 @@ def test_the_corpus_locks_for_linux_x86_64(x86_locks: list[Outcome], capsys: pyt
 
 
 @pytest.mark.network
+@pytest.mark.timeout(CORPUS_SECONDS)
 def test_inconsistent_freezes_are_relaxed_and_reported(x86_locks: list[Outcome]) -> None:
     relaxed = [outcome for outcome in x86_locks if outcome.result is not None and outcome.result.relaxation_runs]
     assert len(relaxed) >= 3, "class 4 (inconsistent pins) should show in several real files"
@@ -202,7 +207,7 @@ def test_inconsistent_freezes_are_relaxed_and_reported(x86_locks: list[Outcome])
         assert outcome.result is not None
         rows = [row for row in outcome.result.rows if "the source environment was inconsistent" in row.reason]
         assert rows, f"{outcome.path.name}: pins were relaxed but no row says why"
-        assert all(row.action == "version-changed" for row in rows)
+        assert all(row.action in ("version-changed", "builds-from-source") for row in rows)
 
 
 @pytest.mark.network
@@ -219,6 +224,7 @@ def test_a_sample_locks_for_aarch64_and_cuda(target: Target, work: Path, capsys:
 
 
 @pytest.mark.network
+@pytest.mark.timeout(CORPUS_SECONDS)
 @pytest.mark.parametrize("name", INSTALLED)
 def test_a_produced_cpu_lock_installs_with_uv_pip_sync(name: str, x86_locks: list[Outcome], tmp_path: Path) -> None:
     outcome = next(outcome for outcome in x86_locks if outcome.path.name == name)

@@ -27,6 +27,8 @@ CASES = [
     ("pyobjc", "pyobjc", "10.3.1", CPU_X86, None, "dropped"),
     ("pyobjc-*", "pyobjc-framework-cocoa", "10.3.1", CPU_X86, None, "dropped"),
     ("appnope", "appnope", "0.1.4", CPU_X86, None, "dropped"),
+    ("applaunchservices", "applaunchservices", "0.3.0", CPU_X86, None, "dropped"),  # versions from a real freeze
+    ("appscript", "appscript", "1.1.2", CPU_X86, None, "dropped"),
     ("tensorflow-metal", "tensorflow-metal", "1.1.0", CUDA_X86, None, "dropped"),
     ("tensorflow-macos", "tensorflow-macos", "2.16.2", CPU_X86, "tensorflow", "translated"),
     ("jax-metal", "jax-metal", "0.1.1", CPU_ARM, "jax", "translated"),
