@@ -26,7 +26,7 @@ from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
 
 MAX_RELAXATION_RUNS = 24  # uv runs one lock may spend finding which pins to relax
-RELAXATION_SECONDS = 300.0  # and the wall time those runs may take together
+RELAXATION_SECONDS = 480.0  # and the wall time those runs may take together (a first, cold-cache lock is slower)
 RUN_SECONDS = 90.0  # one candidate that keeps uv searching longer is not the one (uv is backtracking far)
 _REASON_LIMIT = 400
 # "conan==1.51.3 depends on distro{sys_platform == 'linux'}>=1.0.2,<=1.6.0 and ...": the name and the range.
