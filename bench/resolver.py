@@ -62,7 +62,14 @@ def main() -> None:
         project.mkdir()
         for label, target in TARGETS.items():
             plan = translate(env, target)
-            inputs = CompileInputs(plan.requirement_lines(), plan.constraint_lines(), target, plan.extra_index_urls)
+            inputs = CompileInputs(
+                plan.requirement_lines(),
+                plan.constraint_lines(),
+                target,
+                plan.extra_index_urls,
+                plan.build_constraints,
+                sorted(plan.excludes),
+            )
             requirements, constraints = write_inputs(inputs, work / "uv-inputs")
             command = uv_compile_command(inputs, requirements, constraints, work / "uv-out" / "pylock.toml")
             (work / "uv-out").mkdir(exist_ok=True)
