@@ -23,8 +23,9 @@ from pathlib import Path
 
 from rawvm_images.ec2 import UBUNTU_2404_GLIBC
 from rawvm_resolver import Target, lock
-from rawvm_resolver.compile import CompileInputs, uv_compile_command, write_inputs
+from rawvm_resolver.compile import uv_compile_command, write_inputs
 from rawvm_resolver.errors import InputError, ResolverError
+from rawvm_resolver.resolve import compile_inputs
 from rawvm_resolver.scan import scan
 from rawvm_resolver.translate import translate
 
@@ -62,14 +63,7 @@ def main() -> None:
         project.mkdir()
         for label, target in TARGETS.items():
             plan = translate(env, target)
-            inputs = CompileInputs(
-                plan.requirement_lines(),
-                plan.constraint_lines(),
-                target,
-                plan.extra_index_urls,
-                plan.build_constraints,
-                sorted(plan.excludes),
-            )
+            inputs = compile_inputs(plan, target)
             requirements, constraints = write_inputs(inputs, work / "uv-inputs")
             command = uv_compile_command(inputs, requirements, constraints, work / "uv-out" / "pylock.toml")
             (work / "uv-out").mkdir(exist_ok=True)

@@ -6,7 +6,6 @@ Only used when uv reports a resolution failure, to tell "this pin has no build f
 from __future__ import annotations
 
 import dataclasses
-import email.parser
 import functools
 import json
 import time
@@ -67,26 +66,6 @@ def index_files(name: str, index_url: str = PYPI_SIMPLE) -> tuple[IndexFile, ...
             url = urllib.parse.urljoin(f"{index_url.rstrip('/')}/{name}/", str(entry.get("url", "")))
             files.append(dataclasses.replace(parsed, url=url, metadata=metadata))
     return tuple(files)
-
-
-def wheel_requirements(file: IndexFile) -> list[str]:
-    """The Requires-Dist lines of a wheel: from the metadata file the index serves beside it (PEP 658), else
-    read out of the remote wheel by range requests; [] when neither works (uv still decides)."""
-    if file.metadata and file.url.startswith(("https://", "http://")):
-        request = urllib.request.Request(f"{file.url.split('#', 1)[0]}.metadata")  # noqa: S310 (scheme checked)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
-                text = response.read().decode("utf-8", errors="replace")
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
-            text = ""
-        if text:
-            message = email.parser.Parser().parsestr(text, headersonly=True)
-            return [str(value) for value in message.get_all("Requires-Dist") or []]
-    from rawvm_resolver.wheel_metadata import remote_wheel_requirements  # lazy: only moved pins need it
-
-    if not file.url.startswith("https://"):
-        return []
-    return remote_wheel_requirements(file.url.split("#", 1)[0]) or []
 
 
 def _fetch_json(url: str, failure: str) -> dict[str, object] | None:

@@ -15,12 +15,14 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.tags import Tag
 from packaging.version import InvalidVersion, Version
 
-from rawvm_resolver.availability import IndexFile, index_files, wheel_requirements
+from rawvm_resolver.availability import IndexFile, index_files
+from rawvm_resolver.decisions import target_marker_environment
 from rawvm_resolver.environment import canonical
 from rawvm_resolver.platforms import target_tags
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
+from rawvm_resolver.wheel_metadata import wheel_requirements
 
 
 def follow_moved_pins(plan: Plan, target: Target, moved: dict[str, str]) -> list[str]:
@@ -51,20 +53,7 @@ def _requires(name: str, version: str, target: Target) -> list[Requirement]:
     wheel = _wheel_for(index_files(name), version, accepted)
     if wheel is None:
         return []
-    environment = {
-        "implementation_version": f"{target.python}.0",
-        "platform_release": "",
-        "platform_version": "",
-        "python_version": target.python,
-        "python_full_version": f"{target.python}.0",
-        "sys_platform": "linux",
-        "platform_system": "Linux",
-        "platform_machine": target.arch,
-        "os_name": "posix",
-        "implementation_name": "cpython",
-        "platform_python_implementation": "CPython",
-        "extra": "",
-    }
+    environment = target_marker_environment(target)
     found = []
     for line in wheel_requirements(wheel):
         try:

@@ -53,11 +53,8 @@ def resolve(
                 continue
             except UvFailure as failure:
                 if not is_unsatisfiable(failure.stderr):
-                    if _old_setuptools_needed(plan, failure.stderr):
-                        progress("an sdist imports pkg_resources; building sdists with setuptools<82")
-                        continue
-                    if _unbuildable_pin(plan, target, failure.stderr, strict=strict):
-                        progress("a pinned sdist does not build here; moving its pin")
+                    if _fix_build(plan, target, failure.stderr, strict=strict):
+                        progress("an sdist does not build here; changing how it is built or which release")
                         continue
                     raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
                 explanation = failure.stderr
@@ -71,9 +68,7 @@ def resolve(
         try:
             outcome = relax_pins(plan, target, work_dir / f"relax-{attempt}", explanation, deadline)
         except UvFailure as failure:  # a relaxation let uv pick an sdist that does not build
-            if _old_setuptools_needed(plan, failure.stderr) or _unbuildable_pin(
-                plan, target, failure.stderr, strict=False
-            ):
+            if _fix_build(plan, target, failure.stderr, strict=False):
                 explanation = ""
                 continue
             raise ResolverError(f"uv failed for {target.platform}: {summarise(failure.stderr, 500)}") from None
@@ -86,9 +81,9 @@ def resolve(
     raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
 
 
-def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = None) -> dict[str, Any]:
-    """One uv resolution of the plan as it stands (counted on the plan); UvFailure when uv finds none."""
-    inputs = CompileInputs(
+def compile_inputs(plan: Plan, target: Target) -> CompileInputs:
+    """What uv is given for the plan as it stands (the benchmark gives raw uv exactly this)."""
+    return CompileInputs(
         plan.requirement_lines(),
         plan.constraint_lines(),
         target,
@@ -96,8 +91,12 @@ def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = N
         list(plan.build_constraints),
         sorted(plan.excludes),
     )
+
+
+def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = None) -> dict[str, Any]:
+    """One uv resolution of the plan as it stands (counted on the plan); UvFailure when uv finds none."""
     plan.uv_runs += 1
-    return uv_compile(inputs, work_dir, timeout)
+    return uv_compile(compile_inputs(plan, target), work_dir, timeout)
 
 
 def _prefer_wheels(plan: Plan, target: Target, locked: dict[str, Any]) -> bool:
@@ -143,6 +142,11 @@ def _prefer_wheels(plan: Plan, target: Target, locked: dict[str, Any]) -> bool:
 
 def _is_platform_wheel(tags: frozenset[Tag]) -> bool:
     return any(tag.platform != "any" for tag in tags)
+
+
+def _fix_build(plan: Plan, target: Target, stderr: str, *, strict: bool) -> bool:
+    """A build failure uv reported, answered by a build constraint or a pin change; False when neither applies."""
+    return _old_setuptools_needed(plan, stderr) or _unbuildable_pin(plan, target, stderr, strict=strict)
 
 
 # setuptools 82 removed pkg_resources, which many older setup.py files import.

@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from rawvm_resolver.availability import IndexFile
+
 _BLOCK = 64 * 1024
 
 
@@ -60,6 +62,21 @@ class RangeFile(io.RawIOBase):
         return self.blocks[index]
 
 
+def wheel_requirements(file: IndexFile) -> list[str]:
+    """The Requires-Dist lines of an index's wheel: from the metadata file served beside it (PEP 658), else read
+    out of the remote wheel by range requests; [] when neither works (uv still decides)."""
+    url = file.url.split("#", 1)[0]
+    if not url.startswith(("https://", "http://")):
+        return []
+    if file.metadata:
+        try:
+            with urllib.request.urlopen(f"{url}.metadata", timeout=60) as response:  # noqa: S310 (scheme checked)
+                return _requires_dist(response.read().decode("utf-8", errors="replace"))
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            pass
+    return remote_wheel_requirements(url) or []
+
+
 def remote_wheel_requirements(url: str) -> list[str] | None:
     """The Requires-Dist lines of the wheel at ``url``; None when it cannot be read that way."""
     try:
@@ -70,5 +87,9 @@ def remote_wheel_requirements(url: str) -> list[str] | None:
             text = wheel.read(names[0]).decode("utf-8", errors="replace")
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, zipfile.BadZipFile, KeyError, ValueError):
         return None
-    message = email.parser.Parser().parsestr(text, headersonly=True)
+    return _requires_dist(text)
+
+
+def _requires_dist(metadata: str) -> list[str]:
+    message = email.parser.Parser().parsestr(metadata, headersonly=True)
     return [str(value) for value in message.get_all("Requires-Dist") or []]
