@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rawvm.agent_wheel import build_agent_wheel
+from rawvm.agent.wheel import build_agent_wheel
 from rawvm.providers.base import MachineSpec
 from rawvm.providers.qemu import QemuProvider
 from rawvm_agent.config import AgentConfig, IdleConfig

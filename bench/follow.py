@@ -9,8 +9,8 @@ Sampler's, taken once on this machine with 8 GPUs from the tests' fake NVML libr
 
 Side by side for each N, in a client process of its own, measured over the same window after a warm-up:
 
-- **rawvm top**: the real ``rawvm.top.Follower`` (samples by seq, status every second, tasks on change, one
-  bounded session) plus ``rawvm.cli_top.render`` of a 200x50 screen every second, as the live view does;
+- **rawvm top**: the real ``rawvm.observe.top.Follower`` (samples by seq, status every second, tasks on change, one
+  bounded session) plus ``rawvm.cli.top.render`` of a 200x50 screen every second, as the live view does;
 - **bare poller** (the baseline): the least any HTTP follower can do, one aiohttp loop per agent fetching
   the newest sample (``/v1/samples?newest=1&limit=1``) every second over the same kind of session, unparsed.
 
@@ -162,10 +162,10 @@ def cpu_seconds() -> float:
 
 
 async def client_top(ports: list[int], warmup: float, seconds: float) -> dict[str, float]:
-    from rawvm.cli_top import render
+    from rawvm.cli.top import render
     from rawvm.clusters import ClusterRecord
+    from rawvm.observe.top import Follower
     from rawvm.providers.base import Machine
-    from rawvm.top import Follower
     from rich.console import Console
 
     machines = [

@@ -33,12 +33,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rawvm.aws_fleet import launch_template_data, tag_list  # noqa: E402
-from rawvm.aws_network import default_network, ensure_security_group  # noqa: E402
-from rawvm.aws_teardown import described  # noqa: E402
-from rawvm.providers.aws import AwsProvider  # noqa: E402
+from rawvm.agent.uvwheel import UvArtifact, UvWheel  # noqa: E402
+from rawvm.providers.aws.fleet import launch_template_data, tag_list  # noqa: E402
+from rawvm.providers.aws.network import default_network, ensure_security_group  # noqa: E402
+from rawvm.providers.aws.provider import AwsProvider  # noqa: E402
+from rawvm.providers.aws.teardown import described  # noqa: E402
 from rawvm.providers.base import MachineSpec  # noqa: E402
-from rawvm.uvwheel import UvArtifact, UvWheel  # noqa: E402
 from rawvm_agent.config import AgentConfig  # noqa: E402
 
 from tests.bootstrap.test_aws_moto import (  # noqa: E402

@@ -20,23 +20,23 @@ def run(*args: Any, **kwargs: Any) -> Any:
 
 
 def batch(*args: Any, **kwargs: Any) -> Any:
-    """Run a command once per task id or value over many machines; see ``rawvm.batches.batch``."""
-    from rawvm.batches import batch as _batch
+    """Run a command once per task id or value over many machines; see ``rawvm.batches.array.batch``."""
+    from rawvm.batches.array import batch as _batch
 
     return _batch(*args, **kwargs)
 
 
 def dask_cluster(*args: Any, **kwargs: Any) -> Any:
-    """A Dask cluster on rawvm machines (TLS, adaptive, gone when idle); see ``rawvm.dask_clusters.dask_cluster``.
+    """A Dask cluster on rawvm machines (TLS, adaptive, gone when idle); see ``rawvm.dask.cluster.dask_cluster``.
     Needs the ``dask`` extra."""
-    from rawvm.dask_clusters import dask_cluster as _dask_cluster
+    from rawvm.dask.cluster import dask_cluster as _dask_cluster
 
     return _dask_cluster(*args, **kwargs)
 
 
 def function(*args: Any, **kwargs: Any) -> Any:
-    """``@rawvm.function(n=3, keepalive="30s")``: run a Python function on machines; see ``rawvm.remote_function``."""
-    from rawvm.remote_function import function as _function
+    """``@rawvm.function(n=3, keepalive="30s")``: run a Python function on machines; see ``rawvm.functions.remote``."""
+    from rawvm.functions.remote import function as _function
 
     return _function(*args, **kwargs)
 
@@ -44,11 +44,11 @@ def function(*args: Any, **kwargs: Any) -> Any:
 def __getattr__(name: str) -> Any:
     # Imported on first use: ``import rawvm`` stays cheap for the CLI.
     if name in ("RemoteTraceback", "RemoteError"):
-        from rawvm import function_pool
+        from rawvm.functions import pool as function_pool
 
         return getattr(function_pool, name)
     if name == "RemoteFunction":
-        from rawvm.remote_function import RemoteFunction
+        from rawvm.functions.remote import RemoteFunction
 
         return RemoteFunction
     raise AttributeError(f"module 'rawvm' has no attribute {name!r}")

@@ -30,13 +30,13 @@ from rawvm_agent.durations import DurationError, format_duration, parse_duration
 from rawvm_resolver.target import DEFAULT_CUDA, DEFAULT_GLIBC, Target, parse_platform
 
 from rawvm import clusters, cost_guard
-from rawvm.agent_client import AgentClient, AgentError
+from rawvm.agent.client import AgentClient, AgentError
+from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import PROVIDERS, get_provider
 from rawvm.providers.base import Machine, MachineSpec, Provider
-from rawvm.userdata import BACKSTOP_GRACE
 
 T = TypeVar("T")
 SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
@@ -282,7 +282,7 @@ def _launch(
     timings: dict[str, float] = {}
     started = time.monotonic()
 
-    from rawvm.agent_wheel import build_agent_wheel
+    from rawvm.agent.wheel import build_agent_wheel
 
     token = secrets.token_urlsafe(32)
     agent = AgentConfig(

@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from rawvm import agent_wheel
+from rawvm.agent import wheel as agent_wheel
 
 
 @pytest.fixture

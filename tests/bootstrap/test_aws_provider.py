@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import yaml
 from botocore.awsrequest import AWSResponse, HTTPHeaders
+from rawvm.agent.userdata import AGENT_TOML, USER_DATA_LIMIT
+from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.errors import RawvmError, UsageError
-from rawvm.providers.aws import AwsProvider
+from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import MachineSpec
-from rawvm.userdata import AGENT_TOML, USER_DATA_LIMIT
-from rawvm.uvwheel import UvArtifact, UvWheel
 from rawvm_agent import DEFAULT_PORT
 from rawvm_agent.config import AgentConfig, IdleConfig
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from rawvm.aws_staging import EXPIRE_DAYS, S3Stager
 from rawvm.cli import main
 from rawvm.errors import RawvmError
-from rawvm.providers.aws import AwsProvider, read_settings
+from rawvm.providers.aws.provider import AwsProvider, read_settings
+from rawvm.providers.aws.staging import EXPIRE_DAYS, S3Stager
 from rawvm.providers.base import MachineSpec
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.sink import flush

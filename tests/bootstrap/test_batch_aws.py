@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rawvm import batch_plan, batches
-from rawvm.userdata import AGENT_TOML, USER_DATA_LIMIT
+from rawvm.agent.userdata import AGENT_TOML, USER_DATA_LIMIT
+from rawvm.batches import array as batches
+from rawvm.batches import plan as batch_plan
 from rawvm_agent.batch import BatchSpec
 
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, record_calls

@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from rawvm import batch_plan
+from rawvm.batches import plan as batch_plan
 from rawvm.cli import build_parser, main
-from rawvm.cli_batch import _with_header_options
+from rawvm.cli.batch import _with_header_options
 from rawvm.errors import UsageError
 
 
@@ -98,7 +98,7 @@ def test_a_bad_header_line_names_the_script(tmp_path: Path) -> None:
 def test_progress_counts_stay_consistent_when_a_task_ends_between_two_reads() -> None:
     """The watch reads a machine's status, then its results: a task can be running in the first and done in the
     second. Its result wins, so the counts still add up to the number of tasks."""
-    from rawvm.batch_watch import BatchProgress, _Watcher
+    from rawvm.batches.watch import BatchProgress, _Watcher
 
     spec = batch_plan.make_spec(
         ["true"], [0, 1, 2, 3], None, machines=1, tasks_per_machine=2, max_retries=0, task_timeout_s=0, gpu=False

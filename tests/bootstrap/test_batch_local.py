@@ -17,7 +17,8 @@ from typing import Any
 
 import psutil
 import pytest
-from rawvm import batches, clusters
+from rawvm import clusters
+from rawvm.batches import array as batches
 from rawvm_agent.batch import share_of
 
 pytestmark = pytest.mark.slow

@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 from botocore.loaders import Loader
 from botocore.stub import Stubber
-from rawvm import api, aws_prices, clusters, cost_guard
-from rawvm.aws_prices import PriceBook, on_demand_usd
+from rawvm import api, clusters, cost_guard
+from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.cli import main
 from rawvm.errors import RawvmError, UsageError
-from rawvm.providers.aws import AwsProvider
+from rawvm.providers.aws import prices as aws_prices
+from rawvm.providers.aws.prices import PriceBook, on_demand_usd
+from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import Machine
-from rawvm.userdata import BACKSTOP_GRACE
 
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, iter_tags, session
 from tests.bootstrap.test_aws_provider import make_provider, make_spec
@@ -284,7 +285,7 @@ def test_max_cost_shorten_lowers_each_lifetime_to_fit_and_the_machines_carry_it(
 
 
 def aws_sweep_time(text: str) -> float:
-    from rawvm.aws_sweep import parse_time
+    from rawvm.providers.aws.sweep import parse_time
 
     stamp = parse_time(text)
     assert stamp is not None

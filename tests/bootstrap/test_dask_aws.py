@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from rawvm import api
-from rawvm.dask_clusters import DaskOptions, Fleet
-from rawvm.dask_procs import ARCHIVE_NAME, DASHBOARD_PORT, PEER_PORTS, SCHEDULER_PORT, scheduler_place
+from rawvm.dask.cluster import DaskOptions, Fleet
+from rawvm.dask.procs import ARCHIVE_NAME, DASHBOARD_PORT, PEER_PORTS, SCHEDULER_PORT, scheduler_place
 from rawvm_agent import DEFAULT_PORT
 
 from tests.bootstrap.test_aws_moto import CALLER_IP, REGION, MotoServer

@@ -20,15 +20,15 @@ import psutil
 import pytest
 from distributed import Client, Security
 from rawvm import api
-from rawvm.dask_clusters import check_environment, dask_cluster, idle_split
-from rawvm.dask_procs import (
+from rawvm.dask.cluster import check_environment, dask_cluster, idle_split
+from rawvm.dask.procs import (
     TLS_DIR,
     SchedulerPlace,
     scheduler_command,
     tls_archive,
     worker_tasks,
 )
-from rawvm.dask_tls import make_cluster_tls
+from rawvm.dask.tls import make_cluster_tls
 from rawvm.errors import UsageError
 from rawvm_agent.install import parse_manifest, sha256_file, unpack_code
 
@@ -238,7 +238,7 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
 
 LOST_LAPTOP = """
 import sys, time
-from rawvm.dask_clusters import connect
+from rawvm.dask.cluster import connect
 
 client = connect(sys.argv[1])
 client.wait_for_workers(1, timeout=120)
@@ -276,7 +276,7 @@ def test_cli_cluster_refuses_strangers_and_a_lost_client_costs_at_most_the_keepa
     up = rawvm_cli("dask", "up", "-n", "1", "--keepalive", "20s", env=env, cwd=project)
     assert up.returncode == 0, up.stderr
     name = up.stdout.strip()
-    assert "connect with: from rawvm.dask_clusters import connect" in up.stderr
+    assert "connect with: from rawvm.dask.cluster import connect" in up.stderr
     state = tmp_path / "state" / "dask" / name
     assert "PRIVATE KEY" not in up.stdout + up.stderr
     address = json.loads((state / "cluster.json").read_text())["scheduler_address"]
@@ -364,7 +364,7 @@ def test_without_the_dask_extra_every_entry_point_is_one_line(tmp_path: Path) ->
 def test_rawvm_dask_cluster_stays_callable_after_its_module_is_imported() -> None:
     """A submodule named like the front door's function would replace it on ``rawvm`` once imported."""
     import rawvm
-    import rawvm.dask_clusters
+    import rawvm.dask.cluster
 
     assert callable(rawvm.dask_cluster)
     assert callable(rawvm.function)

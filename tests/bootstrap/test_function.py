@@ -20,7 +20,8 @@ from typing import Any
 import psutil
 import pytest
 import rawvm
-from rawvm import api, clusters, function_pool
+from rawvm import api, clusters
+from rawvm.functions import pool as function_pool
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

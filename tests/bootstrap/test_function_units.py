@@ -14,8 +14,8 @@ import pytest
 import rawvm
 from hypothesis import given
 from hypothesis import strategies as st
-from rawvm.function_pool import RemoteError, RemoteTraceback, decode_result
-from rawvm.remote_function import RemoteFunction
+from rawvm.functions.pool import RemoteError, RemoteTraceback, decode_result
+from rawvm.functions.remote import RemoteFunction
 from rawvm_agent.call_worker import ERROR, LOST, OK, REFERENCE, FrameError, _run_call, pack, unpack
 from rawvm_resolver.api import _add_extra_requirements
 from rawvm_resolver.environment import Distribution, Environment, SourcePlatform
@@ -132,7 +132,7 @@ def test_on_a_machine_the_decorator_leaves_the_function_alone(monkeypatch: pytes
 
 
 def test_only_builtin_scalars_skip_cloudpickle() -> None:
-    from rawvm.remote_function import plain
+    from rawvm.functions.remote import plain
 
     assert plain((1, "a", b"b", 2.5, None)) and plain({"k": 1}) and plain(())
     assert not plain((lambda: 1,)) and not plain(([1],)) and not plain((object(),)) and not plain({1: 2})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from rawvm.agent_client import AgentClient, AgentError
+from rawvm.agent.client import AgentClient, AgentError
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.local import LocalProvider, host_target, machine_environment
 from rawvm_agent.config import AgentConfig, IdleConfig, load_config

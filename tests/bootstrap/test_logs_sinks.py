@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from rawvm import api, clusters
 from rawvm.errors import RawvmError
-from rawvm.providers.aws import AwsProvider
+from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import Machine
 from rawvm.providers.qemu import QemuProvider
 from rawvm_agent.sink import flush

@@ -30,7 +30,7 @@ from aiohttp import ClientSession
 from PIL import Image
 from rawvm import api, clusters
 from rawvm.cli import main
-from rawvm.cli_report import make_report
+from rawvm.cli.report import make_report
 from rawvm.providers.base import Machine
 from rawvm_agent.telemetry.collectors import CpuCollector, GpuCollector, MemoryCollector
 from rawvm_agent.telemetry.sample import pack

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rawvm.staging import QEMU_HOST, LoopbackStager, safe_relpath
+from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ from typing import Any
 import psutil
 import pytest
 from rawvm import clusters
-from rawvm.agent_client import AgentClient
-from rawvm.cli_top import render, snapshot_json
+from rawvm.agent.client import AgentClient
+from rawvm.cli.top import render, snapshot_json
+from rawvm.observe.top import Follower
 from rawvm.providers.base import Machine
-from rawvm.top import Follower
 from rich.console import Console
 
 from tests.agent.core_helpers import TOKEN

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from rawvm.errors import UsageError
-from rawvm.userdata import (
+from rawvm.agent.userdata import (
     AGENT_TOML,
     BOOTSTRAP_SCRIPT,
     USER_DATA_LIMIT,
@@ -25,7 +24,8 @@ from rawvm.userdata import (
     render_user_data,
     wheel_filename,
 )
-from rawvm.uvwheel import UvArtifact, UvWheel
+from rawvm.agent.uvwheel import UvArtifact, UvWheel
+from rawvm.errors import UsageError
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, config_from_dict
 
 from tests.systools import need_tool
@@ -336,7 +336,7 @@ def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) ->
     """The script's first half runs here, its system paths moved under tmp_path: uv's real wheel comes from
     PyPI, is sha256-checked and unpacked, and runs; the agent wheel comes by URL and is checked. A wrong
     sha256 stops the script. (A whole boot, venv and service included, is the qemu test's job.)"""
-    from rawvm.uvwheel import find_uv_wheel
+    from rawvm.agent.uvwheel import find_uv_wheel
 
     wheel = tmp_path / "rawvm_agent-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"agent wheel bytes")

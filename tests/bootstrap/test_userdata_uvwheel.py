@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rawvm.agent.uvwheel import find_uv_wheel, host_uv_version, pick_wheel
 from rawvm.errors import RawvmError
-from rawvm.uvwheel import find_uv_wheel, host_uv_version, pick_wheel
 
 
 def _entry(filename: str, sha: str = "00" * 32, **extra: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
 from rawvm import api
 from rawvm.errors import RawvmError
-from rawvm.providers.aws import AwsProvider
+from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import Machine, MachineSpec
 
 from tests import reliability

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from rawvm.cli_lock import PROVIDER_GLIBC, target_from_args
+from rawvm.cli.lock import PROVIDER_GLIBC, target_from_args
 from rawvm_resolver import Target, lock
 from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform
 from rawvm_resolver.errors import InputError, ResolverError

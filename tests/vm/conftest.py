@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rawvm.agent_wheel import build_agent_wheel
+from rawvm.agent.wheel import build_agent_wheel
 from rawvm.providers.qemu import QemuProvider
 from rawvm_images.local_vm import LocalImage, ensure_image
 

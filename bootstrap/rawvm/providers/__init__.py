@@ -19,7 +19,7 @@ def get_provider(name: str, **options: object) -> Provider:
 
         return QemuProvider(**options)  # type: ignore[arg-type]
     if name == "aws":
-        from rawvm.providers.aws import AwsProvider
+        from rawvm.providers.aws.provider import AwsProvider
 
         return AwsProvider(**options)  # type: ignore[arg-type]
     raise UsageError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")

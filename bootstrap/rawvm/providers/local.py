@@ -129,7 +129,7 @@ class LocalProvider:
 
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
         """Copies into the cluster's ``staged/`` directory; machines read them by absolute path."""
-        from rawvm.staging import safe_relpath
+        from rawvm.providers.staging import safe_relpath
 
         self._ensure_root()
         staged = self._cluster_dir(cluster) / "staged"

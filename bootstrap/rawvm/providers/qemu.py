@@ -4,7 +4,7 @@ Each machine is a qcow2 overlay of the cached Debian image (rawvm_images.local_v
 its user-data, run by a detached ``qemu-system-x86_64 -daemonize -no-reboot``: when the guest powers itself off,
 qemu exits by itself. The agent port is forwarded to 127.0.0.1:<free port>.
 
-Files reach the guests through a per-cluster loopback stager (rawvm.staging), which a guest sees at
+Files reach the guests through a per-cluster loopback stager (rawvm.providers.staging), which a guest sees at
 10.0.2.2. It runs as its own detached process (``python -m rawvm.providers.qemu serve DIR``) so that staging
 and the sink outlive ``rawvm run``: the agents fetch their bundle after it returns and upload logs and
 telemetry when they stop, minutes later. The server exits by itself once the cluster's VMs are all gone.
@@ -44,13 +44,13 @@ from rawvm_images.qemu_boot import (
     start_detached,
 )
 
+from rawvm.agent.userdata import encode_user_data, render_user_data
+from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import place_file, sha256_file
 from rawvm.providers.base import Machine, MachineSpec
-from rawvm.sink_fetch import FlushCache
-from rawvm.staging import QEMU_HOST, LoopbackStager, safe_relpath
-from rawvm.userdata import encode_user_data, render_user_data
-from rawvm.uvwheel import find_uv_wheel
+from rawvm.providers.sink_fetch import FlushCache
+from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
 
 PLATFORM = "linux-x86_64"
 GUEST_BIND = "0.0.0.0"  # noqa: S104 (inside the guest: qemu's user network forwards to the guest's eth0)

@@ -11,7 +11,7 @@ from rawvm.providers import PROVIDERS
 
 def _up(args: argparse.Namespace) -> int:
     try:
-        from rawvm.dask_clusters import dask_cluster
+        from rawvm.dask.cluster import dask_cluster
     except ImportError:
         raise UsageError("Dask clusters need the 'dask' extra: pip install 'rawvm[dask]'") from None
 
@@ -41,7 +41,7 @@ def _up(args: argparse.Namespace) -> int:
 
     print(
         f"rawvm: Dask scheduler {cluster.scheduler_address}, dashboard {cluster.dashboard_link}\n"
-        f"rawvm: connect with: from rawvm.dask_clusters import connect; client = connect({name!r})\n"
+        f"rawvm: connect with: from rawvm.dask.cluster import connect; client = connect({name!r})\n"
         f"rawvm: it stops after {args.keepalive} with no task and no client, or now: rawvm dask down {name}",
         file=sys.stderr,
     )
@@ -51,7 +51,7 @@ def _up(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     import sys
 
-    from rawvm.dask_clusters import down
+    from rawvm.dask.cluster import down
 
     stopped = down(args.name)
     print(f"rawvm: stopped {stopped} machine{'s' if stopped != 1 else ''} of Dask cluster {args.name}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """``rawvm.dask_cluster(...)``: a Dask cluster on rawvm machines, as a ``distributed`` SpecCluster.
 
-One machine runs the scheduler, the others one worker each (``rawvm.dask_procs``), all started by the agents as
-tasks in the locked environment, all speaking TLS with a CA made for the cluster (``rawvm.dask_tls``). The first
+One machine runs the scheduler, the others one worker each (``rawvm.dask.procs``), all started by the agents as
+tasks in the locked environment, all speaking TLS with a CA made for the cluster (``rawvm.dask.tls``). The first
 launch brings up the scheduler's machine and the first workers' machines together; every later scale-up (or
 adaptive step) is one more launch of all the machines it needs, reusing nothing but the cluster's certificates.
 
@@ -29,8 +29,8 @@ from typing import Any
 from rawvm_agent.durations import format_duration
 
 from rawvm import api, clusters
-from rawvm.agent_client import AgentClient, AgentError
-from rawvm.dask_procs import (
+from rawvm.agent.client import AgentClient, AgentError
+from rawvm.dask.procs import (
     ARCHIVE_NAME,
     DASHBOARD_PORT,
     PEER_PORTS,
@@ -42,7 +42,7 @@ from rawvm.dask_procs import (
     tls_env,
     worker_tasks,
 )
-from rawvm.dask_tls import TlsFiles, make_cluster_tls
+from rawvm.dask.tls import TlsFiles, make_cluster_tls
 from rawvm.errors import RawvmError, UsageError
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine

@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
-from rawvm.sink_fetch import FlushCache
+from rawvm.providers.sink_fetch import FlushCache
 
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes

@@ -5,7 +5,7 @@ Per cluster it makes a security group (agent port open to the caller's /32 only)
 launch is one instant fleet across the cheapest fitting instance types x every zone of the default VPC;
 ``spot_with_fallback`` asks for spot first and for the shortfall on demand in a second fleet. Throttling
 (``RequestLimitExceeded``) is retried by botocore's ``standard`` retry mode, with exponential backoff.
-Staging is an S3 bucket with presigned URLs (rawvm.aws_staging); teardown is by tag (rawvm.aws_teardown).
+Staging is an S3 bucket with presigned URLs (``staging``); teardown is by tag (``teardown``).
 """
 
 from __future__ import annotations
@@ -30,13 +30,17 @@ from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
-from rawvm import aws_fleet, aws_network, aws_prices, aws_staging, aws_teardown
+from rawvm.agent.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
+from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
 from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
+from rawvm.providers.aws import fleet as aws_fleet
+from rawvm.providers.aws import network as aws_network
+from rawvm.providers.aws import prices as aws_prices
+from rawvm.providers.aws import staging as aws_staging
+from rawvm.providers.aws import teardown as aws_teardown
 from rawvm.providers.base import Machine, MachineSpec
-from rawvm.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
-from rawvm.uvwheel import UvWheel, find_uv_wheel
 
 # What a boto3 call can raise: an AWS error answer, a transport error, or boto3's own (S3 transfers wrap failures
 # in S3UploadFailedError): each becomes one RawvmError line.

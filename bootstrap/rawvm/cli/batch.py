@@ -1,4 +1,4 @@
-"""``rawvm batch run|status|logs|retry``: batch arrays on the command line (see rawvm.batches)."""
+"""``rawvm batch run|status|logs|retry``: batch arrays on the command line (see rawvm.batches.array)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from rawvm.cli_run import _machine_flags
+from rawvm.cli.run import _machine_flags
 
 _MACHINE_KEYS = (
     "provider",
@@ -29,7 +29,7 @@ _MACHINE_KEYS = (
 def _with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Apply ``# rawvm: ...`` lines of the command's script where the command line left a flag at its default:
     explicit flags win (a flag given with its default value counts as not given)."""
-    from rawvm.batch_plan import header_options
+    from rawvm.batches.plan import header_options
 
     header = header_options(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
     if not header:
@@ -43,7 +43,7 @@ def _with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rawvm import batches
+    from rawvm.batches import array as batches
 
     args = _with_header_options(args.parser, args)
     options = {k: getattr(args, k) for k in _MACHINE_KEYS}
@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from rawvm import batch_watch, batches
+    from rawvm.batches import array as batches
+    from rawvm.batches import watch as batch_watch
 
     st = batches.status(args.cluster)
     if args.json:
@@ -80,13 +81,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from rawvm import batches
+    from rawvm.batches import array as batches
 
     return batches.logs(args.cluster, args.task)
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from rawvm import batches
+    from rawvm.batches import array as batches
 
     result = batches.retry(args.cluster, n=args.n, detach=args.detach)
     return result.exit_code

@@ -13,8 +13,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rawvm.aws_fleet import tag_list
 from rawvm.errors import RawvmError
+from rawvm.providers.aws.fleet import tag_list
 
 CHECKIP_URL = "https://checkip.amazonaws.com"
 CALLER_TAG = "rawvm:caller"  # marks a caller's security group (value: the /32 it admits)

@@ -24,8 +24,9 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from rawvm import aws_staging, aws_teardown
-from rawvm.aws_prices import HOURS_PER_MONTH, PriceBook
+from rawvm.providers.aws import staging as aws_staging
+from rawvm.providers.aws import teardown as aws_teardown
+from rawvm.providers.aws.prices import HOURS_PER_MONTH, PriceBook
 
 TAG_KEYS = ("rawvm:cluster", "rawvm:caller")  # every rawvm resource carries one of them
 GRACE_S = 3600.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rawvm.errors import UsageError
-from rawvm.report_data import EXTRA_HINT, Frames, Summary, TaskMark
+from rawvm.observe.report_data import EXTRA_HINT, Frames, Summary, TaskMark
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure

@@ -1,7 +1,7 @@
 """``rawvm report CLUSTER -o report.html``: what ran and what it cost, from the sink and the running agents.
 
 HTML (self-contained: inline SVG, no script) or PNG, or the raw series as parquet or csv (``--format``, else from
-the output's suffix). The numbers are rawvm.report_data's; the drawing is rawvm.report_render's.
+the output's suffix). The numbers are rawvm.observe.report_data's; the drawing is rawvm.observe.report_render's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def output_format(path: Path, given: str | None) -> str:
 
 def make_report(cluster: str, output: Path, fmt: str, *, live: bool = True, max_machines: int = 24) -> Any:
     """Write the report; returns its Summary."""
-    from rawvm import report_data
+    from rawvm.observe import report_data
 
     report_data.need_polars()
     telemetry = report_data.collect(cluster, live=live)
@@ -43,7 +43,7 @@ def make_report(cluster: str, output: Path, fmt: str, *, live: bool = True, max_
         else:
             table.write_csv(output)
         return summary
-    from rawvm import report_render
+    from rawvm.observe import report_render
 
     tasks = telemetry.task_marks()
     if fmt == "html":

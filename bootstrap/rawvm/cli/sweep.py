@@ -1,6 +1,6 @@
 """``rawvm sweep [--region R | --all-regions] [--dry-run]``: what rawvm left on AWS, its monthly cost, deleted.
 
-What counts as a leftover is in rawvm.aws_sweep; nothing without a rawvm tag is ever touched. ``--dry-run``
+What counts as a leftover is in rawvm.providers.aws.sweep; nothing without a rawvm tag is ever touched. ``--dry-run``
 lists exactly what a sweep without it deletes.
 """
 
@@ -65,8 +65,8 @@ def _print_table(leftovers: list[Any], regions: list[str]) -> None:
 def run_sweep(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from rawvm import aws_sweep
-    from rawvm.providers.aws import AwsProvider, _aws_error
+    from rawvm.providers.aws import sweep as aws_sweep
+    from rawvm.providers.aws.provider import AwsProvider, _aws_error
 
     provider = AwsProvider(args.region, args.bucket, endpoint_url=args.endpoint_url, config_path=args.config)
     now = time.time()

@@ -26,8 +26,9 @@ from typing import Any, TextIO
 from rawvm_agent.batch import BatchSpec, share_of
 from rawvm_agent.config import AgentConfig, BatchConfig
 
-from rawvm import api, batch_plan, clusters
-from rawvm.agent_client import AgentClient, AgentError
+from rawvm import api, clusters
+from rawvm.agent.client import AgentClient, AgentError
+from rawvm.batches import plan as batch_plan
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
 from rawvm.providers.base import Provider
@@ -393,7 +394,7 @@ def batch(
 
 
 def _run_round(spec: BatchSpec, launch: dict[str, Any], cluster: str | None, detach: bool, first: bool) -> BatchResult:
-    from rawvm import batch_watch
+    from rawvm.batches import watch as batch_watch
 
     started = time.monotonic()
     launched = _launch_round(spec, launch, cluster)

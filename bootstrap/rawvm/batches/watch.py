@@ -18,9 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from rawvm import api
-from rawvm.agent_client import AgentClient, AgentError
-from rawvm.batch_plan import compress_ids
-from rawvm.batches import BatchClient, BatchStatus, newest, sink_results
+from rawvm.agent.client import AgentClient, AgentError
+from rawvm.batches.array import BatchClient, BatchStatus, newest, sink_results
+from rawvm.batches.plan import compress_ids
 from rawvm.errors import RawvmError
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine

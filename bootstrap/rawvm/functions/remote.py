@@ -12,7 +12,7 @@ The function and its arguments travel with cloudpickle: a function of one of the
 the functions alone), one from ``__main__``, a notebook or elsewhere by value.
 Results come back the same way; an exception raised remotely is raised here as itself, chained from a
 ``RemoteTraceback`` that shows the remote frames. The machines stay warm for ``keepalive`` after the last call,
-and the next call with the same environment, code and options reuses them (see ``rawvm.function_pool``).
+and the next call with the same environment, code and options reuses them (see ``rawvm.functions.pool``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from rawvm_agent.call_worker import REFERENCE
 
 from rawvm import api
 from rawvm.errors import UsageError
-from rawvm.function_pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_loop, pool_for, reuse_key
+from rawvm.functions.pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_loop, pool_for, reuse_key
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -1,4 +1,4 @@
-"""``rawvm top [CLUSTER]``: a live full-screen table of every machine, refreshed every second (rawvm.top follows).
+"""``rawvm top [CLUSTER]``: a live full-screen table of every machine, refreshed every second.
 
 Rows that do not fit the terminal are left out (the header counts them; ``--json`` has them all). A machine with
 GPUs takes one line per GPU. Ctrl-C quits.
@@ -167,7 +167,7 @@ def snapshot_json(views: Sequence[Any], now: float) -> str:
 
 
 async def _poll_once(records: list[Any], connections: int) -> list[Any]:
-    from rawvm.top import Follower
+    from rawvm.observe.top import Follower
 
     async with Follower(records, connections=connections) as follower:
         return await follower.poll_all()
@@ -176,7 +176,7 @@ async def _poll_once(records: list[Any], connections: int) -> list[Any]:
 async def _live(records: list[Any], interval: float, connections: int, console: Any) -> None:
     from rich.live import Live
 
-    from rawvm.top import Follower
+    from rawvm.observe.top import Follower
 
     async with Follower(records, interval=interval, connections=connections) as follower:
         follow = asyncio.create_task(follower.run())

@@ -13,14 +13,14 @@ from rawvm.errors import RawvmError
 
 # module -> it defines ``register(subparsers)``; each sets ``func`` on its parser.
 _COMMAND_MODULES = (
-    "rawvm.cli_lock",
-    "rawvm.cli_run",
-    "rawvm.cli_cloud",
-    "rawvm.cli_top",
-    "rawvm.cli_report",
-    "rawvm.cli_sweep",
-    "rawvm.cli_dask",
-    "rawvm.cli_batch",
+    "rawvm.cli.lock",
+    "rawvm.cli.run",
+    "rawvm.cli.cloud",
+    "rawvm.cli.top",
+    "rawvm.cli.report",
+    "rawvm.cli.sweep",
+    "rawvm.cli.dask",
+    "rawvm.cli.batch",
 )
 
 

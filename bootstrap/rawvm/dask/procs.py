@@ -3,7 +3,7 @@ listen, and the TLS archive every machine unpacks into its work dir.
 
 Layout: one machine runs ``python -m distributed.cli.dask_scheduler`` (and, when the cluster has no machine of
 its own for it, a worker too), every other machine one worker (a GPU machine one worker per GPU, with dask-cuda
-when the environment has it). Everything speaks TLS with the cluster's CA (``rawvm.dask_tls``): the scheduler's
+when the environment has it). Everything speaks TLS with the cluster's CA (``rawvm.dask.tls``): the scheduler's
 port, the dashboard (HTTPS), the workers and their nannies. Workers have no dashboard of their own.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from rawvm.dask_tls import TlsFiles
+from rawvm.dask.tls import TlsFiles
 from rawvm.providers.base import Machine
 
 SCHEDULER_PORT = 8786

@@ -144,7 +144,7 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
     """Samples and tasks from every agent that answers; the machines that did."""
     import aiohttp
 
-    from rawvm.top import _short
+    from rawvm.observe.top import _short
 
     answered: list[str] = []
     async with aiohttp.ClientSession(
@@ -169,7 +169,7 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
 def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     """The cluster's telemetry from the sink (fetched from the provider first) and, with ``live``, its agents."""
     from rawvm import api, clusters
-    from rawvm.top import FREE_PROVIDERS, _short, price_of
+    from rawvm.observe.top import FREE_PROVIDERS, _short, price_of
 
     name = clusters.check_name(cluster)
     record = clusters.load(name) if clusters.exists(name) else None
@@ -209,7 +209,7 @@ def _net_totals(network: Any) -> tuple[int | None, int | None]:
 
 
 def _root_fs(disk: Any) -> tuple[int | None, int | None]:
-    from rawvm.top import _root_filesystem
+    from rawvm.observe.top import _root_filesystem
 
     return _root_filesystem(disk) if isinstance(disk, dict) else (None, None)
 

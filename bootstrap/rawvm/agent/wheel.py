@@ -157,7 +157,7 @@ def repack_installed(dist: metadata.Distribution, out_dir: Path) -> Path:
             "reinstall rawvm from a wheel or run it from the source checkout"
         )
     entries[f"{dist_info}/WHEEL"] = (
-        b"Wheel-Version: 1.0\nGenerator: rawvm.agent_wheel\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        b"Wheel-Version: 1.0\nGenerator: rawvm.agent.wheel\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     )
     wheel = out_dir / f"{name}-{version}-py3-none-any.whl"
     write_wheel(wheel, entries, dist_info)

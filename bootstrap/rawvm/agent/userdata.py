@@ -30,8 +30,8 @@ import yaml
 from rawvm_agent.config import AgentConfig, config_to_dict
 from rawvm_agent.systemd import render_backstop_command, render_units
 
+from rawvm.agent.uvwheel import UvWheel
 from rawvm.errors import UsageError
-from rawvm.uvwheel import UvWheel
 
 USER_DATA_LIMIT = 16384  # bytes before base64: EC2's limit for user-data
 AGENT_TOML = "/etc/rawvm/agent.toml"

@@ -1,0 +1,7 @@
+"""``python -m rawvm.cli``: the same as the ``rawvm`` command."""
+
+import sys
+
+from rawvm.cli import main
+
+sys.exit(main())
