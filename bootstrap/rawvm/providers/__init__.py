@@ -6,6 +6,7 @@ from rawvm.errors import UsageError
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
 PROVIDERS = ("local", "qemu", "aws")
+FREE_PROVIDERS = frozenset({"local", "qemu"})  # machines on this host: no price, no bill
 
 
 def get_provider(name: str, **options: object) -> Provider:
@@ -25,4 +26,4 @@ def get_provider(name: str, **options: object) -> Provider:
     raise UsageError(f"unknown provider {name!r}: choose one of {', '.join(PROVIDERS)}")
 
 
-__all__ = ["PROVIDERS", "Machine", "MachineSpec", "Provider", "get_provider"]
+__all__ = ["FREE_PROVIDERS", "PROVIDERS", "Machine", "MachineSpec", "Provider", "get_provider"]

@@ -40,6 +40,11 @@ class MachineSpec:
     peer_ports: tuple[int, int] | None = None
 
 
+def short_id(machine_id: str, cluster: str) -> str:
+    """``m0`` for ``<cluster>-m0``: how every laptop-side view names a machine of a cluster."""
+    return machine_id.removeprefix(f"{cluster}-")
+
+
 @dataclass
 class Machine:
     """One launched machine as the front door sees it."""
@@ -55,6 +60,11 @@ class Machine:
     price_per_hour: float = 0.0  # USD, 0 when unknown or free
     launched_at: float = 0.0  # unix time
     details: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def short_id(self) -> str:
+        """The id without its cluster's prefix (``m0``), as output lines and flushes name the machine."""
+        return short_id(self.id, self.cluster)
 
 
 @runtime_checkable
