@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rawvm.agent.wheel import build_agent_wheel
+from rawvm.options import MachineRequest
 from rawvm.providers.base import MachineSpec
 from rawvm.providers.qemu import QemuProvider
 from rawvm_agent.config import AgentConfig, IdleConfig
@@ -103,10 +104,9 @@ def rawvm_boot(work: Path, extra_ca_certs: tuple[Path, ...]) -> tuple[dict[str, 
     config = AgentConfig(cluster=cluster, token=token, idle=IdleConfig(keepalive=600.0, max_lifetime=3600.0))
     spec = MachineSpec(
         cluster=cluster,
-        count=1,
+        request=MachineRequest(provider="qemu", extra_ca_certs=extra_ca_certs),
         agent=config,
         agent_wheel=build_agent_wheel(work / "wheel"),
-        extra_ca_certs=extra_ca_certs,
     )
     try:
         start = time.monotonic()

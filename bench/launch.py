@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rawvm.agent.uvwheel import UvArtifact, UvWheel  # noqa: E402
+from rawvm.options import MachineRequest  # noqa: E402
 from rawvm.providers.aws.fleet import launch_template_data, tag_list  # noqa: E402
 from rawvm.providers.aws.network import default_network, ensure_security_group  # noqa: E402
 from rawvm.providers.aws.provider import AwsProvider  # noqa: E402
@@ -77,7 +78,13 @@ def provider_for(server: MotoServer, tmp: Path) -> AwsProvider:
 
 def spec(tmp: Path, cluster: str, n: int) -> MachineSpec:
     agent = AgentConfig(token="bench-token")
-    return MachineSpec(cluster, n, agent, fake_wheel(tmp), cpu=2, spot_policy="spot_with_fallback", owner="bench")
+    return MachineSpec(
+        cluster,
+        MachineRequest(provider="aws", n=n, cpu=2, spot_policy="spot_with_fallback"),
+        agent,
+        fake_wheel(tmp),
+        owner="bench",
+    )
 
 
 def run_fleet(server: MotoServer, tmp: Path, n: int) -> tuple[int, float, int]:

@@ -1,67 +1,80 @@
 """rawvm: run Python work on raw cloud VMs with your own environment, and leave nothing running.
 
-The front door: ``rawvm.run(...)``, ``@rawvm.function`` and the ``rawvm`` CLI.
+The front door: ``rawvm.run(...)``, ``rawvm.up``, ``rawvm.batch``, ``@rawvm.function``, ``rawvm.dask_cluster``,
+``rawvm.ls/logs/down``, and the ``rawvm`` CLI. ``import rawvm`` stays cheap (the CLI starts fast): each name is
+imported on first use, and type checkers and ``help()`` see the real, typed functions of ``rawvm.api``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from rawvm.errors import RawvmError, UsageError
 
+if TYPE_CHECKING:
+    from rawvm.api import ClusterView, RunResult, batch, dask_cluster, down, function, logs, ls, run, up
+    from rawvm.functions.pool import RemoteError, RemoteTraceback
+    from rawvm.functions.remote import RemoteFunction
+    from rawvm.options import CostCap, Environment, LaunchOptions, Lifetime, MachineRequest
+
 __version__ = "0.1.0"
 
-
-def run(*args: Any, **kwargs: Any) -> Any:
-    """Lock the environment, launch machines, run a command, stream its output; see ``rawvm.api.run``."""
-    from rawvm.api import run as _run
-
-    return _run(*args, **kwargs)
-
-
-def batch(*args: Any, **kwargs: Any) -> Any:
-    """Run a command once per task id or value over many machines; see ``rawvm.batches.array.batch``."""
-    from rawvm.batches.array import batch as _batch
-
-    return _batch(*args, **kwargs)
-
-
-def dask_cluster(*args: Any, **kwargs: Any) -> Any:
-    """A Dask cluster on rawvm machines (TLS, adaptive, gone when idle); see ``rawvm.dask.cluster.dask_cluster``.
-    Needs the ``dask`` extra."""
-    from rawvm.dask.cluster import dask_cluster as _dask_cluster
-
-    return _dask_cluster(*args, **kwargs)
-
-
-def function(*args: Any, **kwargs: Any) -> Any:
-    """``@rawvm.function(n=3, keepalive="30s")``: run a Python function on machines; see ``rawvm.functions.remote``."""
-    from rawvm.functions.remote import function as _function
-
-    return _function(*args, **kwargs)
+# name -> the module that defines it, imported on first use
+_LAZY = {
+    "run": "rawvm.api",
+    "up": "rawvm.api",
+    "batch": "rawvm.api",
+    "dask_cluster": "rawvm.api",
+    "function": "rawvm.api",
+    "ls": "rawvm.api",
+    "logs": "rawvm.api",
+    "down": "rawvm.api",
+    "RunResult": "rawvm.api",
+    "ClusterView": "rawvm.api",
+    "RemoteError": "rawvm.functions.pool",
+    "RemoteTraceback": "rawvm.functions.pool",
+    "RemoteFunction": "rawvm.functions.remote",
+    "LaunchOptions": "rawvm.options",
+    "MachineRequest": "rawvm.options",
+    "Lifetime": "rawvm.options",
+    "Environment": "rawvm.options",
+    "CostCap": "rawvm.options",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: ``import rawvm`` stays cheap for the CLI.
-    if name in ("RemoteTraceback", "RemoteError"):
-        from rawvm.functions import pool as function_pool
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rawvm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(function_pool, name)
-    if name == "RemoteFunction":
-        from rawvm.functions.remote import RemoteFunction
 
-        return RemoteFunction
-    raise AttributeError(f"module 'rawvm' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = [
+    "ClusterView",
+    "CostCap",
+    "Environment",
+    "LaunchOptions",
+    "Lifetime",
+    "MachineRequest",
     "RawvmError",
     "RemoteError",
     "RemoteFunction",
     "RemoteTraceback",
+    "RunResult",
     "UsageError",
     "batch",
     "dask_cluster",
+    "down",
     "function",
+    "logs",
+    "ls",
     "run",
+    "up",
 ]

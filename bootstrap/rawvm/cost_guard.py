@@ -164,7 +164,7 @@ def resolve(max_cost: str | float | None, action: str, project_dir: Path) -> tup
 
 
 def guard(
-    estimate: Callable[[], FleetPrice] | None,
+    estimate: Callable[[], FleetPrice | None] | None,
     *,
     lifetime_s: float,
     grace_s: float,
@@ -173,9 +173,10 @@ def guard(
     say: Callable[[str], None],
 ) -> float:
     """Say the estimate once and return the lifetime to launch with; raise when the launch is refused.
-    ``estimate`` None: a provider whose machines cost nothing (local, qemu)."""
-    if estimate is None:
+    ``estimate`` None, or an estimate of None: a provider whose machines cost nothing (local, qemu)."""
+    price = estimate() if estimate is not None else None
+    if price is None:
         return lifetime_s
-    result = plan(estimate(), lifetime_s=lifetime_s, grace_s=grace_s, max_cost=max_cost, action=action)
+    result = plan(price, lifetime_s=lifetime_s, grace_s=grace_s, max_cost=max_cost, action=action)
     say(result.line)
     return result.lifetime_s

@@ -8,7 +8,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from rawvm import api, clusters
+from rawvm import api, clusters, costs, options, session
+from rawvm import launch as launching
 from rawvm.errors import RawvmError, UsageError
 from rawvm.progress import PlainProgress, install_detail
 from rawvm.providers.base import Machine
@@ -67,7 +68,7 @@ def test_new_names_are_valid_and_distinct() -> None:
 
 def test_one_machine_streams_raw_text_across_chunk_and_utf8_boundaries() -> None:
     out = io.StringIO()
-    writer = api._StreamWriter(out, "")
+    writer = session.StreamWriter(out, "")
     data = "héllo\nwörld".encode()
     for i in range(len(data)):
         writer.write(data[i : i + 1])
@@ -77,7 +78,7 @@ def test_one_machine_streams_raw_text_across_chunk_and_utf8_boundaries() -> None
 
 def test_several_machines_get_whole_prefixed_lines() -> None:
     out = io.StringIO()
-    writer = api._StreamWriter(out, "[m1] ")
+    writer = session.StreamWriter(out, "[m1] ")
     writer.write(b"par")
     assert out.getvalue() == ""  # no half lines: machines' output would interleave mid-line
     writer.write(b"tial\nnext\n\nlast")
@@ -90,29 +91,29 @@ def test_several_machines_get_whole_prefixed_lines() -> None:
     [({"exit_code": 0}, 0), ({"exit_code": 3}, 3), ({"exit_code": -9}, 137), ({"exit_code": None}, 1), ({}, 1)],
 )
 def test_task_exit_codes(record: dict[str, object], code: int) -> None:
-    assert api.task_exit_code(record) == code
+    assert session.task_exit_code(record) == code
 
 
 def test_cost_is_price_times_wall_time_per_machine() -> None:
     record = clusters.ClusterRecord(
         name="c", provider="aws", token="t", machines=[machine(0, 0.36, 1000.0), machine(1, 0.72, 1000.0 + 1800)]
     )
-    assert api.cost_of(record, until=1000.0 + 3600) == pytest.approx(0.36 + 0.36)
+    assert costs.cost_of(record, until=1000.0 + 3600) == pytest.approx(0.36 + 0.36)
     assert record.price_per_hour == pytest.approx(1.08)
 
 
 @pytest.mark.parametrize(("argv", "expected"), [(["--", "python", "x.py"], ["python", "x.py"]), (["ls"], ["ls"])])
 def test_the_command_after_the_double_dash(argv: list[str], expected: list[str]) -> None:
-    assert api.check_command(argv) == expected
+    assert options.check_command(argv) == expected
 
 
 def test_ca_certs_must_be_pem(tmp_path: Path) -> None:
     pem = tmp_path / "ca.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
-    assert api.check_ca_certs([pem]) == (pem.resolve(),)
+    assert options.check_ca_certs([pem]) == (pem.resolve(),)
     (tmp_path / "key.txt").write_text("not a cert")
     with pytest.raises(UsageError, match="not a readable PEM certificate"):
-        api.check_ca_certs([tmp_path / "key.txt"])
+        options.check_ca_certs([tmp_path / "key.txt"])
 
 
 def test_plain_progress_prints_one_line_per_phase_change() -> None:
@@ -155,8 +156,8 @@ def test_lock_summary_counts_what_changed() -> None:
         ReportRow("b", "translated", "1", "1", ""),
         ReportRow("c", "translated", "1", "1", ""),
     ]
-    assert api.lock_summary(rows) == "1 dropped, 2 translated"
-    assert api.lock_summary(rows[:1]) == ""
+    assert launching.lock_summary(rows) == "1 dropped, 2 translated"
+    assert launching.lock_summary(rows[:1]) == ""
 
 
 def test_rich_progress_shows_each_machine_and_its_phase() -> None:

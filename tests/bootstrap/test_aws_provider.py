@@ -21,6 +21,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from rawvm.agent.userdata import AGENT_TOML, USER_DATA_LIMIT
 from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.errors import RawvmError, UsageError
+from rawvm.options import MachineRequest
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import MachineSpec
 from rawvm_agent import DEFAULT_PORT
@@ -74,7 +75,7 @@ def make_provider(server: MotoServer, tmp: Path) -> AwsProvider:
 
 def make_spec(tmp: Path, cluster: str, count: int, **kw: Any) -> MachineSpec:
     agent = AgentConfig(token=TOKEN, idle=IdleConfig(max_lifetime=3600.0))
-    return MachineSpec(cluster=cluster, count=count, agent=agent, agent_wheel=fake_wheel(tmp), owner="tester", **kw)
+    return MachineSpec(cluster, MachineRequest(provider="aws", n=count, **kw), agent, fake_wheel(tmp), owner="tester")
 
 
 class SpotShortage:

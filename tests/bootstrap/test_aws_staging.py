@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from rawvm.cli import main
 from rawvm.errors import RawvmError
+from rawvm.options import MachineRequest
 from rawvm.providers.aws.provider import AwsProvider, read_settings
 from rawvm.providers.aws.staging import EXPIRE_DAYS, S3Stager
 from rawvm.providers.base import MachineSpec
@@ -147,7 +148,9 @@ def test_machines_sharing_one_presigned_post_each_land_their_own_object(
     """Every EC2 machine of a cluster gets the same agent.toml; with the cluster's presigned POST each
     agent's flush becomes its own object under the cluster's sink prefix, intact."""
     provider.setup()
-    spec = MachineSpec(cluster="c1", count=2, agent=AgentConfig(sink=provider.sink_url("c1")), agent_wheel=Path())
+    spec = MachineSpec(
+        cluster="c1", request=MachineRequest(n=2), agent=AgentConfig(sink=provider.sink_url("c1")), agent_wheel=Path()
+    )
     config = provider.machine_config(spec)
     assert config.sink == provider.sink_url("c1") and config.sink_form["key"] == "clusters/c1/sink/${filename}"
     policy = json.loads(base64.b64decode(config.sink_form["policy"]))
@@ -175,7 +178,10 @@ def test_machines_sharing_one_presigned_post_each_land_their_own_object(
 
 def test_machine_config_leaves_another_sink_alone(provider: AwsProvider) -> None:
     spec = MachineSpec(
-        cluster="c1", count=1, agent=AgentConfig(sink="https://example.org/put?sig=x"), agent_wheel=Path()
+        cluster="c1",
+        request=MachineRequest(),
+        agent=AgentConfig(sink="https://example.org/put?sig=x"),
+        agent_wheel=Path(),
     )
     assert provider.machine_config(spec).sink_form == {}
     assert provider.machine_config(dataclasses.replace(spec, agent=AgentConfig())).sink == ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rawvm.batches import plan as batch_plan
 from rawvm.cli import build_parser, main
-from rawvm.cli.batch import _with_header_options
+from rawvm.cli.batch import with_header_options
 from rawvm.errors import UsageError
 
 
@@ -82,11 +82,11 @@ def test_script_header_lines_are_options_and_explicit_flags_win(tmp_path: Path) 
     )
     parser = build_parser()
     args = parser.parse_args(["batch", "run", "--array", "0-9", "-n", "3", "--", "python", "job.py"])
-    merged = _with_header_options(args.parser, args)
+    merged = with_header_options(args.parser, args)
     assert merged.gpu is True and merged.max_retries == 5 and merged.keepalive == "5m"
     assert merged.n == 3  # the flag wins; the line after the first code line is not a header
     args = parser.parse_args(["batch", "run", "--array", "0-9", "--", "python", "job.py"])
-    assert _with_header_options(args.parser, args).n == 10
+    assert with_header_options(args.parser, args).n == 10
 
 
 def test_a_bad_header_line_names_the_script(tmp_path: Path) -> None:

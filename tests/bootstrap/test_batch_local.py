@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
-from rawvm import clusters
+from rawvm import clusters, session
 from rawvm.batches import array as batches
 from rawvm_agent.batch import share_of
 
@@ -180,7 +180,7 @@ def wait_some_results(cluster: str, machine: str, count: int, timeout: float = 1
     deadline = time.monotonic() + timeout
     while True:
         record = clusters.load(cluster)
-        live = batches.api._run_sync(batches._poll(record))
+        live = session.run_sync(batches._poll(record))
         if machine in live and len(live[machine]["results"]) >= count:
             return
         assert time.monotonic() < deadline, "no results yet"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from botocore.loaders import Loader
 from botocore.stub import Stubber
-from rawvm import api, clusters, cost_guard
+from rawvm import clusters, cost_guard, costs
 from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.cli import main
 from rawvm.errors import RawvmError, UsageError
@@ -408,11 +408,11 @@ def test_cost_so_far_is_capped_at_each_machines_lifetime() -> None:
         for i in range(2)
     ]
     record = clusters.ClusterRecord(name="c", provider="aws", token="t", machines=machines, max_lifetime_s=3000)
-    assert api.cost_of(record, until=1800) == pytest.approx(2 * 0.5 * 0.5)
-    assert api.cost_of(record, until=99999) == pytest.approx(2 * 0.5 * 3600 / 3600)  # 3000 s + 600 s grace
-    assert "cost so far: $0.5000 at $1.0000/h" in api._cost_line(record, api.cost_of(record, 1800))
+    assert costs.cost_of(record, until=1800) == pytest.approx(2 * 0.5 * 0.5)
+    assert costs.cost_of(record, until=99999) == pytest.approx(2 * 0.5 * 3600 / 3600)  # 3000 s + 600 s grace
+    assert "cost so far: $0.5000 at $1.0000/h" in costs.cost_line(record, costs.cost_of(record, 1800))
     record.machines[1].price_per_hour = 0.0
-    assert api._cost_line(record, 0.25).endswith("+ machines of unknown price")
+    assert costs.cost_line(record, 0.25).endswith("+ machines of unknown price")
 
 
 @pytest.mark.slow

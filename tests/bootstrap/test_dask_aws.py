@@ -9,9 +9,11 @@ import gzip
 from pathlib import Path
 
 import pytest
-from rawvm import api
+from rawvm import launch as launching
+from rawvm.api import down
 from rawvm.dask.cluster import DaskOptions, Fleet
 from rawvm.dask.procs import ARCHIVE_NAME, DASHBOARD_PORT, PEER_PORTS, SCHEDULER_PORT, scheduler_place
+from rawvm.options import LaunchOptions
 from rawvm_agent import DEFAULT_PORT
 
 from tests.bootstrap.test_aws_moto import CALLER_IP, REGION, MotoServer
@@ -29,8 +31,9 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
     monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
     with MotoServer() as moto:
         provider = make_provider(moto, tmp_path)
-        monkeypatch.setattr(api, "get_provider", lambda name, **options: provider)
-        options = DaskOptions(name="dask-moto", provider="aws", cpu=2, region=REGION, source="requirements.txt")
+        monkeypatch.setattr(launching, "get_provider", lambda name, **options: provider)
+        launch = LaunchOptions.of(provider="aws", cpu=2, region=REGION, source="requirements.txt")
+        options = DaskOptions(name="dask-moto", launch=launch)
         fleet = Fleet(options, tmp_path / "state" / "dask" / "dask-moto")
         launched = fleet._launch_sync(3, "", "dask-moto")  # the scheduler's machine and two workers', one launch
         ec2 = provider.client("ec2", REGION)
@@ -66,4 +69,4 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
         public = machines[0].agent_url.split("://")[1].rsplit(":", 1)[0]
         assert place.client_address == f"tls://{public}:{SCHEDULER_PORT}"
         assert place.worker_address == f"tls://{machines[0].details['private_ip']}:{SCHEDULER_PORT}"
-        api.down("dask-moto")
+        down("dask-moto")

@@ -19,8 +19,9 @@ import pandas as pd
 import psutil
 import pytest
 from distributed import Client, Security
-from rawvm import api
-from rawvm.dask.cluster import check_environment, dask_cluster, idle_split
+from rawvm import launch as launching
+from rawvm.api import dask_cluster
+from rawvm.dask.cluster import check_environment, idle_split
 from rawvm.dask.procs import (
     TLS_DIR,
     SchedulerPlace,
@@ -78,7 +79,7 @@ def test_the_tls_archive_travels_in_the_bundle_under_the_manifests_sha256(tmp_pa
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "rawvm-env.toml").write_text('format = 1\n[target]\npython = "3.11"\n')
-    manifest_sha = api.add_code_files(bundle, [("rawvm-dask.tar.gz", archive)])
+    manifest_sha = launching.add_code_files(bundle, [("rawvm-dask.tar.gz", archive)])
     assert manifest_sha == sha256_file(bundle / "rawvm-env.toml")
     (entry,) = parse_manifest((bundle / "rawvm-env.toml").read_text()).files
     assert (entry.path, entry.kind) == ("rawvm-dask.tar.gz", "code")

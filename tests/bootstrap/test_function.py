@@ -21,7 +21,9 @@ import psutil
 import pytest
 import rawvm
 from rawvm import api, clusters
+from rawvm.agent import client as agent_client
 from rawvm.functions import pool as function_pool
+from rawvm.session import provider_of, run_sync
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -110,11 +112,11 @@ def _agent_status(cluster: str) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
             out = []
             for machine in record.machines:
-                client = api.AgentClient(machine.agent_url, record.token, session=session)
+                client = agent_client.AgentClient(machine.agent_url, record.token, session=session)
                 out.append(await client.status())
             return out
 
-    return api._run_sync(statuses())
+    return run_sync(statuses())
 
 
 def test_map_returns_results_in_order_spread_over_three_machines(work: ModuleType) -> None:
@@ -206,4 +208,4 @@ def test_idle_workers_do_not_keep_a_machine_alive_after_the_keepalive(work: Modu
     while (directory.exists() or _leftovers(directory)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not directory.exists() and _leftovers(directory) == []  # powered off by itself: nothing left
-    assert not api._provider_of(record).alive(machine)
+    assert not provider_of(record).alive(machine)

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from rawvm.agent.client import AgentClient, AgentError
+from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.local import LocalProvider, host_target, machine_environment
 from rawvm_agent.config import AgentConfig, IdleConfig, load_config
@@ -53,7 +54,7 @@ def provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalP
 
 def spec(cluster: str, keepalive: float, count: int = 1) -> MachineSpec:
     agent = AgentConfig(cluster=cluster, token="t" * 43, idle=IdleConfig(keepalive=keepalive))
-    return MachineSpec(cluster=cluster, count=count, agent=agent, agent_wheel=Path("unused.whl"))
+    return MachineSpec(cluster=cluster, request=MachineRequest(n=count), agent=agent, agent_wheel=Path("unused.whl"))
 
 
 async def wait_ready(machine: Machine, timeout: float = 60.0) -> AgentClient:
@@ -169,7 +170,7 @@ async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
     """A bundle file whose sha256 does not match: the agent refuses it, the front door says so, and the machine
     still stops after its keepalive."""
     import aiohttp
-    from rawvm import api, clusters
+    from rawvm import clusters
     from rawvm.errors import RawvmError
     from rawvm.progress import PlainProgress
     from rawvm_agent.config import BundleConfig, BundleFile
@@ -185,6 +186,6 @@ async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
     async with aiohttp.ClientSession() as session:
         clients = {"m0": AgentClient(machine.agent_url, record.token, session=session)}
         with pytest.raises(RawvmError, match=r"machine m0 of c4 is failed: .*sha256"):
-            await asyncio.wait_for(api._wait_ready(clients, provider, record, PlainProgress(progress)), 60)
+            await asyncio.wait_for(session.wait_ready(clients, provider, record, PlainProgress(progress)), 60)
     assert "rawvm: m0 failed" in progress.getvalue()
     wait_gone(Path(machine.details["dir"]))

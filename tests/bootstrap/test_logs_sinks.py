@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rawvm import api, clusters
+from rawvm import api, clusters, sinks
 from rawvm.errors import RawvmError
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import Machine
@@ -60,8 +60,8 @@ def forget(name: str, provider: str, options: dict[str, str]) -> None:
     """As 'rawvm ls' does once the machines are gone, and with nothing fetched yet: only the note made at launch
     (``remember_sink_provider``) is left in the sink directory."""
     clusters.remove(name)
-    shutil.rmtree(api.sink_dir(name))
-    api.remember_sink_provider(name, provider, options)
+    shutil.rmtree(sinks.sink_dir(name))
+    sinks.remember_sink_provider(name, provider, options)
 
 
 # -- qemu --------------------------------------------------------------------------------------------------------
@@ -90,9 +90,9 @@ def test_a_stopped_qemu_machines_output_comes_back_from_its_sink(
     assert api.logs("c1", output=out) == 0
     assert out.getvalue() == "hello from the qemu guest\n"
     assert "0123abcd has stopped" in capsys.readouterr().err
-    (flushed,) = api.sink_dir("c1").glob("c1-c1-0123abcd-*")
+    (flushed,) = sinks.sink_dir("c1").glob("c1-c1-0123abcd-*")
     assert (flushed / "agent.log").is_file() and (flushed / "telemetry" / "samples-00000001.msgpack").is_file()
-    assert qemu.fetch_sink("c1", api.sink_dir("c1")) == 0  # already fetched
+    assert qemu.fetch_sink("c1", sinks.sink_dir("c1")) == 0  # already fetched
 
     forget("c1", "qemu", {})
     out = io.StringIO()
@@ -115,8 +115,8 @@ def test_an_unsafe_flush_is_refused_and_the_others_still_show(
         tar.add(evil, arcname="../../escaped.txt")
 
     with pytest.raises(RawvmError, match=r"c2-bbbb0000\.tar\.gz: .*outside"):
-        qemu.fetch_sink("c2", api.sink_dir("c2"))
-    assert not list(api.sink_dir("c2").parent.parent.rglob("escaped.txt"))
+        qemu.fetch_sink("c2", sinks.sink_dir("c2"))
+    assert not list(sinks.sink_dir("c2").parent.parent.rglob("escaped.txt"))
     record("c2", "qemu", ["c2-aaaa0000", "c2-bbbb0000"])
     out = io.StringIO()
     assert api.logs("c2", output=out) == 0
@@ -164,13 +164,13 @@ def test_stopped_ec2_machines_output_comes_back_from_s3_per_machine(
     assert api.logs("c3", output=out) == 0
     assert out.getvalue() == "[ip-10-0-1-7] output of one\n[ip-10-0-1-8] output of two\n"
     assert "ip-10-0-1-8 has stopped" in capsys.readouterr().err
-    assert provider.fetch_sink("c3", api.sink_dir("c3")) == 0  # same keys, same ETags: nothing downloaded
+    assert provider.fetch_sink("c3", sinks.sink_dir("c3")) == 0  # same keys, same ETags: nothing downloaded
 
     forget("c3", "aws", aws)
     out = io.StringIO()
     assert api.logs("c3", output=out) == 0
     assert out.getvalue() == "[ip-10-0-1-7] output of one\n[ip-10-0-1-8] output of two\n"
-    assert sorted(p.name.rsplit("-", 1)[0] for p in api.sink_dir("c3").glob("c3-*")) == [
+    assert sorted(p.name.rsplit("-", 1)[0] for p in sinks.sink_dir("c3").glob("c3-*")) == [
         "c3-ip-10-0-1-7",
         "c3-ip-10-0-1-8",
     ]

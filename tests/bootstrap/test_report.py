@@ -28,7 +28,7 @@ import polars as pl
 import pytest
 from aiohttp import ClientSession
 from PIL import Image
-from rawvm import api, clusters
+from rawvm import clusters, sinks
 from rawvm.cli import main
 from rawvm.cli.report import make_report
 from rawvm.providers.base import Machine
@@ -167,7 +167,7 @@ def plant_gpu_cluster(name: str, price: float, flushed_as: str = "m0", machine_i
         gpu.close()
     cpu, memory = CpuCollector().collect(), MemoryCollector().collect()
     times = [T0 + k for k in range(1800)] + [T0 + 2400 + k for k in range(1800)]
-    flush = api.sink_dir(name) / f"{name}-{flushed_as}-20260101T000000Z"
+    flush = sinks.sink_dir(name) / f"{name}-{flushed_as}-20260101T000000Z"
     store = Store(flush / "telemetry", segment_frames=len(times))
     store.load(lambda sample, frame: None)
     planted = []

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError
-from rawvm import api
+from rawvm import launch as launching
 from rawvm.errors import RawvmError
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import Machine, MachineSpec
@@ -102,7 +102,7 @@ def stage_and_launch(provider: AwsProvider, spec: MachineSpec, tmp: Path) -> lis
         provider.stage(spec.cluster, [("rawvm-env.toml", bundle_file)])
         return provider.launch(spec)
 
-    return api.launch_or_release(provider, spec.cluster, launch)
+    return launching.launch_or_release(provider, spec.cluster, launch)
 
 
 def down_until_done(provider: AwsProvider, cluster: str, attempts: int = 8) -> int:

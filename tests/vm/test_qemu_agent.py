@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.qemu import QemuProvider
 from rawvm_agent.config import AgentConfig, IdleConfig
@@ -65,9 +66,8 @@ def boot_agent(
     urls = provider.stage(cluster, files)
     token = secrets.token_urlsafe(24)
     config = AgentConfig(cluster=cluster, token=token, bundle=bundle_config(bundle, urls, "bundle"), idle=idle)
-    spec = MachineSpec(
-        cluster=cluster, count=1, agent=config, agent_wheel=agent_wheel, extra_ca_certs=host_extra_ca_certs()
-    )
+    request = MachineRequest(provider="qemu", extra_ca_certs=host_extra_ca_certs())
+    spec = MachineSpec(cluster=cluster, request=request, agent=config, agent_wheel=agent_wheel)
     started = time.monotonic()
     (machine,) = provider.launch(spec)
     serial = Path(machine.details["serial_log"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from rawvm.errors import UsageError
+from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.qemu import GUEST_BIND, QemuProvider
 from rawvm_agent.config import AgentConfig
@@ -77,9 +78,8 @@ def test_staging_refuses_names_that_leave_the_directory(provider: QemuProvider, 
 
 def test_machine_config_binds_the_guest_and_gives_each_machine_its_sink(provider: QemuProvider, tmp_path: Path) -> None:
     agent = AgentConfig(cluster="c1", token="t")
-    spec = MachineSpec(
-        cluster="c1", count=1, agent=agent, agent_wheel=tmp_path / "w.whl", extra_ca_certs=(tmp_path / "ca.crt",)
-    )
+    request = MachineRequest(provider="qemu", extra_ca_certs=(tmp_path / "ca.crt",))
+    spec = MachineSpec(cluster="c1", request=request, agent=agent, agent_wheel=tmp_path / "w.whl")
     config = provider._machine_config(spec, "c1-abc")
     assert config.bind == GUEST_BIND
     assert config.machine_id == "c1-abc"
@@ -87,16 +87,16 @@ def test_machine_config_binds_the_guest_and_gives_each_machine_its_sink(provider
     assert config.install.native_tls  # the CAs go to the system store; uv must read it
     # The front door passes the cluster's sink URL: it still becomes one object per machine.
     same = provider._machine_config(
-        MachineSpec("c1", 1, AgentConfig(sink=provider.sink_url("c1")), spec.agent_wheel), "m2"
+        MachineSpec("c1", MachineRequest(), AgentConfig(sink=provider.sink_url("c1")), spec.agent_wheel), "m2"
     )
     assert same.sink.endswith("/m2.tar.gz")
 
 
 def test_only_x86_64_cpu_machines(provider: QemuProvider, tmp_path: Path) -> None:
-    spec = MachineSpec(cluster="c1", count=1, agent=AgentConfig(), agent_wheel=tmp_path / "w.whl")
+    spec = MachineSpec(cluster="c1", request=MachineRequest(), agent=AgentConfig(), agent_wheel=tmp_path / "w.whl")
     assert provider.target_platform(spec) == "linux-x86_64"
     with pytest.raises(UsageError, match="x86_64 CPU machines only"):
-        provider.target_platform(MachineSpec("c1", 1, AgentConfig(), tmp_path / "w.whl", arm=True))
+        provider.target_platform(MachineSpec("c1", MachineRequest(arm=True), AgentConfig(), tmp_path / "w.whl"))
 
 
 def test_bad_cluster_name_is_one_clear_error(provider: QemuProvider) -> None:

@@ -1,9 +1,9 @@
 """Batch arrays: ``rawvm.batch(...)`` and ``rawvm batch run|status|logs|retry`` (see docs/architecture.md).
 
-The front door's launch (``api._launch``) with the batch spec staged beside the bundle and named in every
+The one launch path (``rawvm.launch.launch``) with the batch spec staged beside the bundle and named in every
 machine's agent.toml: each machine runs its static share by itself, so a detached batch still completes. On
 this host the batch record (spec, rounds, launch options) lives beside the cluster's flushes in
-``api.sink_dir(cluster)/batch.json``, so status and logs work after the machines and the cluster record are gone.
+``sinks.sink_dir(cluster)/batch.json``, so status and logs work after the machines and the cluster record are gone.
 
 A task with no result is ``lost`` once the machine that held it is gone; ``retry`` reruns exactly the lost and
 failed ids on fresh machines of the same cluster (a new round).
@@ -26,12 +26,17 @@ from typing import Any, TextIO
 from rawvm_agent.batch import BatchSpec, share_of
 from rawvm_agent.config import AgentConfig, BatchConfig
 
-from rawvm import api, clusters
+from rawvm import clusters, sinks
 from rawvm.agent.client import AgentClient, AgentError
 from rawvm.batches import plan as batch_plan
+from rawvm.batches.results import BatchStatus, newest, sink_results, sink_task_dir
+from rawvm.commands import down
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
+from rawvm.launch import LaunchExtras, launch
+from rawvm.options import LaunchOptions, check_command, parse_duration_flag
 from rawvm.providers.base import Provider
+from rawvm.session import Launched, provider_of, run_sync, say
 
 SPEC_FILE = "rawvm-batch.json"
 RECORD_FILE = "batch.json"
@@ -85,7 +90,7 @@ class BatchRecord:
 
 
 def record_path(cluster: str) -> Path:
-    return api.sink_dir(cluster) / RECORD_FILE
+    return sinks.sink_dir(cluster) / RECORD_FILE
 
 
 def save_record(record: BatchRecord) -> None:
@@ -110,44 +115,6 @@ def load_record(cluster: str) -> BatchRecord:
 # -- results: from the sink and from live agents ------------------------------------------------------------
 
 
-def newest(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
-    """Of two results for one id, the later one (a retry round's result replaces a failed one)."""
-    if a is None or float(b.get("ended_at") or 0) >= float(a.get("ended_at") or 0):
-        return b
-    return a
-
-
-def sink_results(cluster: str) -> dict[int, dict[str, Any]]:
-    """Every result the cluster's machines flushed to the sink (on this host, after ``fetch_flushes``)."""
-    found: dict[int, dict[str, Any]] = {}
-    for path in api.sink_dir(cluster).glob(f"{cluster}-*/batch/results/*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            result = json.loads(path.read_text())
-            found[int(result["id"])] = newest(found.get(int(result["id"])), result)
-    return found
-
-
-def sink_task_dir(cluster: str, agent_task: str) -> Path | None:
-    """The newest flushed copy of an agent task's directory (stdout, stderr, task.json)."""
-    found = sorted(api.sink_dir(cluster).glob(f"{cluster}-*/tasks/{agent_task}"))
-    return found[-1] if found else None
-
-
-@dataclass
-class BatchStatus:
-    cluster: str
-    states: dict[int, str]  # id -> done | failed | running | queued | lost
-    results: dict[int, dict[str, Any]]
-    running: dict[int, tuple[str, str]]  # id -> (machine, agent task id)
-    answering: list[str]  # machines whose agents answered
-
-    def ids(self, state: str) -> list[int]:
-        return sorted(i for i, s in self.states.items() if s == state)
-
-    def counts(self) -> dict[str, int]:
-        return {s: len(self.ids(s)) for s in ("done", "failed", "running", "queued", "lost")}
-
-
 async def _poll(record: clusters.ClusterRecord, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
     """Each answering machine's batch status and results: ``{mid: {"status": ..., "results": [...]}}``."""
     import aiohttp
@@ -164,34 +131,33 @@ async def _poll(record: clusters.ClusterRecord, timeout: float = 5.0) -> dict[st
             except AgentError:
                 return mid, None
 
-        answers = await asyncio.gather(*(one(api._short(m), m.agent_url) for m in record.machines))
+        answers = await asyncio.gather(*(one(m.short_id, m.agent_url) for m in record.machines))
     return {mid: answer for mid, answer in answers if answer is not None}
 
 
 def _alive_silent(record: clusters.ClusterRecord, answering: set[str]) -> set[str]:
     """Machines that do not answer but that their provider still runs (booting, or busy past the timeout)."""
-    provider = api._provider_of(record)
-    silent = [m for m in record.machines if api._short(m) not in answering]
+    provider = provider_of(record)
+    silent = [m for m in record.machines if m.short_id not in answering]
     if not silent:
         return set()
     try:
         running = {m.id for m in provider.list(record.name) if m.state in {"pending", "running"}}
     except RawvmError:
-        return {api._short(m) for m in silent}  # unknown: do not call their tasks lost
-    alive = getattr(provider, "alive", None)
-    return {api._short(m) for m in silent if m.id in running and (alive is None or alive(m))}
+        return {m.short_id for m in silent}  # unknown: do not call their tasks lost
+    return {m.short_id for m in silent if m.id in running and provider.alive(m)}
 
 
 def status(cluster: str) -> BatchStatus:
     """Every id's state, from the sink and from whichever machines still answer."""
     brec = load_record(cluster)
-    api.fetch_flushes(brec.cluster, api._remembered_provider(brec.cluster))
+    sinks.fetch_flushes(brec.cluster, sinks.remembered_provider(brec.cluster))
     results = sink_results(brec.cluster)
     live: dict[str, dict[str, Any]] = {}
     silent: set[str] = set()
     if clusters.exists(brec.cluster):
         crec = clusters.load(brec.cluster)
-        live = api._run_sync(_poll(crec))
+        live = run_sync(_poll(crec))
         silent = _alive_silent(crec, set(live))
     return merge_status(brec, results, live, silent)
 
@@ -241,16 +207,16 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
         agent_task = str(attempts[-1]["task"]) if attempts else ""
         machine = str(st.results[task].get("machine", ""))
     if not agent_task:
-        _say(f"task {task} is {st.states[task]}: no output yet")
+        say(f"task {task} is {st.states[task]}: no output yet")
         return 0 if st.states[task] in {"queued", "running"} else 1
     if machine.removeprefix(f"{cluster}-") in st.answering and clusters.exists(cluster):
         crec = clusters.load(cluster)
-        url = next(m.agent_url for m in crec.machines if api._short(m) == machine.removeprefix(f"{cluster}-"))
-        api._run_sync(_live_logs(url, crec.token, agent_task, out, err))
+        url = next(m.agent_url for m in crec.machines if m.short_id == machine.removeprefix(f"{cluster}-"))
+        run_sync(_live_logs(url, crec.token, agent_task, out, err))
         return 0
     task_dir = sink_task_dir(cluster, agent_task)
     if task_dir is None:
-        _say(f"task {task} ({st.states[task]}): its machine has gone and its output is not in the sink")
+        say(f"task {task} ({st.states[task]}): its machine has gone and its output is not in the sink")
         return 1
     for stream, dest in (("stdout", out), ("stderr", err)):
         with contextlib.suppress(FileNotFoundError):
@@ -286,26 +252,6 @@ class BatchResult:
         return sorted(i for i, s in self.states.items() if s == state)
 
 
-def _say(message: str) -> None:
-    print(f"rawvm: {message}", file=sys.stderr, flush=True)
-
-
-_LAUNCH_KEYS = (
-    "provider_name",
-    "vm_type",
-    "cpu",
-    "memory",
-    "gpu",
-    "arm",
-    "region",
-    "keepalive",
-    "max_lifetime",
-    "spot_policy",
-    "source",
-    "extra_ca_certs",
-)
-
-
 def write_spec(spec: BatchSpec, directory: Path) -> tuple[Path, str]:
     """The spec as the file staged beside the bundle, and its sha256 (agent.toml carries only the URL and the
     hash, so the user-data stays small however many tasks there are)."""
@@ -318,54 +264,33 @@ def with_batch(agent: AgentConfig, urls: dict[str, str], digest: str) -> AgentCo
     return dataclasses.replace(agent, batch=BatchConfig(spec_url=urls[SPEC_FILE], spec_sha256=digest))
 
 
-def _launch_round(spec: BatchSpec, launch: dict[str, Any], cluster: str | None) -> api._Launched:
-    """One launch of ``spec.machines`` machines through the front door, the spec staged beside the bundle."""
+def _launch_round(spec: BatchSpec, options: LaunchOptions) -> Launched:
+    """One launch of ``spec.machines`` machines, the spec staged beside the bundle."""
     with tempfile.TemporaryDirectory(prefix="rawvm-batch-") as scratch:
         path, digest = write_spec(spec, Path(scratch))
-        return api._launch(
-            **launch,
-            n=spec.machines,
-            cluster=cluster,
-            extra_files=[(SPEC_FILE, path)],
-            amend_agent=lambda agent, urls: with_batch(agent, urls, digest),
+        extras = LaunchExtras(
+            extra_files=((SPEC_FILE, path),), amend_agent=lambda agent, urls: with_batch(agent, urls, digest)
         )
+        return launch(options.replace(request=options.request.replace(n=spec.machines)), extras)
 
 
-def batch(
+def run_batch(
     command: Sequence[str],
+    options: LaunchOptions,
     *,
     array: str | None = None,
     map_over_file: str | Path | None = None,
     map_over_values: str | Sequence[str] | None = None,
-    n: int = 1,
     tasks_per_machine: int = 0,
     max_retries: int = 2,
     task_timeout: str = "",
     detach: bool = False,
-    provider: str = "local",
-    vm_type: str = "",
-    cpu: int = 0,
-    memory: float = 0,
-    gpu: bool = False,
-    arm: bool = False,
-    region: str = "",
-    keepalive: str = DEFAULT_KEEPALIVE,
-    max_lifetime: str = "12h",
-    spot_policy: str = "on-demand",
-    source: str | Path | None = None,
-    cluster: str | None = None,
-    extra_ca_certs: Sequence[str | Path] = (),
 ) -> BatchResult:
-    """Run ``command`` once per task id (``array``: ``0-999`` or ``1,4-6``) or per value (a map), over up to ``n``
-    machines, ``tasks_per_machine`` at a time on each (0: its cores, 1 with a GPU), each task retried up to
-    ``max_retries`` times. Attached, it shows progress and returns once every task has a final result;
-    ``detach`` returns right after the launch, and the machines finish the batch and stop by themselves."""
-    argv = api.check_command(command)
+    """The batch ``rawvm.batch`` describes, on up to ``options.request.n`` machines."""
+    argv = check_command(command)
     ids, values = batch_plan.tasks_of(array, map_over_file, map_over_values)
-    if n < 1:
-        raise UsageError(f"-n {n}: the number of machines must be at least 1")
-    timeout_s = api.parse_duration_flag("--task-timeout", task_timeout) if task_timeout else 0.0
-    machines = batch_plan.machines_needed(len(ids), n, tasks_per_machine)
+    timeout_s = parse_duration_flag("--task-timeout", task_timeout) if task_timeout else 0.0
+    machines = batch_plan.machines_needed(len(ids), options.request.n, tasks_per_machine)
     spec = batch_plan.make_spec(
         argv,
         ids,
@@ -374,56 +299,40 @@ def batch(
         tasks_per_machine=tasks_per_machine,
         max_retries=max_retries,
         task_timeout_s=timeout_s,
-        gpu=gpu,
+        gpu=options.request.gpu,
     )
-    launch = {
-        "provider_name": provider,
-        "vm_type": vm_type,
-        "cpu": cpu,
-        "memory": memory,
-        "gpu": gpu,
-        "arm": arm,
-        "region": region,
-        "keepalive": keepalive,
-        "max_lifetime": max_lifetime,
-        "spot_policy": spot_policy,
-        "source": str(source) if source is not None else None,
-        "extra_ca_certs": [str(c) for c in extra_ca_certs],
-    }
-    return _run_round(spec, launch, cluster, detach, first=True)
+    return _run_round(spec, options, detach, first=True)
 
 
-def _run_round(spec: BatchSpec, launch: dict[str, Any], cluster: str | None, detach: bool, first: bool) -> BatchResult:
+def _run_round(spec: BatchSpec, options: LaunchOptions, detach: bool, first: bool) -> BatchResult:
     from rawvm.batches import watch as batch_watch
 
     started = time.monotonic()
-    launched = _launch_round(spec, launch, cluster)
+    launched = _launch_round(spec, options)
     record = launched.record
     name = record.name
-    brec = BatchRecord(cluster=name, spec=spec.to_json(), launch=launch) if first else load_record(name)
-    brec.rounds.append({"spec": spec.to_json(), "machines": [api._short(m) for m in record.machines]})
+    brec = BatchRecord(cluster=name, spec=spec.to_json(), launch=options.to_json()) if first else load_record(name)
+    brec.rounds.append({"spec": spec.to_json(), "machines": [m.short_id for m in record.machines]})
     save_record(brec)
     timings = {**launched.timings}
     where = f"{len(spec.ids)} tasks on {len(record.machines)} machine{'s' if len(record.machines) > 1 else ''}"
     if detach:
-        api._run_sync(batch_watch.hand_out_shares(launched))
-        _say(f"batch {name}: {where}, detached; see 'rawvm batch status {name}'")
+        run_sync(batch_watch.hand_out_shares(launched))
+        say(f"batch {name}: {where}, detached; see 'rawvm batch status {name}'")
         states = dict.fromkeys(spec.ids, "queued")
         return BatchResult(name, 0, states, {}, {**timings, "total": time.monotonic() - started})
-    _say(f"batch {name}: {where}")
+    say(f"batch {name}: {where}")
     try:
-        results, lost = api._run_sync(batch_watch.watch(launched, spec))
+        results, lost = run_sync(batch_watch.watch(launched, spec))
     except KeyboardInterrupt:
-        _say(f"interrupted; the batch goes on without you: rawvm batch status {name} (stop it: rawvm down {name})")
+        say(f"interrupted; the batch goes on without you: rawvm batch status {name} (stop it: rawvm down {name})")
         raise
     timings["total"] = time.monotonic() - started
     final = status_after(brec, results, lost)
     code = 0 if all(s == "done" for s in final.states.values()) else 1
     batch_watch.summary(final, sys.stderr)
-    keep = launch["keepalive"]
-    _say(
-        f"batch {name} ended in {timings['total']:.1f} s; its machines stop after {keep} idle (now: rawvm down {name})"
-    )
+    keep = options.lifetime.keepalive
+    say(f"batch {name} ended in {timings['total']:.1f} s; its machines stop after {keep} idle (now: rawvm down {name})")
     return BatchResult(name, code, final.states, final.results, timings)
 
 
@@ -448,24 +357,25 @@ def retry(cluster: str, *, n: int = 0, detach: bool = False) -> BatchResult:
         busy = len(st.ids("running")) + len(st.ids("queued"))
         raise RawvmError(f"batch {cluster} still has {busy} tasks running or queued: wait, or 'rawvm down {cluster}'")
     if not todo:
-        _say(f"batch {cluster}: nothing to retry, every task is done")
+        say(f"batch {cluster}: nothing to retry, every task is done")
         return BatchResult(cluster, 0, st.states, st.results)
     brec = load_record(cluster)
     if clusters.exists(cluster):
         with contextlib.suppress(RawvmError):
-            api.down(cluster)  # idle machines of the last round: their results are in the sink already
+            down(cluster)  # idle machines of the last round: their results are in the sink already
     _release(brec)
     first = BatchSpec.from_json(brec.spec)
     values = [first.values[first.ids.index(i)] for i in todo] if first.values is not None else None
     machines = batch_plan.machines_needed(len(todo), n or len(brec.rounds[-1]["machines"]), first.tasks_per_machine)
     spec = dataclasses.replace(first, ids=todo, values=values, machines=machines)
-    _say(f"batch {cluster}: retrying {len(todo)} tasks ({batch_plan.compress_ids(todo)})")
-    return _run_round(spec, brec.launch, cluster, detach, first=False)
+    say(f"batch {cluster}: retrying {len(todo)} tasks ({batch_plan.compress_ids(todo)})")
+    options = LaunchOptions.from_json(brec.launch).replace(cluster=cluster)
+    return _run_round(spec, options, detach, first=False)
 
 
 def _release(brec: BatchRecord) -> None:
     """What the provider still holds for a cluster whose record is gone (e.g. a killed local machine's dir)."""
-    provider: Provider | None = api._remembered_provider(brec.cluster)
+    provider: Provider | None = sinks.remembered_provider(brec.cluster)
     if provider is not None and not clusters.exists(brec.cluster):
         with contextlib.suppress(RawvmError):
             provider.down(brec.cluster)

@@ -17,13 +17,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from rawvm import api
+from rawvm import sinks
 from rawvm.agent.client import AgentClient, AgentError
-from rawvm.batches.array import BatchClient, BatchStatus, newest, sink_results
+from rawvm.batches.array import BatchClient
 from rawvm.batches.plan import compress_ids
+from rawvm.batches.results import BatchStatus, newest, sink_results
 from rawvm.errors import RawvmError
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine
+from rawvm.session import Launched, say, wait_ready
 
 POLL_S = 0.5
 DEAD_AFTER_S = 60.0  # a machine whose agent has not answered this long is taken for dead, alive hook or not
@@ -68,25 +70,25 @@ class BatchProgress:
             self._rich.stop()
 
 
-def _clients(launched: api._Launched, session: Any) -> dict[str, BatchClient]:
+def _clients(launched: Launched, session: Any) -> dict[str, BatchClient]:
     record = launched.record
-    return {api._short(m): BatchClient(m.agent_url, record.token, session=session) for m in record.machines}
+    return {m.short_id: BatchClient(m.agent_url, record.token, session=session) for m in record.machines}
 
 
-def _needs_share(launched: api._Launched) -> bool:
+def _needs_share(launched: Launched) -> bool:
     """Local machines know their share from their machine id (``m<k>``), and a lone machine has share 0; the
     others (qemu, EC2 sharing one agent.toml) get theirs over the API."""
     return launched.record.provider != "local" and len(launched.record.machines) > 1
 
 
-async def hand_out_shares(launched: api._Launched) -> None:
+async def hand_out_shares(launched: Launched) -> None:
     """Detached: give every machine that needs one its share, then leave (waits only until the agents answer,
     not for their installs)."""
     if not _needs_share(launched):
         return
     import aiohttp
 
-    timeout = float(getattr(launched.provider, "ready_timeout_s", 1800.0))
+    timeout = launched.provider.ready_timeout_s
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         pending = dict(enumerate(_clients(launched, session).items()))
@@ -104,7 +106,7 @@ async def hand_out_shares(launched: api._Launched) -> None:
                 await asyncio.sleep(1.0)
 
 
-async def watch(launched: api._Launched, spec: BatchSpec) -> tuple[dict[int, dict[str, Any]], set[int]]:
+async def watch(launched: Launched, spec: BatchSpec) -> tuple[dict[int, dict[str, Any]], set[int]]:
     """Follow the round until every id has a final result, or no machine is left; (results, lost ids)."""
     import aiohttp
 
@@ -114,11 +116,11 @@ async def watch(launched: api._Launched, spec: BatchSpec) -> tuple[dict[int, dic
         view = make_progress(sys.stderr)
         try:
             agents: dict[str, AgentClient] = dict(clients)
-            await api._wait_ready(agents, provider, record, view, launched.ready_timeout_s)
+            await wait_ready(agents, provider, record, view, launched.ready_timeout_s)
         finally:
             view.close()
-        watcher = _Watcher(spec, clients, {api._short(m): m for m in record.machines}, getattr(provider, "alive", None))
-        watcher.cluster, watcher.fetch = record.name, lambda: api.fetch_flushes(record.name, provider)
+        watcher = _Watcher(spec, clients, {m.short_id: m for m in record.machines}, provider.alive)
+        watcher.cluster, watcher.fetch = record.name, lambda: sinks.fetch_flushes(record.name, provider)
         progress = BatchProgress(len(spec.ids), sys.stderr)
         try:
             while not watcher.finished():
@@ -219,7 +221,7 @@ class _Watcher:
         self.orphans |= unfinished
         self.owned[mid] = set()
         where = f"run on {', '.join(sorted(self.live))}" if self.live else "are lost: rawvm batch retry"
-        api._say(
+        say(
             f"machine {mid} is gone; its {len(unfinished)} unfinished tasks "
             f"({compress_ids(sorted(unfinished))}) {where}"
         )
@@ -266,12 +268,12 @@ def summary(st: BatchStatus, stream: TextIO) -> None:
             )
         console.print(detail)
     if failed:
-        api._say(
+        say(
             f"{len(failed)} task{'s' if len(failed) > 1 else ''} failed for good: {compress_ids(failed)} "
             f"(output: rawvm batch logs {st.cluster} {failed[0]})"
         )
     if lost := st.ids("lost"):
-        api._say(
+        say(
             f"{len(lost)} task{'s' if len(lost) > 1 else ''} lost with their machines: {compress_ids(lost)} "
             f"(rerun them: rawvm batch retry {st.cluster})"
         )

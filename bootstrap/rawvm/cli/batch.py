@@ -7,26 +7,10 @@ import json
 import sys
 from typing import Any
 
-from rawvm.cli.run import _machine_flags
-
-_MACHINE_KEYS = (
-    "provider",
-    "vm_type",
-    "cpu",
-    "memory",
-    "gpu",
-    "arm",
-    "region",
-    "keepalive",
-    "max_lifetime",
-    "spot_policy",
-    "source",
-    "cluster",
-    "extra_ca_certs",
-)
+from rawvm.cli.flags import launch_options, machine_flags
 
 
-def _with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+def with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Apply ``# rawvm: ...`` lines of the command's script where the command line left a flag at its default:
     explicit flags win (a flag given with its default value counts as not given)."""
     from rawvm.batches.plan import header_options
@@ -45,19 +29,17 @@ def _with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespa
 def _run(args: argparse.Namespace) -> int:
     from rawvm.batches import array as batches
 
-    args = _with_header_options(args.parser, args)
-    options = {k: getattr(args, k) for k in _MACHINE_KEYS}
-    result = batches.batch(
+    args = with_header_options(args.parser, args)
+    result = batches.run_batch(
         args.cmd,
+        launch_options(args),
         array=args.array,
         map_over_file=args.map_over_file,
         map_over_values=args.map_over_values,
-        n=args.n,
         tasks_per_machine=args.tasks_per_machine,
         max_retries=args.max_retries,
         task_timeout=args.task_timeout,
         detach=args.detach,
-        **options,
     )
     print(result.cluster)
     return result.exit_code
@@ -116,7 +98,7 @@ def register(subparsers: Any) -> None:
     tasks.add_argument("--max-retries", type=int, default=2, metavar="R", help="retries of a failed task (%(default)s)")
     tasks.add_argument("--task-timeout", default="", metavar="D", help="end a task after D, e.g. 10m (none)")
     tasks.add_argument("--detach", action="store_true", help="return right after the launch; see 'batch status'")
-    _machine_flags(run)
+    machine_flags(run)
     run.set_defaults(keepalive="2m")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after '--'")
     run.set_defaults(func=_run, parser=run)

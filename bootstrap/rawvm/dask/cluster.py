@@ -28,8 +28,9 @@ from typing import Any
 
 from rawvm_agent.durations import format_duration
 
-from rawvm import api, clusters
+from rawvm import clusters
 from rawvm.agent.client import AgentClient, AgentError
+from rawvm.commands import down as down_cluster
 from rawvm.dask.procs import (
     ARCHIVE_NAME,
     DASHBOARD_PORT,
@@ -44,8 +45,11 @@ from rawvm.dask.procs import (
 )
 from rawvm.dask.tls import TlsFiles, make_cluster_tls
 from rawvm.errors import RawvmError, UsageError
+from rawvm.launch import LaunchExtras, launch
+from rawvm.options import LaunchOptions, Lifetime
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine
+from rawvm.session import Launched, wait_ready
 
 try:
     from distributed.core import Status, rpc
@@ -72,20 +76,20 @@ class DaskOptions:
     """What ``dask_cluster`` was asked for; every launch of the cluster uses it."""
 
     name: str
-    provider: str = "local"
-    vm_type: str = ""
-    cpu: int = 0
-    memory: float = 0.0
-    gpu: bool = False
-    arm: bool = False
-    region: str = ""
-    spot_policy: str = "on-demand"
-    keepalive_s: float = 20 * 60.0
-    max_lifetime: str = "12h"
-    source: str | Path | None = None
-    extra_ca_certs: tuple[str | Path, ...] = ()
+    """The cluster's name; its second and later launches are ``NAME-2``, ``NAME-3``, ..."""
+
+    launch: LaunchOptions
+    """The machine, lifetime and environment options every launch of the cluster starts from."""
+
     scheduler_vm_type: str = ""
+    """The scheduler machine's own instance type ("": the workers' kind)."""
+
     dedicated_scheduler: bool = True
+    """The scheduler on a machine of its own (False: on the first worker's machine)."""
+
+    @property
+    def provider(self) -> str:
+        return self.launch.request.provider
 
 
 def check_environment(bundle_dir: Path) -> bool:
@@ -128,7 +132,7 @@ class Fleet:
             tls_client_key=str(self.tls.client_key),
             require_encryption=True,
         )
-        self.idle_timeout_s, self.grace_s = idle_split(options.keepalive_s)
+        self.idle_timeout_s, self.grace_s = idle_split(options.launch.lifetime.keepalive_s)
         self.records: list[clusters.ClusterRecord] = []
         self.place: SchedulerPlace | None = None
         self.scheduler_slot: _Slot | None = None
@@ -150,30 +154,19 @@ class Fleet:
     def _check(self, bundle_dir: Path) -> None:
         self.dask_cuda = check_environment(bundle_dir)
 
-    def _launch_sync(self, count: int, vm_type: str, name: str) -> api._Launched:
-        o = self.options
-        typed = vm_type or o.vm_type
-        return api._launch(
-            provider_name=o.provider,
-            n=count,
-            vm_type=typed,
-            cpu=0 if typed else o.cpu,
-            memory=0 if typed else o.memory,
-            gpu=False if typed else o.gpu,
-            arm=False if typed else o.arm,
-            region=o.region,
-            keepalive=f"{self.grace_s:.0f}s",
-            max_lifetime=o.max_lifetime,
-            spot_policy=o.spot_policy,
-            source=o.source,
-            cluster=name,
-            extra_ca_certs=o.extra_ca_certs,
+    def _launch_sync(self, count: int, vm_type: str, name: str) -> Launched:
+        o = self.options.launch
+        # Machines idle off after the grace alone: Dask's own idle_timeout has already said the cluster is idle.
+        lifetime = Lifetime(keepalive_s=float(round(self.grace_s)), max_lifetime_s=o.lifetime.max_lifetime_s)
+        options = o.replace(request=o.request.of_type(vm_type, count), lifetime=lifetime, cluster=name)
+        extras = LaunchExtras(
             extra_code=((ARCHIVE_NAME, self.archive),),
             open_ports=(SCHEDULER_PORT, DASHBOARD_PORT),
             peer_ports=PEER_PORTS,
             client_timeout=self.grace_s,
             check_bundle=self._check,
         )
+        return launch(options, extras)
 
     async def _launch(self, count: int, vm_type: str = "") -> list[_Slot]:
         """One launch of ``count`` machines, returned once every one is ready (held up by keepalive pings)."""
@@ -190,7 +183,7 @@ class Fleet:
         self._hold(slots)
         view = make_progress(sys.stderr)
         try:
-            await api._wait_ready({api._short(s.machine): s.client for s in slots}, launched.provider, record, view)
+            await wait_ready({s.machine.short_id: s.client for s in slots}, launched.provider, record, view)
         finally:
             view.close()
         return slots
@@ -213,7 +206,7 @@ class Fleet:
     async def start(self, workers: int) -> SchedulerPlace:
         """The first launch: the scheduler's machine and the first ``workers`` machines, then the scheduler."""
         o = self.options
-        own_type = bool(o.scheduler_vm_type) and o.scheduler_vm_type != o.vm_type
+        own_type = bool(o.scheduler_vm_type) and o.scheduler_vm_type != o.launch.request.vm_type
         if not o.dedicated_scheduler:
             slots = await self._launch(max(1, workers))
             self.scheduler_slot, self.pool = slots[0], slots
@@ -333,7 +326,7 @@ class Fleet:
             self._pinger.cancel()
         for record in self.records:
             with contextlib.suppress(RawvmError):
-                await asyncio.to_thread(api.down, record.name)
+                await asyncio.to_thread(down_cluster, record.name)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -417,7 +410,7 @@ class RawvmCluster(SpecCluster):
     def _stop_machines_sync(self) -> None:
         for record in self.fleet.records:
             with contextlib.suppress(RawvmError):
-                api.down(record.name)
+                down_cluster(record.name)
         shutil.rmtree(self.fleet.directory, ignore_errors=True)
 
     @property
@@ -447,69 +440,29 @@ class RawvmCluster(SpecCluster):
         return path
 
 
-def dask_cluster(
-    n: int = 1,
+def make_cluster(
+    n: int,
+    launch_options: LaunchOptions,
     *,
-    provider: str = "local",
-    vm_type: str = "",
-    cpu: int = 0,
-    memory: float = 0,
-    gpu: bool = False,
-    arm: bool = False,
-    region: str = "",
-    spot_policy: str = "on-demand",
-    keepalive: str = "20m",
-    max_lifetime: str = "12h",
+    name: str | None = None,
     scheduler_vm_type: str = "",
     dedicated_scheduler: bool = True,
-    source: str | Path | None = None,
-    extra_ca_certs: Sequence[str | Path] = (),
-    name: str | None = None,
     asynchronous: bool = False,
     shutdown_on_close: bool = True,
 ) -> RawvmCluster:
-    """A Dask cluster of ``n`` worker machines plus one for the scheduler (``dedicated_scheduler=False``: the
-    scheduler shares the first worker's machine), in the locked environment of ``source`` (default: this one,
-    which must contain ``distributed``). Use it as any Dask cluster: ``Client(cluster)``, ``cluster.scale(k)``,
-    ``cluster.adapt(minimum=, maximum=)``, ``cluster.dashboard_link``, ``cluster.close()`` or ``with``.
-
-    Every connection is TLS with a CA made for this cluster; the machines power off by themselves after
-    ``keepalive`` with no task and no client (a lost laptop costs at most that), and ``close()`` stops them now.
-    """
+    """The cluster ``rawvm.dask_cluster`` describes: ``n`` worker machines plus one for the scheduler
+    (``dedicated_scheduler=False``: the scheduler shares the first worker's machine)."""
     if n < 0 or (n == 0 and not dedicated_scheduler):
         raise UsageError(f"n={n}: the number of worker machines must be at least 0 (1 with a shared scheduler)")
-    api.check_options(
-        provider=provider,
-        n=max(1, n),
-        vm_type=vm_type,
-        cpu=cpu,
-        memory=memory,
-        gpu=gpu,
-        arm=arm,
-        spot_policy=spot_policy,
-    )
-    keepalive_s = api.parse_duration_flag("--keepalive", keepalive)
-    idle_split(keepalive_s)
-    api.parse_duration_flag("--max-lifetime", max_lifetime)
-    if provider == "qemu" and (dedicated_scheduler or n != 1):
+    idle_split(launch_options.lifetime.keepalive_s)
+    if launch_options.request.provider == "qemu" and (dedicated_scheduler or n != 1):
         raise UsageError(
             "a qemu Dask cluster is one VM (VMs behind qemu's user networking cannot reach each other): "
             "use n=1, dedicated_scheduler=False"
         )
     options = DaskOptions(
         name=clusters.check_name(name) if name else clusters.new_name(),
-        provider=provider,
-        vm_type=vm_type,
-        cpu=cpu,
-        memory=memory,
-        gpu=gpu,
-        arm=arm,
-        region=region,
-        spot_policy=spot_policy,
-        keepalive_s=keepalive_s,
-        max_lifetime=max_lifetime,
-        source=source,
-        extra_ca_certs=tuple(extra_ca_certs),
+        launch=launch_options,
         scheduler_vm_type=scheduler_vm_type,
         dedicated_scheduler=dedicated_scheduler,
     )
@@ -549,8 +502,8 @@ def down(name: str) -> int:
     except (OSError, ValueError, KeyError):
         raise UsageError(f"no Dask cluster named {name!r} on this machine (see 'rawvm ls')") from None
     stopped = 0
-    for launch in launches:
-        if clusters.exists(launch):
-            stopped += api.down(launch)
+    for launched in launches:
+        if clusters.exists(launched):
+            stopped += down_cluster(launched)
     shutil.rmtree(directory, ignore_errors=True)
     return stopped

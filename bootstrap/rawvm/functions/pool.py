@@ -17,6 +17,7 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -25,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +35,9 @@ from rawvm_agent.call_worker import ERROR, LOST, OK, pack, unpack
 
 from rawvm import clusters
 from rawvm.errors import RawvmError
+from rawvm.launch import launch
+from rawvm.options import LaunchOptions
+from rawvm.session import ready_or_fail
 
 T = TypeVar("T")
 
@@ -113,21 +117,13 @@ def decode_result(loads: Callable[[bytes], Any], status: int, payload: bytes) ->
 
 @dataclass(frozen=True)
 class PoolOptions:
-    provider: str = "local"
-    n: int = 1
-    vm_type: str = ""
-    cpu: int = 0
-    memory: float = 0
-    gpu: bool = False
-    arm: bool = False
-    region: str = ""
-    keepalive: str = "30s"
-    max_lifetime: str = "12h"
-    spot_policy: str = "on-demand"
-    source: str = ""  # "": the running environment
-    extra_ca_certs: tuple[str, ...] = ()
-    slots: int = 0  # concurrent calls per machine; 0: its cores
-    requirements: tuple[tuple[str, str], ...] = ()  # (PEP 508, why) the lock adds when the environment lacks it
+    """What a function's machines are: the launch options, and how many calls each runs at once."""
+
+    launch: LaunchOptions
+    """Machines, lifetime and environment (``environment.extra_requirements`` holds what the lock adds)."""
+
+    slots: int = 0
+    """Concurrent calls per machine; 0: its cores."""
 
 
 def reuse_key(options: PoolOptions, project_dir: Path) -> str:
@@ -135,14 +131,15 @@ def reuse_key(options: PoolOptions, project_dir: Path) -> str:
     from rawvm_resolver.project import list_project_files
     from rawvm_resolver.scan import scan
 
-    fingerprint = scan(options.source or None).fingerprint()
+    fingerprint = scan(options.launch.environment.source).fingerprint()
     project = list_project_files(project_dir)
     code = hashlib.sha256()
     for relative in project.files:
         code.update(relative.encode() + b"\0")
         with contextlib.suppress(OSError):
             code.update(hashlib.sha256((project.root / relative).read_bytes()).digest())
-    payload = {"env": fingerprint, "code": code.hexdigest(), "root": str(project.root), "options": asdict(options)}
+    chosen = {"launch": options.launch.to_json(), "slots": options.slots}
+    payload = {"env": fingerprint, "code": code.hexdigest(), "root": str(project.root), "options": chosen}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -150,7 +147,7 @@ def _key_path(key: str) -> Path:
     return clusters.state_dir() / "functions" / f"{key}.json"
 
 
-def _bundle_path(key: str) -> Path:
+def bundle_path(key: str) -> Path:
     """The lock of this key, kept: machines launched again for an unchanged key need no new lock."""
     path = clusters.state_dir() / "functions" / "bundles" / key
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -275,34 +272,13 @@ class Pool:
 
     def _launch(self) -> None:
         """Lock, stage, launch and wait for ready (in a worker thread: the front door is synchronous)."""
-        from rawvm import api
-
-        o = self.options
-        launched = api._launch(
-            provider_name=o.provider,
-            n=o.n,
-            vm_type=o.vm_type,
-            cpu=o.cpu,
-            memory=o.memory,
-            gpu=o.gpu,
-            arm=o.arm,
-            region=o.region,
-            keepalive=o.keepalive,
-            max_lifetime=o.max_lifetime,
-            spot_policy=o.spot_policy,
-            source=o.source or None,
-            cluster=None,
-            extra_ca_certs=o.extra_ca_certs,
-            extra_requirements=o.requirements,
-            bundle_cache=_bundle_path(self.key),
-            project_dir=self.project_dir,
+        environment = dataclasses.replace(
+            self.options.launch.environment, bundle_cache=bundle_path(self.key), project_dir=self.project_dir
         )
+        launched = launch(self.options.launch.replace(environment=environment))
         self.launches += 1
         record = launched.record
-        try:
-            api._run_sync(api._ready_and_run(launched, None, sys.stdout, sys.stderr))
-        except RawvmError as exc:
-            raise RawvmError(f"{exc} (cluster {record.name})") from None
+        ready_or_fail(launched, None, sys.stdout, sys.stderr)
         path = _key_path(self.key)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps({"cluster": record.name}))

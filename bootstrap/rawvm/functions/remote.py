@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import os
 import pickle
@@ -30,9 +31,10 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 import cloudpickle
 from rawvm_agent.call_worker import REFERENCE
 
-from rawvm import api
+from rawvm.commands import down
 from rawvm.errors import UsageError
 from rawvm.functions.pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_loop, pool_for, reuse_key
+from rawvm.options import LaunchOptions
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -78,7 +80,7 @@ class RemoteFunction(Generic[P, R]):
             from rawvm import clusters
 
             if clusters.exists(pool.cluster):
-                api.down(pool.cluster)
+                down(pool.cluster)
         on_loop(pool.close()).result(timeout=10)
 
     # -- calls --------------------------------------------------------------------------------------------------
@@ -222,65 +224,35 @@ def _bridge(future: Any) -> concurrent.futures.Future[Any]:
     return out
 
 
-def function(
-    fn: Callable[P, R] | None = None,
-    *,
-    provider: str = "local",
-    vm_type: str = "",
-    cpu: int = 0,
-    memory: float = 0,
-    gpu: bool = False,
-    arm: bool = False,
-    n: int = 1,
-    keepalive: str = "30s",
-    spot_policy: str = "on-demand",
-    region: str = "",
-    max_lifetime: str = "12h",
-    source: str | Path | None = None,
-    packages: Sequence[str] = (),
-    slots: int = 0,
-    extra_ca_certs: Sequence[str | Path] = (),
-) -> Any:
-    """Run ``fn`` on machines: ``@rawvm.function`` or ``@rawvm.function(n=4, gpu=True, ...)``.
+def on_a_machine() -> bool:
+    """True inside a call worker on a machine: there, importing the user's module runs ``@rawvm.function`` again,
+    and the function must stay a plain function (a call it makes to another decorated function runs in place)."""
+    return bool(os.environ.get("RAWVM_CALLS_WORKER"))
 
-    The machine options are those of ``rawvm.run``. ``source`` is the environment to lock (default: this one);
-    ``packages`` are requirements the machines get on top of it (``["humanize>=4"]``); ``slots`` is how many calls
-    run at once on each machine (default: its cores; 1 with ``gpu``). The project (code.tar.gz) is the current
-    directory when the function is decorated.
-    """
-    if os.environ.get("RAWVM_CALLS_WORKER"):
-        # On a machine, importing the user's module runs this line again: the function stays a plain function
-        # there (a call it makes to another decorated function runs in place), and laptop paths are not checked.
-        return fn if fn is not None else (lambda f: f)
-    api.check_options(
-        provider=provider, n=n, vm_type=vm_type, cpu=cpu, memory=memory, gpu=gpu, arm=arm, spot_policy=spot_policy
-    )
-    api.parse_duration_flag("keepalive", keepalive)
-    api.parse_duration_flag("max_lifetime", max_lifetime)
+
+def remote_function(
+    fn: Callable[P, R] | None, launch_options: LaunchOptions, *, packages: Sequence[str] = (), slots: int = 0
+) -> Any:
+    """What ``@rawvm.function`` makes of ``fn`` (or, without ``fn``, the decorator that does): calls run on the
+    machines ``launch_options`` describe, ``slots`` at a time on each (0: its cores; 1 with a GPU), in the locked
+    environment plus ``packages``. The project (code.tar.gz) is the current directory at decoration."""
     if slots < 0:
         raise UsageError(f"slots={slots}: the calls per machine must be at least 1 (0: one per core)")
+    source = launch_options.environment.source
     if source and not Path(source).expanduser().exists():
         raise UsageError(f"source={str(source)!r}: no such file or directory (a venv, requirements file or project)")
     if isinstance(packages, str):
         raise UsageError(f"packages={packages!r}: give a list of requirements, e.g. packages=['humanize']")
     requirements = [(line, "asked for by @rawvm.function(packages=...)") for line in packages]
     requirements.append((f"cloudpickle=={cloudpickle.__version__}", _CLOUDPICKLE_WHY))
+    environment = dataclasses.replace(
+        launch_options.environment,
+        source=str(Path(source).expanduser().resolve()) if source else None,
+        extra_requirements=tuple(requirements),
+    )
     options = PoolOptions(
-        provider=provider,
-        n=n,
-        vm_type=vm_type,
-        cpu=cpu,
-        memory=memory,
-        gpu=gpu,
-        arm=arm,
-        region=region,
-        keepalive=keepalive,
-        max_lifetime=max_lifetime,
-        spot_policy=spot_policy,
-        source=str(Path(source).expanduser().resolve()) if source else "",
-        extra_ca_certs=tuple(str(Path(c).resolve()) for c in extra_ca_certs),
-        slots=slots or (1 if gpu else 0),
-        requirements=tuple(requirements),
+        launch=launch_options.replace(environment=environment),
+        slots=slots or (1 if launch_options.request.gpu else 0),
     )
     project_dir = Path.cwd()
 

@@ -1,6 +1,6 @@
 """The numbers of ``rawvm report``: every telemetry sample of a cluster as dataframes (polars), and a summary.
 
-Samples come from the flushes in the sink (``rawvm.api.sink_dir``: what a machine sent as it stopped, so a report
+Samples come from the flushes in the sink (``rawvm.sinks.sink_dir``: what a machine sent as it stopped, so a report
 works after the machines are gone; the provider's ``fetch_sink`` brings qemu's and EC2's first) and, for
 machines still running, from their agents (``/v1/samples``, paged by ``seq``). The same ``seq`` from both is
 one sample. Task start and end come from the flushed ``tasks/*/task.json`` and the agents' ``/v1/tasks``.
@@ -168,15 +168,16 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
 
 def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     """The cluster's telemetry from the sink (fetched from the provider first) and, with ``live``, its agents."""
-    from rawvm import api, clusters
+    from rawvm import clusters, sinks
     from rawvm.observe.top import FREE_PROVIDERS, _short, price_of
+    from rawvm.session import provider_of, run_sync
 
     name = clusters.check_name(cluster)
     record = clusters.load(name) if clusters.exists(name) else None
-    provider = api._provider_of(record) if record is not None else api._remembered_provider(name)
-    api.fetch_flushes(name, provider)
+    provider = provider_of(record) if record is not None else sinks.remembered_provider(name)
+    sinks.fetch_flushes(name, provider)
     telemetry = ClusterTelemetry(cluster=name)
-    for machine, flushes in api._flushes(name).items():
+    for machine, flushes in sinks.flushes(name).items():
         for flush in flushes:
             read_flush(telemetry, machine, flush)
     if record is not None:
@@ -187,12 +188,12 @@ def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
         same = known.pop() if len(known) == 1 and None not in telemetry.prices.values() else None
         telemetry.default_price = 0.0 if record.provider in FREE_PROVIDERS else same
         if live:
-            api._run_sync(read_agents(telemetry, record))
-    elif provider is not None and getattr(provider, "name", "") in FREE_PROVIDERS:
+            run_sync(read_agents(telemetry, record))
+    elif provider is not None and provider.name in FREE_PROVIDERS:
         telemetry.default_price = 0.0
     if not any(telemetry.samples.values()):
         raise RawvmError(
-            f"no telemetry for cluster {name}: nothing flushed to {api.sink_dir(name)} and no agent answered"
+            f"no telemetry for cluster {name}: nothing flushed to {sinks.sink_dir(name)} and no agent answered"
         )
     return telemetry
 

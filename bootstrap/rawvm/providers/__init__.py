@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rawvm.errors import UsageError
+from rawvm.options import PROVIDERS
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
-PROVIDERS = ("local", "qemu", "aws")
 FREE_PROVIDERS = frozenset({"local", "qemu"})  # machines on this host: no price, no bill
 
 

@@ -6,30 +6,27 @@ Everything the front door knows about a provider is in this file; see docs/archi
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 from rawvm_agent.config import AgentConfig
+from rawvm_resolver.target import DEFAULT_GLIBC
+
+from rawvm.cost_guard import FleetPrice
+from rawvm.options import MachineRequest
 
 
 @dataclass(frozen=True)
 class MachineSpec:
-    """What to launch. ``agent`` is the agent config every machine gets (machine_id is filled per machine)."""
+    """What to launch: the request, and the agent config every machine gets (machine_id is filled per machine)."""
 
     cluster: str
-    count: int
+    request: MachineRequest
     agent: AgentConfig
     agent_wheel: Path  # the rawvm-agent wheel to stage and install on the machine
-    vm_type: str = ""  # explicit instance type; empty: choose from the resources below
-    cpu: int = 0
-    memory_gib: float = 0.0
-    gpu: bool = False
-    arm: bool = False
-    region: str = ""
-    spot_policy: str = "on-demand"  # on-demand | spot | spot_with_fallback
-    extra_ca_certs: tuple[Path, ...] = ()  # PEM files the machine must trust (TLS-intercepting proxies)
     owner: str = ""
     # TCP ports, besides the agent's, that the caller reaches on every machine (a Dask scheduler and dashboard).
     # aws: opened to the caller's /32 only; qemu: forwarded to free host ports, ``Machine.details["port:N"]``;
@@ -38,6 +35,11 @@ class MachineSpec:
     # A TCP port range the cluster's machines reach on each other (Dask's workers and nannies); aws: allowed
     # from the security group itself.
     peer_ports: tuple[int, int] | None = None
+
+    @property
+    def count(self) -> int:
+        """How many machines to start."""
+        return self.request.n
 
 
 def short_id(machine_id: str, cluster: str) -> str:
@@ -67,40 +69,67 @@ class Machine:
         return short_id(self.id, self.cluster)
 
 
-@runtime_checkable
-class Provider(Protocol):
-    """What every provider has. Optional hooks, which the front door calls through ``getattr`` when present:
-    ``target_glibc()``, ``target_python()``, ``alive(machine)``, ``ready_timeout_s``, and
+class Provider(ABC):
+    """What every provider is: stage files, launch machines, list them, take them down (the six abstract methods),
+    plus optional hooks whose defaults here suit a provider that has nothing to say (a subclass overrides them).
 
-    ``fetch_sink(cluster: str, dest: Path) -> int``: bring every flush the cluster's agents sent to the sink into
-    ``dest``, in the local provider's sink layout (``<label>-<UTC time>/tasks/<id>/{task.json,stdout,stderr}``,
-    ``agent.log``, telemetry), skipping flushes already there; returns how many it brought. ``rawvm logs`` reads
-    stopped machines and forgotten clusters from ``dest``. Providers whose sink is that directory need none.
+    Nothing above this class probes a provider with ``getattr``: what it may offer is declared here.
     """
 
-    name: str
+    name: ClassVar[str]
+    """``local``, ``qemu`` or ``aws``: the name in cluster records and ``--provider``."""
 
+    ready_timeout_s: float = 1800.0
+    """How long a machine may take from launch to a serving agent before the launch counts as failed."""
+
+    @abstractmethod
     def target_platform(self, spec: MachineSpec) -> str:
         """The resolver platform its machines run, e.g. ``linux-x86_64``."""
-        ...
 
+    @abstractmethod
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
         """Put ``(name, local path)`` pairs where machines can fetch them; returns name -> URL."""
-        ...
 
+    @abstractmethod
     def sink_url(self, cluster: str) -> str:
         """Where agents deliver logs and telemetry when they stop: a directory, a PUT URL, or a POST URL whose form
         fields the provider adds to the agent config (aws: ``sink_form``)."""
-        ...
 
+    @abstractmethod
     def launch(self, spec: MachineSpec) -> list[Machine]:
         """Start ``spec.count`` machines. Raises RawvmError with what was tried when it cannot."""
-        ...
 
+    @abstractmethod
     def list(self, cluster: str | None = None) -> list[Machine]:
         """Machines this provider knows, optionally of one cluster."""
-        ...
 
+    @abstractmethod
     def down(self, cluster: str) -> int:
         """Stop every machine of ``cluster`` and remove what was made for it; returns how many stopped."""
-        ...
+
+    # -- optional hooks ----------------------------------------------------------------------------------------
+
+    def target_glibc(self) -> str:
+        """The glibc of the machines' image, which decides the manylinux wheels the lock may pick."""
+        return DEFAULT_GLIBC
+
+    def target_python(self) -> str:
+        """The Python the machines run (``3.11``); "" lets the resolver take the source environment's."""
+        return ""
+
+    def alive(self, machine: Machine) -> bool:
+        """False once ``machine`` has certainly stopped (its process or VM is gone); True when it may still run,
+        including when the provider cannot tell. Lets a wait for an agent end early."""
+        return True
+
+    def estimate(self, spec: MachineSpec) -> FleetPrice | None:
+        """The price of launching ``spec`` (cheapest and dearest type, spot or not); None when machines cost
+        nothing (local, qemu). The cost guard reads it before anything slow or billed happens."""
+        return None
+
+    def fetch_sink(self, cluster: str, dest: Path) -> int:
+        """Bring every flush the cluster's agents sent to the sink into ``dest``, in the local provider's sink
+        layout (``<label>-<UTC time>/tasks/<id>/{task.json,stdout,stderr}``, ``agent.log``, telemetry), skipping
+        flushes already there; returns how many it brought. ``rawvm logs`` reads stopped machines and forgotten
+        clusters from ``dest``. Providers whose agents flush straight into ``dest`` (local) keep this default."""
+        return 0

@@ -37,7 +37,7 @@ from rawvm_agent.config import AgentConfig, IdleConfig, config_to_dict
 from rawvm_resolver.target import Target
 
 from rawvm.errors import RawvmError, UsageError
-from rawvm.providers.base import Machine, MachineSpec
+from rawvm.providers.base import Machine, MachineSpec, Provider
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -89,7 +89,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class LocalProvider:
+class LocalProvider(Provider):
     name = "local"
 
     def __init__(self, root: Path | None = None, python: str = "") -> None:
@@ -109,7 +109,7 @@ class LocalProvider:
 
     def target_platform(self, spec: MachineSpec) -> str:
         target = host_target()
-        if spec.gpu or spec.vm_type or (spec.arm and target.arch != "aarch64"):
+        if spec.request.gpu or spec.request.vm_type or (spec.request.arm and target.arch != "aarch64"):
             raise UsageError(
                 f"the local provider runs machines like this host ({target.platform}, no GPU choice, no types): "
                 "drop --gpu/--arm/--vm-type or use --provider aws"

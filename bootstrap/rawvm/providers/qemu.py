@@ -48,7 +48,7 @@ from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import place_file, sha256_file
-from rawvm.providers.base import Machine, MachineSpec
+from rawvm.providers.base import Machine, MachineSpec, Provider
 from rawvm.providers.sink_fetch import FlushCache
 from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
 
@@ -68,7 +68,7 @@ def default_state_root() -> Path:
     return Path(base) / "rawvm"
 
 
-class QemuProvider:
+class QemuProvider(Provider):
     """Real VMs under qemu (TCG, or KVM when hardware KVM works). See the module docstring."""
 
     name = "qemu"
@@ -105,7 +105,7 @@ class QemuProvider:
         return self._image
 
     def target_platform(self, spec: MachineSpec) -> str:
-        if spec.arm or spec.gpu:
+        if spec.request.arm or spec.request.gpu:
             raise UsageError("the qemu provider runs x86_64 CPU machines only: drop --arm/--gpu or use --provider aws")
         return PLATFORM
 
@@ -205,7 +205,7 @@ class QemuProvider:
                     agent_wheel_url=wheel_url,
                     agent_wheel_sha256=wheel_sha256,
                     uv_wheel=uv_wheel,
-                    extra_ca_certs=spec.extra_ca_certs,
+                    extra_ca_certs=spec.request.extra_ca_certs,
                 )
             )
             files = BootFiles(directory / "machines" / machine_id)
@@ -245,7 +245,7 @@ class QemuProvider:
     def _machine_config(self, spec: MachineSpec, machine_id: str) -> AgentConfig:
         agent = spec.agent
         install = agent.install
-        if spec.extra_ca_certs and not install.native_tls:
+        if spec.request.extra_ca_certs and not install.native_tls:
             # The user-data adds the CAs to the system store; uv must then read that store.
             install = replace(install, native_tls=True)
         # The agent PUTs one tarball to its sink URL: each machine gets its own object under the cluster's sink.

@@ -40,7 +40,7 @@ from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import prices as aws_prices
 from rawvm.providers.aws import staging as aws_staging
 from rawvm.providers.aws import teardown as aws_teardown
-from rawvm.providers.base import Machine, MachineSpec
+from rawvm.providers.base import Machine, MachineSpec, Provider
 
 # What a boto3 call can raise: an AWS error answer, a transport error, or boto3's own (S3 transfers wrap failures
 # in S3UploadFailedError): each becomes one RawvmError line.
@@ -87,7 +87,7 @@ def _aws_error(exc: Exception) -> str:
     return str(exc)
 
 
-class AwsProvider:
+class AwsProvider(Provider):
     """EC2 through boto3. ``endpoint_url`` points every client elsewhere (moto in tests)."""
 
     name = "aws"
@@ -189,15 +189,15 @@ class AwsProvider:
     def choose_types(self, spec: MachineSpec, region: str) -> list[InstanceType]:
         types = self.instance_types(region)
         try:
-            if spec.vm_type:
-                return [lookup(types, spec.vm_type, region)]
+            if spec.request.vm_type:
+                return [lookup(types, spec.request.vm_type, region)]
             return choose_instance_types(
                 types,
-                cpu=spec.cpu,
-                memory_gib=spec.memory_gib,
-                gpu=spec.gpu,
-                arm=spec.arm,
-                spot=spec.spot_policy != "on-demand",
+                cpu=spec.request.cpu,
+                memory_gib=spec.request.memory,
+                gpu=spec.request.gpu,
+                arm=spec.request.arm,
+                spot=spec.request.spot_policy != "on-demand",
                 limit=self.instance_type_limit,
             )
         except CatalogError as exc:
@@ -205,17 +205,17 @@ class AwsProvider:
 
     @staticmethod
     def _arch(spec: MachineSpec, chosen: Sequence[InstanceType]) -> str:
-        if spec.vm_type:
+        if spec.request.vm_type:
             arches = chosen[0].arches
-            return "aarch64" if "aarch64" in arches and ("x86_64" not in arches or spec.arm) else "x86_64"
-        return "aarch64" if spec.arm else "x86_64"
+            return "aarch64" if "aarch64" in arches and ("x86_64" not in arches or spec.request.arm) else "x86_64"
+        return "aarch64" if spec.request.arm else "x86_64"
 
     def target_platform(self, spec: MachineSpec) -> str:
         """Checks the region (and a named instance type) first: the front door asks before the slow lock."""
-        region = self.resolve_region(spec.region)
-        if spec.vm_type:
+        region = self.resolve_region(spec.request.region)
+        if spec.request.vm_type:
             return f"linux-{self._arch(spec, self.choose_types(spec, region))}"
-        return "linux-aarch64" if spec.arm else "linux-x86_64"
+        return "linux-aarch64" if spec.request.arm else "linux-x86_64"
 
     # -- prices ------------------------------------------------------------------------------------------------
 
@@ -224,10 +224,10 @@ class AwsProvider:
         --max-cost). The dearest type the fleet may pick; spot at the dearest zone's latest price;
         spot_with_fallback the dearer of spot and on-demand, since the fallback may start every machine on
         demand."""
-        region = self.resolve_region(spec.region)
+        region = self.resolve_region(spec.request.region)
         chosen = [t.name for t in self.choose_types(spec, region)]
         lifecycles = {"on-demand": ["on-demand"], "spot": ["spot"], "spot_with_fallback": ["spot", "on-demand"]}
-        kinds = lifecycles.get(spec.spot_policy, ["on-demand"])
+        kinds = lifecycles.get(spec.request.spot_policy, ["on-demand"])
         spot = self.prices.spot(region, chosen) if "spot" in kinds else {}
         known: dict[str, float] = {}
         missing: list[str] = []
@@ -341,7 +341,7 @@ class AwsProvider:
     def machine_config(self, spec: MachineSpec) -> AgentConfig:
         """The agent config every machine of this launch gets: listening on all interfaces (the security
         group is the fence), watching for spot notices when it may be spot."""
-        spot = dataclasses.replace(spec.agent.spot, enabled=spec.spot_policy != "on-demand")
+        spot = dataclasses.replace(spec.agent.spot, enabled=spec.request.spot_policy != "on-demand")
         agent = dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
         return self._with_sink_form(agent)
 
@@ -364,7 +364,7 @@ class AwsProvider:
             agent_wheel_url=url,
             agent_wheel_sha256=sha256_file(wheel),
             uv_wheel=self.uv_wheel,
-            extra_ca_certs=spec.extra_ca_certs,
+            extra_ca_certs=spec.request.extra_ca_certs,
         )
         return encode_user_data(text)
 
@@ -399,14 +399,14 @@ class AwsProvider:
         return str(response["LaunchTemplate"]["LaunchTemplateId"])
 
     def launch(self, spec: MachineSpec) -> list[Machine]:
-        if spec.spot_policy not in aws_fleet.SPOT_POLICIES:
+        if spec.request.spot_policy not in aws_fleet.SPOT_POLICIES:
             raise UsageError(
-                f"unknown spot policy {spec.spot_policy!r}: choose one of {', '.join(aws_fleet.SPOT_POLICIES)}"
+                f"unknown spot policy {spec.request.spot_policy!r}: choose one of {', '.join(aws_fleet.SPOT_POLICIES)}"
             )
         if spec.count < 1:
             raise UsageError(f"machine count must be at least 1, got {spec.count}")
         self.check_cluster(spec.cluster)
-        region = self.resolve_region(spec.region)
+        region = self.resolve_region(spec.request.region)
         try:
             return self._launch(spec, region)
         except (NoCredentialsError, NoRegionError) as exc:
@@ -418,7 +418,7 @@ class AwsProvider:
         ec2 = self.client("ec2", region)
         chosen = self.choose_types(spec, region)
         arch = self._arch(spec, chosen)
-        gpu = spec.gpu or any(t.gpus for t in chosen)
+        gpu = spec.request.gpu or any(t.gpus for t in chosen)
         image, root_gib = self._image(region, arch, gpu)
         vpc_id, subnets = aws_network.default_network(ec2)
         tags = self._tags(spec)
@@ -502,7 +502,7 @@ class AwsProvider:
         plan = {"on-demand": ["on-demand"], "spot": ["spot"], "spot_with_fallback": ["spot", "on-demand"]}
         launched: list[aws_fleet.Launched] = []
         tried: list[str] = []
-        for lifecycle in plan[spec.spot_policy]:
+        for lifecycle in plan[spec.request.spot_policy]:
             short = spec.count - len(launched)
             if short <= 0:
                 break

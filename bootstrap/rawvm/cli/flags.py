@@ -1,0 +1,87 @@
+"""The launch flags shared by ``run``, ``up``, ``batch run`` and ``dask up``, and the one place they become a
+``LaunchOptions`` (so the CLI and the Python front door validate the same way)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rawvm.options import PROVIDERS, LaunchOptions
+
+
+def machine_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    machines: str = "how many machines",
+    keepalive: str = "machines stop after this long idle",
+) -> None:
+    """The launch flags every launching command shares (run, up, batch run, dask up); ``machines`` and
+    ``keepalive`` word the two helps that differ by command."""
+    parser.add_argument(
+        "--provider", default="local", help=f"where machines run: {' | '.join(PROVIDERS)} (%(default)s)"
+    )
+    parser.add_argument("-n", type=int, default=1, metavar="N", help=f"{machines} (%(default)s)")
+    parser.add_argument("--vm-type", default="", metavar="T", help="instance type, e.g. m7i.large")
+    parser.add_argument("--cpu", type=int, default=0, metavar="C", help="at least C vCPUs (instead of --vm-type)")
+    parser.add_argument("--memory", type=float, default=0, metavar="M", help="at least M GiB of memory")
+    parser.add_argument("--gpu", action="store_true", help="an NVIDIA GPU machine (CUDA lock)")
+    parser.add_argument("--arm", action="store_true", help="an aarch64 machine")
+    parser.add_argument("--region", default="", metavar="R", help="cloud region (aws)")
+    parser.add_argument("--keepalive", default="20m", metavar="D", help=f"{keepalive} (%(default)s)")
+    parser.add_argument(
+        "--max-lifetime", default="12h", metavar="D", help="machines stop after this long, even busy (%(default)s)"
+    )
+    parser.add_argument(
+        "--spot-policy", default="on-demand", metavar="P", help="on-demand | spot | spot_with_fallback (%(default)s)"
+    )
+    parser.add_argument(
+        "--from", dest="source", default=None, metavar="PATH", help="environment to lock (default: the running one)"
+    )
+    parser.add_argument(
+        "--extra-ca-cert",
+        dest="extra_ca_certs",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="a CA certificate the machines must trust (TLS-intercepting proxies); repeatable",
+    )
+    parser.add_argument("--cluster", default=None, metavar="NAME", help="cluster name (default: a fresh one)")
+    parser.add_argument(
+        "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
+    )
+    parser.add_argument(
+        "--max-cost",
+        default="default",
+        metavar="USD",
+        help="cap on the launch's worst case (every machine until --max-lifetime), or 'none' "
+        "(default: max-cost in pyproject.toml [tool.rawvm], else none)",
+    )
+    parser.add_argument(
+        "--max-cost-action",
+        default="",
+        choices=["refuse", "shorten"],
+        help="over --max-cost: refuse the launch (default) or shorten each machine's lifetime to fit",
+    )
+
+
+def launch_options(args: argparse.Namespace, *, n: int | None = None) -> LaunchOptions:
+    """The options the shared flags say (checked: a bad value is one line naming its flag); ``n`` overrides
+    ``-n`` where it counts something else (a Dask cluster's workers, which may be 0)."""
+    return LaunchOptions.of(
+        provider=args.provider,
+        n=args.n if n is None else n,
+        vm_type=args.vm_type,
+        cpu=args.cpu,
+        memory=args.memory,
+        gpu=args.gpu,
+        arm=args.arm,
+        region=args.region,
+        spot_policy=args.spot_policy,
+        extra_ca_certs=args.extra_ca_certs,
+        keepalive=args.keepalive,
+        max_lifetime=args.max_lifetime,
+        source=args.source,
+        pypi_only=args.pypi_only,
+        max_cost=args.max_cost,
+        max_cost_action=args.max_cost_action,
+        cluster=args.cluster,
+    )

@@ -1,0 +1,275 @@
+"""The commands on a cluster that speak to its agents: ``run`` (launch or reuse, then run and stream), ``up``,
+``ls``, ``logs`` and ``down``. The typed public functions are in ``rawvm.api``; these take option objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rawvm import clusters, costs, sinks
+from rawvm.agent.client import AgentClient, AgentError
+from rawvm.errors import RawvmError
+from rawvm.launch import launch
+from rawvm.options import LaunchOptions, check_command
+from rawvm.providers import FREE_PROVIDERS
+from rawvm.providers.base import Machine, Provider
+from rawvm.session import (
+    POLL_S,
+    Launched,
+    StreamWriter,
+    clients,
+    provider_of,
+    ready_and_run,
+    ready_or_fail,
+    run_sync,
+    say,
+    stops_line,
+)
+
+
+@dataclass
+class RunResult:
+    """What ``rawvm.run`` returns: the exit code (the largest of the machines'), the machines, the cost."""
+
+    exit_code: int
+    machines: list[Machine]
+    cost_usd: float  # price_per_hour x wall time, summed over machines; 0.0 for local and qemu
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: lock, stage, launch, ready, task, total
+    cluster: str = ""
+
+
+def run_command(
+    argv: Sequence[str], options: LaunchOptions, output: TextIO | None = None, error_output: TextIO | None = None
+) -> RunResult:
+    """Run ``argv`` on the machines of ``options.cluster`` when that cluster exists, else on fresh ones."""
+    out = output if output is not None else sys.stdout
+    err = error_output if error_output is not None else sys.stderr
+    command = check_command(argv)
+    started = time.monotonic()
+    if options.cluster and clusters.exists(options.cluster):
+        record = clusters.load(options.cluster)
+        # machines that were up already answer at once; a short wait tells a stopped cluster quickly
+        launched = Launched(provider=provider_of(record), record=record, timings={}, ready_timeout_s=30.0)
+    else:
+        launched = launch(options)
+    record = launched.record
+    try:
+        code = ready_or_fail(launched, command, out, err)
+    except KeyboardInterrupt:
+        say(f"interrupted; the machines of {record.name} stop after their keepalive, or now: rawvm down {record.name}")
+        raise
+    timings = {**launched.timings, "total": time.monotonic() - started}
+    cost = 0.0 if record.provider in FREE_PROVIDERS else costs.cost_of(record, time.time())
+    say(f"exit code {code} after {timings['total']:.1f} s; {costs.cost_line(record, cost)}; {stops_line(record)}")
+    return RunResult(exit_code=code, machines=record.machines, cost_usd=cost, timings=timings, cluster=record.name)
+
+
+def up(options: LaunchOptions) -> clusters.ClusterRecord:
+    """Launch machines and wait until every one is ready; returns the cluster's record."""
+    launched = launch(options)
+    run_sync(ready_and_run(launched, None, sys.stdout, sys.stderr))
+    return launched.record
+
+
+@dataclass
+class ClusterView:
+    name: str
+    provider: str
+    created: float
+    machines: list[dict[str, str]]
+    price_per_hour: float  # USD/hour of every machine of the record (0 when free or unknown)
+    cost_so_far: float = 0.0  # USD since launch, each machine at most its lifetime
+    price_unknown: bool = False  # some machine of a billed provider has no known price
+
+    @property
+    def running(self) -> int:
+        return sum(1 for m in self.machines if m["state"] not in {"terminated", "stopped", "gone"})
+
+
+def ls() -> list[ClusterView]:
+    """Every recorded cluster with each machine's state as its provider sees it. Clusters whose machines are
+    all gone (they stopped by themselves) are forgotten."""
+    views = []
+    providers: dict[str, Provider] = {}
+    for record in clusters.all_records():
+        key = json.dumps([record.provider, record.provider_options], sort_keys=True)
+        provider = providers[key] if key in providers else providers.setdefault(key, provider_of(record))
+        try:
+            known = {m.id: m.state for m in provider.list(record.name)}
+        except RawvmError:
+            known = None
+        machines = [
+            {
+                "id": m.id,
+                "state": (known.get(m.id, "gone") if known is not None else "unknown"),
+                "agent_url": m.agent_url,
+                "instance_type": m.instance_type,
+                "price_per_hour": f"{m.price_per_hour:.6f}" if m.price_per_hour else "unknown",
+            }
+            for m in record.machines
+        ]
+        view = ClusterView(
+            record.name,
+            record.provider,
+            record.created,
+            machines,
+            record.price_per_hour,
+            cost_so_far=costs.cost_of(record, time.time()),
+            price_unknown=costs.price_unknown(record),
+        )
+        if known is not None and view.running == 0 and time.time() - record.created > 60:
+            # Its machines stopped by themselves; release what was made for the cluster (aws: security group,
+            # launch template; qemu: state files) before forgetting it, or nothing would ever clean those up.
+            try:
+                provider.down(record.name)
+            except RawvmError as exc:
+                say(f"{record.name}: its machines are gone but cleaning up failed ({exc}); try 'rawvm down'")
+                views.append(view)
+                continue
+            clusters.remove(record.name)
+            continue
+        views.append(view)
+    return views
+
+
+def ls_json(views: Sequence[ClusterView]) -> str:
+    return json.dumps([{**dataclasses.asdict(v), "running": v.running} for v in views], indent=2, sort_keys=True)
+
+
+async def machine_logs(
+    mid: str, client: AgentClient, prefix: str, follow: bool, output: TextIO, error_output: TextIO
+) -> bool:
+    """Print one machine's latest task output; False when its agent does not answer (stopped?)."""
+    try:
+        tasks = await client.tasks()
+    except AgentError:
+        return False
+    if not tasks:
+        say(f"{mid}: no task yet")
+        return True
+    last = str(max(tasks, key=lambda t: float(t.get("started_at") or 0))["id"])
+
+    async def pump(stream: str, out: TextIO) -> None:
+        writer = StreamWriter(out, prefix)
+        if follow:
+            async for chunk in client.follow_logs(last, stream=stream):
+                writer.write(chunk)
+        else:
+            offset = 0
+            while True:
+                data, offset = await client.logs(last, stream=stream, offset=offset)
+                if not data:
+                    break
+                writer.write(data)
+        writer.close()
+
+    await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
+    return True
+
+
+async def all_logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, error_output: TextIO) -> int:
+    """Every machine's latest task output; stopped machines from their flushes. 1 when none answered."""
+    import aiohttp
+
+    many = len(record.machines) > 1
+    async with aiohttp.ClientSession() as session:
+        agents = clients(record, session)
+        answered = await asyncio.gather(
+            *(
+                machine_logs(mid, client, f"[{mid}] " if many else "", follow, output, error_output)
+                for mid, client in agents.items()
+            )
+        )
+    stopped = [mid for mid, ok in zip(agents, answered, strict=True) if not ok]
+    if stopped and print_stopped(record, stopped, many, output, error_output):
+        return 0
+    return 0 if any(answered) else 1
+
+
+def print_stopped(
+    record: clusters.ClusterRecord, stopped: Sequence[str], many: bool, output: TextIO, error_output: TextIO
+) -> bool:
+    """The flushed output of the machines whose agents did not answer; False when none was shown.
+
+    A flush is named after its agent's label: the machine id on local and qemu, but the host name on EC2 (every
+    machine there shares one agent.toml), which the record does not know. So flushes that name no recorded
+    machine are shown too, under their own name: they come from machines that have stopped."""
+    sinks.fetch_flushes(record.name, provider_of(record))
+    flushed = sinks.flushed_machines(record.name)
+    known = {m.short_id for m in record.machines}
+    unnamed = [mid for mid in flushed if mid not in known]
+    many = many or len(unnamed) > 1
+    shown = False
+    for mid in [m for m in stopped if m in flushed] + unnamed:
+        shown = sinks.print_flushed_logs(record.name, mid, f"[{mid}] " if many else "", output, error_output) or shown
+    if not unnamed:
+        for mid in stopped:
+            if mid not in flushed:
+                say(f"{mid}: its agent does not answer (stopped?) and it has flushed no logs to the sink yet")
+    return shown
+
+
+def logs(cluster: str, *, follow: bool = False, output: TextIO | None = None) -> int:
+    """Print the output of the latest task on each machine of ``cluster``; ``follow`` until it ends.
+
+    Machines that have stopped, and clusters already forgotten, answer from the logs they flushed to their sink
+    (fetched first from the provider's sink, for qemu and aws)."""
+    out = output or sys.stdout
+    if not clusters.exists(cluster):
+        name = clusters.check_name(cluster)
+        sinks.fetch_flushes(name, sinks.remembered_provider(name))
+        if mids := sinks.flushed_machines(name):
+            many = len(mids) > 1
+            shown = [sinks.print_flushed_logs(name, mid, f"[{mid}] " if many else "", out, sys.stderr) for mid in mids]
+            return 0 if any(shown) else 1
+    record = clusters.load(cluster)
+    return run_sync(all_logs(record, follow, out, sys.stderr))
+
+
+def down(cluster: str) -> int:
+    """Stop every machine of ``cluster`` now and forget it; returns how many were running."""
+    record = clusters.load(cluster)
+    provider = provider_of(record)
+    running = sum(1 for m in provider.list(record.name) if m.state not in {"terminated", "stopped"})
+    with contextlib.suppress(RawvmError):
+        run_sync(shutdown_all(record))  # ask first: a stopping agent flushes its logs to the sink
+    stopped = provider.down(record.name)
+    clusters.remove(record.name)
+    return max(running, stopped)
+
+
+FLUSH_WAIT_S = 60.0
+
+
+async def shutdown_all(record: clusters.ClusterRecord, flush_wait: float = FLUSH_WAIT_S) -> None:
+    """Ask every agent to stop, then give each up to ``flush_wait`` to flush its logs and telemetry to the sink
+    (phase ``off``, or no answer any more) before the provider ends the machines: ending them at once lost it."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        clients = [AgentClient(m.agent_url, record.token, session=session, timeout=5) for m in record.machines]
+        asked = []
+        for client in clients:
+            with contextlib.suppress(AgentError):
+                await client.shutdown()
+                asked.append(client)
+
+        async def flushed(client: AgentClient) -> None:
+            deadline = time.monotonic() + flush_wait
+            while time.monotonic() < deadline:
+                try:
+                    if (await client.status()).get("phase") == "off":
+                        return
+                except AgentError:
+                    return  # gone: it flushed and exited
+                await asyncio.sleep(POLL_S)
+
+        await asyncio.gather(*(flushed(c) for c in asked))

@@ -1,0 +1,200 @@
+"""Talking to a launched cluster: wait until every agent serves, run a command on each, stream its output.
+
+Everything here speaks only the agent API (``rawvm.agent.client``), whatever the provider; the provider is asked
+only whether a silent machine is still alive. Exit code of a run: the task's exit code; with several machines,
+the largest of them (so any failure shows as a failure); a task ended by signal N counts as 128 + N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TextIO, TypeVar
+
+from rawvm_agent.durations import format_duration
+
+from rawvm import clusters, costs
+from rawvm.agent.client import AgentClient, AgentError
+from rawvm.errors import RawvmError
+from rawvm.progress import MachineProgress, install_detail, make_progress
+from rawvm.providers import FREE_PROVIDERS, get_provider
+from rawvm.providers.base import Provider
+
+T = TypeVar("T")
+SERVING_PHASES = frozenset({"ready", "busy", "idle"})
+ENDED_PHASES = frozenset({"failed", "stopping", "off"})
+POLL_S = 0.25  # between two status reads of a machine that is not ready yet
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run``, also from code that already runs an event loop (Jupyter): then in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def say(message: str) -> None:
+    """One of rawvm's own progress lines: on stderr, so a task's stdout stays the task's."""
+    print(f"rawvm: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Launched:
+    """A cluster just launched: its provider, its record, and the seconds each launch step took."""
+
+    provider: Provider
+    record: clusters.ClusterRecord
+    timings: dict[str, float]
+    ready_timeout_s: float | None = None  # None: the provider's boot allowance
+
+
+def provider_of(record: clusters.ClusterRecord) -> Provider:
+    """The provider a cluster record was launched with (and its options, e.g. the region)."""
+    return get_provider(record.provider, **record.provider_options)
+
+
+def clients(record: clusters.ClusterRecord, session: Any) -> dict[str, AgentClient]:
+    """One agent client per machine of ``record``, by short id (``m0``), sharing ``session``."""
+    return {m.short_id: AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
+
+
+async def wait_ready(
+    agents: dict[str, AgentClient],
+    provider: Provider,
+    record: clusters.ClusterRecord,
+    view: MachineProgress,
+    timeout: float | None = None,
+) -> None:
+    """Poll every agent until it serves; raise when one fails, its machine stops, or ``timeout`` passes."""
+    timeout = provider.ready_timeout_s if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    pending = dict(agents)
+    by_id = {m.short_id: m for m in record.machines}
+    billed = record.provider not in FREE_PROVIDERS
+    while pending:
+        if billed:
+            view.cost(costs.cost_line(record, costs.cost_of(record, time.time())))
+        for mid, client in list(pending.items()):
+            try:
+                status = await client.status()
+            except AgentError:
+                if not provider.alive(by_id[mid]):
+                    raise RawvmError(f"machine {mid} of {record.name} stopped before its agent answered") from None
+                view.update(mid, "booting")
+                continue
+            phase = str(status.get("phase", ""))
+            view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
+            if phase in SERVING_PHASES:
+                del pending[mid]
+            elif phase in ENDED_PHASES:
+                why = status.get("error") or status.get("stop_reason") or phase
+                raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
+        if pending and time.monotonic() > deadline:
+            raise RawvmError(
+                f"{', '.join(pending)} not ready after {format_duration(timeout)}: "
+                f"see 'rawvm logs {record.name}', stop with 'rawvm down {record.name}'"
+            )
+        if pending:
+            await asyncio.sleep(POLL_S)
+
+
+class StreamWriter:
+    """Decodes a machine's output as it comes; with a prefix, writes whole lines ``[m0] ...``."""
+
+    def __init__(self, out: TextIO, prefix: str) -> None:
+        self._out, self._prefix = out, prefix
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def write(self, data: bytes, final: bool = False) -> None:
+        text = self._pending + self._decoder.decode(data, final=final)
+        if not self._prefix:
+            self._pending = ""
+            self._out.write(text)
+        else:
+            lines = text.split("\n")
+            self._pending = "" if final else lines.pop()
+            self._out.write("".join(f"{self._prefix}{line}\n" for line in lines if line or not final))
+        self._out.flush()
+
+    def close(self) -> None:
+        self.write(b"", final=True)
+
+
+def task_exit_code(record: dict[str, Any]) -> int:
+    """The exit code a task record stands for: its own, 128 + N for signal N, 1 when it never exited."""
+    code = record.get("exit_code")
+    if not isinstance(code, int):
+        return 1  # the task never ran to an exit (could not start, lost, interrupted)
+    return 128 - code if code < 0 else code
+
+
+async def stream_task(client: AgentClient, task_id: str, prefix: str, output: TextIO, error_output: TextIO) -> None:
+    """Copy a task's stdout and stderr to ``output`` and ``error_output`` as they come, until it ends."""
+
+    async def pump(stream: str, out: TextIO) -> None:
+        writer = StreamWriter(out, prefix)
+        async for chunk in client.follow_logs(task_id, stream=stream):
+            writer.write(chunk)
+        writer.close()
+
+    await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
+
+
+async def run_on(client: AgentClient, argv: list[str], prefix: str, output: TextIO, error_output: TextIO) -> int:
+    """Run ``argv`` on one machine, stream its output, return its exit code."""
+    task_id = await client.submit(argv, env={"PYTHONUNBUFFERED": "1"})
+    await stream_task(client, task_id, prefix, output, error_output)
+    return task_exit_code(await client.wait_task(task_id))
+
+
+async def ready_and_run(
+    launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO
+) -> tuple[int, dict[str, float]]:
+    """Wait until every machine serves, then (with ``argv``) run it on each; the largest exit code, and timings."""
+    import aiohttp
+
+    timings: dict[str, float] = {}
+    record = launched.record
+    async with aiohttp.ClientSession() as http:
+        agents = clients(record, http)
+        view = make_progress(sys.stderr)
+        mark = time.monotonic()
+        try:
+            await wait_ready(agents, launched.provider, record, view, launched.ready_timeout_s)
+        finally:
+            view.close()
+        timings["ready"] = time.monotonic() - mark
+        if argv is None:
+            return 0, timings
+        mark = time.monotonic()
+        many = len(agents) > 1
+        codes = await asyncio.gather(
+            *(run_on(c, argv, f"[{mid}] " if many else "", output, error_output) for mid, c in agents.items())
+        )
+        timings["task"] = time.monotonic() - mark
+    return max(codes), timings
+
+
+def ready_or_fail(launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO) -> int:
+    """``ready_and_run`` from synchronous code; a failure names the cluster, and timings join the launch's."""
+    try:
+        code, timings = run_sync(ready_and_run(launched, argv, output, error_output))
+    except RawvmError as exc:
+        raise RawvmError(f"{exc} (cluster {launched.record.name})") from None
+    launched.timings.update(timings)
+    return code
+
+
+def stops_line(record: clusters.ClusterRecord) -> str:
+    """How the cluster ends: ``NAME stops by itself after 20m idle (now: rawvm down NAME)``."""
+    keep = format_duration(record.keepalive_s) if record.keepalive_s else "their keepalive"
+    return f"{record.name} stops by itself after {keep} idle (now: rawvm down {record.name})"
