@@ -17,16 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from rawvm.errors import RawvmError, UsageError
+from rawvm.files import state_dir as state_dir  # where every record lives; re-exported for callers
 from rawvm.providers.base import Machine
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
-
-
-def state_dir() -> Path:
-    if env := os.environ.get("RAWVM_STATE_DIR"):
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "rawvm"
 
 
 def clusters_dir() -> Path:

@@ -23,3 +23,12 @@ def place_file(source: Path, target: Path) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     tmp.replace(target)
+
+
+def state_dir() -> Path:
+    """This host's rawvm state: ``$RAWVM_STATE_DIR``, else ``$XDG_STATE_HOME/rawvm`` (``~/.local/state/rawvm``).
+    Cluster records, sinks, function and Dask state all live below it."""
+    if env := os.environ.get("RAWVM_STATE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "rawvm"

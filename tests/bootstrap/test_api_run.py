@@ -56,9 +56,9 @@ async def test_run_from_python_inside_an_event_loop(project: Path, tmp_path: Pat
     while leftovers(tmp_path / "tmp") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert leftovers(tmp_path / "tmp") == []
-    from rawvm import api as api_module
+    from rawvm import sinks
 
-    assert json.loads((api_module.sink_dir(result.cluster) / "provider.json").read_text())["provider"] == "local"
+    assert json.loads((sinks.sink_dir(result.cluster) / "provider.json").read_text())["provider"] == "local"
     # the machine has stopped: its output still comes back, from the logs it flushed to the local sink
     from rawvm import api, clusters
 

@@ -22,7 +22,8 @@ import pytest
 from rawvm.cli import main
 from rawvm.errors import RawvmError
 from rawvm.options import MachineRequest
-from rawvm.providers.aws.provider import AwsProvider, read_settings
+from rawvm.providers.aws.config import read_settings
+from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.aws.staging import EXPIRE_DAYS, S3Stager
 from rawvm.providers.base import MachineSpec
 from rawvm_agent.config import AgentConfig

@@ -24,7 +24,8 @@ def register(subparsers: Any) -> None:
 
 
 def setup_aws(args: argparse.Namespace) -> int:
-    from rawvm.providers.aws.provider import AwsProvider, default_config_path, read_settings, write_settings
+    from rawvm.providers.aws.config import default_config_path, read_settings, write_settings
+    from rawvm.providers.aws.provider import AwsProvider
 
     config_path: Path = args.config or default_config_path()
     provider = AwsProvider(args.region, args.bucket, endpoint_url=args.endpoint_url, config_path=config_path)

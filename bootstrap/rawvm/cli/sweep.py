@@ -66,7 +66,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from rawvm.providers.aws import sweep as aws_sweep
-    from rawvm.providers.aws.provider import AwsProvider, _aws_error
+    from rawvm.providers.aws.config import aws_error
+    from rawvm.providers.aws.provider import AwsProvider
 
     provider = AwsProvider(args.region, args.bucket, endpoint_url=args.endpoint_url, config_path=args.config)
     now = time.time()
@@ -86,7 +87,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             )
             found[region] = sorted(leftovers, key=aws_sweep.sort_key)
     except (ClientError, BotoCoreError) as exc:
-        raise RawvmError(f"sweep could not read AWS: {_aws_error(exc)}") from None
+        raise RawvmError(f"sweep could not read AWS: {aws_error(exc)}") from None
     everything = [x for region in regions for x in found[region]]
     if args.json:
         print(json.dumps([asdict(x) for x in everything], indent=2, sort_keys=True))
@@ -110,7 +111,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 sleep=provider.sleep,
             )
         except (ClientError, BotoCoreError) as exc:
-            errors.append(f"{region}: {_aws_error(exc)}")
+            errors.append(f"{region}: {aws_error(exc)}")
     for line in errors:
         print(f"rawvm: could not delete {line}", file=sys.stderr)
     deleted = len(everything) - len(errors)

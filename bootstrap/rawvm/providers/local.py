@@ -37,6 +37,7 @@ from rawvm_agent.config import AgentConfig, IdleConfig, config_to_dict
 from rawvm_resolver.target import Target
 
 from rawvm.errors import RawvmError, UsageError
+from rawvm.files import state_dir
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
 _PR_SET_PDEATHSIG = 1
@@ -146,8 +147,6 @@ class LocalProvider(Provider):
         return urls
 
     def sink_url(self, cluster: str) -> str:
-        from rawvm.clusters import state_dir
-
         return str(state_dir() / "sinks" / cluster)
 
     def machine_config(self, spec: MachineSpec, machine_id: str, machine_dir: Path, port: int) -> AgentConfig:

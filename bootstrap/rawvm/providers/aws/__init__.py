@@ -7,6 +7,7 @@ One module per AWS concern, as SkyPilot keeps one folder per cloud: ``provider``
 
 from __future__ import annotations
 
-from rawvm.providers.aws.provider import AwsProvider, default_config_path, read_settings, write_settings
+from rawvm.providers.aws.config import default_config_path, read_settings, write_settings
+from rawvm.providers.aws.provider import AwsProvider
 
 __all__ = ["AwsProvider", "default_config_path", "read_settings", "write_settings"]

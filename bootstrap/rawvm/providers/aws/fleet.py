@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rawvm.providers.aws import teardown
+from rawvm.providers.aws.config import AWS_ERRORS
+
 SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 CAPACITY_ERRORS = frozenset(
     {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity", "MaxSpotInstanceCountExceeded"}
@@ -151,3 +154,37 @@ def read_fleet_response(response: Mapping[str, Any], subnet_zones: Mapping[str, 
             result.errors.append(line)
         result.capacity_short = result.capacity_short or code in CAPACITY_ERRORS
     return result
+
+
+def launch_fleets(
+    ec2: Any,
+    template_id: str,
+    placements: list[Placement],
+    spot_policy: str,
+    count: int,
+    tags: dict[str, str],
+    zones: dict[str, str],
+) -> tuple[list[Launched], list[str]]:
+    """CreateFleet for each lifecycle of the spot policy in turn (spot, then on demand for the shortfall); the
+    machines launched and the errors of what could not be. A failed call terminates what earlier calls started."""
+    plan = {"on-demand": ["on-demand"], "spot": ["spot"], "spot_with_fallback": ["spot", "on-demand"]}
+    launched: list[Launched] = []
+    tried: list[str] = []
+    for lifecycle in plan[spot_policy]:
+        short = count - len(launched)
+        if short <= 0:
+            break
+        request = fleet_request(
+            launch_template_id=template_id, placements=placements, count=short, lifecycle=lifecycle, tags=tags
+        )
+        try:
+            response = ec2.create_fleet(**request)
+        except AWS_ERRORS:
+            teardown.terminate(ec2, [m.instance_id for m in launched])  # no half launch left running
+            raise
+        result = read_fleet_response(response, zones)
+        launched.extend(result.launched[:short])
+        if len(result.launched) > short:  # never keep (or pay for) more than asked
+            teardown.terminate(ec2, [m.instance_id for m in result.launched[short:]])
+        tried.extend(result.errors)
+    return launched, tried

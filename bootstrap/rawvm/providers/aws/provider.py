@@ -11,21 +11,15 @@ Staging is an S3 bucket with presigned URLs (``staging``); teardown is by tag (`
 from __future__ import annotations
 
 import dataclasses
-import getpass
-import os
 import re
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
-import tomli_w
-from boto3.exceptions import Boto3Error
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError
+from botocore.exceptions import NoCredentialsError, NoRegionError
 from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
@@ -40,51 +34,22 @@ from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import prices as aws_prices
 from rawvm.providers.aws import staging as aws_staging
 from rawvm.providers.aws import teardown as aws_teardown
+from rawvm.providers.aws.config import (
+    AWS_ERRORS,
+    PRICING_CONFIG,
+    RETRY_CONFIG,
+    aws_error,
+    default_config_path,
+    local_user,
+    read_settings,
+)
+from rawvm.providers.aws.instances import machine_of
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
-# What a boto3 call can raise: an AWS error answer, a transport error, or boto3's own (S3 transfers wrap failures
-# in S3UploadFailedError): each becomes one RawvmError line.
-AWS_ERRORS = (ClientError, BotoCoreError, Boto3Error)
-RETRY_CONFIG = Config(retries={"mode": "standard", "max_attempts": 10})
-# A price is a nicety before a launch, not worth minutes of retries: a few quick tries, then "unknown".
-PRICING_CONFIG = Config(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=20)
 ROOT_HEADROOM_GIB = 24  # room for the environment above the image's own size
 MIN_ROOT_GIB = 32
 _CLUSTER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
-
-
-def default_config_path() -> Path:
-    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "rawvm" / "aws.toml"
-
-
-def read_settings(path: Path) -> dict[str, str]:
-    """``rawvm setup aws`` writes the region and bucket here; both are defaults, flags win."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
-    return {k: str(v) for k, v in raw.items() if k in ("region", "bucket")}
-
-
-def write_settings(path: Path, settings: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(settings))
-
-
-def _local_user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return "unknown"
-
-
-def _aws_error(exc: Exception) -> str:
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        return f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
-    return str(exc)
 
 
 class AwsProvider(Provider):
@@ -272,7 +237,7 @@ class AwsProvider(Provider):
             account = self.client("sts", region).get_caller_identity()["Account"]
         except AWS_ERRORS as exc:
             raise RawvmError(
-                f"cannot identify the AWS account ({_aws_error(exc)}); check your AWS credentials"
+                f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
             ) from None
         return aws_staging.default_bucket_name(str(account), region)
 
@@ -284,7 +249,7 @@ class AwsProvider(Provider):
         try:
             return self.stager().stage(self.check_cluster(cluster), files)
         except AWS_ERRORS as exc:
-            raise RawvmError(f"staging to S3 failed: {_aws_error(exc)}") from None
+            raise RawvmError(f"staging to S3 failed: {aws_error(exc)}") from None
 
     def sink_url(self, cluster: str) -> str:
         """The URL of the cluster's presigned POST; ``machine_config`` adds its form fields."""
@@ -299,14 +264,14 @@ class AwsProvider(Provider):
         try:
             return self.stager().sink_post(self.check_cluster(cluster))
         except AWS_ERRORS as exc:
-            raise RawvmError(f"presigning the S3 sink failed: {_aws_error(exc)}") from None
+            raise RawvmError(f"presigning the S3 sink failed: {aws_error(exc)}") from None
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:
         """Optional provider hook: the cluster's flushes (S3 objects) unpacked into ``dest``; see aws_staging."""
         try:
             return self.stager().fetch_sink(self.check_cluster(cluster), dest)
         except AWS_ERRORS as exc:
-            raise RawvmError(f"fetching the flushed logs from S3 failed: {_aws_error(exc)}") from None
+            raise RawvmError(f"fetching the flushed logs from S3 failed: {aws_error(exc)}") from None
 
     def setup(self, region: str = "") -> tuple[str, str, bool]:
         """``rawvm setup aws``: the staging bucket (nothing with a standing cost); (region, bucket, created)."""
@@ -315,7 +280,7 @@ class AwsProvider(Provider):
         try:
             created = aws_staging.ensure_bucket(self.client("s3", region), bucket, region)
         except AWS_ERRORS as exc:
-            raise RawvmError(f"cannot set up staging bucket {bucket}: {_aws_error(exc)}") from None
+            raise RawvmError(f"cannot set up staging bucket {bucket}: {aws_error(exc)}") from None
         return region, bucket, created
 
     # -- machines ----------------------------------------------------------------------------------------------
@@ -331,7 +296,7 @@ class AwsProvider(Provider):
         expires = now + timedelta(seconds=spec.agent.idle.max_lifetime + BACKSTOP_GRACE)
         return {
             "rawvm:cluster": spec.cluster,
-            "rawvm:owner": spec.owner or _local_user(),
+            "rawvm:owner": spec.owner or local_user(),
             "rawvm:created": now.isoformat().replace("+00:00", "Z"),
             "rawvm:expires": expires.isoformat().replace("+00:00", "Z"),
             "rawvm:port": str(spec.agent.port),
@@ -412,7 +377,7 @@ class AwsProvider(Provider):
         except (NoCredentialsError, NoRegionError) as exc:
             raise RawvmError(f"AWS is not configured: {exc}") from None
         except AWS_ERRORS as exc:
-            raise RawvmError(f"EC2 launch failed: {_aws_error(exc)}") from None
+            raise RawvmError(f"EC2 launch failed: {aws_error(exc)}") from None
 
     def _launch(self, spec: MachineSpec, region: str) -> list[Machine]:
         ec2 = self.client("ec2", region)
@@ -446,7 +411,9 @@ class AwsProvider(Provider):
         template_id = self._launch_template(ec2, spec.cluster, data, tags)
         placements = aws_fleet.overrides([t.name for t in chosen], subnets)
         zones = dict(subnets)
-        launched, tried = self._fleets(ec2, template_id, placements, spec, tags, zones)
+        launched, tried = aws_fleet.launch_fleets(
+            ec2, template_id, placements, spec.request.spot_policy, spec.count, tags, zones
+        )
         if len(launched) < spec.count:
             aws_teardown.terminate(ec2, [m.instance_id for m in launched])
             raise RawvmError(
@@ -482,7 +449,7 @@ class AwsProvider(Provider):
         waiting = list(machines)
         while waiting:
             for instance in aws_teardown.described(ec2, waiting):
-                seen = self._machine(instance)
+                seen = machine_of(instance)
                 machines[seen.id] = dataclasses.replace(seen, launched_at=launched_at)
             waiting = [i for i, m in machines.items() if not m.agent_url and m.state in ("pending", "running")]
             if not waiting or time.monotonic() > deadline:
@@ -490,69 +457,14 @@ class AwsProvider(Provider):
             self.sleep(self.poll)
         return list(machines.values())
 
-    def _fleets(
-        self,
-        ec2: Any,
-        template_id: str,
-        placements: list[aws_fleet.Placement],
-        spec: MachineSpec,
-        tags: dict[str, str],
-        zones: dict[str, str],
-    ) -> tuple[list[aws_fleet.Launched], list[str]]:
-        plan = {"on-demand": ["on-demand"], "spot": ["spot"], "spot_with_fallback": ["spot", "on-demand"]}
-        launched: list[aws_fleet.Launched] = []
-        tried: list[str] = []
-        for lifecycle in plan[spec.request.spot_policy]:
-            short = spec.count - len(launched)
-            if short <= 0:
-                break
-            request = aws_fleet.fleet_request(
-                launch_template_id=template_id, placements=placements, count=short, lifecycle=lifecycle, tags=tags
-            )
-            try:
-                response = ec2.create_fleet(**request)
-            except AWS_ERRORS:
-                aws_teardown.terminate(ec2, [m.instance_id for m in launched])  # no half launch left running
-                raise
-            result = aws_fleet.read_fleet_response(response, zones)
-            launched.extend(result.launched[:short])
-            if len(result.launched) > short:  # never keep (or pay for) more than asked
-                aws_teardown.terminate(ec2, [m.instance_id for m in result.launched[short:]])
-            tried.extend(result.errors)
-        return launched, tried
-
-    def _machine(self, instance: dict[str, Any]) -> Machine:
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        port = tags.get("rawvm:port") or str(AgentConfig().port)
-        state = str(instance.get("State", {}).get("Name", "pending"))
-        # The public address when there is one; a running machine without one (a subnet that maps none) is
-        # reached at its private address, over a VPN or from inside the VPC.
-        address = instance.get("PublicIpAddress") or (
-            instance.get("PrivateIpAddress", "") if state != "pending" else ""
-        )
-        launched = instance.get("LaunchTime")
-        return Machine(
-            id=instance["InstanceId"],
-            provider=self.name,
-            cluster=tags.get("rawvm:cluster", ""),
-            agent_url=f"http://{address}:{port}" if address else "",
-            state=state,
-            instance_type=str(instance.get("InstanceType", "")),
-            zone=str(instance.get("Placement", {}).get("AvailabilityZone", "")),
-            spot=instance.get("InstanceLifecycle") == "spot",
-            launched_at=launched.timestamp() if isinstance(launched, datetime) else 0.0,
-            details={k: v for k, v in tags.items() if k.startswith("rawvm:")}
-            | ({"private_ip": str(instance["PrivateIpAddress"])} if instance.get("PrivateIpAddress") else {}),
-        )
-
     def list(self, cluster: str | None = None, *, region: str = "") -> list[Machine]:
         region = self.resolve_region(region)
         ec2 = self.client("ec2", region)
         try:
             found = list(aws_teardown.instances(ec2, cluster))
         except AWS_ERRORS as exc:
-            raise RawvmError(f"cannot list EC2 instances: {_aws_error(exc)}") from None
-        return [self._machine(i) for i in found]
+            raise RawvmError(f"cannot list EC2 instances: {aws_error(exc)}") from None
+        return [machine_of(i) for i in found]
 
     def down(self, cluster: str, *, region: str = "") -> int:
         """Terminate the cluster's machines, delete its launch template, the security groups only it used, and
@@ -564,5 +476,5 @@ class AwsProvider(Provider):
             )
             self.stager(region).delete_files(cluster)
         except AWS_ERRORS as exc:
-            raise RawvmError(f"rawvm down {cluster} failed: {_aws_error(exc)}; run it again") from None
+            raise RawvmError(f"rawvm down {cluster} failed: {aws_error(exc)}; run it again") from None
         return stopped

@@ -180,7 +180,7 @@ def find_ec2(ec2: Any, region: str, prices: PriceBook, now: float) -> list[Lefto
         for eni in view.interfaces
         if is_rawvm(tags_of(eni)) and eni.get("Status") == "available"
     }
-    named = {g for t in kept_templates for g in aws_teardown._template_groups(ec2, t["LaunchTemplateId"])}
+    named = {g for t in kept_templates for g in aws_teardown.template_groups(ec2, t["LaunchTemplateId"])}
     for eni in view.interfaces:
         tags = tags_of(eni)
         if not is_rawvm(tags) or eni.get("Status") != "available":

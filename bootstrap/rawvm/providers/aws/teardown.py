@@ -71,7 +71,7 @@ def down(
             )
         sleep(poll)
     templates = ec2.describe_launch_templates(Filters=cluster_filters(cluster)).get("LaunchTemplates", [])
-    group_ids = sorted({g for t in templates for g in _template_groups(ec2, t["LaunchTemplateId"])})
+    group_ids = sorted({g for t in templates for g in template_groups(ec2, t["LaunchTemplateId"])})
     for template in templates:
         ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
     cluster_groups = ec2.describe_security_groups(Filters=cluster_filters(cluster)).get("SecurityGroups", [])
@@ -85,7 +85,7 @@ def down(
     return len(ids)
 
 
-def _template_groups(ec2: Any, template_id: str) -> set[str]:
+def template_groups(ec2: Any, template_id: str) -> set[str]:
     """The security groups any version of a launch template names (a relaunch from a new address adds one)."""
     groups: set[str] = set()
     pages = ec2.get_paginator("describe_launch_template_versions").paginate(LaunchTemplateId=template_id)
@@ -99,7 +99,7 @@ def _in_use(ec2: Any, group_id: str) -> bool:
     """Whether another cluster still needs the group: a remaining rawvm launch template names it (a cluster lives
     until 'rawvm down' removes its template), or a live instance uses it."""
     pages = ec2.get_paginator("describe_launch_templates").paginate(Filters=cluster_filters(None))
-    if any(group_id in _template_groups(ec2, t["LaunchTemplateId"]) for p in pages for t in p["LaunchTemplates"]):
+    if any(group_id in template_groups(ec2, t["LaunchTemplateId"]) for p in pages for t in p["LaunchTemplates"]):
         return True
     filters = [
         {"Name": "instance.group-id", "Values": [group_id]},
