@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from rawvm import launch as launching
 from rawvm.api import down
-from rawvm.dask.cluster import DaskOptions, Fleet
+from rawvm.dask.cluster import Fleet
+from rawvm.dask.options import DaskOptions
 from rawvm.dask.procs import ARCHIVE_NAME, DASHBOARD_PORT, PEER_PORTS, SCHEDULER_PORT, scheduler_place
 from rawvm.options import LaunchOptions
 from rawvm_agent import DEFAULT_PORT

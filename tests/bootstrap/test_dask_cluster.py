@@ -21,7 +21,7 @@ import pytest
 from distributed import Client, Security
 from rawvm import launch as launching
 from rawvm.api import dask_cluster
-from rawvm.dask.cluster import check_environment, idle_split
+from rawvm.dask.options import check_environment, idle_split
 from rawvm.dask.procs import (
     TLS_DIR,
     SchedulerPlace,
