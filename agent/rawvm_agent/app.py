@@ -33,7 +33,7 @@ from rawvm_agent.telemetry import Sampler
 
 log = logging.getLogger("rawvm_agent")
 
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")  # where server.create_app puts the Agent for the route modules
 SINK_TIMEOUT_S = 300.0
 STATE_SAVE_EVERY_S = 5.0
 # Directories of the state dir that are not worth sending to the sink (big, and rebuilt from the bundle).

@@ -24,6 +24,7 @@ FETCH_ATTEMPTS = 3
 
 
 def ssl_context(config: InstallConfig) -> ssl.SSLContext:
+    """The system's trusted roots plus ``[install] ca_certs`` (a private index or mirror behind its own CA)."""
     ctx = ssl.create_default_context()
     for pem in config.ca_certs:
         ctx.load_verify_locations(cafile=pem)
