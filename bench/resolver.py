@@ -23,9 +23,8 @@ from pathlib import Path
 
 from rawvm_images.ec2 import UBUNTU_2404_GLIBC
 from rawvm_resolver import Target, lock
-from rawvm_resolver.compile import uv_compile_command, write_inputs
+from rawvm_resolver.compile import compile_inputs, uv_compile_command, write_inputs
 from rawvm_resolver.errors import InputError, ResolverError
-from rawvm_resolver.resolve import compile_inputs
 from rawvm_resolver.scan import scan
 from rawvm_resolver.translate import translate
 

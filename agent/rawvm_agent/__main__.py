@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rawvm-agent: {exc}", file=sys.stderr)
         return 2
 
-    from rawvm_agent.app import serve
+    from rawvm_agent.server import serve
 
     try:
         return asyncio.run(serve(config))

@@ -11,7 +11,6 @@ from typing import Any
 
 from aiohttp import web
 
-from rawvm_agent import calls
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.tasks import STREAMS, NotReadyError, TaskError, read_log
 from rawvm_agent.telemetry import prometheus
@@ -26,7 +25,6 @@ FOLLOW_POLL_S = 1.0
 
 def add_routes(app: web.Application) -> None:
     app.add_routes(routes)
-    app.add_routes(calls.routes)  # @rawvm.function calls (calls.py)
 
 
 def _agent(request: web.Request) -> Agent:

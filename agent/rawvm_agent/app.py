@@ -1,7 +1,8 @@
 """The agent: wires install, tasks, telemetry, the idle policy, the spot watcher and the stop sequence.
 
-One ``Agent`` per process. ``create_app`` puts the HTTP API (api.py) in front of it; ``serve`` runs both
-until the agent has stopped (power-off action done) or the process is told to exit.
+One ``Agent`` per process. ``server.create_app`` puts the HTTP API (api.py, calls_api.py, batch_api.py) in front
+of it; ``server.serve`` runs both until the agent has stopped (power-off action done) or the process is told to
+exit. The route handlers find the Agent under ``AGENT_KEY``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -20,19 +19,21 @@ from typing import Any
 
 from aiohttp import web
 
-from rawvm_agent import __version__, idle, sdnotify, sink, spot, stopper
+from rawvm_agent import __version__, agent_metrics, idle, sdnotify, sink, spot, stopper
 from rawvm_agent.batch import BatchRunner
 from rawvm_agent.calls import CallHub
 from rawvm_agent.config import AgentConfig
-from rawvm_agent.install import Environment, Installer, InstallError
-from rawvm_agent.logs import Redactor, setup_logging, url_password
+from rawvm_agent.environment import Environment
+from rawvm_agent.install import InstallError
+from rawvm_agent.installer import Installer
+from rawvm_agent.logs import Redactor, url_password
 from rawvm_agent.state import SERVING, AgentState, InstallProgress, Phase, StateStore
 from rawvm_agent.tasks import NotReadyError, Task, TaskManager, TaskRequest
-from rawvm_agent.telemetry import Sampler, prometheus
+from rawvm_agent.telemetry import Sampler
 
 log = logging.getLogger("rawvm_agent")
 
-AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")  # where server.create_app puts the Agent for the route modules
 SINK_TIMEOUT_S = 300.0
 STATE_SAVE_EVERY_S = 5.0
 # Directories of the state dir that are not worth sending to the sink (big, and rebuilt from the bundle).
@@ -428,115 +429,4 @@ class Agent:
         """The agent's own metric families, appended to the telemetry sampler's in /metrics."""
         idle_since = self.decision.idle_since if self.decision else None
         idle_seconds = max(self.clock() - idle_since, 0.0) if idle_since is not None else 0.0
-        install = self.state.install
-        return "".join(
-            [
-                prometheus.family(
-                    "rawvm_agent_phase",
-                    "gauge",
-                    "Lifecycle phase of the agent (1 for the current one).",
-                    [({"phase": p.value}, float(p == self.state.phase)) for p in Phase],
-                ),
-                prometheus.family(
-                    "rawvm_agent_tasks",
-                    "gauge",
-                    "Tasks known to the agent, by state.",
-                    [({"state": s}, float(n)) for s, n in sorted(self.tasks.counts().items())],
-                ),
-                prometheus.counter(
-                    "rawvm_agent_tasks_started_total", "Tasks started by this agent process.", self.tasks.started_total
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_idle_seconds", "Seconds of continuous idleness, 0 when busy.", idle_seconds
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_keepalive_seconds",
-                    "Idleness after which the machine powers off.",
-                    self.config.idle.keepalive,
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_max_lifetime_seconds",
-                    "Hard limit on the machine's lifetime.",
-                    self.config.idle.max_lifetime,
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_start_time_seconds",
-                    "When this machine's agent first started, Unix time.",
-                    self.state.started_at,
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_restarts", "Times the agent process restarted on this machine.", self.state.restarts
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_install_downloaded_bytes",
-                    "Bytes of the environment bundle downloaded.",
-                    install.bytes_done,
-                ),
-                prometheus.gauge(
-                    "rawvm_agent_install_packages",
-                    "Packages of the environment installed so far.",
-                    install.packages_done,
-                ),
-            ]
-        )
-
-
-def create_app(agent: Agent) -> web.Application:
-    """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it."""
-    from rawvm_agent import api, batch_api
-    from rawvm_agent.api_errors import json_errors
-    from rawvm_agent.auth import token_middleware
-
-    app = web.Application(middlewares=[json_errors, token_middleware(agent.token)], client_max_size=1 << 20)
-    app[AGENT_KEY] = agent
-    api.add_routes(app)
-    batch_api.add_routes(app)
-
-    async def on_startup(_: web.Application) -> None:
-        await agent.start()
-
-    async def on_cleanup(_: web.Application) -> None:
-        await agent.close()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
-    return app
-
-
-def server_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
-    if not (config.tls_cert or config.tls_key):
-        return None
-    if not (config.tls_cert and config.tls_key):
-        raise ValueError("agent.toml: set both tls_cert and tls_key, or neither")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(config.tls_cert, config.tls_key)
-    return ctx
-
-
-async def serve(config: AgentConfig) -> int:
-    """Run the agent and its API until it has powered off or a signal asks it to leave; the exit code."""
-    agent = Agent(config)
-    setup_logging(agent.redactor, agent.log_file)
-    app = create_app(agent)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, config.bind, config.port, ssl_context=server_ssl_context(config))
-        await site.start()
-        log.info("API listening on %s://%s:%d", "https" if config.tls_cert else "http", config.bind, config.port)
-        sdnotify.notify(sdnotify.READY)
-        leave = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, leave.set)
-        waiters = [asyncio.ensure_future(leave.wait()), asyncio.ensure_future(agent.stopped.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in waiters:
-            waiter.cancel()
-        if leave.is_set() and not agent.stopped.is_set():
-            log.info("signal received; leaving without powering off (state saved)")
-        sdnotify.notify(sdnotify.STOPPING)
-    finally:
-        await runner.cleanup()
-    return agent.exit_code
+        return agent_metrics.render(self.state, self.tasks, self.config.idle, idle_seconds)

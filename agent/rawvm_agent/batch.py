@@ -32,7 +32,9 @@ from typing import Any
 import aiohttp
 
 from rawvm_agent.config import AgentConfig
-from rawvm_agent.install import Environment, InstallError, fetch, ssl_context
+from rawvm_agent.environment import Environment
+from rawvm_agent.fetch import fetch, ssl_context
+from rawvm_agent.install import InstallError
 from rawvm_agent.state import write_json_atomic
 from rawvm_agent.tasks import NotReadyError, Task, TaskError, TaskRequest, TaskState
 

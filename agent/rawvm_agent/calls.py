@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -23,21 +22,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
+from typing import Any, Protocol
 
 from rawvm_agent import call_worker
-from rawvm_agent.call_worker import ERROR, LOST, FrameError, pack, unpack
-from rawvm_agent.tasks import NotReadyError, TaskError, TaskRequest, TaskState
-
-if TYPE_CHECKING:
-    from rawvm_agent.app import Agent
-    from rawvm_agent.tasks import Task
+from rawvm_agent.call_worker import LOST
+from rawvm_agent.config import AgentConfig
+from rawvm_agent.environment import Environment
+from rawvm_agent.state import AgentState
+from rawvm_agent.tasks import NotReadyError, Task, TaskError, TaskManager, TaskRequest, TaskState
 
 log = logging.getLogger("rawvm_agent.calls")
-
-routes = web.RouteTableDef()
 
 MAX_REQUEST_BYTES = 64 << 20  # one batch, either way
 MAX_QUEUED_BYTES = 512 << 20  # payloads waiting for a worker, all clients together
@@ -55,10 +49,28 @@ class _Worker:
     held: list[int] = field(default_factory=list)  # internal call numbers it is running
 
 
+class CallHost(Protocol):
+    """What the hub needs of its agent (app.Agent): its tasks, config, token and whether it is stopping.
+
+    A protocol rather than the Agent class itself, so this module does not import app.py, which builds the hub.
+    """
+
+    config: AgentConfig
+    token: str
+    state_dir: Path
+    environ: dict[str, str]
+    state: AgentState
+    tasks: TaskManager
+    env: Environment | None
+
+    @property
+    def stopping(self) -> bool: ...
+
+
 class CallHub:
     """The calls of one agent: queue, workers, results per client."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: CallHost) -> None:
         self.agent = agent
         self.queue: deque[tuple[int, bytes]] = deque()  # (internal number, payload), oldest first
         self.queued_bytes = 0
@@ -115,7 +127,7 @@ class CallHub:
         waiting = self.results.setdefault(client, deque())
         deadline = time.monotonic() + wait
         event = self._result_waiting.setdefault(client, asyncio.Event())
-        while not waiting and not self._leaving() and time.monotonic() < deadline:
+        while not waiting and not self.leaving() and time.monotonic() < deadline:
             event.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), WAIT_SLICE_S)
@@ -133,7 +145,8 @@ class CallHub:
         """The agent is leaving: long polls answer now, or the server's shutdown would wait for them."""
         self.closing = True
 
-    def _leaving(self) -> bool:
+    def leaving(self) -> bool:
+        """The hub is closing or the agent is stopping: long polls answer now, with what they have."""
         return self.closing or self.agent.stopping
 
     def stats(self) -> dict[str, Any]:
@@ -158,12 +171,12 @@ class CallHub:
                 self._deliver(number, status, payload)
         deadline = time.monotonic() + WORKER_WAIT_S
         while not self.queue:
-            if self._leaving() or worker.task.done.is_set() or time.monotonic() >= deadline:
+            if self.leaving() or worker.task.done.is_set() or time.monotonic() >= deadline:
                 return []
             self._work_waiting.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._work_waiting.wait(), WAIT_SLICE_S)
-        if self._leaving():
+        if self.leaving():
             return []
         # A fair share, not a full batch: long calls must spread over the workers, tiny ones share a request.
         share = max(1, min(most, math.ceil(len(self.queue) / max(1, len(self.workers)))))
@@ -260,101 +273,3 @@ def _tail(path: Path) -> str:
             return fh.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-# -- HTTP -----------------------------------------------------------------------------------------------------
-
-
-def hub(request: web.Request) -> CallHub:
-    from rawvm_agent.app import AGENT_KEY
-
-    return request.app[AGENT_KEY].calls
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The whole body, refusing more than MAX_REQUEST_BYTES (the app's client_max_size is for JSON bodies)."""
-    if request.content_length is not None and request.content_length > MAX_REQUEST_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_REQUEST_BYTES, actual_size=request.content_length)
-    chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(1 << 20):
-        size += len(chunk)
-        if size > MAX_REQUEST_BYTES:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_REQUEST_BYTES, actual_size=size)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _bad(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
-
-
-def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
-    try:
-        return unpack(data)
-    except FrameError as exc:
-        raise _bad(f"bad call batch: {exc}") from None
-
-
-def _number(request: web.Request, name: str, default: float) -> float:
-    try:
-        value = float(request.query.get(name, default))
-    except ValueError:
-        raise _bad(f"{name!r} must be a number") from None
-    if not math.isfinite(value):
-        raise _bad(f"{name!r} must be a finite number")
-    return value
-
-
-def _client(request: web.Request) -> str:
-    client = request.query.get("client", "")
-    if not client or len(client) > 64:
-        raise _bad("'client' (1 to 64 characters) is required")
-    return client
-
-
-def _octets(data: bytes) -> web.Response:
-    return web.Response(body=data, content_type="application/octet-stream")
-
-
-@routes.post("/v1/calls")
-async def submit_calls(request: web.Request) -> web.Response:
-    calls = hub(request)
-    client = _client(request)
-    frames = _frames(await _read_body(request))
-    try:
-        queued = await calls.submit(client, frames, int(_number(request, "slots", 0)))
-    except NotReadyError as exc:
-        return _error(409, str(exc))
-    except TaskError as exc:
-        return _error(429, str(exc))
-    return web.json_response({"queued": queued, "workers": len(calls.workers)}, status=202)
-
-
-@routes.get("/v1/calls/results")
-async def call_results(request: web.Request) -> web.Response:
-    wait = min(max(_number(request, "wait", 0), 0.0), MAX_CLIENT_WAIT_S)
-    return _octets(pack(await hub(request).results_for(_client(request), wait)))
-
-
-@routes.get("/v1/calls")
-async def call_stats(request: web.Request) -> web.Response:
-    return web.json_response(hub(request).stats())
-
-
-@routes.post(call_worker.WORK_PATH)
-async def worker_exchange(request: web.Request) -> web.Response:
-    calls = hub(request)
-    done = _frames(await _read_body(request))
-    if any(status not in (0, ERROR) for _, status, _ in done):
-        return _error(400, "a worker reports status 0 (ok) or 1 (error)")
-    try:
-        batch = await calls.work(request.query.get("worker", ""), done, int(_number(request, "max", 1)))
-    except KeyError:
-        return _error(404, "no such call worker")
-    if calls._leaving() and not batch:
-        return _error(410, "the agent is stopping")
-    return _octets(pack(batch))

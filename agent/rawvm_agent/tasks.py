@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rawvm_agent.config import TaskConfig
-from rawvm_agent.install import Environment
+from rawvm_agent.environment import Environment
 from rawvm_agent.logs import Redactor, StreamRedactor
 from rawvm_agent.state import write_json_atomic
 

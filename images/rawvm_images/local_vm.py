@@ -148,7 +148,7 @@ def host_debian_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
     return DEFAULT_MIRROR
 
 
-def _package_version(root: Path, package: str) -> str:
+def package_version(root: Path, package: str) -> str:
     """The installed version of a Debian package inside ``root``, read from its dpkg database (no chroot)."""
     status = (root / "var/lib/dpkg/status").read_text(errors="replace")
     for stanza in status.split("\n\n"):
@@ -198,7 +198,8 @@ def _single(root: Path, pattern: str) -> Path:
     return found[0]
 
 
-def _build(out: Path, mirror: str, progress: Progress) -> LocalImage:
+def build_image(out: Path, mirror: str, progress: Progress) -> LocalImage:
+    """Build the Debian image under ``out`` with debootstrap from ``mirror``; what it holds (glibc, Python)."""
     root = out / "root"
     log = out / "build.log"
     progress(f"debootstrap {SUITE} from {mirror} (a few minutes)")
@@ -215,8 +216,8 @@ def _build(out: Path, mirror: str, progress: Progress) -> LocalImage:
         "debootstrap",
     )
     _configure_root(root)
-    glibc = major_minor(_package_version(root, "libc6"))
-    python = major_minor(_package_version(root, "python3"))
+    glibc = major_minor(package_version(root, "libc6"))
+    python = major_minor(package_version(root, "python3"))
     shutil.copy2(_single(root, "vmlinuz-*"), out / "vmlinuz")
     shutil.copy2(_single(root, "initrd.img-*"), out / "initrd.img")
     progress("mkfs.ext4 -d: packing the root into a raw disk")
@@ -280,7 +281,7 @@ def ensure_image(cache_dir: Path | None = None, progress: Progress | None = None
         say(f"building the local VM image {key} once (a few minutes; later runs reuse it from {cache})")
         work = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=cache))
         try:
-            _build(work, host_debian_mirror(), say)
+            build_image(work, host_debian_mirror(), say)
             work.chmod(0o755)  # mkdtemp made it private; the image is not secret
             # Atomic publish: readers see either no image or a complete one.
             work.rename(cache / key)

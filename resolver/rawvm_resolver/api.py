@@ -15,7 +15,7 @@ from packaging.requirements import Requirement as PepRequirement
 from rawvm_resolver import pylock as pylock_module
 from rawvm_resolver.bundle import BundleContents, write_bundle
 from rawvm_resolver.decisions import report_rows
-from rawvm_resolver.environment import Environment, canonical
+from rawvm_resolver.environment import Environment, canonical, parse_requirement
 from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.local import LocalBuild, build_local_packages
 from rawvm_resolver.project import code_archive, list_project_files
@@ -149,9 +149,8 @@ def _add_local_requirements(plan: Plan, local: list[LocalBuild]) -> None:
     local_names = {build.artifact.name for build in local}
     for build in local:
         for line in build.requires:
-            try:
-                requirement = PepRequirement(line)
-            except InvalidRequirement:
+            requirement = parse_requirement(line)
+            if requirement is None:
                 continue
             name = canonical(requirement.name)
             if requirement.marker is not None and "extra" in str(requirement.marker):

@@ -28,7 +28,7 @@ from rawvm_resolver.errors import ResolverError
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 _JSON = "application/vnd.pypi.simple.v1+json"
-_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # as uv retries: a DNS hiccup or a reset must not fail a whole lock
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # as uv retries: a DNS hiccup or a reset must not fail a whole lock
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def index_files(name: str, index_url: str = PYPI_SIMPLE) -> tuple[IndexFile, ...
 def _fetch_json(url: str, failure: str) -> dict[str, object] | None:
     """The index's JSON page; None on 404. Transient failures (DNS, resets, timeouts, 5xx) are retried."""
     request = urllib.request.Request(url, headers={"Accept": _JSON})  # noqa: S310 (scheme checked by the caller)
-    for delay in (*_RETRY_DELAYS, None):
+    for delay in (*RETRY_DELAYS, None):
         try:
             with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
                 data = json.load(response)

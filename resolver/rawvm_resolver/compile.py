@@ -1,4 +1,5 @@
-"""Drive ``uv pip compile`` for the target. uv does the resolution; this module only builds its command line."""
+"""Drive ``uv pip compile`` for the target. uv does the resolution; this module only builds its inputs and
+command line from a Plan, runs it, and reads the lock it wrote."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from uv import find_uv_bin
 
 from rawvm_resolver.target import Target
+from rawvm_resolver.translate import Plan
 
 _UV_BIN_LOCK = threading.Lock()
 BUILD_CONSTRAINTS = "build-constraints.txt"
@@ -113,3 +115,21 @@ def _uv_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("UV_NO_PROGRESS", "1")
     return env
+
+
+def compile_inputs(plan: Plan, target: Target) -> CompileInputs:
+    """What uv is given for the plan as it stands (the benchmark gives raw uv exactly this)."""
+    return CompileInputs(
+        plan.requirement_lines(),
+        plan.constraint_lines(),
+        target,
+        list(plan.extra_index_urls),
+        list(plan.build_constraints),
+        sorted(plan.excludes),
+    )
+
+
+def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = None) -> dict[str, Any]:
+    """One uv resolution of the plan as it stands (counted on the plan); UvFailure when uv finds none."""
+    plan.uv_runs += 1
+    return uv_compile(compile_inputs(plan, target), work_dir, timeout)

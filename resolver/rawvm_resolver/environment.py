@@ -9,6 +9,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 # Where a distribution came from (PEP 610 direct_url.json, or the conda-meta record).
@@ -103,6 +104,15 @@ _NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
 @functools.lru_cache(maxsize=65536)
+def parse_requirement(text: str) -> Requirement | None:
+    """``text`` as a PEP 508 requirement; None when it is not one (pip freezes and metadata hold such lines, and
+    the callers skip them)."""
+    try:
+        return Requirement(text)
+    except InvalidRequirement:
+        return None
+
+
 def requirement_edge(line: str) -> tuple[str, str] | None:
     """(canonical name, marker text) of a Requires-Dist line; None when it has no name.
 

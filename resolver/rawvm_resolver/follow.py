@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 from packaging.tags import Tag
 from packaging.version import InvalidVersion, Version
 
 from rawvm_resolver.availability import IndexFile, index_files
 from rawvm_resolver.decisions import target_marker_environment
-from rawvm_resolver.environment import canonical
+from rawvm_resolver.environment import canonical, parse_requirement
 from rawvm_resolver.platforms import target_tags
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
@@ -56,11 +56,8 @@ def _requires(name: str, version: str, target: Target) -> list[Requirement]:
     environment = target_marker_environment(target)
     found = []
     for line in wheel_requirements(wheel):
-        try:
-            requirement = Requirement(line)
-        except InvalidRequirement:
-            continue
-        if requirement.marker is None or requirement.marker.evaluate(environment):
+        requirement = parse_requirement(line)
+        if requirement is not None and (requirement.marker is None or requirement.marker.evaluate(environment)):
             found.append(requirement)
     return found
 

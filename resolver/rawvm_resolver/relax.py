@@ -18,12 +18,12 @@ from typing import Any
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
-from rawvm_resolver.compile import UvFailure, UvTimeout
+from rawvm_resolver.compile import UvFailure, UvTimeout, run_uv
 from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.report import ReportRow
-from rawvm_resolver.resolve import is_unsatisfiable, mentioned, run_uv, summarise
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
+from rawvm_resolver.uv_messages import is_unsatisfiable, mentioned, summarise
 
 MAX_RELAXATION_RUNS = 24  # uv runs one lock may spend finding which pins to relax
 RELAXATION_SECONDS = 480.0  # and the wall time those runs may take together (a first, cold-cache lock is slower)

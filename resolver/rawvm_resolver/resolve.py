@@ -4,7 +4,8 @@ The changes, each reported: a pin with no artifact for the target moves to the n
 a package Linux never had (mlx, by rule) is dropped with a warning; CUDA extras added by a rule are given
 up when they conflict; a source that was not on this machine and has no index release is dropped with a warning.
 When the pins themselves conflict (pip installed an inconsistent set), the fewest pins that uv's explanation
-names are relaxed (see relax.py). ``strict`` turns every change into an error.
+names are relaxed (see relax.py). ``strict`` turns every change into an error. Running uv is compile.py's job,
+reading its messages uv_messages.py's.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from packaging.requirements import InvalidRequirement
-from packaging.requirements import Requirement as PepRequirement
 from packaging.tags import Tag
 
 from rawvm_resolver.availability import artifact_kind, index_files, nearest_version, platforms_offered
-from rawvm_resolver.compile import CompileInputs, UvFailure, uv_compile
-from rawvm_resolver.environment import canonical
+from rawvm_resolver.compile import UvFailure, run_uv
+from rawvm_resolver.environment import canonical, parse_requirement
 from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.follow import follow_moved_pins
 from rawvm_resolver.platforms import target_tags
+from rawvm_resolver.relax import RELAXATION_SECONDS, relax_pins
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
+from rawvm_resolver.uv_messages import build_cause, is_unsatisfiable, mentioned, summarise
 
 _MAX_ATTEMPTS = 16
 
@@ -39,8 +40,6 @@ def resolve(
     """The parsed pylock.toml uv wrote for the (possibly adjusted) plan."""
     if not plan.requirements:
         return {"packages": []}
-    from rawvm_resolver.relax import RELAXATION_SECONDS, relax_pins  # here: relax.py builds on this module
-
     deadline = time.monotonic() + RELAXATION_SECONDS
     explanation = ""  # uv's last "no solution" when it is already known (a relaxation step returns it)
     for attempt in range(_MAX_ATTEMPTS):
@@ -79,24 +78,6 @@ def resolve(
             continue
         explanation = outcome  # the conflict the relaxed pin left: adjust or relax again, without rerunning uv
     raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
-
-
-def compile_inputs(plan: Plan, target: Target) -> CompileInputs:
-    """What uv is given for the plan as it stands (the benchmark gives raw uv exactly this)."""
-    return CompileInputs(
-        plan.requirement_lines(),
-        plan.constraint_lines(),
-        target,
-        list(plan.extra_index_urls),
-        list(plan.build_constraints),
-        sorted(plan.excludes),
-    )
-
-
-def run_uv(plan: Plan, target: Target, work_dir: Path, timeout: float | None = None) -> dict[str, Any]:
-    """One uv resolution of the plan as it stands (counted on the plan); UvFailure when uv finds none."""
-    plan.uv_runs += 1
-    return uv_compile(compile_inputs(plan, target), work_dir, timeout)
 
 
 def _prefer_wheels(plan: Plan, target: Target, locked: dict[str, Any]) -> bool:
@@ -229,49 +210,15 @@ def _unbuildable_pin(plan: Plan, target: Target, stderr: str, *, strict: bool) -
     return True
 
 
-def is_unsatisfiable(stderr: str) -> bool:
-    return "No solution found" in stderr or "unsatisfiable" in stderr
-
-
-def summarise(stderr: str, limit: int = 0) -> str:
-    """uv's explanation on one line (cut at ``limit`` characters when given: a build log can run long)."""
-    text = " ".join(line.strip(" \u00d7\u2570\u2500\u25b6\u2502") for line in stderr.splitlines() if line.strip())
-    text = re.sub(r"\s+", " ", text).replace("No solution found when resolving dependencies: ", "")
-    text = text.removeprefix("error: ").strip()
-    return text if not limit or len(text) <= limit else text[: limit - 1] + "…"
-
-
-def mentioned(stderr: str, names: list[str]) -> list[str]:
-    """Names of ``names`` that uv's message talks about, in the order it does."""
-    lowered = stderr.lower().replace("_", "-")
-    found = []
-    for name in names:
-        match = re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", lowered)
-        if match:
-            found.append((match.start(), name))
-    return [name for _, name in sorted(found)]
-
-
 def _past_compatible_release(text: str, version: str) -> str | None:
     """``gym~=0.21.0`` whose only release fails to build -> ``gym>0.21.0``: a compatible-release request asks
     for "about this version", so the next releases honour it best. None for any other specifier (the user's)."""
-    try:
-        requirement = PepRequirement(text)
-    except InvalidRequirement:
-        return None
-    if not requirement.specifier or any(spec.operator != "~=" for spec in requirement.specifier):
+    requirement = parse_requirement(text)
+    if requirement is None or not requirement.specifier or any(spec.operator != "~=" for spec in requirement.specifier):
         return None
     extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
     marker = f"; {requirement.marker}" if requirement.marker else ""
     return f"{requirement.name}{extras}>{version}{marker}"
-
-
-def build_cause(stderr: str, limit: int = 200) -> str:
-    """The line of a failed build's output that says why: its last one before uv's hint."""
-    output = stderr.split("[stderr]", 1)[-1].split("\nhint:", 1)[0]
-    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.strip().startswith("warnings.")]
-    cause = lines[-1] if lines else summarise(stderr)
-    return cause if len(cause) <= limit else cause[: limit - 1] + "…"
 
 
 def _adjust(plan: Plan, target: Target, stderr: str, *, strict: bool) -> bool:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from packaging.requirements import InvalidRequirement
 from packaging.requirements import Requirement as PepRequirement
 
-from rawvm_resolver.environment import Distribution, Environment, canonical
+from rawvm_resolver.environment import Distribution, Environment, canonical, parse_requirement
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.rules import DROP, LINUX_OR_DROP, RENAME, TORCH, TORCH_FAMILY, rule_for, torch_reason
 from rawvm_resolver.sources import is_forge_download
@@ -70,9 +69,8 @@ def translate(env: Environment, target: Target, *, torch_index: str = "", keep_v
             continue
         _translate_one(plan, dist.name, dist.version, dist.requested, dist.extras, "", target, present)
     for text in env.requirements:
-        try:
-            requirement = PepRequirement(text)
-        except InvalidRequirement:
+        requirement = parse_requirement(text)
+        if requirement is None:
             continue
         name = canonical(requirement.name)
         _translate_one(plan, name, "", True, tuple(sorted(requirement.extras)), text, target, present)

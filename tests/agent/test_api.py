@@ -15,8 +15,9 @@ from typing import Any
 import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from rawvm_agent.app import Agent, create_app
+from rawvm_agent.app import Agent
 from rawvm_agent.config import config_from_dict
+from rawvm_agent.server import create_app
 from rawvm_agent.state import StateStore
 
 from tests.agent.core_helpers import TOKEN, agent_config, tiny_bundle
@@ -361,7 +362,7 @@ async def test_an_unexpected_install_error_still_fails_and_powers_off(
 ) -> None:
     """Not only InstallError: any exception during install must end in phase failed, or "installing" (busy)
     would keep the machine up until max_lifetime. The bug this guards was a TypeError from an old Python."""
-    from rawvm_agent.install import Installer
+    from rawvm_agent.installer import Installer
 
     async def broken(self: Installer) -> None:
         raise TypeError("extractall() got an unexpected keyword argument 'filter'")

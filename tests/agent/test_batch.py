@@ -15,9 +15,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
-from rawvm_agent.app import Agent, create_app
+from rawvm_agent.app import Agent
 from rawvm_agent.batch import BatchError, BatchSpec, share_of
 from rawvm_agent.config import config_from_dict
+from rawvm_agent.server import create_app
 
 from tests.agent.core_helpers import TOKEN, agent_config
 

@@ -14,9 +14,10 @@ import cloudpickle
 import pytest
 from aiohttp import web
 from rawvm_agent import calls
-from rawvm_agent.app import Agent, create_app
+from rawvm_agent.app import Agent
 from rawvm_agent.call_worker import ERROR, LOST, OK, pack, unpack
 from rawvm_agent.config import config_from_dict
+from rawvm_agent.server import create_app
 
 from tests.agent.core_helpers import TOKEN, agent_config
 

@@ -12,15 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from rawvm_agent.config import config_from_dict
-from rawvm_agent.install import (
-    BundleError,
-    Environment,
-    Installer,
-    InstallError,
-    parse_manifest,
-    safe_relpath,
-    unpack_code,
-)
+from rawvm_agent.environment import Environment
+from rawvm_agent.install import BundleError, InstallError, parse_manifest, safe_relpath, unpack_code
+from rawvm_agent.installer import Installer
 from rawvm_agent.logs import Redactor
 from rawvm_agent.state import InstallProgress
 

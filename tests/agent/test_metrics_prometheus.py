@@ -1,4 +1,4 @@
-"""/metrics of the real agent app (rawvm_agent.app.create_app) against the real Prometheus tools.
+"""/metrics of the real agent app (rawvm_agent.server.create_app) against the real Prometheus tools.
 
 ``promtool check metrics`` (Debian package prometheus) must accept the page as rendered, on this machine and
 with 8 GPUs (NVML's C library faked as in test_nvml.py: ``pynvml.nvmlLib`` replaced, the real nvidia-ml-py
@@ -19,8 +19,9 @@ import psutil
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
-from rawvm_agent.app import Agent, create_app
+from rawvm_agent.app import Agent
 from rawvm_agent.config import AgentConfig, IdleConfig, TelemetryConfig
+from rawvm_agent.server import create_app
 from rawvm_agent.telemetry import CONTENT_TYPE
 
 from tests.agent.core_helpers import TOKEN, free_port

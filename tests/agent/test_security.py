@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from rawvm_agent.app import Agent, create_app, server_ssl_context
+from rawvm_agent.app import Agent
 from rawvm_agent.auth import token_matches, token_middleware
 from rawvm_agent.config import config_from_dict
 from rawvm_agent.logs import MASK, RedactingFormatter, Redactor, setup_logging, url_password
+from rawvm_agent.server import create_app, server_ssl_context
 
 from tests.agent.core_helpers import TOKEN, agent_config
 from tests.systools import need_tool

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rawvm_agent.config import TaskConfig
-from rawvm_agent.install import Environment
+from rawvm_agent.environment import Environment
 from rawvm_agent.logs import MASK, Redactor, StreamRedactor
 from rawvm_agent.tasks import RateWatch, Task, TaskError, TaskManager, TaskRequest, TaskState
 

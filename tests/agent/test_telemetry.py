@@ -50,7 +50,7 @@ def test_cpu_percent_follows_a_busy_core() -> None:
 
 def test_a_failing_collector_fails_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The processes collector's real source disappears (a missing /proc/loadavg): only its key goes."""
-    monkeypatch.setattr(processes, "_LOADAVG", tmp_path / "no-such-loadavg")
+    monkeypatch.setattr(processes, "LOADAVG", tmp_path / "no-such-loadavg")
     s = Sampler(TelemetryConfig(), tmp_path / "state")
     sample = s.sample_once()
     assert "processes" not in sample

@@ -81,9 +81,9 @@ def test_package_version_reads_the_roots_dpkg_status(tmp_path: Path) -> None:
         "Package: libc6\nStatus: install ok installed\nVersion: 2.36-9+deb12u10\n\n"
         "Package: python3\nStatus: deinstall ok config-files\nVersion: 3.11.2-1\n"
     )
-    assert local_vm._package_version(tmp_path, "libc6") == "2.36-9+deb12u10"
+    assert local_vm.package_version(tmp_path, "libc6") == "2.36-9+deb12u10"
     with pytest.raises(ImageError, match="python3 is not installed"):
-        local_vm._package_version(tmp_path, "python3")
+        local_vm.package_version(tmp_path, "python3")
 
 
 def test_missing_tools_name_the_debian_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +110,7 @@ def test_ensure_image_uses_the_cache_without_building(monkeypatch: pytest.Monkey
     def no_build(*_args: object) -> None:
         raise AssertionError("must not build when the cache holds the image")
 
-    monkeypatch.setattr(local_vm, "_build", no_build)
+    monkeypatch.setattr(local_vm, "build_image", no_build)
     image = local_vm.ensure_image(tmp_path)
     assert image.glibc == "2.36"
     assert image.disk == tmp_path / local_vm.recipe_key() / "disk.raw"
@@ -127,7 +127,7 @@ def test_concurrent_builders_build_once_and_publish_atomically(monkeypatch: pyte
         meta = {"glibc": "2.36", "python": "3.11", "arch": "x86_64", "cmdline": local_vm.KERNEL_CMDLINE}
         (out / "image.json").write_text(json.dumps(meta))
 
-    monkeypatch.setattr(local_vm, "_build", fake_build)
+    monkeypatch.setattr(local_vm, "build_image", fake_build)
     results: list[LocalImage] = []
     threads = [threading.Thread(target=lambda: results.append(local_vm.ensure_image(tmp_path))) for _ in range(4)]
     for t in threads:
@@ -147,7 +147,7 @@ def test_failed_build_leaves_no_partial_image(monkeypatch: pytest.MonkeyPatch, t
         (out / "half").write_text("x")
         raise ImageError("image build: debootstrap failed")
 
-    monkeypatch.setattr(local_vm, "_build", broken)
+    monkeypatch.setattr(local_vm, "build_image", broken)
     with pytest.raises(ImageError):
         local_vm.ensure_image(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [f"{local_vm.recipe_key()}.lock"]

@@ -12,8 +12,8 @@ from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.project import MAX_FILE_BYTES, code_archive, list_project_files
 from rawvm_resolver.pylock import build_pylock
 from rawvm_resolver.report import ReportRow, format_table, to_json
-from rawvm_resolver.resolve import mentioned, summarise
 from rawvm_resolver.target import Target
+from rawvm_resolver.uv_messages import mentioned, summarise
 
 SHA = "a" * 64
 

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from rawvm_resolver.conda.conda_only import conda_only_reason, named_exactly
 from rawvm_resolver.conda.inputs import read_environment_yml
 from rawvm_resolver.conda.lists import EXPLICIT, EXPORT, conda_list_kind, read_conda_list
 from rawvm_resolver.conda.pypi_names import build_data, choose, pypi_name, write_data
-from rawvm_resolver.conda.pypi_only import Conversion, _conda_only, _definite, _package, annotate
+from rawvm_resolver.conda.pypi_only import Conversion, annotate, read_spec
 from rawvm_resolver.environment import Environment, SourcePlatform
 from rawvm_resolver.errors import InputError
 from rawvm_resolver.report import ReportRow
@@ -140,7 +141,7 @@ def test_refresh_reads_both_formats_and_round_trips(tmp_path: Path) -> None:
     ],
 )
 def test_conda_specs_become_pep440(spec: str, version: str, specifier: str) -> None:
-    package = _package(spec)
+    package = read_spec(spec)
     assert (package.version, package.spec) == (version, specifier)
 
 
@@ -154,16 +155,16 @@ def test_conda_specs_become_pep440(spec: str, version: str, specifier: str) -> N
     ],
 )
 def test_conda_only_packages_have_a_reason(name: str, reason: str) -> None:
-    assert _conda_only(name, Target(arch="x86_64", python="3.11")) == reason
-    assert _conda_only("numpy", Target(arch="x86_64", python="3.11")) is None
+    assert conda_only_reason(name, Target(arch="x86_64", python="3.11")) == reason
+    assert conda_only_reason("numpy", Target(arch="x86_64", python="3.11")) is None
 
 
 def test_broad_conda_only_patterns_leave_room_for_python_packages() -> None:
     # libsass and qtconsole are Python packages the mapping lacks: a glob alone does not drop them, PyPI
     # having their very version decides (checked in to_pypi); names listed exactly are always conda-only.
-    assert _definite("openssl") and _definite("python")
-    assert not _definite("libsass") and not _definite("qtconsole")
-    assert _conda_only("libsass", Target(arch="x86_64", python="3.11")) == "C library"
+    assert named_exactly("openssl") and named_exactly("python")
+    assert not named_exactly("libsass") and not named_exactly("qtconsole")
+    assert conda_only_reason("libsass", Target(arch="x86_64", python="3.11")) == "C library"
 
 
 def test_annotate_names_rows_by_their_conda_origin() -> None:

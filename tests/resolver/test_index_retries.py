@@ -47,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(availability, "_RETRY_DELAYS", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(availability, "RETRY_DELAYS", (0.01, 0.01, 0.01))
     availability.index_files.cache_clear()
 
 

@@ -17,11 +17,11 @@ from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.follow import follow_moved_pins
 from rawvm_resolver.relax import relaxation_order, required_ranges
 from rawvm_resolver.report import ReportRow
-from rawvm_resolver.resolve import build_cause
 from rawvm_resolver.sources import editable_pins, forge_archive, parse_requirement_lines, read_file_input, split_vcs_url
 from rawvm_resolver.target import parse_glibc_version
 from rawvm_resolver.translate import Plan, translate
 from rawvm_resolver.unreachable import known_version, origin_of
+from rawvm_resolver.uv_messages import build_cause
 
 CPU = Target(arch="x86_64", python="3.11", glibc="2.39")
 CROOT = (

@@ -15,146 +15,19 @@ import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.tags import Tag
 from rattler import MatchSpec
 
 from rawvm_resolver.availability import IndexFile, artifact_kind, index_files, nearest_version
+from rawvm_resolver.conda.conda_only import conda_only_note, conda_only_reason, named_exactly
 from rawvm_resolver.conda.inputs import CondaInput
 from rawvm_resolver.conda.pypi_names import pypi_name
 from rawvm_resolver.environment import Distribution, Environment, canonical
 from rawvm_resolver.platforms import target_tags
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
-
-# Conda packages that are no Python distribution, by kind: kept data, checked after the name mapping.
-_RUNTIME = "C/C++/Fortran runtime"
-_CONDA_ONLY: tuple[tuple[str, str], ...] = (
-    ("python", "the interpreter itself: the VM's venv brings Python {python}"),
-    ("python_abi", "conda's marker of the Python ABI: the venv's Python decides it"),
-    ("_*", "conda solver metadata package"),
-    ("__*", "conda virtual package"),
-    ("pip", "the installer: the VM's venv is installed with uv"),
-    ("libcxx", _RUNTIME),
-    ("libcxxabi", _RUNTIME),
-    ("llvm-openmp", _RUNTIME),
-    ("libgfortran*", _RUNTIME),
-    ("libgcc*", _RUNTIME),
-    ("libstdcxx*", _RUNTIME),
-    ("libgomp", _RUNTIME),
-    ("intel-openmp", _RUNTIME),
-    ("clang*", "compiler toolchain"),
-    ("gcc*", "compiler toolchain"),
-    ("gxx*", "compiler toolchain"),
-    ("gfortran*", "compiler toolchain"),
-    ("compiler-rt*", "compiler toolchain"),
-    ("cctools*", "compiler toolchain"),
-    ("ld64*", "compiler toolchain"),
-    ("llvm*", "compiler toolchain"),
-    ("binutils*", "compiler toolchain"),
-    ("*-compiler", "compiler toolchain"),
-    ("compilers", "compiler toolchain"),
-    ("*_osx-64", "compiler toolchain"),
-    ("*_osx-arm64", "compiler toolchain"),
-    ("*_linux-64", "compiler toolchain"),
-    ("make", "build tool"),
-    ("cmake", "build tool"),
-    ("pkg-config", "build tool"),
-    ("libtool", "build tool"),
-    ("m4", "build tool"),
-    ("lib*", "C library"),
-    ("openssl", "C library"),
-    ("ca-certificates", "CA bundle (certifi is the PyPI one)"),
-    ("zlib", "C library"),
-    ("xz", "C library"),
-    ("bzip2", "C library"),
-    ("lz4-c", "C library"),
-    ("zstd", "C library"),
-    ("snappy", "C library"),
-    ("brotli", "C library"),
-    ("brotli-bin", "C library"),
-    ("tk", "C library"),
-    ("tcl", "C library"),
-    ("readline", "C library"),
-    ("ncurses", "C library"),
-    ("sqlite", "C library"),
-    ("icu", "C library"),
-    ("expat", "C library"),
-    ("gettext", "C library"),
-    ("pcre*", "C library"),
-    ("glib", "C library"),
-    ("freetype", "C library"),
-    ("fontconfig", "C library"),
-    ("harfbuzz", "C library"),
-    ("cairo", "C library"),
-    ("pango", "C library"),
-    ("pixman", "C library"),
-    ("jpeg", "C library"),
-    ("giflib", "C library"),
-    ("openjpeg", "C library"),
-    ("lcms2", "C library"),
-    ("lerc", "C library"),
-    ("jbig", "C library"),
-    ("krb5", "C library"),
-    ("c-ares", "C library"),
-    ("yaml", "C library"),
-    ("hdf5", "C library"),
-    ("tbb", "C library"),
-    ("mkl", "math library"),
-    ("mkl_fft", "Intel MKL add-on for numpy (PyPI's numpy uses OpenBLAS)"),
-    ("mkl_random", "Intel MKL add-on for numpy (PyPI's numpy uses OpenBLAS)"),
-    ("mkl-service", "Intel MKL add-on for numpy (PyPI's numpy uses OpenBLAS)"),
-    ("mkl*", "math library"),
-    ("openblas", "math library"),
-    ("blas", "math library metapackage"),
-    ("fftw", "C library"),
-    ("gmp", "C library"),
-    ("mpfr", "C library"),
-    ("mpc", "C library"),
-    ("isl", "C library"),
-    ("qhull", "C library"),
-    ("zeromq", "C library"),
-    ("abseil-cpp", "C++ library"),
-    ("grpc-cpp", "C++ library"),
-    ("re2", "C++ library"),
-    ("*-cpp", "C++ library"),
-    ("boost*", "C++ library"),
-    ("eigen", "C++ library"),
-    ("qt*", "Qt's C++ libraries (PyPI's PyQt wheels bundle them)"),
-    ("xorg-*", "X11 library"),
-    ("graphite2", "C library"),
-    ("gdk-pixbuf", "C library"),
-    ("tzdata", "IANA zone data"),
-    ("openjdk", "Java runtime"),
-    ("nodejs", "JavaScript runtime"),
-    ("perl*", "Perl"),
-    ("r-*", "R package"),
-    ("bioconductor-*", "R package"),
-    ("pandoc", "tool"),
-    ("ghostscript", "tool"),
-    ("imagemagick", "tool"),
-    ("graphviz", "tool (the Python binding is python-graphviz)"),
-    ("git", "tool"),
-    ("curl", "tool"),
-    ("ffmpeg", "tool"),
-    ("cudatoolkit", "CUDA toolkit (PyPI's nvidia-* wheels bring CUDA)"),
-    ("cuda-*", "CUDA toolkit (PyPI's nvidia-* wheels bring CUDA)"),
-    ("cudnn", "CUDA library"),
-    ("nccl", "CUDA library"),
-    ("magma*", "CUDA library"),
-    ("pytorch-cuda", "conda's CUDA selector for pytorch"),
-    ("pytorch-mutex", "conda's build selector for pytorch"),
-    ("cpuonly", "conda's CPU selector for pytorch"),
-    ("mpich", "MPI library"),
-    ("openmpi", "MPI library"),
-    ("mpi", "MPI metapackage"),
-    ("tensorflow-deps", "Apple's conda metapackage for tensorflow-macos"),
-)
-
-
-_NOT_A_LIBRARY = ("the interpreter", "the installer", "conda", "Apple's")
 
 
 @dataclass
@@ -168,7 +41,9 @@ class Conversion:
 
 
 @dataclass(frozen=True)
-class _Package:
+class CondaSpec:
+    """One conda package of the environment, its version requirement read the PEP 440 way."""
+
     conda: str
     version: str  # the exact conda version, "" when the spec is a range or absent
     spec: str  # PEP 440 specifier text for a range (">=1.2,<2"), else ""
@@ -183,15 +58,15 @@ def to_pypi(env: Environment, target: Target) -> Conversion:
     out = Conversion(environment=env)
     for name, version, why in conda.dropped:
         out.rows[name] = ReportRow(name, "dropped", version, "", f"macOS-only conda package: {why}")
-    packages = [_package(spec) for spec in conda.specs]
+    packages = [read_spec(spec) for spec in conda.specs]
     present = {dist.name for dist in env.distributions} | {_requirement_name(text) for text in env.requirements}
-    wanted: dict[str, _Package] = {}
+    wanted: dict[str, CondaSpec] = {}
     for package in packages:
-        reason = _conda_only(package.conda, target)
+        reason = conda_only_reason(package.conda, target)
         mapped = pypi_name(package.conda)
         if mapped.known and mapped.pypi:
             _merge(out, wanted, mapped.pypi, package, present)
-        elif reason is not None and (_definite(package.conda) or not package.version):
+        elif reason is not None and (named_exactly(package.conda) or not package.version):
             out.rows[package.conda] = _conda_only_row(package, reason)
         elif reason is not None:
             # lib*, qt*, cuda-*: mostly C libraries, but libsass, qtconsole, cuda-python are Python packages
@@ -255,7 +130,7 @@ def annotate(rows: Iterable[ReportRow], conversion: Conversion) -> list[ReportRo
     return result
 
 
-def _merge(out: Conversion, wanted: dict[str, _Package], name: str, package: _Package, present: set[str]) -> None:
+def _merge(out: Conversion, wanted: dict[str, CondaSpec], name: str, package: CondaSpec, present: set[str]) -> None:
     if name in present:  # pip installed it on top: pip's version is the one the user ran
         out.rows[package.conda] = ReportRow(
             package.conda, "dropped", package.version, "", f"PyPI's {name} is in the pip section too: pip's pin is kept"
@@ -274,7 +149,7 @@ def _merge(out: Conversion, wanted: dict[str, _Package], name: str, package: _Pa
 
 
 def _decide(
-    name: str, package: _Package, files: list[IndexFile], accepted: frozenset[Tag], target: Target, *, unmapped: bool
+    name: str, package: CondaSpec, files: list[IndexFile], accepted: frozenset[Tag], target: Target, *, unmapped: bool
 ) -> tuple[str, str] | ReportRow:
     """(pin or "", note) for a package that goes to PyPI, or the row that drops it."""
     conda, version = package.conda, package.version
@@ -323,35 +198,23 @@ def _listings(names: list[str]) -> dict[str, list[IndexFile]]:
         return dict(zip(names, pool.map(lambda name: list(index_files(name)), names), strict=True))
 
 
-def _package(spec: str) -> _Package:
+def read_spec(spec: str) -> CondaSpec:
+    """A conda match spec as an exact version or a PEP 440 range (``numpy 1.26.*`` -> ``==1.26.*``)."""
     match = MatchSpec(spec)
     name = str(match.name.normalized)
     text = str(match.version) if match.version is not None else ""
     if exact := re.fullmatch(r"==\s*([^,|*\s]+)", text):
-        return _Package(name, exact.group(1), "")
+        return CondaSpec(name, exact.group(1), "")
     if wildcard := re.fullmatch(r"([0-9][^,|*\s]*)\.\*", text):
-        return _Package(name, "", f"=={wildcard.group(1)}.*")
+        return CondaSpec(name, "", f"=={wildcard.group(1)}.*")
     try:
-        return _Package(name, "", str(SpecifierSet(text)) if text else "")
+        return CondaSpec(name, "", str(SpecifierSet(text)) if text else "")
     except InvalidSpecifier:
-        return _Package(name, "", "")  # a conda-only form (1.2|1.3): let uv choose
+        return CondaSpec(name, "", "")  # a conda-only form (1.2|1.3): let uv choose
 
 
-def _conda_only_row(package: _Package, reason: str) -> ReportRow:
-    bundled = "" if reason.startswith(_NOT_A_LIBRARY) else "; PyPI wheels bundle the native code they need"
-    return ReportRow(package.conda, "dropped", package.version, "", f"conda-only: {reason}{bundled}")
-
-
-def _definite(name: str) -> bool:
-    """A conda-only entry named exactly (python, openssl), not by a glob that Python packages can share."""
-    return any(pattern == name for pattern, _ in _CONDA_ONLY)
-
-
-def _conda_only(name: str, target: Target) -> str | None:
-    for pattern, reason in _CONDA_ONLY:
-        if fnmatchcase(name, pattern):
-            return reason.format(python=target.python)
-    return None
+def _conda_only_row(package: CondaSpec, reason: str) -> ReportRow:
+    return ReportRow(package.conda, "dropped", package.version, "", conda_only_note(reason))
 
 
 def _requirement_name(text: str) -> str:

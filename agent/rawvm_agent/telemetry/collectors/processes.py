@@ -9,7 +9,7 @@ import psutil
 
 from rawvm_agent.telemetry.prometheus import gauge
 
-_LOADAVG = Path("/proc/loadavg")
+LOADAVG = Path("/proc/loadavg")  # a module constant, so a test can point it at a missing file
 
 
 class ProcessesCollector:
@@ -18,7 +18,7 @@ class ProcessesCollector:
     def collect(self) -> dict[str, int]:
         out = {"count": len(psutil.pids())}
         # /proc/loadavg's fourth field is "running/total" scheduling entities: one read, no per-pid scan.
-        fields = _LOADAVG.read_text().split()
+        fields = LOADAVG.read_text().split()
         running, threads = fields[3].split("/")
         out["running"] = int(running)
         out["threads"] = int(threads)
