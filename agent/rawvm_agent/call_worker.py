@@ -98,7 +98,7 @@ def _stand_in_rawvm() -> Any:
     return module
 
 
-def _run_call(pickler: Any, payload: bytes, functions: dict[bytes, Any]) -> tuple[int, bytes]:
+def run_call(pickler: Any, payload: bytes, functions: dict[bytes, Any]) -> tuple[int, bytes]:
     try:
         blob, args, kwargs = pickler.loads(payload)
         fn = functions.get(blob)
@@ -164,7 +164,7 @@ def serve(url: str, token: str, worker: str) -> None:
         done = []
         started = time.perf_counter()
         for call_id, _, payload in unpack(body):
-            status, result = _run_call(cloudpickle, payload, functions)
+            status, result = run_call(cloudpickle, payload, functions)
             done.append((call_id, status, result))
         if done:
             each = (time.perf_counter() - started) / len(done)

@@ -75,7 +75,7 @@ def lock(
         env = conversion.environment
     say(f"translating {len(env.distributions)} distributions for {target.platform} Python {target.python}")
     plan = translate(env, target, torch_index=torch_index, keep_vcs=keep_vcs)
-    _add_extra_requirements(plan, env, extra_requirements)
+    add_extra_requirements(plan, env, extra_requirements)
     with tempfile.TemporaryDirectory(prefix="rawvm-lock-") as scratch:
         work = Path(scratch)
         local = build_local_packages(plan.local, work / "wheels", work / "build")
@@ -119,7 +119,7 @@ def lock(
     )
 
 
-def _add_extra_requirements(plan: Plan, env: Environment, extra: Sequence[tuple[str, str]]) -> None:
+def add_extra_requirements(plan: Plan, env: Environment, extra: Sequence[tuple[str, str]]) -> None:
     present = set(env.by_name()) | set(plan.requirements)
     for line, reason in extra:
         try:

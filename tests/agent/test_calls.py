@@ -104,7 +104,7 @@ async def test_a_remote_exception_comes_back_with_its_type_and_traceback(running
     exc, type_name, message, text = cloudpickle.loads(payload)
     assert isinstance(exc, KeyError) and type_name == "builtins.KeyError" and message == "'no 5'"
     # boom travelled by value (cloudpickle names its file <dynamic-code>); the worker's own frame is left out
-    assert ", in boom" in text and "KeyError: 'no 5'" in text and "_run_call" not in text
+    assert ", in boom" in text and "KeyError: 'no 5'" in text and "run_call" not in text
 
 
 async def test_calls_in_flight_keep_the_machine_busy_idle_workers_do_not(running: Running) -> None:

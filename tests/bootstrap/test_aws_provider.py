@@ -144,16 +144,16 @@ def big_launch(moto: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> di
     }
 
 
-def _mutating(calls: list[str]) -> list[str]:
+def mutating_calls(calls: list[str]) -> list[str]:
     return [c for c in calls if not c.startswith(("Describe", "Get"))]
 
 
 def test_1000_machines_spot_with_fallback_take_at_most_3_mutating_calls(big_launch: dict[str, Any]) -> None:
     # The launch template, one spot fleet, one on-demand fleet for the shortfall. No per-machine call.
-    assert _mutating(big_launch["calls"]) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet"]
+    assert mutating_calls(big_launch["calls"]) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet"]
     # The first launch from an address also makes the caller's security group (EC2 needs two calls for a
     # group and its rule); every later cluster from that address reuses it.
-    assert _mutating(big_launch["first_calls"]) == [
+    assert mutating_calls(big_launch["first_calls"]) == [
         "CreateSecurityGroup",
         "AuthorizeSecurityGroupIngress",
         "CreateLaunchTemplate",
@@ -194,7 +194,7 @@ def test_every_instance_and_volume_carries_the_tags(big_launch: dict[str, Any]) 
     assert all(dict(iter_tags(v.get("Tags"))).keys() >= TAG_KEYS for v in ours)
 
 
-def _template_data(ec2: Any, cluster: str) -> dict[str, Any]:
+def template_data(ec2: Any, cluster: str) -> dict[str, Any]:
     template = ec2.describe_launch_templates(Filters=[{"Name": "tag:rawvm:cluster", "Values": [cluster]}])
     (lt,) = template["LaunchTemplates"]
     assert dict(iter_tags(lt.get("Tags"))).keys() >= TAG_KEYS
@@ -206,7 +206,7 @@ def _template_data(ec2: Any, cluster: str) -> dict[str, Any]:
 def test_launch_template_has_imdsv2_terminate_and_an_encrypted_root_deleted_on_termination(
     big_launch: dict[str, Any],
 ) -> None:
-    data = _template_data(big_launch["ec2"], "big")
+    data = template_data(big_launch["ec2"], "big")
     assert data["MetadataOptions"]["HttpTokens"] == "required"
     assert int(data["MetadataOptions"]["HttpPutResponseHopLimit"]) == 1
     assert data["InstanceInitiatedShutdownBehavior"] == "terminate"
@@ -221,7 +221,7 @@ def test_launch_template_has_imdsv2_terminate_and_an_encrypted_root_deleted_on_t
 
 
 def test_user_data_is_valid_cloud_config_under_16_kb(big_launch: dict[str, Any], tmp_path: Path) -> None:
-    data = _template_data(big_launch["ec2"], "big")
+    data = template_data(big_launch["ec2"], "big")
     raw = base64.b64decode(data["UserData"])
     assert len(raw) <= USER_DATA_LIMIT
     text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
@@ -237,9 +237,9 @@ def test_user_data_is_valid_cloud_config_under_16_kb(big_launch: dict[str, Any],
 
 def test_security_group_opens_only_the_agent_port_to_the_caller(big_launch: dict[str, Any]) -> None:
     ec2 = big_launch["ec2"]
-    (group_id,) = _template_data(ec2, "big")["SecurityGroupIds"]
+    (group_id,) = template_data(ec2, "big")["SecurityGroupIds"]
     (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
-    assert group_id in _template_data(ec2, "first")["SecurityGroupIds"]  # shared by the caller's clusters
+    assert group_id in template_data(ec2, "first")["SecurityGroupIds"]  # shared by the caller's clusters
     rules = group["IpPermissions"]
     assert [(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in rules] == [("tcp", DEFAULT_PORT, DEFAULT_PORT)]
     assert [ip["CidrIp"] for ip in rules[0]["IpRanges"]] == [f"{CALLER_IP}/32"]
@@ -272,7 +272,7 @@ def test_agent_address_rule() -> None:
     assert provider._machine(pending).agent_url == ""
 
 
-def _xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
+def xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
     """An HTTP answer as EC2 would send it, handed to botocore's parser in place of the network's."""
 
     class Raw:
@@ -284,12 +284,12 @@ def _xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
     return AWSResponse(request.url, status, headers, Raw())
 
 
-def _throttle_response(request: Any) -> AWSResponse:
+def throttle_response(request: Any) -> AWSResponse:
     body = (
         b"<?xml version='1.0' encoding='UTF-8'?><Response><Errors><Error><Code>RequestLimitExceeded</Code>"
         b"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>rid</RequestID></Response>"
     )
-    return _xml_response(request, 503, body)
+    return xml_response(request, 503, body)
 
 
 def test_request_limit_exceeded_is_retried_with_backoff(moto: MotoServer, tmp_path: Path) -> None:
@@ -302,7 +302,7 @@ def test_request_limit_exceeded_is_retried_with_backoff(moto: MotoServer, tmp_pa
 
     def throttle(request: Any, **kwargs: Any) -> AWSResponse | None:
         attempts.append("CreateFleet")
-        return _throttle_response(request) if len(attempts) <= 2 else None
+        return throttle_response(request) if len(attempts) <= 2 else None
 
     ec2.meta.events.register("before-send.ec2.CreateFleet", throttle)
     log = record_calls(ec2)
@@ -323,7 +323,7 @@ def _capacity_error_response(request: Any) -> AWSResponse:
         b"<errorCode>InsufficientInstanceCapacity</errorCode><errorMessage>no capacity</errorMessage></item>"
         b"</errorSet><fleetInstanceSet/></CreateFleetResponse>"
     )
-    return _xml_response(request, 200, body)
+    return xml_response(request, 200, body)
 
 
 def test_no_capacity_anywhere_is_one_clear_error_listing_what_was_tried(moto: MotoServer, tmp_path: Path) -> None:
@@ -361,7 +361,7 @@ def test_down_leaves_nothing_tagged(moto: MotoServer, tmp_path: Path) -> None:
     assert all(m.agent_url == f"http://{addresses[m.id]}:{DEFAULT_PORT}" for m in stays)
     assert provider.down("gone") == 0  # idempotent
     # "gone" and "stays" came from one address and share its security group: it stays while "stays" runs.
-    (group_id,) = _template_data(ec2, "stays")["SecurityGroupIds"]
+    (group_id,) = template_data(ec2, "stays")["SecurityGroupIds"]
     assert ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     assert provider.down("stays") == 2
     by_owner = [{"Name": "tag:rawvm:owner", "Values": ["tester"]}]
@@ -390,7 +390,7 @@ def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServ
         "CreateFleet",
     ]
     ec2 = provider.client("ec2", REGION)
-    (group_id,) = _template_data(ec2, "again")["SecurityGroupIds"]
+    (group_id,) = template_data(ec2, "again")["SecurityGroupIds"]
     (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     assert [ip["CidrIp"] for r in group["IpPermissions"] for ip in r["IpRanges"]] == ["198.51.100.9/32"]
     assert provider.down("again") == 3
@@ -425,11 +425,11 @@ def test_ssh_opens_port_22_to_the_caller_only_when_asked(moto: MotoServer, tmp_p
     provider.ssh_key_name = "my-key"
     provider.launch(make_spec(tmp_path, "ssh", 1, cpu=2))
     ec2 = provider.client("ec2", REGION)
-    (group_id,) = _template_data(ec2, "ssh")["SecurityGroupIds"]
+    (group_id,) = template_data(ec2, "ssh")["SecurityGroupIds"]
     (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
     assert sorted(r["FromPort"] for r in group["IpPermissions"]) == [22, DEFAULT_PORT]
     assert all(ip["CidrIp"] == f"{CALLER_IP}/32" for r in group["IpPermissions"] for ip in r["IpRanges"])
-    assert _template_data(ec2, "ssh")["KeyName"] == "my-key"
+    assert template_data(ec2, "ssh")["KeyName"] == "my-key"
 
 
 def test_spot_only_shortfall_releases_what_started_and_says_what_was_tried(moto: MotoServer, tmp_path: Path) -> None:
@@ -454,14 +454,14 @@ def test_gpu_and_arm_launches_boot_the_matching_public_images(moto: MotoServer, 
     ec2 = provider.client("ec2", REGION)
     gpu = make_spec(tmp_path, "gpu", 1, gpu=True)
     (machine,) = provider.launch(gpu)
-    assert _template_data(ec2, "gpu")["ImageId"] == seeded[GPU_PARAMETERS["x86_64"]]
+    assert template_data(ec2, "gpu")["ImageId"] == seeded[GPU_PARAMETERS["x86_64"]]
     assert provider.instance_types(REGION) and machine.instance_type in {
         t.name for t in provider.instance_types(REGION) if t.gpus
     }
     arm = make_spec(tmp_path, "arm", 1, arm=True)
     assert provider.target_platform(arm) == "linux-aarch64"
     provider.launch(arm)
-    assert _template_data(ec2, "arm")["ImageId"] == seeded[UBUNTU_PARAMETERS["aarch64"]]
+    assert template_data(ec2, "arm")["ImageId"] == seeded[UBUNTU_PARAMETERS["aarch64"]]
     # An explicit Graviton type means aarch64 even without --arm.
     assert provider.target_platform(make_spec(tmp_path, "x", 1, vm_type="c7g.large")) == "linux-aarch64"
     assert provider.target_platform(make_spec(tmp_path, "x", 1, vm_type="c7i.large")) == "linux-x86_64"
@@ -484,7 +484,7 @@ def test_down_waits_out_a_security_group_still_in_use(moto: MotoServer, tmp_path
 
     def in_use(request: Any, **kwargs: Any) -> AWSResponse | None:
         answered.append(1)
-        return _xml_response(request, 400, body) if len(answered) == 1 else None
+        return xml_response(request, 400, body) if len(answered) == 1 else None
 
     ec2.meta.events.register("before-send.ec2.DeleteSecurityGroup", in_use)
     assert provider.down("busy") == 2
@@ -511,7 +511,7 @@ def test_a_failing_fallback_fleet_releases_the_spot_machines(moto: MotoServer, t
     def on_demand_refused(request: Any, **kwargs: Any) -> AWSResponse | None:
         sent = request.body if isinstance(request.body, bytes) else str(request.body).encode()
         wants_on_demand = b"DefaultTargetCapacityType=on-demand" in sent
-        return _xml_response(request, 400, body) if wants_on_demand else None
+        return xml_response(request, 400, body) if wants_on_demand else None
 
     ec2.meta.events.register("before-send.ec2.CreateFleet", on_demand_refused)
     with pytest.raises(RawvmError) as info:

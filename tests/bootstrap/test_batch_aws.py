@@ -20,7 +20,7 @@ from rawvm.batches import plan as batch_plan
 from rawvm_agent.batch import BatchSpec
 
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, record_calls
-from tests.bootstrap.test_aws_provider import SpotShortage, _mutating, _template_data, make_provider, make_spec
+from tests.bootstrap.test_aws_provider import SpotShortage, make_provider, make_spec, mutating_calls, template_data
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +53,8 @@ def test_a_1000_task_batch_on_100_machines_is_one_launch_with_small_user_data(tm
         launched = provider.launch(machine_spec)
 
         assert len(launched) == 100
-        assert _mutating(log.calls) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet"]
-        raw = base64.b64decode(_template_data(ec2, "big-batch")["UserData"])
+        assert mutating_calls(log.calls) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet"]
+        raw = base64.b64decode(template_data(ec2, "big-batch")["UserData"])
         assert len(raw) <= 16 * 1024 and USER_DATA_LIMIT == 16 * 1024
         text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
         files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}

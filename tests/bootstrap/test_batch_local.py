@@ -180,7 +180,7 @@ def wait_some_results(cluster: str, machine: str, count: int, timeout: float = 1
     deadline = time.monotonic() + timeout
     while True:
         record = clusters.load(cluster)
-        live = session.run_sync(batches._poll(record))
+        live = session.run_sync(batches.poll_agents(record))
         if machine in live and len(live[machine]["results"]) >= count:
             return
         assert time.monotonic() < deadline, "no results yet"

@@ -18,7 +18,7 @@ from rawvm.options import LaunchOptions
 from rawvm_agent import DEFAULT_PORT
 
 from tests.bootstrap.test_aws_moto import CALLER_IP, REGION, MotoServer
-from tests.bootstrap.test_aws_provider import _template_data, make_provider
+from tests.bootstrap.test_aws_provider import make_provider, template_data
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
         launched = fleet._launch_sync(3, "", "dask-moto")  # the scheduler's machine and two workers', one launch
         ec2 = provider.client("ec2", REGION)
 
-        (group_id,) = _template_data(ec2, "dask-moto")["SecurityGroupIds"]
+        (group_id,) = template_data(ec2, "dask-moto")["SecurityGroupIds"]
         (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
         from_caller = sorted(
             (r["FromPort"], r["ToPort"], ip["CidrIp"]) for r in group["IpPermissions"] for ip in r.get("IpRanges", [])
@@ -58,7 +58,7 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
         assert not any(r.get("Ipv6Ranges") or r.get("PrefixListIds") for r in group["IpPermissions"])
 
         # the TLS files travel as a staged bundle file (sha256 in agent.toml), never in the user-data
-        raw = base64.b64decode(_template_data(ec2, "dask-moto")["UserData"])
+        raw = base64.b64decode(template_data(ec2, "dask-moto")["UserData"])
         user_data = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
         assert ARCHIVE_NAME in user_data
         assert fleet.tls.node_key.read_text().splitlines()[1] not in user_data

@@ -159,15 +159,15 @@ def test_a_second_call_within_keepalive_reuses_the_machines(work: ModuleType) ->
     assert {s["machine_id"]: s["started_at"] for s in _agent_status(cluster)} == before  # no new agent
     # A new process (here: a fresh function with an empty pool table) finds the warm cluster through the
     # state dir: no lock, no launch.
-    saved = dict(function_pool._pools)
-    function_pool._pools.clear()
+    saved = dict(function_pool.POOLS)
+    function_pool.POOLS.clear()
     try:
         again = rawvm.function(n=3, keepalive="60s", source="requirements.txt")(work.square.fn)
         assert again.map([7, 8]) == [49, 64]
         assert again.cluster == cluster and again.launches == 0
     finally:
-        function_pool._pools.clear()
-        function_pool._pools.update(saved)
+        function_pool.POOLS.clear()
+        function_pool.POOLS.update(saved)
 
 
 async def test_a_call_from_inside_a_running_event_loop(work: ModuleType) -> None:

@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rawvm.functions.pool import RemoteError, RemoteTraceback, decode_result
 from rawvm.functions.remote import RemoteFunction
-from rawvm_agent.call_worker import ERROR, LOST, OK, REFERENCE, FrameError, _run_call, pack, unpack
-from rawvm_resolver.api import _add_extra_requirements
+from rawvm_agent.call_worker import ERROR, LOST, OK, REFERENCE, FrameError, pack, run_call, unpack
+from rawvm_resolver.api import add_extra_requirements
 from rawvm_resolver.environment import Distribution, Environment, SourcePlatform
 from rawvm_resolver.translate import Plan
 
@@ -62,7 +62,7 @@ def test_a_decorated_function_of_the_project_travels_by_reference(project_module
     assert isinstance(double, RemoteFunction)
     assert cloudpickle.loads(double._pickled_function()) == (REFERENCE, "unitwork", "double")
     # The worker resolves it by importing the module, and unwraps the decorator.
-    status, payload = _run_call(cloudpickle, cloudpickle.dumps((double._pickled_function(), (21,), {})), {})
+    status, payload = run_call(cloudpickle, cloudpickle.dumps((double._pickled_function(), (21,), {})), {})
     assert (status, cloudpickle.loads(payload)) == (OK, 42)
 
 
@@ -81,7 +81,7 @@ def test_a_worker_reports_an_exception_with_its_traceback_even_when_it_does_not_
     def fails() -> None:
         raise Local("boom")
 
-    status, payload = _run_call(cloudpickle, cloudpickle.dumps((cloudpickle.dumps(fails), (), {})), {})
+    status, payload = run_call(cloudpickle, cloudpickle.dumps((cloudpickle.dumps(fails), (), {})), {})
     assert status == ERROR
     ok, exc = decode_result(cloudpickle.loads, status, payload)
     assert not ok and isinstance(exc, RemoteError) and "Local: boom" in str(exc)
@@ -114,12 +114,12 @@ def test_extra_requirements_are_added_only_when_the_environment_lacks_them() -> 
         origin="test", kind="environment", platform=platform, distributions=(Distribution("cloudpickle", "2.2.1"),)
     )
     plan = Plan(requirements={"cloudpickle": "cloudpickle==2.2.1"})
-    _add_extra_requirements(plan, env, [("cloudpickle==3.1.3", "why"), ("Humanize>=4", "asked for")])
+    add_extra_requirements(plan, env, [("cloudpickle==3.1.3", "why"), ("Humanize>=4", "asked for")])
     assert plan.requirements == {"cloudpickle": "cloudpickle==2.2.1", "humanize": "Humanize>=4"}
     assert plan.rows["humanize"].action == "added" and plan.rows["humanize"].reason == "asked for"
     assert "cloudpickle" not in plan.rows  # the environment keeps its own version
     with pytest.raises(Exception, match="not a requirement"):
-        _add_extra_requirements(plan, env, [("not a requirement!", "why")])
+        add_extra_requirements(plan, env, [("not a requirement!", "why")])
 
 
 def test_on_a_machine_the_decorator_leaves_the_function_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ from rawvm.providers.base import Machine, MachineSpec
 
 from tests import reliability
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, session
-from tests.bootstrap.test_aws_provider import SpotShortage, _throttle_response, _xml_response, make_provider, make_spec
+from tests.bootstrap.test_aws_provider import SpotShortage, make_provider, make_spec, throttle_response, xml_response
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -137,7 +137,7 @@ def no_capacity_anywhere(request: Any, **kwargs: Any) -> AWSResponse:
         f"<requestId>r</requestId><fleetId>fleet-0</fleetId><errorSet>{''.join(items)}</errorSet>"
         "<fleetInstanceSet/></CreateFleetResponse>"
     )
-    return _xml_response(request, 200, xml.encode())
+    return xml_response(request, 200, xml.encode())
 
 
 def test_no_capacity_for_any_type_is_one_clear_error_and_nothing_is_left(moto: MotoServer, tmp_path: Path) -> None:
@@ -175,7 +175,7 @@ def test_request_limit_exceeded_bursts_still_give_a_full_fleet_and_a_clean_down(
         if operation.startswith(("Describe", "Get")) or throttled[operation] >= 2:
             return None
         throttled[operation] += 1  # the operation's first two attempts: a burst of RequestLimitExceeded
-        return _throttle_response(request)
+        return throttle_response(request)
 
     provider.client("ec2", REGION).meta.events.register("before-send.ec2", burst)
     machines = stage_and_launch(provider, make_spec(tmp_path, "throttled", 6, cpu=2), tmp_path)
@@ -230,9 +230,9 @@ class FaultInjector:
         self.injected[f"refused {operation}"] += 1
         message = b"<Message>injected fault: refused before it was sent</Message>"
         if service == "s3":
-            return _xml_response(request, 400, b"<Error><Code>InjectedFault</Code>" + message + b"</Error>")
+            return xml_response(request, 400, b"<Error><Code>InjectedFault</Code>" + message + b"</Error>")
         body = b"<Response><Errors><Error><Code>InjectedFault</Code>" + message + b"</Error></Errors></Response>"
-        return _xml_response(request, 400, body)
+        return xml_response(request, 400, body)
 
     def after_call(self, event_name: str, **kwargs: Any) -> None:
         if not self.armed or self.rng.random() >= self.rate / 2:

@@ -115,7 +115,7 @@ def load_record(cluster: str) -> BatchRecord:
 # -- results: from the sink and from live agents ------------------------------------------------------------
 
 
-async def _poll(record: clusters.ClusterRecord, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
+async def poll_agents(record: clusters.ClusterRecord, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
     """Each answering machine's batch status and results: ``{mid: {"status": ..., "results": [...]}}``."""
     import aiohttp
 
@@ -157,7 +157,7 @@ def status(cluster: str) -> BatchStatus:
     silent: set[str] = set()
     if clusters.exists(brec.cluster):
         crec = clusters.load(brec.cluster)
-        live = run_sync(_poll(crec))
+        live = run_sync(poll_agents(crec))
         silent = _alive_silent(crec, set(live))
     return merge_status(brec, results, live, silent)
 

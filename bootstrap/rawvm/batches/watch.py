@@ -119,7 +119,7 @@ async def watch(launched: Launched, spec: BatchSpec) -> tuple[dict[int, dict[str
             await wait_ready(agents, provider, record, view, launched.ready_timeout_s)
         finally:
             view.close()
-        watcher = _Watcher(spec, clients, {m.short_id: m for m in record.machines}, provider.alive)
+        watcher = Watcher(spec, clients, {m.short_id: m for m in record.machines}, provider.alive)
         watcher.cluster, watcher.fetch = record.name, lambda: sinks.fetch_flushes(record.name, provider)
         progress = BatchProgress(len(spec.ids), sys.stderr)
         try:
@@ -135,7 +135,7 @@ async def watch(launched: Launched, spec: BatchSpec) -> tuple[dict[int, dict[str
     return watcher.results, lost
 
 
-class _Watcher:
+class Watcher:
     def __init__(
         self,
         spec: BatchSpec,

@@ -463,21 +463,21 @@ class Pool:
 
 # -- pools of this process ----------------------------------------------------------------------------------------
 
-_pools: dict[str, Pool] = {}
+POOLS: dict[str, Pool] = {}  # live pools by reuse key, one per key in this process (tests clear it)
 _pools_lock = threading.Lock()
 
 
 def pool_for(key: str, options: PoolOptions, project_dir: Path) -> Pool:
     with _pools_lock:
-        if key not in _pools:
-            _pools[key] = Pool(key, options, project_dir)
-        return _pools[key]
+        if key not in POOLS:
+            POOLS[key] = Pool(key, options, project_dir)
+        return POOLS[key]
 
 
 def forget(pool: Pool) -> None:
     with _pools_lock:
-        if _pools.get(pool.key) is pool:
-            del _pools[pool.key]
+        if POOLS.get(pool.key) is pool:
+            del POOLS[pool.key]
     _key_path(pool.key).unlink(missing_ok=True)
 
 
@@ -486,7 +486,7 @@ def _close_all() -> None:
         return
 
     async def close() -> None:
-        await asyncio.gather(*(p.close() for p in list(_pools.values())), return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in list(POOLS.values())), return_exceptions=True)
 
     with contextlib.suppress(Exception):
         asyncio.run_coroutine_threadsafe(close(), _loop).result(timeout=5)
