@@ -1,5 +1,5 @@
 """The front door: typed public functions with flat keyword arguments (as ``httpx.request`` has), each building
-its options once (``LaunchOptions.of``) and handing them to the layer that does the work.
+its options once (``launch_options``) and handing them to the layer that does the work.
 
 ``rawvm.run``, ``up``, ``ls``, ``logs``, ``down``, ``batch``, ``dask_cluster`` and ``function`` are these.
 The machine options mean the same everywhere; see ``rawvm.options`` for each one's documentation.
@@ -12,13 +12,77 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rawvm import commands
-from rawvm.commands import ClusterView, RunResult, down, logs, ls, ls_json
-from rawvm.options import DEFAULT_KEEPALIVE, DEFAULT_MAX_LIFETIME, MAX_COST_NOT_GIVEN, LaunchOptions
+
+# ls, logs and down take no launch options: the commands layer's own functions are the public ones
+from rawvm.commands import ClusterView as ClusterView
+from rawvm.commands import RunResult as RunResult
+from rawvm.commands import down as down
+from rawvm.commands import logs as logs
+from rawvm.commands import ls as ls
+from rawvm.commands import ls_json as ls_json
+from rawvm.options import (
+    DEFAULT_KEEPALIVE,
+    DEFAULT_MAX_LIFETIME,
+    MAX_COST_NOT_GIVEN,
+    CostCap,
+    Environment,
+    LaunchOptions,
+    Lifetime,
+    MachineRequest,
+    check_ca_certs,
+)
 
 if TYPE_CHECKING:
     from rawvm.batches.array import BatchResult
     from rawvm.clusters import ClusterRecord
     from rawvm.dask.cluster import RawvmCluster
+
+
+def launch_options(
+    *,
+    provider: str = "local",
+    n: int = 1,
+    vm_type: str = "",
+    cpu: int = 0,
+    memory: float = 0,
+    gpu: bool = False,
+    arm: bool = False,
+    region: str = "",
+    spot_policy: str = "on-demand",
+    extra_ca_certs: Sequence[str | Path] = (),
+    keepalive: str | float = DEFAULT_KEEPALIVE,
+    max_lifetime: str | float = DEFAULT_MAX_LIFETIME,
+    source: str | Path | None = None,
+    pypi_only: bool = False,
+    max_cost: float | str | None = MAX_COST_NOT_GIVEN,
+    max_cost_action: str = "",
+    cluster: str | None = None,
+    keepalive_flag: str = "--keepalive",
+    lifetime_flag: str = "--max-lifetime",
+) -> LaunchOptions:
+    """The one place where the flat options of the front door and of the CLI's flags become a checked
+    ``LaunchOptions``; each argument is documented on the field it fills (``rawvm.options``)."""
+    request = MachineRequest(
+        provider=provider,
+        n=n,
+        vm_type=vm_type,
+        cpu=cpu,
+        memory=float(memory),
+        gpu=gpu,
+        arm=arm,
+        region=region,
+        spot_policy=spot_policy,
+        extra_ca_certs=check_ca_certs(extra_ca_certs),
+    )
+    lifetime = Lifetime.parse(keepalive, max_lifetime, keepalive_flag=keepalive_flag, lifetime_flag=lifetime_flag)
+    return LaunchOptions(
+        request=request,
+        lifetime=lifetime,
+        environment=Environment(source=source, pypi_only=pypi_only),
+        cost=CostCap(max_cost=max_cost, action=max_cost_action),
+        cluster=cluster,
+    )
+
 
 BATCH_KEEPALIVE = "2m"  # a batch's machines are done when its tasks are: a short keepalive by default
 FUNCTION_KEEPALIVE = "30s"  # a function's machines are kept warm between calls of one script, no longer
@@ -58,7 +122,7 @@ def run(
     Over the cap the launch is refused, or with ``max_cost_action="shorten"`` the lifetimes are lowered to fit.
     The task's stdout goes to ``output`` (default: sys.stdout), its stderr to ``error_output``.
     """
-    options = LaunchOptions.of(
+    options = launch_options(
         provider=provider,
         n=n,
         vm_type=vm_type,
@@ -102,7 +166,7 @@ def up(
 ) -> ClusterRecord:
     """Launch machines and wait until every one is ready; returns the cluster's record. Options as in ``run``."""
     return commands.up(
-        LaunchOptions.of(
+        launch_options(
             provider=provider,
             n=n,
             vm_type=vm_type,
@@ -159,7 +223,7 @@ def batch(
     Machine options as in ``run``."""
     from rawvm.batches.array import run_batch
 
-    options = LaunchOptions.of(
+    options = launch_options(
         provider=provider,
         n=n,
         vm_type=vm_type,
@@ -223,7 +287,7 @@ def dask_cluster(
     """
     from rawvm.dask.cluster import make_cluster
 
-    options = LaunchOptions.of(
+    options = launch_options(
         provider=provider,
         n=max(1, n),  # the scheduler's machine at least; make_cluster checks n itself
         vm_type=vm_type,
@@ -279,7 +343,7 @@ def function(
 
     if remote.on_a_machine():
         return fn if fn is not None else (lambda f: f)
-    options = LaunchOptions.of(
+    options = launch_options(
         provider=provider,
         n=n,
         vm_type=vm_type,
@@ -297,18 +361,3 @@ def function(
         lifetime_flag="max_lifetime",
     )
     return remote.remote_function(fn, options, packages=packages, slots=slots)
-
-
-__all__ = [
-    "ClusterView",
-    "RunResult",
-    "batch",
-    "dask_cluster",
-    "down",
-    "function",
-    "logs",
-    "ls",
-    "ls_json",
-    "run",
-    "up",
-]

@@ -2,7 +2,7 @@
 
 The same machine options reach rawvm from five doors (``rawvm run``/``up``/``batch run``/``dask up`` flags, and
 ``rawvm.run``/``up``/``batch``/``dask_cluster``/``function``). Each door builds these objects in one call
-(``LaunchOptions.of`` here, ``cli.flags.launch_options`` on the command line); everything below the front door
+(``rawvm.api.launch_options``, which the CLI's flags feed too); everything below the front door
 takes the objects, never the loose values. A bad value fails in ``__post_init__`` with one line naming the flag.
 """
 
@@ -92,7 +92,7 @@ class MachineRequest:
     """``on-demand``, ``spot``, or ``spot_with_fallback`` (spot first, the shortfall on demand)."""
 
     extra_ca_certs: tuple[Path, ...] = ()
-    """PEM files of CAs the machines must trust (TLS-intercepting proxies); ``LaunchOptions.of`` checks them."""
+    """PEM files of CAs the machines must trust (TLS-intercepting proxies); ``api.launch_options`` checks them."""
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -208,52 +208,6 @@ class LaunchOptions:
     cost: CostCap = dataclasses.field(default_factory=CostCap)
     cluster: str | None = None
     """The cluster's name (lowercase letters, digits, dashes); None: a fresh ``rawvm-xxxxxx``."""
-
-    @classmethod
-    def of(
-        cls,
-        *,
-        provider: str = "local",
-        n: int = 1,
-        vm_type: str = "",
-        cpu: int = 0,
-        memory: float = 0,
-        gpu: bool = False,
-        arm: bool = False,
-        region: str = "",
-        spot_policy: str = "on-demand",
-        extra_ca_certs: Sequence[str | Path] = (),
-        keepalive: str | float = DEFAULT_KEEPALIVE,
-        max_lifetime: str | float = DEFAULT_MAX_LIFETIME,
-        source: str | Path | None = None,
-        pypi_only: bool = False,
-        max_cost: float | str | None = MAX_COST_NOT_GIVEN,
-        max_cost_action: str = "",
-        cluster: str | None = None,
-        keepalive_flag: str = "--keepalive",
-        lifetime_flag: str = "--max-lifetime",
-    ) -> LaunchOptions:
-        """The one place where the flat options of the front door and the CLI become the objects above."""
-        request = MachineRequest(
-            provider=provider,
-            n=n,
-            vm_type=vm_type,
-            cpu=cpu,
-            memory=float(memory),
-            gpu=gpu,
-            arm=arm,
-            region=region,
-            spot_policy=spot_policy,
-            extra_ca_certs=check_ca_certs(extra_ca_certs),
-        )
-        lifetime = Lifetime.parse(keepalive, max_lifetime, keepalive_flag=keepalive_flag, lifetime_flag=lifetime_flag)
-        return cls(
-            request=request,
-            lifetime=lifetime,
-            environment=Environment(source=source, pypi_only=pypi_only),
-            cost=CostCap(max_cost=max_cost, action=max_cost_action),
-            cluster=cluster,
-        )
 
     def replace(self, **changes: Any) -> LaunchOptions:
         return dataclasses.replace(self, **changes)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 from rawvm import launch as launching
-from rawvm.api import down
+from rawvm.api import down, launch_options
 from rawvm.dask.cluster import Fleet
 from rawvm.dask.options import DaskOptions
 from rawvm.dask.procs import ARCHIVE_NAME, DASHBOARD_PORT, PEER_PORTS, SCHEDULER_PORT, scheduler_place
-from rawvm.options import LaunchOptions
 from rawvm_agent import DEFAULT_PORT
 
 from tests.bootstrap.test_aws_moto import CALLER_IP, REGION, MotoServer
@@ -33,7 +32,7 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
     with MotoServer() as moto:
         provider = make_provider(moto, tmp_path)
         monkeypatch.setattr(launching, "get_provider", lambda name, **options: provider)
-        launch = LaunchOptions.of(provider="aws", cpu=2, region=REGION, source="requirements.txt")
+        launch = launch_options(provider="aws", cpu=2, region=REGION, source="requirements.txt")
         options = DaskOptions(name="dask-moto", launch=launch)
         fleet = Fleet(options, tmp_path / "state" / "dask" / "dask-moto")
         launched = fleet._launch_sync(3, "", "dask-moto")  # the scheduler's machine and two workers', one launch

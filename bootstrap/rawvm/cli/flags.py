@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from rawvm.options import PROVIDERS, LaunchOptions
 
@@ -64,24 +65,12 @@ def machine_flags(
 
 
 def launch_options(args: argparse.Namespace, *, n: int | None = None) -> LaunchOptions:
-    """The options the shared flags say (checked: a bad value is one line naming its flag); ``n`` overrides
-    ``-n`` where it counts something else (a Dask cluster's workers, which may be 0)."""
-    return LaunchOptions.of(
-        provider=args.provider,
-        n=args.n if n is None else n,
-        vm_type=args.vm_type,
-        cpu=args.cpu,
-        memory=args.memory,
-        gpu=args.gpu,
-        arm=args.arm,
-        region=args.region,
-        spot_policy=args.spot_policy,
-        extra_ca_certs=args.extra_ca_certs,
-        keepalive=args.keepalive,
-        max_lifetime=args.max_lifetime,
-        source=args.source,
-        pypi_only=args.pypi_only,
-        max_cost=args.max_cost,
-        max_cost_action=args.max_cost_action,
-        cluster=args.cluster,
-    )
+    """The options the shared flags say, through the front door's one builder (so a bad value is the same one
+    line from the CLI and from Python); ``n`` overrides ``-n`` where it counts something else (a Dask cluster's
+    workers, which may be 0). The flags' names are the builder's parameters: nothing lists them twice."""
+    from rawvm.api import launch_options as build
+
+    values = {name: getattr(args, name) for name in inspect.signature(build).parameters if hasattr(args, name)}
+    if n is not None:
+        values["n"] = n
+    return build(**values)
