@@ -98,12 +98,12 @@ def test_a_bad_header_line_names_the_script(tmp_path: Path) -> None:
 def test_progress_counts_stay_consistent_when_a_task_ends_between_two_reads() -> None:
     """The watch reads a machine's status, then its results: a task can be running in the first and done in the
     second. Its result wins, so the counts still add up to the number of tasks."""
-    from rawvm.batches.watch import BatchProgress, _Watcher
+    from rawvm.batches.watch import BatchProgress, Watcher
 
     spec = batch_plan.make_spec(
         ["true"], [0, 1, 2, 3], None, machines=1, tasks_per_machine=2, max_retries=0, task_timeout_s=0, gpu=False
     )
-    watcher = _Watcher(spec, {}, {}, None)
+    watcher = Watcher(spec, {}, {}, None)
     watcher.results = {i: {"id": i, "state": "done"} for i in range(4)}
     watcher.running = {"m0": {3}}
     assert watcher.counts() == {"done": 4, "failed": 0, "running": 0, "queued": 0}

@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from rawvm import api
-from rawvm.agent.client import AgentClient, AgentError
-from rawvm.batches.array import BatchClient, BatchStatus, newest, sink_results
+from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
+from rawvm.batches.array import BatchStatus, newest, sink_results
 from rawvm.batches.plan import compress_ids
 from rawvm.errors import RawvmError
 from rawvm.progress import make_progress
@@ -68,9 +68,9 @@ class BatchProgress:
             self._rich.stop()
 
 
-def _clients(launched: api._Launched, session: Any) -> dict[str, BatchClient]:
+def _clients(launched: api._Launched, session: AgentSession) -> dict[str, AgentClient]:
     record = launched.record
-    return {api._short(m): BatchClient(m.agent_url, record.token, session=session) for m in record.machines}
+    return {m.short_id: AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
 
 
 def _needs_share(launched: api._Launched) -> bool:
@@ -84,11 +84,9 @@ async def hand_out_shares(launched: api._Launched) -> None:
     not for their installs)."""
     if not _needs_share(launched):
         return
-    import aiohttp
-
     timeout = float(getattr(launched.provider, "ready_timeout_s", 1800.0))
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
         pending = dict(enumerate(_clients(launched, session).items()))
         while pending:
             for index, (_, client) in list(pending.items()):
@@ -106,18 +104,15 @@ async def hand_out_shares(launched: api._Launched) -> None:
 
 async def watch(launched: api._Launched, spec: BatchSpec) -> tuple[dict[int, dict[str, Any]], set[int]]:
     """Follow the round until every id has a final result, or no machine is left; (results, lost ids)."""
-    import aiohttp
-
     record, provider = launched.record, launched.provider
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
         clients = _clients(launched, session)
         view = make_progress(sys.stderr)
         try:
-            agents: dict[str, AgentClient] = dict(clients)
-            await api._wait_ready(agents, provider, record, view, launched.ready_timeout_s)
+            await api._wait_ready(clients, provider, record, view, launched.ready_timeout_s)
         finally:
             view.close()
-        watcher = _Watcher(spec, clients, {api._short(m): m for m in record.machines}, getattr(provider, "alive", None))
+        watcher = Watcher(spec, clients, {m.short_id: m for m in record.machines}, getattr(provider, "alive", None))
         watcher.cluster, watcher.fetch = record.name, lambda: api.fetch_flushes(record.name, provider)
         progress = BatchProgress(len(spec.ids), sys.stderr)
         try:
@@ -133,11 +128,13 @@ async def watch(launched: api._Launched, spec: BatchSpec) -> tuple[dict[int, dic
     return watcher.results, lost
 
 
-class _Watcher:
+class Watcher:
+    """The round as the watch sees it: each machine's results, running ids and share, and the dead ones'."""
+
     def __init__(
         self,
         spec: BatchSpec,
-        clients: dict[str, BatchClient],
+        clients: dict[str, AgentClient],
         machines: dict[str, Machine],
         alive: Callable[[Machine], bool] | None,
     ) -> None:
