@@ -222,7 +222,8 @@ class Pool:
         return self._session
 
     def _agent(self, machine: _Machine) -> AgentClient:
-        """The machine's agent, on the pool's one session."""
+        """The machine's agent on the pool's one session; its timeout is the status check's (the call routes
+        carry their own)."""
         assert self.record is not None
         return AgentClient(machine.url, self.record.token, session=self._http(), timeout=STATUS_TIMEOUT_S)
 
