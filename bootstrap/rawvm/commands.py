@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from rawvm import clusters, costs, sinks
-from rawvm.agent.client import AgentClient, AgentError
+from rawvm.agent.client import AgentClient, AgentError, agent_session
 from rawvm.errors import RawvmError
 from rawvm.launch import launch
 from rawvm.options import LaunchOptions, check_command
@@ -177,10 +177,8 @@ async def machine_logs(
 
 async def all_logs(record: clusters.ClusterRecord, follow: bool, output: TextIO, error_output: TextIO) -> int:
     """Every machine's latest task output; stopped machines from their flushes. 1 when none answered."""
-    import aiohttp
-
     many = len(record.machines) > 1
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
         agents = clients(record, session)
         answered = await asyncio.gather(
             *(
@@ -252,9 +250,7 @@ FLUSH_WAIT_S = 60.0
 async def shutdown_all(record: clusters.ClusterRecord, flush_wait: float = FLUSH_WAIT_S) -> None:
     """Ask every agent to stop, then give each up to ``flush_wait`` to flush its logs and telemetry to the sink
     (phase ``off``, or no answer any more) before the provider ends the machines: ending them at once lost it."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
         clients = [AgentClient(m.agent_url, record.token, session=session, timeout=5) for m in record.machines]
         asked = []
         for client in clients:

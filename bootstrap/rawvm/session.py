@@ -19,7 +19,7 @@ from typing import Any, TextIO, TypeVar
 from rawvm_agent.durations import format_duration
 
 from rawvm import clusters, costs
-from rawvm.agent.client import AgentClient, AgentError
+from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import FREE_PROVIDERS, get_provider
@@ -61,7 +61,7 @@ def provider_of(record: clusters.ClusterRecord) -> Provider:
     return get_provider(record.provider, **record.provider_options)
 
 
-def clients(record: clusters.ClusterRecord, session: Any) -> dict[str, AgentClient]:
+def clients(record: clusters.ClusterRecord, session: AgentSession) -> dict[str, AgentClient]:
     """One agent client per machine of ``record``, by short id (``m0``), sharing ``session``."""
     return {m.short_id: AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
 
@@ -160,11 +160,9 @@ async def ready_and_run(
     launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO
 ) -> tuple[int, dict[str, float]]:
     """Wait until every machine serves, then (with ``argv``) run it on each; the largest exit code, and timings."""
-    import aiohttp
-
     timings: dict[str, float] = {}
     record = launched.record
-    async with aiohttp.ClientSession() as http:
+    async with agent_session() as http:
         agents = clients(record, http)
         view = make_progress(sys.stderr)
         mark = time.monotonic()

@@ -1,41 +1,100 @@
-"""A client for the agent API (Contract 4 in docs/architecture.md), over aiohttp with the bearer token."""
+"""The one client for the agent API (Contract 4 in docs/architecture.md), over aiohttp with the bearer token.
+
+Every laptop-side caller (the front door, ``rawvm top``, ``rawvm report``, batches, functions, Dask) talks to
+agents through ``AgentClient``, on a session made by ``agent_session``. The bearer header and the ``ssl=``
+argument of a request are built here and nowhere else, so a change to how the laptop authenticates to an agent
+(or checks the agent's certificate) is made in this module alone.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json as jsonlib
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeAlias
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from rawvm.errors import RawvmError
 
 TERMINAL_TASK_STATES = frozenset({"exited", "failed", "killed", "interrupted", "lost", "done"})
+HEALTHZ_TIMEOUT_S = 5.0
+CALLS_TIMEOUT_S = 120.0  # one batch of calls: the agent reads up to 64 MiB before it answers
+RESULTS_GRACE_S = 30.0  # a results long poll may take this much longer than the wait it asked for
+FOLLOW_CONNECT_TIMEOUT_S = 10.0
+
+# Callers hold sessions under this name, so none of them needs aiohttp's types.
+AgentSession: TypeAlias = aiohttp.ClientSession
+
+
+def agent_session(*, connections: int = 100, per_host: int = 0, keepalive_s: float = 15.0) -> AgentSession:
+    """A session for agent clients to share: at most ``connections`` open at once, ``per_host`` to one agent
+    (0: no limit), idle ones kept ``keepalive_s``. The defaults are aiohttp's own."""
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=per_host, keepalive_timeout=keepalive_s)
+    return aiohttp.ClientSession(connector=connector)
 
 
 class AgentError(RawvmError):
     """The agent answered with an error, or could not be reached."""
 
+    def __init__(self, message: str, *, status: int | None = None, reason: str = "", no_answer: str = "") -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of the agent's error answer; None when no answer came
+        self.reason = reason or message  # the agent's error text or the transport's words, without the context
+        self.no_answer = no_answer  # why no answer came, in a few words ("timed out"); "" if unknown or answered
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    headers: CIMultiDictProxy[str]
+
+    def json(self) -> Any:
+        """The body as JSON (None when empty, as aiohttp reads it); a ValueError when it is not JSON."""
+        return jsonlib.loads(self.body) if self.body.strip() else None
+
+    def error_text(self) -> str:
+        """The agent's ``{"error": ...}`` text of an error answer, "" when it has none."""
+        with contextlib.suppress(ValueError):
+            body = self.json()
+            if isinstance(body, dict):
+                return str(body.get("error", ""))
+        return ""
+
+
+def _why_no_answer(exc: BaseException) -> str:
+    """A few words on a transport failure, as ``rawvm top`` shows them."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connection refused" if "refused" in str(exc).lower() else ""
+    return type(exc).__name__
+
 
 class AgentClient:
-    """One agent. Use ``async with AgentClient(url, token) as agent: ...`` or pass a shared session."""
+    """One agent. Use ``async with AgentClient(url, token) as agent: ...``, or pass a shared ``agent_session()``."""
 
     def __init__(
         self,
         base_url: str,
         token: str,
         *,
-        session: aiohttp.ClientSession | None = None,
+        session: AgentSession | None = None,
         timeout: float = 30.0,
+        connect_timeout: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}"}
+        self._token = token
         self._session = session
         self._own_session = session is None
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
 
     async def __aenter__(self) -> AgentClient:
@@ -47,46 +106,144 @@ class AgentClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the session if this client made it (a shared one stays open)."""
         if self._own_session and self._session is not None:
             await self._session.close()
             self._session = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    # -- the transport: the only code that builds a request ---------------------------------------------------
+
+    def _get_session(self) -> AgentSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = agent_session()
         return self._session
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        data: bytes | None = None,
+        accept: str = "",
+        timeout: aiohttp.ClientTimeout | None = None,
+        authorized: bool = True,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The request's response, open for reading; ``/healthz`` goes without the token."""
+        headers = {"Authorization": f"Bearer {self._token}"} if authorized else {}
+        if accept:
+            headers["Accept"] = accept
+        async with self._get_session().request(
+            method,
+            self.base_url + path,
+            params=params,
+            json=json,
+            data=data,
+            headers=headers,
+            timeout=timeout or self._timeout,
+            ssl=self._ssl,
+        ) as resp:
+            yield resp
+
+    def _unreachable(self, exc: BaseException) -> AgentError:
+        words = str(exc) or type(exc).__name__
+        return AgentError(
+            f"cannot reach the agent at {self.base_url}: {words}", reason=words, no_answer=_why_no_answer(exc)
+        )
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        data: bytes | None = None,
+        accept: str = "",
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> _Answer:
+        """One request with its whole answer read, whatever its status; no answer raises AgentError."""
+        try:
+            async with self._open(
+                method, path, params=params, json=json, data=data, accept=accept, timeout=timeout
+            ) as resp:
+                return _Answer(resp.status, await resp.read(), resp.headers)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._unreachable(exc) from None
+
+    def _failed(self, what: str, answer: _Answer, *, detail: bool = False) -> AgentError:
+        """An AgentError for an error answer: ``<what>: HTTP <status>``, with the agent's text if ``detail``."""
+        text = answer.error_text() if detail else ""
+        message = f"{what}: HTTP {answer.status} {text}".rstrip()
+        return AgentError(message, status=answer.status, reason=text or f"HTTP {answer.status}")
 
     async def _request(
         self, method: str, path: str, *, json: Any = None, params: Mapping[str, str] | None = None
     ) -> Any:
-        url = self.base_url + path
-        try:
-            async with self._get_session().request(
-                method, url, json=json, params=params, headers=self._headers, timeout=self._timeout, ssl=self._ssl
-            ) as resp:
-                if resp.status == 401:
-                    raise AgentError(f"the agent at {self.base_url} refused the token (401)")
-                body = await resp.json(content_type=None) if resp.content_length != 0 else None
-                if resp.status >= 400:
-                    detail = body.get("error", "") if isinstance(body, dict) else ""
-                    raise AgentError(f"{method} {path} on {self.base_url}: HTTP {resp.status} {detail}".rstrip())
-                return body
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise AgentError(f"cannot reach the agent at {self.base_url}: {exc or type(exc).__name__}") from None
+        """A JSON route: its decoded answer; an error status raises AgentError (a body that is not JSON, ValueError)."""
+        answer = await self._exchange(method, path, json=json, params=params)
+        if answer.status == 401:
+            raise AgentError(f"the agent at {self.base_url} refused the token (401)", status=401)
+        if answer.status >= 400:
+            raise self._failed(f"{method} {path} on {self.base_url}", answer, detail=True)
+        return answer.json()
+
+    # -- health and state ---------------------------------------------------------------------------------------
 
     async def healthz(self) -> bool:
         """True when the agent answers; never raises."""
         try:
-            async with self._get_session().get(
-                self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=5), ssl=self._ssl
-            ) as resp:
+            timeout = aiohttp.ClientTimeout(total=HEALTHZ_TIMEOUT_S)
+            async with self._open("GET", "/healthz", timeout=timeout, authorized=False) as resp:
                 return resp.status == 200
         except (TimeoutError, aiohttp.ClientError):
             return False
 
     async def status(self) -> dict[str, Any]:
+        """The agent's phase, idle clock and task counts (``GET /v1/status``)."""
         body: dict[str, Any] = await self._request("GET", "/v1/status")
         return body
+
+    async def keepalive(self) -> None:
+        """Count as activity now: the idle clock starts again."""
+        await self._request("POST", "/v1/keepalive")
+
+    async def shutdown(self) -> None:
+        """Ask the agent to flush to the sink and stop its machine."""
+        await self._request("POST", "/v1/shutdown")
+
+    # -- telemetry ----------------------------------------------------------------------------------------------
+
+    async def samples(self, *, after: int = -1, limit: int = 1) -> list[dict[str, Any]]:
+        """Telemetry samples after ``after`` (JSON); reading them is never activity."""
+        try:
+            answer = await self._exchange(
+                "GET",
+                "/v1/samples",
+                params={"after": str(after), "limit": str(limit)},
+                accept="application/json",
+            )
+            if answer.status >= 400:
+                raise self._failed(f"samples on {self.base_url}", answer)
+            body: list[dict[str, Any]] = answer.json()
+            return body
+        except ValueError as exc:
+            raise self._unreachable(exc) from None
+
+    async def packed_samples(self, *, after: int = -1, limit: int = 3600, newest: bool = False) -> bytes:
+        """Up to ``limit`` samples after seq ``after`` as the agent packs them (a msgpack list), the last ones
+        with ``newest``; reading them is never activity."""
+        params = {"after": str(after), "limit": str(limit)}
+        if newest:
+            params["newest"] = "1"
+        answer = await self._exchange("GET", "/v1/samples", params=params)
+        if answer.status >= 400:
+            raise self._failed(f"samples on {self.base_url}", answer)
+        return answer.body
+
+    # -- tasks ----------------------------------------------------------------------------------------------------
 
     async def submit(
         self,
@@ -96,60 +253,36 @@ class AgentClient:
         cwd: str = "",
         secret_env: Sequence[str] = (),
     ) -> str:
+        """Start a task; its id."""
         body = {"argv": list(argv), "env": dict(env or {}), "cwd": cwd, "secret_env": list(secret_env)}
         answer = await self._request("POST", "/v1/tasks", json=body)
         return str(answer["id"])
 
     async def task(self, task_id: str) -> dict[str, Any]:
+        """One task's record."""
         body: dict[str, Any] = await self._request("GET", f"/v1/tasks/{task_id}")
         return body
 
     async def tasks(self) -> list[dict[str, Any]]:
+        """Every task's record."""
         body: list[dict[str, Any]] = await self._request("GET", "/v1/tasks")
         return body
 
-    async def samples(self, *, after: int = -1, limit: int = 1) -> list[dict[str, Any]]:
-        """Telemetry samples after ``after`` (JSON); reading them is never activity."""
-        url = f"{self.base_url}/v1/samples"
-        headers = {**self._headers, "Accept": "application/json"}
-        try:
-            async with self._get_session().get(
-                url,
-                params={"after": str(after), "limit": str(limit)},
-                headers=headers,
-                timeout=self._timeout,
-                ssl=self._ssl,
-            ) as resp:
-                if resp.status >= 400:
-                    raise AgentError(f"samples on {self.base_url}: HTTP {resp.status}")
-                body: list[dict[str, Any]] = await resp.json(content_type=None)
-                return body
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise AgentError(f"cannot reach the agent at {self.base_url}: {exc or type(exc).__name__}") from None
-
-    async def keepalive(self) -> None:
-        await self._request("POST", "/v1/keepalive")
-
-    async def shutdown(self) -> None:
-        await self._request("POST", "/v1/shutdown")
+    async def wait_task(self, task_id: str, *, poll: float = 0.5) -> dict[str, Any]:
+        """The task's record once it has ended."""
+        while True:
+            record = await self.task(task_id)
+            if record.get("state") in TERMINAL_TASK_STATES or record.get("exit_code") is not None:
+                return record
+            await asyncio.sleep(poll)
 
     async def logs(self, task_id: str, *, stream: str = "stdout", offset: int = 0) -> tuple[bytes, int]:
         """What the task wrote to ``stream`` from ``offset`` (one page), and the next offset."""
         params = {"stream": stream, "offset": str(offset)}
-        try:
-            async with self._get_session().get(
-                f"{self.base_url}/v1/tasks/{task_id}/logs",
-                params=params,
-                headers=self._headers,
-                timeout=self._timeout,
-                ssl=self._ssl,
-            ) as resp:
-                if resp.status >= 400:
-                    raise AgentError(f"logs of task {task_id} on {self.base_url}: HTTP {resp.status}")
-                data = await resp.read()
-                return data, int(resp.headers.get("X-Next-Offset", offset + len(data)))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise AgentError(f"cannot reach the agent at {self.base_url}: {exc or type(exc).__name__}") from None
+        answer = await self._exchange("GET", f"/v1/tasks/{task_id}/logs", params=params)
+        if answer.status >= 400:
+            raise self._failed(f"logs of task {task_id} on {self.base_url}", answer)
+        return answer.body, int(answer.headers.get("X-Next-Offset", offset + len(answer.body)))
 
     async def follow_logs(self, task_id: str, *, stream: str = "stdout", offset: int = 0) -> AsyncIterator[bytes]:
         """Yield the task's output as it comes until the task ends; reconnects from the last offset if the
@@ -158,15 +291,16 @@ class AgentClient:
         failures = 0
         while True:
             try:
-                async with self._get_session().get(
-                    f"{self.base_url}/v1/tasks/{task_id}/logs",
+                async with self._open(
+                    "GET",
+                    f"/v1/tasks/{task_id}/logs",
                     params={"stream": stream, "offset": str(position), "follow": "1"},
-                    headers=self._headers,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-                    ssl=self._ssl,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=FOLLOW_CONNECT_TIMEOUT_S),
                 ) as resp:
                     if resp.status >= 400:
-                        raise AgentError(f"logs of task {task_id} on {self.base_url}: HTTP {resp.status}")
+                        raise AgentError(
+                            f"logs of task {task_id} on {self.base_url}: HTTP {resp.status}", status=resp.status
+                        )
                     async for chunk in resp.content.iter_any():
                         position += len(chunk)
                         failures = 0
@@ -178,10 +312,53 @@ class AgentClient:
                     raise AgentError(f"lost the log stream of task {task_id} on {self.base_url}: {exc}") from None
                 await asyncio.sleep(min(2.0**failures / 4, 5.0))
 
-    async def wait_task(self, task_id: str, *, poll: float = 0.5) -> dict[str, Any]:
-        """The task's record once it has ended."""
-        while True:
-            record = await self.task(task_id)
-            if record.get("state") in TERMINAL_TASK_STATES or record.get("exit_code") is not None:
-                return record
-            await asyncio.sleep(poll)
+    # -- batches (rawvm_agent.batch_api) ----------------------------------------------------------------------
+
+    async def batch_status(self) -> dict[str, Any]:
+        """This machine's batch: its share index, queued and running ids, or the error that stopped it."""
+        body: dict[str, Any] = await self._request("GET", "/v1/batch")
+        return body
+
+    async def batch_results(self, after: int = 0) -> dict[str, Any]:
+        """Final results from the ``after``-th on: ``{"results": [...], "next": N}``."""
+        body: dict[str, Any] = await self._request("GET", "/v1/batch/results", params={"after": str(after)})
+        return body
+
+    async def batch_share(self, index: int) -> None:
+        """Give a machine without one its share of the batch."""
+        await self._request("POST", "/v1/batch/share", json={"index": index})
+
+    async def batch_adopt(self, ids: Sequence[int]) -> list[int]:
+        """Hand the machine ids of a dead one; those it took."""
+        body = await self._request("POST", "/v1/batch/adopt", json={"ids": list(ids)})
+        return [int(i) for i in body.get("adopted", [])]
+
+    # -- function calls (rawvm_agent.calls) ---------------------------------------------------------------------
+
+    async def submit_calls(self, client: str, packed: bytes, *, slots: int) -> int:
+        """Queue packed calls (``rawvm_agent.call_worker.pack``) for ``client``; how many workers the machine runs
+        (0: not said). A refusal raises AgentError with the status: 429 means the queue is full for now."""
+        answer = await self._exchange(
+            "POST",
+            "/v1/calls",
+            params={"client": client, "slots": str(slots)},
+            data=packed,
+            timeout=aiohttp.ClientTimeout(total=CALLS_TIMEOUT_S),
+        )
+        if answer.status != 202:
+            raise self._failed(f"calls on {self.base_url}", answer, detail=True)
+        body = answer.json()  # a 202 that is not JSON is a broken agent: the ValueError says so
+        return int((body or {}).get("workers") or 0)
+
+    async def call_results(self, client: str, *, wait: float) -> bytes:
+        """``client``'s finished calls, packed (``rawvm_agent.call_worker.unpack``); the agent holds the request up
+        to ``wait`` seconds for the first one."""
+        answer = await self._exchange(
+            "GET",
+            "/v1/calls/results",
+            params={"client": client, "wait": str(wait)},
+            timeout=aiohttp.ClientTimeout(total=wait + RESULTS_GRACE_S),
+        )
+        if answer.status != 200:
+            raise self._failed(f"call results on {self.base_url}", answer)
+        return answer.body

@@ -27,7 +27,7 @@ from rawvm_agent.batch import BatchSpec, share_of
 from rawvm_agent.config import AgentConfig, BatchConfig
 
 from rawvm import clusters, sinks
-from rawvm.agent.client import AgentClient, AgentError
+from rawvm.agent.client import AgentClient, AgentError, agent_session
 from rawvm.batches import plan as batch_plan
 from rawvm.batches.results import BatchStatus, newest, sink_results, sink_task_dir
 from rawvm.commands import down
@@ -42,25 +42,6 @@ SPEC_FILE = "rawvm-batch.json"
 RECORD_FILE = "batch.json"
 FINAL_STATES = ("done", "failed")
 DEFAULT_KEEPALIVE = "2m"
-
-
-class BatchClient(AgentClient):
-    """The agent API's batch routes (rawvm_agent.batch_api)."""
-
-    async def batch_status(self) -> dict[str, Any]:
-        body: dict[str, Any] = await self._request("GET", "/v1/batch")
-        return body
-
-    async def batch_results(self, after: int = 0) -> dict[str, Any]:
-        body: dict[str, Any] = await self._request("GET", "/v1/batch/results", params={"after": str(after)})
-        return body
-
-    async def batch_share(self, index: int) -> None:
-        await self._request("POST", "/v1/batch/share", json={"index": index})
-
-    async def batch_adopt(self, ids: Sequence[int]) -> list[int]:
-        body = await self._request("POST", "/v1/batch/adopt", json={"ids": list(ids)})
-        return [int(i) for i in body.get("adopted", [])]
 
 
 # -- the record on this host -------------------------------------------------------------------------------
@@ -117,12 +98,10 @@ def load_record(cluster: str) -> BatchRecord:
 
 async def poll_agents(record: clusters.ClusterRecord, timeout: float = 5.0) -> dict[str, dict[str, Any]]:
     """Each answering machine's batch status and results: ``{mid: {"status": ..., "results": [...]}}``."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
 
         async def one(mid: str, url: str) -> tuple[str, dict[str, Any] | None]:
-            client = BatchClient(url, record.token, session=session, timeout=timeout)
+            client = AgentClient(url, record.token, session=session, timeout=timeout)
             try:
                 return mid, {
                     "status": await client.batch_status(),

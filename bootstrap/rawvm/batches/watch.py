@@ -18,8 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from rawvm import sinks
-from rawvm.agent.client import AgentClient, AgentError
-from rawvm.batches.array import BatchClient
+from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.batches.plan import compress_ids
 from rawvm.batches.results import BatchStatus, newest, sink_results
 from rawvm.errors import RawvmError
@@ -70,9 +69,9 @@ class BatchProgress:
             self._rich.stop()
 
 
-def _clients(launched: Launched, session: Any) -> dict[str, BatchClient]:
+def _clients(launched: Launched, session: AgentSession) -> dict[str, AgentClient]:
     record = launched.record
-    return {m.short_id: BatchClient(m.agent_url, record.token, session=session) for m in record.machines}
+    return {m.short_id: AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
 
 
 def _needs_share(launched: Launched) -> bool:
@@ -86,11 +85,9 @@ async def hand_out_shares(launched: Launched) -> None:
     not for their installs)."""
     if not _needs_share(launched):
         return
-    import aiohttp
-
     timeout = launched.provider.ready_timeout_s
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
         pending = dict(enumerate(_clients(launched, session).items()))
         while pending:
             for index, (_, client) in list(pending.items()):
@@ -108,15 +105,12 @@ async def hand_out_shares(launched: Launched) -> None:
 
 async def watch(launched: Launched, spec: BatchSpec) -> tuple[dict[int, dict[str, Any]], set[int]]:
     """Follow the round until every id has a final result, or no machine is left; (results, lost ids)."""
-    import aiohttp
-
     record, provider = launched.record, launched.provider
-    async with aiohttp.ClientSession() as session:
+    async with agent_session() as session:
         clients = _clients(launched, session)
         view = make_progress(sys.stderr)
         try:
-            agents: dict[str, AgentClient] = dict(clients)
-            await wait_ready(agents, provider, record, view, launched.ready_timeout_s)
+            await wait_ready(clients, provider, record, view, launched.ready_timeout_s)
         finally:
             view.close()
         watcher = Watcher(spec, clients, {m.short_id: m for m in record.machines}, provider.alive)
@@ -136,10 +130,12 @@ async def watch(launched: Launched, spec: BatchSpec) -> tuple[dict[int, dict[str
 
 
 class Watcher:
+    """The round as the watch sees it: each machine's results, running ids and share, and the dead ones'."""
+
     def __init__(
         self,
         spec: BatchSpec,
-        clients: dict[str, BatchClient],
+        clients: dict[str, AgentClient],
         machines: dict[str, Machine],
         alive: Callable[[Machine], bool] | None,
     ) -> None:

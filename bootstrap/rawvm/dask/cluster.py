@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rawvm import clusters
-from rawvm.agent.client import AgentClient, AgentError
+from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.commands import down as down_cluster
 from rawvm.dask.options import DaskOptions, check_environment, idle_split
 from rawvm.dask.procs import (
@@ -89,7 +89,7 @@ class Fleet:
         self.scheduler_slot: _Slot | None = None
         self.pool: list[_Slot] = []
         self.dask_cuda = False
-        self._session: Any = None
+        self._session: AgentSession | None = None
         self._pinged: list[_Slot] = []  # machines not yet running Dask: keepalive pings hold them up
         self._pinger: asyncio.Task[None] | None = None
         self._waiting: list[asyncio.Future[_Slot]] = []
@@ -121,10 +121,8 @@ class Fleet:
 
     async def _launch(self, count: int, vm_type: str = "") -> list[_Slot]:
         """One launch of ``count`` machines, returned once every one is ready (held up by keepalive pings)."""
-        import aiohttp
-
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = agent_session()
         launched = await asyncio.to_thread(self._launch_sync, count, vm_type, self._launch_name())
         record = launched.record
         self.records.append(record)

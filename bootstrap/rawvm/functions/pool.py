@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 from rawvm_agent.call_worker import ERROR, LOST, OK, pack, unpack
 
 from rawvm import clusters
+from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
 from rawvm.launch import launch
 from rawvm.options import LaunchOptions
@@ -47,6 +47,8 @@ MAX_BATCH_BYTES = 32 << 20
 WINDOW_PER_WORKER = 1024  # calls in flight per worker slot: enough to hide the round trips of tiny calls
 DEFAULT_WINDOW = 1024  # before a machine has said how many workers it runs
 RESULTS_WAIT_S = 20.0
+STATUS_TIMEOUT_S = 5.0  # a warm machine answers its status at once
+QUEUE_FULL = 429  # the agent's answer to calls while its queue is full
 RECHECK_AFTER_S = 2.0  # an unused pool's machines may have stopped: ask them before sending more
 STOPPING_MARGIN_S = 5.0  # a machine about to stop for idleness is not worth sending to
 KEPT_BUNDLES = 16  # locks kept for launching again: the newest, one per reuse key
@@ -193,7 +195,7 @@ class Pool:
         self.backlog: collections.deque[_Call] = collections.deque()
         self.launches = 0
         self.client = secrets.token_hex(8)  # this process's results on the agents
-        self._session: aiohttp.ClientSession | None = None
+        self._session: AgentSession | None = None
         self._next = 0
         self._ready_lock: asyncio.Lock | None = None
         self._last_used = 0.0
@@ -211,14 +213,16 @@ class Pool:
     def cluster(self) -> str:
         return self.record.name if self.record else ""
 
-    def _headers(self) -> dict[str, str]:
-        assert self.record is not None
-        return {"Authorization": f"Bearer {self.record.token}"}
-
-    def _http(self) -> aiohttp.ClientSession:
+    def _http(self) -> AgentSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = agent_session()
         return self._session
+
+    def _agent(self, machine: _Machine) -> AgentClient:
+        """The machine's agent on the pool's one session; its timeout is the status check's (the call routes
+        carry their own)."""
+        assert self.record is not None
+        return AgentClient(machine.url, self.record.token, session=self._http(), timeout=STATUS_TIMEOUT_S)
 
     async def ensure(self) -> None:
         """Machines ready to take calls: the warm ones, or freshly launched ones."""
@@ -254,11 +258,8 @@ class Pool:
             if machine.dead:
                 return
             try:
-                async with self._http().get(
-                    f"{machine.url}/v1/status", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=5)
-                ) as resp:
-                    status = await resp.json() if resp.status == 200 else {}
-            except (TimeoutError, aiohttp.ClientError, ValueError):
+                status = await self._agent(machine).status()
+            except (AgentError, ValueError):
                 status = {}
             phase = status.get("phase", "")
             stops_at = (status.get("idle") or {}).get("stops_at")
@@ -372,29 +373,20 @@ class Pool:
                 for call in batch:
                     machine.inflight[call.id] = call
                 try:
-                    async with self._http().post(
-                        f"{machine.url}/v1/calls",
-                        params={"client": self.client, "slots": str(self.options.slots)},
-                        data=pack((c.id, 0, c.payload) for c in batch),
-                        headers=self._headers(),
-                        timeout=aiohttp.ClientTimeout(total=120),
-                    ) as resp:
-                        body = await resp.json(content_type=None)
-                        if resp.status == 429:  # the agent's queue is full: wait for results, try again
-                            for call in reversed(batch):
-                                del machine.inflight[call.id]
-                                machine.outbox.appendleft(call)
-                            await asyncio.sleep(0.5)
-                            continue
-                        if resp.status != 202:
-                            raise RawvmError(str((body or {}).get("error") or f"HTTP {resp.status}"))
-                except (TimeoutError, aiohttp.ClientError, ValueError, RawvmError) as exc:
+                    packed = pack((c.id, 0, c.payload) for c in batch)
+                    workers = await self._agent(machine).submit_calls(self.client, packed, slots=self.options.slots)
+                except (AgentError, ValueError) as exc:
+                    if isinstance(exc, AgentError) and exc.status == QUEUE_FULL:  # wait for results, try again
+                        for call in reversed(batch):
+                            del machine.inflight[call.id]
+                            machine.outbox.appendleft(call)
+                        await asyncio.sleep(0.5)
+                        continue
                     for call in reversed(batch):  # never sent, or refused: another machine may take them
                         machine.inflight.pop(call.id, None)
                         self.backlog.appendleft(call)
-                    self._kill(machine, f"machine {machine.id} refused calls ({exc or type(exc).__name__})")
+                    self._kill(machine, f"machine {machine.id} refused calls ({_words(exc)})")
                     break
-                workers = int((body or {}).get("workers") or 0)
                 if workers:
                     machine.window = max(DEFAULT_WINDOW, workers * WINDOW_PER_WORKER)
                 if not machine.polling:
@@ -410,19 +402,11 @@ class Pool:
         try:
             while machine.inflight and not machine.dead:
                 try:
-                    async with self._http().get(
-                        f"{machine.url}/v1/calls/results",
-                        params={"client": self.client, "wait": str(RESULTS_WAIT_S)},
-                        headers=self._headers(),
-                        timeout=aiohttp.ClientTimeout(total=RESULTS_WAIT_S + 30),
-                    ) as resp:
-                        if resp.status != 200:
-                            raise RawvmError(f"HTTP {resp.status}")
-                        frames = unpack(await resp.read())
-                except (TimeoutError, aiohttp.ClientError, ValueError, RawvmError) as exc:
+                    frames = unpack(await self._agent(machine).call_results(self.client, wait=RESULTS_WAIT_S))
+                except (AgentError, ValueError) as exc:
                     failures += 1
                     if failures >= 3:
-                        self._kill(machine, f"machine {machine.id} stopped answering ({exc or type(exc).__name__})")
+                        self._kill(machine, f"machine {machine.id} stopped answering ({_words(exc)})")
                         break
                     await asyncio.sleep(0.5 * failures)
                     continue
@@ -459,6 +443,14 @@ class Pool:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _words(exc: AgentError | ValueError) -> str:
+    """What went wrong in an exchange with an agent, as the pool's messages say it: the agent's or the
+    transport's own words."""
+    if isinstance(exc, AgentError):
+        return exc.reason
+    return str(exc) or type(exc).__name__
 
 
 # -- pools of this process ----------------------------------------------------------------------------------------

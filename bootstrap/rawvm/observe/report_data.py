@@ -27,10 +27,13 @@ import msgpack
 from rawvm_agent.config import IdleConfig
 
 from rawvm.errors import RawvmError, UsageError
+from rawvm.providers import FREE_PROVIDERS
+from rawvm.providers.base import short_id
 
 if TYPE_CHECKING:
     import polars as pl
 
+    from rawvm.agent.client import AgentClient
     from rawvm.clusters import ClusterRecord
 
 GAP_FACTOR = 3.0
@@ -121,40 +124,33 @@ def read_flush(telemetry: ClusterTelemetry, machine: str, flush: Path) -> None:
                 telemetry.add_task(machine, record)
 
 
-async def _read_agent(session: Any, url: str, token: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    headers = {"Authorization": f"Bearer {token}"}
+async def _read_agent(agent: AgentClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every sample the agent still holds (paged by seq) and its tasks."""
     samples: list[dict[str, Any]] = []
     after = -1
     while True:
-        params = {"after": str(after), "limit": "3600"}
-        async with session.get(f"{url}/v1/samples", params=params, headers=headers) as resp:
-            resp.raise_for_status()
-            page = msgpack.unpackb(await resp.read(), raw=False, strict_map_key=False)
+        page = msgpack.unpackb(await agent.packed_samples(after=after, limit=3600), raw=False, strict_map_key=False)
         if not page:
             break
         samples.extend(page)
         after = int(page[-1]["seq"])
-    async with session.get(f"{url}/v1/tasks", headers=headers) as resp:
-        resp.raise_for_status()
-        tasks = await resp.json()
+    tasks = await agent.tasks()
     return samples, tasks if isinstance(tasks, list) else []
 
 
 async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeout: float = 10.0) -> list[str]:
     """Samples and tasks from every agent that answers; the machines that did."""
-    import aiohttp
-
-    from rawvm.observe.top import _short
+    from rawvm.agent.client import AgentClient, agent_session
 
     answered: list[str] = []
-    async with aiohttp.ClientSession(
-        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=3),
-        connector=aiohttp.TCPConnector(limit=32),
-    ) as session:
-        machines = [(_short(m.id, record.name), m.agent_url.rstrip("/")) for m in record.machines if m.agent_url]
-        results = await asyncio.gather(
-            *(_read_agent(session, url, record.token) for _, url in machines), return_exceptions=True
-        )
+    async with agent_session(connections=32) as session:
+
+        def client(url: str) -> AgentClient:
+            return AgentClient(url, record.token, session=session, timeout=timeout, connect_timeout=3.0)
+
+        machines = [(short_id(m.id, record.name), client(m.agent_url)) for m in record.machines if m.agent_url]
+        # Tolerant: an agent that fails in any way is left out; the sink has what it flushed.
+        results = await asyncio.gather(*(_read_agent(agent) for _, agent in machines), return_exceptions=True)
     for (machine, _), result in zip(machines, results, strict=True):
         if isinstance(result, BaseException):
             continue  # stopped (its flush is in the sink) or unreachable
@@ -169,7 +165,7 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
 def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     """The cluster's telemetry from the sink (fetched from the provider first) and, with ``live``, its agents."""
     from rawvm import clusters, sinks
-    from rawvm.observe.top import FREE_PROVIDERS, _short, price_of
+    from rawvm.observe.top import price_of
     from rawvm.session import provider_of, run_sync
 
     name = clusters.check_name(cluster)
@@ -181,7 +177,7 @@ def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
         for flush in flushes:
             read_flush(telemetry, machine, flush)
     if record is not None:
-        telemetry.prices = {_short(m.id, name): price_of(record, m.price_per_hour) for m in record.machines}
+        telemetry.prices = {short_id(m.id, name): price_of(record, m.price_per_hour) for m in record.machines}
         # EC2 flushes are named after the host, not the instance: when every machine has the same known price
         # (one instance type), a host-named flush costs that too; otherwise its price is unknown.
         known = {p for p in telemetry.prices.values() if p is not None}
@@ -210,9 +206,9 @@ def _net_totals(network: Any) -> tuple[int | None, int | None]:
 
 
 def _root_fs(disk: Any) -> tuple[int | None, int | None]:
-    from rawvm.observe.top import _root_filesystem
+    from rawvm.observe.top import root_filesystem
 
-    return _root_filesystem(disk) if isinstance(disk, dict) else (None, None)
+    return root_filesystem(disk) if isinstance(disk, dict) else (None, None)
 
 
 def sample_rows(telemetry: ClusterTelemetry) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:

@@ -2,7 +2,7 @@
 
 One asyncio task per machine polls its agent every ``interval``: ``GET /v1/samples?after=SEQ`` (msgpack; only
 the samples it has not seen, and on the first call just the newest two, enough for a network rate) and
-``GET /v1/status``; ``GET /v1/tasks`` only when the set of running tasks changed. One aiohttp session with a
+``GET /v1/status``; ``GET /v1/tasks`` only when the set of running tasks changed. One shared agent session with a
 bounded connector carries every request, and each request has its own short timeout: a machine that stops
 answering is marked so and polled less often (backing off), and never holds up the others. Reading samples and
 status is never activity to an agent, so watching a cluster never keeps it alive.
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import msgpack
 from rawvm_agent.telemetry.collectors.gpu import CLOCK_EVENT_REASONS
 
+from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.clusters import ClusterRecord
+from rawvm.providers import FREE_PROVIDERS
+from rawvm.providers.base import short_id
 
-FREE_PROVIDERS = frozenset({"local", "qemu"})
 DEFAULT_CONNECTIONS = 64
 REQUEST_TIMEOUT_S = 3.0
 MAX_BACKOFF_S = 10.0
@@ -103,15 +103,11 @@ def price_of(record: ClusterRecord, price_per_hour: float) -> float | None:
     return price_per_hour if price_per_hour > 0 else None
 
 
-def _short(machine_id: str, cluster: str) -> str:
-    return machine_id.removeprefix(f"{cluster}-")
-
-
 def views_of(records: Iterable[ClusterRecord]) -> list[MachineView]:
     return [
         MachineView(
             cluster=r.name,
-            machine=_short(m.id, r.name),
+            machine=short_id(m.id, r.name),
             agent_url=m.agent_url.rstrip("/"),
             provider=r.provider,
             price_per_hour=price_of(r, m.price_per_hour),
@@ -122,7 +118,7 @@ def views_of(records: Iterable[ClusterRecord]) -> list[MachineView]:
     ]
 
 
-def _root_filesystem(disk: dict[str, Any]) -> tuple[int | None, int | None]:
+def root_filesystem(disk: dict[str, Any]) -> tuple[int | None, int | None]:
     """(used, size) of ``/``, else of the largest filesystem."""
     filesystems = [f for f in disk.get("filesystems", []) if isinstance(f, dict)]
     if not filesystems:
@@ -161,7 +157,7 @@ def apply_samples(view: MachineView, samples: Sequence[dict[str, Any]], previous
         view.memory_total_bytes = memory.get("total_bytes")
     disk = newest.get("disk")
     if isinstance(disk, dict):
-        view.disk_used_bytes, view.disk_total_bytes = _root_filesystem(disk)
+        view.disk_used_bytes, view.disk_total_bytes = root_filesystem(disk)
     now_net, before_net = _net_totals(newest.get("network")), _net_totals((before or {}).get("network"))
     if now_net is not None and before_net is not None and before is not None:
         dt = float(newest["t"]) - float(before["t"])
@@ -193,11 +189,11 @@ def running_task(tasks: Sequence[dict[str, Any]]) -> str:
 
 
 class _Machine:
-    """One followed agent: its view, the last sample seen, and what to ask next."""
+    """One followed agent: its view, its client, the last sample seen, and what to ask next."""
 
-    def __init__(self, view: MachineView, token: str) -> None:
+    def __init__(self, view: MachineView, agent: AgentClient) -> None:
         self.view = view
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.agent = agent
         self.last_sample: dict[str, Any] | None = None
         self.task_ids: tuple[int, int] = (0, 0)  # (running, known) tasks: fetch /v1/tasks when it changes
         self.failures = 0
@@ -214,21 +210,24 @@ class Follower:
         connections: int = DEFAULT_CONNECTIONS,
         timeout: float = REQUEST_TIMEOUT_S,
     ) -> None:
-        tokens = {r.name: r.token for r in records}
-        self._machines = [_Machine(v, tokens[v.cluster]) for v in views_of(records)]
+        self._tokens = {r.name: r.token for r in records}
+        self._views = views_of(records)
+        self._machines: list[_Machine] = []
         self.interval = interval
         self.connections = connections
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 2.0))
-        self._session: aiohttp.ClientSession | None = None
+        self.timeout = timeout
+        self._session: AgentSession | None = None
         self.answers = 0  # looks that got an answer, all machines together (bench/follow.py counts them)
 
     @property
     def views(self) -> list[MachineView]:
-        return [m.view for m in self._machines]
+        return self._views
 
     async def __aenter__(self) -> Follower:
-        connector = aiohttp.TCPConnector(limit=self.connections, limit_per_host=2, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        # Bounded, so following a thousand machines never opens a thousand sockets: ``connections`` in all,
+        # at most two to one agent.
+        self._session = agent_session(connections=self.connections, per_host=2, keepalive_s=30)
+        self._machines = [_Machine(view, self._client(view)) for view in self._views]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -236,12 +235,15 @@ class Follower:
             await self._session.close()
             self._session = None
 
-    async def _get(self, machine: _Machine, path: str, params: dict[str, str] | None = None) -> bytes:
-        assert self._session is not None, "use 'async with Follower(...)'"
-        async with self._session.get(machine.view.agent_url + path, params=params, headers=machine.headers) as r:
-            if r.status >= 400:
-                raise aiohttp.ClientResponseError(r.request_info, (), status=r.status, message=r.reason or "")
-            return await r.read()
+    def _client(self, view: MachineView) -> AgentClient:
+        # Each request has its own short timeout (and a shorter one to connect): a silent machine costs little.
+        return AgentClient(
+            view.agent_url,
+            self._tokens[view.cluster],
+            session=self._session,
+            timeout=self.timeout,
+            connect_timeout=min(self.timeout, 2.0),
+        )
 
     async def poll(self, machine: _Machine) -> bool:
         """One look at one machine; False (and the view says why) when its agent did not answer."""
@@ -251,18 +253,18 @@ class Follower:
             return False
         try:
             if machine.last_sample is None:
-                params = {"after": "-1", "limit": "2", "newest": "1"}
+                packed = await machine.agent.packed_samples(after=-1, limit=2, newest=True)
             else:
-                params = {"after": str(view.seq), "limit": "60", "newest": "1"}
-            samples = msgpack.unpackb(await self._get(machine, "/v1/samples", params), raw=False, strict_map_key=False)
-            status = json.loads(await self._get(machine, "/v1/status"))
+                packed = await machine.agent.packed_samples(after=view.seq, limit=60, newest=True)
+            samples = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+            status = await machine.agent.status()
             apply_status(view, status)
             tasks = status.get("tasks") or {}
             marker = (int(tasks.get("running", 0)), len(tasks.get("ids", [])))
             if marker != machine.task_ids:
                 machine.task_ids = marker
-                view.task = running_task(json.loads(await self._get(machine, "/v1/tasks"))) if marker[0] else ""
-        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+                view.task = running_task(await machine.agent.tasks()) if marker[0] else ""
+        except (AgentError, ValueError) as exc:
             machine.failures += 1
             view.answering = False
             view.error = _describe(exc)
@@ -303,11 +305,10 @@ class Follower:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "no answer (timed out)"
-    if isinstance(exc, aiohttp.ClientResponseError):
+def _describe(exc: AgentError | ValueError) -> str:
+    """Why a machine shows as not answering: ``HTTP 503``, ``no answer (timed out)``, ..."""
+    if isinstance(exc, ValueError):  # an answer that does not decode
+        return f"no answer ({type(exc).__name__})"
+    if exc.status is not None:
         return f"HTTP {exc.status}"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "no answer (connection refused)" if "refused" in str(exc).lower() else "no answer"
-    return f"no answer ({type(exc).__name__})"
+    return f"no answer ({exc.no_answer})" if exc.no_answer else "no answer"
