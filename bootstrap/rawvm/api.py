@@ -21,6 +21,7 @@ from rawvm.commands import logs as logs
 from rawvm.commands import ls as ls
 from rawvm.commands import ls_json as ls_json
 from rawvm.options import (
+    CLI_FLAGS,
     DEFAULT_KEEPALIVE,
     DEFAULT_MAX_LIFETIME,
     MAX_COST_NOT_GIVEN,
@@ -57,8 +58,7 @@ def launch_options(
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
     cluster: str | None = None,
-    keepalive_flag: str = "--keepalive",
-    lifetime_flag: str = "--max-lifetime",
+    lifetime_flags: tuple[str, str] = CLI_FLAGS,
 ) -> LaunchOptions:
     """The one place where the flat options of the front door and of the CLI's flags become a checked
     ``LaunchOptions``; each argument is documented on the field it fills (``rawvm.options``)."""
@@ -74,7 +74,7 @@ def launch_options(
         spot_policy=spot_policy,
         extra_ca_certs=check_ca_certs(extra_ca_certs),
     )
-    lifetime = Lifetime.parse(keepalive, max_lifetime, keepalive_flag=keepalive_flag, lifetime_flag=lifetime_flag)
+    lifetime = Lifetime.parse(keepalive, max_lifetime, lifetime_flags)
     return LaunchOptions(
         request=request,
         lifetime=lifetime,
@@ -357,7 +357,6 @@ def function(
         spot_policy=spot_policy,
         source=source,
         extra_ca_certs=extra_ca_certs,
-        keepalive_flag="keepalive",
-        lifetime_flag="max_lifetime",
+        lifetime_flags=("keepalive", "max_lifetime"),  # errors name the arguments, as Python users wrote them
     )
     return remote.remote_function(fn, options, packages=packages, slots=slots)

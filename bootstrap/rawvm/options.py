@@ -23,6 +23,7 @@ SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 DEFAULT_KEEPALIVE = "20m"
 DEFAULT_MAX_LIFETIME = "12h"
 MAX_COST_NOT_GIVEN = "default"  # the project's [tool.rawvm] max-cost applies
+CLI_FLAGS = ("--keepalive", "--max-lifetime")  # how errors name the lifetime options on the command line
 
 
 def parse_duration_flag(flag: str, value: str | float) -> float:
@@ -140,16 +141,9 @@ class Lifetime:
             raise UsageError("--max-lifetime must be longer than 0s")
 
     @classmethod
-    def parse(
-        cls,
-        keepalive: str | float = DEFAULT_KEEPALIVE,
-        max_lifetime: str | float = DEFAULT_MAX_LIFETIME,
-        *,
-        keepalive_flag: str = "--keepalive",
-        lifetime_flag: str = "--max-lifetime",
-    ) -> Lifetime:
-        """From durations as users write them (``20m``, ``12h``); the error names the flag (or argument)."""
-        return cls(parse_duration_flag(keepalive_flag, keepalive), parse_duration_flag(lifetime_flag, max_lifetime))
+    def parse(cls, keepalive: str | float, max_lifetime: str | float, flags: tuple[str, str] = CLI_FLAGS) -> Lifetime:
+        """From durations as users write them (``20m``, ``12h``); an error names ``flags[0]`` or ``flags[1]``."""
+        return cls(parse_duration_flag(flags[0], keepalive), parse_duration_flag(flags[1], max_lifetime))
 
     @property
     def keepalive(self) -> str:

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypedDict, Unpack
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -77,6 +77,16 @@ def _why_no_answer(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class RequestOptions(TypedDict, total=False):
+    """What one request to the agent may carry besides its method and path."""
+
+    params: Mapping[str, str] | None
+    json: Any
+    data: bytes | None
+    accept: str  # an Accept header ("": none)
+    timeout: aiohttp.ClientTimeout | None  # None: the client's own
+
+
 class AgentClient:
     """One agent. Use ``async with AgentClient(url, token) as agent: ...``, or pass a shared ``agent_session()``."""
 
@@ -120,29 +130,20 @@ class AgentClient:
 
     @contextlib.asynccontextmanager
     async def _open(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        data: bytes | None = None,
-        accept: str = "",
-        timeout: aiohttp.ClientTimeout | None = None,
-        authorized: bool = True,
+        self, method: str, path: str, *, authorized: bool = True, **options: Unpack[RequestOptions]
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The request's response, open for reading; ``/healthz`` goes without the token."""
         headers = {"Authorization": f"Bearer {self._token}"} if authorized else {}
-        if accept:
+        if accept := options.get("accept", ""):
             headers["Accept"] = accept
         async with self._get_session().request(
             method,
             self.base_url + path,
-            params=params,
-            json=json,
-            data=data,
+            params=options.get("params"),
+            json=options.get("json"),
+            data=options.get("data"),
             headers=headers,
-            timeout=timeout or self._timeout,
+            timeout=options.get("timeout") or self._timeout,
             ssl=self._ssl,
         ) as resp:
             yield resp
@@ -153,22 +154,10 @@ class AgentClient:
             f"cannot reach the agent at {self.base_url}: {words}", reason=words, no_answer=_why_no_answer(exc)
         )
 
-    async def _exchange(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json: Any = None,
-        data: bytes | None = None,
-        accept: str = "",
-        timeout: aiohttp.ClientTimeout | None = None,
-    ) -> _Answer:
+    async def _exchange(self, method: str, path: str, **options: Unpack[RequestOptions]) -> _Answer:
         """One request with its whole answer read, whatever its status; no answer raises AgentError."""
         try:
-            async with self._open(
-                method, path, params=params, json=json, data=data, accept=accept, timeout=timeout
-            ) as resp:
+            async with self._open(method, path, **options) as resp:
                 return _Answer(resp.status, await resp.read(), resp.headers)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._unreachable(exc) from None
