@@ -300,9 +300,11 @@ def imds() -> Iterator[ThreadingHTTPServer]:
     thread.join()
 
 
-def test_spot_notice_stops_within_10_s_and_flushes(
+def start_spot_agent(
     tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
-) -> None:
+) -> tuple[AgentProcess, Path, Path]:
+    """A serving agent that polls the fake IMDS every second, flushes to a directory sink and powers off by
+    touching a marker: (agent, sink, marker)."""
     sink, marker = tmp_path / "sink", tmp_path / "powered-off"
     config = agent_config(
         tmp_path / "state",
@@ -312,6 +314,13 @@ def test_spot_notice_stops_within_10_s_and_flushes(
     )
     agent = start_agent(config)
     agent.wait(serving)
+    return agent, sink, marker
+
+
+def test_spot_notice_stops_within_10_s_and_flushes(
+    tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
+) -> None:
+    agent, sink, marker = start_spot_agent(tmp_path, start_agent, imds)
     task_id = agent.json("POST", "/v1/tasks", {"argv": ["sh", "-c", "echo working; sleep 300"]})["id"]
     agent.wait(lambda s: s["phase"] == "busy")
     time.sleep(1.5)  # a few polls that find no notice

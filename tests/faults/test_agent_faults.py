@@ -26,7 +26,7 @@ import pytest
 
 from tests import reliability
 from tests.agent.core_helpers import agent_config, make_wheel, pylock_for_wheel, write_bundle
-from tests.agent.test_agent_process import AgentProcess, FakeImds, serving
+from tests.agent.test_agent_process import AgentProcess, FakeImds, serving, start_spot_agent
 from tests.systools import need_tool
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -106,29 +106,10 @@ def test_sink_unreachable_at_flush_retries_a_bounded_number_of_times_then_powers
 # -- a spot interruption notice arrives while a task runs -------------------------------------------------------
 
 
-@pytest.fixture
-def imds() -> Iterator[ThreadingHTTPServer]:
-    FakeImds.notice = None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def test_spot_notice_mid_task_interrupts_flushes_and_is_off_within_two_minutes(
     tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
 ) -> None:
-    sink, marker = tmp_path / "sink", tmp_path / "powered-off"
-    config = agent_config(
-        tmp_path / "state",
-        sink=str(sink),
-        spot={"enabled": True, "imds_url": f"http://127.0.0.1:{imds.server_address[1]}", "poll": "1s"},
-        idle={"poweroff_command": ["touch", str(marker)]},
-    )
-    agent = start_agent(config)
-    agent.wait(serving)
+    agent, sink, marker = start_spot_agent(tmp_path, start_agent, imds)
     # A task that writes a numbered line every 50 ms and notes SIGTERM: its output up to the end must be kept.
     script = (
         "import signal, sys, time\n"
