@@ -202,14 +202,25 @@ def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Pat
 
 
 @pytest.mark.network
-def test_a_pin_the_index_never_had_is_dropped_with_a_warning(tmp_path: Path) -> None:
-    # nb-conda comes from conda, yet a pip freeze inside the conda environment lists it
-    source = _write(tmp_path, "nb-conda==2.2.1\nsix==1.16.0\n")
+@pytest.mark.parametrize(
+    ("name", "version", "because"),
+    [
+        # the index never had it: nb-conda comes from conda, yet a pip freeze inside the conda environment lists it
+        pytest.param("nb-conda", "2.2.1", "", id="never-on-the-index"),
+        # no release of it builds: suds-jurko (every release an sdist using setuptools' removed use_2to3), from
+        # dvrk-dvys/EZ_RVC's freeze
+        pytest.param("suds-jurko", "0.6", "use_2to3", id="no-release-builds"),
+    ],
+)
+def test_a_pin_the_index_cannot_serve_is_dropped_with_a_warning(
+    name: str, version: str, because: str, tmp_path: Path
+) -> None:
+    source = _write(tmp_path, f"{name}=={version}\nsix==1.16.0\n")
     result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
     rows = {row.name: row for row in result.rows}
-    assert rows["nb-conda"].action == "dropped" and rows["nb-conda"].reason.startswith("WARNING: ")
-    assert rows["six"].target == "1.16.0"
-    with pytest.raises(ResolverError, match="nb-conda"):
+    assert rows[name].action == "dropped" and rows[name].reason.startswith("WARNING: ")
+    assert because in rows[name].reason and rows["six"].target == "1.16.0"
+    with pytest.raises(ResolverError, match=name):
         lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
 
 
@@ -355,15 +366,3 @@ def test_a_forge_release_file_is_replaced_like_a_vcs_source_unless_kept() -> Non
     assert "--keep-vcs" in plan.index_or_drop["en-core-web-sm"]  # no index release: dropped, saying how to keep it
     kept = translate(_env(dists), CPU, keep_vcs=True)
     assert kept.requirements["en-core-web-sm"] == f"en-core-web-sm @ {url}"
-
-
-@pytest.mark.network
-def test_a_pin_no_release_of_which_builds_is_dropped_with_a_warning(tmp_path: Path) -> None:
-    # suds-jurko (every release an sdist using setuptools' removed use_2to3), from dvrk-dvys/EZ_RVC's freeze
-    source = _write(tmp_path, "suds-jurko==0.6\nsix==1.16.0\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
-    assert rows["suds-jurko"].action == "dropped" and rows["suds-jurko"].reason.startswith("WARNING: ")
-    assert "use_2to3" in rows["suds-jurko"].reason and rows["six"].target == "1.16.0"
-    with pytest.raises(ResolverError, match="suds-jurko"):
-        lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
