@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from rawvm_agent.app import Agent, create_app
 from rawvm_agent.config import config_from_dict
 
-ServeAgent = Callable[[dict[str, Any]], Awaitable[tuple[Agent, TestClient[Any, Any]]]]
+from tests.agent.app_helpers import ServeAgent
 
 
 @pytest.fixture

@@ -19,11 +19,10 @@ from rawvm_agent.app import Agent, create_app
 from rawvm_agent.config import config_from_dict
 from rawvm_agent.state import StateStore
 
-from tests.agent.conftest import ServeAgent
-from tests.agent.core_helpers import TOKEN, agent_config, tiny_bundle
+from tests.agent.app_helpers import AUTH, ServeAgent, get_json
+from tests.agent.core_helpers import agent_config, tiny_bundle
 from tests.systools import need_tool
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ClientFactory = Callable[..., Awaitable[tuple[Agent, TestClient[Any, Any]]]]
 
 
@@ -44,10 +43,7 @@ def make_client(tmp_path: Path, serve_agent: ServeAgent) -> ClientFactory:
 
 
 async def status(client: TestClient[Any, Any]) -> dict[str, Any]:
-    resp = await client.get("/v1/status", headers=AUTH)
-    assert resp.status == 200
-    body: dict[str, Any] = await resp.json()
-    return body
+    return await get_json(client, "/v1/status")
 
 
 async def run_task(client: TestClient[Any, Any], body: dict[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,9 @@ from hypothesis import strategies as st
 from rawvm_agent.app import Agent
 from rawvm_agent.batch import BatchError, BatchSpec, share_of
 
-from tests.agent.conftest import ServeAgent
-from tests.agent.core_helpers import TOKEN, agent_config
+from tests.agent.app_helpers import AUTH, ServeAgent, get_json
+from tests.agent.core_helpers import agent_config
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 Factory = Callable[..., Awaitable[tuple[Agent, TestClient[Any, Any]]]]
 
 # Prints its id and value; fails its first attempt when its id is in FAIL_ONCE, sleeps SLEEP seconds.
@@ -68,10 +67,7 @@ def make_agent(tmp_path: Path, serve_agent: ServeAgent) -> Factory:
 
 
 async def batch_status(client: TestClient[Any, Any]) -> dict[str, Any]:
-    resp = await client.get("/v1/batch", headers=AUTH)
-    assert resp.status == 200
-    body: dict[str, Any] = await resp.json()
-    return body
+    return await get_json(client, "/v1/batch")
 
 
 async def wait_results(client: TestClient[Any, Any], count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
