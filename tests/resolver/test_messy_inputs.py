@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from rawvm.cli.lock import PROVIDER_GLIBC, target_from_args
-from rawvm_resolver import Target, lock
+from rawvm_resolver import LockResult, Target, lock
 from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform
 from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.follow import follow_moved_pins
@@ -157,11 +157,16 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def _lock_cpu(source: Path, tmp_path: Path) -> tuple[LockResult, dict[str, ReportRow]]:
+    """``source`` locked for the CPU target into tmp_path / "bundle": (the result, its report rows by name)."""
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    return result, {row.name: row for row in result.rows}
+
+
 @pytest.mark.network
 def test_inconsistent_pins_relax_the_fewest_and_keep_the_rest(tmp_path: Path) -> None:
     source = _write(tmp_path, "conan==1.51.3\njinja2==2.11.3\nmarkupsafe==2.0.1\nsix==1.16.0\ncolorama==0.4.5\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    result, rows = _lock_cpu(source, tmp_path)
     assert rows["jinja2"].action == "version-changed" and rows["jinja2"].target.startswith("3.")
     assert rows["jinja2"].reason.startswith("the source environment was inconsistent: ")
     assert "conan" in rows["jinja2"].reason
@@ -184,8 +189,7 @@ def test_strict_keeps_the_refusal(tmp_path: Path) -> None:
 @pytest.mark.network
 def test_a_source_with_no_index_release_is_dropped_not_refused(tmp_path: Path) -> None:
     source = _write(tmp_path, "-e git+ssh://git@github.com/example/no-such-rawvm-pkg.git#egg=no-such-rawvm-pkg\nsix\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    result, rows = _lock_cpu(source, tmp_path)
     assert rows["no-such-rawvm-pkg"].action == "dropped" and "index has no release" in rows["no-such-rawvm-pkg"].reason
     assert rows["six"].target and any("no-such-rawvm-pkg" in warning for warning in result.warnings)
 
@@ -193,8 +197,7 @@ def test_a_source_with_no_index_release_is_dropped_not_refused(tmp_path: Path) -
 @pytest.mark.network
 def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Path) -> None:
     source = _write(tmp_path, "mlx==0.29.0\nmlx-metal==0.29.0\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    _, rows = _lock_cpu(source, tmp_path)
     assert rows["mlx"].target == "0.29.0" and rows["mlx-metal"].action == "dropped"
     assert rows["mlx-cpu"].target == "0.29.0"  # the library the Linux wheel needs
     old = lock(source, Target(arch="x86_64", python="3.11", glibc="2.28"), tmp_path / "old", project_dir=tmp_path)
@@ -216,8 +219,7 @@ def test_a_pin_the_index_cannot_serve_is_dropped_with_a_warning(
     name: str, version: str, because: str, tmp_path: Path
 ) -> None:
     source = _write(tmp_path, f"{name}=={version}\nsix==1.16.0\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    _, rows = _lock_cpu(source, tmp_path)
     assert rows[name].action == "dropped" and rows[name].reason.startswith("WARNING: ")
     assert because in rows[name].reason and rows["six"].target == "1.16.0"
     with pytest.raises(ResolverError, match=name):
@@ -328,8 +330,7 @@ def test_an_sdist_that_imports_pkg_resources_builds_with_the_setuptools_that_has
 def test_a_compiled_package_without_a_wheel_moves_and_a_pure_sdist_stays(tmp_path: Path) -> None:
     # pyarrow 9.0.0 has no Python 3.11 wheel (its sdist needs Arrow C++ on the VM); htmlmin never had a wheel
     source = _write(tmp_path, "pyarrow==9.0.0\nhtmlmin==0.1.12\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    _, rows = _lock_cpu(source, tmp_path)
     assert rows["pyarrow"].action == "version-changed" and rows["pyarrow"].source == "9.0.0"
     assert int(rows["pyarrow"].target.split(".")[0]) >= 10 and "its sdist is compiled code" in rows["pyarrow"].reason
     assert rows["htmlmin"].action == "builds-from-source" and rows["htmlmin"].target == "0.1.12"
