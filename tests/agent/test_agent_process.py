@@ -11,18 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.agent.core_helpers import TOKEN, Bundle, agent_config, tiny_bundle, write_config
+from tests.helpers.http import QuietHandler, loopback_server
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +258,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
-class FakeImds(BaseHTTPRequestHandler):
+class FakeImds(QuietHandler):
     """IMDSv2 as EC2 serves it for spot: a session token by PUT, then instance-action (404 until announced)."""
 
     token = "imds-session-token"
@@ -278,26 +278,12 @@ class FakeImds(BaseHTTPRequestHandler):
         else:
             self._reply(404, b"")
 
-    def _reply(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture
 def imds() -> Iterator[ThreadingHTTPServer]:
     FakeImds.notice = None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with loopback_server(FakeImds) as server:
+        yield server
 
 
 def start_spot_agent(
