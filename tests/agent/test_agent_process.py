@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 
 from tests.agent.core_helpers import TOKEN, Bundle, agent_config, tiny_bundle, write_config
 from tests.helpers.http import QuietHandler, loopback_server
+from tests.helpers.processes import stop
 
 pytestmark = pytest.mark.slow
 
@@ -82,13 +82,7 @@ class AgentProcess:
         raise AssertionError(f"status never matched; last: {last}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, timeout=30)
 
 
 @pytest.fixture
