@@ -33,6 +33,10 @@ import msgpack
 import psutil
 from aiohttp import ClientError, ClientSession, web
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers.processes import stop
+
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 TOKEN = "bench-token-5e0c2b7d"
 STARTUP_TIMEOUT_S = 60.0
@@ -151,16 +155,6 @@ def start_agent(mode: str, work: Path, port: int, env: dict[str, str], prefill: 
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def measure(seconds: float, mode: str, bytecode_cache: bool, prefill: int) -> int:
     if not Path(NODE_EXPORTER).exists():
         print(f"{NODE_EXPORTER} not found: apt-get install prometheus-node-exporter", file=sys.stderr)
@@ -185,7 +179,7 @@ async def measure(seconds: float, mode: str, bytecode_cache: bool, prefill: int)
                 if await wait_http(http, f"http://127.0.0.1:{agent_port}/healthz", agent):
                     mode = candidate
                     break
-                stop(agent)
+                stop(agent, timeout=20)
                 print(f"{candidate} did not come up; see {work / (candidate + '.log')}", file=sys.stderr)
                 agent = None
             if agent is None:
@@ -227,7 +221,7 @@ async def measure(seconds: float, mode: str, bytecode_cache: bool, prefill: int)
             agent_rss, node_rss = peak_rss_mb(agent.pid), peak_rss_mb(node.pid)
     finally:
         for proc in reversed(procs):
-            stop(proc)
+            stop(proc, timeout=20)
         shutil.rmtree(work, ignore_errors=True)
 
     what = (

@@ -33,7 +33,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rawvm.agent.uvwheel import UvArtifact, UvWheel  # noqa: E402
 from rawvm.options import MachineRequest  # noqa: E402
 from rawvm.providers.aws.fleet import launch_template_data, tag_list  # noqa: E402
 from rawvm.providers.aws.network import default_network, ensure_security_group  # noqa: E402
@@ -47,31 +46,13 @@ from tests.bootstrap.test_aws_moto import (  # noqa: E402
     REGION,
     MotoServer,
     fake_wheel,
+    moto_provider,
     record_calls,
-    seed_public_image_parameters,
-    session,
-)
-
-UV = UvWheel(
-    "0.13.9",
-    UvArtifact("uv-x86_64.whl", "https://files.pythonhosted.org/uv-x86_64.whl", "11" * 32),
-    UvArtifact("uv-aarch64.whl", "https://files.pythonhosted.org/uv-aarch64.whl", "22" * 32),
 )
 
 
 def provider_for(server: MotoServer, tmp: Path) -> AwsProvider:
-    provider = AwsProvider(
-        REGION,
-        "rawvm-bench",
-        session=session(),
-        endpoint_url=server.url,
-        caller_ip=lambda: CALLER_IP,
-        uv_wheel=UV,
-        cache_dir=tmp / "cache",
-        config_path=tmp / "aws.toml",
-    )
-    seed_public_image_parameters(provider.client("ec2", REGION))
-    provider.setup()
+    provider = moto_provider(server, tmp, "rawvm-bench")
     provider.instance_types(REGION)  # warm the type cache on both sides: it is not what is compared
     return provider
 

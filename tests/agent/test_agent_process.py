@@ -7,22 +7,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.agent.core_helpers import TOKEN, Bundle, agent_config, tiny_bundle, write_config
+from tests.helpers.http import QuietHandler, loopback_server
+from tests.helpers.processes import stop
 
 pytestmark = pytest.mark.slow
 
@@ -82,13 +82,7 @@ class AgentProcess:
         raise AssertionError(f"status never matched; last: {last}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, timeout=30)
 
 
 @pytest.fixture
@@ -258,7 +252,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
-class FakeImds(BaseHTTPRequestHandler):
+class FakeImds(QuietHandler):
     """IMDSv2 as EC2 serves it for spot: a session token by PUT, then instance-action (404 until announced)."""
 
     token = "imds-session-token"
@@ -278,31 +272,19 @@ class FakeImds(BaseHTTPRequestHandler):
         else:
             self._reply(404, b"")
 
-    def _reply(self, code: int, body: bytes) -> None:
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture
 def imds() -> Iterator[ThreadingHTTPServer]:
     FakeImds.notice = None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with loopback_server(FakeImds) as server:
+        yield server
 
 
-def test_spot_notice_stops_within_10_s_and_flushes(
+def start_spot_agent(
     tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
-) -> None:
+) -> tuple[AgentProcess, Path, Path]:
+    """A serving agent that polls the fake IMDS every second, flushes to a directory sink and powers off by
+    touching a marker: (agent, sink, marker)."""
     sink, marker = tmp_path / "sink", tmp_path / "powered-off"
     config = agent_config(
         tmp_path / "state",
@@ -312,6 +294,13 @@ def test_spot_notice_stops_within_10_s_and_flushes(
     )
     agent = start_agent(config)
     agent.wait(serving)
+    return agent, sink, marker
+
+
+def test_spot_notice_stops_within_10_s_and_flushes(
+    tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
+) -> None:
+    agent, sink, marker = start_spot_agent(tmp_path, start_agent, imds)
     task_id = agent.json("POST", "/v1/tasks", {"argv": ["sh", "-c", "echo working; sleep 300"]})["id"]
     agent.wait(lambda s: s["phase"] == "busy")
     time.sleep(1.5)  # a few polls that find no notice

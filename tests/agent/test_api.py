@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,10 @@ from rawvm_agent.config import config_from_dict
 from rawvm_agent.server import create_app
 from rawvm_agent.state import StateStore
 
-from tests.agent.core_helpers import TOKEN, agent_config, tiny_bundle
+from tests.agent.app_helpers import AUTH, ServeAgent, get_json
+from tests.agent.core_helpers import agent_config, tiny_bundle
 from tests.systools import need_tool
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ClientFactory = Callable[..., Awaitable[tuple[Agent, TestClient[Any, Any]]]]
 
 
@@ -36,27 +36,15 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
 
 
 @pytest.fixture
-async def make_client(tmp_path: Path) -> AsyncIterator[ClientFactory]:
-    clients: list[TestClient[Any, Any]] = []
-
+def make_client(tmp_path: Path, serve_agent: ServeAgent) -> ClientFactory:
     async def make(**overrides: Any) -> tuple[Agent, TestClient[Any, Any]]:
-        raw = agent_config(tmp_path / "state", **overrides)
-        agent = Agent(config_from_dict(raw))
-        client = TestClient(TestServer(create_app(agent)))
-        await client.start_server()
-        clients.append(client)
-        return agent, client
+        return await serve_agent(agent_config(tmp_path / "state", **overrides))
 
-    yield make
-    for client in clients:
-        await client.close()
+    return make
 
 
 async def status(client: TestClient[Any, Any]) -> dict[str, Any]:
-    resp = await client.get("/v1/status", headers=AUTH)
-    assert resp.status == 200
-    body: dict[str, Any] = await resp.json()
-    return body
+    return await get_json(client, "/v1/status")
 
 
 async def run_task(client: TestClient[Any, Any], body: dict[str, Any]) -> dict[str, Any]:

@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 from rawvm_agent.app import Agent
 from rawvm_agent.batch import BatchError, BatchSpec, share_of
-from rawvm_agent.config import config_from_dict
-from rawvm_agent.server import create_app
 
-from tests.agent.core_helpers import TOKEN, agent_config
+from tests.agent.app_helpers import AUTH, ServeAgent, get_json
+from tests.agent.core_helpers import agent_config
 
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 Factory = Callable[..., Awaitable[tuple[Agent, TestClient[Any, Any]]]]
 
 # Prints its id and value; fails its first attempt when its id is in FAIL_ONCE, sleeps SLEEP seconds.
@@ -50,33 +49,25 @@ def spec_json(ids: list[int], machines: int, **kw: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def make_agent(tmp_path: Path) -> AsyncIterator[Factory]:
-    clients: list[TestClient[Any, Any]] = []
+def make_agent(tmp_path: Path, serve_agent: ServeAgent) -> Factory:
+    made = itertools.count()
 
     async def make(
         spec: dict[str, Any], *, sha: str | None = None, **overrides: Any
     ) -> tuple[Agent, TestClient[Any, Any]]:
-        path = tmp_path / f"spec-{len(clients)}.json"
+        n = next(made)
+        path = tmp_path / f"spec-{n}.json"
         path.write_text(json.dumps(spec))
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if sha is None else sha
-        raw = agent_config(tmp_path / f"state-{len(clients)}", batch={"spec_url": str(path), "spec_sha256": digest})
+        raw = agent_config(tmp_path / f"state-{n}", batch={"spec_url": str(path), "spec_sha256": digest})
         raw.update(overrides)
-        agent = Agent(config_from_dict(raw))
-        client = TestClient(TestServer(create_app(agent)))
-        await client.start_server()
-        clients.append(client)
-        return agent, client
+        return await serve_agent(raw)
 
-    yield make
-    for client in clients:
-        await client.close()
+    return make
 
 
 async def batch_status(client: TestClient[Any, Any]) -> dict[str, Any]:
-    resp = await client.get("/v1/batch", headers=AUTH)
-    assert resp.status == 200
-    body: dict[str, Any] = await resp.json()
-    return body
+    return await get_json(client, "/v1/batch")
 
 
 async def wait_results(client: TestClient[Any, Any], count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -198,7 +189,9 @@ async def test_a_spec_with_the_wrong_sha256_never_runs_and_leaves_the_machine_id
     assert not agent.batch.pending and not agent.tasks.tasks
 
 
-async def test_a_restarted_agent_keeps_its_results_and_runs_only_the_rest(tmp_path: Path) -> None:
+async def test_a_restarted_agent_keeps_its_results_and_runs_only_the_rest(
+    tmp_path: Path, serve_agent: ServeAgent
+) -> None:
     spec = spec_json([0, 1, 2, 3], 1)
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
@@ -207,13 +200,8 @@ async def test_a_restarted_agent_keeps_its_results_and_runs_only_the_rest(tmp_pa
     results.mkdir(parents=True)
     earlier = {"id": 2, "state": "done", "exit_code": 0, "attempts": [], "machine": "m-test", "ended_at": 1.0}
     (results / "2.json").write_text(json.dumps(earlier))
-    agent = Agent(config_from_dict(raw))
-    client = TestClient(TestServer(create_app(agent)))
-    await client.start_server()
-    try:
-        got = await wait_results(client, 4)
-    finally:
-        await client.close()
+    agent, client = await serve_agent(raw)
+    got = await wait_results(client, 4)
     assert got[0]["id"] == 2 and sorted(r["id"] for r in got) == [0, 1, 2, 3]
     assert len(agent.tasks.tasks) == 3  # task 2 did not run again
 

@@ -70,20 +70,20 @@ def last_keepalive(observations: tuple[Obs, ...], upto: int) -> float | None:
     return max(pings) if pings else None
 
 
+def observe_step(policy: IdlePolicy, scenario: Scenario, i: int) -> IdleDecision:
+    """The policy's decision on the scenario's i-th observation."""
+    o = scenario.observations[i]
+    return policy.observe(
+        o.t,
+        task_running=o.task,
+        cpu_percent=o.cpu,
+        gpu_percents=o.gpus,
+        last_keepalive=last_keepalive(scenario.observations, i),
+    )
+
+
 def run(policy: IdlePolicy, scenario: Scenario, start: int = 0) -> list[IdleDecision]:
-    decisions = []
-    for i in range(start, len(scenario.observations)):
-        o = scenario.observations[i]
-        decisions.append(
-            policy.observe(
-                o.t,
-                task_running=o.task,
-                cpu_percent=o.cpu,
-                gpu_percents=o.gpus,
-                last_keepalive=last_keepalive(scenario.observations, i),
-            )
-        )
-    return decisions
+    return [observe_step(policy, scenario, i) for i in range(start, len(scenario.observations))]
 
 
 def load_busy(o: Obs) -> bool:
@@ -191,19 +191,11 @@ def test_monitoring_reads_never_reset_idleness(scenario: Scenario, reads_between
     watched = IdlePolicy(scenario.config, started_at=0.0)
     expected = run(quiet, scenario)
     got = []
-    for i, o in enumerate(scenario.observations):
+    for i in range(len(scenario.observations)):
         for _ in range(reads_between[i]):
             json.dumps(watched.to_state())
             _ = (watched.idle_since, watched.started_at)
-        got.append(
-            watched.observe(
-                o.t,
-                task_running=o.task,
-                cpu_percent=o.cpu,
-                gpu_percents=o.gpus,
-                last_keepalive=last_keepalive(scenario.observations, i),
-            )
-        )
+        got.append(observe_step(watched, scenario, i))
     assert got == expected
 
 

@@ -27,6 +27,7 @@ from rawvm_agent.telemetry import CONTENT_TYPE
 from tests.agent.core_helpers import TOKEN, free_port
 from tests.agent.test_nvml import prom_value
 from tests.agent.test_nvml_fakelib import eight_gpus, installed
+from tests.helpers.processes import stop
 from tests.systools import need_tool
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -162,12 +163,7 @@ async def prometheus_server(tmp_path: Path) -> AsyncIterator[Callable[[int], Awa
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=30)
 
 
 async def targets_by_job(http: ClientSession, base: str) -> dict[str, dict[str, Any]]:

@@ -208,22 +208,26 @@ class OneGpuLost(FakeNvmlLib):
         return super().nvmlDeviceGetHandleByIndex_v2(index, handle_ref)
 
 
-def test_nvml_that_will_not_start_is_a_gpu_error_not_a_crash(tmp_path: Path) -> None:
-    with installed(MismatchedDriver(eight_gpus().gpus)):
-        s = Sampler(TelemetryConfig(), tmp_path)
+def sample_once_with(lib: FakeNvmlLib, state_dir: Path) -> tuple[int, dict[str, Any]]:
+    """One sample from a Sampler over the fake NVML library: (the Sampler's gpu_count, the sample)."""
+    with installed(lib):
+        s = Sampler(TelemetryConfig(), state_dir)
         sample = s.sample_once()
-        assert s.gpu_count == 0
+        gpu_count = s.gpu_count
         s.close()
+    return gpu_count, sample
+
+
+def test_nvml_that_will_not_start_is_a_gpu_error_not_a_crash(tmp_path: Path) -> None:
+    gpu_count, sample = sample_once_with(MismatchedDriver(eight_gpus().gpus), tmp_path)
+    assert gpu_count == 0
     assert "gpu" not in sample
     assert "RM has detected an NVML/RM version mismatch" in sample["errors"]["gpu"]
     assert {"cpu", "memory", "disk", "network", "load", "processes"} <= set(sample)
 
 
 def test_a_lost_gpu_leaves_the_others_reporting(tmp_path: Path) -> None:
-    with installed(OneGpuLost(eight_gpus().gpus)):
-        s = Sampler(TelemetryConfig(), tmp_path)
-        sample = s.sample_once()
-        assert s.gpu_count == 7
-        s.close()
+    gpu_count, sample = sample_once_with(OneGpuLost(eight_gpus().gpus), tmp_path)
+    assert gpu_count == 7
     assert [g["index"] for g in sample["gpu"]] == [0, 1, 3, 4, 5, 6, 7]
     assert sample["gpu"][2]["uuid"].endswith("03") and "errors" not in sample

@@ -9,15 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import rawvm
 
+from tests.helpers.local import processes_under
+
 pytestmark = [pytest.mark.network, pytest.mark.slow]
-
-
-def leftovers(tmp: Path) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.fixture
@@ -53,9 +50,9 @@ async def test_run_from_python_inside_an_event_loop(project: Path, tmp_path: Pat
     assert {"lock", "stage", "launch", "ready", "task", "total"} <= set(result.timings)
     assert Path(result.machines[0].details["dir"]).is_relative_to(tmp_path / "tmp")
     deadline = time.monotonic() + 60
-    while leftovers(tmp_path / "tmp") and time.monotonic() < deadline:
+    while processes_under(tmp_path / "tmp") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert leftovers(tmp_path / "tmp") == []
+    assert processes_under(tmp_path / "tmp") == []
     from rawvm import sinks
 
     assert json.loads((sinks.sink_dir(result.cluster) / "provider.json").read_text())["provider"] == "local"

@@ -22,11 +22,18 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 from moto.ssm.models import Parameter, ssm_backends
+from rawvm.agent.uvwheel import UvArtifact, UvWheel
+from rawvm.providers.aws.provider import AwsProvider
 
 ACCOUNT = "123456789012"  # moto's default account
 REGION = "us-east-1"
 CALLER_IP = "203.0.113.7"
 READ_PREFIXES = ("Describe", "Get", "List", "Head")
+UV = UvWheel(
+    "0.13.9",
+    UvArtifact("uv-x86_64.whl", "https://files.pythonhosted.org/uv-x86_64.whl", "11" * 32),
+    UvArtifact("uv-aarch64.whl", "https://files.pythonhosted.org/uv-aarch64.whl", "22" * 32),
+)
 
 
 class MotoServer:
@@ -96,6 +103,25 @@ class CallLog:
     @property
     def mutating(self) -> list[str]:
         return [c for c in self.calls if not c.startswith(READ_PREFIXES)]
+
+
+def moto_provider(server: MotoServer, tmp: Path, bucket: str, **kw: Any) -> AwsProvider:
+    """An aws provider on the moto server (the caller's address and the uv wheel fixed, caches under ``tmp``),
+    with the public image parameters seeded, set up."""
+    provider = AwsProvider(
+        REGION,
+        bucket,
+        session=session(),
+        endpoint_url=server.url,
+        caller_ip=lambda: CALLER_IP,
+        uv_wheel=UV,
+        cache_dir=tmp / "cache",
+        config_path=tmp / "aws.toml",
+        **kw,
+    )
+    seed_public_image_parameters(provider.client("ec2", REGION))
+    provider.setup()
+    return provider
 
 
 def record_calls(client: Any) -> CallLog:

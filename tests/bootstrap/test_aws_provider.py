@@ -19,7 +19,6 @@ import pytest
 import yaml
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from rawvm.agent.userdata import AGENT_TOML, USER_DATA_LIMIT
-from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.options import MachineRequest
 from rawvm.providers.aws.provider import AwsProvider
@@ -33,16 +32,12 @@ from tests.bootstrap.test_aws_moto import (
     MotoServer,
     fake_wheel,
     iter_tags,
+    moto_provider,
     record_calls,
     seed_public_image_parameters,
     session,
 )
 
-UV = UvWheel(
-    "0.13.9",
-    UvArtifact("uv-x86_64.whl", "https://files.pythonhosted.org/uv-x86_64.whl", "11" * 32),
-    UvArtifact("uv-aarch64.whl", "https://files.pythonhosted.org/uv-aarch64.whl", "22" * 32),
-)
 TOKEN = "secret-token-0123456789"
 TAG_KEYS = {"rawvm:cluster", "rawvm:owner", "rawvm:created", "rawvm:expires"}
 
@@ -56,21 +51,7 @@ def moto() -> Iterator[MotoServer]:
 
 
 def make_provider(server: MotoServer, tmp: Path) -> AwsProvider:
-    provider = AwsProvider(
-        REGION,
-        "rawvm-test-staging",
-        session=session(),
-        endpoint_url=server.url,
-        caller_ip=lambda: CALLER_IP,
-        uv_wheel=UV,
-        cache_dir=tmp / "cache",
-        config_path=tmp / "aws.toml",
-        poll=0.01,
-        sleep=lambda s: None,
-    )
-    seed_public_image_parameters(provider.client("ec2", REGION))
-    provider.setup()
-    return provider
+    return moto_provider(server, tmp, "rawvm-test-staging", poll=0.01, sleep=lambda s: None)
 
 
 def make_spec(tmp: Path, cluster: str, count: int, **kw: Any) -> MachineSpec:

@@ -9,10 +9,8 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
-import io
 import json
 import shutil
-import tarfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from rawvm.providers.base import MachineSpec
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.sink import flush
 
+from tests.agent.test_sink import expected, sources, untar
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, session
 
 pytestmark = pytest.mark.slow  # starts a moto server
@@ -59,28 +58,6 @@ def state_dir(tmp_path: Path) -> Path:
     (root / "telemetry" / "samples-00000001.msgpack").write_bytes(bytes(range(256)) * 64)
     (root / "state.json").write_text('{"phase": "stopping"}')
     return root
-
-
-def files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-def expected(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in files(root)}
-
-
-def contents(blob: bytes) -> tuple[set[str], dict[str, bytes]]:
-    """(top-level directories, path under them -> bytes) of a flushed tar.gz."""
-    tops: set[str] = set()
-    found: dict[str, bytes] = {}
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        for member in tar.getmembers():
-            top, _, rest = member.name.partition("/")
-            tops.add(top)
-            extracted = tar.extractfile(member) if member.isfile() else None
-            if extracted is not None:
-                found[rest] = extracted.read()
-    return tops, found
 
 
 def test_setup_makes_a_private_bucket_whose_objects_expire(provider: AwsProvider) -> None:
@@ -138,9 +115,9 @@ def test_sink_put_url_is_sigv4_and_signs_no_content_type(provider: AwsProvider, 
     assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
     assert query["X-Amz-SignedHeaders"] == ["host"]
     assert "content-type" not in url.lower()
-    asyncio.run(flush(url, files(state_dir), label="c1-m1"))
+    asyncio.run(flush(url, sources(state_dir), label="c1-m1"))
     blob = provider.client("s3", REGION).get_object(Bucket=BUCKET, Key="clusters/c1/sink/m1.tar.gz")["Body"].read()
-    assert contents(blob)[1] == expected(state_dir)
+    assert untar(blob)[1] == expected(state_dir)
 
 
 def test_machines_sharing_one_presigned_post_each_land_their_own_object(
@@ -162,19 +139,19 @@ def test_machines_sharing_one_presigned_post_each_land_their_own_object(
     (other / "tasks" / "t1" / "stdout").write_bytes(b"the second machine's output\n")
 
     async def both() -> None:
-        await flush(config.sink, files(state_dir), label="c1-ip-10-0-1-7", form=config.sink_form)
-        await flush(config.sink, files(other), label="c1-ip-10-0-1-8", form=config.sink_form)
+        await flush(config.sink, sources(state_dir), label="c1-ip-10-0-1-7", form=config.sink_form)
+        await flush(config.sink, sources(other), label="c1-ip-10-0-1-8", form=config.sink_form)
 
     asyncio.run(both())
     s3 = provider.client("s3", REGION)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="clusters/c1/")["Contents"])
     assert len(keys) == 2 and all(k.startswith("clusters/c1/sink/") and k.endswith(".tar.gz") for k in keys)
     first, second = (s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys)
-    assert keys[0].startswith("clusters/c1/sink/c1-ip-10-0-1-7-") and contents(first) == (
+    assert keys[0].startswith("clusters/c1/sink/c1-ip-10-0-1-7-") and untar(first) == (
         {keys[0].rsplit("/", 1)[1].removesuffix(".tar.gz")},
         expected(state_dir),
     )
-    assert keys[1].startswith("clusters/c1/sink/c1-ip-10-0-1-8-") and contents(second)[1] == expected(other)
+    assert keys[1].startswith("clusters/c1/sink/c1-ip-10-0-1-8-") and untar(second)[1] == expected(other)
 
 
 def test_machine_config_leaves_another_sink_alone(provider: AwsProvider) -> None:

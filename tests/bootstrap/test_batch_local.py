@@ -6,7 +6,6 @@ The environment is an empty requirements file (the lock needs no package index).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,8 @@ import pytest
 from rawvm import clusters, session
 from rawvm.batches import array as batches
 from rawvm_agent.batch import share_of
+
+from tests.helpers.local import local_project, processes_under
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +38,11 @@ def task_code(marker: Path, sleep: float = 0.0) -> str:
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "requirements.txt").write_text("")
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    state = tmp_path / "state"
-    monkeypatch.setenv("RAWVM_STATE_DIR", str(state))  # for the in-process reads below
-    environ = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp), "CWD": str(project)}
+    project, tmp, environ = local_project(tmp_path, {"requirements.txt": ""})
+    monkeypatch.setenv("RAWVM_STATE_DIR", environ["RAWVM_STATE_DIR"])  # for the in-process reads below
+    environ["CWD"] = str(project)
     yield environ
-    for proc in machine_processes(tmp):  # whatever a failing test left running
+    for proc in processes_under(tmp):  # whatever a failing test left running
         proc.kill()
 
 
@@ -84,19 +80,11 @@ def run_array(env: dict[str, str], code: str, *flags: str) -> subprocess.Complet
     )
 
 
-def machine_processes(tmp: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(str(tmp) in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
-
-
 def wait_no_machines(env: dict[str, str], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while machine_processes(Path(env["TMPDIR"])) and time.monotonic() < deadline:
+    while processes_under(Path(env["TMPDIR"])) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not machine_processes(Path(env["TMPDIR"]))
+    assert not processes_under(Path(env["TMPDIR"]))
 
 
 def status_json(env: dict[str, str], cluster: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from rawvm.errors import RawvmError, UsageError
 from rawvm.providers.aws import prices as aws_prices
 from rawvm.providers.aws.prices import PriceBook, on_demand_usd
 from rawvm.providers.aws.provider import AwsProvider
-from rawvm.providers.base import Machine
+from rawvm.providers.base import Machine, MachineSpec
 
 from tests.bootstrap.test_aws_moto import REGION, MotoServer, iter_tags, session
 from tests.bootstrap.test_aws_provider import make_provider, make_spec
@@ -231,20 +231,25 @@ def test_estimate_matches_the_price_list_by_hand(moto: MotoServer, tmp_path: Pat
     )
 
 
+def guard_2h_at_50_cents(provider: AwsProvider, spec: MachineSpec, action: str, said: list[str]) -> float:
+    """The cost guard for a 2-hour launch of ``spec`` with --max-cost $0.50; what it says goes to ``said``."""
+    return cost_guard.guard(
+        lambda: provider.estimate(spec),
+        lifetime_s=7200,
+        grace_s=BACKSTOP_GRACE,
+        max_cost=0.5,
+        action=action,
+        say=said.append,
+    )
+
+
 @pytest.mark.slow
 def test_max_cost_refuses_with_one_line(moto: MotoServer, tmp_path: Path, xdg_cache: Path) -> None:
     provider = priced_provider(moto, tmp_path, xdg_cache)
     spec = make_spec(tmp_path, "capped", 4, vm_type="c7i.large")
     said: list[str] = []
     with pytest.raises(RawvmError) as info:
-        cost_guard.guard(
-            lambda: provider.estimate(spec),
-            lifetime_s=7200,
-            grace_s=BACKSTOP_GRACE,
-            max_cost=0.5,
-            action="refuse",
-            say=said.append,
-        )
+        guard_2h_at_50_cents(provider, spec, "refuse", said)
     message = str(info.value)
     assert "\n" not in message and said == []
     assert message.startswith("price: 4 x c7i.large on-demand = $0.3570/h; worst case $0.7735")
@@ -260,14 +265,7 @@ def test_max_cost_shorten_lowers_each_lifetime_to_fit_and_the_machines_carry_it(
     provider = priced_provider(moto, tmp_path, xdg_cache, launches=True)
     spec = make_spec(tmp_path, "short", 4, vm_type="c7i.large")
     said: list[str] = []
-    lifetime = cost_guard.guard(
-        lambda: provider.estimate(spec),
-        lifetime_s=7200,
-        grace_s=BACKSTOP_GRACE,
-        max_cost=0.5,
-        action="shorten",
-        say=said.append,
-    )
+    lifetime = guard_2h_at_50_cents(provider, spec, "shorten", said)
     # By hand: $0.50 / $0.357 per hour = 5042.0 s, less the 600 s backstop grace.
     assert lifetime == math.floor(0.5 / (4 * 0.08925) * 3600 - 600) == 4442
     (line,) = said

@@ -17,13 +17,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import psutil
 import pytest
 import rawvm
 from rawvm import api, clusters
 from rawvm.agent import client as agent_client
 from rawvm.functions import pool as function_pool
 from rawvm.session import provider_of, run_sync
+
+from tests.helpers.local import local_project, processes_under
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -71,23 +72,14 @@ def intcomma(x):
 """
 
 
-def _leftovers(tmp: Path) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
-    base = tmp_path_factory.mktemp("function")
-    root = base / "project"
-    root.mkdir()
-    (root / "requirements.txt").write_text("six\n")
-    (root / "fnhelpers.py").write_text("def double(x):\n    return 2 * x\n")
-    (root / "fnwork.py").write_text(WORK)
-    (base / "tmp").mkdir()
+    files = {"requirements.txt": "six\n", "fnhelpers.py": "def double(x):\n    return 2 * x\n", "fnwork.py": WORK}
+    root, tmp, env = local_project(tmp_path_factory.mktemp("function"), files)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        mp.setenv("RAWVM_STATE_DIR", str(base / "state"))
-        mp.setattr(tempfile, "tempdir", str(base / "tmp"))
+        mp.setenv("RAWVM_STATE_DIR", env["RAWVM_STATE_DIR"])
+        mp.setattr(tempfile, "tempdir", str(tmp))
         mp.syspath_prepend(str(root))
         module = importlib.import_module("fnwork")
         try:
@@ -98,9 +90,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
             sys.modules.pop("fnwork", None)
             sys.modules.pop("fnhelpers", None)
             deadline = time.monotonic() + 60
-            while _leftovers(base / "tmp") and time.monotonic() < deadline:
+            while processes_under(tmp) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert _leftovers(base / "tmp") == []
+            assert processes_under(tmp) == []
 
 
 def _agent_status(cluster: str) -> list[dict[str, Any]]:
@@ -205,7 +197,7 @@ def test_idle_workers_do_not_keep_a_machine_alive_after_the_keepalive(work: Modu
     (machine,) = record.machines
     directory = Path(machine.details["dir"])
     deadline = time.monotonic() + 60
-    while (directory.exists() or _leftovers(directory)) and time.monotonic() < deadline:
+    while (directory.exists() or processes_under(directory)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not directory.exists() and _leftovers(directory) == []  # powered off by itself: nothing left
+    assert not directory.exists() and processes_under(directory) == []  # powered off by itself: nothing left
     assert not provider_of(record).alive(machine)

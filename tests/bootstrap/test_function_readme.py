@@ -6,16 +6,16 @@ results; the second, within the keepalive and in a new process, reuses the warm 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from rawvm import api, clusters
+
+from tests.helpers.local import local_project, processes_under
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -33,13 +33,8 @@ def readme_example() -> str:
 def test_the_readme_function_example_runs_and_a_second_run_reuses_the_machines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "squares.py").write_text(readme_example())
-    state, tmp = tmp_path / "state", tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("RAWVM_STATE_DIR", str(state))
-    env = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp)}
+    project, tmp, env = local_project(tmp_path, {"squares.py": readme_example()})
+    monkeypatch.setenv("RAWVM_STATE_DIR", env["RAWVM_STATE_DIR"])
 
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -60,8 +55,6 @@ def test_the_readme_function_example_runs_and_a_second_run_reuses_the_machines(
         for record in clusters.all_records():
             api.down(record.name)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(
-        str(tmp) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
-    ):
+    while time.monotonic() < deadline and processes_under(tmp):
         time.sleep(0.2)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+    assert not processes_under(tmp)

@@ -22,25 +22,18 @@ from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.local import LocalProvider, host_target, machine_environment
 from rawvm_agent.config import AgentConfig, IdleConfig, load_config
 
+from tests.helpers.local import processes_under
+
 pytestmark = pytest.mark.slow
-
-
-def processes_of(machine_dir: Path) -> list[psutil.Process]:
-    """Every process whose command line mentions the machine's directory (wrapper, agent)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(str(machine_dir) in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 def wait_gone(machine_dir: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not processes_of(machine_dir) and not machine_dir.exists():
+        if not processes_under(machine_dir) and not machine_dir.exists():
             return
         time.sleep(0.2)
-    raise AssertionError(f"still there after {timeout}s: {processes_of(machine_dir)}, dir {machine_dir.exists()}")
+    raise AssertionError(f"still there after {timeout}s: {processes_under(machine_dir)}, dir {machine_dir.exists()}")
 
 
 @pytest.fixture

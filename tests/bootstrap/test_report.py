@@ -39,6 +39,7 @@ from rawvm_agent.telemetry.store import Store
 from tests.agent.core_helpers import TOKEN
 from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
 from tests.agent.test_nvml_fakelib import eight_gpus, installed
+from tests.helpers.local import local_project
 from tests.systools import need_tool
 
 CHROMIUM_FLAGS = (
@@ -81,14 +82,9 @@ def chromium(html: Path, tmp: Path, *args: str) -> subprocess.CompletedProcess[s
 
 @pytest.mark.slow
 def test_report_of_a_local_cluster_whose_machines_are_gone(tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "requirements.txt").write_text("")
-    (project / "burn.py").write_text("import time\nend = time.time() + 3\nwhile time.time() < end:\n    pass\n")
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    burn = "import time\nend = time.time() + 3\nwhile time.time() < end:\n    pass\n"
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": "", "burn.py": burn})
     state = tmp_path / "state"
-    env = {**os.environ, "RAWVM_STATE_DIR": str(state), "TMPDIR": str(tmp)}
     up = rawvm("up", "-n", "2", "--keepalive", "4s", "--from", "requirements.txt", env=env, cwd=project)
     assert up.returncode == 0, up.stderr
     cluster = up.stdout.strip()

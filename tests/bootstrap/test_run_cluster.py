@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.helpers.local import local_project, processes_under
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -22,13 +22,8 @@ def rawvm(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedPro
 
 
 def test_up_run_logs_ls_down(tmp_path: Path) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "requirements.txt").write_text("humanize\n")
-    (project / "job.py").write_text("import humanize\nprint('one', humanize.intcomma(1234567))\nprint('two')\n")
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp)}
+    job = "import humanize\nprint('one', humanize.intcomma(1234567))\nprint('two')\n"
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": "humanize\n", "job.py": job})
 
     up = rawvm("up", "-n", "2", "--keepalive", "5m", "--from", "requirements.txt", env=env, cwd=project)
     assert up.returncode == 0, up.stderr
@@ -53,10 +48,8 @@ def test_up_run_logs_ls_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert f"stopped 2 machines of {cluster}" in down.stderr
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(
-        str(tmp) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])
-    ):
+    while time.monotonic() < deadline and processes_under(tmp):
         time.sleep(0.2)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp) in " ".join(p.info["cmdline"] or [])]
+    assert not processes_under(tmp)
     assert json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout) == []
     assert rawvm("down", cluster, env=env, cwd=project).returncode == 1  # forgotten

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shlex
 import subprocess
 import sys
@@ -18,8 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.helpers.local import processes_under, stream_stdout
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -41,14 +41,6 @@ sys.exit(3)
 """
 
 
-def machine_processes(root: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if any(str(root) in part for part in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
-
-
 def readme_run_command(readme: Path) -> list[str]:
     """The README's ``uv run rawvm run ...`` line, as argv (its trailing ``# comment`` dropped)."""
     for line in readme.read_text().splitlines():
@@ -59,9 +51,9 @@ def readme_run_command(readme: Path) -> list[str]:
 
 def wait_nothing_left(tmp: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while (machine_processes(tmp) or any(tmp.glob("rawvm-local-*/*"))) and time.monotonic() < deadline:
+    while (processes_under(tmp) or any(tmp.glob("rawvm-local-*/*"))) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert machine_processes(tmp) == []
+    assert processes_under(tmp) == []
     assert not any(tmp.glob("rawvm-local-*/*"))
 
 
@@ -99,27 +91,11 @@ def test_readme_main_command_from_a_fresh_clone(tmp_path: Path) -> None:
     go = tmp_path / "go"
 
     command = ["uv", "run", "rawvm", "run", "--from", str(user_env), "--keepalive", "3s", "--"]
-    proc = subprocess.Popen(
-        [*command, "python", "script.py", str(go)],
-        cwd=clone,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
+    proc, lines, stdout_reader = stream_stdout([*command, "python", "script.py", str(go)], clone, env)
     errors: list[str] = []
-
-    def read_stdout() -> None:
-        for line in proc.stdout or []:
-            lines.put(line)
-
-    readers = [
-        threading.Thread(target=read_stdout, daemon=True),
-        threading.Thread(target=lambda: errors.extend(proc.stderr or []), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
+    stderr_reader = threading.Thread(target=lambda: errors.extend(proc.stderr or []), daemon=True)
+    stderr_reader.start()
+    readers = [stdout_reader, stderr_reader]
     try:
         first = lines.get(timeout=600)  # fresh clone: uv syncs the workspace, then lock, launch, install
         assert first == "size: 123.5 MB\n"

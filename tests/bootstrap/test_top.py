@@ -31,6 +31,7 @@ from rich.console import Console
 from tests.agent.core_helpers import TOKEN
 from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
 from tests.agent.test_nvml_fakelib import FakeNvmlLib, eight_gpus, installed
+from tests.helpers.local import local_project
 from tests.systools import need_tool
 
 BURN = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
@@ -69,14 +70,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Three local machines from an empty requirements file (nothing to fetch), a CPU burner on m0."""
-    root = tmp_path_factory.mktemp("top")
-    project = root / "project"
-    project.mkdir()
-    (project / "requirements.txt").write_text("")
-    (project / "burn.py").write_text(BURN)
-    tmp = root / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "RAWVM_STATE_DIR": str(root / "state"), "TMPDIR": str(tmp)}
+    project, _, env = local_project(tmp_path_factory.mktemp("top"), {"requirements.txt": "", "burn.py": BURN})
     up = rawvm("up", "-n", "3", "--keepalive", "10m", "--from", "requirements.txt", env=env, cwd=project, timeout=300)
     assert up.returncode == 0, up.stderr
     found = Cluster(up.stdout.strip(), env, project)

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import pytest
 
 from tests import reliability
 from tests.agent.core_helpers import agent_config, make_wheel, pylock_for_wheel, write_bundle
-from tests.agent.test_agent_process import AgentProcess, FakeImds, serving
+from tests.agent.test_agent_process import AgentProcess, FakeImds, serving, start_spot_agent
+from tests.helpers.http import QuietHandler, loopback_server
 from tests.systools import need_tool
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -51,7 +52,7 @@ def powered_off(agent: AgentProcess, marker: Path, timeout: float = POWEROFF_WAI
 # -- the sink is unreachable when the machine flushes -----------------------------------------------------------
 
 
-class RefusingSink(BaseHTTPRequestHandler):
+class RefusingSink(QuietHandler):
     """A presigned-PUT sink that answers every upload 503 (S3 having a bad minute), counting the attempts."""
 
     attempts = 0
@@ -59,25 +60,14 @@ class RefusingSink(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         RefusingSink.attempts += 1
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        body = b"<Error><Code>ServiceUnavailable</Code></Error>"
-        self.send_response(503)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self._reply(503, b"<Error><Code>ServiceUnavailable</Code></Error>")
 
 
 @pytest.fixture
 def refusing_sink() -> Iterator[str]:
     RefusingSink.attempts = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RefusingSink)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/bucket/sink.tar.gz?X-Amz-Signature=sig-not-for-logs"
-    server.shutdown()
-    server.server_close()
+    with loopback_server(RefusingSink) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}/bucket/sink.tar.gz?X-Amz-Signature=sig-not-for-logs"
 
 
 def test_sink_unreachable_at_flush_retries_a_bounded_number_of_times_then_powers_off(
@@ -106,29 +96,10 @@ def test_sink_unreachable_at_flush_retries_a_bounded_number_of_times_then_powers
 # -- a spot interruption notice arrives while a task runs -------------------------------------------------------
 
 
-@pytest.fixture
-def imds() -> Iterator[ThreadingHTTPServer]:
-    FakeImds.notice = None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
 def test_spot_notice_mid_task_interrupts_flushes_and_is_off_within_two_minutes(
     tmp_path: Path, start_agent: Callable[..., AgentProcess], imds: ThreadingHTTPServer
 ) -> None:
-    sink, marker = tmp_path / "sink", tmp_path / "powered-off"
-    config = agent_config(
-        tmp_path / "state",
-        sink=str(sink),
-        spot={"enabled": True, "imds_url": f"http://127.0.0.1:{imds.server_address[1]}", "poll": "1s"},
-        idle={"poweroff_command": ["touch", str(marker)]},
-    )
-    agent = start_agent(config)
-    agent.wait(serving)
+    agent, sink, marker = start_spot_agent(tmp_path, start_agent, imds)
     # A task that writes a numbered line every 50 ms and notes SIGTERM: its output up to the end must be kept.
     script = (
         "import signal, sys, time\n"
@@ -270,7 +241,7 @@ def test_disk_full_mid_install_fails_clearly_and_still_powers_off(
 # -- the package index dies half way through the install ------------------------------------------------------
 
 
-class DyingIndex(BaseHTTPRequestHandler):
+class DyingIndex(QuietHandler):
     """Serves wheels from ``root``: the first one whole, the next one half, then the server goes away."""
 
     root: Path
@@ -300,9 +271,6 @@ class DyingIndex(BaseHTTPRequestHandler):
     def die() -> None:
         DyingIndex.server.shutdown()
         DyingIndex.server.server_close()  # the port is closed too: connection refused from now on
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def test_package_index_dying_mid_install_fails_clearly_and_still_powers_off(

@@ -8,19 +8,16 @@ no package index is needed.
 
 from __future__ import annotations
 
-import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests import reliability
+from tests.helpers.local import local_project, processes_under, stream_stdout
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -33,28 +30,10 @@ for i in range({LINES}):
 """
 
 
-def machine_processes(root: Path) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if any(str(root) in a for a in p.info["cmdline"] or [])]
-
-
 def test_rawvm_run_killed_mid_stream_the_machine_finishes_powers_off_and_logs_show_everything(tmp_path: Path) -> None:
-    project, tmp = tmp_path / "project", tmp_path / "tmp"
-    project.mkdir()
-    tmp.mkdir()
-    (project / "requirements.txt").write_text("")
-    (project / "job.py").write_text(JOB)
-    env = {**os.environ, "RAWVM_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp)}
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": "", "job.py": JOB})
     command = [sys.executable, "-m", "rawvm.cli", "run", "--cluster", "laptop", "--keepalive", "3s"]
-    laptop = subprocess.Popen(
-        [*command, "--from", "requirements.txt", "--", "python", "job.py"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in laptop.stdout or []], daemon=True).start()
+    laptop, lines, _ = stream_stdout([*command, "--from", "requirements.txt", "--", "python", "job.py"], project, env)
     try:
         seen = [lines.get(timeout=180) for _ in range(10)]  # streaming: ten lines in, the task still running
         assert seen == [f"line {i}\n" for i in range(10)]
@@ -66,9 +45,9 @@ def test_rawvm_run_killed_mid_stream_the_machine_finishes_powers_off_and_logs_sh
     killed_at = time.monotonic()
 
     deadline = killed_at + 120
-    while (machine_processes(tmp) or any(tmp.glob("rawvm-local-*/laptop"))) and time.monotonic() < deadline:
+    while (processes_under(tmp) or any(tmp.glob("rawvm-local-*/laptop"))) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert machine_processes(tmp) == [], "the machine is still running"
+    assert processes_under(tmp) == [], "the machine is still running"
     assert not any(tmp.glob("rawvm-local-*/laptop")), "the machine's directory is still there"
     gone_after = time.monotonic() - killed_at
 

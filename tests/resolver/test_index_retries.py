@@ -4,13 +4,14 @@ lasting outage is one clear line. A real HTTP server on loopback plays the index
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from rawvm_resolver import availability
 from rawvm_resolver.errors import ResolverError
+
+from tests.helpers.http import serve_in_thread
 
 PAGE = {"files": [{"filename": "demo-1.0-py3-none-any.whl"}, {"filename": "demo-0.9.tar.gz", "yanked": True}]}
 
@@ -52,14 +53,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _serve(failures: list[int]) -> Iterator[FlakyIndex]:
-    server = FlakyIndex(failures)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serve_in_thread(FlakyIndex(failures))
 
 
 def _url(server: FlakyIndex) -> str:

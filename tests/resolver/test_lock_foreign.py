@@ -38,27 +38,30 @@ SMALL = ["six==1.17.0", "markupsafe", "pyyaml", "appnope", "docopt==0.6.2"]  # d
 CUDA_X86 = Target(arch="x86_64", python="", accelerator="cuda", cuda="12.8")
 
 
+def env_with_project(
+    root: Path, packages: list[str], local: tuple[str, str, list[str]], script: tuple[str, str]
+) -> tuple[Path, Path]:
+    """(venv, project dir): a venv of ``packages`` plus an editable local package (name, version, requires),
+    and a project dir holding one module (file name, text)."""
+    site = build_venv(root / "venv", packages)
+    add_editable(site, root / "localpkg", *local)
+    project = root / "project"
+    project.mkdir()
+    (project / script[0]).write_text(script[1])
+    return root / "venv", project
+
+
 @pytest.fixture(scope="session")
 def big_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(venv, project dir): the data-science stack plus an editable local package and a local module."""
-    root = tmp_path_factory.mktemp("big")
-    site = build_venv(root / "venv", BIG)
-    add_editable(site, root / "localpkg", "mylocal", "0.3.0", ["numpy"])
-    project = root / "project"
-    project.mkdir()
-    (project / "analysis.py").write_text("import mylocal\nprint(mylocal.VALUE)\n")
-    return root / "venv", project
+    script = ("analysis.py", "import mylocal\nprint(mylocal.VALUE)\n")
+    return env_with_project(tmp_path_factory.mktemp("big"), BIG, ("mylocal", "0.3.0", ["numpy"]), script)
 
 
 @pytest.fixture(scope="session")
 def small_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("small")
-    site = build_venv(root / "venv", SMALL)
-    add_editable(site, root / "localpkg", "smalllocal", "1.0.0", ["six"])
-    project = root / "project"
-    project.mkdir()
-    (project / "job.py").write_text("import yaml, smalllocal\nprint(yaml.safe_dump({'v': smalllocal.VALUE}))\n")
-    return root / "venv", project
+    script = ("job.py", "import yaml, smalllocal\nprint(yaml.safe_dump({'v': smalllocal.VALUE}))\n")
+    return env_with_project(tmp_path_factory.mktemp("small"), SMALL, ("smalllocal", "1.0.0", ["six"]), script)
 
 
 @pytest.fixture(scope="session")

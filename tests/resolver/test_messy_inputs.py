@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from rawvm.cli.lock import PROVIDER_GLIBC, target_from_args
-from rawvm_resolver import Target, lock
+from rawvm_resolver import LockResult, Target, lock
 from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform
 from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.follow import follow_moved_pins
@@ -157,11 +157,16 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def _lock_cpu(source: Path, tmp_path: Path) -> tuple[LockResult, dict[str, ReportRow]]:
+    """``source`` locked for the CPU target into tmp_path / "bundle": (the result, its report rows by name)."""
+    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
+    return result, {row.name: row for row in result.rows}
+
+
 @pytest.mark.network
 def test_inconsistent_pins_relax_the_fewest_and_keep_the_rest(tmp_path: Path) -> None:
     source = _write(tmp_path, "conan==1.51.3\njinja2==2.11.3\nmarkupsafe==2.0.1\nsix==1.16.0\ncolorama==0.4.5\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    result, rows = _lock_cpu(source, tmp_path)
     assert rows["jinja2"].action == "version-changed" and rows["jinja2"].target.startswith("3.")
     assert rows["jinja2"].reason.startswith("the source environment was inconsistent: ")
     assert "conan" in rows["jinja2"].reason
@@ -184,8 +189,7 @@ def test_strict_keeps_the_refusal(tmp_path: Path) -> None:
 @pytest.mark.network
 def test_a_source_with_no_index_release_is_dropped_not_refused(tmp_path: Path) -> None:
     source = _write(tmp_path, "-e git+ssh://git@github.com/example/no-such-rawvm-pkg.git#egg=no-such-rawvm-pkg\nsix\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    result, rows = _lock_cpu(source, tmp_path)
     assert rows["no-such-rawvm-pkg"].action == "dropped" and "index has no release" in rows["no-such-rawvm-pkg"].reason
     assert rows["six"].target and any("no-such-rawvm-pkg" in warning for warning in result.warnings)
 
@@ -193,8 +197,7 @@ def test_a_source_with_no_index_release_is_dropped_not_refused(tmp_path: Path) -
 @pytest.mark.network
 def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Path) -> None:
     source = _write(tmp_path, "mlx==0.29.0\nmlx-metal==0.29.0\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    _, rows = _lock_cpu(source, tmp_path)
     assert rows["mlx"].target == "0.29.0" and rows["mlx-metal"].action == "dropped"
     assert rows["mlx-cpu"].target == "0.29.0"  # the library the Linux wheel needs
     old = lock(source, Target(arch="x86_64", python="3.11", glibc="2.28"), tmp_path / "old", project_dir=tmp_path)
@@ -202,14 +205,24 @@ def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Pat
 
 
 @pytest.mark.network
-def test_a_pin_the_index_never_had_is_dropped_with_a_warning(tmp_path: Path) -> None:
-    # nb-conda comes from conda, yet a pip freeze inside the conda environment lists it
-    source = _write(tmp_path, "nb-conda==2.2.1\nsix==1.16.0\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
-    assert rows["nb-conda"].action == "dropped" and rows["nb-conda"].reason.startswith("WARNING: ")
-    assert rows["six"].target == "1.16.0"
-    with pytest.raises(ResolverError, match="nb-conda"):
+@pytest.mark.parametrize(
+    ("name", "version", "because"),
+    [
+        # the index never had it: nb-conda comes from conda, yet a pip freeze inside the conda environment lists it
+        pytest.param("nb-conda", "2.2.1", "", id="never-on-the-index"),
+        # no release of it builds: suds-jurko (every release an sdist using setuptools' removed use_2to3), from
+        # dvrk-dvys/EZ_RVC's freeze
+        pytest.param("suds-jurko", "0.6", "use_2to3", id="no-release-builds"),
+    ],
+)
+def test_a_pin_the_index_cannot_serve_is_dropped_with_a_warning(
+    name: str, version: str, because: str, tmp_path: Path
+) -> None:
+    source = _write(tmp_path, f"{name}=={version}\nsix==1.16.0\n")
+    _, rows = _lock_cpu(source, tmp_path)
+    assert rows[name].action == "dropped" and rows[name].reason.startswith("WARNING: ")
+    assert because in rows[name].reason and rows["six"].target == "1.16.0"
+    with pytest.raises(ResolverError, match=name):
         lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)
 
 
@@ -317,8 +330,7 @@ def test_an_sdist_that_imports_pkg_resources_builds_with_the_setuptools_that_has
 def test_a_compiled_package_without_a_wheel_moves_and_a_pure_sdist_stays(tmp_path: Path) -> None:
     # pyarrow 9.0.0 has no Python 3.11 wheel (its sdist needs Arrow C++ on the VM); htmlmin never had a wheel
     source = _write(tmp_path, "pyarrow==9.0.0\nhtmlmin==0.1.12\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
+    _, rows = _lock_cpu(source, tmp_path)
     assert rows["pyarrow"].action == "version-changed" and rows["pyarrow"].source == "9.0.0"
     assert int(rows["pyarrow"].target.split(".")[0]) >= 10 and "its sdist is compiled code" in rows["pyarrow"].reason
     assert rows["htmlmin"].action == "builds-from-source" and rows["htmlmin"].target == "0.1.12"
@@ -355,15 +367,3 @@ def test_a_forge_release_file_is_replaced_like_a_vcs_source_unless_kept() -> Non
     assert "--keep-vcs" in plan.index_or_drop["en-core-web-sm"]  # no index release: dropped, saying how to keep it
     kept = translate(_env(dists), CPU, keep_vcs=True)
     assert kept.requirements["en-core-web-sm"] == f"en-core-web-sm @ {url}"
-
-
-@pytest.mark.network
-def test_a_pin_no_release_of_which_builds_is_dropped_with_a_warning(tmp_path: Path) -> None:
-    # suds-jurko (every release an sdist using setuptools' removed use_2to3), from dvrk-dvys/EZ_RVC's freeze
-    source = _write(tmp_path, "suds-jurko==0.6\nsix==1.16.0\n")
-    result = lock(source, CPU, tmp_path / "bundle", project_dir=tmp_path)
-    rows = {row.name: row for row in result.rows}
-    assert rows["suds-jurko"].action == "dropped" and rows["suds-jurko"].reason.startswith("WARNING: ")
-    assert "use_2to3" in rows["suds-jurko"].reason and rows["six"].target == "1.16.0"
-    with pytest.raises(ResolverError, match="suds-jurko"):
-        lock(source, CPU, tmp_path / "strict", project_dir=tmp_path, strict=True)

@@ -22,6 +22,14 @@ def requested(name: str, version: str) -> Distribution:
     return Distribution(name=name, version=version, requested=True)
 
 
+Case = tuple[str, str, str, Target, str | None, str]
+
+
+def dropped_on_cpu_x86(*pins: tuple[str, str]) -> list[Case]:
+    """Cases of packages whose rule is their own name, each dropped for a CPU x86_64 target: (name, version)s."""
+    return [(name, name, version, CPU_X86, None, "dropped") for name, version in pins]
+
+
 # (rule pattern, package that triggers it, version, target, expected requirement line or None, expected action)
 CASES = [
     ("pyobjc", "pyobjc", "10.3.1", CPU_X86, None, "dropped"),
@@ -35,15 +43,13 @@ CASES = [
     ("torch", "torch", "2.5.1", CUDA_X86, "torch", "translated"),
     ("faiss", "faiss", "1.7.4", CPU_X86, "faiss-cpu", "translated"),
     ("sklearn", "sklearn", "0.0.post12", CPU_X86, "scikit-learn", "translated"),
-    *(  # PyG's extensions (versions from a real freeze: ipastore/colon_matching requirements.txt)
-        (name, name, version, CPU_X86, None, "dropped")
-        for name, version in [
-            ("pyg-lib", "0.4.0"),
-            ("torch-cluster", "1.6.3"),
-            ("torch-scatter", "2.1.2"),
-            ("torch-sparse", "0.6.18"),
-            ("torch-spline-conv", "1.2.2"),
-        ]
+    # PyG's extensions (versions from a real freeze: ipastore/colon_matching requirements.txt)
+    *dropped_on_cpu_x86(
+        ("pyg-lib", "0.4.0"),
+        ("torch-cluster", "1.6.3"),
+        ("torch-scatter", "2.1.2"),
+        ("torch-sparse", "0.6.18"),
+        ("torch-spline-conv", "1.2.2"),
     ),
     ("onnxruntime-silicon", "onnxruntime-silicon", "1.16.0", CPU_ARM, "onnxruntime", "translated"),
     ("mlx", "mlx", "0.29.0", CPU_X86, "mlx[cpu]", "translated"),
@@ -51,24 +57,21 @@ CASES = [
     ("pywin32", "pywin32", "306", CPU_X86, None, "dropped"),
     ("pywinpty", "pywinpty", "2.0.13", CPU_X86, None, "dropped"),
     # conda's own tools, as a pip freeze inside a conda environment lists them (versions from real freezes)
-    *(
-        (name, name, version, CPU_X86, None, "dropped")
-        for name, version in [
-            ("conda", "4.12.0"),
-            ("conda-build", "3.21.8"),
-            ("conda-content-trust", "0.1.1"),
-            ("conda-libmamba-solver", "23.1.0"),
-            ("conda-package-handling", "1.7.3"),
-            ("conda-package-streaming", "0.7.0"),
-            ("conda-repo-cli", "1.0.4"),
-            ("conda-token", "0.3.0"),
-            ("conda-verify", "3.4.2"),
-            ("ruamel-yaml-conda", "0.15.80"),
-            ("anaconda-client", "1.9.0"),
-            ("anaconda-navigator", "2.1.4"),
-            ("anaconda-project", "0.10.2"),
-            ("navigator-updater", "0.2.1"),
-        ]
+    *dropped_on_cpu_x86(
+        ("conda", "4.12.0"),
+        ("conda-build", "3.21.8"),
+        ("conda-content-trust", "0.1.1"),
+        ("conda-libmamba-solver", "23.1.0"),
+        ("conda-package-handling", "1.7.3"),
+        ("conda-package-streaming", "0.7.0"),
+        ("conda-repo-cli", "1.0.4"),
+        ("conda-token", "0.3.0"),
+        ("conda-verify", "3.4.2"),
+        ("ruamel-yaml-conda", "0.15.80"),
+        ("anaconda-client", "1.9.0"),
+        ("anaconda-navigator", "2.1.4"),
+        ("anaconda-project", "0.10.2"),
+        ("navigator-updater", "0.2.1"),
     ),
 ]
 

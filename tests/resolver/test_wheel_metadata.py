@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import zipfile
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from rawvm_resolver.wheel_metadata import remote_wheel_requirements
+
+from tests.helpers.http import serve_in_thread
 
 METADATA = (
     "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n"
@@ -63,13 +64,7 @@ def _wheel(tmp_path: Path) -> bytes:
 
 
 def _serve(body: bytes, *, ranges: bool) -> Iterator[WheelServer]:
-    server = WheelServer(body, ranges)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serve_in_thread(WheelServer(body, ranges))
 
 
 @pytest.fixture
