@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-        config.bearer_token()
+        config.token_digest()
+        config.check_channel()  # one clear line rather than an API served in cleartext
     except (ConfigError, DurationError, OSError) as exc:
         print(f"rawvm-agent: {exc}", file=sys.stderr)
         return 2

@@ -62,8 +62,8 @@ class Agent:
         self.state_dir = Path(config.state_dir)
         # Logs and task output may hold what users did not mark secret: root only.
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.token = config.bearer_token()
-        self.redactor = Redactor([self.token])
+        self.token_sha256 = config.token_digest()  # the agent keeps only the token's hash (auth.py)
+        self.redactor = Redactor([config.token])  # the token itself only when a hand-run agent.toml holds it
         self.redactor.add(*(self.environ[n] for n in config.secret_env if self.environ.get(n)))
         self.redactor.add(*map(url_password, (config.install.index_url, *config.install.extra_index_urls)))
         # An S3 presigned POST's signature, policy and session token: as good as a credential until they expire.
@@ -82,6 +82,7 @@ class Agent:
             on_change=self._on_tasks_change,
         )
         self.calls = CallHub(self)  # @rawvm.function calls and their workers (calls.py)
+        self.redactor.add(self.calls.worker_token)
         self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self.save_state)
         self.batch = BatchRunner(config, self.state_dir, self._start_batch_task, self._flush_files)
         self.env: Environment | None = None

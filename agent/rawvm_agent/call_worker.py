@@ -122,10 +122,22 @@ def run_call(pickler: Any, payload: bytes, functions: dict[bytes, Any]) -> tuple
             return ERROR, pickler.dumps(described)
 
 
-def serve(url: str, token: str, worker: str) -> None:
-    """Take calls from the agent at ``url`` until it goes away."""
-    import http.client
+def tls_context(ca: str, cert: str, key: str) -> Any:
+    """The worker's side of the agent's mutual TLS: pins the cluster CA (``ca``), checks no host name (the
+    agent's certificate names no host: the pinned CA is its identity), presents ``cert``/``key``."""
     import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def serve(url: str, token: str, worker: str, tls: tuple[str, str, str] | None = None) -> None:
+    """Take calls from the agent at ``url`` until it goes away; ``tls`` = (CA, certificate, key) for https."""
+    import http.client
     import urllib.parse
 
     import cloudpickle
@@ -133,8 +145,10 @@ def serve(url: str, token: str, worker: str) -> None:
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 8470
     connection: http.client.HTTPConnection
-    if parts.scheme == "https":  # loopback to our own agent: its certificate names the machine, not 127.0.0.1
-        connection = http.client.HTTPSConnection(host, port, context=ssl._create_unverified_context())  # noqa: S323
+    if parts.scheme == "https":
+        if tls is None:
+            sys.exit("rawvm call worker: an https agent URL without RAWVM_CALLS_CA/CERT/KEY")
+        connection = http.client.HTTPSConnection(host, port, context=tls_context(*tls))
     else:
         connection = http.client.HTTPConnection(host, port)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
@@ -176,7 +190,10 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.getcwd())
-    serve(os.environ["RAWVM_CALLS_URL"], os.environ.pop("RAWVM_CALLS_TOKEN"), os.environ.get("RAWVM_CALLS_WORKER", ""))
+    tls_files = tuple(os.environ.pop(f"RAWVM_CALLS_{n}", "") for n in ("CA", "CERT", "KEY"))
+    tls = (tls_files[0], tls_files[1], tls_files[2]) if all(tls_files) else None
+    token, worker = os.environ.pop("RAWVM_CALLS_TOKEN"), os.environ.get("RAWVM_CALLS_WORKER", "")
+    serve(os.environ["RAWVM_CALLS_URL"], token, worker, tls)
 
 
 if __name__ == "__main__":

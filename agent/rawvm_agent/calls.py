@@ -9,6 +9,10 @@ queue is bounded. Calls in flight (queued or running in a worker) keep the machi
 A worker that dies (segfault, ``os._exit``, out of memory) fails only the calls it held, with status LOST, and
 is replaced at once while calls wait, else by the next batch. When the agent stops, queued calls are dropped
 with it: the client sees the machine go and fails them.
+
+Workers authenticate with a token of their own (``worker_token``): random per agent process, never written, and
+accepted on the workers' path alone, so a call's code never sees the cluster's token. They reach the agent over
+mutual TLS like every client, pinning the cluster CA and presenting the agent's own certificate.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,13 +55,12 @@ class _Worker:
 
 
 class CallHost(Protocol):
-    """What the hub needs of its agent (app.Agent): its tasks, config, token and whether it is stopping.
+    """What the hub needs of its agent (app.Agent): its tasks, config and whether it is stopping.
 
     A protocol rather than the Agent class itself, so this module does not import app.py, which builds the hub.
     """
 
     config: AgentConfig
-    token: str
     state_dir: Path
     environ: dict[str, str]
     state: AgentState
@@ -72,6 +76,7 @@ class CallHub:
 
     def __init__(self, agent: CallHost) -> None:
         self.agent = agent
+        self.worker_token = secrets.token_urlsafe(32)  # the workers' own; the agent redacts it from every log
         self.queue: deque[tuple[int, bytes]] = deque()  # (internal number, payload), oldest first
         self.queued_bytes = 0
         self.routes: dict[int, tuple[str, int]] = {}  # internal number -> (client, the client's call id)
@@ -208,6 +213,14 @@ class CallHub:
             host = f"[{host}]"
         return f"{'https' if config.tls_cert else 'http'}://{host}:{config.port}"
 
+    def _worker_tls(self) -> dict[str, str]:
+        """Where a worker finds the CA to pin and the certificate to present (the agent's own: the machine has no
+        other, and a worker runs as the agent's user anyway); nothing when the API serves plain HTTP (tests)."""
+        config = self.agent.config
+        if not config.tls_cert:
+            return {}
+        return {"RAWVM_CALLS_CA": config.tls_ca, "RAWVM_CALLS_CERT": config.tls_cert, "RAWVM_CALLS_KEY": config.tls_key}
+
     def _script(self) -> Path:
         """The worker script, copied out of the agent's package: the locked environment cannot import it."""
         directory = self.agent.state_dir / "calls"
@@ -233,10 +246,11 @@ class CallHub:
             argv=["python", str(self._script())],
             env={
                 "RAWVM_CALLS_URL": self._worker_url(),
-                "RAWVM_CALLS_TOKEN": agent.token,
+                "RAWVM_CALLS_TOKEN": self.worker_token,
                 "RAWVM_CALLS_WORKER": name,
                 "PYTHONUNBUFFERED": "1",
-            },
+            }
+            | self._worker_tls(),
             cwd="",
             secret_env=["RAWVM_CALLS_TOKEN"],
         )

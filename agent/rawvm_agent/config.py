@@ -5,6 +5,8 @@ This is one of rawvm's contracts (docs/architecture.md): keep field names stable
 
 from __future__ import annotations
 
+import hashlib
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -91,10 +93,16 @@ class AgentConfig:
     machine_id: str = ""
     bind: str = "127.0.0.1"
     port: int = DEFAULT_PORT
+    # The bearer token's sha256 (hex): what rawvm writes, so agent.toml, the user-data and a launch template hold
+    # nothing that opens the API. ``token`` / ``token_file`` (the token itself) remain for hand-run agents.
+    token_sha256: str = ""
     token: str = field(default="", repr=False)  # bearer token; never logged
     token_file: str = ""  # alternative to token: a root-only file holding it
+    # The API serves only mutual TLS: the agent's certificate and key (0600), and the cluster CA whose
+    # certificates clients must present. ``serve`` refuses to start without all three.
     tls_cert: str = ""
     tls_key: str = ""
+    tls_ca: str = ""
     state_dir: str = "/var/lib/rawvm"
     sink: str = ""  # where logs and telemetry go on stop: a directory, file:// URL, or http(s) PUT URL
     # Form fields of an HTTP POST sink (an S3 presigned POST: key, policy, signature...); empty: PUT to ``sink``.
@@ -109,12 +117,30 @@ class AgentConfig:
     tasks: TaskConfig = TaskConfig()
     batch: BatchConfig = BatchConfig()
 
-    def bearer_token(self) -> str:
+    def token_digest(self) -> bytes:
+        """The sha256 of the bearer token, from ``token_sha256`` or from the token itself."""
+        if self.token_sha256:
+            if not _SHA256_HEX.fullmatch(self.token_sha256):
+                raise ConfigError("agent.toml: 'token_sha256' must be 64 lowercase hex digits")
+            return bytes.fromhex(self.token_sha256)
         if self.token:
-            return self.token
+            return hashlib.sha256(self.token.encode()).digest()
         if self.token_file:
-            return Path(self.token_file).read_text().strip()
-        raise ConfigError("agent.toml: set 'token' or 'token_file'; the agent API never runs without one")
+            return hashlib.sha256(Path(self.token_file).read_text().strip().encode()).digest()
+        raise ConfigError(
+            "agent.toml: set 'token_sha256' (or 'token' / 'token_file'); the agent API never runs without one"
+        )
+
+    def check_channel(self) -> None:
+        """The API serves only mutual TLS: a config without its certificate, key and CA is refused."""
+        if not (self.tls_cert and self.tls_key and self.tls_ca):
+            raise ConfigError(
+                "agent.toml: the agent API serves only mutual TLS: set tls_cert, tls_key and tls_ca "
+                "(rawvm's launch writes them)"
+            )
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 _DURATIONS = {"keepalive", "client_timeout", "window", "max_lifetime", "interval", "ring_seconds", "poll"}

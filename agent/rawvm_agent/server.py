@@ -14,10 +14,10 @@ import ssl
 
 from aiohttp import web
 
-from rawvm_agent import api, batch_api, calls_api, sdnotify
+from rawvm_agent import api, batch_api, call_worker, calls_api, sdnotify
 from rawvm_agent.api_errors import json_errors
 from rawvm_agent.app import AGENT_KEY, Agent
-from rawvm_agent.auth import token_middleware
+from rawvm_agent.auth import digest, token_middleware
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.logs import setup_logging
 
@@ -25,8 +25,11 @@ log = logging.getLogger("rawvm_agent")
 
 
 def create_app(agent: Agent) -> web.Application:
-    """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it."""
-    app = web.Application(middlewares=[json_errors, token_middleware(agent.token)], client_max_size=1 << 20)
+    """The aiohttp application: token middleware, Contract 4 routes, the agent started and closed with it. It
+    speaks whatever its site serves: ``serve`` puts it behind mutual TLS (tests may serve it plainly)."""
+    worker = (call_worker.WORK_PATH, digest(agent.calls.worker_token))  # the call workers' own token
+    auth = token_middleware(agent.token_sha256, worker=worker)
+    app = web.Application(middlewares=[json_errors, auth], client_max_size=1 << 20)
     app[AGENT_KEY] = agent
     # Every route of Contract 4 is registered here, in one place: the route modules import app.py for AGENT_KEY,
     # so app.py must not import them.
@@ -45,29 +48,31 @@ def create_app(agent: Agent) -> web.Application:
     return app
 
 
-def server_ssl_context(config: AgentConfig) -> ssl.SSLContext | None:
-    """The API's TLS context when agent.toml sets a certificate and key; None for plain HTTP."""
-    if not (config.tls_cert or config.tls_key):
-        return None
-    if not (config.tls_cert and config.tls_key):
-        raise ValueError("agent.toml: set both tls_cert and tls_key, or neither")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+def server_ssl_context(config: AgentConfig) -> ssl.SSLContext:
+    """The API's mutual-TLS context: the agent's certificate, and a client certificate signed by the cluster CA
+    required of every connection (a stranger without one is refused before any HTTP is read). No config without
+    TLS passes ``AgentConfig.check_channel``."""
+    config.check_channel()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=config.tls_ca)  # the cluster CA only, never the system store
     return ctx
 
 
 async def serve(config: AgentConfig) -> int:
     """Run the agent and its API until it has powered off or a signal asks it to leave; the exit code."""
+    context = server_ssl_context(config)  # before anything starts: no TLS, no agent
     agent = Agent(config)
     setup_logging(agent.redactor, agent.log_file)
     app = create_app(agent)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.bind, config.port, ssl_context=server_ssl_context(config))
+        site = web.TCPSite(runner, config.bind, config.port, ssl_context=context)
         await site.start()
-        log.info("API listening on %s://%s:%d", "https" if config.tls_cert else "http", config.bind, config.port)
+        log.info("API listening on https://%s:%d (mutual TLS)", config.bind, config.port)
         sdnotify.notify(sdnotify.READY)
         leave = asyncio.Event()
         loop = asyncio.get_running_loop()

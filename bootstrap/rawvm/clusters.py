@@ -1,21 +1,28 @@
 """Local records of clusters, so ``rawvm ls``, ``logs`` and ``down`` work across invocations.
 
 One JSON file per cluster under ``$RAWVM_STATE_DIR`` (default ``~/.local/state/rawvm``)``/clusters/``. The
-files hold the agents' bearer token, so the directory is 0700 and each file 0600, written atomically.
+files hold the agents' bearer token, so the directory is 0700 and each file 0600, written atomically. Beside
+each, ``<name>.tls/`` (0700) holds the cluster CA's certificate and the laptop's client certificate and key
+(0600) of the mutual-TLS agent channel (``rawvm.agent.tls``); ``ClusterRecord.agent_ssl_context`` is the one
+place a client's TLS context is made.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import secrets
+import shutil
+import ssl
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rawvm.agent.tls import ChannelFiles, ServerCredentials, client_context, make_channel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import state_dir as state_dir  # where every record lives; re-exported for callers
 from rawvm.providers.base import Machine
@@ -55,6 +62,17 @@ class ClusterRecord:
     def price_per_hour(self) -> float:
         return sum(m.price_per_hour for m in self.machines)
 
+    def agent_ssl_context(self) -> ssl.SSLContext:
+        """The TLS context every client of this cluster's agents uses: pins the cluster CA, presents the laptop's
+        certificate. Made once per process and cluster (loading the files costs a few ms; ``rawvm top`` follows
+        hundreds of machines). A record without TLS files (an older rawvm's) is refused with one clear line."""
+        files = channel_files(self.name)
+        try:
+            stamp = files.client_key.stat().st_mtime_ns  # a cluster of the same name launched again: new files
+        except OSError:
+            stamp = 0
+        return _context(files.directory, stamp)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -63,6 +81,24 @@ class ClusterRecord:
         raw = dict(raw)
         machines = [Machine(**m) for m in raw.pop("machines", [])]
         return cls(machines=machines, **raw)
+
+
+def channel_files(name: str) -> ChannelFiles:
+    """Where cluster ``name``'s agent-channel files live (``<name>.tls/`` beside its record)."""
+    return ChannelFiles(clusters_dir() / f"{check_name(name)}.tls")
+
+
+def new_channel(name: str, lifetime_s: float) -> ServerCredentials:
+    """A fresh CA and leaves for cluster ``name`` (valid ``lifetime_s`` and a margin): the laptop's files are
+    written beside its record; the agents' certificate and key are returned for the provider to deliver."""
+    files = channel_files(name)
+    shutil.rmtree(files.directory, ignore_errors=True)  # a previous cluster's: never reuse a CA
+    return make_channel(name, files.directory, lifetime_s)[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _context(directory: Path, stamp: int) -> ssl.SSLContext:
+    return client_context(ChannelFiles(directory))
 
 
 def _path(name: str) -> Path:
@@ -108,3 +144,4 @@ def all_records() -> list[ClusterRecord]:
 
 def remove(name: str) -> None:
     _path(name).unlink(missing_ok=True)
+    shutil.rmtree(channel_files(name).directory, ignore_errors=True)

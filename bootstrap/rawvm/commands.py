@@ -251,7 +251,7 @@ async def shutdown_all(record: clusters.ClusterRecord, flush_wait: float = FLUSH
     """Ask every agent to stop, then give each up to ``flush_wait`` to flush its logs and telemetry to the sink
     (phase ``off``, or no answer any more) before the provider ends the machines: ending them at once lost it."""
     async with agent_session() as session:
-        clients = [AgentClient(m.agent_url, record.token, session=session, timeout=5) for m in record.machines]
+        clients = [AgentClient.for_cluster(record, m.agent_url, session=session, timeout=5) for m in record.machines]
         asked = []
         for client in clients:
             with contextlib.suppress(AgentError):

@@ -8,6 +8,7 @@ comes as one ``LaunchExtras``; everything the user asked for comes as one ``Laun
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 import shutil
 import tempfile
@@ -169,7 +170,7 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
         idle = dataclasses.replace(idle, client_timeout=extras.client_timeout)
     agent = AgentConfig(
         cluster=name,
-        token=token,
+        token_sha256=hashlib.sha256(token.encode()).hexdigest(),  # the token itself stays in the 0600 record
         idle=idle,
         install=InstallConfig(native_tls=bool(request.extra_ca_certs)),  # extra CAs go into the trust store
         spot=SpotConfig(enabled=request.spot_policy != "on-demand"),
@@ -211,6 +212,9 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
             max_lifetime_s=lifetime_s,
             provider_options=where,
         )
+        # The cluster's CA lives as long as its machines can (the backstop powers them off by then); its key is
+        # never written, the agents' certificate goes with the spec, the laptop's beside the record.
+        spec = dataclasses.replace(spec, channel=clusters.new_channel(name, lifetime_s + BACKSTOP_GRACE))
         clusters.save(record)  # before staging, so 'rawvm down NAME' finds what a failed launch left
         sinks.remember_sink_provider(name, request.provider, where)  # 'rawvm logs' after the record goes
 

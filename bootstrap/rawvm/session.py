@@ -63,7 +63,7 @@ def provider_of(record: clusters.ClusterRecord) -> Provider:
 
 def clients(record: clusters.ClusterRecord, session: AgentSession) -> dict[str, AgentClient]:
     """One agent client per machine of ``record``, by short id (``m0``), sharing ``session``."""
-    return {m.short_id: AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
+    return {m.short_id: AgentClient.for_cluster(record, m.agent_url, session=session) for m in record.machines}
 
 
 async def wait_ready(

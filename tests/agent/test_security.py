@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from rawvm_agent.app import Agent
-from rawvm_agent.auth import token_matches, token_middleware
+from rawvm_agent.auth import digest, token_matches, token_middleware
 from rawvm_agent.config import config_from_dict
 from rawvm_agent.logs import MASK, RedactingFormatter, Redactor, setup_logging, url_password
 from rawvm_agent.server import create_app, server_ssl_context
@@ -75,16 +75,16 @@ async def test_every_route_but_healthz_needs_the_token(client: tuple[Agent, Test
 
 
 def test_token_matches() -> None:
-    assert token_matches(f"Bearer {TOKEN}", TOKEN)
-    assert not token_matches(f"Bearer {TOKEN}", "")
-    assert not token_matches("Bearer ", "")
-    assert not token_matches("", TOKEN)
-    assert not token_matches(f"Token {TOKEN}", TOKEN)
+    assert token_matches(f"Bearer {TOKEN}", digest(TOKEN))
+    assert not token_matches(f"Bearer {TOKEN}", b"")
+    assert not token_matches("Bearer ", b"")
+    assert not token_matches("", digest(TOKEN))
+    assert not token_matches(f"Token {TOKEN}", digest(TOKEN))
 
 
 def test_no_token_no_api() -> None:
     with pytest.raises(ValueError, match="token"):
-        token_middleware("")
+        token_middleware(b"")
     with pytest.raises(ValueError, match="token"):
         Agent(config_from_dict({**agent_config(Path("/tmp/unused")), "token": ""}))
 

@@ -1,9 +1,13 @@
 """The one client for the agent API (Contract 4 in docs/architecture.md), over aiohttp with the bearer token.
 
 Every laptop-side caller (the front door, ``rawvm top``, ``rawvm report``, batches, functions, Dask) talks to
-agents through ``AgentClient``, on a session made by ``agent_session``. The bearer header and the ``ssl=``
-argument of a request are built here and nowhere else, so a change to how the laptop authenticates to an agent
-(or checks the agent's certificate) is made in this module alone.
+agents through ``AgentClient.for_cluster``, on a session made by ``agent_session``. The bearer header and the
+``ssl=`` argument of a request are built here and nowhere else, so a change to how the laptop authenticates to an
+agent (or checks the agent's certificate) is made in this module alone.
+
+The channel is mutual TLS only: the cluster record gives the context (the cluster CA pinned, no host name
+checked, the laptop's client certificate presented; ``rawvm.agent.tls``), and a plain ``http://`` URL is
+refused before any byte, with the token, is sent.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeAlias, TypedDict, Unpack
+from typing import Any, Protocol, TypeAlias, TypedDict, Unpack
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -77,6 +81,15 @@ def _why_no_answer(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+class ClusterChannel(Protocol):
+    """What a client needs of a cluster record (``rawvm.clusters.ClusterRecord``): its token and TLS context."""
+
+    @property
+    def token(self) -> str: ...
+
+    def agent_ssl_context(self) -> ssl.SSLContext: ...
+
+
 class RequestOptions(TypedDict, total=False):
     """What one request to the agent may carry besides its method and path."""
 
@@ -88,24 +101,47 @@ class RequestOptions(TypedDict, total=False):
 
 
 class AgentClient:
-    """One agent. Use ``async with AgentClient(url, token) as agent: ...``, or pass a shared ``agent_session()``."""
+    """One agent. Use ``async with AgentClient.for_cluster(record, url) as agent: ...``, or pass a shared
+    ``agent_session()``."""
 
     def __init__(
         self,
         base_url: str,
         token: str,
         *,
+        ssl_context: ssl.SSLContext,
         session: AgentSession | None = None,
         timeout: float = 30.0,
         connect_timeout: float | None = None,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        if base_url and not base_url.startswith("https://"):  # "": no address yet, a request fails as unreachable
+            raise AgentError(f"refusing the agent URL {base_url!r}: agents are reached over mutual TLS (https://) only")
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._session = session
         self._own_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._ssl = ssl_context
+
+    @classmethod
+    def for_cluster(
+        cls,
+        record: ClusterChannel,
+        url: str,
+        *,
+        session: AgentSession | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float | None = None,
+    ) -> AgentClient:
+        """The client of the agent at ``url`` of cluster ``record``: its token, its pinned channel."""
+        return cls(
+            url,
+            record.token,
+            ssl_context=record.agent_ssl_context(),
+            session=session,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+        )
 
     async def __aenter__(self) -> AgentClient:
         return self

@@ -2,8 +2,10 @@
 
 One ``#cloud-config`` document, rendered with PyYAML, boots EC2 and the local qemu VM alike:
 
-1. ``write_files``: ``/etc/rawvm/agent.toml`` (0600; the only place the token appears), extra CA certificates,
-   the agent's systemd units, and ``/opt/rawvm/bootstrap.sh``;
+1. ``write_files``: ``/etc/rawvm/agent.toml`` (0600; it holds only the token's sha256), the agent's TLS
+   certificate, key and cluster CA as separate 0600 files under ``/etc/rawvm/tls/`` (the agent serves only mutual
+   TLS, from before the bundle is installed, so the bundle cannot carry them), extra CA certificates, the agent's
+   systemd units, and ``/opt/rawvm/bootstrap.sh``;
 2. ``runcmd`` runs the script: backstop shutdown and dead-man units first (a hung install is still bounded), CA
    trust, uv from its wheel by exact URL + sha256, the agent venv, the agent wheel (sha256-checked), then the
    agent service.
@@ -30,11 +32,13 @@ import yaml
 from rawvm_agent.config import AgentConfig, config_to_dict
 from rawvm_agent.systemd import render_backstop_command, render_units
 
+from rawvm.agent.tls import ServerCredentials
 from rawvm.agent.uvwheel import UvWheel
 from rawvm.errors import UsageError
 
 USER_DATA_LIMIT = 16384  # bytes before base64: EC2's limit for user-data
 AGENT_TOML = "/etc/rawvm/agent.toml"
+AGENT_TLS_DIR = "/etc/rawvm/tls"
 AGENT_VENV = "/opt/rawvm/agent"
 AGENT_COMMAND = (f"{AGENT_VENV}/bin/rawvm-agent",)
 BOOTSTRAP_SCRIPT = "/opt/rawvm/bootstrap.sh"
@@ -191,6 +195,7 @@ def _install_script(
 def render_user_data(
     agent_config: AgentConfig,
     *,
+    channel: ServerCredentials,
     agent_wheel_url: str,
     agent_wheel_sha256: str,
     uv_wheel: UvWheel,
@@ -199,6 +204,7 @@ def render_user_data(
 ) -> str:
     """The ``#cloud-config`` document for one machine (see the module docstring for what it does)."""
     _check_sha256(agent_wheel_sha256, "agent wheel")
+    agent_config = channel.configure(agent_config, AGENT_TLS_DIR)
     files: list[dict[str, Any]] = [
         {
             "path": AGENT_TOML,
@@ -207,6 +213,9 @@ def render_user_data(
             "content": _Literal(tomli_w.dumps(config_to_dict(agent_config))),
         }
     ]
+    for path, pem in channel.files(AGENT_TLS_DIR):
+        # cloud-init writes each with this mode from the start, and never logs write_files content.
+        files.append({"path": path, "permissions": "0600", "owner": "root:root", "content": _Literal(pem.decode())})
     certs = [cert for path in extra_ca_certs for cert in split_certificates(Path(path))]
     for index, cert in enumerate(certs):
         files.append({"path": f"{CA_DIR}/rawvm-{index}.crt", "permissions": "0644", "content": _Literal(cert)})

@@ -101,7 +101,7 @@ async def poll_agents(record: clusters.ClusterRecord, timeout: float = 5.0) -> d
     async with agent_session() as session:
 
         async def one(mid: str, url: str) -> tuple[str, dict[str, Any] | None]:
-            client = AgentClient(url, record.token, session=session, timeout=timeout)
+            client = AgentClient.for_cluster(record, url, session=session, timeout=timeout)
             try:
                 return mid, {
                     "status": await client.batch_status(),
@@ -191,7 +191,7 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
     if machine.removeprefix(f"{cluster}-") in st.answering and clusters.exists(cluster):
         crec = clusters.load(cluster)
         url = next(m.agent_url for m in crec.machines if m.short_id == machine.removeprefix(f"{cluster}-"))
-        run_sync(_live_logs(url, crec.token, agent_task, out, err))
+        run_sync(_live_logs(crec, url, agent_task, out, err))
         return 0
     task_dir = sink_task_dir(cluster, agent_task)
     if task_dir is None:
@@ -204,8 +204,8 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
     return 0
 
 
-async def _live_logs(url: str, token: str, agent_task: str, out: TextIO, err: TextIO) -> None:
-    async with AgentClient(url, token) as client:
+async def _live_logs(record: clusters.ClusterRecord, url: str, agent_task: str, out: TextIO, err: TextIO) -> None:
+    async with AgentClient.for_cluster(record, url) as client:
         for stream, dest in (("stdout", out), ("stderr", err)):
             offset = 0
             while True:

@@ -71,7 +71,7 @@ class BatchProgress:
 
 def _clients(launched: Launched, session: AgentSession) -> dict[str, AgentClient]:
     record = launched.record
-    return {m.short_id: AgentClient(m.agent_url, record.token, session=session) for m in record.machines}
+    return {m.short_id: AgentClient.for_cluster(record, m.agent_url, session=session) for m in record.machines}
 
 
 def _needs_share(launched: Launched) -> bool:

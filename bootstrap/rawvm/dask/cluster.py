@@ -127,7 +127,8 @@ class Fleet:
         record = launched.record
         self.records.append(record)
         slots = [
-            _Slot(record, m, AgentClient(m.agent_url, record.token, session=self._session)) for m in record.machines
+            _Slot(record, m, AgentClient.for_cluster(record, m.agent_url, session=self._session))
+            for m in record.machines
         ]
         self._hold(slots)
         view = make_progress(sys.stderr)

@@ -222,7 +222,7 @@ class Pool:
         """The machine's agent on the pool's one session; its timeout is the status check's (the call routes
         carry their own)."""
         assert self.record is not None
-        return AgentClient(machine.url, self.record.token, session=self._http(), timeout=STATUS_TIMEOUT_S)
+        return AgentClient.for_cluster(self.record, machine.url, session=self._http(), timeout=STATUS_TIMEOUT_S)
 
     async def ensure(self) -> None:
         """Machines ready to take calls: the warm ones, or freshly launched ones."""

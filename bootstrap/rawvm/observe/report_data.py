@@ -146,7 +146,7 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
     async with agent_session(connections=32) as session:
 
         def client(url: str) -> AgentClient:
-            return AgentClient(url, record.token, session=session, timeout=timeout, connect_timeout=3.0)
+            return AgentClient.for_cluster(record, url, session=session, timeout=timeout, connect_timeout=3.0)
 
         machines = [(short_id(m.id, record.name), client(m.agent_url)) for m in record.machines if m.agent_url]
         # Tolerant: an agent that fails in any way is left out; the sink has what it flushed.

@@ -210,7 +210,7 @@ class Follower:
         connections: int = DEFAULT_CONNECTIONS,
         timeout: float = REQUEST_TIMEOUT_S,
     ) -> None:
-        self._tokens = {r.name: r.token for r in records}
+        self._records = {r.name: r for r in records}
         self._views = views_of(records)
         self._machines: list[_Machine] = []
         self.interval = interval
@@ -237,9 +237,9 @@ class Follower:
 
     def _client(self, view: MachineView) -> AgentClient:
         # Each request has its own short timeout (and a shorter one to connect): a silent machine costs little.
-        return AgentClient(
+        return AgentClient.for_cluster(
+            self._records[view.cluster],
             view.agent_url,
-            self._tokens[view.cluster],
             session=self._session,
             timeout=self.timeout,
             connect_timeout=min(self.timeout, 2.0),

@@ -15,7 +15,9 @@ from typing import ClassVar
 from rawvm_agent.config import AgentConfig
 from rawvm_resolver.target import DEFAULT_GLIBC
 
+from rawvm.agent.tls import ServerCredentials
 from rawvm.cost_guard import FleetPrice
+from rawvm.errors import RawvmError
 from rawvm.options import MachineRequest
 
 
@@ -35,6 +37,15 @@ class MachineSpec:
     # A TCP port range the cluster's machines reach on each other (Dask's workers and nannies); aws: allowed
     # from the security group itself.
     peer_ports: tuple[int, int] | None = None
+    # The agents' TLS certificate and key and the cluster CA (``rawvm.agent.tls``), delivered to every machine as
+    # 0600 files; the provider sets ``tls_cert``/``tls_key``/``tls_ca`` to where it put them. None: no launch.
+    channel: ServerCredentials | None = field(default=None, repr=False)
+
+    def server_credentials(self) -> ServerCredentials:
+        """``channel``, which every launch needs (the agent serves only mutual TLS)."""
+        if self.channel is None:
+            raise RawvmError("internal: no TLS credentials for the agents (MachineSpec.channel)")
+        return self.channel
 
     @property
     def count(self) -> int:
@@ -54,7 +65,7 @@ class Machine:
     id: str
     provider: str
     cluster: str
-    agent_url: str  # base URL of the agent API, e.g. http://127.0.0.1:51234
+    agent_url: str  # base URL of the agent API, e.g. https://127.0.0.1:51234 (mutual TLS only)
     state: str = "pending"  # provider's view: pending | running | stopped | terminated
     instance_type: str = ""
     zone: str = ""

@@ -1,7 +1,8 @@
 """The ``local`` provider: each "machine" is an agent process on this host, in its own temp directory.
 
 Layout: ``<root>/<cluster>/staged/`` holds the staged files (machines fetch them by path) and
-``<root>/<cluster>/<machine>/`` one machine: agent.toml (0600), state dir, agent.log, wrapper.pid.
+``<root>/<cluster>/<machine>/`` one machine: agent.toml (0600), its TLS files ``tls/{agent.crt,agent.key,ca.crt}``
+(0600; the agent serves only mutual TLS, on loopback too), state dir, agent.log, wrapper.pid.
 
 Each machine runs under a small wrapper (``python -m rawvm.providers.local wrap DIR``), started in a new
 session so it outlives the CLI. The wrapper runs the agent, and when the agent exits (its "power off":
@@ -36,6 +37,7 @@ import tomli_w
 from rawvm_agent.config import AgentConfig, IdleConfig, config_to_dict
 from rawvm_resolver.target import Target
 
+from rawvm.agent.tls import write_private
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import state_dir
 from rawvm.providers.base import Machine, MachineSpec, Provider
@@ -149,6 +151,17 @@ class LocalProvider(Provider):
     def sink_url(self, cluster: str) -> str:
         return str(state_dir() / "sinks" / cluster)
 
+    @staticmethod
+    def _write_channel(spec: MachineSpec, machine_dir: Path, config: AgentConfig) -> AgentConfig:
+        """The agent's certificate, key and CA as 0600 files in a 0700 ``tls/`` of the machine; ``config`` serving
+        them."""
+        credentials = spec.server_credentials()
+        directory = machine_dir / "tls"
+        directory.mkdir(mode=0o700)
+        for path, data in credentials.files(str(directory)):
+            write_private(Path(path), data)
+        return credentials.configure(config, str(directory))
+
     def machine_config(self, spec: MachineSpec, machine_id: str, machine_dir: Path, port: int) -> AgentConfig:
         idle: IdleConfig = dataclasses.replace(
             spec.agent.idle,
@@ -168,8 +181,9 @@ class LocalProvider(Provider):
         )
 
     def launch(self, spec: MachineSpec) -> list[Machine]:
-        if not spec.agent.token:
+        if not (spec.agent.token_sha256 or spec.agent.token):
             raise RawvmError("internal: the agent config has no token")
+        spec.server_credentials()  # refused before any machine dir exists
         self._ensure_root()
         cluster_dir = self._cluster_dir(spec.cluster)
         cluster_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -179,7 +193,7 @@ class LocalProvider(Provider):
             machine_dir = cluster_dir / machine_id
             machine_dir.mkdir(mode=0o700)
             port = free_port()
-            config = self.machine_config(spec, machine_id, machine_dir, port)
+            config = self._write_channel(spec, machine_dir, self.machine_config(spec, machine_id, machine_dir, port))
             config_path = machine_dir / "agent.toml"
             fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -202,7 +216,7 @@ class LocalProvider(Provider):
                     id=f"{spec.cluster}-{machine_id}",
                     provider=self.name,
                     cluster=spec.cluster,
-                    agent_url=f"http://127.0.0.1:{port}",
+                    agent_url=f"https://127.0.0.1:{port}",
                     state="running",
                     instance_type="local",
                     launched_at=time.time(),
@@ -226,7 +240,7 @@ class LocalProvider(Provider):
                         id=f"{name}-{machine_dir.name}",
                         provider=self.name,
                         cluster=name,
-                        agent_url=f"http://127.0.0.1:{port}" if port else "",
+                        agent_url=f"https://127.0.0.1:{port}" if port else "",
                         state="running" if wrapper else "terminated",
                         instance_type="local",
                         launched_at=wrapper.create_time() if wrapper else 0.0,

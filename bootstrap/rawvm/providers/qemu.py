@@ -202,6 +202,7 @@ class QemuProvider(Provider):
             user_data = encode_user_data(
                 render_user_data(
                     config,
+                    channel=spec.server_credentials(),
                     agent_wheel_url=wheel_url,
                     agent_wheel_sha256=wheel_sha256,
                     uv_wheel=uv_wheel,
@@ -214,12 +215,11 @@ class QemuProvider(Provider):
                 pid, port, opened = self._start(image, files, accel, config.port, spec.open_ports)
             except ImageError as exc:
                 raise RawvmError(f"qemu machine {machine_id}: {exc}") from None
-            scheme = "https" if config.tls_cert else "http"
             machine = Machine(
                 id=machine_id,
                 provider=self.name,
                 cluster=spec.cluster,
-                agent_url=f"{scheme}://127.0.0.1:{port}",
+                agent_url=f"https://127.0.0.1:{port}",  # mutual TLS only, through the host forward
                 state="running",
                 instance_type=f"qemu-{self.cpus}cpu-{self.memory_mib}mib",
                 launched_at=time.time(),

@@ -23,7 +23,7 @@ def machine_of(instance: dict[str, Any]) -> Machine:
         id=instance["InstanceId"],
         provider="aws",
         cluster=tags.get("rawvm:cluster", ""),
-        agent_url=f"http://{address}:{port}" if address else "",
+        agent_url=f"https://{address}:{port}" if address else "",  # mutual TLS only (rawvm.agent.tls)
         state=state,
         instance_type=str(instance.get("InstanceType", "")),
         zone=str(instance.get("Placement", {}).get("AvailabilityZone", "")),

@@ -326,6 +326,7 @@ class AwsProvider(Provider):
         url = self.stage(spec.cluster, [(name, wheel)])[name]
         text = render_user_data(
             self.machine_config(spec),
+            channel=spec.server_credentials(),
             agent_wheel_url=url,
             agent_wheel_sha256=sha256_file(wheel),
             uv_wheel=self.uv_wheel,
