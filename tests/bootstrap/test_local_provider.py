@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from rawvm import clusters
 from rawvm.agent.client import AgentClient, AgentError
 from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
@@ -47,11 +48,17 @@ def provider(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalP
 
 def spec(cluster: str, keepalive: float, count: int = 1) -> MachineSpec:
     agent = AgentConfig(cluster=cluster, token="t" * 43, idle=IdleConfig(keepalive=keepalive))
-    return MachineSpec(cluster=cluster, request=MachineRequest(n=count), agent=agent, agent_wheel=Path("unused.whl"))
+    channel = clusters.new_channel(cluster, 3600)  # the laptop's half beside the (test) record, as a launch does
+    request = MachineRequest(n=count)
+    return MachineSpec(cluster=cluster, request=request, agent=agent, agent_wheel=Path("unused.whl"), channel=channel)
+
+
+def record_of(machine: Machine, token: str = "t" * 43) -> clusters.ClusterRecord:
+    return clusters.ClusterRecord(name=machine.cluster, provider="local", token=token, machines=[machine])
 
 
 async def wait_ready(machine: Machine, timeout: float = 60.0) -> AgentClient:
-    client = AgentClient(machine.agent_url, "t" * 43)
+    client = AgentClient.for_cluster(record_of(machine), machine.agent_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await client.healthz():
@@ -111,7 +118,7 @@ async def test_a_task_runs_and_the_machine_stops_by_itself(
         await client.close()
     assert record["exit_code"] == 4
     assert data == b"out False\n"
-    async with AgentClient(machine.agent_url, "wrong-token") as stranger:
+    async with AgentClient.for_cluster(record_of(machine, "wrong-token"), machine.agent_url) as stranger:
         with pytest.raises(AgentError, match="refused the token"):
             await stranger.status()
     assert [m.state for m in provider.list("c1")] == ["running"]
@@ -163,7 +170,7 @@ async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
     """A bundle file whose sha256 does not match: the agent refuses it, the front door says so, and the machine
     still stops after its keepalive."""
     import aiohttp
-    from rawvm import clusters
+    from rawvm import session
     from rawvm.errors import RawvmError
     from rawvm.progress import PlainProgress
     from rawvm_agent.config import BundleConfig, BundleFile
@@ -176,8 +183,8 @@ async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
     (machine,) = provider.launch(dataclasses.replace(base, agent=dataclasses.replace(base.agent, bundle=bundle)))
     record = clusters.ClusterRecord(name="c4", provider="local", token="t" * 43, machines=[machine])
     progress = io.StringIO()
-    async with aiohttp.ClientSession() as session:
-        clients = {"m0": AgentClient(machine.agent_url, record.token, session=session)}
+    async with aiohttp.ClientSession() as http:
+        clients = {"m0": AgentClient.for_cluster(record, machine.agent_url, session=http)}
         with pytest.raises(RawvmError, match=r"machine m0 of c4 is failed: .*sha256"):
             await asyncio.wait_for(session.wait_ready(clients, provider, record, PlainProgress(progress)), 60)
     assert "rawvm: m0 failed" in progress.getvalue()
