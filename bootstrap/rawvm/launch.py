@@ -221,7 +221,8 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
         def stage_and_launch() -> list[Machine]:
             nonlocal spec
             mark = time.monotonic()
-            urls = provider.stage(name, [*files, *extras.extra_files])
+            # Valid as long as a machine may reinstall after a reboot: until the backstop powers it off.
+            urls = provider.stage(name, [*files, *extras.extra_files], valid_s=lifetime_s + BACKSTOP_GRACE)
             staged = dataclasses.replace(
                 agent, bundle=bundle_config(files, urls, manifest_sha256), sink=provider.sink_url(name)
             )

@@ -23,6 +23,7 @@ import pytest
 from tests.agent.core_helpers import TOKEN, Bundle, agent_config, tiny_bundle, write_config
 from tests.helpers.http import QuietHandler, loopback_server
 from tests.helpers.processes import stop
+from tests.helpers.tls import make_test_channel, secured
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +35,10 @@ class AgentProcess:
     def __init__(
         self, tmp_path: Path, config: dict[str, Any], name: str = "agent", extra_env: dict[str, str] | None = None
     ) -> None:
-        self.config = config
-        self.url = f"http://127.0.0.1:{config['port']}"
+        # As a launch writes it: mutual TLS with a cluster CA of its own, the token only as its sha256.
+        self.channel = make_test_channel(tmp_path / f"{name}-tls")
+        self.config = config = secured(config, self.channel)
+        self.url = f"https://127.0.0.1:{config['port']}"
         self.config_path = write_config(tmp_path / f"{name}.toml", config)
         self.stderr_path = tmp_path / f"{name}.stderr"
         env = {**os.environ, "AGENT_SECRET": AGENT_SECRET}
@@ -57,7 +60,7 @@ class AgentProcess:
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
+            with urllib.request.urlopen(req, timeout=120, context=self.channel.context()) as resp:
                 return resp.status, resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), exc.headers

@@ -105,6 +105,18 @@ class CallLog:
         return [c for c in self.calls if not c.startswith(READ_PREFIXES)]
 
 
+SENT_TEMPLATES: dict[str, dict[str, Any]] = {}
+"""The last launch template data each cluster's launch sent (``rawvm:cluster`` -> LaunchTemplateData, with its own
+tags under ``"TemplateTags"``): a launch deletes its template once the fleets answered, so tests read what was sent."""
+
+
+def _remember_template(params: dict[str, Any], **kwargs: Any) -> None:
+    data = params["LaunchTemplateData"]
+    tags = dict(iter_tags(data["TagSpecifications"][0]["Tags"]))
+    template_tags = [t for s in params.get("TagSpecifications", []) for t in s["Tags"]]
+    SENT_TEMPLATES[tags["rawvm:cluster"]] = {**data, "TemplateTags": template_tags}
+
+
 def moto_provider(server: MotoServer, tmp: Path, bucket: str, **kw: Any) -> AwsProvider:
     """An aws provider on the moto server (the caller's address and the uv wheel fixed, caches under ``tmp``),
     with the public image parameters seeded, set up."""
@@ -119,7 +131,10 @@ def moto_provider(server: MotoServer, tmp: Path, bucket: str, **kw: Any) -> AwsP
         config_path=tmp / "aws.toml",
         **kw,
     )
-    seed_public_image_parameters(provider.client("ec2", REGION))
+    ec2 = provider.client("ec2", REGION)
+    seed_public_image_parameters(ec2)
+    for operation in ("CreateLaunchTemplate", "CreateLaunchTemplateVersion"):
+        ec2.meta.events.register(f"provide-client-params.ec2.{operation}", _remember_template)
     provider.setup()
     return provider
 

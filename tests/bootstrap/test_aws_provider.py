@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -18,9 +19,11 @@ from typing import Any
 import pytest
 import yaml
 from botocore.awsrequest import AWSResponse, HTTPHeaders
+from rawvm.agent.tls import make_channel
 from rawvm.agent.userdata import AGENT_TOML, USER_DATA_LIMIT
 from rawvm.errors import RawvmError, UsageError
 from rawvm.options import MachineRequest
+from rawvm.providers.aws.instances import machine_of
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import MachineSpec
 from rawvm_agent import DEFAULT_PORT
@@ -29,13 +32,13 @@ from rawvm_agent.config import AgentConfig, IdleConfig
 from tests.bootstrap.test_aws_moto import (
     CALLER_IP,
     REGION,
+    SENT_TEMPLATES,
     MotoServer,
     fake_wheel,
     iter_tags,
     moto_provider,
     record_calls,
     seed_public_image_parameters,
-    session,
 )
 
 TOKEN = "secret-token-0123456789"
@@ -55,8 +58,12 @@ def make_provider(server: MotoServer, tmp: Path) -> AwsProvider:
 
 
 def make_spec(tmp: Path, cluster: str, count: int, **kw: Any) -> MachineSpec:
+    """A spec as a launch makes it, but with the token itself in its agent config: the user-data must still hold
+    only its sha256."""
     agent = AgentConfig(token=TOKEN, idle=IdleConfig(max_lifetime=3600.0))
-    return MachineSpec(cluster, MachineRequest(provider="aws", n=count, **kw), agent, fake_wheel(tmp), owner="tester")
+    channel = make_channel(cluster, tmp / "tls" / cluster, 3600)[1]
+    request = MachineRequest(provider="aws", n=count, **kw)
+    return MachineSpec(cluster, request, agent, fake_wheel(tmp), owner="tester", channel=channel)
 
 
 class SpotShortage:
@@ -130,8 +137,14 @@ def mutating_calls(calls: list[str]) -> list[str]:
 
 
 def test_1000_machines_spot_with_fallback_take_at_most_3_mutating_calls(big_launch: dict[str, Any]) -> None:
-    # The launch template, one spot fleet, one on-demand fleet for the shortfall. No per-machine call.
-    assert mutating_calls(big_launch["calls"]) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet"]
+    # The launch template, one spot fleet, one on-demand fleet for the shortfall, and the template deleted once they
+    # answered (its user-data holds the agents' TLS key). No per-machine call.
+    assert mutating_calls(big_launch["calls"]) == [
+        "CreateLaunchTemplate",
+        "CreateFleet",
+        "CreateFleet",
+        "DeleteLaunchTemplate",
+    ]
     # The first launch from an address also makes the caller's security group (EC2 needs two calls for a
     # group and its rule); every later cluster from that address reuses it.
     assert mutating_calls(big_launch["first_calls"]) == [
@@ -139,6 +152,7 @@ def test_1000_machines_spot_with_fallback_take_at_most_3_mutating_calls(big_laun
         "AuthorizeSecurityGroupIngress",
         "CreateLaunchTemplate",
         "CreateFleet",
+        "DeleteLaunchTemplate",
     ]
     assert Counter(m.spot for m in big_launch["machines"]) == {True: 400, False: 600}
     assert len({m.id for m in big_launch["machines"]}) == 1000
@@ -176,11 +190,12 @@ def test_every_instance_and_volume_carries_the_tags(big_launch: dict[str, Any]) 
 
 
 def template_data(ec2: Any, cluster: str) -> dict[str, Any]:
+    """The launch template data the cluster's last launch sent (the launch deleted the template right after its
+    fleets: EC2 has nothing left to describe)."""
     template = ec2.describe_launch_templates(Filters=[{"Name": "tag:rawvm:cluster", "Values": [cluster]}])
-    (lt,) = template["LaunchTemplates"]
-    assert dict(iter_tags(lt.get("Tags"))).keys() >= TAG_KEYS
-    versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt["LaunchTemplateId"], Versions=["$Latest"])
-    data: dict[str, Any] = versions["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+    assert template["LaunchTemplates"] == []
+    data = SENT_TEMPLATES[cluster]
+    assert dict(iter_tags(data["TemplateTags"])).keys() >= TAG_KEYS
     return data
 
 
@@ -213,7 +228,9 @@ def test_user_data_is_valid_cloud_config_under_16_kb(big_launch: dict[str, Any],
     files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
     agent_toml = files[AGENT_TOML]
     assert 'bind = "0.0.0.0"' in agent_toml and "enabled = true" in agent_toml  # spot watcher on
-    assert text.count(TOKEN) == 1  # only inside agent.toml
+    assert TOKEN not in text  # not even inside agent.toml: only its sha256
+    assert f'token_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"' in agent_toml
+    assert 'tls_ca = "/etc/rawvm/tls/ca.crt"' in agent_toml
 
 
 def test_security_group_opens_only_the_agent_port_to_the_caller(big_launch: dict[str, Any]) -> None:
@@ -236,21 +253,21 @@ def test_launch_returns_the_machines_with_their_agent_urls(big_launch: dict[str,
     for m in machines:
         instance = by_id[m.id]
         address = instance.get("PublicIpAddress") or instance["PrivateIpAddress"]
-        assert m.agent_url == f"http://{address}:{DEFAULT_PORT}"
+        assert m.agent_url == f"https://{address}:{DEFAULT_PORT}"
         assert m.provider == "aws" and m.cluster == "big" and m.zone == instance["Placement"]["AvailabilityZone"]
         assert m.spot == (instance.get("InstanceLifecycle") == "spot")
 
 
 def test_agent_address_rule() -> None:
-    """Public address first; a running machine without one is reached privately; a pending one not yet."""
-    provider = AwsProvider(REGION, "b", session=session(), config_path=Path("/nonexistent"))
+    """Public address first; a running machine without one is reached privately; a pending one not yet; always
+    over mutual TLS."""
     base = {"InstanceId": "i-1", "Tags": [{"Key": "rawvm:port", "Value": "9000"}]}
     public = {**base, "State": {"Name": "running"}, "PublicIpAddress": "3.3.3.3", "PrivateIpAddress": "10.0.0.5"}
-    assert provider._machine(public).agent_url == "http://3.3.3.3:9000"
+    assert machine_of(public).agent_url == "https://3.3.3.3:9000"
     private = {**base, "State": {"Name": "running"}, "PrivateIpAddress": "10.0.0.5"}
-    assert provider._machine(private).agent_url == "http://10.0.0.5:9000"
+    assert machine_of(private).agent_url == "https://10.0.0.5:9000"
     pending = {**base, "State": {"Name": "pending"}, "PrivateIpAddress": "10.0.0.5"}
-    assert provider._machine(pending).agent_url == ""
+    assert machine_of(pending).agent_url == ""
 
 
 def xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
@@ -339,7 +356,7 @@ def test_down_leaves_nothing_tagged(moto: MotoServer, tmp_path: Path) -> None:
     addresses = {
         i["InstanceId"]: i.get("PublicIpAddress") or i["PrivateIpAddress"] for r in described for i in r["Instances"]
     }
-    assert all(m.agent_url == f"http://{addresses[m.id]}:{DEFAULT_PORT}" for m in stays)
+    assert all(m.agent_url == f"https://{addresses[m.id]}:{DEFAULT_PORT}" for m in stays)
     assert provider.down("gone") == 0  # idempotent
     # "gone" and "stays" came from one address and share its security group: it stays while "stays" runs.
     (group_id,) = template_data(ec2, "stays")["SecurityGroupIds"]
@@ -358,8 +375,8 @@ def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServ
     provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
     log = record_calls(provider.client("ec2", REGION))
     provider.launch(make_spec(tmp_path, "again", 1, cpu=2))
-    # Same caller address: the group already lets it in; the template gets a new version (fresh URLs).
-    assert log.mutating == ["CreateLaunchTemplateVersion", "CreateFleet"]
+    # Same caller address: the group already lets it in; a fresh template (the last launch deleted its own).
+    assert log.mutating == ["CreateLaunchTemplate", "CreateFleet", "DeleteLaunchTemplate"]
     assert len(provider.list("again")) == 2
     provider.caller_ip = lambda: "198.51.100.9"  # the laptop moved: the new /32 replaces the old one
     log.calls.clear()
@@ -367,8 +384,9 @@ def test_second_launch_in_a_cluster_reuses_its_group_and_template(moto: MotoServ
     assert log.mutating == [
         "CreateSecurityGroup",
         "AuthorizeSecurityGroupIngress",
-        "CreateLaunchTemplateVersion",
+        "CreateLaunchTemplate",
         "CreateFleet",
+        "DeleteLaunchTemplate",
     ]
     ec2 = provider.client("ec2", REGION)
     (group_id,) = template_data(ec2, "again")["SecurityGroupIds"]

@@ -8,6 +8,7 @@ client of ANOTHER cluster (its CA pinned, its client certificate presented) are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import socket
@@ -159,10 +160,8 @@ class Relay:
             pass
         finally:
             for sock in (source, dest):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def close(self) -> None:
         self.listener.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import random
+import ssl
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,13 +235,13 @@ class Response:
 class Connection:
     """One keep-alive connection; ``exchange`` sends a request and reads one answer."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22)
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 22, ssl=self.tls)
 
     async def close(self) -> None:
         if self.writer is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -75,15 +76,17 @@ class Findings:
             self.task_ids.append(json.loads(response.body)["id"])
 
 
-async def one_shot(port: int, request: Request, findings: Findings) -> None:
+async def one_shot(port: int, request: Request, findings: Findings, tls: ssl.SSLContext) -> None:
     """Requests that end their connection: malformed, truncated (the client hangs up short), huge."""
-    connection = Connection("127.0.0.1", port)
+    connection = Connection("127.0.0.1", port, tls)
     await connection.open()
     assert connection.writer is not None and connection.reader is not None
     try:
         connection.writer.write(request.raw)
-        if request.shape == "truncated":
-            connection.writer.write_eof()
+        if request.shape == "truncated":  # TLS has no half-close: hanging up short is closing
+            await connection.writer.drain()
+            await connection.close()
+            return
         await connection.writer.drain()
         response = await asyncio.wait_for(read_response(connection.reader), 10)
     except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError):
@@ -93,17 +96,17 @@ async def one_shot(port: int, request: Request, findings: Findings) -> None:
     findings.check(request, response)
 
 
-async def fire(port: int, generator: Generator, total: int, findings: Findings) -> None:
+async def fire(port: int, generator: Generator, total: int, findings: Findings, tls: ssl.SSLContext) -> None:
     remaining = [total]
 
     async def worker() -> None:
-        connection = Connection("127.0.0.1", port)
+        connection = Connection("127.0.0.1", port, tls)
         while remaining[0] > 0:
             remaining[0] -= 1
             request = generator.next()
             findings.sent += 1
             if request.shape != "normal":
-                await one_shot(port, request, findings)
+                await one_shot(port, request, findings, tls)
                 continue
             response = await connection.exchange(request.raw, head_request=request.method == "HEAD")
             findings.check(request, response)
@@ -114,7 +117,7 @@ async def fire(port: int, generator: Generator, total: int, findings: Findings) 
     await asyncio.gather(*(worker() for _ in range(WORKERS)))
 
 
-async def slow_clients(port: int, stop: asyncio.Event, findings: Findings) -> None:
+async def slow_clients(port: int, stop: asyncio.Event, findings: Findings, tls: ssl.SSLContext) -> None:
     """A byte at a time, with and without the token; and one that stalls half way through its headers."""
 
     async def dribble(authorized: bool) -> None:
@@ -122,7 +125,7 @@ async def slow_clients(port: int, stop: asyncio.Event, findings: Findings) -> No
         raw = f"GET /v1/status HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode()
         request = Request(raw=raw, authorized=authorized, path="/v1/status", method="GET")
         while not stop.is_set():
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
             for i in range(len(raw)):
                 writer.write(raw[i : i + 1])
                 await writer.drain()
@@ -135,7 +138,7 @@ async def slow_clients(port: int, stop: asyncio.Event, findings: Findings) -> No
 
     async def stall() -> None:
         while not stop.is_set():
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
             writer.write(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthor")
             await writer.drain()
             await asyncio.sleep(3)
@@ -147,6 +150,26 @@ async def slow_clients(port: int, stop: asyncio.Event, findings: Findings) -> No
             writer.close()
 
     await asyncio.gather(dribble(True), dribble(False), stall())
+
+
+async def answered_without_certificate(port: int, ca: Path, tries: int = 200) -> int:
+    """Requests carrying the right token, over TLS with the CA pinned but no client certificate, and over plain
+    TCP: how many got an HTTP answer."""
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.check_hostname = False
+    no_cert.load_verify_locations(cafile=str(ca))
+    raw = f"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+    answered = 0
+    for i in range(tries):
+        connection = Connection("127.0.0.1", port, no_cert if i % 2 else None)
+        try:
+            response = await connection.exchange(raw, timeout=10)
+        except (OSError, ssl.SSLError, TimeoutError):
+            response = None
+        finally:
+            await connection.close()
+        answered += response is not None
+    return answered
 
 
 def status_of(agent: AgentProcess) -> dict[str, Any]:
@@ -172,24 +195,27 @@ def test_100k_fuzzed_requests_no_5xx_no_stranger_served_agent_still_up(
     agent.wait(lambda s: s["phase"] == "idle")
     process = psutil.Process(agent.proc.pid)
     port = int(config["port"])
+    tls = agent.channel.context()  # the cluster's client certificate: the fuzzing is of the API behind it
     findings = Findings()
     started = time.monotonic()
 
     async def strangers() -> None:
-        await fire(port, Generator(TOKEN, SEED, auth_share=0.0), 2_000, findings)  # warm up before measuring
+        await fire(port, Generator(TOKEN, SEED, auth_share=0.0), 2_000, findings, tls)  # warm up before measuring
 
     asyncio.run(strangers())
     rss_before = process.memory_info().rss
     clock_before = idle_clock(status_of(agent))
 
-    asyncio.run(fire(port, Generator(TOKEN, SEED + 1, auth_share=0.0), STRANGER_REQUESTS, findings))
+    asyncio.run(fire(port, Generator(TOKEN, SEED + 1, auth_share=0.0), STRANGER_REQUESTS, findings, tls))
+    # With the right token but without the client certificate (TLS, or plain TCP), nothing is ever answered.
+    served_without_certificate = asyncio.run(answered_without_certificate(port, agent.channel.laptop.ca))
     clock_after = idle_clock(status_of(agent))
     stranger_phase = dict(findings.statuses)
 
     async def mixed() -> None:
         stop = asyncio.Event()
-        slow = asyncio.ensure_future(slow_clients(port, stop, findings))
-        await fire(port, Generator(TOKEN, SEED + 2, auth_share=0.5), MIXED_REQUESTS, findings)
+        slow = asyncio.ensure_future(slow_clients(port, stop, findings, tls))
+        await fire(port, Generator(TOKEN, SEED + 2, auth_share=0.5), MIXED_REQUESTS, findings, tls)
         stop.set()
         await asyncio.wait_for(slow, 60)
 
@@ -210,12 +236,14 @@ def test_100k_fuzzed_requests_no_5xx_no_stranger_served_agent_still_up(
     reliability.count("requests_fuzzed", findings.sent)
     reliability.count("responses_5xx", len(findings.errors_5xx))
     reliability.count("unauthenticated_served", len(findings.served_to_strangers))
+    reliability.count("served_without_client_certificate", served_without_certificate)
     reliability.count("idle_clock_moved", int(clock_before != clock_after))
     reliability.count("rss_growth_kib", max(0, rss_after - rss_before) // 1024)
 
     assert findings.sent >= 100_000
     assert findings.errors_5xx == [], findings.errors_5xx[:10]
     assert findings.served_to_strangers == [], findings.served_to_strangers[:10]
+    assert served_without_certificate == 0
     assert findings.not_json == [], findings.not_json[:10]
     assert clock_before == clock_after  # 60 000 strangers' requests, keepalive and tasks included: no activity
     assert stranger_phase.get(401, 0) > STRANGER_REQUESTS * 0.7  # the rest: /healthz, and what the parser refused

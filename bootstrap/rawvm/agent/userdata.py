@@ -20,9 +20,11 @@ native TLS read on Debian and Ubuntu. Neither cloud-init's ``ca_certs`` module (
 from __future__ import annotations
 
 import gzip
+import hashlib
 import re
 import shlex
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -128,6 +130,16 @@ def split_certificates(path: Path) -> list[str]:
     return certs
 
 
+def without_token(config: AgentConfig) -> AgentConfig:
+    """``config`` knowing the token only by its sha256: user-data is readable through IMDS and the EC2 API, so it
+    never carries the token itself."""
+    if not config.token:
+        return config
+    return replace(
+        config, token="", token_sha256=config.token_sha256 or hashlib.sha256(config.token.encode()).hexdigest()
+    )
+
+
 def _unit_path(name: str) -> str:
     return name if name.startswith("/") else f"{UNIT_DIR}/{name}"
 
@@ -204,7 +216,7 @@ def render_user_data(
 ) -> str:
     """The ``#cloud-config`` document for one machine (see the module docstring for what it does)."""
     _check_sha256(agent_wheel_sha256, "agent wheel")
-    agent_config = channel.configure(agent_config, AGENT_TLS_DIR)
+    agent_config = channel.configure(without_token(agent_config), AGENT_TLS_DIR)
     files: list[dict[str, Any]] = [
         {
             "path": AGENT_TOML,

@@ -98,8 +98,10 @@ class Provider(ABC):
         """The resolver platform its machines run, e.g. ``linux-x86_64``."""
 
     @abstractmethod
-    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
-        """Put ``(name, local path)`` pairs where machines can fetch them; returns name -> URL."""
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
+        """Put ``(name, local path)`` pairs where machines can fetch them; returns name -> URL. ``valid_s``: how
+        long machines may need the URLs (0: only while they boot); a provider whose URLs carry a signature makes
+        them expire then."""
 
     @abstractmethod
     def sink_url(self, cluster: str) -> str:

@@ -130,7 +130,7 @@ class LocalProvider(Provider):
     def _cluster_dir(self, cluster: str) -> Path:
         return self.root / cluster
 
-    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
         """Copies into the cluster's ``staged/`` directory; machines read them by absolute path."""
         from rawvm.providers.staging import safe_relpath
 

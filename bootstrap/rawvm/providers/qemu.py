@@ -124,7 +124,7 @@ class QemuProvider(Provider):
             raise UsageError(f"invalid cluster name {cluster!r}: use letters, digits, '.', '_' and '-'")
         return self.root / cluster
 
-    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
         """Copies (hard-links) the files into the cluster's ``files/``, served by its detached stager."""
         directory = self.cluster_dir(cluster)
         port = self._ensure_server(directory)

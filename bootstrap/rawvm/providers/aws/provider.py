@@ -1,7 +1,9 @@
 """The ``aws`` provider: EC2 machines from one launch template and one ``CreateFleet`` per launch.
 
 Per cluster it makes a security group (agent port open to the caller's /32 only) and a launch template
-(image, user-data, IMDSv2 only, terminate on shutdown, encrypted gp3 root deleted on termination, tags). A
+(image, user-data, IMDSv2 only, terminate on shutdown, encrypted gp3 root deleted on termination, tags). The
+template is deleted as soon as the fleets have answered: an instant fleet does not need it afterwards, and its
+user-data holds the agents' TLS key, which must not outlive the launch in an API that read-only principals see. A
 launch is one instant fleet across the cheapest fitting instance types x every zone of the default VPC;
 ``spot_with_fallback`` asks for spot first and for the shortfall on demand in a second fleet. Throttling
 (``RequestLimitExceeded``) is retried by botocore's ``standard`` retry mode, with exponential backoff.
@@ -245,9 +247,10 @@ class AwsProvider(Provider):
         region = self.resolve_region(region)
         return aws_staging.S3Stager(self.client("s3", region), self.bucket_name(region))
 
-    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
+        """Presigned GET URLs valid ``valid_s`` (0: the boot's hour; SigV4 allows at most 7 days)."""
         try:
-            return self.stager().stage(self.check_cluster(cluster), files)
+            return self.stager().stage(self.check_cluster(cluster), files, valid_s=valid_s)
         except AWS_ERRORS as exc:
             raise RawvmError(f"staging to S3 failed: {aws_error(exc)}") from None
 
@@ -406,15 +409,20 @@ class AwsProvider(Provider):
             root_size_gib=root_gib,
             security_group_id=group_id,
             user_data=user_data,
-            tags=tags,
+            tags=tags | {aws_teardown.GROUP_TAG: group_id},  # 'rawvm down' finds the group on the instances
             key_name=self.ssh_key_name,
         )
         template_id = self._launch_template(ec2, spec.cluster, data, tags)
         placements = aws_fleet.overrides([t.name for t in chosen], subnets)
         zones = dict(subnets)
-        launched, tried = aws_fleet.launch_fleets(
-            ec2, template_id, placements, spec.request.spot_policy, spec.count, tags, zones
-        )
+        try:
+            launched, tried = aws_fleet.launch_fleets(
+                ec2, template_id, placements, spec.request.spot_policy, spec.count, tags, zones
+            )
+        finally:
+            # Instant fleets have started (or refused) their instances: the template, whose user-data holds the
+            # agents' key, is no longer needed. 'rawvm down' finds the cluster's groups on its instances.
+            ec2.delete_launch_template(LaunchTemplateId=template_id)
         if len(launched) < spec.count:
             aws_teardown.terminate(ec2, [m.instance_id for m in launched])
             raise RawvmError(

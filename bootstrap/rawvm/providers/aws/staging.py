@@ -25,7 +25,12 @@ from rawvm.files import sha256_file
 from rawvm.providers.sink_fetch import FlushCache
 
 EXPIRE_DAYS = 3
-GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
+# Presigned GETs expire when no machine can need them any more. The agent wheel (bootstrap.sh, which cloud-init
+# runs once per instance) is fetched during the first boot only: an hour covers a slow one. The bundle is fetched
+# by the agent at its first boot and again at any later boot whose install had not finished (a reboot), which
+# can happen until the backstop powers the machine off: the launch asks for max_lifetime + grace.
+BOOT_URL_SECONDS = 3600
+MAX_URL_SECONDS = 7 * 24 * 3600  # SigV4's limit
 SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
 SINK_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
 LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
@@ -112,8 +117,10 @@ class S3Stager:
                 raise RawvmError(f"staging bucket {self.bucket} does not exist: run 'rawvm setup aws' first") from None
             raise RawvmError(f"staging bucket {self.bucket} is not usable: {_code(exc)}") from None
 
-    def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
-        """Upload each file unless the same bytes are there already; name -> presigned GET URL."""
+    def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
+        """Upload each file unless the same bytes are there already; name -> presigned GET URL, valid ``valid_s``
+        (0: ``BOOT_URL_SECONDS``)."""
+        expires = int(min(max(valid_s, BOOT_URL_SECONDS), MAX_URL_SECONDS))
         self.check_bucket()
         urls: dict[str, str] = {}
         for name, path in files:
@@ -122,7 +129,7 @@ class S3Stager:
             if self._storedsha256_file(key) != sha:
                 self.s3.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
             urls[name] = self.s3.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=GET_URL_SECONDS
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
             )
         return urls
 

@@ -1,5 +1,6 @@
-"""``rawvm down`` on EC2: terminate a cluster's instances by tag, wait until they are gone, then delete its
-launch template, and the caller's security group it used once no live instance uses it any more (a security
+"""``rawvm down`` on EC2: terminate a cluster's instances by tag, wait until they are gone, then delete any launch
+template left (a launch deletes its own once the fleets answered), and the caller's security group its instances
+used once no live instance uses it any more (a security
 group cannot go while a network interface still uses it; other clusters from the same address may share it)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from botocore.exceptions import ClientError
 from rawvm.errors import RawvmError
 
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+GROUP_TAG = "rawvm:group"  # on every instance: the caller group its launch used (the launch template is gone)
 TERMINATE_BATCH = 1000  # TerminateInstances takes up to 1000 ids per call
 
 
@@ -57,7 +59,12 @@ def down(
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
     """Terminate every live instance of ``cluster``, wait for them, delete its SG and launch templates."""
-    ids = [i["InstanceId"] for i in instances(ec2, cluster)]
+    found = list(instances(ec2, cluster, (*LIVE_STATES, "terminated")))
+    ids = [i["InstanceId"] for i in found if i.get("State", {}).get("Name") != "terminated"]
+    # The launch deleted its template: the instances name the cluster's groups (terminated ones for about an hour;
+    # after that 'rawvm sweep' finds a group that nothing uses).
+    used = {g["GroupId"] for i in found for g in i.get("SecurityGroups", [])}
+    used |= {t["Value"] for i in found for t in i.get("Tags", []) if t["Key"] == GROUP_TAG}
     terminate(ec2, ids)
     deadline = clock() + timeout
     while True:
@@ -71,7 +78,7 @@ def down(
             )
         sleep(poll)
     templates = ec2.describe_launch_templates(Filters=cluster_filters(cluster)).get("LaunchTemplates", [])
-    group_ids = sorted({g for t in templates for g in template_groups(ec2, t["LaunchTemplateId"])})
+    group_ids = sorted(used | {g for t in templates for g in template_groups(ec2, t["LaunchTemplateId"])})
     for template in templates:
         ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
     cluster_groups = ec2.describe_security_groups(Filters=cluster_filters(cluster)).get("SecurityGroups", [])
@@ -96,17 +103,20 @@ def template_groups(ec2: Any, template_id: str) -> set[str]:
 
 
 def _in_use(ec2: Any, group_id: str) -> bool:
-    """Whether another cluster still needs the group: a remaining rawvm launch template names it (a cluster lives
-    until 'rawvm down' removes its template), or a live instance uses it."""
+    """Whether another cluster still needs the group: a remaining rawvm launch template names it (a launch in
+    progress), or a live instance uses it (or names it in its ``rawvm:group`` tag)."""
     pages = ec2.get_paginator("describe_launch_templates").paginate(Filters=cluster_filters(None))
     if any(group_id in template_groups(ec2, t["LaunchTemplateId"]) for p in pages for t in p["LaunchTemplates"]):
         return True
-    filters = [
+    live = {"Name": "instance-state-name", "Values": list(LIVE_STATES)}
+    for using in (
         {"Name": "instance.group-id", "Values": [group_id]},
-        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
-    ]
-    response = ec2.describe_instances(Filters=filters)
-    return any(r.get("Instances") for r in response.get("Reservations", []))
+        {"Name": f"tag:{GROUP_TAG}", "Values": [group_id]},
+    ):
+        response = ec2.describe_instances(Filters=[using, live])
+        if any(r.get("Instances") for r in response.get("Reservations", [])):
+            return True
+    return False
 
 
 def _delete_security_group(
