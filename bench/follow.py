@@ -7,12 +7,18 @@ a real sample frame every second to a ring per agent and serve ``/v1/samples?aft
 own frame layout and query), ``/v1/status`` and ``/v1/tasks`` as the agent does. The frame is the real agent
 Sampler's, taken once on this machine with 8 GPUs from the tests' fake NVML library (``--gpus 0``: none).
 
-Side by side for each N, in a client process of its own, measured over the same window after a warm-up:
+Every simulated agent serves twice: plain HTTP on one port, and the agent's own mutual TLS (``server_ssl_context``
+with a per-run cluster CA; the client pins it and presents its certificate) on another. Side by side for each N,
+in a client process of its own, measured over the same window after a warm-up:
 
 - **rawvm top**: the real ``rawvm.observe.top.Follower`` (samples by seq, status every second, tasks on change, one
-  bounded session) plus ``rawvm.cli.top.render`` of a 200x50 screen every second, as the live view does;
+  bounded session) plus ``rawvm.cli.top.render`` of a 200x50 screen every second, as the live view does; over
+  mutual TLS, as rawvm only speaks it;
 - **bare poller** (the baseline): the least any HTTP follower can do, one aiohttp loop per agent fetching
-  the newest sample (``/v1/samples?newest=1&limit=1``) every second over the same kind of session, unparsed.
+  the newest sample (``/v1/samples?newest=1&limit=1``) every second over the same kind of session, unparsed;
+  once over plain HTTP and once over mutual TLS (**bare mTLS**). Their ratio is the channel's own cost: rawvm
+  top cannot speak plain HTTP any more, and does strictly more non-TLS work per answer than the bare poller, so
+  its TLS share is at most that ratio. Goal (security issue): at most 1.3x.
 
 CPU share = the client process's user+system CPU-seconds / wall seconds (1.0 = one core busy); RSS = its peak
 resident memory (VmHWM). ``looks/s`` says how many agent answers per second the client got; N is the full
@@ -29,6 +35,7 @@ import io
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,17 +47,29 @@ from typing import Any
 import msgpack
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 TOKEN = "bench-follow-token-4c1a"
 RING = 120
+TLS_OFFSET = 1  # an agent's mutual-TLS port is its plain port + 1 (``tls_ports`` keeps both free)
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
+def tls_ports(n: int) -> list[int]:
+    """``n`` ports p with p and p + TLS_OFFSET both free (found by binding, then released)."""
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    while len(ports) < n:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         socks.append(s)
-        ports.append(s.getsockname()[1])
+        port = s.getsockname()[1]
+        twin = socket.socket()
+        try:
+            twin.bind(("127.0.0.1", port + TLS_OFFSET))
+        except OSError:
+            twin.close()
+            continue
+        socks.append(twin)
+        ports.append(port)
     for s in socks:
         s.close()
     return ports
@@ -61,7 +80,6 @@ def template_sample(gpus: int) -> dict[str, Any]:
     from rawvm_agent.config import TelemetryConfig
     from rawvm_agent.telemetry import Sampler
 
-    sys.path.insert(0, str(ROOT))
     from tests.agent.test_nvml_fakelib import eight_gpus, installed
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +102,19 @@ def template_sample(gpus: int) -> dict[str, Any]:
 # -- the simulated agents ------------------------------------------------------------------------------------
 
 
-async def serve(ports: list[int], sample: dict[str, Any], ready: Path) -> None:
+def agent_tls(tls_root: Path) -> ssl.SSLContext:
+    """The simulated agents' server context: the real agent's mutual TLS."""
+    from rawvm_agent.config import AgentConfig
+    from rawvm_agent.server import server_ssl_context
+
+    agent = tls_root / "agent"
+    return server_ssl_context(
+        AgentConfig(tls_cert=str(agent / "agent.crt"), tls_key=str(agent / "agent.key"), tls_ca=str(agent / "ca.crt"))
+    )
+
+
+async def serve(ports: list[int], sample: dict[str, Any], ready: Path, tls_root: Path) -> None:
+    """Every agent on ``port`` (plain HTTP) and on ``port + TLS_OFFSET`` (mutual TLS) alike."""
     from aiohttp import web
     from rawvm_agent.telemetry.sample import array_header
 
@@ -109,7 +139,8 @@ async def serve(ports: list[int], sample: dict[str, Any], ready: Path) -> None:
             rings[port].append((seqs[port], frame))
 
     def port_of(request: web.Request) -> int:
-        return int(request.transport.get_extra_info("sockname")[1])  # type: ignore[union-attr]
+        port = int(request.transport.get_extra_info("sockname")[1])  # type: ignore[union-attr]
+        return port if port in rings else port - TLS_OFFSET
 
     async def samples(request: web.Request) -> web.Response:
         ring = rings[port_of(request)]
@@ -134,8 +165,10 @@ async def serve(ports: list[int], sample: dict[str, Any], ready: Path) -> None:
     app.router.add_get("/v1/tasks", tasks_handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    context = agent_tls(tls_root)
     for port in ports:
         await web.TCPSite(runner, "127.0.0.1", port, backlog=512).start()
+        await web.TCPSite(runner, "127.0.0.1", port + TLS_OFFSET, backlog=512, ssl_context=context).start()
     tick()
     ready.write_text("ok")
     loop = asyncio.get_running_loop()
@@ -161,7 +194,7 @@ def cpu_seconds() -> float:
     return t.user + t.system
 
 
-async def client_top(ports: list[int], warmup: float, seconds: float) -> dict[str, float]:
+async def client_top(ports: list[int], warmup: float, seconds: float, tls_root: Path) -> dict[str, float]:
     from rawvm.cli.top import render
     from rawvm.clusters import ClusterRecord
     from rawvm.observe.top import Follower
@@ -170,11 +203,16 @@ async def client_top(ports: list[int], warmup: float, seconds: float) -> dict[st
 
     machines = [
         Machine(
-            id=f"bench-m{i}", provider="aws", cluster="bench", agent_url=f"http://127.0.0.1:{p}", price_per_hour=3.0
+            id=f"bench-m{i}",
+            provider="aws",
+            cluster="bench",
+            agent_url=f"https://127.0.0.1:{p + TLS_OFFSET}",
+            price_per_hour=3.0,
         )
         for i, p in enumerate(ports)
     ]
-    record = ClusterRecord(name="bench", provider="aws", token=TOKEN, machines=machines)
+    laptop = str(tls_root / "laptop")
+    record = ClusterRecord(name="bench", provider="aws", token=TOKEN, machines=machines, channel_dir=laptop)
     console = Console(file=io.StringIO(), width=200, height=50, color_system="truecolor", force_terminal=True)
     async with Follower([record]) as follower:
         follow = asyncio.create_task(follower.run())
@@ -203,8 +241,13 @@ async def client_top(ports: list[int], warmup: float, seconds: float) -> dict[st
     }
 
 
-async def client_bare(ports: list[int], warmup: float, seconds: float) -> dict[str, float]:
+async def client_bare(ports: list[int], warmup: float, seconds: float, tls_root: Path | None) -> dict[str, float]:
+    """The bare poller; over mutual TLS (the laptop's context, as rawvm makes it) when ``tls_root`` is given."""
     import aiohttp
+    from rawvm.agent.tls import ChannelFiles, client_context
+
+    context = client_context(ChannelFiles(tls_root / "laptop")) if tls_root is not None else None
+    scheme, offset = ("https", TLS_OFFSET) if context is not None else ("http", 0)
 
     headers = {"Authorization": f"Bearer {TOKEN}"}
     received = 0
@@ -217,7 +260,8 @@ async def client_bare(ports: list[int], warmup: float, seconds: float) -> dict[s
         while True:
             started = loop.time()
             try:
-                async with session.get(f"http://127.0.0.1:{port}/v1/samples", params=params, headers=headers) as r:
+                url = f"{scheme}://127.0.0.1:{port + offset}/v1/samples"
+                async with session.get(url, params=params, headers=headers, ssl=context or True) as r:
                     body = await r.read()
                 if len(body) > 1 and counting:
                     received += 1
@@ -246,8 +290,8 @@ async def client_bare(ports: list[int], warmup: float, seconds: float) -> dict[s
 # -- the orchestration ---------------------------------------------------------------------------------------
 
 
-def run_case(n: int, sample_file: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    ports = free_ports(n)
+def run_case(n: int, sample_file: Path, tls_root: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    ports = tls_ports(n)
     groups = [ports[i :: args.server_procs] for i in range(args.server_procs)]
     servers = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -256,7 +300,15 @@ def run_case(n: int, sample_file: Path, args: argparse.Namespace) -> dict[str, d
             servers.append(
                 (
                     subprocess.Popen(
-                        [sys.executable, __file__, "serve", str(sample_file), str(ready), ",".join(map(str, group))]
+                        [
+                            sys.executable,
+                            __file__,
+                            "serve",
+                            str(sample_file),
+                            str(ready),
+                            ",".join(map(str, group)),
+                            str(tls_root),
+                        ]
                     ),
                     ready,
                 )
@@ -268,7 +320,7 @@ def run_case(n: int, sample_file: Path, args: argparse.Namespace) -> dict[str, d
                     raise SystemExit("the simulated agents did not start")
                 time.sleep(0.2)
             out = {}
-            for mode in ("bare", "top"):
+            for mode in ("bare", "bare-tls", "top"):
                 result = subprocess.run(
                     [
                         sys.executable,
@@ -278,6 +330,7 @@ def run_case(n: int, sample_file: Path, args: argparse.Namespace) -> dict[str, d
                         str(args.warmup),
                         str(args.seconds),
                         ",".join(map(str, ports)),
+                        str(tls_root),
                     ],
                     capture_output=True,
                     text=True,
@@ -294,12 +347,16 @@ def run_case(n: int, sample_file: Path, args: argparse.Namespace) -> dict[str, d
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         sample = json.loads(Path(sys.argv[2]).read_text())
-        asyncio.run(serve([int(p) for p in sys.argv[4].split(",")], sample, Path(sys.argv[3])))
+        asyncio.run(serve([int(p) for p in sys.argv[4].split(",")], sample, Path(sys.argv[3]), Path(sys.argv[5])))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "client":
         mode, warmup, seconds, ports = sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-        run = client_top if mode == "top" else client_bare
-        print(json.dumps(asyncio.run(run([int(p) for p in ports.split(",")], warmup, seconds))))
+        tls_root, numbers = Path(sys.argv[6]), [int(p) for p in ports.split(",")]
+        if mode == "top":
+            result = asyncio.run(client_top(numbers, warmup, seconds, tls_root))
+        else:
+            result = asyncio.run(client_bare(numbers, warmup, seconds, tls_root if mode == "bare-tls" else None))
+        print(json.dumps(result))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default="50,200,500", help="agent counts (%(default)s)")
@@ -310,6 +367,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sample_file = Path(tmp) / "sample.json"
+        from tests.helpers.tls import make_test_channel
+
+        tls_root = Path(tmp) / "tls"
+        make_test_channel(tls_root, "bench")
         sample = template_sample(args.gpus)
         sample_file.write_text(json.dumps(sample))
         frame = len(msgpack.packb(sample, use_bin_type=True))
@@ -319,19 +380,22 @@ def main() -> None:
             f"{'looks/s':>8} | ratio (at 1 Hz)"
         )
         for n in [int(x) for x in args.n.split(",")]:
-            res = run_case(n, sample_file, args)
-            bare, top = res["bare"], res["top"]
-            for r in (bare, top):
+            res = run_case(n, sample_file, tls_root, args)
+            bare, bare_tls, top = res["bare"], res["bare-tls"], res["top"]
+            for r in (bare, bare_tls, top):
                 # What the share would be if every agent had answered every second (a loaded machine's simulated
                 # agents may not keep up: then the client did less work than a real cluster would ask of it).
                 r["at_1hz"] = r["cpu_share"] * n / r["looks_per_s"] if r["looks_per_s"] else float("nan")
-            for name, r in (("bare poller", bare), ("rawvm top", top)):
-                ratio = f"{r['at_1hz'] / bare['at_1hz']:.2f}x CPU" if name == "rawvm top" else "baseline"
+            for name, r in (("bare poller", bare), ("bare mTLS", bare_tls), ("rawvm top", top)):
+                ratio = f"{r['at_1hz'] / bare['at_1hz']:.2f}x CPU" if name != "bare poller" else "baseline"
                 print(
                     f"{n:>5} | {name:<12} | {100 * r['cpu_share']:>12.1f}% | {100 * r['at_1hz']:>6.1f}% | "
                     f"{r['rss_mb']:>6.1f} MB | {r['looks_per_s']:>8.1f} | {ratio}",
                     flush=True,
                 )
+            channel = max(bare_tls["cpu_share"] / bare["cpu_share"], bare_tls["at_1hz"] / bare["at_1hz"])
+            verdict = "meets" if channel <= 1.3 else "MISSES"
+            print(f"goal: mutual TLS costs at most 1.3x plain HTTP's CPU at {n} agents: {verdict} ({channel:.2f}x)")
             if n == 500:
                 worst = max(top["cpu_share"], top["at_1hz"])
                 goal = "meets" if worst < 0.5 else "MISSES"

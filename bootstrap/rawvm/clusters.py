@@ -57,6 +57,7 @@ class ClusterRecord:
     keepalive_s: float = 0.0
     max_lifetime_s: float = 0.0
     provider_options: dict[str, str] = field(default_factory=dict)  # e.g. region, to find the machines again
+    channel_dir: str = ""  # the agent channel's files (``channel_files``); "": where they go beside this record
 
     @property
     def price_per_hour(self) -> float:
@@ -66,7 +67,7 @@ class ClusterRecord:
         """The TLS context every client of this cluster's agents uses: pins the cluster CA, presents the laptop's
         certificate. Made once per process and cluster (loading the files costs a few ms; ``rawvm top`` follows
         hundreds of machines). A record without TLS files (an older rawvm's) is refused with one clear line."""
-        files = channel_files(self.name)
+        files = ChannelFiles(Path(self.channel_dir)) if self.channel_dir else channel_files(self.name)
         try:
             stamp = files.client_key.stat().st_mtime_ns  # a cluster of the same name launched again: new files
         except OSError:

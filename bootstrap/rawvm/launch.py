@@ -211,6 +211,7 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
             keepalive_s=options.lifetime.keepalive_s,
             max_lifetime_s=lifetime_s,
             provider_options=where,
+            channel_dir=str(clusters.channel_files(name).directory),
         )
         # The cluster's CA lives as long as its machines can (the backstop powers them off by then); its key is
         # never written, the agents' certificate goes with the spec, the laptop's beside the record.

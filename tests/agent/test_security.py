@@ -21,7 +21,7 @@ from rawvm_agent.logs import MASK, RedactingFormatter, Redactor, setup_logging, 
 from rawvm_agent.server import create_app, server_ssl_context
 
 from tests.agent.core_helpers import TOKEN, agent_config
-from tests.systools import need_tool
+from tests.helpers.tls import make_test_channel, secured
 
 ROUTES = [
     ("GET", "/metrics"),
@@ -135,44 +135,41 @@ def test_setup_logging_redacts_file_and_stderr(tmp_path: Path, capfd: pytest.Cap
         assert out.count(MASK) == 2
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            need_tool("openssl", "openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
-async def test_tls_when_cert_and_key_are_configured(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
-    raw = agent_config(tmp_path / "state", tls_cert=str(cert), tls_key=str(key))
-    config = config_from_dict(raw)
+async def test_the_api_serves_only_mutual_tls_with_the_cluster_ca(tmp_path: Path) -> None:
+    channel = make_test_channel(tmp_path / "tls")
+    config = config_from_dict(secured(agent_config(tmp_path / "state"), channel))
     runner = web.AppRunner(create_app(Agent(config)))
     await runner.setup()
     try:
         await web.TCPSite(runner, config.bind, config.port, ssl_context=server_ssl_context(config)).start()
-        trust = ssl.create_default_context(cafile=str(cert))
+        url = f"https://127.0.0.1:{config.port}"
         async with aiohttp.ClientSession() as session:
-            url = f"https://127.0.0.1:{config.port}/v1/status"
-            async with session.get(url, ssl=trust, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
-                assert resp.status == 200
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            async with session.get(f"{url}/v1/status", ssl=channel.context(), headers=headers) as resp:
+                assert resp.status == 200  # the token checked against its sha256
             with pytest.raises(aiohttp.ClientError):
                 async with session.get(f"http://127.0.0.1:{config.port}/healthz") as resp:
                     await resp.read()
+            no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            no_cert.check_hostname = False
+            no_cert.load_verify_locations(cafile=str(channel.laptop.ca))
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"{url}/healthz", ssl=no_cert) as resp:
+                    await resp.read()  # TLS, but no client certificate
             with pytest.raises(aiohttp.ClientConnectorCertificateError):
-                async with session.get(f"https://127.0.0.1:{config.port}/healthz") as resp:
-                    await resp.read()  # not trusted without the CA
+                async with session.get(f"{url}/healthz") as resp:
+                    await resp.read()  # the system store does not know the cluster CA
     finally:
         await runner.cleanup()
 
 
-def test_half_tls_config_is_an_error(tmp_path: Path) -> None:
-    config = config_from_dict(agent_config(tmp_path, tls_cert="/x/cert.pem"))
-    with pytest.raises(ValueError, match="tls_cert and tls_key"):
-        server_ssl_context(config)
+def test_an_agent_without_tls_refuses_to_start_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text(f'token = "{TOKEN}"\nstate_dir = "{tmp_path / "state"}"\ntls_cert = "/x/cert.pem"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "rawvm_agent", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "mutual TLS" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ValueError, match="mutual TLS"):
+        server_ssl_context(config_from_dict(agent_config(tmp_path)))

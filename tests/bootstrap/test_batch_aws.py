@@ -53,7 +53,12 @@ def test_a_1000_task_batch_on_100_machines_is_one_launch_with_small_user_data(tm
         launched = provider.launch(machine_spec)
 
         assert len(launched) == 100
-        assert mutating_calls(log.calls) == ["CreateLaunchTemplate", "CreateFleet", "CreateFleet", "DeleteLaunchTemplate"]
+        assert mutating_calls(log.calls) == [
+            "CreateLaunchTemplate",
+            "CreateFleet",
+            "CreateFleet",
+            "DeleteLaunchTemplate",
+        ]
         raw = base64.b64decode(template_data(ec2, "big-batch")["UserData"])
         assert len(raw) <= 16 * 1024 and USER_DATA_LIMIT == 16 * 1024
         text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()

@@ -104,7 +104,7 @@ def _agent_status(cluster: str) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession() as session:
             out = []
             for machine in record.machines:
-                client = agent_client.AgentClient(machine.agent_url, record.token, session=session)
+                client = agent_client.AgentClient.for_cluster(record, machine.agent_url, session=session)
                 out.append(await client.status())
             return out
 

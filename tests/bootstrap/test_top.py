@@ -78,7 +78,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         (m0,) = [m for m in found.record().machines if m.id.endswith("-m0")]
 
         async def burn() -> None:
-            async with AgentClient(m0.agent_url, found.record().token) as agent:
+            async with AgentClient.for_cluster(found.record(), m0.agent_url) as agent:
                 await agent.submit(["python", "burn.py", "600"])
 
         asyncio.run(burn())

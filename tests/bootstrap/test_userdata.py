@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import hashlib
 import os
@@ -15,7 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
+from rawvm.agent.tls import Authority, ServerCredentials
 from rawvm.agent.userdata import (
+    AGENT_TLS_DIR,
     AGENT_TOML,
     BOOTSTRAP_SCRIPT,
     USER_DATA_LIMIT,
@@ -23,6 +26,7 @@ from rawvm.agent.userdata import (
     encode_user_data,
     render_user_data,
     wheel_filename,
+    without_token,
 )
 from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.errors import UsageError
@@ -31,6 +35,8 @@ from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig
 from tests.systools import need_tool
 
 TOKEN = "tok-9f8e7d6c5b4a39281706"
+_AUTHORITY = Authority("rawvm agent CA test", datetime.timedelta(hours=1))
+CHANNEL = ServerCredentials(_AUTHORITY.cert_pem, *_AUTHORITY.issue("rawvm agent test", ["server", "client"]))
 WHEEL_URL = "http://10.0.2.2:8123/rawvm_agent-0.1.0-py3-none-any.whl?sig=a&b=c"
 WHEEL_SHA = "ab" * 32
 UV = UvWheel(
@@ -64,9 +70,8 @@ def _config(**overrides: Any) -> AgentConfig:
 
 
 def _render(config: AgentConfig | None = None, **kwargs: Any) -> str:
-    return render_user_data(
-        config or _config(), agent_wheel_url=WHEEL_URL, agent_wheel_sha256=WHEEL_SHA, uv_wheel=UV, **kwargs
-    )
+    options: dict[str, Any] = {"agent_wheel_url": WHEEL_URL, "agent_wheel_sha256": WHEEL_SHA, "uv_wheel": UV}
+    return render_user_data(config or _config(), channel=CHANNEL, **(options | kwargs))
 
 
 def _files(text: str) -> dict[str, dict[str, Any]]:
@@ -105,18 +110,29 @@ def test_agent_toml_round_trips_to_the_same_config() -> None:
     config = _config()
     entry = _files(_render(config))[AGENT_TOML]
     assert entry["permissions"] == "0600"
-    assert config_from_dict(tomllib.loads(entry["content"])) == config
+    # What the machine gets: the token only as its sha256, and the TLS files' paths.
+    assert config_from_dict(tomllib.loads(entry["content"])) == CHANNEL.configure(without_token(config), AGENT_TLS_DIR)
 
 
-def test_token_appears_only_inside_agent_toml(tmp_path: Path) -> None:
+def test_the_token_is_nowhere_only_its_sha256_inside_agent_toml(tmp_path: Path) -> None:
     cert = tmp_path / "ca.crt"
     cert.write_text(CERT)
     text = _render(extra_ca_certs=[cert])
-    assert TOKEN in _files(text)[AGENT_TOML]["content"]
-    doc = yaml.safe_load(text)
-    doc["write_files"] = [e for e in doc["write_files"] if e["path"] != AGENT_TOML]
-    assert TOKEN not in yaml.safe_dump(doc)
-    assert text.count(TOKEN) == 1
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert f'token_sha256 = "{digest}"' in _files(text)[AGENT_TOML]["content"]
+    assert TOKEN not in text and text.count(digest) == 1
+
+
+def test_the_agents_tls_files_are_separate_0600_files_and_the_key_only_there() -> None:
+    text = _render()
+    files = _files(text)
+    tls = {p: e for p, e in files.items() if p.startswith(AGENT_TLS_DIR + "/")}
+    assert sorted(tls) == [f"{AGENT_TLS_DIR}/{n}" for n in ("agent.crt", "agent.key", "ca.crt")]
+    assert all(e["permissions"] == "0600" and e["owner"] == "root:root" for e in tls.values())
+    assert tls[f"{AGENT_TLS_DIR}/agent.key"]["content"] == CHANNEL.key.decode()
+    assert text.count("PRIVATE KEY-----") == 2  # BEGIN and END of the one key
+    agent_toml = files[AGENT_TOML]["content"]
+    assert f'tls_key = "{AGENT_TLS_DIR}/agent.key"' in agent_toml and "PRIVATE KEY" not in agent_toml
 
 
 def test_ca_certificates_are_written_one_per_file_and_trusted(tmp_path: Path) -> None:
@@ -273,7 +289,9 @@ def test_no_backstop_when_disabled() -> None:
 
 def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(UsageError, match="sha256"):
-        render_user_data(_config(), agent_wheel_url=WHEEL_URL, agent_wheel_sha256="nothex", uv_wheel=UV)
+        render_user_data(
+            _config(), channel=CHANNEL, agent_wheel_url=WHEEL_URL, agent_wheel_sha256="nothex", uv_wheel=UV
+        )
     with pytest.raises(UsageError, match=r"\*\.whl"):
         wheel_filename("https://host/download?id=3")
     assert wheel_filename("https://b.s3.amazonaws.com/c/rawvm_agent-0.1-py3-none-any.whl?X-Amz=1") == (
@@ -341,9 +359,7 @@ def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) ->
     wheel = tmp_path / "rawvm_agent-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"agent wheel bytes")
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    text = render_user_data(
-        _config(), agent_wheel_url=wheel.as_uri(), agent_wheel_sha256=sha, uv_wheel=find_uv_wheel(), backstop=False
-    )
+    text = _render(agent_wheel_url=wheel.as_uri(), agent_wheel_sha256=sha, uv_wheel=find_uv_wheel(), backstop=False)
     script = _files(text)[BOOTSTRAP_SCRIPT]["content"].split("\nuv venv")[0]
     moved = (
         script.replace("/usr/local/bin", str(tmp_path / "bin"))

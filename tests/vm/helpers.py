@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -83,6 +84,7 @@ class AgentClient:
 
     base_url: str
     token: str
+    tls: ssl.SSLContext  # the cluster CA pinned, the laptop's client certificate presented
 
     def request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -90,14 +92,14 @@ class AgentClient:
         req.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with urllib.request.urlopen(req, timeout=timeout, context=self.tls) as response:
             raw = response.read()
         ctype = response.headers.get("Content-Type", "")
         return json.loads(raw) if "json" in ctype else raw
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.base_url + "/healthz", timeout=5) as response:
+            with urllib.request.urlopen(self.base_url + "/healthz", timeout=5, context=self.tls) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rawvm.agent.tls import client_context, make_channel
 from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.qemu import QemuProvider
@@ -67,11 +68,13 @@ def boot_agent(
     token = secrets.token_urlsafe(24)
     config = AgentConfig(cluster=cluster, token=token, bundle=bundle_config(bundle, urls, "bundle"), idle=idle)
     request = MachineRequest(provider="qemu", extra_ca_certs=host_extra_ca_certs())
-    spec = MachineSpec(cluster=cluster, request=request, agent=config, agent_wheel=agent_wheel)
+    laptop, server = make_channel(cluster, tmp_path / "tls", 3600)
+    spec = MachineSpec(cluster=cluster, request=request, agent=config, agent_wheel=agent_wheel, channel=server)
     started = time.monotonic()
     (machine,) = provider.launch(spec)
     serial = Path(machine.details["serial_log"])
-    client = AgentClient(machine.agent_url, token)
+    assert machine.agent_url.startswith("https://")
+    client = AgentClient(machine.agent_url, token, client_context(laptop))
     pid = int(machine.details["pid"])
 
     def diagnose() -> str:
