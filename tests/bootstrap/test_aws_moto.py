@@ -112,7 +112,9 @@ tags under ``"TemplateTags"``): a launch deletes its template once the fleets an
 
 def _remember_template(params: dict[str, Any], **kwargs: Any) -> None:
     data = params["LaunchTemplateData"]
-    tags = dict(iter_tags(data["TagSpecifications"][0]["Tags"]))
+    tags = dict(iter_tags(next(iter(data.get("TagSpecifications", [])), {}).get("Tags")))
+    if "rawvm:cluster" not in tags:
+        return  # not a launch's (a test planting a template of its own)
     template_tags = [t for s in params.get("TagSpecifications", []) for t in s["Tags"]]
     SENT_TEMPLATES[tags["rawvm:cluster"]] = {**data, "TemplateTags": template_tags}
 

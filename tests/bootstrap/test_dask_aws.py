@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from rawvm import launch as launching
+from rawvm import session
 from rawvm.api import down, launch_options
 from rawvm.dask.cluster import Fleet
 from rawvm.dask.options import DaskOptions
@@ -32,6 +33,7 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
     with MotoServer() as moto:
         provider = make_provider(moto, tmp_path)
         monkeypatch.setattr(launching, "get_provider", lambda name, **options: provider)
+        monkeypatch.setattr(session, "get_provider", lambda name, **options: provider)  # 'down' finds it too
         launch = launch_options(provider="aws", cpu=2, region=REGION, source="requirements.txt")
         options = DaskOptions(name="dask-moto", launch=launch)
         fleet = Fleet(options, tmp_path / "state" / "dask" / "dask-moto")
@@ -61,7 +63,7 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
         user_data = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
         assert ARCHIVE_NAME in user_data
         assert fleet.tls.node_key.read_text().splitlines()[1] not in user_data
-        assert "PRIVATE KEY" not in user_data
+        assert user_data.count("BEGIN PRIVATE KEY") == 1  # only the agent channel's key (its own 0600 file)
 
         machines = launched.record.machines
         assert len(machines) == 3 and all(m.details.get("private_ip") for m in machines)

@@ -24,7 +24,7 @@ import pytest
 from moto.s3.models import s3_backends
 from rawvm.cli import main
 
-from tests.bootstrap.test_aws_moto import ACCOUNT, REGION, MotoServer
+from tests.bootstrap.test_aws_moto import ACCOUNT, REGION, MotoServer, iter_tags
 from tests.bootstrap.test_aws_provider import make_provider, make_spec
 from tests.bootstrap.test_costs import C7I, GP3_ANSWER, seed_prices
 
@@ -171,13 +171,14 @@ def test_sweep_lists_exactly_the_planted_leftovers_deletes_them_and_finds_none_a
     assert gone["volume"] not in volumes and kept["volume"] in volumes
     interfaces = {n["NetworkInterfaceId"] for n in ec2.describe_network_interfaces()["NetworkInterfaces"]}
     assert gone["network-interface"] not in interfaces and kept["network-interface"] in interfaces
-    # The live cluster is whole: its machine runs, its template and its caller group are there.
+    # The live cluster is whole: its machine runs and its caller group is there (its template went at launch).
     (machine,) = planted["live"]
     live = ec2.describe_instances(InstanceIds=[machine.id])["Reservations"][0]["Instances"][0]
     assert live["State"]["Name"] == "running"
     alive = [{"Name": "tag:rawvm:cluster", "Values": ["alive"]}]
-    assert ec2.describe_launch_templates(Filters=alive)["LaunchTemplates"]
+    assert ec2.describe_launch_templates(Filters=alive)["LaunchTemplates"] == []
     assert {g["GroupId"] for g in live["SecurityGroups"]} <= groups
+    assert dict(iter_tags(live["Tags"]))["rawvm:group"] in groups
 
 
 def test_all_regions_finds_a_leftover_in_another_region_and_region_and_all_regions_exclude_each_other(

@@ -14,20 +14,15 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from rawvm.agent.tls import Authority, private_dir, write_private
+from rawvm.agent.tls import Authority, ChannelFiles, private_dir, write_private
 
 _VALID = datetime.timedelta(days=7)  # longer than any max_lifetime a cluster may have; the CA dies with it
 
 
 @dataclass(frozen=True)
-class TlsFiles:
-    """The PEM files of one cluster, in ``directory`` (0700)."""
-
-    directory: Path
-
-    @property
-    def ca(self) -> Path:
-        return self.directory / "ca.pem"
+class TlsFiles(ChannelFiles):
+    """The PEM files of one Dask cluster, in ``directory`` (0700): the agent channel's layout (CA, laptop client)
+    plus the node certificate and key the scheduler and workers share."""
 
     @property
     def node_cert(self) -> Path:
@@ -36,14 +31,6 @@ class TlsFiles:
     @property
     def node_key(self) -> Path:
         return self.directory / "node.key"
-
-    @property
-    def client_cert(self) -> Path:
-        return self.directory / "client.pem"
-
-    @property
-    def client_key(self) -> Path:
-        return self.directory / "client.key"
 
 
 def make_cluster_tls(cluster: str, directory: Path) -> TlsFiles:

@@ -6,8 +6,8 @@ code after EC2's tag filter), and of those only:
 - instances still alive past their ``rawvm:expires`` tag (every machine's backstop should have powered it off);
 - launch templates of clusters with no live, unexpired instance, made more than ``GRACE_S`` ago (a launch in
   progress makes its template a moment before its fleet);
-- security groups that no remaining rawvm launch template names and no live network interface uses (other than
-  an expired instance's), made more than ``GRACE_S`` ago;
+- security groups that no remaining rawvm launch template names, no live machine names in its ``rawvm:group``
+  tag, and no live network interface uses (other than an expired instance's), made more than ``GRACE_S`` ago;
 - EBS volumes and network interfaces left ``available`` (attached to nothing);
 - staging objects under ``clusters/`` in rawvm's staging bucket (one that carries rawvm's lifecycle rule) older
   than the rule's ``EXPIRE_DAYS`` (S3 applies lifecycle rules lazily, up to a day or two late).
@@ -134,6 +134,7 @@ def find_ec2(ec2: Any, region: str, prices: PriceBook, now: float) -> list[Lefto
     found: list[Leftover] = []
     expired: set[str] = set()
     live_clusters: set[str] = set()
+    live_groups: set[str] = set()  # the caller groups live machines' launches used (their templates are gone)
     for instance in view.instances:
         tags = tags_of(instance)
         if not is_rawvm(tags):
@@ -141,6 +142,7 @@ def find_ec2(ec2: Any, region: str, prices: PriceBook, now: float) -> list[Lefto
         expires = parse_time(tags.get("rawvm:expires", ""))
         if expires is None or expires > now:
             live_clusters.add(tags.get("rawvm:cluster", ""))
+            live_groups.add(tags.get(aws_teardown.GROUP_TAG, ""))
             continue
         expired.add(instance["InstanceId"])
         spot = instance.get("InstanceLifecycle") == "spot"
@@ -180,7 +182,7 @@ def find_ec2(ec2: Any, region: str, prices: PriceBook, now: float) -> list[Lefto
         for eni in view.interfaces
         if is_rawvm(tags_of(eni)) and eni.get("Status") == "available"
     }
-    named = {g for t in kept_templates for g in aws_teardown.template_groups(ec2, t["LaunchTemplateId"])}
+    named = live_groups | {g for t in kept_templates for g in aws_teardown.template_groups(ec2, t["LaunchTemplateId"])}
     for eni in view.interfaces:
         tags = tags_of(eni)
         if not is_rawvm(tags) or eni.get("Status") != "available":

@@ -61,10 +61,10 @@ def down(
     """Terminate every live instance of ``cluster``, wait for them, delete its SG and launch templates."""
     found = list(instances(ec2, cluster, (*LIVE_STATES, "terminated")))
     ids = [i["InstanceId"] for i in found if i.get("State", {}).get("Name") != "terminated"]
-    # The launch deleted its template: the instances name the cluster's groups (terminated ones for about an hour;
-    # after that 'rawvm sweep' finds a group that nothing uses).
-    used = {g["GroupId"] for i in found for g in i.get("SecurityGroups", [])}
-    used |= {t["Value"] for i in found for t in i.get("Tags", []) if t["Key"] == GROUP_TAG}
+    # The launch deleted its template: the instances' rawvm:group tag names the caller group it used (terminated
+    # instances for about an hour; after that 'rawvm sweep' finds a group that nothing uses). Only that tag: an
+    # instance's own group list may hold groups rawvm did not make (the VPC's default).
+    used = {t["Value"] for i in found for t in i.get("Tags", []) if t["Key"] == GROUP_TAG}
     terminate(ec2, ids)
     deadline = clock() + timeout
     while True:
