@@ -31,11 +31,12 @@ from pathlib import Path
 
 import msgpack
 import psutil
-from aiohttp import ClientError, ClientSession, web
+from aiohttp import ClientError, ClientSession, TCPConnector, web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers.processes import stop
+from tests.helpers.tls import Channel, make_test_channel, secured
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 TOKEN = "bench-token-5e0c2b7d"
@@ -71,9 +72,11 @@ def python_env(pycache: Path | None) -> dict[str, str]:
     return env
 
 
-def write_agent_toml(path: Path, port: int, state_dir: Path) -> None:
+def write_agent_toml(path: Path, port: int, state_dir: Path, channel: Channel) -> None:
+    """A real agent's config, as a launch writes it: the token's sha256 and the agent's mutual TLS."""
+    tls = "".join(f'{key} = "{value}"\n' for key, value in secured({"token": TOKEN}, channel).items())
     path.write_text(
-        f'token = "{TOKEN}"\nbind = "127.0.0.1"\nport = {port}\nstate_dir = "{state_dir}"\n'
+        f'{tls}bind = "127.0.0.1"\nport = {port}\nstate_dir = "{state_dir}"\n'
         '[idle]\nkeepalive = "2h"\nmax_lifetime = "2h"\npoweroff_command = []\n'
         '[telemetry]\ninterval = "1s"\n'
     )
@@ -141,14 +144,16 @@ s.close()
 """
 
 
-def start_agent(mode: str, work: Path, port: int, env: dict[str, str], prefill: int) -> subprocess.Popen[bytes]:
+def start_agent(
+    mode: str, work: Path, port: int, env: dict[str, str], prefill: int, channel: Channel
+) -> subprocess.Popen[bytes]:
     state_dir = work / f"state-{mode}"
     if prefill:  # an hour of telemetry on disk: the agent reloads it into a full ring, as after a restart
         subprocess.run([sys.executable, "-c", PREFILL, str(state_dir), str(prefill)], env=env, check=True)
     log = (work / f"{mode}.log").open("wb")
     if mode == "agent":
         config = work / "agent.toml"
-        write_agent_toml(config, port, state_dir)
+        write_agent_toml(config, port, state_dir, channel)
         argv = [sys.executable, "-m", "rawvm_agent", "--config", str(config)]
     else:
         argv = [sys.executable, __file__, "--serve-sampler", str(port), str(state_dir)]
@@ -168,15 +173,18 @@ async def measure(seconds: float, mode: str, bytecode_cache: bool, prefill: int)
             check=True,
         )
     procs: list[subprocess.Popen[bytes]] = []
+    channel = make_test_channel(work / "tls", "bench")  # the real agent serves only mutual TLS
     try:
-        async with ClientSession() as http:
+        async with ClientSession(connector=TCPConnector(ssl=channel.context())) as http:
             agent_port = free_port()
             modes = ["agent", "sampler"] if mode == "auto" else [mode]
             agent = None
+            agent_url = ""
             for candidate in modes:
-                agent = start_agent(candidate, work, agent_port, env, prefill)
+                agent = start_agent(candidate, work, agent_port, env, prefill, channel)
                 procs.append(agent)
-                if await wait_http(http, f"http://127.0.0.1:{agent_port}/healthz", agent):
+                agent_url = f"{'https' if candidate == 'agent' else 'http'}://127.0.0.1:{agent_port}"
+                if await wait_http(http, f"{agent_url}/healthz", agent):
                     mode = candidate
                     break
                 stop(agent, timeout=20)
@@ -202,7 +210,7 @@ async def measure(seconds: float, mode: str, bytecode_cache: bool, prefill: int)
             start = time.monotonic()
             tick = start
             while time.monotonic() - start < seconds:
-                url = f"http://127.0.0.1:{agent_port}/v1/samples?after={after}"
+                url = f"{agent_url}/v1/samples?after={after}"
                 async with http.get(url, headers=headers) as resp:
                     resp.raise_for_status()
                     rows = msgpack.unpackb(await resp.read(), raw=False)

@@ -18,6 +18,7 @@ import json
 import re
 import secrets
 import shutil
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rawvm.agent.tls import client_context, make_channel
 from rawvm.agent.wheel import build_agent_wheel
 from rawvm.options import MachineRequest
 from rawvm.providers.base import MachineSpec
@@ -79,19 +81,19 @@ def bare_boot(image: LocalImage, work: Path) -> dict[str, float]:
     return {"user-data ran": ran - start, "qemu exited": off - start}
 
 
-def _call(url: str, token: str, method: str = "GET", body: Any = None) -> Any:
+def _call(url: str, token: str, method: str = "GET", body: Any = None, tls: ssl.SSLContext | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Authorization": f"Bearer {token}"})
     if data is not None:
         request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=tls) as response:
         raw = response.read()
         return json.loads(raw) if "json" in response.headers.get("Content-Type", "") else raw
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, tls: ssl.SSLContext) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5, context=tls) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -102,25 +104,29 @@ def rawvm_boot(work: Path, extra_ca_certs: tuple[Path, ...]) -> tuple[dict[str, 
     cluster = f"bench-{secrets.token_hex(3)}"
     token = secrets.token_urlsafe(24)
     config = AgentConfig(cluster=cluster, token=token, idle=IdleConfig(keepalive=600.0, max_lifetime=3600.0))
+    laptop, server = make_channel(cluster, work / "tls", 3600)
+    tls = client_context(laptop)
     spec = MachineSpec(
         cluster=cluster,
         request=MachineRequest(provider="qemu", extra_ca_certs=extra_ca_certs),
         agent=config,
         agent_wheel=build_agent_wheel(work / "wheel"),
+        channel=server,
     )
     try:
         start = time.monotonic()
         (machine,) = provider.launch(spec)
         pid, base = int(machine.details["pid"]), machine.agent_url
-        healthy = wait(lambda: _answers(f"{base}/healthz"), "the agent's /healthz")
-        ready = wait(lambda: _call(f"{base}/v1/status", token)["phase"] in ("ready", "idle", "busy"), "ready")
-        task = _call(f"{base}/v1/tasks", token, "POST", {"argv": ["python", "-c", "print(6 * 7)"], "env": {}})
-        done = wait(lambda: _call(f"{base}/v1/tasks/{task['id']}", token)["state"] != "running", "the task")
-        output = _call(f"{base}/v1/tasks/{task['id']}/logs?offset=0", token)
+        healthy = wait(lambda: _answers(f"{base}/healthz", tls), "the agent's /healthz")
+        ready = wait(lambda: _call(f"{base}/v1/status", token, tls=tls)["phase"] in ("ready", "idle", "busy"), "ready")
+        body = {"argv": ["python", "-c", "print(6 * 7)"], "env": {}}
+        task = _call(f"{base}/v1/tasks", token, "POST", body, tls=tls)
+        done = wait(lambda: _call(f"{base}/v1/tasks/{task['id']}", token, tls=tls)["state"] != "running", "the task")
+        output = _call(f"{base}/v1/tasks/{task['id']}/logs?offset=0", token, tls=tls)
         if output.strip() != b"42":
             raise SystemExit(f"bench: the task printed {output!r}, expected 42")
         asked = time.monotonic()
-        _call(f"{base}/v1/shutdown", token, "POST", {})
+        _call(f"{base}/v1/shutdown", token, "POST", {}, tls=tls)
         off = wait(lambda: not process_alive(pid), "rawvm qemu exit")
         marks = console_marks(Path(machine.details["serial_log"]))
     finally:

@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from rawvm.agent.tls import make_channel  # noqa: E402
 from rawvm.options import MachineRequest  # noqa: E402
 from rawvm.providers.aws.fleet import launch_template_data, tag_list  # noqa: E402
 from rawvm.providers.aws.network import default_network, ensure_security_group  # noqa: E402
@@ -65,6 +66,7 @@ def spec(tmp: Path, cluster: str, n: int) -> MachineSpec:
         agent,
         fake_wheel(tmp),
         owner="bench",
+        channel=make_channel(cluster, tmp / "tls" / cluster, 3600)[1],
     )
 
 
