@@ -9,6 +9,7 @@ the target up; a job with a wrong token is refused (401).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,7 +22,7 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from rawvm_agent.app import Agent
 from rawvm_agent.config import AgentConfig, IdleConfig, TelemetryConfig
-from rawvm_agent.server import create_app
+from rawvm_agent.server import create_app, server_ssl_context
 from rawvm_agent.telemetry import CONTENT_TYPE
 
 from tests.agent.core_helpers import TOKEN, free_port
@@ -45,9 +46,12 @@ def agent_config(state_dir: Path) -> AgentConfig:
     )
 
 
-async def serve_agent(aiohttp_server: ServerFactory, state_dir: Path) -> TestServer:
-    agent = Agent(agent_config(state_dir))
-    server = await aiohttp_server(create_app(agent), host="127.0.0.1", port=free_port())
+async def serve_agent(aiohttp_server: ServerFactory, state_dir: Path, tls: dict[str, str] | None = None) -> TestServer:
+    """A real Agent behind a test server; with ``tls`` (agent.toml's ``tls_*`` paths) over its mutual TLS."""
+    config = agent_config(state_dir)
+    agent = Agent(dataclasses.replace(config, **tls) if tls else config)
+    context = server_ssl_context(agent.config) if tls else None
+    server = await aiohttp_server(create_app(agent), host="127.0.0.1", port=free_port(), ssl=context)
     deadline = time.monotonic() + 30
     while agent.sampler.latest() is None and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

@@ -105,11 +105,13 @@ async def test_only_this_clusters_client_certificate_gets_an_answer(machine: Mac
 
 def test_the_client_refuses_plain_http_and_records_without_tls(state: Path) -> None:
     files = ChannelFiles(state / "nothing-here")
-    with pytest.raises(AgentError, match="mutual TLS"):
-        AgentClient("http://127.0.0.1:1", TOKEN, ssl_context=ssl.create_default_context())
+    plain = AgentClient("http://127.0.0.1:1", TOKEN, ssl_context=ssl.create_default_context())
+    with pytest.raises(AgentError, match=r"refusing the agent URL 'http://127.0.0.1:1': .*mutual TLS"):
+        asyncio.run(plain.status())
     old = clusters.ClusterRecord(name="old", provider="local", token=TOKEN)
-    with pytest.raises(rawvm.RawvmError, match="older rawvm"):
-        AgentClient.for_cluster(old, "https://127.0.0.1:1")
+    with pytest.raises(AgentError, match="older rawvm"):  # refused before anything is sent
+        asyncio.run(AgentClient.for_cluster(old, "https://127.0.0.1:1").status())
+    assert not asyncio.run(AgentClient.for_cluster(old, "https://127.0.0.1:1").healthz())
     with pytest.raises(rawvm.RawvmError, match="older rawvm"):
         client_context(files)
 

@@ -40,6 +40,7 @@ from tests.agent.core_helpers import TOKEN
 from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
 from tests.agent.test_nvml_fakelib import eight_gpus, installed
 from tests.helpers.local import local_project
+from tests.helpers.tls import make_test_channel
 from tests.systools import need_tool
 
 CHROMIUM_FLAGS = (
@@ -260,16 +261,21 @@ async def test_a_running_machine_reports_from_its_agent(
 ) -> None:
     """Nothing flushed yet: the samples and tasks come from the running agent (8 fake GPUs), paged by seq."""
     with installed(eight_gpus()):
-        server = await serve_agent(aiohttp_server, tmp_path / "agent")
+        channel = make_test_channel(tmp_path / "tls", "live")
+        server = await serve_agent(aiohttp_server, tmp_path / "agent", channel.agent)
         await asyncio.sleep(1.0)  # a few samples at the test agent's 0.2 s interval
         url = str(server.make_url("")).rstrip("/")
         machine = Machine(id="live-m0", provider="local", cluster="live", agent_url=url, launched_at=time.time())
-        clusters.save(clusters.ClusterRecord(name="live", provider="local", token=TOKEN, machines=[machine]))
+        laptop = str(channel.laptop.directory)
+        record = clusters.ClusterRecord(
+            name="live", provider="local", token=TOKEN, machines=[machine], channel_dir=laptop
+        )
+        clusters.save(record)
         parquet = tmp_path / "live.parquet"
         summary = await asyncio.to_thread(make_report, "live", parquet, "parquet")
         async with ClientSession() as http:
             headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json"}
-            async with http.get(f"{url}/v1/samples", headers=headers) as resp:
+            async with http.get(f"{url}/v1/samples", headers=headers, ssl=channel.context()) as resp:
                 served = {s["seq"]: s for s in await resp.json()}
     table = pl.read_parquet(parquet)
     assert table.height >= 3 and set(table.get_column("seq").to_list()) <= set(served)

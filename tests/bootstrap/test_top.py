@@ -32,6 +32,7 @@ from tests.agent.core_helpers import TOKEN
 from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
 from tests.agent.test_nvml_fakelib import FakeNvmlLib, eight_gpus, installed
 from tests.helpers.local import local_project
+from tests.helpers.tls import Channel, make_test_channel
 from tests.systools import need_tool
 
 BURN = "import sys, time\nend = time.time() + float(sys.argv[1])\nwhile time.time() < end:\n    pass\n"
@@ -185,19 +186,21 @@ def fake_gpus() -> Iterator[FakeNvmlLib]:
         yield lib
 
 
-def record_for(url: str, provider: str, price: float) -> clusters.ClusterRecord:
+def record_for(url: str, provider: str, price: float, channel: Channel) -> clusters.ClusterRecord:
     machine = Machine(
         id="c1-m0", provider=provider, cluster="c1", agent_url=url, price_per_hour=price, launched_at=time.time() - 1800
     )
-    return clusters.ClusterRecord(name="c1", provider=provider, token=TOKEN, machines=[machine])
+    laptop = str(channel.laptop.directory)
+    return clusters.ClusterRecord(name="c1", provider=provider, token=TOKEN, machines=[machine], channel_dir=laptop)
 
 
 async def test_gpu_columns_and_prices_from_an_agent_with_eight_gpus(
     aiohttp_server: ServerFactory, tmp_path: Path, fake_gpus: FakeNvmlLib
 ) -> None:
-    server = await serve_agent(aiohttp_server, tmp_path)
+    channel = make_test_channel(tmp_path / "tls", "c1")
+    server = await serve_agent(aiohttp_server, tmp_path, channel.agent)
     url = str(server.make_url("")).rstrip("/")
-    async with Follower([record_for(url, "aws", 0.0)]) as follower:
+    async with Follower([record_for(url, "aws", 0.0, channel)]) as follower:
         (view,) = await follower.poll_all()
     assert view.answering and view.phase in ("ready", "idle", "busy")
     assert [g.index for g in view.gpus] == list(range(8))
@@ -215,7 +218,7 @@ async def test_gpu_columns_and_prices_from_an_agent_with_eight_gpus(
     assert "unknown" in text and "sw_power_cap" in text and "75%" in text  # GPU 7: util 75
     assert sum(1 for line in text.splitlines() if " W " in line or line.rstrip().endswith(" W")) >= 7
 
-    async with Follower([record_for(url, "aws", 4.0)]) as follower:  # a known price: half an hour at $4/h
+    async with Follower([record_for(url, "aws", 4.0, channel)]) as follower:  # a known price: half an hour at $4/h
         (view,) = await follower.poll_all()
     assert view.cost_so_far(view.launched_at + 1800) == pytest.approx(2.0)
     # a screen too short for the 8 GPU lines leaves the machine out and says so

@@ -114,14 +114,17 @@ class AgentClient:
         timeout: float = 30.0,
         connect_timeout: float | None = None,
     ) -> None:
-        if base_url and not base_url.startswith("https://"):  # "": no address yet, a request fails as unreachable
-            raise AgentError(f"refusing the agent URL {base_url!r}: agents are reached over mutual TLS (https://) only")
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._session = session
         self._own_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._ssl = ssl_context
+        # Set: every request fails with this line before anything, the token least of all, is sent. Refused
+        # lazily, so a caller that falls back on an unreachable agent (``rawvm logs`` on the sink) still does.
+        self.refusal = ""
+        if base_url and not base_url.startswith("https://"):  # "": no address yet, a request fails as unreachable
+            self.refusal = f"refusing the agent URL {base_url!r}: agents are reached over mutual TLS (https://) only"
 
     @classmethod
     def for_cluster(
@@ -133,15 +136,18 @@ class AgentClient:
         timeout: float = 30.0,
         connect_timeout: float | None = None,
     ) -> AgentClient:
-        """The client of the agent at ``url`` of cluster ``record``: its token, its pinned channel."""
-        return cls(
-            url,
-            record.token,
-            ssl_context=record.agent_ssl_context(),
-            session=session,
-            timeout=timeout,
-            connect_timeout=connect_timeout,
+        """The client of the agent at ``url`` of cluster ``record``: its token, its pinned channel. A record without
+        its channel's files gets a client whose every request fails with the record's refusal (so callers that
+        fall back on an unreachable agent, as ``rawvm logs`` on the sink, still do); its context trusts nothing."""
+        try:
+            context, refusal = record.agent_ssl_context(), ""
+        except RawvmError as exc:
+            context, refusal = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), str(exc)
+        client = cls(
+            url, record.token, ssl_context=context, session=session, timeout=timeout, connect_timeout=connect_timeout
         )
+        client.refusal = refusal or client.refusal  # an old record: say why, before the URL
+        return client
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -169,6 +175,8 @@ class AgentClient:
         self, method: str, path: str, *, authorized: bool = True, **options: Unpack[RequestOptions]
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """The request's response, open for reading; ``/healthz`` goes without the token."""
+        if self.refusal:
+            raise AgentError(self.refusal, reason=self.refusal, no_answer="no TLS channel")
         headers = {"Authorization": f"Bearer {self._token}"} if authorized else {}
         if accept := options.get("accept", ""):
             headers["Accept"] = accept
@@ -223,7 +231,7 @@ class AgentClient:
             timeout = aiohttp.ClientTimeout(total=HEALTHZ_TIMEOUT_S)
             async with self._open("GET", "/healthz", timeout=timeout, authorized=False) as resp:
                 return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError, AgentError):
             return False
 
     async def status(self) -> dict[str, Any]:
