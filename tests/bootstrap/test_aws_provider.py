@@ -21,6 +21,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from rawvm.agent.userdata import AGENT_TOML, USER_DATA_LIMIT
 from rawvm.errors import RawvmError, UsageError
 from rawvm.options import MachineRequest
+from rawvm.providers.aws.instances import machine_of
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.base import MachineSpec
 from rawvm_agent import DEFAULT_PORT
@@ -35,7 +36,6 @@ from tests.bootstrap.test_aws_moto import (
     moto_provider,
     record_calls,
     seed_public_image_parameters,
-    session,
 )
 from tests.systools import need_tool
 
@@ -245,14 +245,13 @@ def test_launch_returns_the_machines_with_their_agent_urls(big_launch: dict[str,
 
 def test_agent_address_rule() -> None:
     """Public address first; a running machine without one is reached privately; a pending one not yet."""
-    provider = AwsProvider(REGION, "b", session=session(), config_path=Path("/nonexistent"))
     base = {"InstanceId": "i-1", "Tags": [{"Key": "rawvm:port", "Value": "9000"}]}
     public = {**base, "State": {"Name": "running"}, "PublicIpAddress": "3.3.3.3", "PrivateIpAddress": "10.0.0.5"}
-    assert provider._machine(public).agent_url == "http://3.3.3.3:9000"
+    assert machine_of(public).agent_url == "http://3.3.3.3:9000"
     private = {**base, "State": {"Name": "running"}, "PrivateIpAddress": "10.0.0.5"}
-    assert provider._machine(private).agent_url == "http://10.0.0.5:9000"
+    assert machine_of(private).agent_url == "http://10.0.0.5:9000"
     pending = {**base, "State": {"Name": "pending"}, "PrivateIpAddress": "10.0.0.5"}
-    assert provider._machine(pending).agent_url == ""
+    assert machine_of(pending).agent_url == ""
 
 
 def xml_response(request: Any, status: int, body: bytes) -> AWSResponse:
