@@ -94,6 +94,7 @@ class AwsProvider(Provider):
         self.sleep = sleep
         self.clock = clock
         self._clients: dict[tuple[str, str], Any] = {}
+        self._account = ""
         self._types: dict[str, list[InstanceType]] = {}
         self._pricing_client = pricing_client
         self.prices = aws_prices.PriceBook(
@@ -124,6 +125,8 @@ class AwsProvider(Provider):
                 endpoint_url=self.endpoint_url,
                 config=config,
             )
+            if service == "s3":  # a bucket of another account is refused, never written to or read from
+                aws_staging.expect_owner(self._clients[key], lambda: self.account_id(region))
         return self._clients[key]
 
     def _pricing(self) -> Any | None:
@@ -230,16 +233,19 @@ class AwsProvider(Provider):
 
     # -- staging -----------------------------------------------------------------------------------------------
 
+    def account_id(self, region: str) -> str:
+        """The caller's AWS account (STS, asked once): the default bucket's name and its expected owner."""
+        if not self._account:
+            try:
+                self._account = str(self.client("sts", region).get_caller_identity()["Account"])
+            except AWS_ERRORS as exc:
+                raise RawvmError(
+                    f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
+                ) from None
+        return self._account
+
     def bucket_name(self, region: str) -> str:
-        if self.bucket:
-            return self.bucket
-        try:
-            account = self.client("sts", region).get_caller_identity()["Account"]
-        except AWS_ERRORS as exc:
-            raise RawvmError(
-                f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
-            ) from None
-        return aws_staging.default_bucket_name(str(account), region)
+        return self.bucket or aws_staging.default_bucket_name(self.account_id(region), region)
 
     def stager(self, region: str = "") -> aws_staging.S3Stager:
         region = self.resolve_region(region)
