@@ -29,6 +29,7 @@ from moto.iam.access_control import IAMPolicy, PermissionResult
 from moto.s3.models import FakeBucket
 from moto.server import ThreadedMotoServer
 from moto.ssm.models import Parameter, ssm_backends
+from rawvm.agent.requirements import requirements_path
 from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.providers.aws.provider import AwsProvider
 
@@ -184,8 +185,10 @@ def record_calls(client: Any) -> CallLog:
 
 
 def fake_wheel(tmp: Path) -> Path:
+    """An agent wheel and the hashed requirements beside it (as build_agent_wheel leaves them)."""
     wheel = tmp / "rawvm_agent-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an empty zip: staged and hashed, never installed here
+    requirements_path(wheel).write_text("msgpack==1.1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n")
     return wheel
 
 

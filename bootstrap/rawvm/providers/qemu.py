@@ -47,10 +47,11 @@ from rawvm_images.qemu_boot import (
     start_detached,
 )
 
+from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import place_file, sha256_file
+from rawvm.files import place_file
 from rawvm.providers.base import Machine, MachineSpec, Provider
 from rawvm.providers.sink_fetch import FlushCache
 from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
@@ -194,9 +195,7 @@ class QemuProvider(Provider):
         image = self.image()
         self.target_platform(spec)
         directory = self.cluster_dir(spec.cluster)
-        wheel_name = f"agent/{spec.agent_wheel.name}"
-        wheel_url = self.stage(spec.cluster, [(wheel_name, spec.agent_wheel)])[wheel_name]
-        wheel_sha256 = sha256_file(spec.agent_wheel)
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
         uv_wheel = find_uv_wheel()
         accel = self._accel()
         machines = []
@@ -206,8 +205,10 @@ class QemuProvider(Provider):
             user_data = encode_user_data(
                 render_user_data(
                     config,
-                    agent_wheel_url=wheel_url,
-                    agent_wheel_sha256=wheel_sha256,
+                    agent_wheel_url=agent.wheel_url,
+                    agent_wheel_sha256=agent.wheel_sha256,
+                    agent_requirements_url=agent.requirements_url,
+                    agent_requirements_sha256=agent.requirements_sha256,
                     uv_wheel=uv_wheel,
                     extra_ca_certs=spec.request.extra_ca_certs,
                 )

@@ -24,11 +24,11 @@ from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
+from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
 from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
 from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import sha256_file
 from rawvm.providers.aws import fleet as aws_fleet
 from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import prices as aws_prices
@@ -325,15 +325,13 @@ class AwsProvider(Provider):
         return dataclasses.replace(agent, sink_form=form) if agent.sink == url else agent
 
     def user_data(self, spec: MachineSpec) -> bytes:
-        wheel = spec.agent_wheel
-        if not wheel.is_file():
-            raise UsageError(f"agent wheel {wheel} not found; build it first")
-        name = f"agent/{wheel.name}"
-        url = self.stage(spec.cluster, [(name, wheel)])[name]
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
         text = render_user_data(
             self.machine_config(spec),
-            agent_wheel_url=url,
-            agent_wheel_sha256=sha256_file(wheel),
+            agent_wheel_url=agent.wheel_url,
+            agent_wheel_sha256=agent.wheel_sha256,
+            agent_requirements_url=agent.requirements_url,
+            agent_requirements_sha256=agent.requirements_sha256,
             uv_wheel=self.uv_wheel,
             extra_ca_certs=spec.request.extra_ca_certs,
         )
