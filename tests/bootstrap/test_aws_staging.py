@@ -28,7 +28,8 @@ from rawvm_agent.config import AgentConfig
 from rawvm_agent.sink import flush
 
 from tests.agent.test_sink import expected, sources, untar
-from tests.bootstrap.test_aws_moto import REGION, MotoServer, session
+from tests.bootstrap.test_aws_moto import ACCOUNT, REGION, MotoServer, record_params, session
+from tests.bootstrap.test_aws_provider import xml_response
 
 pytestmark = pytest.mark.slow  # starts a moto server
 
@@ -74,6 +75,60 @@ def test_setup_makes_a_private_bucket_whose_objects_expire(provider: AwsProvider
     (rule,) = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert rule["Status"] == "Enabled" and rule["Expiration"]["Days"] == EXPIRE_DAYS
     assert provider.setup()[2] is False  # idempotent
+
+
+def test_setup_denies_plain_http_and_encrypts_at_rest(provider: AwsProvider) -> None:
+    provider.setup()
+    s3 = provider.client("s3", REGION)
+    (rule,) = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    policy = json.loads(s3.get_bucket_policy(Bucket=BUCKET)["Policy"])
+    denies = {json.dumps(st["Condition"], sort_keys=True): st for st in policy["Statement"]}
+    plain = denies[json.dumps({"Bool": {"aws:SecureTransport": "false"}})]
+    assert plain["Effect"] == "Deny" and plain["Principal"] == "*" and plain["Action"] == "s3:*"
+    assert sorted(plain["Resource"]) == [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]
+    assert denies[json.dumps({"NumericLessThan": {"s3:TlsVersion": "1.2"}})]["Effect"] == "Deny"
+
+
+def test_every_s3_call_names_the_expected_bucket_owner(provider: AwsProvider, state_dir: Path, tmp_path: Path) -> None:
+    """A bucket of the predictable name made first by another account must be refused by S3 itself, on
+    every call: setup, staging (the transfer manager's calls too), listing, fetching, deleting. Presigned
+    GETs cannot carry it (a signed header the agent would have to send); their bytes are sha256-checked."""
+    log = record_params(provider.client("s3", REGION))
+    provider.setup()
+    payload = tmp_path / "pylock.toml"
+    payload.write_bytes(b"x" * 100)
+    provider.stage("c1", [("pylock.toml", payload)])
+    asyncio.run(flush(provider.stager().sink_url("c1", "m1"), sources(state_dir), label="c1-m1"))
+    assert provider.fetch_sink("c1", tmp_path / "sink") == 1
+    assert provider.stager().delete_files("c1") == 1
+    made = {name for name, _, presigned in log.calls if not presigned}
+    assert {"HeadBucket", "PutBucketPolicy", "PutBucketEncryption", "PutObject", "HeadObject"} <= made
+    assert {"ListObjectsV2", "GetObject", "DeleteObjects", "PutBucketLifecycleConfiguration"} <= made
+    for name, params, presigned in log.calls:
+        if presigned or name == "CreateBucket":  # CreateBucket takes no owner: the bucket is not there yet
+            assert "ExpectedBucketOwner" not in params, name
+        else:
+            assert params.get("ExpectedBucketOwner") == ACCOUNT, name
+    presigned_get = next(p for n, p, presigned in log.calls if presigned and n == "GetObject")
+    assert presigned_get["Key"] == "clusters/c1/files/pylock.toml"
+
+
+def test_a_bucket_of_another_account_is_one_clear_line(provider: AwsProvider, tmp_path: Path) -> None:
+    """S3 answers ExpectedBucketOwner of another account with a bare 403 (moto does not check the owner, so
+    the answer is injected at the HTTP boundary)."""
+    provider.client("s3", REGION).meta.events.register(
+        "before-send.s3.HeadBucket", lambda request, **kw: xml_response(request, 403, b"")
+    )
+    taken = f"the staging bucket {BUCKET} belongs to another AWS account: choose another with rawvm setup aws --bucket"
+    with pytest.raises(RawvmError) as info:
+        provider.setup()
+    assert str(info.value) == taken
+    payload = tmp_path / "f"
+    payload.write_text("x")
+    with pytest.raises(RawvmError) as info:
+        provider.stage("c1", [("f", payload)])
+    assert str(info.value) == taken
 
 
 def test_staged_files_come_back_byte_exact_over_presigned_get(provider: AwsProvider, tmp_path: Path) -> None:

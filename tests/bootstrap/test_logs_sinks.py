@@ -82,6 +82,7 @@ def test_a_stopped_qemu_machines_output_comes_back_from_its_sink(
     # The agent PUTs <sink prefix><machine>.tar.gz (the guest's 10.0.2.2 is this host's loopback) under its
     # label, cluster-machine_id (rawvm_agent.app.sink_label).
     url = qemu.sink_url("c1").replace("http://10.0.2.2:", "http://127.0.0.1:") + f"{machine_id}.tar.gz"
+    (qemu.cluster_dir("c1") / "machines" / machine_id).mkdir(parents=True)  # launched: its flush is expected
     asyncio.run(flush(url, agent_state(tmp_path / "agent", b"hello from the qemu guest\n"), label=f"c1-{machine_id}"))
     assert (qemu.cluster_dir("c1") / "sink" / f"{machine_id}.tar.gz").is_file()
 

@@ -24,11 +24,11 @@ from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
+from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
 from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
 from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import sha256_file
 from rawvm.providers.aws import fleet as aws_fleet
 from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import prices as aws_prices
@@ -94,6 +94,7 @@ class AwsProvider(Provider):
         self.sleep = sleep
         self.clock = clock
         self._clients: dict[tuple[str, str], Any] = {}
+        self._account = ""
         self._types: dict[str, list[InstanceType]] = {}
         self._pricing_client = pricing_client
         self.prices = aws_prices.PriceBook(
@@ -124,6 +125,8 @@ class AwsProvider(Provider):
                 endpoint_url=self.endpoint_url,
                 config=config,
             )
+            if service == "s3":  # a bucket of another account is refused, never written to or read from
+                aws_staging.expect_owner(self._clients[key], lambda: self.account_id(region))
         return self._clients[key]
 
     def _pricing(self) -> Any | None:
@@ -230,16 +233,19 @@ class AwsProvider(Provider):
 
     # -- staging -----------------------------------------------------------------------------------------------
 
+    def account_id(self, region: str) -> str:
+        """The caller's AWS account (STS, asked once): the default bucket's name and its expected owner."""
+        if not self._account:
+            try:
+                self._account = str(self.client("sts", region).get_caller_identity()["Account"])
+            except AWS_ERRORS as exc:
+                raise RawvmError(
+                    f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
+                ) from None
+        return self._account
+
     def bucket_name(self, region: str) -> str:
-        if self.bucket:
-            return self.bucket
-        try:
-            account = self.client("sts", region).get_caller_identity()["Account"]
-        except AWS_ERRORS as exc:
-            raise RawvmError(
-                f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
-            ) from None
-        return aws_staging.default_bucket_name(str(account), region)
+        return self.bucket or aws_staging.default_bucket_name(self.account_id(region), region)
 
     def stager(self, region: str = "") -> aws_staging.S3Stager:
         region = self.resolve_region(region)
@@ -319,15 +325,13 @@ class AwsProvider(Provider):
         return dataclasses.replace(agent, sink_form=form) if agent.sink == url else agent
 
     def user_data(self, spec: MachineSpec) -> bytes:
-        wheel = spec.agent_wheel
-        if not wheel.is_file():
-            raise UsageError(f"agent wheel {wheel} not found; build it first")
-        name = f"agent/{wheel.name}"
-        url = self.stage(spec.cluster, [(name, wheel)])[name]
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
         text = render_user_data(
             self.machine_config(spec),
-            agent_wheel_url=url,
-            agent_wheel_sha256=sha256_file(wheel),
+            agent_wheel_url=agent.wheel_url,
+            agent_wheel_sha256=agent.wheel_sha256,
+            agent_requirements_url=agent.requirements_url,
+            agent_requirements_sha256=agent.requirements_sha256,
             uv_wheel=self.uv_wheel,
             extra_ca_certs=spec.request.extra_ca_certs,
         )

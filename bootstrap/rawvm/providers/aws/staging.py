@@ -8,12 +8,20 @@ The sink is a presigned POST, not a PUT: every machine of a cluster boots from t
 PUT URL names one object, so the machines would overwrite each other's logs. The POST's key is
 ``clusters/<cluster>/sink/${filename}``; S3 fills in the file name each agent sends (its own label).
 ``fetch_sink`` brings those objects back, unpacked, for ``rawvm logs``.
+
+The default bucket name is predictable (account ids are not secret), so another account could create it first
+("bucket sniping"). Every S3 call the laptop makes therefore carries ``ExpectedBucketOwner`` (``expect_owner``
+adds it on the client), and S3 answers 403 for a bucket of another account instead of storing the code there.
+Presigned GETs cannot carry it (it would become a signed header the agent does not send); what they fetch is
+checked against the sha256 in the user-data or the bundle's manifest instead. The bucket refuses plain HTTP
+(a bucket policy) and encrypts at rest (SSE-S3, asserted rather than assumed).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,9 @@ GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
 SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
 SINK_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
 LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
+OWNER_PARAM = "ExpectedBucketOwner"
+_MISSING = ("404", "NoSuchBucket", "NotFound")
+_FORBIDDEN = ("403", "AccessDenied", "Forbidden")
 
 
 def default_bucket_name(account_id: str, region: str) -> str:
@@ -46,17 +57,61 @@ def s3_config(*, path_style: bool = False) -> Config:
     )
 
 
+def expect_owner(s3: Any, account: Callable[[], str]) -> None:
+    """Make every S3 call of ``s3`` that accepts ``ExpectedBucketOwner`` carry ``account()``: paginators and
+    the transfer manager's own calls included, which a keyword at each call site would miss. ``account`` is
+    asked on the first such call only, so presigning (which needs no AWS) stays offline."""
+    owner: list[str] = []
+
+    def add_owner(params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        shape = model.input_shape
+        if context.get("is_presign_request") or shape is None or OWNER_PARAM not in shape.members:
+            return
+        if not owner:
+            owner.append(account())
+        params.setdefault(OWNER_PARAM, owner[0])
+
+    s3.meta.events.register("provide-client-params.s3", add_owner, unique_id="rawvm-expected-bucket-owner")
+
+
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _not_ours(bucket: str) -> RawvmError:
+    """S3 answers a HEAD with ExpectedBucketOwner of another account with a bare 403 (no body to tell it from
+    missing permissions): the likely cause is the name's being taken."""
+    return RawvmError(
+        f"the staging bucket {bucket} belongs to another AWS account: choose another with rawvm setup aws --bucket"
+    )
+
+
+def tls_only_policy(bucket: str, partition: str = "aws") -> str:
+    """A bucket policy that refuses any request over plain HTTP or TLS older than 1.2. A presigned URL's
+    signature does not cover the scheme, so without it the same URL would also work over http://."""
+    arn = f"arn:{partition}:s3:::{bucket}"
+    resources = [arn, f"{arn}/*"]
+    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:*", "Resource": resources}
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Sid": "rawvm-deny-plain-http", **deny, "Condition": {"Bool": {"aws:SecureTransport": "false"}}},
+                {"Sid": "rawvm-deny-old-tls", **deny, "Condition": {"NumericLessThan": {"s3:TlsVersion": "1.2"}}},
+            ],
+        }
+    )
+
+
 def ensure_bucket(s3: Any, bucket: str, region: str) -> bool:
-    """Create the staging bucket when missing and (re)apply its policy; True when it was created."""
+    """Create the staging bucket when missing and (re)apply its settings; True when it was created."""
     created = False
     try:
         s3.head_bucket(Bucket=bucket)
     except ClientError as exc:
-        if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+        if _code(exc) in _FORBIDDEN:
+            raise _not_ours(bucket) from None
+        if _code(exc) not in _MISSING:
             raise RawvmError(
                 f"S3 bucket {bucket} exists but is not usable ({_code(exc)}); pick another --bucket"
             ) from None
@@ -74,6 +129,9 @@ def ensure_bucket(s3: Any, bucket: str, region: str) -> bool:
             "RestrictPublicBuckets": True,
         },
     )
+    sse_s3 = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [sse_s3]})
+    s3.put_bucket_policy(Bucket=bucket, Policy=tls_only_policy(bucket, s3.meta.partition))
     s3.put_bucket_lifecycle_configuration(
         Bucket=bucket,
         LifecycleConfiguration={
@@ -108,8 +166,10 @@ class S3Stager:
         try:
             self.s3.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            if _code(exc) in _MISSING:
                 raise RawvmError(f"staging bucket {self.bucket} does not exist: run 'rawvm setup aws' first") from None
+            if _code(exc) in _FORBIDDEN:
+                raise _not_ours(self.bucket) from None
             raise RawvmError(f"staging bucket {self.bucket} is not usable: {_code(exc)}") from None
 
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]]) -> dict[str, str]:
@@ -152,7 +212,7 @@ class S3Stager:
                         raise RawvmError(f"cannot delete staged file {errors[0].get('Key')}: {errors[0].get('Code')}")
                     deleted += len(keys)
         except ClientError as exc:
-            if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            if _code(exc) not in _MISSING:
                 raise
         return deleted
 
