@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import re
 import sys
 import time
 from collections.abc import Coroutine
@@ -106,8 +107,23 @@ async def wait_ready(
             await asyncio.sleep(POLL_S)
 
 
+def printable(text: str) -> str:
+    """``text`` without terminal control sequences: machine output is data, and an ESC or OSC sequence in it
+    could retitle, recolour or rewrite the user's terminal (or worse, on terminals that answer queries). ANSI
+    CSI/OSC sequences go whole; every other C0 control (and DEL, and C1 controls) goes too, except newline, tab
+    and carriage return (progress bars)."""
+    return _CONTROL.sub("", text)
+
+
+# An OSC (ESC ] ... BEL or ESC \\), a CSI (ESC [ params final), another ESC sequence, or one control character.
+_CONTROL = re.compile(
+    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b\[[0-?]*[ -/]*[@-~]?|\x1b[@-_]?|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+)
+
+
 class StreamWriter:
-    """Decodes a machine's output as it comes; with a prefix, writes whole lines ``[m0] ...``."""
+    """Decodes a machine's output as it comes, without control sequences (``printable``); with a prefix, writes
+    whole lines ``[m0] ...``."""
 
     def __init__(self, out: TextIO, prefix: str) -> None:
         self._out, self._prefix = out, prefix
@@ -115,7 +131,7 @@ class StreamWriter:
         self._pending = ""
 
     def write(self, data: bytes, final: bool = False) -> None:
-        text = self._pending + self._decoder.decode(data, final=final)
+        text = self._pending + printable(self._decoder.decode(data, final=final))
         if not self._prefix:
             self._pending = ""
             self._out.write(text)

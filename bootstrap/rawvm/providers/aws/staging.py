@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
-from rawvm.providers.sink_fetch import FlushCache
+from rawvm.providers.sink_fetch import FlushCache, named_flush_pattern
 
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
@@ -173,20 +173,27 @@ class S3Stager:
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:
         """Download and unpack every flush under the cluster's sink prefix into ``dest`` (the local sink's
-        layout), skipping those already there (same key and ETag). Returns how many it unpacked."""
-        cache = FlushCache(dest)
+        layout), skipping those already there (same key and ETag). Returns how many it unpacked.
+
+        A flush is ``<prefix>[<machine id>/]<cluster>-<label>-<UTC>.tar.gz``, and may unpack only into the
+        directory its file name names."""
+        cache = FlushCache(cluster, dest)
         fetched = 0
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.sink_prefix(cluster))
+        prefix = self.sink_prefix(cluster)
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         for page in pages:
             for item in page.get("Contents", []):
                 key, etag = str(item["Key"]), str(item.get("ETag", "")).strip('"')
-                if not key.endswith(".tar.gz") or cache.has(key, etag):
+                pattern = named_flush_pattern(cluster, key.rpartition("/")[2])
+                if pattern is None or key[len(prefix) :].count("/") > 1 or cache.has(key, etag):
+                    continue  # not a flush (or not where one goes), or already here
+                if cache.too_big(key, int(item.get("Size", 0))):
                     continue
-                dest.mkdir(parents=True, exist_ok=True)
+                dest.mkdir(parents=True, exist_ok=True, mode=0o700)
                 with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as scratch:
                     archive = Path(scratch) / "flush.tar.gz"
                     self.s3.download_file(self.bucket, key, str(archive))
-                    fetched += cache.unpack(key, etag, archive)
+                    fetched += cache.unpack(key, etag, archive, pattern)
         cache.raise_errors()
         return fetched
 
