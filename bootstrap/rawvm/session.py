@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
+from rawvm_agent.config import IdleConfig
 from rawvm_agent.durations import format_duration
 
 from rawvm import clusters, costs
@@ -24,7 +25,7 @@ from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_sess
 from rawvm.errors import RawvmError
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import FREE_PROVIDERS, get_provider
-from rawvm.providers.base import Provider
+from rawvm.providers.base import Machine, Provider
 
 T = TypeVar("T")
 SERVING_PHASES = frozenset({"ready", "busy", "idle"})
@@ -95,6 +96,7 @@ async def wait_ready(
             view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
             if phase in SERVING_PHASES:
                 del pending[mid]
+                await hand_sink(client, provider, record, by_id[mid])
             elif phase in ENDED_PHASES:
                 why = status.get("error") or status.get("stop_reason") or phase
                 raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
@@ -105,6 +107,20 @@ async def wait_ready(
             )
         if pending:
             await asyncio.sleep(POLL_S)
+
+
+async def hand_sink(client: AgentClient, provider: Provider, record: clusters.ClusterRecord, machine: Machine) -> None:
+    """Give a machine that now serves its own sink upload, when its provider makes one per machine (aws: a
+    presigned POST for that machine's keys only, expiring once its backstop has powered it off). Every launch
+    waits here, so every machine gets one; a machine that does not (this failed, or the laptop went away before
+    it served) cannot upload, and its logs stay on it until it powers off."""
+    lifetime = record.max_lifetime_s or IdleConfig().max_lifetime
+    try:
+        post = provider.sink_form_for(record.name, machine, lifetime)
+        if post is not None:
+            await client.hand_sink(post.url, post.fields)
+    except RawvmError as exc:  # the machine still works; only its logs cannot leave it
+        say(f"{machine.short_id}: cannot hand it its sink upload ({exc}): its logs will stay on it when it stops")
 
 
 def printable(text: str) -> str:

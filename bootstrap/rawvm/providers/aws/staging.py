@@ -4,14 +4,17 @@ The bucket blocks every form of public access and expires objects after a few da
 staging leaves nothing that costs money for long. Machines need no AWS credentials: every URL is presigned,
 with SigV4 against the bucket's regional endpoint (``s3_config``).
 
-The sink is a presigned POST, not a PUT: every machine of a cluster boots from the same user-data, and one
-PUT URL names one object, so the machines would overwrite each other's logs. The POST's key is
-``clusters/<cluster>/sink/${filename}``; S3 fills in the file name each agent sends (its own label).
-``fetch_sink`` brings those objects back, unpacked, for ``rawvm logs``.
+The sink is one presigned POST per machine, handed to it over the agent API once it serves (never in the
+user-data, which every machine of a cluster shares and which outlives it in the launch template): its key
+condition is ``starts-with clusters/<cluster>/sink/<machine id>/`` (S3 fills in ``${filename}``, the flush's own
+name), so a machine, or whoever reads its form, can write that machine's flushes and nobody else's, and it expires
+when the machine's backstop has powered it off. ``fetch_sink`` brings the objects back, unpacked and checked
+(``sink_fetch``), for ``rawvm logs``.
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ from rawvm.providers.sink_fetch import FlushCache, named_flush_pattern
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
 SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
+_MACHINE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an instance id, as one key segment
 SINK_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
 LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
 
@@ -175,8 +179,8 @@ class S3Stager:
         """Download and unpack every flush under the cluster's sink prefix into ``dest`` (the local sink's
         layout), skipping those already there (same key and ETag). Returns how many it unpacked.
 
-        A flush is ``<prefix>[<machine id>/]<cluster>-<label>-<UTC>.tar.gz``, and may unpack only into the
-        directory its file name names."""
+        A flush is ``<prefix><machine id>/<cluster>-<label>-<UTC>.tar.gz`` (or, from before per-machine forms,
+        without the machine segment), and may unpack only into the directory its file name names."""
         cache = FlushCache(cluster, dest)
         fetched = 0
         prefix = self.sink_prefix(cluster)
@@ -197,15 +201,17 @@ class S3Stager:
         cache.raise_errors()
         return fetched
 
-    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
-        """A presigned POST (URL, form fields) that every machine of ``cluster`` can use for its own object:
-        ``clusters/<cluster>/sink/<file name the agent sends>``, nothing outside that prefix, at most
-        ``SINK_MAX_BYTES``."""
-        prefix = self.sink_prefix(cluster)
+    def sink_post(self, cluster: str, machine: str, expires_in: int) -> tuple[str, dict[str, str]]:
+        """A presigned POST (URL, form fields) for ONE machine's flushes: keys starting
+        ``clusters/<cluster>/sink/<machine>/`` (S3 fills in the file name the agent sends), nothing else, at most
+        ``SINK_MAX_BYTES``, valid ``expires_in`` seconds (the machine's life and its backstop's grace)."""
+        if not _MACHINE_KEY.fullmatch(machine):
+            raise UsageError(f"machine id {machine!r} cannot name a sink key")
+        prefix = f"{self.sink_prefix(cluster)}{machine}/"
         post = self.s3.generate_presigned_post(
             self.bucket,
-            prefix + "${filename}",
+            prefix + "${filename}",  # botocore adds the condition ["starts-with", "$key", prefix] itself
             Conditions=[["starts-with", "$key", prefix], ["content-length-range", 0, SINK_MAX_BYTES]],
-            ExpiresIn=SINK_URL_SECONDS,
+            ExpiresIn=max(1, min(expires_in, SINK_URL_SECONDS)),
         )
         return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
