@@ -14,6 +14,7 @@ from aiohttp import web
 
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.query import int_param
+from rawvm_agent.sink_post import SinkPostError
 from rawvm_agent.tasks import STREAMS, NotReadyError, Task, TaskError, read_log
 from rawvm_agent.telemetry import prometheus
 
@@ -173,6 +174,21 @@ async def keepalive(request: web.Request) -> web.Response:
     agent = _agent(request)
     agent.keepalive()
     return web.json_response({"ok": True, "client_timeout_s": agent.config.idle.client_timeout})
+
+
+@routes.put("/v1/sink")
+async def put_sink(request: web.Request) -> web.Response:
+    """This machine's own sink upload (``sink_post``), handed by the laptop once the machine serves. The body is
+    never echoed or logged: it holds a signed form."""
+    try:
+        body: Any = await request.json()
+    except (ValueError, RecursionError):
+        return _error(400, "the request body must be JSON {url, fields}")
+    try:
+        _agent(request).hand_sink(body)
+    except SinkPostError as exc:
+        return _error(400, str(exc))
+    return web.json_response({"ok": True})
 
 
 @routes.post("/v1/shutdown")

@@ -37,7 +37,7 @@ from rawvm_agent.config import AgentConfig, IdleConfig, config_to_dict
 from rawvm_resolver.target import Target
 
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import state_dir
+from rawvm.files import private_dir, state_dir
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
 _PR_SET_PDEATHSIG = 1
@@ -147,7 +147,9 @@ class LocalProvider(Provider):
         return urls
 
     def sink_url(self, cluster: str) -> str:
-        return str(state_dir() / "sinks" / cluster)
+        """The host's sink directory of the cluster (``rawvm.sinks.sink_dir``): each machine's agent copies its
+        flush into ``<label>-<UTC>/`` there, the layout fetched flushes get. 0700, in the 0700 state dir."""
+        return str(private_dir(state_dir() / "sinks" / cluster))
 
     def machine_config(self, spec: MachineSpec, machine_id: str, machine_dir: Path, port: int) -> AgentConfig:
         idle: IdleConfig = dataclasses.replace(

@@ -53,7 +53,7 @@ from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import place_file
 from rawvm.providers.base import Machine, MachineSpec, Provider
-from rawvm.providers.sink_fetch import FlushCache
+from rawvm.providers.sink_fetch import FlushCache, machine_flush_pattern
 from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
 
 PLATFORM = "linux-x86_64"
@@ -150,13 +150,16 @@ class QemuProvider(Provider):
         """Unpack the cluster's flushes (one ``<machine>.tar.gz`` each in ``<cluster dir>/sink/``) into ``dest``,
         in the local sink's layout; skips those already there. Returns how many it unpacked."""
         sink = self.cluster_dir(cluster) / "sink"
-        cache = FlushCache(dest)
+        cache = FlushCache(cluster, dest)
         fetched = 0
         for archive in sorted(sink.rglob("*.tar.gz")):
             stat = archive.stat()
             source, fingerprint = archive.relative_to(sink).as_posix(), f"{stat.st_size}:{stat.st_mtime_ns}"
-            if not cache.has(source, fingerprint):
-                fetched += cache.unpack(source, fingerprint, archive)
+            if cache.has(source, fingerprint) or cache.too_big(source, stat.st_size):
+                continue
+            # <machine>.tar.gz may hold only that machine's flush (its label is <cluster>-<machine>).
+            pattern = machine_flush_pattern(cluster, archive.name.removesuffix(".tar.gz"))
+            fetched += cache.unpack(source, fingerprint, archive, pattern)
         cache.raise_errors()
         return fetched
 

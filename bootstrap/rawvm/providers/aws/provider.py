@@ -44,7 +44,7 @@ from rawvm.providers.aws.config import (
     read_settings,
 )
 from rawvm.providers.aws.instances import machine_of
-from rawvm.providers.base import Machine, MachineSpec, Provider
+from rawvm.providers.base import Machine, MachineSpec, Provider, SinkPost
 
 ROOT_HEADROOM_GIB = 24  # room for the environment above the image's own size
 MIN_ROOT_GIB = 32
@@ -258,17 +258,25 @@ class AwsProvider(Provider):
             raise RawvmError(f"staging to S3 failed: {aws_error(exc)}") from None
 
     def sink_url(self, cluster: str) -> str:
-        """The URL of the cluster's presigned POST; ``machine_config`` adds its form fields."""
-        return self.sink_post(cluster)[0]
+        """Nothing in the user-data, which every machine shares and the launch template keeps: each machine gets
+        its own presigned POST over the agent API once it serves (``sink_form_for``). One that never gets it
+        cannot upload; its logs stay on it until it powers off."""
+        return ""
 
-    def sink_form(self, cluster: str) -> dict[str, str]:
-        """The form fields of the cluster's presigned POST sink (optional provider hook)."""
-        return self.sink_post(cluster)[1]
+    def sink_form_for(self, cluster: str, machine: Machine, lifetime_s: float) -> SinkPost | None:
+        """A presigned POST for ``machine``'s keys only, expiring when its backstop has powered it off (launch
+        time + max_lifetime + BACKSTOP_GRACE); None once that time has passed."""
+        now = self.clock()
+        expires_in = int((machine.launched_at or now) + lifetime_s + BACKSTOP_GRACE - now)
+        if expires_in <= 0:
+            return None
+        url, fields = self.sink_post(cluster, machine.id, expires_in)
+        return SinkPost(url, fields)
 
-    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
-        """One presigned POST for every machine of ``cluster``: each agent's upload is its own object."""
+    def sink_post(self, cluster: str, machine: str, expires_in: int) -> tuple[str, dict[str, str]]:
+        """The presigned POST behind ``sink_form_for`` (see ``aws_staging.S3Stager.sink_post``)."""
         try:
-            return self.stager().sink_post(self.check_cluster(cluster))
+            return self.stager().sink_post(self.check_cluster(cluster), machine, expires_in)
         except AWS_ERRORS as exc:
             raise RawvmError(f"presigning the S3 sink failed: {aws_error(exc)}") from None
 
@@ -313,16 +321,8 @@ class AwsProvider(Provider):
         """The agent config every machine of this launch gets: listening on all interfaces (the security
         group is the fence), watching for spot notices when it may be spot."""
         spot = dataclasses.replace(spec.agent.spot, enabled=spec.request.spot_policy != "on-demand")
-        agent = dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
-        return self._with_sink_form(agent)
-
-    def _with_sink_form(self, agent: AgentConfig) -> AgentConfig:
-        """The cluster's sink (``sink_url``) is a presigned POST: the agents need its form fields too. Every
-        machine gets the same ones; each names its upload after itself. Another sink is left as it is."""
-        if not agent.sink or agent.sink_form:
-            return agent
-        url, form = self.sink_post(agent.cluster)
-        return dataclasses.replace(agent, sink_form=form) if agent.sink == url else agent
+        # No sink: each machine is handed its own upload once it serves (sink_form_for), never in the user-data.
+        return dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
 
     def user_data(self, spec: MachineSpec) -> bytes:
         agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))

@@ -4,10 +4,12 @@ The bucket blocks every form of public access and expires objects after a few da
 staging leaves nothing that costs money for long. Machines need no AWS credentials: every URL is presigned,
 with SigV4 against the bucket's regional endpoint (``s3_config``).
 
-The sink is a presigned POST, not a PUT: every machine of a cluster boots from the same user-data, and one
-PUT URL names one object, so the machines would overwrite each other's logs. The POST's key is
-``clusters/<cluster>/sink/${filename}``; S3 fills in the file name each agent sends (its own label).
-``fetch_sink`` brings those objects back, unpacked, for ``rawvm logs``.
+The sink is one presigned POST per machine, handed to it over the agent API once it serves (never in the
+user-data, which every machine of a cluster shares and which outlives it in the launch template): its key
+condition is ``starts-with clusters/<cluster>/sink/<machine id>/`` (S3 fills in ``${filename}``, the flush's own
+name), so a machine, or whoever reads its form, can write that machine's flushes and nobody else's, and it expires
+when the machine's backstop has powered it off. ``fetch_sink`` brings the objects back, unpacked and checked
+(``sink_fetch``), for ``rawvm logs``.
 
 The default bucket name is predictable (account ids are not secret), so another account could create it first
 ("bucket sniping"). Every S3 call the laptop makes therefore carries ``ExpectedBucketOwner`` (``expect_owner``
@@ -20,6 +22,7 @@ checked against the sha256 in the user-data or the bundle's manifest instead. Th
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,11 +33,12 @@ from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
-from rawvm.providers.sink_fetch import FlushCache
+from rawvm.providers.sink_fetch import FlushCache, named_flush_pattern
 
 EXPIRE_DAYS = 3
 GET_URL_SECONDS = 6 * 3600  # machines fetch at boot, within minutes
 SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
+_MACHINE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an instance id, as one key segment
 SINK_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
 LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
 OWNER_PARAM = "ExpectedBucketOwner"
@@ -233,32 +237,41 @@ class S3Stager:
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:
         """Download and unpack every flush under the cluster's sink prefix into ``dest`` (the local sink's
-        layout), skipping those already there (same key and ETag). Returns how many it unpacked."""
-        cache = FlushCache(dest)
+        layout), skipping those already there (same key and ETag). Returns how many it unpacked.
+
+        A flush is ``<prefix><machine id>/<cluster>-<label>-<UTC>.tar.gz`` (or, from before per-machine forms,
+        without the machine segment), and may unpack only into the directory its file name names."""
+        cache = FlushCache(cluster, dest)
         fetched = 0
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.sink_prefix(cluster))
+        prefix = self.sink_prefix(cluster)
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         for page in pages:
             for item in page.get("Contents", []):
                 key, etag = str(item["Key"]), str(item.get("ETag", "")).strip('"')
-                if not key.endswith(".tar.gz") or cache.has(key, etag):
+                pattern = named_flush_pattern(cluster, key.rpartition("/")[2])
+                if pattern is None or key[len(prefix) :].count("/") > 1 or cache.has(key, etag):
+                    continue  # not a flush (or not where one goes), or already here
+                if cache.too_big(key, int(item.get("Size", 0))):
                     continue
-                dest.mkdir(parents=True, exist_ok=True)
+                dest.mkdir(parents=True, exist_ok=True, mode=0o700)
                 with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as scratch:
                     archive = Path(scratch) / "flush.tar.gz"
                     self.s3.download_file(self.bucket, key, str(archive))
-                    fetched += cache.unpack(key, etag, archive)
+                    fetched += cache.unpack(key, etag, archive, pattern)
         cache.raise_errors()
         return fetched
 
-    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
-        """A presigned POST (URL, form fields) that every machine of ``cluster`` can use for its own object:
-        ``clusters/<cluster>/sink/<file name the agent sends>``, nothing outside that prefix, at most
-        ``SINK_MAX_BYTES``."""
-        prefix = self.sink_prefix(cluster)
+    def sink_post(self, cluster: str, machine: str, expires_in: int) -> tuple[str, dict[str, str]]:
+        """A presigned POST (URL, form fields) for ONE machine's flushes: keys starting
+        ``clusters/<cluster>/sink/<machine>/`` (S3 fills in the file name the agent sends), nothing else, at most
+        ``SINK_MAX_BYTES``, valid ``expires_in`` seconds (the machine's life and its backstop's grace)."""
+        if not _MACHINE_KEY.fullmatch(machine):
+            raise UsageError(f"machine id {machine!r} cannot name a sink key")
+        prefix = f"{self.sink_prefix(cluster)}{machine}/"
         post = self.s3.generate_presigned_post(
             self.bucket,
-            prefix + "${filename}",
+            prefix + "${filename}",  # botocore adds the condition ["starts-with", "$key", prefix] itself
             Conditions=[["starts-with", "$key", prefix], ["content-length-range", 0, SINK_MAX_BYTES]],
-            ExpiresIn=SINK_URL_SECONDS,
+            ExpiresIn=max(1, min(expires_in, SINK_URL_SECONDS)),
         )
         return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
