@@ -148,3 +148,15 @@ def test_no_source_file_is_over_500_lines() -> None:
         if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_importing_rawvm_stays_cheap() -> None:
+    """The CLI and ``import rawvm`` pay for aiohttp, boto3 or the resolver only when a command needs them."""
+    import subprocess
+    import sys
+
+    heavy = ("aiohttp", "boto3", "rawvm_resolver", "rawvm.api", "cryptography")
+    probe = f"import sys, rawvm; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert callable(rawvm.run)  # and the names still resolve on first use

@@ -6,13 +6,16 @@ Only ``POST /v1/tasks`` (through the running task) and ``POST /v1/keepalive`` do
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from rawvm_agent.app import AGENT_KEY, Agent
-from rawvm_agent.tasks import STREAMS, NotReadyError, TaskError, read_log
+from rawvm_agent.query import int_param
+from rawvm_agent.sink_post import SinkPostError
+from rawvm_agent.tasks import STREAMS, NotReadyError, Task, TaskError, read_log
 from rawvm_agent.telemetry import prometheus
 
 routes = web.RouteTableDef()
@@ -23,8 +26,19 @@ FOLLOW_CHUNK = 1 << 16
 FOLLOW_POLL_S = 1.0
 
 
+@dataclass
+class LogFollows:
+    """How many ``follow=1`` log streams are open (``LimitsConfig.log_follows`` caps it)."""
+
+    open: int = 0
+
+
+FOLLOWS_KEY: web.AppKey[LogFollows] = web.AppKey("log_follows", LogFollows)
+
+
 def add_routes(app: web.Application) -> None:
     app.add_routes(routes)
+    app[FOLLOWS_KEY] = LogFollows()
 
 
 def _agent(request: web.Request) -> Agent:
@@ -33,27 +47,6 @@ def _agent(request: web.Request) -> Agent:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
-
-
-MAX_INT_PARAM = 1 << 53  # offsets and sequence numbers beyond this are nonsense (and beyond what seek takes)
-
-
-def _int_param(request: web.Request, name: str, default: int, minimum: int = 0) -> int:
-    raw = request.query.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"'{name}' must be an integer"}), content_type="application/json"
-        ) from None
-    if not minimum <= value <= MAX_INT_PARAM:
-        raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"'{name}' must be between {minimum} and {MAX_INT_PARAM}"}),
-            content_type="application/json",
-        )
-    return value
 
 
 @routes.get("/healthz")
@@ -82,8 +75,8 @@ async def status(request: web.Request) -> web.Response:
 
 @routes.get("/v1/samples")
 async def samples(request: web.Request) -> web.Response:
-    after = _int_param(request, "after", -1, minimum=-1)
-    limit = _int_param(request, "limit", 3600, minimum=1)
+    after = int_param(request, "after", -1, minimum=-1)
+    limit = int_param(request, "limit", 3600, minimum=1)
     newest = request.query.get("newest", "") in ("1", "true", "yes")  # the last `limit` samples after `after`
     sampler = _agent(request).sampler
     if "application/json" in request.headers.get("Accept", ""):
@@ -99,6 +92,11 @@ async def start_task(request: web.Request) -> web.Response:
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         return _error(400, "the request body must be JSON {argv, env, cwd, secret_env}")
     agent = _agent(request)
+    limits, tasks = agent.config.limits, agent.tasks
+    if len(tasks.tasks) >= limits.tasks_kept:
+        return _error(429, f"this agent keeps at most {limits.tasks_kept} tasks; start a new machine")
+    if len(tasks.running) >= limits.tasks_running:
+        return _error(429, f"{limits.tasks_running} tasks are running, the most at once; wait for one to end")
     try:
         answer = await agent.start_task(body)
     except NotReadyError as exc:
@@ -134,14 +132,25 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
     stream = request.query.get("stream", "stdout")
     if stream not in STREAMS:
         return _error(400, "'stream' must be stdout or stderr")
-    offset = _int_param(request, "offset", 0)
+    offset = int_param(request, "offset", 0)
     path = task.log_path(stream)
     if request.query.get("follow", "") not in ("1", "true", "yes"):
-        limit = min(_int_param(request, "limit", DEFAULT_LOG_LIMIT, minimum=1), MAX_LOG_LIMIT)
+        limit = min(int_param(request, "limit", DEFAULT_LOG_LIMIT, minimum=1), MAX_LOG_LIMIT)
         data = read_log(path, offset, limit)
         headers = {"X-Next-Offset": str(offset + len(data)), "X-Task-State": task.record.state}
         return web.Response(body=data, content_type="application/octet-stream", headers=headers)
 
+    follows, most = request.app[FOLLOWS_KEY], _agent(request).config.limits.log_follows
+    if follows.open >= most:
+        return _error(429, f"{most} log streams are open, the most at once; read without follow=1 or retry")
+    follows.open += 1
+    try:
+        return await _follow(request, task, path, offset)
+    finally:
+        follows.open -= 1
+
+
+async def _follow(request: web.Request, task: Task, path: Path, offset: int) -> web.StreamResponse:
     response = web.StreamResponse(headers={"X-Next-Offset": str(offset), "Content-Type": "application/octet-stream"})
     response.enable_chunked_encoding()
     await response.prepare(request)
@@ -165,6 +174,21 @@ async def keepalive(request: web.Request) -> web.Response:
     agent = _agent(request)
     agent.keepalive()
     return web.json_response({"ok": True, "client_timeout_s": agent.config.idle.client_timeout})
+
+
+@routes.put("/v1/sink")
+async def put_sink(request: web.Request) -> web.Response:
+    """This machine's own sink upload (``sink_post``), handed by the laptop once the machine serves. The body is
+    never echoed or logged: it holds a signed form."""
+    try:
+        body: Any = await request.json()
+    except (ValueError, RecursionError):
+        return _error(400, "the request body must be JSON {url, fields}")
+    try:
+        _agent(request).hand_sink(body)
+    except SinkPostError as exc:
+        return _error(400, str(exc))
+    return web.json_response({"ok": True})
 
 
 @routes.post("/v1/shutdown")

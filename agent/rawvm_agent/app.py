@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from rawvm_agent import __version__, agent_metrics, idle, sdnotify, sink, spot, stopper
+from rawvm_agent import __version__, agent_metrics, idle, sdnotify, sink, sink_post, spot, stopper
 from rawvm_agent.batch import BatchRunner
 from rawvm_agent.calls import CallHub
 from rawvm_agent.config import AgentConfig
@@ -67,8 +67,10 @@ class Agent:
         self.redactor.add(*(self.environ[n] for n in config.secret_env if self.environ.get(n)))
         self.redactor.add(*map(url_password, (config.install.index_url, *config.install.extra_index_urls)))
         # An S3 presigned POST's signature, policy and session token: as good as a credential until they expire.
-        secret_fields = ("signature", "policy", "token", "credential")
-        self.redactor.add(*(v for k, v in config.sink_form.items() if any(f in k.lower() for f in secret_fields)))
+        self.redactor.add(*sink_post.secret_values(config.sink_form))
+        self.handed_sink = sink_post.load(self.state_dir)  # a form handed over the API before a restart
+        if self.handed_sink is not None:
+            self.redactor.add(*sink_post.secret_values(self.handed_sink.fields))
         self.log_file = self.state_dir / "agent.log"
         self.store = StateStore(self.state_dir / "state.json")
         self.state = AgentState()
@@ -84,7 +86,9 @@ class Agent:
         self.calls = CallHub(self)  # @rawvm.function calls and their workers (calls.py)
         self.redactor.add(self.calls.worker_token)
         self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self.save_state)
-        self.batch = BatchRunner(config, self.state_dir, self._start_batch_task, self._flush_files)
+        self.batch = BatchRunner(
+            config, self.state_dir, self._start_batch_task, self._flush_files, http_sink=self.http_sink
+        )
         self.env: Environment | None = None
         self.policy: idle.IdlePolicy | None = None
         self.decision: idle.IdleDecision | None = None
@@ -352,28 +356,41 @@ class Agent:
         machine = self.config.machine_id or socket.gethostname()
         return "-".join(p for p in (self.config.cluster, machine) if p) or "machine"
 
+    def sink_target(self) -> tuple[str, dict[str, str]]:
+        """Where flushes go, and the form fields of a POST: the form the laptop handed over the API (aws: this
+        machine's own presigned POST), else agent.toml's sink. ("", {}): nowhere, logs stay on the disk."""
+        if self.handed_sink is not None:
+            return self.handed_sink.url, self.handed_sink.fields
+        return self.config.sink, self.config.sink_form
+
+    def http_sink(self) -> bool:
+        return self.sink_target()[0].lower().startswith(("http://", "https://"))
+
+    def hand_sink(self, body: Any) -> None:
+        """``PUT /v1/sink``: keep this machine's own sink upload (``sink_post``); SinkPostError when it is not one.
+        Its signing values join the Redactor before anything could log them."""
+        handed = sink_post.parse(body)
+        self.redactor.add(*sink_post.secret_values(handed.fields))
+        sink_post.save(self.state_dir, handed)
+        self.handed_sink = handed
+        log.info("sink: this machine's upload form was handed over the API (%d fields)", len(handed.fields))
+
     async def _flush_files(self, files: list[Path]) -> None:
         """An incremental flush (batch results so far); the stop sequence still flushes everything."""
-        if self.config.sink:
-            await sink.flush(
-                self.config.sink, files, label=self.sink_label(), timeout=SINK_TIMEOUT_S, form=self.config.sink_form
-            )
+        url, form = self.sink_target()
+        if url:
+            await sink.flush(url, files, label=self.sink_label(), timeout=SINK_TIMEOUT_S, form=form)
 
     async def _flush_to_sink(self) -> None:
-        if not self.config.sink:
-            log.info("no sink configured; logs and telemetry stay on the disk")
+        url, form = self.sink_target()
+        if not url:
+            log.info("no sink configured (nor handed over the API); logs and telemetry stay on the disk")
             return
         self.save_state()
         files = self.sink_files()
         log.info("flushing %d files to the sink", len(files))
         try:
-            await sink.flush(
-                self.config.sink,
-                files,
-                label=self.sink_label(),
-                timeout=SINK_TIMEOUT_S,
-                form=self.config.sink_form,
-            )
+            await sink.flush(url, files, label=self.sink_label(), timeout=SINK_TIMEOUT_S, form=form)
         except Exception as exc:
             # The machine must stop even when the sink is unreachable: billing beats log shipping.
             log.error("flush to the sink failed: %s", exc or type(exc).__name__)

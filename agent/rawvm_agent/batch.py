@@ -132,8 +132,12 @@ class BatchRunner:
         state_dir: Path,
         start_task: Callable[[TaskRequest], Awaitable[Task]],
         flush: Callable[[list[Path]], Awaitable[None]],
+        *,
+        http_sink: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
+        # Whether flushes go to an http sink: agent.toml's, or a form handed over the API after boot (aws).
+        self._http_sink = http_sink or (lambda: config.sink.lower().startswith(("http://", "https://")))
         self.state_dir = state_dir
         self.dir = state_dir / "batch"
         self._start_task = start_task
@@ -393,7 +397,7 @@ class BatchRunner:
     async def _maybe_flush(self) -> None:
         """Send results and their tasks' logs to the sink: every FLUSH_EVERY_S while work runs, at once when the
         queue has drained."""
-        http = self.config.sink.lower().startswith(("http://", "https://"))
+        http = self._http_sink()
         every = FLUSH_EVERY_S["http" if http else "dir"]
         if not self._unflushed or (self.pending and time.monotonic() - self._last_flush < every):
             return

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from rawvm_agent.app import AGENT_KEY
 from rawvm_agent.batch import BatchError, BatchRunner
+from rawvm_agent.query import int_param
 
 routes = web.RouteTableDef()
 
@@ -42,10 +43,7 @@ async def batch_status(request: web.Request) -> web.Response:
 
 @routes.get("/v1/batch/results")
 async def batch_results(request: web.Request) -> web.Response:
-    raw = request.query.get("after", "0")
-    if not raw.isdigit():
-        return web.json_response({"error": "'after' must be an integer >= 0"}, status=400)
-    return web.json_response(_runner(request).results_after(int(raw)))
+    return web.json_response(_runner(request).results_after(int_param(request, "after", 0)))
 
 
 @routes.post("/v1/batch/share")

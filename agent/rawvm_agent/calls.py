@@ -81,6 +81,7 @@ class CallHub:
         self.queued_bytes = 0
         self.routes: dict[int, tuple[str, int]] = {}  # internal number -> (client, the client's call id)
         self.results: dict[str, deque[tuple[int, int, bytes]]] = {}
+        self.result_bytes: dict[str, int] = {}  # payload bytes in ``results``, per client
         self.workers: dict[str, _Worker] = {}
         self.slots = 0
         self.done_total = 0
@@ -114,6 +115,9 @@ class CallHub:
             raise NotReadyError(f"the agent is {agent.state.phase}; no new calls")
         if agent.env is None:
             raise NotReadyError(f"the environment is not ready (phase {agent.state.phase})")
+        held, most = self.result_bytes.get(client, 0), agent.config.limits.call_result_bytes
+        if held >= most:
+            raise TaskError(f"{held} bytes of results wait for client {client!r} (at most {most}); fetch them first")
         size = sum(len(p) for _, _, p in frames)
         if self.queued_bytes + size > MAX_QUEUED_BYTES:
             raise TaskError(f"the call queue is full ({self.queued_bytes} bytes waiting); send fewer calls at once")
@@ -142,8 +146,10 @@ class CallHub:
             frame = waiting.popleft()
             out.append(frame)
             size += len(frame[2])
+        self.result_bytes[client] = self.result_bytes.get(client, 0) - size
         if not waiting:
             self.results.pop(client, None)
+            self.result_bytes.pop(client, None)
         return out
 
     def close(self) -> None:
@@ -199,6 +205,7 @@ class CallHub:
             return
         client, call_id = route
         self.results.setdefault(client, deque()).append((call_id, status, payload))
+        self.result_bytes[client] = self.result_bytes.get(client, 0) + len(payload)
         self.done_total += 1
         self._touched = True
         if event := self._result_waiting.get(client):

@@ -7,15 +7,13 @@ depend on the web application that holds the agent.
 
 from __future__ import annotations
 
-import json
-import math
-
 from aiohttp import web
 
 from rawvm_agent import call_worker
 from rawvm_agent.app import AGENT_KEY
 from rawvm_agent.call_worker import ERROR, FrameError, pack, unpack
 from rawvm_agent.calls import MAX_CLIENT_WAIT_S, MAX_REQUEST_BYTES, CallHub
+from rawvm_agent.query import bad_request, int_param, number_param
 from rawvm_agent.tasks import NotReadyError, TaskError
 
 routes = web.RouteTableDef()
@@ -46,31 +44,17 @@ async def _read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
-def _bad(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=json.dumps({"error": message}), content_type="application/json")
-
-
 def _frames(data: bytes) -> list[tuple[int, int, bytes]]:
     try:
         return unpack(data)
     except FrameError as exc:
-        raise _bad(f"bad call batch: {exc}") from None
-
-
-def _number(request: web.Request, name: str, default: float) -> float:
-    try:
-        value = float(request.query.get(name, default))
-    except ValueError:
-        raise _bad(f"{name!r} must be a number") from None
-    if not math.isfinite(value):
-        raise _bad(f"{name!r} must be a finite number")
-    return value
+        raise bad_request(f"bad call batch: {exc}") from None
 
 
 def _client(request: web.Request) -> str:
     client = request.query.get("client", "")
     if not client or len(client) > 64:
-        raise _bad("'client' (1 to 64 characters) is required")
+        raise bad_request("'client' (1 to 64 characters) is required")
     return client
 
 
@@ -84,7 +68,7 @@ async def submit_calls(request: web.Request) -> web.Response:
     client = _client(request)
     frames = _frames(await _read_body(request))
     try:
-        queued = await calls.submit(client, frames, int(_number(request, "slots", 0)))
+        queued = await calls.submit(client, frames, int_param(request, "slots", 0))
     except NotReadyError as exc:
         return _error(409, str(exc))
     except TaskError as exc:
@@ -94,7 +78,7 @@ async def submit_calls(request: web.Request) -> web.Response:
 
 @routes.get("/v1/calls/results")
 async def call_results(request: web.Request) -> web.Response:
-    wait = min(max(_number(request, "wait", 0), 0.0), MAX_CLIENT_WAIT_S)
+    wait = min(number_param(request, "wait", 0.0), MAX_CLIENT_WAIT_S)
     return _octets(pack(await hub(request).results_for(_client(request), wait)))
 
 
@@ -110,7 +94,7 @@ async def worker_exchange(request: web.Request) -> web.Response:
     if any(status not in (0, ERROR) for _, status, _ in done):
         return _error(400, "a worker reports status 0 (ok) or 1 (error)")
     try:
-        batch = await calls.work(request.query.get("worker", ""), done, int(_number(request, "max", 1)))
+        batch = await calls.work(request.query.get("worker", ""), done, int_param(request, "max", 1))
     except KeyError:
         return _error(404, "no such call worker")
     if calls.leaving() and not batch:

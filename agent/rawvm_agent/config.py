@@ -79,6 +79,25 @@ class TaskConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Caps on what the API's callers can make one agent hold; beyond each the request is a one-line JSON 429.
+
+    They bound a runaway (or hostile) token holder's memory and file use, not real work, so the defaults are
+    generous. Batch tasks (the machine's own spec) and call workers are not API tasks and are not counted.
+    """
+
+    tasks_kept: int = 10_000
+    """Tasks the agent keeps (running and ended, each with its logs) before ``POST /v1/tasks`` is refused."""
+    tasks_running: int = 1_000
+    """Tasks running at once; ``POST /v1/tasks`` is refused until one ends."""
+    log_follows: int = 64
+    """Concurrent ``follow=1`` log streams (each holds a connection and a poll loop) across all tasks."""
+    call_result_bytes: int = 1 << 30
+    """Finished ``@rawvm.function`` result bytes held for one client; its ``POST /v1/calls`` is refused until it
+    fetches them (``GET /v1/calls/results``), so results cannot pile up in memory unread."""
+
+
+@dataclass(frozen=True)
 class BatchConfig:
     """A batch array this machine runs by itself (rawvm_agent.batch). Empty ``spec_url``: no batch."""
 
@@ -116,6 +135,7 @@ class AgentConfig:
     spot: SpotConfig = SpotConfig()
     tasks: TaskConfig = TaskConfig()
     batch: BatchConfig = BatchConfig()
+    limits: LimitsConfig = LimitsConfig()
 
     def token_digest(self) -> bytes:
         """The sha256 of the bearer token, from ``token_sha256`` or from the token itself."""
@@ -151,6 +171,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "spot": SpotConfig,
     "tasks": TaskConfig,
     "batch": BatchConfig,
+    "limits": LimitsConfig,
 }
 
 

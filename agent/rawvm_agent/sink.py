@@ -7,10 +7,10 @@ The sink (``agent.toml`` top-level ``sink``) is one of:
 - an ``http(s)://`` URL, typically a presigned S3 PUT URL: one object, so the files are bundled into one
   ``.tar.gz`` (members under ``<label>-<UTC time>/``) and PUT with a Content-Length (S3 refuses chunked
   uploads) and no Content-Type, so the URL must be presigned without one;
-- the same URL with form fields (``sink_form``): an S3 presigned POST. The tar.gz goes as
-  ``multipart/form-data``: the fields first, in their order, then the file last as field ``file`` named
-  ``<label>-<UTC time>.tar.gz`` (S3 ignores fields after the file). With a key of ``.../${filename}`` every
-  machine of a cluster, sharing one user-data, writes its own object.
+- the same URL with form fields: an S3 presigned POST (``sink_form`` in agent.toml, or, on EC2, the form the
+  laptop hands this machine alone over the API: ``sink_post``). The tar.gz goes as ``multipart/form-data``: the
+  fields first, in their order, then the file last as field ``file`` named ``<label>-<UTC time>.tar.gz`` (S3
+  ignores fields after the file), which fills the key's ``${filename}`` under the machine's own prefix.
 
 Paths inside the destination are relative to the files' common parent directory; a directory among the
 files is taken whole. Nothing here raises: every error is logged and the stop sequence goes on, because

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import secrets
 import shutil
 import ssl
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from rawvm.agent.tls import ChannelFiles, ServerCredentials, client_context, make_channel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import state_dir as state_dir  # where every record lives; re-exported for callers
+from rawvm.files import write_private_json
 from rawvm.providers.base import Machine
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
@@ -108,14 +107,7 @@ def _path(name: str) -> Path:
 
 def save(record: ClusterRecord) -> Path:
     path = _path(record.name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{record.name}-")  # mkstemp makes it 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private_json(path, record.to_dict())  # 0600: it holds the agents' token
     return path
 
 

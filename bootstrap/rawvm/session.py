@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import re
 import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TextIO, TypeVar
 
+from rawvm_agent.config import IdleConfig
 from rawvm_agent.durations import format_duration
 
 from rawvm import clusters, costs
@@ -23,7 +25,7 @@ from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_sess
 from rawvm.errors import RawvmError
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import FREE_PROVIDERS, get_provider
-from rawvm.providers.base import Provider
+from rawvm.providers.base import Machine, Provider
 
 T = TypeVar("T")
 SERVING_PHASES = frozenset({"ready", "busy", "idle"})
@@ -94,6 +96,7 @@ async def wait_ready(
             view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
             if phase in SERVING_PHASES:
                 del pending[mid]
+                await hand_sink(client, provider, record, by_id[mid])
             elif phase in ENDED_PHASES:
                 why = status.get("error") or status.get("stop_reason") or phase
                 raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
@@ -106,8 +109,37 @@ async def wait_ready(
             await asyncio.sleep(POLL_S)
 
 
+async def hand_sink(client: AgentClient, provider: Provider, record: clusters.ClusterRecord, machine: Machine) -> None:
+    """Give a machine that now serves its own sink upload, when its provider makes one per machine (aws: a
+    presigned POST for that machine's keys only, expiring once its backstop has powered it off). Every launch
+    waits here, so every machine gets one; a machine that does not (this failed, or the laptop went away before
+    it served) cannot upload, and its logs stay on it until it powers off."""
+    lifetime = record.max_lifetime_s or IdleConfig().max_lifetime
+    try:
+        post = provider.sink_form_for(record.name, machine, lifetime)
+        if post is not None:
+            await client.hand_sink(post.url, post.fields)
+    except RawvmError as exc:  # the machine still works; only its logs cannot leave it
+        say(f"{machine.short_id}: cannot hand it its sink upload ({exc}): its logs will stay on it when it stops")
+
+
+def printable(text: str) -> str:
+    """``text`` without terminal control sequences: machine output is data, and an ESC or OSC sequence in it
+    could retitle, recolour or rewrite the user's terminal (or worse, on terminals that answer queries). ANSI
+    CSI/OSC sequences go whole; every other C0 control (and DEL, and C1 controls) goes too, except newline, tab
+    and carriage return (progress bars)."""
+    return _CONTROL.sub("", text)
+
+
+# An OSC (ESC ] ... BEL or ESC \\), a CSI (ESC [ params final), another ESC sequence, or one control character.
+_CONTROL = re.compile(
+    r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b\[[0-?]*[ -/]*[@-~]?|\x1b[@-_]?|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+)
+
+
 class StreamWriter:
-    """Decodes a machine's output as it comes; with a prefix, writes whole lines ``[m0] ...``."""
+    """Decodes a machine's output as it comes, without control sequences (``printable``); with a prefix, writes
+    whole lines ``[m0] ...``."""
 
     def __init__(self, out: TextIO, prefix: str) -> None:
         self._out, self._prefix = out, prefix
@@ -115,7 +147,7 @@ class StreamWriter:
         self._pending = ""
 
     def write(self, data: bytes, final: bool = False) -> None:
-        text = self._pending + self._decoder.decode(data, final=final)
+        text = self._pending + printable(self._decoder.decode(data, final=final))
         if not self._prefix:
             self._pending = ""
             self._out.write(text)

@@ -12,13 +12,16 @@ from typing import TextIO
 
 from rawvm import clusters
 from rawvm.errors import RawvmError
+from rawvm.files import records_dir, write_private_json
 from rawvm.providers import get_provider
 from rawvm.providers.base import Provider
 from rawvm.session import StreamWriter, say
 
 
 def sink_dir(cluster: str) -> Path:
-    """Where this host keeps a cluster's flushes: the local provider's sink, and what ``fetch_sink`` brings."""
+    """Where this host keeps a cluster's flushes, one directory each (``<cluster>-<label>-<UTC>/``): the local
+    provider's sink, and what ``fetch_sink`` unpacks. Nothing else lives there: flushes are what machines sent,
+    untrusted, so this host's own records are in ``files.records_dir(cluster)``."""
     return clusters.state_dir() / "sinks" / cluster
 
 
@@ -26,18 +29,16 @@ SINK_PROVIDER_FILE = "provider.json"
 
 
 def remember_sink_provider(cluster: str, provider: str, options: dict[str, str]) -> None:
-    """Note the cluster's provider (and e.g. its region) beside its flushes: once ``rawvm ls`` has forgotten the
-    cluster, ``rawvm logs`` still knows where the flushes are."""
-    directory = sink_dir(cluster)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / SINK_PROVIDER_FILE).write_text(json.dumps({"provider": provider, "options": options}, sort_keys=True))
+    """Note the cluster's provider (and e.g. its region) in its laptop-only records: once ``rawvm ls`` has
+    forgotten the cluster, ``rawvm logs`` still knows where the flushes are."""
+    write_private_json(records_dir(cluster) / SINK_PROVIDER_FILE, {"provider": provider, "options": options})
 
 
 def remembered_provider(cluster: str) -> Provider | None:
-    """The provider noted at launch; None when there is no note (a cluster launched before notes were kept:
-    only its local flushes can be read)."""
+    """The provider noted at launch; None when there is no note (a cluster launched before notes were kept, or
+    before they moved out of the sink directory: only its local flushes can be read)."""
     try:
-        raw = json.loads((sink_dir(cluster) / SINK_PROVIDER_FILE).read_text())
+        raw = json.loads((records_dir(cluster) / SINK_PROVIDER_FILE).read_text())
         name, options = str(raw["provider"]), {str(k): str(v) for k, v in dict(raw.get("options", {})).items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -468,3 +468,31 @@ async def test_after_a_reboot_the_idle_clock_and_lifetime_start_over(tmp_path: P
     assert body["phase"] in ("ready", "idle", "busy")
     assert body["started_at"] > time.time() - 60
     assert not second.stopped.is_set()
+
+
+async def test_a_handed_sink_form_is_kept_private_redacted_and_used_to_flush(
+    make_client: ClientFactory, tmp_path: Path
+) -> None:
+    """``PUT /v1/sink``: the laptop hands the machine its own presigned POST. The agent keeps it 0600 (reloaded
+    after a restart), never flushes it, never logs its signing values, and POSTs its flush with it; without it an
+    agent whose agent.toml names no sink keeps its logs."""
+    agent, client = await make_client()
+    assert agent.sink_target() == ("", {})
+    for bad in ({"url": "file:///etc", "fields": {"key": "k"}}, {"url": "https://s3.example/", "fields": {}}, []):
+        resp = await client.put("/v1/sink", json=bad, headers=AUTH)
+        assert resp.status == 400
+    assert (await client.put("/v1/sink", json={}, headers={})).status == 401
+    signature = "c2lnbmF0dXJlLW9mLXRoaXMtbWFjaGluZXMtZm9ybQ"
+    form = {
+        "key": "clusters/c/sink/i-1/${filename}",
+        "policy": "cG9saWN5LW9mLXRoaXMtbWFjaGluZQ",
+        "x-amz-signature": signature,
+    }
+    resp = await client.put("/v1/sink", json={"url": "https://bucket.s3.example/", "fields": form}, headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    assert agent.sink_target() == ("https://bucket.s3.example/", form) and agent.http_sink()
+    kept = tmp_path / "state" / ".sink-post.json"
+    assert kept.stat().st_mode & 0o777 == 0o600 and kept not in agent.sink_files()
+    assert agent.redactor.redact(f"oops {signature}") == "oops ***"
+    again = Agent(agent.config)  # a restarted agent still has it
+    assert again.handed_sink is not None and again.handed_sink.fields == form

@@ -4,6 +4,7 @@ interpreter: an agent without a bundle runs tasks with it, and it has cloudpickl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -56,8 +57,16 @@ class Running:
 
 @pytest.fixture
 async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    async with serve_running(tmp_path) as serving:
+        yield serving
+
+
+@contextlib.asynccontextmanager
+async def serve_running(tmp_path: Path, **overrides: Any) -> AsyncIterator[Running]:
+    """A real agent on its configured loopback port (its call workers connect there), ready for calls."""
     # The power-off of a stop (test_bad_requests_are_refused shuts down) must not end pytest: a harmless command.
-    config = config_from_dict(agent_config(tmp_path / "state", idle={"poweroff_command": ["true"]}))
+    raw = agent_config(tmp_path / "state", idle={"poweroff_command": ["true"]}, **overrides)
+    config = config_from_dict(raw)
     agent = Agent(config)
     runner = web.AppRunner(create_app(agent))
     await runner.setup()
@@ -165,3 +174,26 @@ async def test_a_stopping_machine_takes_no_calls(running: Running) -> None:
         assert resp.status == 202
     async with session.post(f"{url}/v1/calls", params={"client": "c"}, data=pack([(1, 0, b"x")]), headers=AUTH) as resp:
         assert resp.status == 409  # a stopping machine takes no calls
+
+
+def returns_bytes(size: int) -> bytes:
+    return call(lambda n: b"r" * n, size)
+
+
+async def test_results_held_for_a_client_beyond_its_cap_refuse_its_new_calls(tmp_path: Path) -> None:
+    """Results wait in memory until their client fetches them: past ``limits.call_result_bytes`` for one client,
+    its new calls are a 429 until it does; other clients are not held up."""
+    async with serve_running(tmp_path, limits={"call_result_bytes": 1000}) as running:
+        await running.submit([(1, 0, returns_bytes(5000))], slots=1)
+        deadline = time.monotonic() + 60
+        while running.agent.calls.result_bytes.get("c1", 0) < 1000:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        params = {"client": "c1", "slots": "1"}
+        data = pack([(2, 0, returns_bytes(1))])
+        async with running.session.post(f"{running.url}/v1/calls", params=params, data=data, headers=AUTH) as resp:
+            assert resp.status == 429 and "fetch them first" in (await resp.json())["error"]
+        assert await running.submit([(3, 0, returns_bytes(1))], slots=1, client="c2") == 1  # the cap is per client
+        assert set(await running.results(1)) == {1}
+        assert running.agent.calls.result_bytes.get("c1", 0) == 0
+        assert await running.submit([(4, 0, returns_bytes(1))], slots=1) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from rawvm.agent import wheel as agent_wheel
+from rawvm.agent.requirements import requirements_path
 
 
 @pytest.fixture
@@ -49,6 +50,9 @@ def test_the_cache_is_keyed_by_the_source(tmp_path: Path, cache: Path) -> None:
     again = agent_wheel.build_agent_wheel()
     assert again.parent == slots[0]  # served from the cache, no second slot
     assert again.read_bytes() == wheel.read_bytes()
+    # The hashed requirements are cached and copied beside the wheel.
+    beside = requirements_path(again).read_text()
+    assert requirements_path(wheel).read_text() == beside and "--hash=sha256:" in beside
 
 
 def test_source_hash_changes_with_any_source_file(tmp_path: Path) -> None:

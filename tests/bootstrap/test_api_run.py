@@ -53,9 +53,9 @@ async def test_run_from_python_inside_an_event_loop(project: Path, tmp_path: Pat
     while processes_under(tmp_path / "tmp") and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_under(tmp_path / "tmp") == []
-    from rawvm import sinks
+    from rawvm.files import records_dir
 
-    assert json.loads((sinks.sink_dir(result.cluster) / "provider.json").read_text())["provider"] == "local"
+    assert json.loads((records_dir(result.cluster) / "provider.json").read_text())["provider"] == "local"
     # the machine has stopped: its output still comes back, from the logs it flushed to the local sink
     from rawvm import api, clusters
 

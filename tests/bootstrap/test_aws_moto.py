@@ -7,11 +7,16 @@ retries, parsers, paginators) runs for real. Two things moto lacks are set up or
   is reserved), so they are put into moto's in-process parameter store, pointing at one of moto's AMIs.
 - moto never runs out of capacity or throttles, so tests inject those answers at the HTTP boundary with
   botocore event handlers (see each test).
+- moto evaluates a bucket policy's Deny with a Condition it cannot resolve as an unconditional Deny, so the
+  staging bucket's TLS-only statements would refuse every object call. It serves plain HTTP on loopback standing
+  for AWS's HTTPS, so while the server runs its bucket-policy check leaves out exactly the statements whose
+  only condition is about TLS (``TlsOnlyPolicies``); every other statement is evaluated by moto as it is.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import urllib.request
 from collections.abc import Iterator
@@ -20,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from moto.iam.access_control import IAMPolicy, PermissionResult
+from moto.s3.models import FakeBucket
 from moto.server import ThreadedMotoServer
 from moto.ssm.models import Parameter, ssm_backends
+from rawvm.agent.requirements import requirements_path
 from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.providers.aws.provider import AwsProvider
 
@@ -36,12 +44,40 @@ UV = UvWheel(
 )
 
 
+TLS_CONDITIONS = ({"Bool": {"aws:SecureTransport": "false"}}, {"NumericLessThan": {"s3:TlsVersion": "1.2"}})
+
+
+class TlsOnlyPolicies:
+    """While active, moto's S3 bucket-policy check sees every request as HTTPS with TLS 1.2 or newer (what
+    boto3 and the agents send to AWS): the statements that deny only plain HTTP or old TLS are left out."""
+
+    def __enter__(self) -> TlsOnlyPolicies:
+        self.original = FakeBucket.get_permission
+
+        def get_permission(bucket: FakeBucket, action: str, resource: str) -> Any:
+            """moto's own check (FakeBucket.get_permission) on the policy less its TLS-only statements; the
+            bucket's policy itself is left alone (the server answers from several threads)."""
+            document = json.loads(bucket.policy) if bucket.policy is not None else {"Statement": []}
+            kept = [st for st in document["Statement"] if st.get("Condition") not in TLS_CONDITIONS]
+            if not kept:
+                return PermissionResult.NEUTRAL
+            return IAMPolicy(json.dumps({**document, "Statement": kept})).is_action_permitted(action, resource)
+
+        FakeBucket.get_permission = get_permission  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        FakeBucket.get_permission = self.original  # type: ignore[method-assign]
+
+
 class MotoServer:
     def __init__(self) -> None:
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.policies = TlsOnlyPolicies()
 
     def __enter__(self) -> MotoServer:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+        self.policies.__enter__()
         self.server.start()
         host, port = self.server.get_host_and_port()
         self.url = f"http://{host}:{port}"
@@ -49,6 +85,7 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.server.stop()
+        self.policies.__exit__()
 
     def reset(self) -> None:
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")
@@ -141,6 +178,23 @@ def moto_provider(server: MotoServer, tmp: Path, bucket: str, **kw: Any) -> AwsP
     return provider
 
 
+@dataclass
+class ParamLog:
+    """The parameters of every S3 call a client makes or presigns, as botocore is about to serialize them
+    (a ``before-parameter-build`` hook: after every ``provide-client-params`` handler, rawvm's own included)."""
+
+    calls: list[tuple[str, dict[str, Any], bool]] = field(default_factory=list)
+
+    def __call__(self, params: dict[str, Any], model: Any, context: dict[str, Any], **kwargs: Any) -> None:
+        self.calls.append((model.name, dict(params), bool(context.get("is_presign_request"))))
+
+
+def record_params(client: Any) -> ParamLog:
+    log = ParamLog()
+    client.meta.events.register("before-parameter-build.s3", log)
+    return log
+
+
 def record_calls(client: Any) -> CallLog:
     log = CallLog()
     client.meta.events.register("before-call.ec2", log)
@@ -148,8 +202,10 @@ def record_calls(client: Any) -> CallLog:
 
 
 def fake_wheel(tmp: Path) -> Path:
+    """An agent wheel and the hashed requirements beside it (as build_agent_wheel leaves them)."""
     wheel = tmp / "rawvm_agent-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"PK\x05\x06" + b"\x00" * 18)  # an empty zip: staged and hashed, never installed here
+    requirements_path(wheel).write_text("msgpack==1.1.0 \\\n    --hash=sha256:" + "0" * 64 + "\n")
     return wheel
 
 

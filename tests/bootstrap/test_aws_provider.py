@@ -40,6 +40,7 @@ from tests.bootstrap.test_aws_moto import (
     record_calls,
     seed_public_image_parameters,
 )
+from tests.systools import need_tool
 
 TOKEN = "secret-token-0123456789"
 TAG_KEYS = {"rawvm:cluster", "rawvm:owner", "rawvm:created", "rawvm:expires"}
@@ -223,7 +224,8 @@ def test_user_data_is_valid_cloud_config_under_16_kb(big_launch: dict[str, Any],
     text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode()
     path = tmp_path / "user-data"
     path.write_text(text)
-    result = subprocess.run(["cloud-init", "schema", "--config-file", str(path)], capture_output=True, text=True)
+    cloud_init = need_tool("cloud-init", "cloud-init")
+    result = subprocess.run([cloud_init, "schema", "--config-file", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     files = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
     agent_toml = files[AGENT_TOML]

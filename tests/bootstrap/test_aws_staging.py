@@ -11,24 +11,28 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.cli import main
 from rawvm.errors import RawvmError
 from rawvm.options import MachineRequest
 from rawvm.providers.aws.config import read_settings
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.aws.staging import EXPIRE_DAYS, S3Stager
-from rawvm.providers.base import MachineSpec
+from rawvm.providers.base import Machine, MachineSpec
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.sink import flush
 
 from tests.agent.test_sink import expected, sources, untar
-from tests.bootstrap.test_aws_moto import REGION, MotoServer, session
+from tests.bootstrap.test_aws_moto import ACCOUNT, REGION, MotoServer, record_params, session
+from tests.bootstrap.test_aws_provider import xml_response
 
 pytestmark = pytest.mark.slow  # starts a moto server
 
@@ -76,6 +80,60 @@ def test_setup_makes_a_private_bucket_whose_objects_expire(provider: AwsProvider
     assert provider.setup()[2] is False  # idempotent
 
 
+def test_setup_denies_plain_http_and_encrypts_at_rest(provider: AwsProvider) -> None:
+    provider.setup()
+    s3 = provider.client("s3", REGION)
+    (rule,) = s3.get_bucket_encryption(Bucket=BUCKET)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    policy = json.loads(s3.get_bucket_policy(Bucket=BUCKET)["Policy"])
+    denies = {json.dumps(st["Condition"], sort_keys=True): st for st in policy["Statement"]}
+    plain = denies[json.dumps({"Bool": {"aws:SecureTransport": "false"}})]
+    assert plain["Effect"] == "Deny" and plain["Principal"] == "*" and plain["Action"] == "s3:*"
+    assert sorted(plain["Resource"]) == [f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]
+    assert denies[json.dumps({"NumericLessThan": {"s3:TlsVersion": "1.2"}})]["Effect"] == "Deny"
+
+
+def test_every_s3_call_names_the_expected_bucket_owner(provider: AwsProvider, state_dir: Path, tmp_path: Path) -> None:
+    """A bucket of the predictable name made first by another account must be refused by S3 itself, on
+    every call: setup, staging (the transfer manager's calls too), listing, fetching, deleting. Presigned
+    GETs cannot carry it (a signed header the agent would have to send); their bytes are sha256-checked."""
+    log = record_params(provider.client("s3", REGION))
+    provider.setup()
+    payload = tmp_path / "pylock.toml"
+    payload.write_bytes(b"x" * 100)
+    provider.stage("c1", [("pylock.toml", payload)])
+    asyncio.run(flush(provider.stager().sink_url("c1", "m1"), sources(state_dir), label="c1-m1"))
+    assert provider.fetch_sink("c1", tmp_path / "sink") == 1
+    assert provider.stager().delete_files("c1") == 1
+    made = {name for name, _, presigned in log.calls if not presigned}
+    assert {"HeadBucket", "PutBucketPolicy", "PutBucketEncryption", "PutObject", "HeadObject"} <= made
+    assert {"ListObjectsV2", "GetObject", "DeleteObjects", "PutBucketLifecycleConfiguration"} <= made
+    for name, params, presigned in log.calls:
+        if presigned or name == "CreateBucket":  # CreateBucket takes no owner: the bucket is not there yet
+            assert "ExpectedBucketOwner" not in params, name
+        else:
+            assert params.get("ExpectedBucketOwner") == ACCOUNT, name
+    presigned_get = next(p for n, p, presigned in log.calls if presigned and n == "GetObject")
+    assert presigned_get["Key"] == "clusters/c1/files/pylock.toml"
+
+
+def test_a_bucket_of_another_account_is_one_clear_line(provider: AwsProvider, tmp_path: Path) -> None:
+    """S3 answers ExpectedBucketOwner of another account with a bare 403 (moto does not check the owner, so
+    the answer is injected at the HTTP boundary)."""
+    provider.client("s3", REGION).meta.events.register(
+        "before-send.s3.HeadBucket", lambda request, **kw: xml_response(request, 403, b"")
+    )
+    taken = f"the staging bucket {BUCKET} belongs to another AWS account: choose another with rawvm setup aws --bucket"
+    with pytest.raises(RawvmError) as info:
+        provider.setup()
+    assert str(info.value) == taken
+    payload = tmp_path / "f"
+    payload.write_text("x")
+    with pytest.raises(RawvmError) as info:
+        provider.stage("c1", [("f", payload)])
+    assert str(info.value) == taken
+
+
 def test_staged_files_come_back_byte_exact_over_presigned_get(provider: AwsProvider, tmp_path: Path) -> None:
     provider.setup()
     payload = tmp_path / "pylock.toml"
@@ -120,38 +178,54 @@ def test_sink_put_url_is_sigv4_and_signs_no_content_type(provider: AwsProvider, 
     assert untar(blob)[1] == expected(state_dir)
 
 
-def test_machines_sharing_one_presigned_post_each_land_their_own_object(
+def test_each_machine_gets_its_own_presigned_post_for_its_own_keys_only(
     provider: AwsProvider, state_dir: Path, tmp_path: Path
 ) -> None:
-    """Every EC2 machine of a cluster gets the same agent.toml; with the cluster's presigned POST each
-    agent's flush becomes its own object under the cluster's sink prefix, intact."""
+    """Nothing about the sink is in the agent.toml every EC2 machine shares; each machine is handed its own
+    presigned POST (``sink_form_for``), whose policy names that machine's key prefix only and expires once its
+    backstop has powered it off. Each agent's flush becomes its own object under its own prefix, intact."""
     provider.setup()
     spec = MachineSpec(
         cluster="c1", request=MachineRequest(n=2), agent=AgentConfig(sink=provider.sink_url("c1")), agent_wheel=Path()
     )
     config = provider.machine_config(spec)
-    assert config.sink == provider.sink_url("c1") and config.sink_form["key"] == "clusters/c1/sink/${filename}"
-    policy = json.loads(base64.b64decode(config.sink_form["policy"]))
-    assert ["starts-with", "$key", "clusters/c1/sink/"] in policy["conditions"]
-    assert any(c[0] == "content-length-range" for c in policy["conditions"] if isinstance(c, list))
+    assert config.sink == "" and config.sink_form == {}
+    launched, lifetime = time.time() - 600, 3600.0
+    posts = {
+        mid: provider.sink_form_for("c1", Machine(mid, "aws", "c1", "", launched_at=launched), lifetime)
+        for mid in ("i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2")
+    }
+    for mid, post in posts.items():
+        assert post is not None and post.fields["key"] == f"clusters/c1/sink/{mid}/${{filename}}"
+        policy = json.loads(base64.b64decode(post.fields["policy"]))
+        key_conditions = [c for c in policy["conditions"] if isinstance(c, list) and c[1] == "$key"]
+        assert key_conditions and all(c == ["starts-with", "$key", f"clusters/c1/sink/{mid}/"] for c in key_conditions)
+        expires = datetime.fromisoformat(policy["expiration"].replace("Z", "+00:00")).timestamp()
+        assert abs(expires - (launched + lifetime + BACKSTOP_GRACE)) < 30
     other = tmp_path / "other-state"
     shutil.copytree(state_dir, other)
     (other / "tasks" / "t1" / "stdout").write_bytes(b"the second machine's output\n")
+    one, two = posts.values()
+    assert one is not None and two is not None
 
     async def both() -> None:
-        await flush(config.sink, sources(state_dir), label="c1-ip-10-0-1-7", form=config.sink_form)
-        await flush(config.sink, sources(other), label="c1-ip-10-0-1-8", form=config.sink_form)
+        await flush(one.url, sources(state_dir), label="c1-ip-10-0-1-7", form=one.fields)
+        await flush(two.url, sources(other), label="c1-ip-10-0-1-8", form=two.fields)
 
     asyncio.run(both())
     s3 = provider.client("s3", REGION)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="clusters/c1/")["Contents"])
-    assert len(keys) == 2 and all(k.startswith("clusters/c1/sink/") and k.endswith(".tar.gz") for k in keys)
+    assert len(keys) == 2 and all(k.endswith(".tar.gz") for k in keys)
     first, second = (s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys)
-    assert keys[0].startswith("clusters/c1/sink/c1-ip-10-0-1-7-") and untar(first) == (
+    assert keys[0].startswith("clusters/c1/sink/i-0aaaaaaaaaaaaaaa1/c1-ip-10-0-1-7-") and untar(first) == (
         {keys[0].rsplit("/", 1)[1].removesuffix(".tar.gz")},
         expected(state_dir),
     )
-    assert keys[1].startswith("clusters/c1/sink/c1-ip-10-0-1-8-") and untar(second)[1] == expected(other)
+    assert keys[1].startswith("clusters/c1/sink/i-0aaaaaaaaaaaaaaa2/c1-ip-10-0-1-8-") and untar(second)[1] == expected(
+        other
+    )
+    gone = Machine("i-0old", "aws", "c1", "", launched_at=time.time() - lifetime - BACKSTOP_GRACE - 1)
+    assert provider.sink_form_for("c1", gone, lifetime) is None  # its backstop has powered it off
 
 
 def test_machine_config_leaves_another_sink_alone(provider: AwsProvider) -> None:
@@ -172,7 +246,7 @@ def test_presigned_urls_use_the_regional_endpoint_and_sigv4(region: str, tmp_pat
     real = AwsProvider(region, "rawvm-staging-123456789012", session=session(), config_path=tmp_path / "aws.toml")
     stager = real.stager()
     put = urlsplit(stager.sink_url("c1", "m1"))
-    post_url, fields = stager.sink_post("c1")
+    post_url, fields = stager.sink_post("c1", "i-0abc", 3600)
     assert put.netloc == urlsplit(post_url).netloc == f"rawvm-staging-123456789012.s3.{region}.amazonaws.com"
     assert parse_qs(put.query)["X-Amz-Credential"][0].endswith(f"/{region}/s3/aws4_request")
     assert fields["x-amz-algorithm"] == "AWS4-HMAC-SHA256"

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from rawvm import clusters, session
+from rawvm import clusters, session, sinks
 from rawvm.batches import array as batches
 from rawvm_agent.batch import share_of
 
@@ -106,7 +106,7 @@ def wait_status(env: dict[str, str], cluster: str, ok: Any, timeout: float = 120
 def flushed_results(cluster: str) -> dict[str, dict[int, dict[str, Any]]]:
     """Each machine's results as its flushes to the sink hold them."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in batches.record_path(cluster).parent.glob(f"{cluster}-*/batch/results/*.json"):
+    for path in sinks.sink_dir(cluster).glob(f"{cluster}-*/batch/results/*.json"):
         result = json.loads(path.read_text())
         out.setdefault(result["machine"], {})[result["id"]] = result
     return out

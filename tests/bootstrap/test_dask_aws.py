@@ -32,8 +32,8 @@ def test_the_clusters_ec2_launch_opens_scheduler_and_dashboard_to_the_caller_onl
     monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
     with MotoServer() as moto:
         provider = make_provider(moto, tmp_path)
-        monkeypatch.setattr(launching, "get_provider", lambda name, **options: provider)
-        monkeypatch.setattr(session, "get_provider", lambda name, **options: provider)  # 'down' finds it too
+        for module in (launching, session):  # where a launch, and then 'down', find their provider
+            monkeypatch.setattr(module, "get_provider", lambda name, **options: provider)
         launch = launch_options(provider="aws", cpu=2, region=REGION, source="requirements.txt")
         options = DaskOptions(name="dask-moto", launch=launch)
         fleet = Fleet(options, tmp_path / "state" / "dask" / "dask-moto")

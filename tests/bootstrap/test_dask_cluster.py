@@ -23,13 +23,14 @@ from rawvm import launch as launching
 from rawvm.api import dask_cluster
 from rawvm.dask.options import check_environment, idle_split
 from rawvm.dask.procs import (
+    DASHBOARD_PRELOAD,
     TLS_DIR,
     SchedulerPlace,
     scheduler_command,
     tls_archive,
     worker_tasks,
 )
-from rawvm.dask.tls import make_cluster_tls
+from rawvm.dask.tls import TlsFiles, make_cluster_tls
 from rawvm.errors import UsageError
 from rawvm_agent.install import parse_manifest, sha256_file, unpack_code
 
@@ -47,7 +48,8 @@ def test_scheduler_listens_with_tls_only_and_closes_when_idle() -> None:
     assert argv[argv.index("--protocol") + 1] == "tls"
     assert argv[argv.index("--idle-timeout") + 1] == "45s"
     assert argv[argv.index("--tls-key") + 1] == f"{TLS_DIR}/node.key"
-    assert argv[argv.index("--preload") + 1] == f"{TLS_DIR}/idle.py"
+    preloads = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--preload"]
+    assert preloads == [f"{TLS_DIR}/idle.py", f"{TLS_DIR}/dashboard.py"]
 
 
 def test_a_cpu_machine_gets_one_worker_with_a_thread_per_core() -> None:
@@ -93,7 +95,7 @@ def test_the_tls_archive_travels_in_the_bundle_under_the_manifests_sha256(tmp_pa
     with tarfile.open(archive) as tar:  # the laptop's own key never leaves it
         assert sorted(tar.getnames()) == [
             TLS_DIR,
-            *(f"{TLS_DIR}/{n}" for n in ("ca.pem", "idle.py", "node.key", "node.pem")),
+            *(f"{TLS_DIR}/{n}" for n in ("ca.pem", "dashboard.py", "idle.py", "node.key", "node.pem")),
         ]
 
 
@@ -149,17 +151,55 @@ def wait_gone(tmp: Path, seconds: float) -> list[psutil.Process]:
     return leftovers(tmp)
 
 
-def dashboard_is_https_only(link: str, ca: Path) -> None:
+def dashboard_is_https_only(link: str, tls: TlsFiles) -> None:
+    """The dashboard answers HTTPS with the cluster's CA to a client with the cluster's certificate, and refuses
+    a client without one and plain HTTP."""
     import ssl
     import urllib.request
 
     health = link.replace("/status", "/health")
-    context = ssl.create_default_context(cafile=str(ca))
+    context = ssl.create_default_context(cafile=str(tls.ca))
     context.check_hostname = False  # as Dask itself: the CA is the identity, not a host name
+    anonymous = ssl.create_default_context(cafile=str(tls.ca))
+    anonymous.check_hostname = False
+    context.load_cert_chain(tls.client_cert, tls.client_key)
     with urllib.request.urlopen(health, context=context, timeout=10) as answer:
         assert answer.read() == b"ok"
+    with pytest.raises(OSError):  # TLS without the client certificate: the handshake fails
+        urllib.request.urlopen(health, context=anonymous, timeout=10).read()
     with pytest.raises(OSError):  # plain HTTP on the same port: the TLS server drops it
         urllib.request.urlopen(health.replace("https://", "http://"), timeout=10).read()
+
+
+async def test_the_dashboard_preload_requires_the_clusters_client_certificate(tmp_path: Path) -> None:
+    """A real Dask scheduler, in process, configured as on a machine (the dashboard's TLS settings, the preload):
+    Dask alone would serve the dashboard to any TLS client."""
+    import asyncio
+
+    import dask
+    from distributed import Scheduler
+
+    tls = make_cluster_tls("c1", tmp_path / "tls")
+    preload = tmp_path / "dashboard.py"
+    preload.write_text(DASHBOARD_PRELOAD)
+    security = Security(
+        tls_ca_file=str(tls.ca),
+        tls_scheduler_cert=str(tls.node_cert),
+        tls_scheduler_key=str(tls.node_key),
+        require_encryption=True,
+    )
+    dashboard = {"ca-file": str(tls.ca), "cert": str(tls.node_cert), "key": str(tls.node_key)}
+    with dask.config.set({"distributed.scheduler.dashboard.tls": dashboard}):
+        async with Scheduler(
+            protocol="tls",
+            host="127.0.0.1",
+            port=0,
+            dashboard_address="127.0.0.1:0",
+            security=security,
+            preload=[str(preload)],
+        ) as scheduler:
+            link = f"https://127.0.0.1:{scheduler.http_server.port}/status"
+            await asyncio.to_thread(dashboard_is_https_only, link, tls)
 
 
 def running_machines(cluster: object) -> int:
@@ -202,7 +242,7 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
     try:
         assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         assert cluster.dashboard_link.startswith("https://127.0.0.1:")
-        dashboard_is_https_only(cluster.dashboard_link, cluster.fleet.tls.ca)
+        dashboard_is_https_only(cluster.dashboard_link, cluster.fleet.tls)
         with Client(cluster) as client:
             client.wait_for_workers(3, timeout=120)
             names = sorted(w["name"] for w in client.scheduler_info()["workers"].values())

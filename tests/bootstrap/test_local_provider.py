@@ -170,9 +170,9 @@ async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
     """A bundle file whose sha256 does not match: the agent refuses it, the front door says so, and the machine
     still stops after its keepalive."""
     import aiohttp
-    from rawvm import session
     from rawvm.errors import RawvmError
     from rawvm.progress import PlainProgress
+    from rawvm.session import wait_ready as wait_all_ready
     from rawvm_agent.config import BundleConfig, BundleFile
 
     manifest = tmp_path / "rawvm-env.toml"
@@ -186,6 +186,6 @@ async def test_a_failed_install_is_one_clear_error_and_the_machine_still_stops(
     async with aiohttp.ClientSession() as http:
         clients = {"m0": AgentClient.for_cluster(record, machine.agent_url, session=http)}
         with pytest.raises(RawvmError, match=r"machine m0 of c4 is failed: .*sha256"):
-            await asyncio.wait_for(session.wait_ready(clients, provider, record, PlainProgress(progress)), 60)
+            await asyncio.wait_for(wait_all_ready(clients, provider, record, PlainProgress(progress)), 60)
     assert "rawvm: m0 failed" in progress.getvalue()
     wait_gone(Path(machine.details["dir"]))

@@ -82,6 +82,7 @@ def test_a_stopped_qemu_machines_output_comes_back_from_its_sink(
     # The agent PUTs <sink prefix><machine>.tar.gz (the guest's 10.0.2.2 is this host's loopback) under its
     # label, cluster-machine_id (rawvm_agent.app.sink_label).
     url = qemu.sink_url("c1").replace("http://10.0.2.2:", "http://127.0.0.1:") + f"{machine_id}.tar.gz"
+    (qemu.cluster_dir("c1") / "machines" / machine_id).mkdir(parents=True)  # launched: its flush is expected
     asyncio.run(flush(url, agent_state(tmp_path / "agent", b"hello from the qemu guest\n"), label=f"c1-{machine_id}"))
     assert (qemu.cluster_dir("c1") / "sink" / f"{machine_id}.tar.gz").is_file()
 
@@ -151,11 +152,12 @@ def test_stopped_ec2_machines_output_comes_back_from_s3_per_machine(
     aws: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     provider = AwsProvider(**aws)  # type: ignore[arg-type]
-    url, form = provider.sink_post("c3")
 
     async def two_machines_stop() -> None:
-        # One agent.toml for the cluster: each agent labels its flush with its host name.
+        # One agent.toml for the cluster: each agent labels its flush with its host name, and POSTs it with the
+        # form handed to it alone (its instance's key prefix).
         for host, text in (("ip-10-0-1-7", b"output of one\n"), ("ip-10-0-1-8", b"output of two\n")):
+            url, form = provider.sink_post("c3", f"i-{host}", 3600)
             await flush(url, agent_state(tmp_path / host, text), label=f"c3-{host}", form=form)
 
     asyncio.run(two_machines_stop())

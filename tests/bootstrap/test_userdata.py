@@ -39,6 +39,8 @@ _AUTHORITY = Authority("rawvm agent CA test", datetime.timedelta(hours=1))
 CHANNEL = ServerCredentials(_AUTHORITY.cert_pem, *_AUTHORITY.issue("rawvm agent test", ["server", "client"]))
 WHEEL_URL = "http://10.0.2.2:8123/rawvm_agent-0.1.0-py3-none-any.whl?sig=a&b=c"
 WHEEL_SHA = "ab" * 32
+REQUIREMENTS_URL = "http://10.0.2.2:8123/cap/files/agent/agent-requirements.txt"
+REQUIREMENTS_SHA = "9a" * 32
 UV = UvWheel(
     version="0.13.9",
     x86_64=UvArtifact("uv-0.13.9-x86_64.whl", "https://files.example/uv-x86_64.whl", "11" * 32),
@@ -70,7 +72,13 @@ def _config(**overrides: Any) -> AgentConfig:
 
 
 def _render(config: AgentConfig | None = None, **kwargs: Any) -> str:
-    options: dict[str, Any] = {"agent_wheel_url": WHEEL_URL, "agent_wheel_sha256": WHEEL_SHA, "uv_wheel": UV}
+    options: dict[str, Any] = {
+        "agent_wheel_url": WHEEL_URL,
+        "agent_wheel_sha256": WHEEL_SHA,
+        "agent_requirements_url": REQUIREMENTS_URL,
+        "agent_requirements_sha256": REQUIREMENTS_SHA,
+        "uv_wheel": UV,
+    }
     return render_user_data(config or _config(), channel=CHANNEL, **(options | kwargs))
 
 
@@ -287,10 +295,42 @@ def test_no_backstop_when_disabled() -> None:
     assert "/etc/systemd/system/rawvm-agent.service" in files
 
 
+def test_the_agents_dependencies_install_only_from_the_checked_hashed_file() -> None:
+    """Root installs them at boot: the requirements file is fetched and sha256-checked like the wheel, every
+    artifact must match one of its hashes and be a wheel, and the agent wheel then adds no dependency."""
+    script = _files(_render())[BOOTSTRAP_SCRIPT]["content"]
+    lines = script.splitlines()
+    fetch = f"fetch {REQUIREMENTS_URL} /opt/rawvm/wheels/agent-requirements.txt {REQUIREMENTS_SHA}"
+    assert fetch in lines
+    installs = [line for line in lines if line.startswith("uv pip install")]
+    assert len(installs) == 2
+    deps, agent = installs
+    assert "--require-hashes --only-binary :all: -r /opt/rawvm/wheels/agent-requirements.txt" in deps
+    assert agent.endswith("--no-deps /opt/rawvm/wheels/rawvm_agent-0.1.0-py3-none-any.whl")
+    assert lines.index(fetch) < lines.index(deps) < lines.index(agent)
+    assert script.index("set -eu") < script.index(fetch)  # a failed check stops the script (and powers off)
+
+
 def test_bad_inputs_are_clear_errors() -> None:
-    with pytest.raises(UsageError, match="sha256"):
+    with pytest.raises(UsageError, match="agent wheel sha256"):
         render_user_data(
-            _config(), channel=CHANNEL, agent_wheel_url=WHEEL_URL, agent_wheel_sha256="nothex", uv_wheel=UV
+            _config(),
+            channel=CHANNEL,
+            agent_wheel_url=WHEEL_URL,
+            agent_wheel_sha256="nothex",
+            agent_requirements_url=REQUIREMENTS_URL,
+            agent_requirements_sha256=REQUIREMENTS_SHA,
+            uv_wheel=UV,
+        )
+    with pytest.raises(UsageError, match="agent requirements sha256"):
+        render_user_data(
+            _config(),
+            channel=CHANNEL,
+            agent_wheel_url=WHEEL_URL,
+            agent_wheel_sha256=WHEEL_SHA,
+            agent_requirements_url=REQUIREMENTS_URL,
+            agent_requirements_sha256="",
+            uv_wheel=UV,
         )
     with pytest.raises(UsageError, match=r"\*\.whl"):
         wheel_filename("https://host/download?id=3")
@@ -359,7 +399,18 @@ def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) ->
     wheel = tmp_path / "rawvm_agent-0.1.0-py3-none-any.whl"
     wheel.write_bytes(b"agent wheel bytes")
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    text = _render(agent_wheel_url=wheel.as_uri(), agent_wheel_sha256=sha, uv_wheel=find_uv_wheel(), backstop=False)
+    requirements = tmp_path / "agent-requirements.txt"
+    requirements.write_text("msgpack==1.1.0 --hash=sha256:" + "0" * 64 + "\n")
+    text = render_user_data(
+        _config(),
+        channel=CHANNEL,
+        agent_wheel_url=wheel.as_uri(),
+        agent_wheel_sha256=sha,
+        agent_requirements_url=requirements.as_uri(),
+        agent_requirements_sha256=hashlib.sha256(requirements.read_bytes()).hexdigest(),
+        uv_wheel=find_uv_wheel(),
+        backstop=False,
+    )
     script = _files(text)[BOOTSTRAP_SCRIPT]["content"].split("\nuv venv")[0]
     moved = (
         script.replace("/usr/local/bin", str(tmp_path / "bin"))
@@ -374,6 +425,7 @@ def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) ->
     version = subprocess.run([str(tmp_path / "bin" / "uv"), "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.startswith("uv ")
     assert (tmp_path / "opt" / "wheels" / wheel.name).read_bytes() == b"agent wheel bytes"
+    assert (tmp_path / "opt" / "wheels" / "agent-requirements.txt").read_bytes() == requirements.read_bytes()
 
     (tmp_path / "run.sh").write_text(moved.replace(sha, "0" * 64))
     failed = subprocess.run(["sh", str(tmp_path / "run.sh")], capture_output=True, text=True, timeout=600)

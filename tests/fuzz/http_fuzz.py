@@ -29,6 +29,8 @@ ENDPOINTS = [
     ("GET", "/v1/tasks/{id}/logs"),
     ("POST", "/v1/keepalive"),
     ("POST", "/v1/shutdown"),
+    ("GET", "/v1/batch/results"),
+    ("GET", "/v1/calls"),
 ]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "get", "BREW", "M" * 40]
 QUERY_KEYS = ["after", "limit", "offset", "stream", "follow", "x", "", "a[b]", "%00"]
@@ -53,6 +55,14 @@ QUERY_VALUES = [
     "0x10",
     "3.5",
     "-0",
+    # What int() or str.isdigit() take but an HTTP client should not send (``after=\u00b2`` was a 500).
+    "\u00b2",
+    "\u0661\u0662",
+    "\uff19",
+    "1_0",
+    "+1",
+    " 1",
+    "nan",
 ]
 
 

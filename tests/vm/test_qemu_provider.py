@@ -63,10 +63,32 @@ def test_staged_files_are_served_to_the_guest_address_and_the_sink_receives(
         assert response.read() == source.read_bytes()
 
     sink = provider.sink_url("c1")
+    (provider.cluster_dir("c1") / "machines" / "m1").mkdir(parents=True)  # as launch makes it before the VM starts
     request = urllib.request.Request(_on_host(sink) + "m1.tar.gz", data=b"logs", method="PUT")
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.status == 201
     assert (provider.cluster_dir("c1") / "sink" / "m1.tar.gz").read_bytes() == b"logs"
+
+
+def test_the_stager_wants_its_capability_and_takes_only_launched_machines_flushes(
+    provider: QemuProvider, tmp_path: Path
+) -> None:
+    source = tmp_path / "node.key"
+    source.write_text("secret")
+    url = _on_host(provider.stage("c1", [("node.key", source)])["node.key"])
+    server = provider.cluster_dir("c1") / "server.json"
+    capability = json.loads(server.read_text())["capability"]
+    assert f"/{capability}/files/node.key" in url and len(capability) >= 32
+    assert server.stat().st_mode & 0o777 == 0o600 and provider.cluster_dir("c1").stat().st_mode & 0o777 == 0o700
+    for guessed in (url.replace(f"/{capability}", ""), url.replace(capability, capability[::-1])):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(guessed, timeout=10)
+        assert info.value.code == 404 and info.value.read() == b""
+    forged = urllib.request.Request(_on_host(provider.sink_url("c1")) + "m9.tar.gz", data=b"forged", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(forged, timeout=10)
+    assert info.value.code == 403
+    assert not (provider.cluster_dir("c1") / "sink" / "m9.tar.gz").exists()
 
 
 def test_staging_refuses_names_that_leave_the_directory(provider: QemuProvider, tmp_path: Path) -> None:

@@ -247,6 +247,11 @@ class AgentClient:
         """Ask the agent to flush to the sink and stop its machine."""
         await self._request("POST", "/v1/shutdown")
 
+    async def hand_sink(self, url: str, fields: Mapping[str, str]) -> None:
+        """Give the agent its own sink upload form (``PUT /v1/sink``): a presigned POST for this machine's keys.
+        The form is as good as a credential until it expires: it travels only in this request's body."""
+        await self._request("PUT", "/v1/sink", json={"url": url, "fields": dict(fields)})
+
     # -- telemetry ----------------------------------------------------------------------------------------------
 
     async def samples(self, *, after: int = -1, limit: int = 1) -> list[dict[str, Any]]:

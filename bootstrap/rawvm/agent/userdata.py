@@ -7,8 +7,9 @@ One ``#cloud-config`` document, rendered with PyYAML, boots EC2 and the local qe
    TLS, from before the bundle is installed, so the bundle cannot carry them), extra CA certificates, the agent's
    systemd units, and ``/opt/rawvm/bootstrap.sh``;
 2. ``runcmd`` runs the script: backstop shutdown and dead-man units first (a hung install is still bounded), CA
-   trust, uv from its wheel by exact URL + sha256, the agent venv, the agent wheel (sha256-checked), then the
-   agent service.
+   trust, uv from its wheel by exact URL + sha256, the agent venv, the agent's dependencies from its hashed
+   requirements file (sha256-checked, installed with ``--require-hashes``: nothing is resolved at boot), the
+   agent wheel (sha256-checked, ``--no-deps``), then the agent service.
    If any step fails the machine powers off: a failed bootstrap must not keep billing.
 
 CA certificates go to ``/usr/local/share/ca-certificates`` (so any later ``update-ca-certificates`` keeps them)
@@ -44,6 +45,7 @@ AGENT_TLS_DIR = "/etc/rawvm/tls"
 AGENT_VENV = "/opt/rawvm/agent"
 AGENT_COMMAND = (f"{AGENT_VENV}/bin/rawvm-agent",)
 BOOTSTRAP_SCRIPT = "/opt/rawvm/bootstrap.sh"
+AGENT_REQUIREMENTS = "/opt/rawvm/wheels/agent-requirements.txt"
 AGENT_UNIT = "rawvm-agent.service"
 CA_DIR = "/usr/local/share/ca-certificates"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # what OpenSSL, Python and uv --native-tls read
@@ -149,6 +151,8 @@ def _install_script(
     *,
     agent_wheel_url: str,
     agent_wheel_sha256: str,
+    agent_requirements_url: str,
+    agent_requirements_sha256: str,
     uv_wheel: UvWheel,
     trust_system_store: bool,
     backstop: bool,
@@ -187,6 +191,7 @@ def _install_script(
         'fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
         _UNPACK_UV.rstrip("\n"),
         f"fetch {q(agent_wheel_url)} {q(wheel_path)} {agent_wheel_sha256}",
+        f"fetch {q(agent_requirements_url)} {AGENT_REQUIREMENTS} {agent_requirements_sha256}",
     ]
     install = agent_config.install
     if install.index_url:
@@ -196,7 +201,11 @@ def _install_script(
     lines += [
         f"uv venv --quiet --python python3 {AGENT_VENV}",
         # Bytecode now, not at the agent's first start: pynvml's import alone costs ~13 MB more without it.
-        f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python {q(wheel_path)}",
+        # Root installs these: every artifact must match a hash of the file checked above, and only wheels
+        # (an sdist would fetch an unpinned build backend); the agent wheel itself brings no dependency.
+        f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python"
+        f" --require-hashes --only-binary :all: -r {AGENT_REQUIREMENTS}",
+        f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python --no-deps {q(wheel_path)}",
         'rm -rf "$WORK"',
         "systemctl daemon-reload",
         f"systemctl enable --now {AGENT_UNIT}",
@@ -210,12 +219,15 @@ def render_user_data(
     channel: ServerCredentials,
     agent_wheel_url: str,
     agent_wheel_sha256: str,
+    agent_requirements_url: str,
+    agent_requirements_sha256: str,
     uv_wheel: UvWheel,
     extra_ca_certs: Sequence[Path] = (),
     backstop: bool = True,
 ) -> str:
     """The ``#cloud-config`` document for one machine (see the module docstring for what it does)."""
     _check_sha256(agent_wheel_sha256, "agent wheel")
+    _check_sha256(agent_requirements_sha256, "agent requirements")
     agent_config = channel.configure(without_token(agent_config), AGENT_TLS_DIR)
     files: list[dict[str, Any]] = [
         {
@@ -247,6 +259,8 @@ def render_user_data(
         agent_config,
         agent_wheel_url=agent_wheel_url,
         agent_wheel_sha256=agent_wheel_sha256,
+        agent_requirements_url=agent_requirements_url,
+        agent_requirements_sha256=agent_requirements_sha256,
         uv_wheel=uv_wheel,
         trust_system_store=bool(certs) or agent_config.install.native_tls,
         backstop=backstop,

@@ -1,8 +1,10 @@
 """The rawvm-agent wheel every machine installs.
 
 From a workspace checkout the wheel is built from the agent's source with ``uv build`` (hatchling, with
-``SOURCE_DATE_EPOCH`` fixed so the same source gives the same bytes) and cached by a hash of that source.
-From an installed (non-workspace) rawvm the wheel is re-packed from the installed distribution's RECORD.
+``SOURCE_DATE_EPOCH`` fixed so the same source gives the same bytes) and cached by a hash of that source and
+the workspace lock. From an installed (non-workspace) rawvm the wheel is re-packed from the installed
+distribution's RECORD. Either way ``agent-requirements.txt`` (``rawvm.agent.requirements``: the agent's
+dependencies pinned with sha256 hashes) is made and cached beside the wheel, and travels with it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import hashlib
 import io
 import os
 import shutil
-import subprocess
 import tempfile
 import tomllib
 import zipfile
@@ -23,14 +24,15 @@ from pathlib import Path
 
 import rawvm_agent
 
+from rawvm.agent import requirements
 from rawvm.errors import RawvmError
 
-DISTRIBUTION = "rawvm-agent"
+DISTRIBUTION = requirements.DISTRIBUTION
 # 1980-01-01, the earliest time a zip entry can hold: no build time leaks into the wheel.
 SOURCE_DATE_EPOCH = "315532800"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 # Bump when the way wheels are made changes, so cached wheels are rebuilt.
-_BUILDER_VERSION = "1"
+_BUILDER_VERSION = "2"  # 2: agent-requirements.txt beside the wheel
 _SKIP_DIRS = {"__pycache__", "dist", "build", ".venv", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 
 
@@ -65,42 +67,54 @@ def source_files(project: Path) -> list[Path]:
 
 
 def source_hash(project: Path) -> str:
+    """What the cached wheel and its requirements are made from: the agent's files and the workspace lock."""
     digest = hashlib.sha256(f"rawvm-agent-wheel {_BUILDER_VERSION}\n".encode())
-    for path in source_files(project):
-        digest.update(path.relative_to(project).as_posix().encode() + b"\0")
+    lock = project.parent / "uv.lock"
+    for path in [*source_files(project), *([lock] if lock.is_file() else [])]:
+        name = "../uv.lock" if path == lock else path.relative_to(project).as_posix()
+        digest.update(name.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
 
 
 def build_agent_wheel(out_dir: Path | None = None) -> Path:
-    """Path of the rawvm-agent wheel (built or re-packed, cached); copied into ``out_dir`` when given."""
+    """Path of the rawvm-agent wheel (built or re-packed, cached), with ``agent-requirements.txt`` beside it
+    (``requirements.requirements_path``); both copied into ``out_dir`` when given."""
     project = agent_source_dir()
     if project is not None:
-        wheel = _cached(f"src-{source_hash(project)}", lambda tmp: _uv_build(project, tmp))
+        wheel = _cached(
+            f"src-{source_hash(project)}",
+            lambda tmp: _uv_build(project, tmp),
+            lambda _wheel, out: requirements.export_locked(project, out),
+        )
     else:
         dist = metadata.distribution(DISTRIBUTION)
         key = f"dist-{dist.version}-{_record_hash(dist)}"
-        wheel = _cached(key, lambda tmp: repack_installed(dist, tmp))
+        wheel = _cached(key, lambda tmp: repack_installed(dist, tmp), requirements.compile_for)
     if out_dir is None:
         return wheel
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / wheel.name
-    if not target.exists() or target.read_bytes() != wheel.read_bytes():
-        shutil.copyfile(wheel, target)
-    return target
+    for source in (wheel, requirements.requirements_path(wheel)):
+        target = out_dir / source.name
+        if not target.exists() or target.read_bytes() != source.read_bytes():
+            shutil.copyfile(source, target)
+    return out_dir / wheel.name
 
 
-def _cached(key: str, build: Callable[[Path], Path]) -> Path:
+def _cached(key: str, build: Callable[[Path], Path], pin: Callable[[Path, Path], None]) -> Path:
+    """The slot's wheel, made by ``build`` (in a scratch dir) and ``pin`` (its requirements) when missing."""
     slot = cache_dir() / "agent-wheels" / key
     existing = sorted(slot.glob("*.whl")) if slot.is_dir() else []
-    if existing:
+    if existing and requirements.requirements_path(existing[0]).is_file():
         return existing[0]
     slot.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=slot.parent, prefix=f".{key}-") as tmp:
         wheel = build(Path(tmp))
         staged = Path(tmp) / "slot"
         staged.mkdir()
-        wheel.rename(staged / wheel.name)
+        wheel = wheel.rename(staged / wheel.name)
+        pin(wheel, requirements.requirements_path(wheel))
+        requirements.check(requirements.requirements_path(wheel), wheel)
         try:
             staged.rename(slot)  # atomic: a concurrent build of the same key simply loses the race
         except OSError:
@@ -112,15 +126,8 @@ def _cached(key: str, build: Callable[[Path], Path]) -> Path:
 def _uv_build(project: Path, tmp: Path) -> Path:
     out = tmp / "out"
     env = {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
-    uv = os.environ.get("UV", "uv")
-    cmd = [uv, "build", "--wheel", "--quiet", "--out-dir", str(out), str(project)]
-    try:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise RawvmError("uv not found: install uv (https://docs.astral.sh/uv/) to build the agent wheel") from None
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RawvmError(f"building the rawvm-agent wheel failed: {tail[0]}")
+    cmd = ["build", "--wheel", "--quiet", "--out-dir", str(out), str(project)]
+    requirements.run_uv(cmd, "building the rawvm-agent wheel", env=env)
     wheels = sorted(out.glob("*.whl"))
     if len(wheels) != 1:
         raise RawvmError(f"building the rawvm-agent wheel gave {len(wheels)} wheels in {out}, expected 1")

@@ -2,8 +2,9 @@
 
 The one launch path (``rawvm.launch.launch``) with the batch spec staged beside the bundle and named in every
 machine's agent.toml: each machine runs its static share by itself, so a detached batch still completes. On
-this host the batch record (spec, rounds, launch options) lives beside the cluster's flushes in
-``sinks.sink_dir(cluster)/batch.json``, so status and logs work after the machines and the cluster record are gone.
+this host the batch record (spec, rounds, launch options) lives in the cluster's laptop-only records
+(``files.records_dir(cluster)/batch.json``, never beside the flushes machines send), so status and logs work after
+the machines and the cluster record are gone.
 
 A task with no result is ``lost`` once the machine that held it is gone; ``retry`` reruns exactly the lost and
 failed ids on fresh machines of the same cluster (a new round).
@@ -32,11 +33,11 @@ from rawvm.batches import plan as batch_plan
 from rawvm.batches.results import BatchStatus, newest, sink_results, sink_task_dir
 from rawvm.commands import down
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import sha256_file
+from rawvm.files import records_dir, sha256_file, write_private_json
 from rawvm.launch import LaunchExtras, launch
 from rawvm.options import LaunchOptions, check_command, parse_duration_flag
 from rawvm.providers.base import Provider
-from rawvm.session import Launched, provider_of, run_sync, say
+from rawvm.session import Launched, StreamWriter, provider_of, run_sync, say
 
 SPEC_FILE = "rawvm-batch.json"
 RECORD_FILE = "batch.json"
@@ -71,26 +72,29 @@ class BatchRecord:
 
 
 def record_path(cluster: str) -> Path:
-    return sinks.sink_dir(cluster) / RECORD_FILE
+    """The batch record: in the cluster's laptop-only records (0700), never beside its flushes, which machines
+    make: a flush cannot replace the argv or launch options a retry runs."""
+    return records_dir(cluster) / RECORD_FILE
 
 
 def save_record(record: BatchRecord) -> None:
-    path = record_path(record.cluster)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(record), sort_keys=True))
-    tmp.replace(path)
+    write_private_json(record_path(record.cluster), dataclasses.asdict(record))
 
 
 def load_record(cluster: str) -> BatchRecord:
+    """The batch record, its spec and launch options checked as when they were made (a damaged or edited record
+    is refused, not half-used)."""
     name = clusters.check_name(cluster)
     try:
         raw = json.loads(record_path(name).read_text())
-        return BatchRecord(**raw)
+        record = BatchRecord(**raw)
+        BatchSpec.from_json(record.spec)
+        LaunchOptions.from_json(record.launch)
     except FileNotFoundError:
         raise RawvmError(f"no batch named {cluster!r} here: see 'rawvm ls'") from None
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, UsageError) as exc:
         raise RawvmError(f"the batch record of {cluster!r} ({record_path(name)}) is damaged: {exc}") from None
+    return record
 
 
 # -- results: from the sink and from live agents ------------------------------------------------------------
@@ -198,22 +202,23 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
         say(f"task {task} ({st.states[task]}): its machine has gone and its output is not in the sink")
         return 1
     for stream, dest in (("stdout", out), ("stderr", err)):
+        writer = StreamWriter(dest, "")  # as the live output: decoded, without control sequences
         with contextlib.suppress(FileNotFoundError):
-            dest.write((task_dir / stream).read_bytes().decode("utf-8", errors="replace"))
-            dest.flush()
+            writer.write((task_dir / stream).read_bytes())
+        writer.close()
     return 0
 
 
 async def _live_logs(record: clusters.ClusterRecord, url: str, agent_task: str, out: TextIO, err: TextIO) -> None:
     async with AgentClient.for_cluster(record, url) as client:
         for stream, dest in (("stdout", out), ("stderr", err)):
-            offset = 0
+            writer, offset = StreamWriter(dest, ""), 0
             while True:
                 data, offset = await client.logs(agent_task, stream=stream, offset=offset)
                 if not data:
                     break
-                dest.write(data.decode("utf-8", errors="replace"))
-            dest.flush()
+                writer.write(data)
+            writer.close()
 
 
 # -- run and retry ------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ listen, and the TLS archive every machine unpacks into its work dir.
 Layout: one machine runs ``python -m distributed.cli.dask_scheduler`` (and, when the cluster has no machine of
 its own for it, a worker too), every other machine one worker (a GPU machine one worker per GPU, with dask-cuda
 when the environment has it). Everything speaks TLS with the cluster's CA (``rawvm.dask.tls``): the scheduler's
-port, the dashboard (HTTPS), the workers and their nannies. Workers have no dashboard of their own.
+port, the dashboard (HTTPS, and only for a client with the cluster's certificate: ``DASHBOARD_PRELOAD``), the
+workers and their nannies. Workers have no dashboard of their own.
 """
 
 from __future__ import annotations
@@ -40,6 +41,25 @@ def dask_setup(scheduler):
     callback = PeriodicCallback(client_keeps_alive, 500)
     scheduler.periodic_callbacks["rawvm-client-keeps-alive"] = callback
     callback.start()
+'''
+
+# Dask's dashboard server takes the cluster's CA and node certificate from its config but builds its context
+# with ssl.Purpose.CLIENT_AUTH, whose verify_mode is CERT_NONE: anyone who reaches the port could read task
+# keys, logs and profiles. This preload makes the same context require a client certificate signed by the
+# cluster's CA, then closes any connection accepted before that (the server listens from the scheduler's
+# __init__, preloads run at its start), so every dashboard connection left is a verified one. The alternative,
+# a dashboard bound to the machine's loopback, would leave dashboard_link reachable by nobody on the laptop.
+DASHBOARD_PRELOAD = '''"""rawvm: the Dask dashboard answers only clients with the cluster's certificate (mutual TLS)."""
+import ssl
+
+
+async def dask_setup(scheduler):
+    server = scheduler.http_server
+    context = getattr(server, "ssl_options", None)
+    if not isinstance(context, ssl.SSLContext):
+        raise RuntimeError("rawvm: the dashboard has no TLS context; refusing to serve it in the clear")
+    context.verify_mode = ssl.CERT_REQUIRED
+    await server.close_all_connections()
 '''
 
 
@@ -111,7 +131,8 @@ def _tls_args() -> list[str]:
 
 
 def tls_env() -> dict[str, str]:
-    """Dask's settings on every machine: TLS required on every comm, the dashboard served over HTTPS."""
+    """Dask's settings on every machine: TLS required on every comm, the dashboard served over HTTPS (with the
+    client certificate required by ``DASHBOARD_PRELOAD``)."""
     return {
         "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
         "DASK_DISTRIBUTED__SCHEDULER__DASHBOARD__TLS__CA_FILE": f"{TLS_DIR}/ca.pem",
@@ -139,6 +160,8 @@ def scheduler_command(place: SchedulerPlace, idle_timeout_s: float) -> list[str]
         f"{max(1, round(idle_timeout_s))}s",
         "--preload",
         f"{TLS_DIR}/idle.py",
+        "--preload",
+        f"{TLS_DIR}/dashboard.py",
     ]
 
 
@@ -182,12 +205,14 @@ def worker_tasks(
 
 def tls_archive(tls: TlsFiles, dest: Path) -> Path:
     """The tar.gz every machine unpacks into its work dir: the CA, the node certificate and key (0600), and the
-    idle preload. It travels as a bundle file (sha256 in the manifest), never in a task's env or a log."""
+    idle and dashboard preloads. It travels as a bundle file (sha256 in the manifest), never in a task's env or
+    a log."""
     members: Mapping[str, tuple[bytes, int]] = {
         f"{TLS_DIR}/ca.pem": (tls.ca.read_bytes(), 0o644),
         f"{TLS_DIR}/node.pem": (tls.node_cert.read_bytes(), 0o644),
         f"{TLS_DIR}/node.key": (tls.node_key.read_bytes(), 0o600),
         f"{TLS_DIR}/idle.py": (IDLE_PRELOAD.encode(), 0o644),
+        f"{TLS_DIR}/dashboard.py": (DASHBOARD_PRELOAD.encode(), 0o644),
     }
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:

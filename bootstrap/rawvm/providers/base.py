@@ -80,6 +80,15 @@ class Machine:
         return short_id(self.id, self.cluster)
 
 
+@dataclass(frozen=True)
+class SinkPost:
+    """One machine's own sink upload: the URL to POST to and the form fields (an S3 presigned POST whose policy
+    names that machine's keys only). Handed to the machine over the agent API, never written into user-data."""
+
+    url: str
+    fields: dict[str, str] = field(repr=False)  # the policy and its signature: as good as a credential
+
+
 class Provider(ABC):
     """What every provider is: stage files, launch machines, list them, take them down (the six abstract methods),
     plus optional hooks whose defaults here suit a provider that has nothing to say (a subclass overrides them).
@@ -105,8 +114,8 @@ class Provider(ABC):
 
     @abstractmethod
     def sink_url(self, cluster: str) -> str:
-        """Where agents deliver logs and telemetry when they stop: a directory, a PUT URL, or a POST URL whose form
-        fields the provider adds to the agent config (aws: ``sink_form``)."""
+        """Where agents deliver logs and telemetry when they stop: a directory or a PUT URL, written into agent.toml;
+        "" when each machine is handed its own upload over the agent API instead (``sink_form_for``, aws)."""
 
     @abstractmethod
     def launch(self, spec: MachineSpec) -> list[Machine]:
@@ -138,6 +147,13 @@ class Provider(ABC):
     def estimate(self, spec: MachineSpec) -> FleetPrice | None:
         """The price of launching ``spec`` (cheapest and dearest type, spot or not); None when machines cost
         nothing (local, qemu). The cost guard reads it before anything slow or billed happens."""
+        return None
+
+    def sink_form_for(self, cluster: str, machine: Machine, lifetime_s: float) -> SinkPost | None:
+        """The sink upload for ``machine`` alone, valid until its backstop has powered it off (``lifetime_s``, the
+        cluster's max_lifetime, plus the backstop's grace after its launch); ``session.wait_ready`` hands it to the
+        machine once its agent serves. None: the machine's agent.toml already says where to flush (a directory, a
+        per-machine PUT URL), which is every provider's case but aws."""
         return None
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:

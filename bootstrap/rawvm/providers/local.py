@@ -39,7 +39,7 @@ from rawvm_resolver.target import Target
 
 from rawvm.agent.tls import write_private
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import state_dir
+from rawvm.files import private_dir, state_dir
 from rawvm.providers.base import Machine, MachineSpec, Provider
 
 _PR_SET_PDEATHSIG = 1
@@ -149,7 +149,9 @@ class LocalProvider(Provider):
         return urls
 
     def sink_url(self, cluster: str) -> str:
-        return str(state_dir() / "sinks" / cluster)
+        """The host's sink directory of the cluster (``rawvm.sinks.sink_dir``): each machine's agent copies its
+        flush into ``<label>-<UTC>/`` there, the layout fetched flushes get. 0700, in the 0700 state dir."""
+        return str(private_dir(state_dir() / "sinks" / cluster))
 
     @staticmethod
     def _write_channel(spec: MachineSpec, machine_dir: Path, config: AgentConfig) -> AgentConfig:

@@ -8,6 +8,9 @@ Files reach the guests through a per-cluster loopback stager (rawvm.providers.st
 10.0.2.2. It runs as its own detached process (``python -m rawvm.providers.qemu serve DIR``) so that staging
 and the sink outlive ``rawvm run``: the agents fetch their bundle after it returns and upload logs and
 telemetry when they stop, minutes later. The server exits by itself once the cluster's VMs are all gone.
+Its URLs carry a random capability (kept in ``server.json``, 0600, in the 0700 cluster directory), and it
+takes uploads only to ``<machine id>.tar.gz`` of the machines launched here (their ``machines/<id>/``
+directories, made before each VM starts): other local users and guests can neither read nor forge.
 
 State, per cluster, under ``$RAWVM_STATE_DIR`` (else ``$XDG_STATE_HOME/rawvm``, else ``~/.local/state/rawvm``)
 ``/qemu/<cluster>/``: ``files/`` (staged), ``sink/`` (uploads), ``server.json``, and ``machines/<id>/`` with
@@ -44,12 +47,13 @@ from rawvm_images.qemu_boot import (
     start_detached,
 )
 
+from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import place_file, sha256_file
+from rawvm.files import place_file
 from rawvm.providers.base import Machine, MachineSpec, Provider
-from rawvm.providers.sink_fetch import FlushCache
+from rawvm.providers.sink_fetch import FlushCache, machine_flush_pattern
 from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
 
 PLATFORM = "linux-x86_64"
@@ -127,7 +131,7 @@ class QemuProvider(Provider):
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
         """Copies (hard-links) the files into the cluster's ``files/``, served by its detached stager."""
         directory = self.cluster_dir(cluster)
-        port = self._ensure_server(directory)
+        base = self._ensure_server(directory)
         urls: dict[str, str] = {}
         for name, source in files:
             try:
@@ -135,38 +139,42 @@ class QemuProvider(Provider):
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
             place_file(source, directory / "files" / rel)
-            urls[name] = self._url(port, "files", quote(rel))
+            urls[name] = f"{base}/files/{quote(rel)}"
         return urls
 
     def sink_url(self, cluster: str) -> str:
         """The cluster's sink prefix; machine ``M`` PUTs ``<prefix>M.tar.gz``, landing in ``<cluster dir>/sink/``."""
-        port = self._ensure_server(self.cluster_dir(cluster))
-        return self._url(port, "sink", "")
+        return f"{self._ensure_server(self.cluster_dir(cluster))}/sink/"
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:
         """Unpack the cluster's flushes (one ``<machine>.tar.gz`` each in ``<cluster dir>/sink/``) into ``dest``,
         in the local sink's layout; skips those already there. Returns how many it unpacked."""
         sink = self.cluster_dir(cluster) / "sink"
-        cache = FlushCache(dest)
+        cache = FlushCache(cluster, dest)
         fetched = 0
         for archive in sorted(sink.rglob("*.tar.gz")):
             stat = archive.stat()
             source, fingerprint = archive.relative_to(sink).as_posix(), f"{stat.st_size}:{stat.st_mtime_ns}"
-            if not cache.has(source, fingerprint):
-                fetched += cache.unpack(source, fingerprint, archive)
+            if cache.has(source, fingerprint) or cache.too_big(source, stat.st_size):
+                continue
+            # <machine>.tar.gz may hold only that machine's flush (its label is <cluster>-<machine>).
+            pattern = machine_flush_pattern(cluster, archive.name.removesuffix(".tar.gz"))
+            fetched += cache.unpack(source, fingerprint, archive, pattern)
         cache.raise_errors()
         return fetched
 
-    @staticmethod
-    def _url(port: int, kind: str, rel: str) -> str:
-        return f"http://{QEMU_HOST}:{port}/{kind}/{rel}"
-
-    def _ensure_server(self, directory: Path) -> int:
+    def _ensure_server(self, directory: Path) -> str:
+        """The base URL (guest's view, with the capability) of the cluster's stager, started when not running."""
         info = _read_json(directory / "server.json")
-        if info and process_alive(int(info["pid"]), "rawvm.providers.qemu"):
-            return int(info["port"])
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "server.json").unlink(missing_ok=True)
+        if not (info and info.get("capability") and process_alive(int(info["pid"]), "rawvm.providers.qemu")):
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            directory.chmod(0o700)  # server.json holds the capability
+            (directory / "server.json").unlink(missing_ok=True)
+            info = self._start_server(directory)
+        return f"http://{QEMU_HOST}:{int(info['port'])}/{info['capability']}"
+
+    @staticmethod
+    def _start_server(directory: Path) -> dict[str, Any]:
         log = (directory / "server.log").open("ab")
         with log:
             subprocess.Popen(
@@ -180,7 +188,7 @@ class QemuProvider(Provider):
         while time.monotonic() < deadline:
             info = _read_json(directory / "server.json")
             if info:
-                return int(info["port"])
+                return info
             time.sleep(0.1)
         raise RawvmError(f"the qemu staging server did not start; see {directory / 'server.log'}")
 
@@ -190,9 +198,7 @@ class QemuProvider(Provider):
         image = self.image()
         self.target_platform(spec)
         directory = self.cluster_dir(spec.cluster)
-        wheel_name = f"agent/{spec.agent_wheel.name}"
-        wheel_url = self.stage(spec.cluster, [(wheel_name, spec.agent_wheel)])[wheel_name]
-        wheel_sha256 = sha256_file(spec.agent_wheel)
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
         uv_wheel = find_uv_wheel()
         accel = self._accel()
         machines = []
@@ -203,8 +209,10 @@ class QemuProvider(Provider):
                 render_user_data(
                     config,
                     channel=spec.server_credentials(),
-                    agent_wheel_url=wheel_url,
-                    agent_wheel_sha256=wheel_sha256,
+                    agent_wheel_url=agent.wheel_url,
+                    agent_wheel_sha256=agent.wheel_sha256,
+                    agent_requirements_url=agent.requirements_url,
+                    agent_requirements_sha256=agent.requirements_sha256,
                     uv_wheel=uv_wheel,
                     extra_ca_certs=spec.request.extra_ca_certs,
                 )
@@ -365,12 +373,25 @@ def _cluster_pids(directory: Path) -> list[tuple[int, str]]:
     return pids
 
 
+def machine_flushes(directory: Path) -> frozenset[str]:
+    """The sink names the cluster's stager accepts: one flush per machine launched (``machines/<id>/`` is made
+    before its VM starts, so an agent never flushes before its name is here)."""
+    return frozenset(f"{p.name}.tar.gz" for p in (directory / "machines").glob("*") if p.is_dir())
+
+
 def serve(directory: Path, poll: float = 2.0) -> None:
     """Serve ``directory/files`` and receive ``directory/sink`` until the cluster's VMs are all gone."""
-    stager = LoopbackStager(directory / "files", sink_dir=directory / "sink", url_host=QEMU_HOST).start()
+    stager = LoopbackStager(
+        directory / "files",
+        sink_dir=directory / "sink",
+        url_host=QEMU_HOST,
+        expected_uploads=lambda: machine_flushes(directory),
+    ).start()
     info = directory / "server.json"
     tmp = info.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "port": stager.port}))
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        json.dump({"pid": os.getpid(), "port": stager.port, "capability": stager.capability}, out)
     tmp.replace(info)
     started = time.monotonic()
     stop = False

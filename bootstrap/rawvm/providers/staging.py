@@ -1,20 +1,26 @@
-"""Staging for machines on this host (local processes, qemu guests): a small HTTP server on loopback.
+"""Staging for machines on this host (qemu guests): a small HTTP server on loopback.
 
-``GET /files/<name>`` serves what was staged; ``PUT /sink/<name>`` stores what agents upload when they stop.
-Names are relative paths of plain components (letters, digits, ``._+-``); anything else, ``..`` included, is
-refused, so neither side can reach outside its directory. A qemu guest reaches the host's loopback as
-10.0.2.2, hence the configurable URL host.
+``GET /<capability>/files/<name>`` serves what was staged; ``PUT /<capability>/sink/<name>`` stores what agents
+upload when they stop. The capability is a random secret per server (192 bits) that only the URLs handed to
+the cluster's machines carry: loopback is shared by every local user, and every qemu guest reaches it as
+10.0.2.2 (hence the configurable URL host), so without it anyone could read the staged code and keys or
+forge flushes. A PUT is accepted only for the names the owner expects (one per machine it launched);
+a batch machine flushes its results more than once, so an expected name may be replaced. Every refusal is a
+bare 403 or 404: no body says what was wrong. Names are relative paths of plain components (letters,
+digits, ``._+-``); anything else, ``..`` included, is refused, so neither side can reach outside its directory.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +35,11 @@ log = logging.getLogger(__name__)
 QEMU_HOST = "10.0.2.2"  # the host's loopback as seen from a qemu user-networking guest
 _COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 _CHUNK = 1 << 16
+CAPABILITY_BYTES = 24  # 192 bits, url-safe base64 in the path
+
+
+def new_capability() -> str:
+    return secrets.token_urlsafe(CAPABILITY_BYTES)
 
 
 def safe_relpath(name: str) -> str:
@@ -49,6 +60,8 @@ def _inside(root: Path, rel: str) -> Path:
 class LoopbackStager:
     """Serves ``root`` (files) and receives uploads into ``sink_dir`` on ``bind``:``port`` (0: a free port).
 
+    Every URL is under ``/<capability>/`` (a new random one unless given). ``expected_uploads`` says which
+    sink names may be PUT right now (asked on each PUT, so machines launched later count); none by default.
     Use as a context manager or call ``start``/``close``. Directories it created itself are removed on close.
     """
 
@@ -61,7 +74,11 @@ class LoopbackStager:
         bind: str = "127.0.0.1",
         port: int = 0,
         max_upload_bytes: int = 4 << 30,
+        capability: str = "",
+        expected_uploads: Callable[[], Collection[str]] = frozenset,
     ) -> None:
+        self.capability = capability or new_capability()
+        self.expected_uploads = expected_uploads
         self._owned: list[Path] = []
         self.root = root if root is not None else self._temp_dir("rawvm-stage-")
         self.sink_dir = sink_dir if sink_dir is not None else self._temp_dir("rawvm-sink-")
@@ -86,7 +103,7 @@ class LoopbackStager:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.url_host}:{self.port}"
+        return f"http://{self.url_host}:{self.port}/{self.capability}"
 
     def start(self) -> LoopbackStager:
         if self._server is not None:
@@ -148,33 +165,36 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         log.debug("stager: " + format, *args)
 
-    def _route(self, prefix: str) -> str | None:
-        path = unquote(urlsplit(self.path).path)
-        if not path.startswith(prefix):
+    def _route(self, kind: str) -> str | None:
+        """The safe relative name after ``/<capability>/<kind>/``, or None (wrong capability, odd name)."""
+        capability, _, rest = urlsplit(self.path).path.removeprefix("/").partition("/")
+        if not hmac.compare_digest(capability.encode(), self.stager.capability.encode()):
+            return None
+        rest = unquote(rest)
+        if not rest.startswith(f"{kind}/"):
             return None
         try:
-            return safe_relpath(path[len(prefix) :])
+            return safe_relpath(rest[len(kind) + 1 :])
         except ValueError:
             return None
 
-    def _reply(self, status: HTTPStatus, body: bytes = b"") -> None:
+    def _reply(self, status: HTTPStatus) -> None:
+        """A bare answer: a refusal does not say which check failed."""
         self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", "0")
         self.end_headers()
-        if body and self.command != "HEAD":
-            self.wfile.write(body)
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
     def do_GET(self) -> None:
-        rel = self._route("/files/")
+        rel = self._route("files")
         try:
             path = _inside(self.stager.root, rel) if rel else None
         except ValueError:
             path = None
         if path is None or not path.is_file():
-            self._reply(HTTPStatus.NOT_FOUND, b"not found\n")
+            self._reply(HTTPStatus.NOT_FOUND)
             return
         with path.open("rb") as f:
             self.send_response(HTTPStatus.OK)
@@ -185,23 +205,27 @@ class _Handler(BaseHTTPRequestHandler):
                 shutil.copyfileobj(f, self.wfile, _CHUNK)
 
     def do_PUT(self) -> None:
-        rel = self._route("/sink/")
-        if rel is None:
-            self._reply(HTTPStatus.FORBIDDEN, b"PUT only under /sink/ with a plain relative name\n")
+        rel = self._route("sink")
+        if rel is None or rel not in self.stager.expected_uploads():
+            self.close_connection = True  # the body is not read
+            self._reply(HTTPStatus.FORBIDDEN)
             return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._reply(HTTPStatus.LENGTH_REQUIRED, b"Content-Length required\n")
+        length_header = self.headers.get("Content-Length", "")
+        if not re.fullmatch(r"[0-9]{1,19}", length_header):
+            self.close_connection = True
+            self._reply(HTTPStatus.LENGTH_REQUIRED)
             return
-        if length < 0 or length > self.stager.max_upload_bytes:
-            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b"upload too large\n")
+        length = int(length_header)
+        if length > self.stager.max_upload_bytes:
+            self.close_connection = True
+            self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             return
         sink = self.stager.sink_dir
         try:
             target = _inside(sink, rel)
         except ValueError:
-            self._reply(HTTPStatus.FORBIDDEN, b"refused\n")
+            self.close_connection = True
+            self._reply(HTTPStatus.FORBIDDEN)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")

@@ -26,11 +26,11 @@ from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
+from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
 from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
 from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
-from rawvm.files import sha256_file
 from rawvm.providers.aws import fleet as aws_fleet
 from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import prices as aws_prices
@@ -46,7 +46,7 @@ from rawvm.providers.aws.config import (
     read_settings,
 )
 from rawvm.providers.aws.instances import machine_of
-from rawvm.providers.base import Machine, MachineSpec, Provider
+from rawvm.providers.base import Machine, MachineSpec, Provider, SinkPost
 
 ROOT_HEADROOM_GIB = 24  # room for the environment above the image's own size
 MIN_ROOT_GIB = 32
@@ -96,6 +96,7 @@ class AwsProvider(Provider):
         self.sleep = sleep
         self.clock = clock
         self._clients: dict[tuple[str, str], Any] = {}
+        self._account = ""
         self._types: dict[str, list[InstanceType]] = {}
         self._pricing_client = pricing_client
         self.prices = aws_prices.PriceBook(
@@ -126,6 +127,8 @@ class AwsProvider(Provider):
                 endpoint_url=self.endpoint_url,
                 config=config,
             )
+            if service == "s3":  # a bucket of another account is refused, never written to or read from
+                aws_staging.expect_owner(self._clients[key], lambda: self.account_id(region))
         return self._clients[key]
 
     def _pricing(self) -> Any | None:
@@ -232,16 +235,19 @@ class AwsProvider(Provider):
 
     # -- staging -----------------------------------------------------------------------------------------------
 
+    def account_id(self, region: str) -> str:
+        """The caller's AWS account (STS, asked once): the default bucket's name and its expected owner."""
+        if not self._account:
+            try:
+                self._account = str(self.client("sts", region).get_caller_identity()["Account"])
+            except AWS_ERRORS as exc:
+                raise RawvmError(
+                    f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
+                ) from None
+        return self._account
+
     def bucket_name(self, region: str) -> str:
-        if self.bucket:
-            return self.bucket
-        try:
-            account = self.client("sts", region).get_caller_identity()["Account"]
-        except AWS_ERRORS as exc:
-            raise RawvmError(
-                f"cannot identify the AWS account ({aws_error(exc)}); check your AWS credentials"
-            ) from None
-        return aws_staging.default_bucket_name(str(account), region)
+        return self.bucket or aws_staging.default_bucket_name(self.account_id(region), region)
 
     def stager(self, region: str = "") -> aws_staging.S3Stager:
         region = self.resolve_region(region)
@@ -255,17 +261,25 @@ class AwsProvider(Provider):
             raise RawvmError(f"staging to S3 failed: {aws_error(exc)}") from None
 
     def sink_url(self, cluster: str) -> str:
-        """The URL of the cluster's presigned POST; ``machine_config`` adds its form fields."""
-        return self.sink_post(cluster)[0]
+        """Nothing in the user-data, which every machine shares and the launch template keeps: each machine gets
+        its own presigned POST over the agent API once it serves (``sink_form_for``). One that never gets it
+        cannot upload; its logs stay on it until it powers off."""
+        return ""
 
-    def sink_form(self, cluster: str) -> dict[str, str]:
-        """The form fields of the cluster's presigned POST sink (optional provider hook)."""
-        return self.sink_post(cluster)[1]
+    def sink_form_for(self, cluster: str, machine: Machine, lifetime_s: float) -> SinkPost | None:
+        """A presigned POST for ``machine``'s keys only, expiring when its backstop has powered it off (launch
+        time + max_lifetime + BACKSTOP_GRACE); None once that time has passed."""
+        now = self.clock()
+        expires_in = int((machine.launched_at or now) + lifetime_s + BACKSTOP_GRACE - now)
+        if expires_in <= 0:
+            return None
+        url, fields = self.sink_post(cluster, machine.id, expires_in)
+        return SinkPost(url, fields)
 
-    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
-        """One presigned POST for every machine of ``cluster``: each agent's upload is its own object."""
+    def sink_post(self, cluster: str, machine: str, expires_in: int) -> tuple[str, dict[str, str]]:
+        """The presigned POST behind ``sink_form_for`` (see ``aws_staging.S3Stager.sink_post``)."""
         try:
-            return self.stager().sink_post(self.check_cluster(cluster))
+            return self.stager().sink_post(self.check_cluster(cluster), machine, expires_in)
         except AWS_ERRORS as exc:
             raise RawvmError(f"presigning the S3 sink failed: {aws_error(exc)}") from None
 
@@ -310,28 +324,18 @@ class AwsProvider(Provider):
         """The agent config every machine of this launch gets: listening on all interfaces (the security
         group is the fence), watching for spot notices when it may be spot."""
         spot = dataclasses.replace(spec.agent.spot, enabled=spec.request.spot_policy != "on-demand")
-        agent = dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
-        return self._with_sink_form(agent)
-
-    def _with_sink_form(self, agent: AgentConfig) -> AgentConfig:
-        """The cluster's sink (``sink_url``) is a presigned POST: the agents need its form fields too. Every
-        machine gets the same ones; each names its upload after itself. Another sink is left as it is."""
-        if not agent.sink or agent.sink_form:
-            return agent
-        url, form = self.sink_post(agent.cluster)
-        return dataclasses.replace(agent, sink_form=form) if agent.sink == url else agent
+        # No sink: each machine is handed its own upload once it serves (sink_form_for), never in the user-data.
+        return dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
 
     def user_data(self, spec: MachineSpec) -> bytes:
-        wheel = spec.agent_wheel
-        if not wheel.is_file():
-            raise UsageError(f"agent wheel {wheel} not found; build it first")
-        name = f"agent/{wheel.name}"
-        url = self.stage(spec.cluster, [(name, wheel)])[name]
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
         text = render_user_data(
             self.machine_config(spec),
             channel=spec.server_credentials(),
-            agent_wheel_url=url,
-            agent_wheel_sha256=sha256_file(wheel),
+            agent_wheel_url=agent.wheel_url,
+            agent_wheel_sha256=agent.wheel_sha256,
+            agent_requirements_url=agent.requirements_url,
+            agent_requirements_sha256=agent.requirements_sha256,
             uv_wheel=self.uv_wheel,
             extra_ca_certs=spec.request.extra_ca_certs,
         )

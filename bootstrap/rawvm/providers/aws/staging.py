@@ -4,16 +4,27 @@ The bucket blocks every form of public access and expires objects after a few da
 staging leaves nothing that costs money for long. Machines need no AWS credentials: every URL is presigned,
 with SigV4 against the bucket's regional endpoint (``s3_config``).
 
-The sink is a presigned POST, not a PUT: every machine of a cluster boots from the same user-data, and one
-PUT URL names one object, so the machines would overwrite each other's logs. The POST's key is
-``clusters/<cluster>/sink/${filename}``; S3 fills in the file name each agent sends (its own label).
-``fetch_sink`` brings those objects back, unpacked, for ``rawvm logs``.
+The sink is one presigned POST per machine, handed to it over the agent API once it serves (never in the
+user-data, which every machine of a cluster shares and which outlives it in the launch template): its key
+condition is ``starts-with clusters/<cluster>/sink/<machine id>/`` (S3 fills in ``${filename}``, the flush's own
+name), so a machine, or whoever reads its form, can write that machine's flushes and nobody else's, and it expires
+when the machine's backstop has powered it off. ``fetch_sink`` brings the objects back, unpacked and checked
+(``sink_fetch``), for ``rawvm logs``.
+
+The default bucket name is predictable (account ids are not secret), so another account could create it first
+("bucket sniping"). Every S3 call the laptop makes therefore carries ``ExpectedBucketOwner`` (``expect_owner``
+adds it on the client), and S3 answers 403 for a bucket of another account instead of storing the code there.
+Presigned GETs cannot carry it (it would become a signed header the agent does not send); what they fetch is
+checked against the sha256 in the user-data or the bundle's manifest instead. The bucket refuses plain HTTP
+(a bucket policy) and encrypts at rest (SSE-S3, asserted rather than assumed).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +33,7 @@ from botocore.exceptions import ClientError
 
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
-from rawvm.providers.sink_fetch import FlushCache
+from rawvm.providers.sink_fetch import FlushCache, named_flush_pattern
 
 EXPIRE_DAYS = 3
 # Presigned GETs expire when no machine can need them any more. The agent wheel (bootstrap.sh, which cloud-init
@@ -32,8 +43,12 @@ EXPIRE_DAYS = 3
 BOOT_URL_SECONDS = 3600
 MAX_URL_SECONDS = 7 * 24 * 3600  # SigV4's limit
 SINK_URL_SECONDS = 7 * 24 * 3600  # SigV4's maximum: the sink is written when the machine stops
+_MACHINE_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # an instance id, as one key segment
 SINK_MAX_BYTES = 5 * 1024**3  # S3's limit for one POST upload
 LIFECYCLE_RULE_ID = "rawvm-expire-staged-files"
+OWNER_PARAM = "ExpectedBucketOwner"
+_MISSING = ("404", "NoSuchBucket", "NotFound")
+_FORBIDDEN = ("403", "AccessDenied", "Forbidden")
 
 
 def default_bucket_name(account_id: str, region: str) -> str:
@@ -51,17 +66,61 @@ def s3_config(*, path_style: bool = False) -> Config:
     )
 
 
+def expect_owner(s3: Any, account: Callable[[], str]) -> None:
+    """Make every S3 call of ``s3`` that accepts ``ExpectedBucketOwner`` carry ``account()``: paginators and
+    the transfer manager's own calls included, which a keyword at each call site would miss. ``account`` is
+    asked on the first such call only, so presigning (which needs no AWS) stays offline."""
+    owner: list[str] = []
+
+    def add_owner(params: dict[str, Any], model: Any, context: dict[str, Any], **_: Any) -> None:
+        shape = model.input_shape
+        if context.get("is_presign_request") or shape is None or OWNER_PARAM not in shape.members:
+            return
+        if not owner:
+            owner.append(account())
+        params.setdefault(OWNER_PARAM, owner[0])
+
+    s3.meta.events.register("provide-client-params.s3", add_owner, unique_id="rawvm-expected-bucket-owner")
+
+
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _not_ours(bucket: str) -> RawvmError:
+    """S3 answers a HEAD with ExpectedBucketOwner of another account with a bare 403 (no body to tell it from
+    missing permissions): the likely cause is the name's being taken."""
+    return RawvmError(
+        f"the staging bucket {bucket} belongs to another AWS account: choose another with rawvm setup aws --bucket"
+    )
+
+
+def tls_only_policy(bucket: str, partition: str = "aws") -> str:
+    """A bucket policy that refuses any request over plain HTTP or TLS older than 1.2. A presigned URL's
+    signature does not cover the scheme, so without it the same URL would also work over http://."""
+    arn = f"arn:{partition}:s3:::{bucket}"
+    resources = [arn, f"{arn}/*"]
+    deny = {"Effect": "Deny", "Principal": "*", "Action": "s3:*", "Resource": resources}
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Sid": "rawvm-deny-plain-http", **deny, "Condition": {"Bool": {"aws:SecureTransport": "false"}}},
+                {"Sid": "rawvm-deny-old-tls", **deny, "Condition": {"NumericLessThan": {"s3:TlsVersion": "1.2"}}},
+            ],
+        }
+    )
+
+
 def ensure_bucket(s3: Any, bucket: str, region: str) -> bool:
-    """Create the staging bucket when missing and (re)apply its policy; True when it was created."""
+    """Create the staging bucket when missing and (re)apply its settings; True when it was created."""
     created = False
     try:
         s3.head_bucket(Bucket=bucket)
     except ClientError as exc:
-        if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+        if _code(exc) in _FORBIDDEN:
+            raise _not_ours(bucket) from None
+        if _code(exc) not in _MISSING:
             raise RawvmError(
                 f"S3 bucket {bucket} exists but is not usable ({_code(exc)}); pick another --bucket"
             ) from None
@@ -79,6 +138,9 @@ def ensure_bucket(s3: Any, bucket: str, region: str) -> bool:
             "RestrictPublicBuckets": True,
         },
     )
+    sse_s3 = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration={"Rules": [sse_s3]})
+    s3.put_bucket_policy(Bucket=bucket, Policy=tls_only_policy(bucket, s3.meta.partition))
     s3.put_bucket_lifecycle_configuration(
         Bucket=bucket,
         LifecycleConfiguration={
@@ -113,8 +175,10 @@ class S3Stager:
         try:
             self.s3.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            if _code(exc) in _MISSING:
                 raise RawvmError(f"staging bucket {self.bucket} does not exist: run 'rawvm setup aws' first") from None
+            if _code(exc) in _FORBIDDEN:
+                raise _not_ours(self.bucket) from None
             raise RawvmError(f"staging bucket {self.bucket} is not usable: {_code(exc)}") from None
 
     def stage(self, cluster: str, files: Sequence[tuple[str, Path]], *, valid_s: float = 0.0) -> dict[str, str]:
@@ -159,7 +223,7 @@ class S3Stager:
                         raise RawvmError(f"cannot delete staged file {errors[0].get('Key')}: {errors[0].get('Code')}")
                     deleted += len(keys)
         except ClientError as exc:
-            if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            if _code(exc) not in _MISSING:
                 raise
         return deleted
 
@@ -180,32 +244,41 @@ class S3Stager:
 
     def fetch_sink(self, cluster: str, dest: Path) -> int:
         """Download and unpack every flush under the cluster's sink prefix into ``dest`` (the local sink's
-        layout), skipping those already there (same key and ETag). Returns how many it unpacked."""
-        cache = FlushCache(dest)
+        layout), skipping those already there (same key and ETag). Returns how many it unpacked.
+
+        A flush is ``<prefix><machine id>/<cluster>-<label>-<UTC>.tar.gz`` (or, from before per-machine forms,
+        without the machine segment), and may unpack only into the directory its file name names."""
+        cache = FlushCache(cluster, dest)
         fetched = 0
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.sink_prefix(cluster))
+        prefix = self.sink_prefix(cluster)
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         for page in pages:
             for item in page.get("Contents", []):
                 key, etag = str(item["Key"]), str(item.get("ETag", "")).strip('"')
-                if not key.endswith(".tar.gz") or cache.has(key, etag):
+                pattern = named_flush_pattern(cluster, key.rpartition("/")[2])
+                if pattern is None or key[len(prefix) :].count("/") > 1 or cache.has(key, etag):
+                    continue  # not a flush (or not where one goes), or already here
+                if cache.too_big(key, int(item.get("Size", 0))):
                     continue
-                dest.mkdir(parents=True, exist_ok=True)
+                dest.mkdir(parents=True, exist_ok=True, mode=0o700)
                 with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as scratch:
                     archive = Path(scratch) / "flush.tar.gz"
                     self.s3.download_file(self.bucket, key, str(archive))
-                    fetched += cache.unpack(key, etag, archive)
+                    fetched += cache.unpack(key, etag, archive, pattern)
         cache.raise_errors()
         return fetched
 
-    def sink_post(self, cluster: str) -> tuple[str, dict[str, str]]:
-        """A presigned POST (URL, form fields) that every machine of ``cluster`` can use for its own object:
-        ``clusters/<cluster>/sink/<file name the agent sends>``, nothing outside that prefix, at most
-        ``SINK_MAX_BYTES``."""
-        prefix = self.sink_prefix(cluster)
+    def sink_post(self, cluster: str, machine: str, expires_in: int) -> tuple[str, dict[str, str]]:
+        """A presigned POST (URL, form fields) for ONE machine's flushes: keys starting
+        ``clusters/<cluster>/sink/<machine>/`` (S3 fills in the file name the agent sends), nothing else, at most
+        ``SINK_MAX_BYTES``, valid ``expires_in`` seconds (the machine's life and its backstop's grace)."""
+        if not _MACHINE_KEY.fullmatch(machine):
+            raise UsageError(f"machine id {machine!r} cannot name a sink key")
+        prefix = f"{self.sink_prefix(cluster)}{machine}/"
         post = self.s3.generate_presigned_post(
             self.bucket,
-            prefix + "${filename}",
+            prefix + "${filename}",  # botocore adds the condition ["starts-with", "$key", prefix] itself
             Conditions=[["starts-with", "$key", prefix], ["content-length-range", 0, SINK_MAX_BYTES]],
-            ExpiresIn=SINK_URL_SECONDS,
+            ExpiresIn=max(1, min(expires_in, SINK_URL_SECONDS)),
         )
         return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
