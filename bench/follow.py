@@ -16,9 +16,13 @@ in a client process of its own, measured over the same window after a warm-up:
   mutual TLS, as rawvm only speaks it;
 - **bare poller** (the baseline): the least any HTTP follower can do, one aiohttp loop per agent fetching
   the newest sample (``/v1/samples?newest=1&limit=1``) every second over the same kind of session, unparsed;
-  once over plain HTTP and once over mutual TLS (**bare mTLS**). Their ratio is the channel's own cost: rawvm
-  top cannot speak plain HTTP any more, and does strictly more non-TLS work per answer than the bare poller, so
-  its TLS share is at most that ratio. Goal (security issue): at most 1.3x.
+  once over plain HTTP and once over mutual TLS (**bare mTLS**). Their difference is the channel's own cost
+  per answer (asyncio's TLS transport, record encryption; the handshakes happen once, connections are kept).
+
+rawvm top itself speaks only mutual TLS now. Its plaintext figure comes from this bench at a commit before the
+channel (``git archive f072476 | tar -x -C OLD``, then ``PYTHONPATH=OLD/bootstrap:OLD/agent:OLD/resolver:OLD/images:OLD
+python OLD/bench/follow.py`` with this venv), run back to back on the same machine. Goal (security issue):
+following 500 agents over mutual TLS costs at most 1.3x the CPU of plaintext.
 
 CPU share = the client process's user+system CPU-seconds / wall seconds (1.0 = one core busy); RSS = its peak
 resident memory (VmHWM). ``looks/s`` says how many agent answers per second the client got; N is the full
@@ -393,9 +397,8 @@ def main() -> None:
                     f"{r['rss_mb']:>6.1f} MB | {r['looks_per_s']:>8.1f} | {ratio}",
                     flush=True,
                 )
-            channel = max(bare_tls["cpu_share"] / bare["cpu_share"], bare_tls["at_1hz"] / bare["at_1hz"])
-            verdict = "meets" if channel <= 1.3 else "MISSES"
-            print(f"goal: mutual TLS costs at most 1.3x plain HTTP's CPU at {n} agents: {verdict} ({channel:.2f}x)")
+            added = 100 * (bare_tls["at_1hz"] - bare["at_1hz"])
+            print(f"the channel's own cost at {n} agents (bare mTLS - bare poller): {added:.1f}% of one core at 1 Hz")
             if n == 500:
                 worst = max(top["cpu_share"], top["at_1hz"])
                 goal = "meets" if worst < 0.5 else "MISSES"
