@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 import rawvm
 from rawvm import clusters
@@ -29,6 +28,8 @@ from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.local import LocalProvider
 from rawvm_agent.config import AgentConfig, IdleConfig
+
+from tests.helpers.tls import refused, strangers_answered
 
 TOKEN = "tok-channel-" + "9" * 31
 
@@ -66,41 +67,31 @@ async def wait_serving(machine: Machine) -> None:
         assert (await client.status())["phase"] in {"booting", "installing", "ready", "idle", "busy"}
 
 
-async def refused(url: str, context: ssl.SSLContext | None) -> bool:
-    """Whether a request with the right token at ``url`` gets no answer from the agent."""
-    try:
-        async with aiohttp.ClientSession() as http:
-            headers = {"Authorization": f"Bearer {TOKEN}"}
-            async with http.get(url + "/v1/status", headers=headers, ssl=context or False) as resp:
-                await resp.read()
-                return False
-    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
-        return True
-
-
 async def test_only_this_clusters_client_certificate_gets_an_answer(machine: Machine, state: Path) -> None:
     await wait_serving(machine)
     port = machine.agent_url.rsplit(":", 1)[1]
     assert machine.agent_url.startswith("https://")
     # plain HTTP: the TLS listener reads no request
-    assert await refused(f"http://127.0.0.1:{port}", None)
+    assert await refused(f"http://127.0.0.1:{port}", None, TOKEN)
     # TLS pinning the right CA, but no client certificate
     files = clusters.channel_files("c1")
     no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     no_cert.check_hostname = False
     no_cert.load_verify_locations(cafile=str(files.ca))
-    assert await refused(machine.agent_url, no_cert)
+    assert await refused(machine.agent_url, no_cert, TOKEN)
     # another cluster's client: its CA pinned (so this agent is not trusted) and its certificate presented
     other, _ = make_channel("other", state / "other.tls", 3600)
-    assert await refused(machine.agent_url, client_context(other))
+    assert await refused(machine.agent_url, client_context(other), TOKEN)
     # another cluster's certificate with this cluster's CA pinned: the agent refuses the stranger's certificate
     mixed = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     mixed.check_hostname = False
     mixed.load_verify_locations(cafile=str(files.ca))
     mixed.load_cert_chain(str(other.client_cert), str(other.client_key))
-    assert await refused(machine.agent_url, mixed)
+    assert await refused(machine.agent_url, mixed, TOKEN)
+    # the same three strangers through the helper the qemu VM test uses
+    assert await strangers_answered(machine.agent_url, files, state, TOKEN) == []
     # and this cluster's own client gets its answer
-    assert not await refused(machine.agent_url, record(machine).agent_ssl_context())
+    assert not await refused(machine.agent_url, record(machine).agent_ssl_context(), TOKEN)
 
 
 def test_the_client_refuses_plain_http_and_records_without_tls(state: Path) -> None:

@@ -39,3 +39,30 @@ def secured(config: dict[str, Any], channel: Channel) -> dict[str, Any]:
     if "token" in out and "token_sha256" not in out:
         out["token_sha256"] = hashlib.sha256(str(out.pop("token")).encode()).hexdigest()
     return out
+
+
+async def refused(url: str, context: ssl.SSLContext | None, token: str) -> bool:
+    """Whether a request with ``token`` at ``url`` (TLS with ``context``; None: no TLS checks) gets no answer."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(url + "/v1/status", headers=headers, ssl=context or False) as resp:
+                await resp.read()
+                return False
+    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
+        return True
+
+
+async def strangers_answered(agent_url: str, laptop: ChannelFiles, scratch: Path, token: str) -> list[str]:
+    """Which strangers an agent answered (none should be): plain HTTP, TLS pinning the right CA without a client
+    certificate, and another cluster's client (its own CA pinned, its certificate presented)."""
+    plain = "http://" + agent_url.removeprefix("https://")
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.check_hostname = False
+    no_cert.load_verify_locations(cafile=str(laptop.ca))
+    other, _ = make_channel("stranger", scratch / "stranger.tls", 3600)
+    tries = {"plain HTTP": (plain, None), "no client certificate": (agent_url, no_cert)}
+    tries["another cluster's client"] = (agent_url, client_context(other))
+    return [what for what, (url, context) in tries.items() if not await refused(url, context, token)]

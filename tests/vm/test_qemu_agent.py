@@ -8,6 +8,7 @@ are printed (``pytest -s`` shows them).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rawvm.agent.tls import client_context, make_channel
+from rawvm.agent.tls import ChannelFiles, client_context, make_channel
 from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.qemu import QemuProvider
@@ -26,6 +27,7 @@ from rawvm_images.local_vm import LocalImage
 from rawvm_images.qemu_boot import process_alive
 
 from tests import reliability
+from tests.helpers.tls import strangers_answered
 from tests.vm.helpers import (
     AgentClient,
     bundle_config,
@@ -51,6 +53,8 @@ class Booted:
     started: float
     healthy: float
     ready: float
+    laptop: ChannelFiles  # the cluster's CA and client certificate on this host
+    token: str
 
     @property
     def pid(self) -> int:
@@ -92,7 +96,7 @@ def boot_agent(
         return status["phase"] in SERVING
 
     ready_at = wait_for("phase ready", ready, BOOT_TIMEOUT, diagnose)
-    return Booted(machine, client, serial, started, healthy_at, ready_at)
+    return Booted(machine, client, serial, started, healthy_at, ready_at, laptop, token)
 
 
 def run_task(booted: Booted, argv: list[str], timeout: float = 120.0) -> tuple[dict[str, object], bytes]:
@@ -184,6 +188,8 @@ def test_agent_killed_from_inside_the_vm_still_powers_off(
     idle = IdleConfig(keepalive=3600.0, max_lifetime=3600.0)
     booted = boot_agent(qemu_provider, vm_image, agent_wheel, tmp_path, idle)
     print(f"\n[timing] boot→ready {booted.ready - booted.started:.1f}s")
+    # the channel on a real VM (same boot): only this cluster's client certificate gets an answer
+    assert asyncio.run(strangers_answered(booted.machine.agent_url, booted.laptop, tmp_path, booted.token)) == []
 
     record, stdout = run_task(
         booted, ["sh", "-c", "systemctl is-active rawvm-backstop.timer; cat /run/systemd/shutdown/scheduled"]
