@@ -102,7 +102,11 @@ def test_every_s3_call_names_the_expected_bucket_owner(provider: AwsProvider, st
     payload = tmp_path / "pylock.toml"
     payload.write_bytes(b"x" * 100)
     provider.stage("c1", [("pylock.toml", payload)])
-    asyncio.run(flush(provider.stager().sink_url("c1", "m1"), sources(state_dir), label="c1-m1"))
+    post = provider.sink_form_for(
+        "c1", Machine("i-0aaaaaaaaaaaaaaa1", "aws", "c1", "", launched_at=time.time()), 3600.0
+    )
+    assert post is not None  # the machine's own form, as session.wait_ready hands it over
+    asyncio.run(flush(post.url, sources(state_dir), label="c1-m1", form=post.fields))
     assert provider.fetch_sink("c1", tmp_path / "sink") == 1
     assert provider.stager().delete_files("c1") == 1
     made = {name for name, _, presigned in log.calls if not presigned}
