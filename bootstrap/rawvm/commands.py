@@ -24,7 +24,6 @@ from rawvm.providers.base import Machine, Provider
 from rawvm.session import (
     POLL_S,
     Launched,
-    StreamWriter,
     clients,
     provider_of,
     ready_and_run,
@@ -32,6 +31,7 @@ from rawvm.session import (
     run_sync,
     say,
     stops_line,
+    stream_task,
 )
 
 
@@ -157,21 +157,7 @@ async def machine_logs(
         return True
     last = str(max(tasks, key=lambda t: float(t.get("started_at") or 0))["id"])
 
-    async def pump(stream: str, out: TextIO) -> None:
-        writer = StreamWriter(out, prefix)
-        if follow:
-            async for chunk in client.follow_logs(last, stream=stream):
-                writer.write(chunk)
-        else:
-            offset = 0
-            while True:
-                data, offset = await client.logs(last, stream=stream, offset=offset)
-                if not data:
-                    break
-                writer.write(data)
-        writer.close()
-
-    await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
+    await stream_task(client, last, prefix, output, error_output, follow=follow)
     return True
 
 

@@ -169,13 +169,24 @@ def task_exit_code(record: dict[str, Any]) -> int:
     return 128 - code if code < 0 else code
 
 
-async def stream_task(client: AgentClient, task_id: str, prefix: str, output: TextIO, error_output: TextIO) -> None:
-    """Copy a task's stdout and stderr to ``output`` and ``error_output`` as they come, until it ends."""
+async def stream_task(
+    client: AgentClient, task_id: str, prefix: str, output: TextIO, error_output: TextIO, *, follow: bool = True
+) -> None:
+    """Copy a task's stdout and stderr to ``output`` and ``error_output``: as they come until it ends (``follow``),
+    or what it has written so far, page by page."""
 
     async def pump(stream: str, out: TextIO) -> None:
         writer = StreamWriter(out, prefix)
-        async for chunk in client.follow_logs(task_id, stream=stream):
-            writer.write(chunk)
+        if follow:
+            async for chunk in client.follow_logs(task_id, stream=stream):
+                writer.write(chunk)
+        else:
+            offset = 0
+            while True:
+                data, offset = await client.logs(task_id, stream=stream, offset=offset)
+                if not data:
+                    break
+                writer.write(data)
         writer.close()
 
     await asyncio.gather(pump("stdout", output), pump("stderr", error_output))

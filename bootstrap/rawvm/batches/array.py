@@ -37,7 +37,7 @@ from rawvm.files import records_dir, sha256_file, write_private_json
 from rawvm.launch import LaunchExtras, launch
 from rawvm.options import LaunchOptions, check_command, parse_duration_flag
 from rawvm.providers.base import Provider
-from rawvm.session import Launched, StreamWriter, provider_of, run_sync, say
+from rawvm.session import Launched, StreamWriter, provider_of, run_sync, say, stream_task
 
 SPEC_FILE = "rawvm-batch.json"
 RECORD_FILE = "batch.json"
@@ -211,14 +211,7 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
 
 async def _live_logs(record: clusters.ClusterRecord, url: str, agent_task: str, out: TextIO, err: TextIO) -> None:
     async with AgentClient.for_cluster(record, url) as client:
-        for stream, dest in (("stdout", out), ("stderr", err)):
-            writer, offset = StreamWriter(dest, ""), 0
-            while True:
-                data, offset = await client.logs(agent_task, stream=stream, offset=offset)
-                if not data:
-                    break
-                writer.write(data)
-            writer.close()
+        await stream_task(client, agent_task, "", out, err, follow=False)
 
 
 # -- run and retry ------------------------------------------------------------------------------------------
