@@ -83,7 +83,9 @@ def lock(
         say(f"resolving {len(plan.requirements)} requirements with uv")
         uv_lock = resolve(plan, target, work / "uv", strict=strict, progress=say)
         _check_torch_build(uv_lock, target, torch_index)
-        document = pylock_module.build_pylock(uv_lock, target, [build.artifact for build in local])
+        document = pylock_module.build_pylock(
+            uv_lock, target, [build.artifact for build in local], plan.extra_index_urls
+        )
         rows = report_rows(env, plan, document, target, local)
         if conversion is not None:
             from rawvm_resolver.conda.pypi_only import annotate

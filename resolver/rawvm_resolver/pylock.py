@@ -6,8 +6,10 @@ local packages as paths into ``wheels/``, no timestamps or command lines, so equ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import tomli_w
 
@@ -15,6 +17,8 @@ from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.target import Target
 
 _ARTIFACT_KEYS = ("name", "url", "path", "size", "upload-time", "hashes")
+PYPI_SIMPLE = "https://pypi.org/simple"
+_PYPI_FILES_HOST = "files.pythonhosted.org"
 
 
 @dataclass(frozen=True)
@@ -31,10 +35,17 @@ def environment_marker(target: Target) -> str:
     return f"sys_platform == 'linux' and platform_machine == '{target.arch}'"
 
 
-def build_pylock(uv_lock: dict[str, Any], target: Target, local: list[LocalArtifact]) -> dict[str, Any]:
+def build_pylock(
+    uv_lock: dict[str, Any], target: Target, local: list[LocalArtifact], indexes: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``indexes``: the extra index URLs the resolution used, so each package can name the index it came from."""
     packages: list[dict[str, Any]] = []
     for package in uv_lock.get("packages", []):
-        packages.append(_normalise(package))
+        entry = _normalise(package)
+        index = entry.get("index") or index_of(entry, indexes)
+        if index:
+            entry["index"] = index
+        packages.append(entry)
     for artifact in local:
         entry: dict[str, Any] = {"name": artifact.name, "version": artifact.version}
         file = {
@@ -84,6 +95,26 @@ def _artifact(name: str, artifact: dict[str, Any]) -> dict[str, Any]:
         where = artifact.get("url") or artifact.get("path") or name
         raise ResolverError(f"the index gave no sha256 for {where}: rawvm only locks artifacts it can verify")
     return {key: artifact[key] for key in _ARTIFACT_KEYS if key in artifact}
+
+
+def index_of(entry: dict[str, Any], indexes: Sequence[str]) -> str | None:
+    """The index a package's wheels came from: PyPI for files.pythonhosted.org, else the index on the same host.
+
+    uv's own pylock output leaves ``index`` out, and ``uv pip sync`` then treats every wheel as a bare URL and
+    unpacks it into a new cache entry on each install (a local machine's environment grew the cache by about a GB
+    a run); with ``index`` set, uv keys its cache by index and reuses what it unpacked before.
+    """
+    urls = [str(wheel.get("url", "")) for wheel in entry.get("wheels", [])]
+    if "sdist" in entry:
+        urls.append(str(entry["sdist"].get("url", "")))
+    hosts = {urlsplit(url).netloc for url in urls if url}
+    if len(hosts) != 1:
+        return None
+    host = hosts.pop()
+    if host == _PYPI_FILES_HOST:
+        return PYPI_SIMPLE
+    matching = [index.rstrip("/") for index in indexes if urlsplit(index).netloc == host]
+    return matching[0] if len(matching) == 1 else None
 
 
 def dumps(document: dict[str, Any]) -> str:
