@@ -41,11 +41,11 @@ def build_pylock(
     """``indexes``: the extra index URLs the resolution used, so each package can name the index it came from."""
     packages: list[dict[str, Any]] = []
     for package in uv_lock.get("packages", []):
-        entry = _normalise(package)
-        index = entry.get("index") or index_of(entry, indexes)
+        normalised = _normalise(package)
+        index = normalised.get("index") or index_of(normalised, indexes)
         if index:
-            entry["index"] = index
-        packages.append(entry)
+            normalised["index"] = index
+        packages.append(normalised)
     for artifact in local:
         entry: dict[str, Any] = {"name": artifact.name, "version": artifact.version}
         file = {

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rawvm_resolver.pylock import PYPI_SIMPLE, build_pylock, dumps, index_of
 from rawvm_resolver.target import Target
+
 from tests.systools import need_index
 
 SIX_URL = (
