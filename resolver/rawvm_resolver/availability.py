@@ -9,9 +9,7 @@ import dataclasses
 import functools
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,10 +23,10 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from rawvm_resolver.errors import ResolverError
+from rawvm_resolver.index_http import RETRY_DELAYS, TransportError, client
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 _JSON = "application/vnd.pypi.simple.v1+json"
-RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # as uv retries: a DNS hiccup or a reset must not fail a whole lock
 
 
 @dataclass(frozen=True)
@@ -70,22 +68,25 @@ def index_files(name: str, index_url: str = PYPI_SIMPLE) -> tuple[IndexFile, ...
 
 def _fetch_json(url: str, failure: str) -> dict[str, object] | None:
     """The index's JSON page; None on 404. Transient failures (DNS, resets, timeouts, 5xx) are retried."""
-    request = urllib.request.Request(url, headers={"Accept": _JSON})  # noqa: S310 (scheme checked by the caller)
     for delay in (*RETRY_DELAYS, None):
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
-                data = json.load(response)
-            return data if isinstance(data, dict) else {}
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            if exc.code < 500 or delay is None:
-                raise ResolverError(f"{failure}: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            response = client().get(url, headers={"Accept": _JSON})
+        except (TransportError, OSError) as exc:
             if delay is None:
                 raise ResolverError(f"{failure}: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise ResolverError(f"{failure}: the index answered something that is not JSON ({exc})") from exc
+        else:
+            if response.status == 404:
+                return None
+            if response.status >= 500 and delay is not None:
+                time.sleep(delay)
+                continue
+            if response.status != 200:
+                raise ResolverError(f"{failure}: HTTP {response.status}")
+            try:
+                data = json.loads(response.body)
+            except ValueError as exc:
+                raise ResolverError(f"{failure}: the index answered something that is not JSON ({exc})") from exc
+            return data if isinstance(data, dict) else {}
         time.sleep(delay)
     raise AssertionError("unreachable")  # the last delay is None: the loop returns or raises
 

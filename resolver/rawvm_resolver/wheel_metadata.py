@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import email.parser
 import io
-import urllib.error
-import urllib.request
 import zipfile
 
 from rawvm_resolver.availability import IndexFile
+from rawvm_resolver.index_http import TransportError, client
 
 _BLOCK = 64 * 1024
 
@@ -24,9 +23,10 @@ class RangeFile(io.RawIOBase):
     def __init__(self, url: str, timeout: float = 60) -> None:
         self.url, self.timeout, self.position = url, timeout, 0
         self.blocks: dict[int, bytes] = {}
-        request = urllib.request.Request(url, method="HEAD")  # noqa: S310 (the caller checks the scheme)
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            self.size = int(response.headers["Content-Length"])
+        response = client().request("HEAD", url, timeout=timeout)
+        if response.status != 200:
+            raise OSError(f"{url}: HTTP {response.status}")
+        self.size = int(response.headers["Content-Length"])
 
     def readable(self) -> bool:
         return True
@@ -54,11 +54,10 @@ class RangeFile(io.RawIOBase):
     def _block(self, index: int) -> bytes:
         if index not in self.blocks:
             first, last = index * _BLOCK, min((index + 1) * _BLOCK, self.size) - 1
-            request = urllib.request.Request(self.url, headers={"Range": f"bytes={first}-{last}"})  # noqa: S310
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
-                if response.status != 206:
-                    raise OSError(f"{self.url}: the server ignored the range request")
-                self.blocks[index] = response.read()
+            response = client().get(self.url, headers={"Range": f"bytes={first}-{last}"}, timeout=self.timeout)
+            if response.status != 206:
+                raise OSError(f"{self.url}: the server ignored the range request")
+            self.blocks[index] = response.body
         return self.blocks[index]
 
 
@@ -70,10 +69,11 @@ def wheel_requirements(file: IndexFile) -> list[str]:
         return []
     if file.metadata:
         try:
-            with urllib.request.urlopen(f"{url}.metadata", timeout=60) as response:  # noqa: S310 (scheme checked)
-                return _requires_dist(response.read().decode("utf-8", errors="replace"))
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
-            pass
+            response = client().get(f"{url}.metadata")
+        except (TransportError, OSError):
+            response = None
+        if response is not None and response.status == 200:
+            return _requires_dist(response.body.decode("utf-8", errors="replace"))
     return remote_wheel_requirements(url) or []
 
 
@@ -85,7 +85,7 @@ def remote_wheel_requirements(url: str) -> list[str] | None:
             if len(names) != 1:
                 return None
             text = wheel.read(names[0]).decode("utf-8", errors="replace")
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError, zipfile.BadZipFile, KeyError, ValueError):
+    except (TransportError, OSError, zipfile.BadZipFile, KeyError, ValueError):
         return None
     return _requires_dist(text)
 
