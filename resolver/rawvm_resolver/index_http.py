@@ -32,6 +32,7 @@ __all__ = [
     "IndexResponse",
     "TransportError",
     "client",
+    "fresh_client",
 ]
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # as uv retries: a DNS hiccup or a reset must not fail a whole lock
@@ -67,8 +68,10 @@ class IndexClient:
         self._clock = clock
         self._lock = threading.Lock()
         self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._lookup_locks: dict[tuple[str, int], threading.Lock] = {}
         self._pools: dict[tuple[str, str, int, str], urllib3.HTTPConnectionPool] = {}
         self.lookups = 0  # how many times a host was asked of the resolver (the benchmark prints it)
+        self.requests = 0
 
     def request(
         self, method: str, url: str, headers: Mapping[str, str] | None = None, timeout: float = 60
@@ -80,6 +83,8 @@ class IndexClient:
         host = parts.hostname
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = self._address(host, port)
+        with self._lock:
+            self.requests += 1
         pool = self._pool(parts.scheme, host, port, address)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         wanted = {"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": "rawvm-resolver", **(headers or {})}
@@ -104,16 +109,21 @@ class IndexClient:
         return self.request("GET", url, headers, timeout)
 
     def _address(self, host: str, port: int) -> str:
-        now = self._clock()
+        """The cached address of the host; the first thread to need it looks it up while the others wait for it
+        (sixteen threads starting at once must not make sixteen lookups, each of which may stall)."""
         with self._lock:
-            cached = self._addresses.get((host, port))
+            host_lock = self._lookup_locks.setdefault((host, port), threading.Lock())
+        with host_lock:
+            now = self._clock()
+            with self._lock:
+                cached = self._addresses.get((host, port))
             if cached is not None and now - cached[0] < ADDRESS_TTL_S:
                 return cached[1][0]
-        addresses = self._resolve(host, port)  # outside the lock: one slow lookup must not hold up the others
-        with self._lock:
-            self.lookups += 1
-            self._addresses[(host, port)] = (now, addresses)
-        return addresses[0]
+            addresses = self._resolve(host, port)  # under the host's lock only: other hosts go on
+            with self._lock:
+                self.lookups += 1
+                self._addresses[(host, port)] = (now, addresses)
+            return addresses[0]
 
     def _forget(self, host: str, port: int) -> None:
         with self._lock:
@@ -136,6 +146,14 @@ class IndexClient:
 
 _CLIENT: IndexClient | None = None
 _CLIENT_LOCK = threading.Lock()
+
+
+def fresh_client() -> IndexClient:
+    """Start over with a new client, as a new process would (the benchmark times each lock as a user's first)."""
+    global _CLIENT
+    with _CLIENT_LOCK:
+        _CLIENT = IndexClient()
+        return _CLIENT
 
 
 def client() -> IndexClient:
