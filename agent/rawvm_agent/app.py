@@ -21,6 +21,7 @@ from aiohttp import web
 
 from rawvm_agent import __version__, agent_metrics, idle, sdnotify, sink, sink_post, spot, stopper
 from rawvm_agent.batch import BatchRunner
+from rawvm_agent.boot_phases import BootPhases
 from rawvm_agent.calls import CallHub
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.environment import Environment
@@ -85,7 +86,8 @@ class Agent:
         )
         self.calls = CallHub(self)  # @rawvm.function calls and their workers (calls.py)
         self.redactor.add(self.calls.worker_token)
-        self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self.save_state)
+        self.boot_phases = BootPhases(self.state_dir)
+        self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self._install_progress)
         self.batch = BatchRunner(
             config, self.state_dir, self._start_batch_task, self._flush_files, http_sink=self.http_sink
         )
@@ -105,6 +107,7 @@ class Agent:
     async def start(self) -> None:
         """Resume or begin: restore state, start telemetry, install (unless done), start the loops."""
         now = self.clock()
+        self.boot_phases.mark("agent_up", now)
         previous = self.store.load()
         if self.store.damage:
             log.warning("state file %s is damaged (%s); starting over", self.store.path, self.store.damage[:200])
@@ -224,6 +227,11 @@ class Agent:
 
     # -- install ----------------------------------------------------------------------------------------
 
+    def _install_progress(self) -> None:
+        if self.installer.progress.step in ("conda", "venv"):  # the steps after every bundle file was verified
+            self.boot_phases.mark("bundle_downloaded", self.clock())
+        self.save_state()
+
     async def _install(self) -> None:
         if self.state.phase == Phase.FAILED:
             log.warning("install failed before this restart (%s); not retrying", self.state.error)
@@ -254,6 +262,7 @@ class Agent:
         self.state.installed_manifest = self.config.bundle.manifest_sha256 if self.config.bundle.files else "-"
         self.state.error = ""
         log.info("environment ready")
+        self.boot_phases.mark("environment_installed", self.clock())
         self.set_phase(Phase.READY)
 
     # -- idle -------------------------------------------------------------------------------------------
@@ -406,6 +415,11 @@ class Agent:
         task = await self.tasks.start(TaskRequest.from_json(body), self.env, self.environ)
         return {"id": task.record.id}
 
+    def _boot_phases(self) -> dict[str, float]:
+        if self.tasks.first_started_at is not None:
+            self.boot_phases.mark("first_task_started", self.tasks.first_started_at)
+        return self.boot_phases.as_dict()
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         decision = self.decision
@@ -416,6 +430,7 @@ class Agent:
             "machine_id": self.config.machine_id,
             "phase": self.state.phase.value,
             "phase_times": dict(self.state.phase_times),
+            "boot_phases": self._boot_phases(),
             "started_at": self.state.started_at,
             "restarts": self.state.restarts,
             "error": self.state.error,

@@ -186,6 +186,7 @@ class TaskManager:
         self.on_change = on_change
         self.tasks: dict[str, Task] = {}
         self.started_total = 0
+        self.first_started_at: float | None = None  # the machine's first task (boot_phases.py)
         self._pumps: set[asyncio.Task[None]] = set()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._load_previous()
@@ -267,6 +268,8 @@ class TaskManager:
         record.pid = task.process.pid
         task.save()
         self.tasks[task_id] = task
+        if self.first_started_at is None:
+            self.first_started_at = record.started_at
         self.started_total += 1
         log.info("task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
         pump = asyncio.create_task(self._run(task), name=f"task-{task_id}")

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from rawvm import clusters, costs, sinks
 from rawvm.agent.client import AgentClient, AgentError, agent_session
@@ -84,7 +84,7 @@ class ClusterView:
     name: str
     provider: str
     created: float
-    machines: list[dict[str, str]]
+    machines: list[dict[str, Any]]
     price_per_hour: float  # USD/hour of every machine of the record (0 when free or unknown)
     cost_so_far: float = 0.0  # USD since launch, each machine at most its lifetime
     price_unknown: bool = False  # some machine of a billed provider has no known price
@@ -113,6 +113,7 @@ def ls() -> list[ClusterView]:
                 "agent_url": m.agent_url,
                 "instance_type": m.instance_type,
                 "price_per_hour": f"{m.price_per_hour:.6f}" if m.price_per_hour else "unknown",
+                "boot_phases": dict(m.boot_phases),
             }
             for m in record.machines
         ]

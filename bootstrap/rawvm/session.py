@@ -20,7 +20,7 @@ from typing import Any, TextIO, TypeVar
 from rawvm_agent.config import IdleConfig
 from rawvm_agent.durations import format_duration
 
-from rawvm import clusters, costs
+from rawvm import boot_timings, clusters, costs
 from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
 from rawvm.progress import MachineProgress, install_detail, make_progress
@@ -215,6 +215,7 @@ async def ready_and_run(
             view.close()
         timings["ready"] = time.monotonic() - mark
         if argv is None:
+            boot_timings.remember(record, await boot_timings.fetch(agents))
             return 0, timings
         mark = time.monotonic()
         many = len(agents) > 1
@@ -222,6 +223,7 @@ async def ready_and_run(
             *(run_on(c, argv, f"[{mid}] " if many else "", output, error_output) for mid, c in agents.items())
         )
         timings["task"] = time.monotonic() - mark
+        boot_timings.remember(record, await boot_timings.fetch(agents))
     return max(codes), timings
 
 

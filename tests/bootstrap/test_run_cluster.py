@@ -30,8 +30,11 @@ def test_up_run_logs_ls_down(tmp_path: Path) -> None:
     cluster = up.stdout.strip()
     assert cluster.startswith("rawvm-")
     try:
-        run = rawvm("run", "--cluster", cluster, "--", "python", "job.py", env=env, cwd=project)
+        run = rawvm("run", "--cluster", cluster, "--timings", "--", "python", "job.py", env=env, cwd=project)
         assert run.returncode == 0, run.stderr
+        start_up = sorted(line for line in run.stderr.splitlines() if " start-up: " in line)
+        assert [line.split()[1] for line in start_up] == ["m0", "m1"], run.stderr
+        assert all("environment_installed" in line and "first_task_started" in line for line in start_up)
         assert sorted(run.stdout.splitlines()) == ["[m0] one 1,234,567", "[m0] two", "[m1] one 1,234,567", "[m1] two"]
 
         logs = rawvm("logs", cluster, env=env, cwd=project)
@@ -43,6 +46,11 @@ def test_up_run_logs_ls_down(tmp_path: Path) -> None:
         listed = json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout)
         (view,) = [v for v in listed if v["name"] == cluster]
         assert view["running"] == 2 and view["provider"] == "local"
+        for machine in view["machines"]:  # the way to the first task, phase by phase, in order (boot_phases.py)
+            phases = machine["boot_phases"]
+            order = ["agent_up", "bundle_downloaded", "environment_installed", "first_task_started"]
+            assert list(phases) == order, phases  # local machines have no bootstrap script before the agent
+            assert [phases[name] for name in order] == sorted(phases[name] for name in order)
     finally:
         down = rawvm("down", cluster, env=env, cwd=project)
     assert down.returncode == 0, down.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from rawvm.agent.tls import ChannelFiles, client_context, make_channel
+from rawvm.boot_timings import PHASE_ORDER as BOOT_PHASES
 from rawvm.options import MachineRequest
 from rawvm.providers.base import Machine, MachineSpec
 from rawvm.providers.qemu import QemuProvider
@@ -138,7 +139,8 @@ def test_rawvm_run_on_qemu_boots_installs_runs_and_powers_off_when_idle(
     requirements.write_text(REQUIREMENT + "\n")
     ca_flags = [arg for cert in host_extra_ca_certs() for arg in ("--extra-ca-cert", str(cert))]
     rawvm = str(Path(sys.executable).parent / "rawvm")  # the console script of this environment
-    command = [rawvm, "run", "--provider", "qemu", "--keepalive", "20s", "--from", str(requirements), *ca_flags]
+    command = [rawvm, "run", "--provider", "qemu", "--keepalive", "20s", "--timings", "--from", str(requirements)]
+    command += ca_flags
     provider = QemuProvider(state)
     started = time.monotonic()
     try:
@@ -152,6 +154,10 @@ def test_rawvm_run_on_qemu_boots_installs_runs_and_powers_off_when_idle(
         assert result.returncode == 0, f"{result.stderr}\n--- serial console (tail) ---\n{tail(serial)}"
         assert result.stdout.startswith("answer = 42\n"), result.stdout
         assert result.stdout.rstrip().endswith("/env"), f"the task must run in the bundle's venv: {result.stdout}"
+        # --timings: the way to the first task, every phase from the kernel's boot on (boot_phases.py)
+        (start_up,) = [line for line in result.stderr.splitlines() if " start-up: " in line]
+        named = [part.split()[0] for part in start_up.split(" start-up: ", 1)[1].split(" → ")]
+        assert named == ["launched", *BOOT_PHASES], start_up
 
         pid = int(machine.details["pid"])
         off = wait_for("qemu to exit by itself", lambda: not process_alive(pid), POWEROFF_TIMEOUT, lambda: tail(serial))

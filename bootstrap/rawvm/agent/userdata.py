@@ -146,6 +146,19 @@ def _unit_path(name: str) -> str:
     return name if name.startswith("/") else f"{UNIT_DIR}/{name}"
 
 
+def phase_prologue(state_dir: str) -> list[str]:
+    """Shell lines that start the machine's phase record (rawvm_agent/boot_phases.py: ``NAME EPOCH`` lines) with
+    the kernel's boot time and this script's start, and define ``mark NAME`` for the later steps."""
+    q = shlex.quote
+    return [
+        f"mkdir -p -m 700 {q(state_dir)}",
+        f"PHASES={q(state_dir + '/boot-phases')}",
+        'mark() { printf \'%s %s\\n\' "$1" "$(date +%s.%N)" >> "$PHASES"; }',
+        'awk \'/^btime/ {print "kernel_boot", $2}\' /proc/stat >> "$PHASES"',
+        "mark bootstrap_start",
+    ]
+
+
 def _install_script(
     agent_config: AgentConfig,
     *,
@@ -165,6 +178,7 @@ def _install_script(
         "# rawvm bootstrap (written by rawvm): uv, the agent's venv and wheel, then the agent service.",
         "set -eu",
         "umask 022",
+        *phase_prologue(agent_config.state_dir),
     ]
     if backstop:
         # Backstop first: whatever happens next, the machine stops after max_lifetime + grace.
@@ -190,6 +204,7 @@ def _install_script(
         "esac",
         'fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
         _UNPACK_UV.rstrip("\n"),
+        "mark uv_ready",
         f"fetch {q(agent_wheel_url)} {q(wheel_path)} {agent_wheel_sha256}",
         f"fetch {q(agent_requirements_url)} {AGENT_REQUIREMENTS} {agent_requirements_sha256}",
     ]
@@ -206,6 +221,7 @@ def _install_script(
         f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python"
         f" --require-hashes --only-binary :all: -r {AGENT_REQUIREMENTS}",
         f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python --no-deps {q(wheel_path)}",
+        "mark agent_venv_ready",
         'rm -rf "$WORK"',
         "systemctl daemon-reload",
         f"systemctl enable --now {AGENT_UNIT}",

@@ -14,6 +14,13 @@ def _run(args: argparse.Namespace) -> int:
     from rawvm import commands
 
     result = commands.run_command(args.cmd, launch_options(args))
+    if args.timings:
+        from rawvm.boot_timings import phase_line
+
+        launch_lines = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.timings.items())
+        print(f"rawvm: timings: {launch_lines}", file=sys.stderr)
+        for machine in result.machines:
+            print(f"rawvm: {phase_line(machine)}", file=sys.stderr)
     return result.exit_code
 
 
@@ -86,6 +93,11 @@ def register(subparsers: Any) -> None:
         usage="rawvm run [options] -- CMD ...",
     )
     machine_flags(run)
+    run.add_argument(
+        "--timings",
+        action="store_true",
+        help="after the run, print where the time went: the laptop's steps and each machine's start-up phases",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after '--'")
     run.set_defaults(func=_run)
 

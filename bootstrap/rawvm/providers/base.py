@@ -73,6 +73,8 @@ class Machine:
     price_per_hour: float = 0.0  # USD, 0 when unknown or free
     launched_at: float = 0.0  # unix time
     details: dict[str, str] = field(default_factory=dict)
+    # phase name -> unix time, as the machine's agent recorded its way to the first task (boot_timings.py)
+    boot_phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:
