@@ -53,6 +53,7 @@ class _GpmDevice:
     name: str
     handle: Any
     samples: list[Any]  # two nvmlGpmSample_t, used in turn
+    request: Any  # its nvmlGpmMetricsGet_t (about 19 KB), metric ids filled once, reused every tick
     newest: int = -1  # which of the two holds the last sample taken; -1: none yet
 
 
@@ -75,9 +76,17 @@ class GpmCollector:
             except nvml.NVMLError as exc:  # FunctionNotFound on drivers before GPM (R520), NotSupported, …
                 log.info("GPU %d: no GPM: %s", index, exc)
                 continue
-            self._devices.append(_GpmDevice(index, uuid, name, handle, samples))
+            self._devices.append(_GpmDevice(index, uuid, name, handle, samples, self._request()))
         if self._devices:
             log.info("NVML GPM: %d GPU(s)", len(self._devices))
+
+    def _request(self) -> Any:
+        request = self._nvml.c_nvmlGpmMetricsGet_t()
+        request.version = self._nvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = len(self._metric_ids)
+        for i, (_, metric_id, _) in enumerate(self._metric_ids):
+            request.metrics[i].metricId = metric_id
+        return request
 
     @property
     def count(self) -> int:
@@ -104,13 +113,9 @@ class GpmCollector:
         previous, device.newest = device.newest, slot
         if previous < 0:
             return None  # one sample is no interval yet
-        request = nvml.c_nvmlGpmMetricsGet_t()
-        request.version = nvml.NVML_GPM_METRICS_GET_VERSION
-        request.numMetrics = len(self._metric_ids)
+        request = device.request
         request.sample1 = device.samples[previous]
         request.sample2 = device.samples[slot]
-        for i, (_, metric_id, _) in enumerate(self._metric_ids):
-            request.metrics[i].metricId = metric_id
         try:
             nvml.nvmlGpmMetricsGet(request)
         except nvml.NVMLError as exc:
