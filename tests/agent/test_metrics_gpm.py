@@ -173,3 +173,21 @@ def test_a_gpm_error_drops_that_interval_and_recovers(gpm_fake: FakeNvmlLib, tmp
         assert entries[3]["nvlink_transmit_bytes_per_second"] == 2003 * MIB
     finally:
         sampler.close()
+
+
+def test_a_gpm_allocation_that_fails_halfway_frees_what_it_got(gpm_fake: FakeNvmlLib, tmp_path: Path) -> None:
+    real, calls = gpm_fake.nvmlGpmSampleAlloc, []
+
+    def every_other(sample_ref: Any) -> int:
+        calls.append(1)
+        return int(real(sample_ref)) if len(calls) % 2 else pynvml.NVML_ERROR_MEMORY
+
+    gpm_fake.nvmlGpmSampleAlloc = CFunction(every_other)  # type: ignore[method-assign]
+    sampler = Sampler(TelemetryConfig(interval=0.05), tmp_path)
+    try:
+        assert len(calls) == 16 and gpm_fake.gpm_samples == {}  # each GPU's first sample freed again
+        sampler.sample_once()
+        sample = sampler.sample_once()
+        assert sample["gpu_profiling"] == [] and "errors" not in sample and len(sample["gpu"]) == 8
+    finally:
+        sampler.close()

@@ -64,17 +64,20 @@ class GpmCollector:
         self._nvml: Any = gpu.nvml
         self._devices: list[_GpmDevice] = []
         self.hostname = gpu.hostname
-        if self._nvml is None:
-            return
+        if self._nvml is None or not hasattr(self._nvml, "nvmlGpmQueryDeviceSupport"):
+            return  # no NVML, or an nvidia-ml-py from before GPM: no GPU has readings, nothing fails
         nvml = self._nvml
         self._metric_ids = [(key, int(getattr(nvml, constant)), factor) for key, (constant, factor) in METRICS.items()]
         for index, uuid, name, handle in gpu.handles():
+            samples: list[Any] = []
             try:
                 if not nvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice:
                     continue
-                samples = [nvml.nvmlGpmSampleAlloc(), nvml.nvmlGpmSampleAlloc()]
-            except nvml.NVMLError as exc:  # FunctionNotFound on drivers before GPM (R520), NotSupported, …
+                for _ in range(2):
+                    samples.append(nvml.nvmlGpmSampleAlloc())
+            except nvml.NVMLError as exc:  # FunctionNotFound on drivers without GPM, NotSupported, …
                 log.info("GPU %d: no GPM: %s", index, exc)
+                self._free(samples)  # the one allocated before the other failed
                 continue
             self._devices.append(_GpmDevice(index, uuid, name, handle, samples, self._request()))
         if self._devices:
@@ -133,12 +136,15 @@ class GpmCollector:
     def close(self) -> None:
         """Free the GPM samples; runs before the GPU collector shuts NVML down (the sampler's order)."""
         for device in self._devices:
-            for sample in device.samples:
-                try:
-                    self._nvml.nvmlGpmSampleFree(sample)
-                except self._nvml.NVMLError as exc:
-                    log.debug("nvmlGpmSampleFree: %s", exc)
+            self._free(device.samples)
         self._devices = []
+
+    def _free(self, samples: list[Any]) -> None:
+        for sample in samples:
+            try:
+                self._nvml.nvmlGpmSampleFree(sample)
+            except self._nvml.NVMLError as exc:
+                log.debug("nvmlGpmSampleFree: %s", exc)
 
     # -- Prometheus -------------------------------------------------------------------------------------------
 
