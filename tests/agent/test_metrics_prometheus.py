@@ -141,14 +141,15 @@ scrape_configs:
 
 
 @pytest.fixture
-async def prometheus_server(tmp_path: Path) -> AsyncIterator[Callable[[int], Awaitable[str]]]:
-    """Start ``prometheus`` on a free loopback port scraping the given agent port; stopped at teardown."""
+async def prometheus_server(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Start ``prometheus`` on a free loopback port scraping the given agent port (with ``prometheus_config``, or
+    the ``config`` text given); stopped at teardown."""
     prometheus = need_tool("prometheus", "prometheus")
     procs: list[subprocess.Popen[bytes]] = []
 
-    async def start(agent_port: int) -> str:
+    async def start(agent_port: int, config_text: str | None = None) -> str:
         config = tmp_path / "prometheus.yml"
-        config.write_text(prometheus_config(agent_port))
+        config.write_text(config_text or prometheus_config(agent_port))
         port = free_port()
         log = (tmp_path / "prometheus.log").open("wb")
         procs.append(

@@ -28,6 +28,7 @@ TIMEOUT: int = pynvml.NVML_ERROR_TIMEOUT
 XID: int = pynvml.nvmlEventTypeXidCriticalError
 HANDLE_BASE = 0x7F000000
 EVENT_SET_ADDRESS = 0x7E000000
+GPM_SAMPLE_BASE = 0x7D000000  # where the fake's GPM sample "allocations" live (opaque pointers, never dereferenced)
 
 
 @dataclass
@@ -50,6 +51,18 @@ class FakeGpu:
     ecc_uncorrected: int | None = 0
     compute_processes: list[tuple[int, int]] = field(default_factory=list)  # (pid, used bytes)
     xid_supported: bool = True
+    # NVML GPM (Hopper and later): metric id (pynvml.NVML_GPM_METRIC_*) → the value nvmlGpmMetricsGet reports for
+    # any interval; a metric not in the map answers NOT_SUPPORTED in its own slot. None: the device has no GPM
+    # (nvmlGpmQueryDeviceSupport says isSupportedDevice 0, as on Ampere and older).
+    gpm: dict[int, float] | None = None
+
+
+@dataclass
+class GpmSample:
+    """What the fake remembers of one allocated ``nvmlGpmSample_t``: which device filled it, and when."""
+
+    gpu: int | None = None
+    taken: int = 0  # increases with every nvmlGpmSampleGet, so two samples have an order
 
 
 class CFunction:
@@ -86,6 +99,9 @@ class FakeNvmlLib:
         self.registered: dict[int, int] = {}  # gpu index → event mask
         self.calls: dict[str, int] = {}
         self.initialized = 0
+        self.gpm_samples: dict[int, GpmSample] = {}  # address → sample; freed ones are removed
+        self._gpm_allocated = 0
+        self._gpm_clock = 0
         for name in dir(type(self)):
             if name.startswith("nvml"):
                 setattr(self, name, CFunction(self._counted(name, getattr(self, name))))
@@ -262,6 +278,62 @@ class FakeNvmlLib:
     def nvmlEventSetFree(self, event_set: Any) -> int:
         return SUCCESS if _address(event_set) == EVENT_SET_ADDRESS else INVALID_ARGUMENT
 
+    # -- GPM (GPU performance monitoring) ---------------------------------------------------------------------
+    # NVML's contract (nvml.h): a caller allocates two samples, fills each with nvmlGpmSampleGet on one device,
+    # and nvmlGpmMetricsGet computes each requested metric over the interval between them, writing a value and a
+    # status per metric slot; the call itself fails only when the request is malformed.
+
+    def nvmlGpmQueryDeviceSupport(self, handle: Any, support_ref: Any) -> int:
+        gpu = self._gpu(handle)
+        support = _target(support_ref)
+        if gpu is None or support.version != pynvml.NVML_GPM_SUPPORT_VERSION:
+            return INVALID_ARGUMENT
+        support.isSupportedDevice = int(gpu.gpm is not None)
+        return SUCCESS
+
+    def nvmlGpmSampleAlloc(self, sample_ref: Any) -> int:
+        self._gpm_allocated += 1
+        address = GPM_SAMPLE_BASE + 0x100 * self._gpm_allocated
+        self.gpm_samples[address] = GpmSample()
+        _write_pointer(sample_ref, address)
+        return SUCCESS
+
+    def nvmlGpmSampleFree(self, sample: Any) -> int:
+        return SUCCESS if self.gpm_samples.pop(_address(sample) or 0, None) is not None else INVALID_ARGUMENT
+
+    def nvmlGpmSampleGet(self, handle: Any, sample: Any) -> int:
+        index, slot = self._index(handle), self.gpm_samples.get(_address(sample) or 0)
+        if index is None or slot is None:
+            return INVALID_ARGUMENT
+        if self.gpus[index].gpm is None:
+            return NOT_SUPPORTED
+        self._gpm_clock += 1
+        slot.gpu, slot.taken = index, self._gpm_clock
+        return SUCCESS
+
+    def nvmlGpmMetricsGet(self, request_ref: Any) -> int:
+        request = _target(request_ref)
+        first = self.gpm_samples.get(_address(request.sample1) or 0)
+        second = self.gpm_samples.get(_address(request.sample2) or 0)
+        if (
+            request.version != pynvml.NVML_GPM_METRICS_GET_VERSION
+            or first is None
+            or second is None
+            or first.gpu is None
+            or first.gpu != second.gpu
+            or first.taken >= second.taken  # an interval runs from the older sample to the newer one
+            or not 0 < request.numMetrics <= pynvml.NVML_GPM_METRIC_MAX
+        ):
+            return INVALID_ARGUMENT
+        values = self.gpus[first.gpu].gpm or {}
+        for i in range(request.numMetrics):
+            slot = request.metrics[i]
+            if slot.metricId in values:
+                slot.value, slot.nvmlReturn = values[slot.metricId], SUCCESS
+            else:
+                slot.value, slot.nvmlReturn = 0.0, NOT_SUPPORTED
+        return SUCCESS
+
 
 @contextlib.contextmanager
 def installed(lib: Any) -> Iterator[Any]:
@@ -298,6 +370,36 @@ def eight_gpus() -> FakeNvmlLib:
     ]
     gpus[3].power_mw = None
     return FakeNvmlLib(gpus)
+
+
+GPM_NVLINK = (pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC, pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC)
+
+
+def gpm_values(i: int) -> dict[int, float]:
+    """GPU ``i``'s GPM readings: percentages 0-100 and MiB/s, as NVML reports them; distinct per GPU and metric."""
+    return {
+        pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: 50.0 + i,
+        pynvml.NVML_GPM_METRIC_SM_UTIL: 40.0 + i,
+        pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: 20.5 + i,
+        pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: 30.0 + 2 * i,
+        pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: 60.25 + i,
+        pynvml.NVML_GPM_METRIC_FP64_UTIL: 0.5 * i,
+        pynvml.NVML_GPM_METRIC_FP32_UTIL: 10.0 + i,
+        pynvml.NVML_GPM_METRIC_FP16_UTIL: 5.0 + i,
+        pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC: 100.0 + i,
+        pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC: 200.0 + i,
+        pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: 1000.0 + i,
+        pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: 2000.0 + i,
+    }
+
+
+def eight_gpm_gpus() -> FakeNvmlLib:
+    """``eight_gpus`` on a Hopper-class machine: every GPU answers GPM; GPU 2 has no NVLink (those metrics
+    answer NOT_SUPPORTED in their own slots, the rest of its metrics still come)."""
+    lib = eight_gpus()
+    for i, gpu in enumerate(lib.gpus):
+        gpu.gpm = {k: v for k, v in gpm_values(i).items() if i != 2 or k not in GPM_NVLINK}
+    return lib
 
 
 # -- the fake against the real wrappers ---------------------------------------------------------------------
@@ -349,3 +451,50 @@ def test_fake_event_wait_times_out_then_delivers_an_xid() -> None:
         assert (data.eventType, data.eventData) == (XID, 79)
         assert _address(data.device) == _address(handle)
         pynvml.nvmlEventSetFree(event_set)
+
+
+def test_real_gpm_wrappers_read_the_fake() -> None:
+    lib = eight_gpm_gpus()
+    with installed(lib):
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(2)
+        assert pynvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice == 1
+        older, newer = pynvml.nvmlGpmSampleAlloc(), pynvml.nvmlGpmSampleAlloc()
+        pynvml.nvmlGpmSampleGet(handle, older)
+        pynvml.nvmlGpmSampleGet(handle, newer)
+        request = pynvml.c_nvmlGpmMetricsGet_t()
+        request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
+        request.numMetrics = 2
+        request.sample1, request.sample2 = older, newer
+        request.metrics[0].metricId = pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL
+        request.metrics[1].metricId = pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC
+        pynvml.nvmlGpmMetricsGet(request)
+        assert (request.metrics[0].nvmlReturn, request.metrics[0].value) == (SUCCESS, 34.0)
+        assert request.metrics[1].nvmlReturn == NOT_SUPPORTED  # GPU 2 has no NVLink
+        request.sample1, request.sample2 = newer, older  # backwards: a malformed request fails as a whole
+        try:
+            pynvml.nvmlGpmMetricsGet(request)
+        except pynvml.NVMLError_InvalidArgument:
+            pass
+        else:
+            raise AssertionError("an interval from the newer sample to the older one must be refused")
+        pynvml.nvmlGpmSampleFree(older)
+        pynvml.nvmlGpmSampleFree(newer)
+        assert lib.gpm_samples == {}
+        pynvml.nvmlShutdown()
+
+
+def test_fake_without_gpm_says_so() -> None:
+    with installed(eight_gpus()):
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        assert pynvml.nvmlGpmQueryDeviceSupport(handle).isSupportedDevice == 0
+        sample = pynvml.nvmlGpmSampleAlloc()
+        try:
+            pynvml.nvmlGpmSampleGet(handle, sample)
+        except pynvml.NVMLError_NotSupported:
+            pass
+        else:
+            raise AssertionError("a device without GPM must refuse a GPM sample")
+        pynvml.nvmlGpmSampleFree(sample)
+        pynvml.nvmlShutdown()

@@ -38,7 +38,7 @@ from rawvm_agent.telemetry.store import Store
 
 from tests.agent.core_helpers import TOKEN
 from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
-from tests.agent.test_nvml_fakelib import eight_gpus, installed
+from tests.agent.test_nvml_fakelib import eight_gpm_gpus, eight_gpus, installed
 from tests.helpers.local import local_project
 from tests.helpers.tls import make_test_channel
 from tests.systools import need_tool
@@ -283,6 +283,35 @@ async def test_a_running_machine_reports_from_its_agent(
     assert summary.gpu_hours > 0 and summary.cost_usd == 0.0  # local: free
     for row in table.iter_rows(named=True):
         assert row["gpu2_util_percent"] == served[row["seq"]]["gpu"][2]["utilization_gpu_percent"] == 25
+    assert not [c for c in table.columns if "tensor" in c]  # no GPM on these GPUs: no profiling columns
+
+
+async def test_gpm_profiling_fields_reach_the_report_csv(
+    state: Path, tmp_path: Path, aiohttp_server: ServerFactory
+) -> None:
+    """A running Hopper-class machine (8 fake GPUs with GPM): the CSV has each GPU's tensor, SM and DRAM activity
+    and PCIe/NVLink rates as the agent sampled them; GPU 2, without NVLink, has those columns empty."""
+    with installed(eight_gpm_gpus()):
+        channel = make_test_channel(tmp_path / "tls", "hopper")
+        server = await serve_agent(aiohttp_server, tmp_path / "agent", channel.agent)
+        await asyncio.sleep(1.0)  # a few samples at the test agent's 0.2 s interval (GPM needs two)
+        url = str(server.make_url("")).rstrip("/")
+        machine = Machine(id="hopper-m0", provider="local", cluster="hopper", agent_url=url, launched_at=time.time())
+        record = clusters.ClusterRecord(
+            name="hopper", provider="local", token=TOKEN, machines=[machine], channel_dir=str(channel.laptop.directory)
+        )
+        clusters.save(record)
+        csv = tmp_path / "hopper.csv"
+        await asyncio.to_thread(make_report, "hopper", csv, "csv")
+    table = pl.read_csv(csv)
+    measured = table.filter(pl.col("gpu0_tensor_active_percent").is_not_null())
+    assert measured.height >= 2 and measured.height >= table.height - 1  # only the agent's first sample lacks it
+    for i in range(8):
+        assert measured.get_column(f"gpu{i}_tensor_active_percent").unique().to_list() == [30.0 + 2 * i]
+        assert measured.get_column(f"gpu{i}_sm_active_percent").unique().to_list() == [40.0 + i]
+        assert measured.get_column(f"gpu{i}_pcie_transmit_bytes_per_second").unique().to_list() == [(100 + i) << 20]
+    assert measured.get_column("gpu2_nvlink_transmit_bytes_per_second").null_count() == measured.height
+    assert measured.get_column("gpu3_nvlink_transmit_bytes_per_second").unique().to_list() == [2003 << 20]
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ from rich.console import Console
 
 from tests.agent.core_helpers import TOKEN
 from tests.agent.test_metrics_prometheus import ServerFactory, serve_agent
-from tests.agent.test_nvml_fakelib import FakeNvmlLib, eight_gpus, installed
+from tests.agent.test_nvml_fakelib import FakeNvmlLib, eight_gpm_gpus, eight_gpus, installed
 from tests.helpers.local import local_project
 from tests.helpers.tls import Channel, make_test_channel
 from tests.systools import need_tool
@@ -216,6 +216,7 @@ async def test_gpu_columns_and_prices_from_an_agent_with_eight_gpus(
     console.print(render([view], time.time(), 40))
     text = console.export_text()
     assert "unknown" in text and "sw_power_cap" in text and "75%" in text  # GPU 7: util 75
+    assert "tensor" not in text  # no GPM on these GPUs: no tensor column at all
     assert sum(1 for line in text.splitlines() if " W " in line or line.rstrip().endswith(" W")) >= 7
 
     async with Follower([record_for(url, "aws", 4.0, channel)]) as follower:  # a known price: half an hour at $4/h
@@ -225,3 +226,23 @@ async def test_gpu_columns_and_prices_from_an_agent_with_eight_gpus(
     console = Console(width=220, height=6, record=True, color_system=None)
     console.print(render([view], time.time(), 6))
     assert "1 more rows below the screen" in console.export_text()
+
+
+async def test_tensor_activity_per_machine_from_gpm(aiohttp_server: ServerFactory, tmp_path: Path) -> None:
+    with installed(eight_gpm_gpus()):
+        channel = make_test_channel(tmp_path / "tls", "c1")
+        server = await serve_agent(aiohttp_server, tmp_path, channel.agent)
+        url = str(server.make_url("")).rstrip("/")
+        async with Follower([record_for(url, "aws", 0.0, channel)]) as follower:
+            deadline = time.monotonic() + 30
+            (view,) = await follower.poll_all()
+            while view.tensor_active_percent is None and time.monotonic() < deadline:  # GPM: two samples first
+                await asyncio.sleep(0.1)
+                (view,) = await follower.poll_all()
+    # GPM's any-tensor utilization of GPU i is 30 + 2i %: per GPU, and the machine's mean 37 %
+    assert [g.tensor_active_percent for g in view.gpus] == [30.0 + 2 * i for i in range(8)]
+    assert view.tensor_active_percent == pytest.approx(37.0)
+    console = Console(width=240, height=40, record=True, color_system=None)
+    console.print(render([view], time.time(), 40))
+    header, first = console.export_text().splitlines()[1:3]
+    assert header.split()[-1] == "tensor" and first.split()[-1] == "37%"  # the last, optional column

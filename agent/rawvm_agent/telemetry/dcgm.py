@@ -13,7 +13,8 @@ Two renderings of the same readings, because dcgm-exporter's own output does not
 - ``families(..., exact=True)``, served alone at ``/metrics/dcgm``: every field with dcgm-exporter's full label
   set and types, for dashboards that group by ``modelName`` (scrape that path instead).
 
-Rendering runs per scrape from the newest sample; the sampling loop does no extra work.
+Rendering runs per scrape from the newest sample; the sampling loop does no extra work. The profiling fields
+(``DCGM_FI_PROF_*``, from NVML GPM where the GPU has it) follow the same two renderings.
 """
 
 from __future__ import annotations
@@ -66,6 +67,72 @@ _FIELDS: tuple[tuple[str, str, str, Callable[[Gpu], float | None]], ...] = (
         lambda g: g.get("clock_event_reasons"),
     ),
 )
+
+
+# The profiling (DCP) fields from NVML GPM (collectors/gpm.py): (name, HELP as dcgm-exporter's CSVs write it, the
+# sample key, its divisor). DCGM reports the activities as ratios 0-1 (its dashboard's "percentunit"), the sample
+# has percentages; PCIe and NVLink are rates in bytes per second, gauges as in dcgm-exporter's
+# dcp-metrics-included.csv. GR_ENGINE_ACTIVE comes along: dcgm-exporter's default counters enable it.
+PROFILING_FIELDS: tuple[tuple[str, str, str, int], ...] = (
+    ("DCGM_FI_PROF_GR_ENGINE_ACTIVE", "Ratio of time the graphics engine is active.", "graphics_active_percent", 100),
+    (
+        "DCGM_FI_PROF_SM_ACTIVE",
+        "The ratio of cycles an SM has at least 1 warp assigned.",
+        "sm_active_percent",
+        100,
+    ),
+    ("DCGM_FI_PROF_SM_OCCUPANCY", "The ratio of number of warps resident on an SM.", "sm_occupancy_percent", 100),
+    (
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "Ratio of cycles the tensor (HMMA) pipe is active.",
+        "tensor_active_percent",
+        100,
+    ),
+    (
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "Ratio of cycles the device memory interface is active sending or receiving data.",
+        "dram_active_percent",
+        100,
+    ),
+    ("DCGM_FI_PROF_PIPE_FP64_ACTIVE", "Ratio of cycles the fp64 pipes are active.", "fp64_active_percent", 100),
+    ("DCGM_FI_PROF_PIPE_FP32_ACTIVE", "Ratio of cycles the fp32 pipes are active.", "fp32_active_percent", 100),
+    ("DCGM_FI_PROF_PIPE_FP16_ACTIVE", "Ratio of cycles the fp16 pipes are active.", "fp16_active_percent", 100),
+    (
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "The rate of data transmitted over the PCIe bus - including both protocol headers and data payloads - "
+        "in bytes per second.",
+        "pcie_transmit_bytes_per_second",
+        1,
+    ),
+    (
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "The rate of data received over the PCIe bus - including both protocol headers and data payloads - "
+        "in bytes per second.",
+        "pcie_receive_bytes_per_second",
+        1,
+    ),
+    (
+        "DCGM_FI_PROF_NVLINK_TX_BYTES",
+        "The rate of data transmitted over NVLink, all links, in bytes per second.",
+        "nvlink_transmit_bytes_per_second",
+        1,
+    ),
+    (
+        "DCGM_FI_PROF_NVLINK_RX_BYTES",
+        "The rate of data received over NVLink, all links, in bytes per second.",
+        "nvlink_receive_bytes_per_second",
+        1,
+    ),
+)
+
+
+def profiling_families(entries: list[dict[str, Any]], hostname: str, *, exact: bool = False) -> Iterator[str]:
+    """The ``DCGM_FI_PROF_*`` gauges for one sample's ``gpu_profiling`` list; a GPU without a field has no
+    sample in that family, and a family no GPU has renders nothing."""
+    per_gpu = [(g, labels(g, hostname, exact=exact)) for g in entries]
+    for name, help, key, divisor in PROFILING_FIELDS:
+        samples = [(lbl, g[key] / divisor if divisor != 1 else g[key]) for g, lbl in per_gpu if key in g]
+        yield family(name, "gauge", help, samples)
 
 
 def _div(value: Any, by: int) -> int | None:

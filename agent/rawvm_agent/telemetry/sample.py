@@ -23,6 +23,10 @@ Fields (units in the key names; counters are totals since boot, rates are the re
   ``processes`` (list of ``pid``, ``used_memory_bytes``), ``xid_errors`` (XID code as a string → count),
   ``xid_last`` (the latest XID code).
   A key the device does not support is absent.
+- ``gpu_profiling``: list, one map per GPU with NVML GPM readings over the last interval (collectors/gpm.py):
+  ``index``, ``uuid``, ``name``, ``sm_active_percent``, ``sm_occupancy_percent``, ``tensor_active_percent``,
+  ``dram_active_percent``, ``fp16/fp32/fp64_active_percent``, ``graphics_active_percent``,
+  ``pcie_transmit/receive_bytes_per_second``, ``nvlink_transmit/receive_bytes_per_second``. Empty without GPM.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from rawvm_agent.telemetry.collectors import (
     Collector,
     CpuCollector,
     DiskCollector,
+    GpmCollector,
     GpuCollector,
     LoadCollector,
     MemoryCollector,
@@ -86,6 +87,8 @@ class Sampler:
         capacity = max(1, math.ceil(config.ring_seconds / config.interval))
         gpu = _build(GpuCollector, "gpu", config.nvml_library)
         self._gpu = gpu if isinstance(gpu, GpuCollector) else GpuCollector.none()
+        gpm = _build(GpmCollector, "gpu_profiling", self._gpu)  # before gpu: it closes first, NVML still up
+        self._gpm = gpm if isinstance(gpm, GpmCollector) else None
         self._collectors: list[Collector] = [
             _build(CpuCollector, "cpu"),
             _build(MemoryCollector, "memory"),
@@ -93,6 +96,7 @@ class Sampler:
             _build(NetworkCollector, "network"),
             _build(LoadCollector, "load"),
             _build(ProcessesCollector, "processes"),
+            gpm,
             gpu,
         ]
         self._lock = threading.Lock()
@@ -327,7 +331,11 @@ class Sampler:
         """The GPU fields alone, exactly as dcgm-exporter names and labels them (see telemetry/dcgm.py)."""
         sample = self.latest()
         gpus = sample.get("gpu") if sample else None
-        return "".join(self._gpu.dcgm_metrics(gpus)) if isinstance(gpus, list) else ""
+        page = "".join(self._gpu.dcgm_metrics(gpus)) if isinstance(gpus, list) else ""
+        profiling = sample.get(GpmCollector.name) if sample else None
+        if self._gpm is not None and isinstance(profiling, list):
+            page += "".join(self._gpm.dcgm_metrics(profiling))
+        return page
 
     def _process_families(self) -> list[str]:
         """The agent's own footprint, under the names every Prometheus client library uses."""

@@ -114,6 +114,10 @@ def render(views: Sequence[Any], now: float, height: int) -> Any:
         ("cost", "right"),
     ):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    # Tensor-core activity (NVML GPM, Hopper and later): an optional last column, only when some machine has it.
+    tensor = any(getattr(v, "tensor_active_percent", None) is not None for v in views)
+    if tensor:
+        table.add_column("tensor", justify="right", no_wrap=True)
     budget = max(1, height - 3)  # the summary line, the header, a spare line
     hidden = 0
     for v in views:
@@ -155,6 +159,7 @@ def render(views: Sequence[Any], now: float, height: int) -> Any:
             "\n".join(",".join(x.throttle) or "-" for x in g),
             idle,
             _money(v.cost_so_far(now), v.price_per_hour),
+            *([_fmt(v.tensor_active_percent, ".0f", "%")] if tensor else []),
             style=style,
         )
     header = Text(f"rawvm top · {summary_line(views, now, hidden)} · Ctrl-C quits", style="bold")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 from rawvm_agent.config import IdleConfig
+from rawvm_agent.telemetry.collectors.gpm import METRICS as GPM_METRICS
 
 from rawvm.errors import RawvmError, UsageError
 from rawvm.providers import FREE_PROVIDERS
@@ -46,6 +47,9 @@ GPU_FIELDS = (
     ("temperature_celsius", "temperature_celsius"),
     ("sm_clock_hertz", "sm_clock_hertz"),
 )
+# The GPM collector's profiling fields (tensor/SM/DRAM activity in %, PCIe and NVLink bytes per second), joined to
+# each GPU's row by index; a field no GPU of the report has is left out of the CSV rather than a column of blanks.
+PROFILING_FIELDS = tuple(GPM_METRICS)
 EXTRA_HINT = "rawvm report needs its plotting and dataframe libraries: pip install 'rawvm[report]'"
 
 
@@ -231,13 +235,14 @@ def sample_rows(telemetry: ClusterTelemetry) -> tuple[dict[str, list[Any]], dict
         )
     }
     gpu_rows: dict[str, list[Any]] = {k: [] for k in ("machine", "seq", "t", "gpu", "uuid", "name")}
-    for _, column in GPU_FIELDS:
+    for column in (*(c for _, c in GPU_FIELDS), *PROFILING_FIELDS):
         gpu_rows[column] = []
     for machine in sorted(telemetry.samples):
         for seq in sorted(telemetry.samples[machine]):
             s = telemetry.samples[machine][seq]
             cpu, memory, load = s.get("cpu"), s.get("memory"), s.get("load")
             gpus = [g for g in s.get("gpu") or [] if isinstance(g, dict)]
+            profiling = {p.get("index"): p for p in s.get("gpu_profiling") or [] if isinstance(p, dict)}
             rows["machine"].append(machine)
             rows["seq"].append(seq)
             rows["t"].append(float(s["t"]))
@@ -262,6 +267,10 @@ def sample_rows(telemetry: ClusterTelemetry) -> tuple[dict[str, list[Any]], dict
                 for key, column in GPU_FIELDS:
                     value = g.get(key)
                     gpu_rows[column].append(float(value) if value is not None else None)
+                prof = profiling.get(g.get("index"), {})
+                for key in PROFILING_FIELDS:
+                    value = prof.get(key)
+                    gpu_rows[key].append(float(value) if isinstance(value, int | float) else None)
     return rows, gpu_rows
 
 
@@ -313,6 +322,7 @@ def frames(telemetry: ClusterTelemetry) -> Frames:
         "uuid": pl.String,
         "name": pl.String,
         **{column: pl.Float64 for _, column in GPU_FIELDS},
+        **{column: pl.Float64 for column in PROFILING_FIELDS},
     }
     gpus = pl.DataFrame(gpu_rows, schema=gpu_schema).join(
         machines.select("machine", "seq", "dt_s"), on=["machine", "seq"], how="left"
@@ -325,7 +335,8 @@ def wide(f: Frames) -> pl.DataFrame:
     pl = need_polars()
     out = f.machines
     if f.gpus.height:
-        columns = [c for _, c in GPU_FIELDS]
+        present = [c for c in PROFILING_FIELDS if f.gpus.get_column(c).null_count() < f.gpus.height]
+        columns = [c for _, c in GPU_FIELDS] + present
         pivoted = f.gpus.pivot(on="gpu", index=["machine", "seq"], values=columns, aggregate_function="first")
         renamed = {}
         for column in pivoted.columns:

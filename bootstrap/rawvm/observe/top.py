@@ -42,6 +42,7 @@ class GpuView:
     power_watts: float | None = None
     temperature_celsius: float | None = None
     throttle: list[str] = field(default_factory=list)
+    tensor_active_percent: float | None = None  # NVML GPM (Hopper and later); None where the GPU lacks it
 
     @classmethod
     def of(cls, gpu: dict[str, Any]) -> GpuView:
@@ -88,6 +89,7 @@ class MachineView:
     net_receive_bytes_per_s: float | None = None
     net_transmit_bytes_per_s: float | None = None
     gpus: list[GpuView] = field(default_factory=list)
+    tensor_active_percent: float | None = None  # mean over the GPUs that report it (GPM); None: none does
 
     def cost_so_far(self, now: float) -> float | None:
         """USD since launch at the record's price; None when the price is unknown."""
@@ -166,6 +168,20 @@ def apply_samples(view: MachineView, samples: Sequence[dict[str, Any]], previous
             view.net_transmit_bytes_per_s = max(0.0, (now_net[1] - before_net[1]) / dt)
     gpus = newest.get("gpu")
     view.gpus = [GpuView.of(g) for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else []
+    _apply_profiling(view, newest.get("gpu_profiling"))
+
+
+def _apply_profiling(view: MachineView, profiling: Any) -> None:
+    """Tensor-core activity from the GPM collector's entries, per GPU and as the machine's mean."""
+    entries = profiling if isinstance(profiling, list) else []
+    tensor = {
+        e.get("index"): float(e["tensor_active_percent"])
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("tensor_active_percent"), int | float)
+    }
+    for gpu in view.gpus:
+        gpu.tensor_active_percent = tensor.get(gpu.index)
+    view.tensor_active_percent = sum(tensor.values()) / len(tensor) if tensor else None
 
 
 def apply_status(view: MachineView, status: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rawvm_agent.telemetry.collectors.base import Collector
 from rawvm_agent.telemetry.collectors.cpu import CpuCollector
 from rawvm_agent.telemetry.collectors.disk import DiskCollector
+from rawvm_agent.telemetry.collectors.gpm import GpmCollector
 from rawvm_agent.telemetry.collectors.gpu import GpuCollector
 from rawvm_agent.telemetry.collectors.load import LoadCollector
 from rawvm_agent.telemetry.collectors.memory import MemoryCollector
@@ -15,6 +16,7 @@ __all__ = [
     "Collector",
     "CpuCollector",
     "DiskCollector",
+    "GpmCollector",
     "GpuCollector",
     "LoadCollector",
     "MemoryCollector",

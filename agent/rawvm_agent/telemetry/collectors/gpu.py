@@ -88,6 +88,15 @@ class GpuCollector:
     def count(self) -> int:
         return len(self._devices)
 
+    @property
+    def nvml(self) -> Any:
+        """The started ``pynvml`` module, None without NVML: shared with the GPM collector (one nvmlInit)."""
+        return self._nvml
+
+    def handles(self) -> list[tuple[int, str, str, Any]]:
+        """``(index, uuid, name, NVML handle)`` per GPU, for collectors that read the same GPUs another way."""
+        return [(d.index, d.uuid, d.name, d.handle) for d in self._devices]
+
     def _open(self, library: str) -> None:
         # Importing pynvml costs several MB; skip it on machines with no NVML library at all.
         if "pynvml" not in sys.modules and not _library_loadable(library or DEFAULT_LIBRARY):
