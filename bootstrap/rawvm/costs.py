@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
-from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.clusters import ClusterRecord
+from rawvm.options import BACKSTOP_GRACE
 from rawvm.providers import FREE_PROVIDERS
 
 

@@ -24,10 +24,9 @@ from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig
 from rawvm_resolver.target import DEFAULT_CUDA, Target, parse_platform
 
 from rawvm import clusters, cost_guard, sinks
-from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
-from rawvm.options import Environment, LaunchOptions
+from rawvm.options import BACKSTOP_GRACE, Environment, LaunchOptions
 from rawvm.providers import get_provider
 from rawvm.providers.base import Machine, MachineSpec, Provider
 from rawvm.session import Launched, say

@@ -22,6 +22,7 @@ PROVIDERS = ("local", "qemu", "aws")  # providers.get_provider builds each
 SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 DEFAULT_KEEPALIVE = "20m"
 DEFAULT_MAX_LIFETIME = "12h"
+BACKSTOP_GRACE = 600  # seconds past max_lifetime before the backstop powers off regardless of the agent
 MAX_COST_NOT_GIVEN = "default"  # the project's [tool.rawvm] max-cost applies
 CLI_FLAGS = ("--keepalive", "--max-lifetime")  # how errors name the lifetime options on the command line
 

@@ -13,7 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
-from rawvm.agent.userdata import AGENT_TLS_DIR, AGENT_TOML, BACKSTOP_GRACE
+from rawvm.agent.userdata import AGENT_TLS_DIR, AGENT_TOML
+from rawvm.options import BACKSTOP_GRACE
 
 from tests.bootstrap.test_aws_moto import REGION, SENT_TEMPLATES, MotoServer, record_calls
 from tests.bootstrap.test_aws_provider import TOKEN, make_provider, make_spec

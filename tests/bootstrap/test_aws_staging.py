@@ -19,10 +19,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.cli import main
 from rawvm.errors import RawvmError
-from rawvm.options import MachineRequest
+from rawvm.options import BACKSTOP_GRACE, MachineRequest
 from rawvm.providers.aws.config import read_settings
 from rawvm.providers.aws.provider import AwsProvider
 from rawvm.providers.aws.staging import EXPIRE_DAYS, S3Stager

@@ -23,9 +23,9 @@ import pytest
 from botocore.loaders import Loader
 from botocore.stub import Stubber
 from rawvm import clusters, cost_guard, costs
-from rawvm.agent.userdata import BACKSTOP_GRACE
 from rawvm.cli import main
 from rawvm.errors import RawvmError, UsageError
+from rawvm.options import BACKSTOP_GRACE
 from rawvm.providers.aws import prices as aws_prices
 from rawvm.providers.aws.prices import PriceBook, on_demand_usd
 from rawvm.providers.aws.provider import AwsProvider

@@ -30,9 +30,10 @@ import yaml
 from aiohttp.test_utils import TestServer
 from rawvm import clusters, sinks
 from rawvm.agent.client import AgentClient, agent_session
-from rawvm.agent.userdata import AGENT_TOML, BACKSTOP_GRACE
+from rawvm.agent.userdata import AGENT_TOML
 from rawvm.batches import array as batches
 from rawvm.files import records_dir
+from rawvm.options import BACKSTOP_GRACE
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine
 from rawvm.providers.sink_fetch import FlushCache, machine_flush_pattern

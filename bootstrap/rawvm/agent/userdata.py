@@ -38,6 +38,7 @@ from rawvm_agent.systemd import render_backstop_command, render_units
 from rawvm.agent.tls import ServerCredentials
 from rawvm.agent.uvwheel import UvWheel
 from rawvm.errors import UsageError
+from rawvm.options import BACKSTOP_GRACE
 
 USER_DATA_LIMIT = 16384  # bytes before base64: EC2's limit for user-data
 AGENT_TOML = "/etc/rawvm/agent.toml"
@@ -50,7 +51,6 @@ AGENT_UNIT = "rawvm-agent.service"
 CA_DIR = "/usr/local/share/ca-certificates"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # what OpenSSL, Python and uv --native-tls read
 UNIT_DIR = "/etc/systemd/system"
-BACKSTOP_GRACE = 600  # seconds past max_lifetime before the backstop powers off regardless of the agent
 
 _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----", re.DOTALL)
 _SHA256 = re.compile(r"[0-9a-f]{64}")

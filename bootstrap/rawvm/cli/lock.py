@@ -8,13 +8,13 @@ from pathlib import Path
 
 from rawvm_images.ec2 import UBUNTU_2404_GLIBC
 from rawvm_images.local_vm import DEBIAN_12_GLIBC
-from rawvm_resolver import Target, lock
 from rawvm_resolver.errors import InputError
 from rawvm_resolver.export import FORMATS, export
 from rawvm_resolver.report import format_table, to_json
 from rawvm_resolver.target import (
     DEFAULT_CUDA,
     PLATFORMS,
+    Target,
     parse_cuda_version,
     parse_glibc_version,
     parse_platform,
@@ -100,6 +100,8 @@ def target_from_args(args: argparse.Namespace) -> Target:
 
 
 def run_lock(args: argparse.Namespace) -> int:
+    from rawvm_resolver import lock  # the whole resolver, only for the commands that lock (~40 ms on every other)
+
     target = target_from_args(args)
     if args.torch_index and not args.torch_index.startswith(("https://", "http://", "file://")):
         raise InputError(

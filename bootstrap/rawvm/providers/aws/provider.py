@@ -27,10 +27,11 @@ from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
 from rawvm.agent.staged import stage_agent
-from rawvm.agent.userdata import BACKSTOP_GRACE, encode_user_data, render_user_data
+from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
 from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
+from rawvm.options import BACKSTOP_GRACE
 from rawvm.providers.aws import fleet as aws_fleet
 from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import prices as aws_prices
