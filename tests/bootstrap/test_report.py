@@ -31,6 +31,7 @@ from PIL import Image
 from rawvm import clusters, sinks
 from rawvm.cli import main
 from rawvm.cli.report import make_report
+from rawvm.observe import report_data, report_render
 from rawvm.providers.base import Machine
 from rawvm_agent.telemetry.collectors import CpuCollector, GpuCollector, MemoryCollector
 from rawvm_agent.telemetry.sample import pack
@@ -309,3 +310,74 @@ def test_rawvm_down_lets_the_machines_flush_first(tmp_path: Path) -> None:
     made = rawvm("report", cluster, "-o", str(out), env=env, cwd=project)
     assert made.returncode == 0, made.stderr
     assert "<code>python -c print(&#x27;hi&#x27;)</code>" in out.read_text()
+
+
+# -- the PNG: one time axis, a legend, labels that do not overprint ------------------------------------------
+
+
+def plant_batch_machine(cluster: str, machine: str, start: float, ids: range, seconds: float) -> None:
+    """A local machine's flush: 1 Hz samples (CPU rising and falling) and one short batch task per id, each with
+    its result (id, value, the agent task that ran it), as an agent writes them."""
+    flush = sinks.sink_dir(cluster) / f"{cluster}-{machine}-20260101T000000Z"
+    end = start + len(ids) * seconds + 5
+    times = [start + k for k in range(int(end - start))]
+    store = Store(flush / "telemetry", segment_frames=len(times))
+    store.load(lambda sample, frame: None)
+    memory = MemoryCollector().collect()
+    for seq, t in enumerate(times, start=1):
+        cpu = {"percent": float((seq * 7) % 100), "cores": 2}
+        store.append(pack({"seq": seq, "t": t, "cpu": cpu, "memory": {**memory, "used_bytes": seq << 20}}))
+    store.close()
+    for k, bid in enumerate(ids):
+        task_id = f"b{bid}"
+        began = start + 2 + k * seconds
+        task = {"id": task_id, "argv": ["python", "sweep.py"], "started_at": began, "ended_at": began + seconds * 0.8}
+        (flush / "tasks" / task_id).mkdir(parents=True)
+        (flush / "tasks" / task_id / "task.json").write_text(json.dumps({**task, "exit_code": 0}))
+        attempt = {"task": task_id, "exit_code": 0, "started_at": began, "ended_at": task["ended_at"]}
+        result = {"id": bid, "value": f"lr={bid / 1000:g}", "state": "done", "attempts": [attempt], "machine": machine}
+        (flush / "batch" / "results").mkdir(parents=True, exist_ok=True)
+        (flush / "batch" / "results" / f"{bid}.json").write_text(json.dumps(result))
+
+
+def test_the_png_has_one_time_axis_a_legend_and_labels_that_never_overprint(state: Path, tmp_path: Path) -> None:
+    """Three machines that ran at different times (a batch and its retry's machine), with many short tasks: every
+    panel shares one x axis over the whole period, the figure has a legend for the task marks, tasks are named
+    by batch id and value, and no two printed labels overlap (the rest are left out and counted)."""
+    sinks.remember_sink_provider("sweep", "local", {})
+    plant_batch_machine("sweep", "m0", T0, range(0, 40), 3.0)  # 40 tasks of 3 s: far too dense to label all
+    plant_batch_machine("sweep", "m1", T0, range(40, 44), 30.0)
+    plant_batch_machine("sweep", "m2", T0 + 200, range(44, 46), 20.0)  # the retry round's machine, later
+    telemetry = report_data.collect("sweep", live=False)
+    frames = report_data.frames(telemetry)
+    summary = report_data.summarize(telemetry, frames)
+    tasks = telemetry.task_marks()
+    assert [m.machine for m in summary.machines] == ["m0", "m1", "m2"]
+    assert {t.label for t in tasks if t.machine == "m2"} == {"#44 lr=0.044", "#45 lr=0.045"}
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = report_render.png_figure(summary, frames, tasks, max_machines=24)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lay it out: positions and text extents are final
+    axes = [ax for ax in fig.axes]
+    assert len(axes) == 9  # three panels per machine
+    shared = axes[0].get_shared_x_axes()
+    assert all(shared.joined(axes[0], ax) for ax in axes)
+    assert len({ax.get_xlim() for ax in axes}) == 1  # and the same limits: the whole period
+    legends = [legend for sub in fig.subfigs for legend in sub.legends]
+    assert legends and "task start" in " ".join(t.get_text() for t in legends[0].get_texts())
+
+    renderer = canvas.get_renderer()
+    labels = [t for ax in axes for t in ax.texts if t.get_text().startswith("#")]
+    assert labels and all(t.get_text().startswith("#") for t in labels)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
+        assert not a.overlaps(b), f"{labels[i].get_text()!r} overprints {labels[j].get_text()!r}"
+    m0_labels = [t for t in axes[0].texts if t.get_text().startswith("#")]
+    assert 3 <= len(m0_labels) < 40  # thinned, not dropped altogether
+    assert "task labels left out" in axes[0].get_title(loc="right")
+    out = Path(os.environ.get("RAWVM_REPORT_EXAMPLE", tmp_path / "example.png"))
+    report_render.write_png(out, summary, frames, tasks, 24)
+    with Image.open(out) as image:
+        assert image.width > 500

@@ -65,6 +65,16 @@ class TaskMark:
     started_at: float | None
     ended_at: float | None
     exit_code: int | None
+    batch_id: int | None = None  # the batch task id this agent task ran (from the machine's batch results)
+    value: str | None = None  # and its value (--map-over-*), when it has one
+
+    @property
+    def label(self) -> str:
+        """How plots name the task: a batch task by its id and value (every task of a batch has the same
+        command), any other by its command."""
+        if self.batch_id is None:
+            return " ".join(self.argv)
+        return f"#{self.batch_id}" + (f" {self.value}" if self.value is not None else "")
 
 
 @dataclass
@@ -77,6 +87,15 @@ class ClusterTelemetry:
     prices: dict[str, float | None] = field(default_factory=dict)
     default_price: float | None = None  # for machines the record does not name (e.g. EC2 host names)
     sources: dict[str, set[str]] = field(default_factory=dict)  # machine -> {"sink", "agent"}
+    batch_tasks: dict[tuple[str, str], tuple[int, str | None]] = field(default_factory=dict)  # (machine, task)
+
+    def add_batch_result(self, machine: str, result: dict[str, Any]) -> None:
+        """Which agent tasks ran batch task ``result["id"]`` (one per attempt), for the task marks' labels."""
+        value = result.get("value")
+        for attempt in result.get("attempts") or []:
+            if isinstance(attempt, dict) and attempt.get("task"):
+                key = (machine, str(attempt["task"]))
+                self.batch_tasks[key] = (int(result["id"]), None if value is None else str(value))
 
     def add_samples(self, machine: str, samples: Iterable[dict[str, Any]], source: str) -> None:
         mine = self.samples.setdefault(machine, {})
@@ -100,7 +119,11 @@ class ClusterTelemetry:
         return self.prices.get(machine, self.default_price)
 
     def task_marks(self) -> list[TaskMark]:
-        return sorted((t for tasks in self.tasks.values() for t in tasks.values()), key=lambda t: t.started_at or 0.0)
+        marks = sorted((t for tasks in self.tasks.values() for t in tasks.values()), key=lambda t: t.started_at or 0.0)
+        for mark in marks:
+            if (known := self.batch_tasks.get((mark.machine, mark.task_id))) is not None:
+                mark.batch_id, mark.value = known
+        return marks
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
@@ -122,6 +145,11 @@ def read_flush(telemetry: ClusterTelemetry, machine: str, flush: Path) -> None:
             record = json.loads(task_json.read_text())
             if isinstance(record, dict):
                 telemetry.add_task(machine, record)
+    for result_json in sorted(flush.glob("batch/results/*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            result = json.loads(result_json.read_text())
+            if isinstance(result, dict):
+                telemetry.add_batch_result(machine, result)
 
 
 async def _read_agent(agent: AgentClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
