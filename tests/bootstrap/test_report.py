@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 import polars as pl
+import psutil
 import pytest
 from aiohttp import ClientSession
 from PIL import Image
@@ -381,3 +382,75 @@ def test_the_png_has_one_time_axis_a_legend_and_labels_that_never_overprint(stat
     report_render.write_png(out, summary, frames, tasks, 24)
     with Image.open(out) as image:
         assert image.width > 500
+
+
+# -- after a batch and its retry: every machine, its own name, its own process tree ---------------------------
+
+FLAKY = (
+    "import os, pathlib, sys, time\n"
+    "i = int(os.environ['RAWVM_TASK_ID'])\n"
+    "marker = pathlib.Path(sys.argv[1]) / f'ran-{i}'\n"
+    "block = bytearray((40 + 40 * i) << 20)  # each task holds its own amount of memory for a while\n"
+    "end = time.time() + 1.5\n"
+    "while time.time() < end:\n"
+    "    pass\n"
+    "first = i == 3 and not marker.exists()\n"
+    "marker.write_text('ran')\n"
+    "sys.exit(3 if first else 0)\n"
+)
+
+
+def wait_flushed(state: Path, tmp: Path, cluster: str, machines: int, timeout: float = 120) -> None:
+    """Until ``machines`` machines have flushed their telemetry and none of the cluster's runs."""
+    sink = state / "sinks" / cluster
+    deadline = time.monotonic() + timeout
+    while (
+        len(list(sink.glob(f"{cluster}-m*/telemetry"))) < machines
+        or (tmp / f"rawvm-local-{os.getuid()}" / cluster).exists()
+    ):
+        assert time.monotonic() < deadline, sorted(p.name for p in sink.glob("*"))
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_report_after_batch_retry_counts_every_machine_with_its_own_samples(tmp_path: Path) -> None:
+    """``batch run`` on two local machines (task 3 fails, no retries), then ``batch retry``: the retry's machine is
+    ``m2``, not ``m0`` again, and the csv report has the samples of all three, each machine's own (its
+    process tree's memory, not the host's), with machine-hours their sum."""
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": "", "flaky.py": FLAKY})
+    state = tmp_path / "state"
+    (tmp_path / "markers").mkdir()
+    run = rawvm(
+        *("batch", "run", "--array", "0-5", "-n", "2", "--max-retries", "0", "--keepalive", "3s"),
+        *("--from", "requirements.txt", "--", "python", "flaky.py", str(tmp_path / "markers")),
+        env=env,
+        cwd=project,
+    )
+    assert run.returncode == 1, run.stderr  # task 3 failed
+    cluster = run.stdout.strip()
+    wait_flushed(state, tmp, cluster, 2)
+    retry = rawvm("batch", "retry", cluster, env=env, cwd=project)
+    assert retry.returncode == 0, retry.stderr
+    wait_flushed(state, tmp, cluster, 3)
+    flushed = sorted({p.name.split("-")[2] for p in (state / "sinks" / cluster).glob(f"{cluster}-m*")})
+    assert flushed == ["m0", "m1", "m2"]
+
+    csv = tmp_path / "r.csv"
+    made = rawvm("report", cluster, "-o", str(csv), "--format", "csv", env=env, cwd=project)
+    assert made.returncode == 0, made.stderr
+    assert "3 machines" in made.stderr
+    table = pl.read_csv(csv)
+    samples = flushed_samples(state / "sinks" / cluster)
+    assert sorted(table.get_column("machine").unique().to_list()) == ["m0", "m1", "m2"]
+    assert table.height == len(samples)  # every machine's every sample: none merged into another's
+    for row in table.iter_rows(named=True):
+        assert row["memory_used_bytes"] == samples[(row["machine"], row["seq"])]["memory"]["used_bytes"]
+    # each machine's own process tree: far below the host's use, and different from machine to machine
+    peaks = table.group_by("machine").agg(pl.col("memory_used_bytes").max()).sort("machine")
+    assert all(peak < psutil.virtual_memory().total / 4 for peak in peaks.get_column("memory_used_bytes"))
+    assert all(s["cpu"].get("scope") == "process-tree" for s in samples.values())
+    assert peaks.get_column("memory_used_bytes").n_unique() == 3
+    summary = make_report(cluster, tmp_path / "r.png", "png", live=False)
+    assert len(summary.machines) == 3
+    assert summary.machine_hours == pytest.approx(sum(m.hours for m in summary.machines))
+    assert all(m.hours > 0 for m in summary.machines)
