@@ -197,7 +197,10 @@ class LocalProvider(Provider):
             machine_dir = cluster_dir / machine_id
             machine_dir.mkdir(mode=0o700)
             port = free_port()
-            config = self._write_channel(spec, machine_dir, self.machine_config(spec, machine_id, machine_dir, port))
+            config = self.machine_config(spec, machine_id, machine_dir, port)
+            if config.batch.spec_url and config.batch.index < 0:  # its batch share: its place in this launch
+                config = dataclasses.replace(config, batch=dataclasses.replace(config.batch, index=index))
+            config = self._write_channel(spec, machine_dir, config)
             config_path = machine_dir / "agent.toml"
             fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
