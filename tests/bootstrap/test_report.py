@@ -454,3 +454,21 @@ def test_a_report_after_batch_retry_counts_every_machine_with_its_own_samples(tm
     assert len(summary.machines) == 3
     assert summary.machine_hours == pytest.approx(sum(m.hours for m in summary.machines))
     assert all(m.hours > 0 for m in summary.machines)
+
+
+def test_a_machine_that_ran_and_left_no_telemetry_is_still_counted(state: Path, tmp_path: Path) -> None:
+    """A batch's first round had m0 and m1 (m1 killed before it flushed anything), its retry m2: three machines
+    ran, two left telemetry; the report says so rather than "2 machines"."""
+    from rawvm.files import records_dir, write_private_json
+    from rawvm.observe.report_render import summary_rows
+
+    sinks.remember_sink_provider("killed", "local", {})
+    plant_batch_machine("killed", "m0", T0, range(0, 3), 5.0)
+    plant_batch_machine("killed", "m2", T0 + 100, range(3, 4), 5.0)
+    write_private_json(
+        records_dir("killed") / "batch.json", {"rounds": [{"machines": ["m0", "m1"]}, {"machines": ["m2"]}]}
+    )
+    summary = make_report("killed", tmp_path / "r.csv", "csv", live=False)
+    assert [m.machine for m in summary.machines] == ["m0", "m2"] and summary.silent == ["m1"]
+    assert summary.machine_count == 3
+    assert ("machines", "machines", "3 (m1: no telemetry)") in summary_rows(summary)

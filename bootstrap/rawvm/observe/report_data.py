@@ -88,6 +88,7 @@ class ClusterTelemetry:
     default_price: float | None = None  # for machines the record does not name (e.g. EC2 host names)
     sources: dict[str, set[str]] = field(default_factory=dict)  # machine -> {"sink", "agent"}
     batch_tasks: dict[tuple[str, str], tuple[int, str | None]] = field(default_factory=dict)  # (machine, task)
+    launched: set[str] = field(default_factory=set)  # every machine this host launched for it (``launched_machines``)
 
     def add_batch_result(self, machine: str, result: dict[str, Any]) -> None:
         """Which agent tasks ran batch task ``result["id"]`` (one per attempt), for the task marks' labels."""
@@ -190,6 +191,21 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
     return answered
 
 
+def launched_machines(cluster: str, record: ClusterRecord | None, provider: str) -> set[str]:
+    """The machines this host launched for ``cluster``: its record's and every batch round's, so that a machine
+    that ran but left no telemetry (killed before it flushed anything) is still counted. Only where a flush is
+    named after its machine (local, qemu; EC2 machines flush under their host name)."""
+    from rawvm.files import records_dir
+
+    if provider not in ("local", "qemu"):
+        return set()
+    names = {short_id(m.id, cluster) for m in record.machines} if record is not None else set()
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        rounds = json.loads((records_dir(cluster) / "batch.json").read_text())["rounds"]  # rawvm.batches' record
+        names |= {str(m) for r in rounds for m in r["machines"]}
+    return names
+
+
 def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     """The cluster's telemetry from the sink (fetched from the provider first) and, with ``live``, its agents."""
     from rawvm import clusters, sinks
@@ -201,6 +217,7 @@ def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     provider = provider_of(record) if record is not None else sinks.remembered_provider(name)
     sinks.fetch_flushes(name, provider)
     telemetry = ClusterTelemetry(cluster=name)
+    telemetry.launched = launched_machines(name, record, provider.name if provider is not None else "")
     for machine, flushes in sinks.flushes(name).items():
         for flush in flushes:
             read_flush(telemetry, machine, flush)
@@ -403,6 +420,11 @@ class Summary:
     idle_gpu_cost_usd: float | None  # None: some idle GPU's price is unknown
     cost_usd: float | None
     idle_threshold_percent: float = IDLE_GPU_PERCENT
+    silent: list[str] = field(default_factory=list)  # machines that ran and left no telemetry
+
+    @property
+    def machine_count(self) -> int:
+        return len(self.machines) + len(self.silent)
 
     def busiest(self, n: int = 3) -> list[MachineSummary]:
         return sorted(self.machines, key=lambda m: (-m.busy_score, m.machine))[:n]
@@ -469,4 +491,5 @@ def summarize(telemetry: ClusterTelemetry, f: Frames) -> Summary:
         idle_gpu_hours=sum(m.idle_gpu_hours for m in machines),
         idle_gpu_cost_usd=_sum_or_unknown(idle_costs),
         cost_usd=_sum_or_unknown(costs),
+        silent=sorted(telemetry.launched - {m.machine for m in machines}),
     )

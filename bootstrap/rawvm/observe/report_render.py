@@ -52,7 +52,11 @@ def summary_rows(s: Summary) -> list[tuple[str, str, str]]:
     idlest = ", ".join(f"{m.machine} ({m.busy_score:.0f}%)" for m in s.idlest())
     return [
         ("period", "period", f"{_utc(s.start)} to {_utc(s.end)}"),
-        ("machines", "machines", str(len(s.machines))),
+        (
+            "machines",
+            "machines",
+            str(s.machine_count) + (f" ({', '.join(s.silent)}: no telemetry)" if s.silent else ""),
+        ),
         ("machine-hours", "machine-hours", f"{s.machine_hours:.3f}"),
         ("gpu-hours", "GPU-hours", f"{s.gpu_hours:.3f}"),
         ("mean-gpu-util", "mean GPU utilization", _pct(s.mean_gpu_util_percent)),
