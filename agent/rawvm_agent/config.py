@@ -63,6 +63,9 @@ class TelemetryConfig:
     interval: float = 1.0
     ring_seconds: float = 3600.0
     nvml_library: str = ""  # empty: NVML's default search
+    # "machine": CPU and memory of the whole machine. "process-tree": of the agent's own process tree only, for
+    # machines that share a host (the local provider), which would otherwise all report the host's figures.
+    scope: str = "machine"
 
 
 @dataclass(frozen=True)

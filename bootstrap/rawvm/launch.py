@@ -28,7 +28,7 @@ from rawvm.errors import RawvmError, UsageError
 from rawvm.files import sha256_file
 from rawvm.options import BACKSTOP_GRACE, Environment, LaunchOptions
 from rawvm.providers import get_provider
-from rawvm.providers.base import Machine, MachineSpec, Provider
+from rawvm.providers.base import Machine, MachineSpec, Provider, next_machine_index
 from rawvm.session import Launched, say
 
 
@@ -57,6 +57,10 @@ class LaunchExtras:
 
     client_timeout: float | None = None
     """How long a keepalive ping keeps a machine busy (None: the agent's default)."""
+
+    machines_before: tuple[str, ...] = ()
+    """Short names of machines an earlier launch of the same cluster had (a batch's earlier rounds): the new
+    machines are numbered after them and after every machine that flushed to the sink (``first_index``)."""
 
 
 def target_for(provider: Provider, spec: MachineSpec) -> Target:
@@ -181,6 +185,7 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
         agent_wheel=Path(),  # built below, once the options have passed the provider's checks
         open_ports=extras.open_ports,
         peer_ports=extras.peer_ports,
+        first_index=next_machine_index([*sinks.flushes(name), *extras.machines_before]),
     )
     target = target_for(provider, spec)
     # The price before anything slow or billed: a refused launch has locked, staged and started nothing.

@@ -277,6 +277,56 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
     assert not (tmp_path / "state" / "dask" / cluster.options.name).exists()  # the cluster's keys are gone
 
 
+def agent_processes(machine_dir: str) -> list[psutil.Process]:
+    """The agent of one local machine (its command line names the machine's agent.toml)."""
+    config = str(Path(machine_dir) / "agent.toml")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if config in cmdline and "rawvm_agent" in cmdline:
+            found.append(proc)
+    return found
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_scale_down_retires_a_worker_within_a_minute_and_its_machine_stops(project: Path, tmp_path: Path) -> None:
+    """``scale(1)`` on two workers (not ``adapt``: SpecCluster's own scale-down asks the scheduler to retire spec
+    names as addresses, which retires nothing) leaves one worker within 60 s, and the retired machine's agent
+    is gone within the keepalive; the scheduler's machine and the other worker's stay."""
+    cluster = dask_cluster(2, keepalive="20s")
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=120)
+            machine_dir = {name: w.slot.machine.details["dir"] for name, w in cluster.workers.items()}
+            assert sorted(machine_dir) == ["w0", "w1"] and all(agent_processes(d) for d in machine_dir.values())
+            w1 = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "w1")
+            kept = client.submit(lambda: 42, workers=[w1])  # a result held by the worker that retires
+            assert kept.result() == 42
+            scaled = time.monotonic()
+            cluster.scale(1)
+            while len(client.scheduler_info()["workers"]) > 1 and time.monotonic() - scaled < 60:
+                time.sleep(0.5)
+            retired_in = time.monotonic() - scaled
+            workers = client.scheduler_info()["workers"].values()
+            assert [w["name"] for w in workers] == ["w0"], f"still {len(workers)} workers after {retired_in:.0f} s"
+            assert kept.result() == 42  # its data moved, not lost
+            while agent_processes(machine_dir["w1"]) and time.monotonic() - scaled < 60 + 20:
+                time.sleep(0.5)
+            stopped_in = time.monotonic() - scaled
+            assert agent_processes(machine_dir["w1"]) == [], "the retired machine's agent still runs"
+            print(
+                f"scale(1): one worker after {retired_in:.1f} s, the retired machine stopped after {stopped_in:.1f} s"
+            )
+            while running_machines(cluster) > 2 and time.monotonic() - scaled < 60 + 20:
+                time.sleep(0.5)  # the wrapper ends what the agent left and removes the machine's directory
+            assert agent_processes(machine_dir["w0"]) and running_machines(cluster) == 2
+            assert client.submit(lambda x: x + 1, 1).result(timeout=60) == 2  # the cluster still computes
+    finally:
+        cluster.close()
+    assert wait_gone(tmp_path / "tmp", 60) == []
+
+
 LOST_LAPTOP = """
 import sys, time
 from rawvm.dask.cluster import connect

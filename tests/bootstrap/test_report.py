@@ -25,12 +25,14 @@ from typing import Any
 
 import msgpack
 import polars as pl
+import psutil
 import pytest
 from aiohttp import ClientSession
 from PIL import Image
 from rawvm import clusters, sinks
 from rawvm.cli import main
 from rawvm.cli.report import make_report
+from rawvm.observe import report_data, report_render
 from rawvm.providers.base import Machine
 from rawvm_agent.telemetry.collectors import CpuCollector, GpuCollector, MemoryCollector
 from rawvm_agent.telemetry.sample import pack
@@ -338,3 +340,164 @@ def test_rawvm_down_lets_the_machines_flush_first(tmp_path: Path) -> None:
     made = rawvm("report", cluster, "-o", str(out), env=env, cwd=project)
     assert made.returncode == 0, made.stderr
     assert "<code>python -c print(&#x27;hi&#x27;)</code>" in out.read_text()
+
+
+# -- the PNG: one time axis, a legend, labels that do not overprint ------------------------------------------
+
+
+def plant_batch_machine(cluster: str, machine: str, start: float, ids: range, seconds: float) -> None:
+    """A local machine's flush: 1 Hz samples (CPU rising and falling) and one short batch task per id, each with
+    its result (id, value, the agent task that ran it), as an agent writes them."""
+    flush = sinks.sink_dir(cluster) / f"{cluster}-{machine}-20260101T000000Z"
+    end = start + len(ids) * seconds + 5
+    times = [start + k for k in range(int(end - start))]
+    store = Store(flush / "telemetry", segment_frames=len(times))
+    store.load(lambda sample, frame: None)
+    memory = MemoryCollector().collect()
+    for seq, t in enumerate(times, start=1):
+        cpu = {"percent": float((seq * 7) % 100), "cores": 2}
+        store.append(pack({"seq": seq, "t": t, "cpu": cpu, "memory": {**memory, "used_bytes": seq << 20}}))
+    store.close()
+    for k, bid in enumerate(ids):
+        task_id = f"b{bid}"
+        began = start + 2 + k * seconds
+        task = {"id": task_id, "argv": ["python", "sweep.py"], "started_at": began, "ended_at": began + seconds * 0.8}
+        (flush / "tasks" / task_id).mkdir(parents=True)
+        (flush / "tasks" / task_id / "task.json").write_text(json.dumps({**task, "exit_code": 0}))
+        attempt = {"task": task_id, "exit_code": 0, "started_at": began, "ended_at": task["ended_at"]}
+        result = {"id": bid, "value": f"lr={bid / 1000:g}", "state": "done", "attempts": [attempt], "machine": machine}
+        (flush / "batch" / "results").mkdir(parents=True, exist_ok=True)
+        (flush / "batch" / "results" / f"{bid}.json").write_text(json.dumps(result))
+
+
+def test_the_png_has_one_time_axis_a_legend_and_labels_that_never_overprint(state: Path, tmp_path: Path) -> None:
+    """Three machines that ran at different times (a batch and its retry's machine), with many short tasks: every
+    panel shares one x axis over the whole period, the figure has a legend for the task marks, tasks are named
+    by batch id and value, and no two printed labels overlap (the rest are left out and counted)."""
+    sinks.remember_sink_provider("sweep", "local", {})
+    plant_batch_machine("sweep", "m0", T0, range(0, 40), 3.0)  # 40 tasks of 3 s: far too dense to label all
+    plant_batch_machine("sweep", "m1", T0, range(40, 44), 30.0)
+    plant_batch_machine("sweep", "m2", T0 + 200, range(44, 46), 20.0)  # the retry round's machine, later
+    telemetry = report_data.collect("sweep", live=False)
+    frames = report_data.frames(telemetry)
+    summary = report_data.summarize(telemetry, frames)
+    tasks = telemetry.task_marks()
+    assert [m.machine for m in summary.machines] == ["m0", "m1", "m2"]
+    assert {t.label for t in tasks if t.machine == "m2"} == {"#44 lr=0.044", "#45 lr=0.045"}
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = report_render.png_figure(summary, frames, tasks, max_machines=24)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lay it out: positions and text extents are final
+    axes = [ax for ax in fig.axes]
+    assert len(axes) == 9  # three panels per machine
+    shared = axes[0].get_shared_x_axes()
+    assert all(shared.joined(axes[0], ax) for ax in axes)
+    assert len({ax.get_xlim() for ax in axes}) == 1  # and the same limits: the whole period
+    legends = [legend for sub in fig.subfigs for legend in sub.legends]
+    assert legends and "task start" in " ".join(t.get_text() for t in legends[0].get_texts())
+
+    renderer = canvas.get_renderer()
+    labels = [t for ax in axes for t in ax.texts if t.get_text().startswith("#")]
+    assert labels and all(t.get_text().startswith("#") for t in labels)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
+        assert not a.overlaps(b), f"{labels[i].get_text()!r} overprints {labels[j].get_text()!r}"
+    m0_labels = [t for t in axes[0].texts if t.get_text().startswith("#")]
+    assert 3 <= len(m0_labels) < 40  # thinned, not dropped altogether
+    assert "task labels left out" in axes[0].get_title(loc="right")
+    out = Path(os.environ.get("RAWVM_REPORT_EXAMPLE", tmp_path / "example.png"))
+    report_render.write_png(out, summary, frames, tasks, 24)
+    with Image.open(out) as image:
+        assert image.width > 500
+
+
+# -- after a batch and its retry: every machine, its own name, its own process tree ---------------------------
+
+FLAKY = (
+    "import os, pathlib, sys, time\n"
+    "i = int(os.environ['RAWVM_TASK_ID'])\n"
+    "marker = pathlib.Path(sys.argv[1]) / f'ran-{i}'\n"
+    "block = bytearray((40 + 40 * i) << 20)  # each task holds its own amount of memory for a while\n"
+    "end = time.time() + 1.5\n"
+    "while time.time() < end:\n"
+    "    pass\n"
+    "first = i == 3 and not marker.exists()\n"
+    "marker.write_text('ran')\n"
+    "sys.exit(3 if first else 0)\n"
+)
+
+
+def wait_flushed(state: Path, tmp: Path, cluster: str, machines: int, timeout: float = 120) -> None:
+    """Until ``machines`` machines have flushed their telemetry and none of the cluster's runs."""
+    sink = state / "sinks" / cluster
+    deadline = time.monotonic() + timeout
+    while (
+        len(list(sink.glob(f"{cluster}-m*/telemetry"))) < machines
+        or (tmp / f"rawvm-local-{os.getuid()}" / cluster).exists()
+    ):
+        assert time.monotonic() < deadline, sorted(p.name for p in sink.glob("*"))
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_report_after_batch_retry_counts_every_machine_with_its_own_samples(tmp_path: Path) -> None:
+    """``batch run`` on two local machines (task 3 fails, no retries), then ``batch retry``: the retry's machine is
+    ``m2``, not ``m0`` again, and the csv report has the samples of all three, each machine's own (its
+    process tree's memory, not the host's), with machine-hours their sum."""
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": "", "flaky.py": FLAKY})
+    state = tmp_path / "state"
+    (tmp_path / "markers").mkdir()
+    run = rawvm(
+        *("batch", "run", "--array", "0-5", "-n", "2", "--max-retries", "0", "--keepalive", "3s"),
+        *("--from", "requirements.txt", "--", "python", "flaky.py", str(tmp_path / "markers")),
+        env=env,
+        cwd=project,
+    )
+    assert run.returncode == 1, run.stderr  # task 3 failed
+    cluster = run.stdout.strip()
+    wait_flushed(state, tmp, cluster, 2)
+    retry = rawvm("batch", "retry", cluster, env=env, cwd=project)
+    assert retry.returncode == 0, retry.stderr
+    wait_flushed(state, tmp, cluster, 3)
+    flushed = sorted({p.name.split("-")[2] for p in (state / "sinks" / cluster).glob(f"{cluster}-m*")})
+    assert flushed == ["m0", "m1", "m2"]
+
+    csv = tmp_path / "r.csv"
+    made = rawvm("report", cluster, "-o", str(csv), "--format", "csv", env=env, cwd=project)
+    assert made.returncode == 0, made.stderr
+    assert "3 machines" in made.stderr
+    table = pl.read_csv(csv)
+    samples = flushed_samples(state / "sinks" / cluster)
+    assert sorted(table.get_column("machine").unique().to_list()) == ["m0", "m1", "m2"]
+    assert table.height == len(samples)  # every machine's every sample: none merged into another's
+    for row in table.iter_rows(named=True):
+        assert row["memory_used_bytes"] == samples[(row["machine"], row["seq"])]["memory"]["used_bytes"]
+    # each machine's own process tree: far below the host's use, and different from machine to machine
+    peaks = table.group_by("machine").agg(pl.col("memory_used_bytes").max()).sort("machine")
+    assert all(peak < psutil.virtual_memory().total / 4 for peak in peaks.get_column("memory_used_bytes"))
+    assert all(s["cpu"].get("scope") == "process-tree" for s in samples.values())
+    assert peaks.get_column("memory_used_bytes").n_unique() == 3
+    summary = make_report(cluster, tmp_path / "r.png", "png", live=False)
+    assert len(summary.machines) == 3
+    assert summary.machine_hours == pytest.approx(sum(m.hours for m in summary.machines))
+    assert all(m.hours > 0 for m in summary.machines)
+
+
+def test_a_machine_that_ran_and_left_no_telemetry_is_still_counted(state: Path, tmp_path: Path) -> None:
+    """A batch's first round had m0 and m1 (m1 killed before it flushed anything), its retry m2: three machines
+    ran, two left telemetry; the report says so rather than "2 machines"."""
+    from rawvm.files import records_dir, write_private_json
+    from rawvm.observe.report_render import summary_rows
+
+    sinks.remember_sink_provider("killed", "local", {})
+    plant_batch_machine("killed", "m0", T0, range(0, 3), 5.0)
+    plant_batch_machine("killed", "m2", T0 + 100, range(3, 4), 5.0)
+    write_private_json(
+        records_dir("killed") / "batch.json", {"rounds": [{"machines": ["m0", "m1"]}, {"machines": ["m2"]}]}
+    )
+    summary = make_report("killed", tmp_path / "r.csv", "csv", live=False)
+    assert [m.machine for m in summary.machines] == ["m0", "m2"] and summary.silent == ["m1"]
+    assert summary.machine_count == 3
+    assert ("machines", "machines", "3 (m1: no telemetry)") in summary_rows(summary)

@@ -7,7 +7,8 @@ Samples travel and rest as msgpack maps (one frame each, self-delimiting, so fra
 Fields (units in the key names; counters are totals since boot, rates are the reader's job):
 
 - ``cpu``: ``percent`` (all cores, busy share of the last interval), ``per_core_percent`` (list),
-  ``seconds`` (mode → seconds, all cores), ``cores``
+  ``seconds`` (mode → seconds, all cores), ``cores``; with ``telemetry.scope = "process-tree"`` (local machines)
+  the agent's own process tree's, marked ``scope``, with no per-core list and ``memory.used_bytes`` its RSS
 - ``memory``: ``total_bytes``, ``available_bytes``, ``used_bytes``, ``free_bytes``, ``buffers_bytes``,
   ``cached_bytes``, ``swap_total_bytes``, ``swap_used_bytes``, ``swap_free_bytes``
 - ``disk``: ``filesystems`` (list of ``mountpoint``, ``device``, ``fstype``, ``size_bytes``, ``used_bytes``,

@@ -34,6 +34,8 @@ from rawvm_agent.telemetry.collectors import (
     MemoryCollector,
     NetworkCollector,
     ProcessesCollector,
+    TreeCpuCollector,
+    TreeMemoryCollector,
 )
 from rawvm_agent.telemetry.ring import Ring, Summary
 from rawvm_agent.telemetry.sample import Sample, array_header, pack, unpack
@@ -83,6 +85,9 @@ class Sampler:
     def __init__(self, config: TelemetryConfig, state_dir: Path) -> None:
         if config.interval <= 0:
             raise ValueError("telemetry.interval must be positive")
+        if config.scope not in ("machine", "process-tree"):
+            raise ValueError(f"telemetry.scope must be 'machine' or 'process-tree', not {config.scope!r}")
+        tree = config.scope == "process-tree"
         self.interval = config.interval
         capacity = max(1, math.ceil(config.ring_seconds / config.interval))
         gpu = _build(GpuCollector, "gpu", config.nvml_library)
@@ -90,8 +95,8 @@ class Sampler:
         gpm = _build(GpmCollector, "gpu_profiling", self._gpu)  # before gpu: it closes first, NVML still up
         self._gpm = gpm if isinstance(gpm, GpmCollector) else None
         self._collectors: list[Collector] = [
-            _build(CpuCollector, "cpu"),
-            _build(MemoryCollector, "memory"),
+            _build(TreeCpuCollector if tree else CpuCollector, "cpu"),
+            _build(TreeMemoryCollector if tree else MemoryCollector, "memory"),
             _build(DiskCollector, "disk"),
             _build(NetworkCollector, "network"),
             _build(LoadCollector, "load"),

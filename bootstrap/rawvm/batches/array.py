@@ -241,12 +241,15 @@ def with_batch(agent: AgentConfig, urls: dict[str, str], digest: str) -> AgentCo
     return dataclasses.replace(agent, batch=BatchConfig(spec_url=urls[SPEC_FILE], spec_sha256=digest))
 
 
-def _launch_round(spec: BatchSpec, options: LaunchOptions) -> Launched:
-    """One launch of ``spec.machines`` machines, the spec staged beside the bundle."""
+def _launch_round(spec: BatchSpec, options: LaunchOptions, before: Sequence[str] = ()) -> Launched:
+    """One launch of ``spec.machines`` machines, the spec staged beside the bundle; ``before``: the earlier
+    rounds' machines, whose names the new ones do not take again."""
     with tempfile.TemporaryDirectory(prefix="rawvm-batch-") as scratch:
         path, digest = write_spec(spec, Path(scratch))
         extras = LaunchExtras(
-            extra_files=((SPEC_FILE, path),), amend_agent=lambda agent, urls: with_batch(agent, urls, digest)
+            extra_files=((SPEC_FILE, path),),
+            amend_agent=lambda agent, urls: with_batch(agent, urls, digest),
+            machines_before=tuple(before),
         )
         return launch(options.replace(request=options.request.replace(n=spec.machines)), extras)
 
@@ -285,7 +288,8 @@ def _run_round(spec: BatchSpec, options: LaunchOptions, detach: bool, first: boo
     from rawvm.batches import watch as batch_watch
 
     started = time.monotonic()
-    launched = _launch_round(spec, options)
+    before = [] if first else [m for r in load_record(str(options.cluster)).rounds for m in r["machines"]]
+    launched = _launch_round(spec, options, before)
     record = launched.record
     name = record.name
     brec = BatchRecord(cluster=name, spec=spec.to_json(), launch=options.to_json()) if first else load_record(name)

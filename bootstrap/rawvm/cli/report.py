@@ -61,7 +61,7 @@ def _report(args: argparse.Namespace) -> int:
     summary = make_report(args.cluster, output, fmt, live=not args.sink_only, max_machines=args.max_machines)
     idle_cost = "unknown" if summary.idle_gpu_cost_usd is None else f"${summary.idle_gpu_cost_usd:.2f}"
     print(
-        f"rawvm: {output} ({fmt}): {len(summary.machines)} machines, {summary.machine_hours:.2f} machine-hours, "
+        f"rawvm: {output} ({fmt}): {summary.machine_count} machines, {summary.machine_hours:.2f} machine-hours, "
         f"{summary.gpu_hours:.2f} GPU-hours, {summary.idle_gpu_hours:.2f} idle ({idle_cost})",
         file=sys.stderr,
     )

@@ -41,6 +41,7 @@ from rawvm.dask.procs import (
     tls_env,
     worker_tasks,
 )
+from rawvm.dask.retire import retire_machine
 from rawvm.dask.tls import TlsFiles, make_cluster_tls
 from rawvm.errors import RawvmError, UsageError
 from rawvm.launch import LaunchExtras, launch
@@ -270,6 +271,12 @@ class Fleet:
 
     # -- the end ------------------------------------------------------------------------------------------------
 
+    async def retire(self, slot: _Slot, names: Sequence[str]) -> None:
+        """Retire one machine's workers and stop it, unless it also runs the scheduler (``rawvm.dask.retire``)."""
+        address = self.place.client_address if self.place else ""
+        client = None if slot is self.scheduler_slot else slot.client
+        await retire_machine(address, self.security.get_connection_args("client"), names, client)
+
     async def close(self) -> None:
         """Stop every machine of every launch now, and forget the cluster's keys."""
         if self._pinger is not None:
@@ -301,13 +308,14 @@ class RawvmScheduler(ProcessInterface):
 
 
 class RawvmWorker(ProcessInterface):
-    """One worker machine. Closing it needs nothing: SpecCluster has retired its worker first, whose process
-    then ends, and its machine, with no task left, powers itself off after the grace."""
+    """One worker machine. Closing it (``scale`` down) retires its workers by name and stops the machine
+    (``rawvm.dask.retire``); at the cluster's own close, ``Fleet.close`` stops every machine at once instead."""
 
     def __init__(self, scheduler: str, *, fleet: Fleet, name: str) -> None:
         super().__init__()
         self.fleet, self.name = fleet, str(name)
         self.slot: _Slot | None = None
+        self.names: list[str] = []  # its Dask workers' names (one per GPU on a GPU machine)
 
     async def start(self) -> None:
         self.slot = await self.fleet.worker_slot()
@@ -316,10 +324,17 @@ class RawvmWorker(ProcessInterface):
             connection_args=self.fleet.security.get_connection_args("client"),
         )
         try:
-            await self.fleet.start_worker(self.slot, self.name, probe)
+            self.names = await self.fleet.start_worker(self.slot, self.name, probe)
         finally:
             await probe.close_rpc()
         await super().start()
+
+    async def close(self) -> None:
+        owner = getattr(self, "_cluster", None)  # SpecCluster's weak reference, set once the worker started
+        cluster = owner() if owner is not None else None
+        if self.slot is not None and cluster is not None and cluster.status == Status.running:
+            await self.fleet.retire(self.slot, self.names)
+        await super().close()
 
 
 class RawvmCluster(SpecCluster):

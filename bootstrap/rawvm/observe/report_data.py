@@ -69,6 +69,16 @@ class TaskMark:
     started_at: float | None
     ended_at: float | None
     exit_code: int | None
+    batch_id: int | None = None  # the batch task id this agent task ran (from the machine's batch results)
+    value: str | None = None  # and its value (--map-over-*), when it has one
+
+    @property
+    def label(self) -> str:
+        """How plots name the task: a batch task by its id and value (every task of a batch has the same
+        command), any other by its command."""
+        if self.batch_id is None:
+            return " ".join(self.argv)
+        return f"#{self.batch_id}" + (f" {self.value}" if self.value is not None else "")
 
 
 @dataclass
@@ -81,6 +91,16 @@ class ClusterTelemetry:
     prices: dict[str, float | None] = field(default_factory=dict)
     default_price: float | None = None  # for machines the record does not name (e.g. EC2 host names)
     sources: dict[str, set[str]] = field(default_factory=dict)  # machine -> {"sink", "agent"}
+    batch_tasks: dict[tuple[str, str], tuple[int, str | None]] = field(default_factory=dict)  # (machine, task)
+    launched: set[str] = field(default_factory=set)  # every machine this host launched for it (``launched_machines``)
+
+    def add_batch_result(self, machine: str, result: dict[str, Any]) -> None:
+        """Which agent tasks ran batch task ``result["id"]`` (one per attempt), for the task marks' labels."""
+        value = result.get("value")
+        for attempt in result.get("attempts") or []:
+            if isinstance(attempt, dict) and attempt.get("task"):
+                key = (machine, str(attempt["task"]))
+                self.batch_tasks[key] = (int(result["id"]), None if value is None else str(value))
 
     def add_samples(self, machine: str, samples: Iterable[dict[str, Any]], source: str) -> None:
         mine = self.samples.setdefault(machine, {})
@@ -104,7 +124,11 @@ class ClusterTelemetry:
         return self.prices.get(machine, self.default_price)
 
     def task_marks(self) -> list[TaskMark]:
-        return sorted((t for tasks in self.tasks.values() for t in tasks.values()), key=lambda t: t.started_at or 0.0)
+        marks = sorted((t for tasks in self.tasks.values() for t in tasks.values()), key=lambda t: t.started_at or 0.0)
+        for mark in marks:
+            if (known := self.batch_tasks.get((mark.machine, mark.task_id))) is not None:
+                mark.batch_id, mark.value = known
+        return marks
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
@@ -126,6 +150,11 @@ def read_flush(telemetry: ClusterTelemetry, machine: str, flush: Path) -> None:
             record = json.loads(task_json.read_text())
             if isinstance(record, dict):
                 telemetry.add_task(machine, record)
+    for result_json in sorted(flush.glob("batch/results/*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            result = json.loads(result_json.read_text())
+            if isinstance(result, dict):
+                telemetry.add_batch_result(machine, result)
 
 
 async def _read_agent(agent: AgentClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -166,6 +195,21 @@ async def read_agents(telemetry: ClusterTelemetry, record: ClusterRecord, timeou
     return answered
 
 
+def launched_machines(cluster: str, record: ClusterRecord | None, provider: str) -> set[str]:
+    """The machines this host launched for ``cluster``: its record's and every batch round's, so that a machine
+    that ran but left no telemetry (killed before it flushed anything) is still counted. Only where a flush is
+    named after its machine (local, qemu; EC2 machines flush under their host name)."""
+    from rawvm.files import records_dir
+
+    if provider not in ("local", "qemu"):
+        return set()
+    names = {short_id(m.id, cluster) for m in record.machines} if record is not None else set()
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        rounds = json.loads((records_dir(cluster) / "batch.json").read_text())["rounds"]  # rawvm.batches' record
+        names |= {str(m) for r in rounds for m in r["machines"]}
+    return names
+
+
 def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     """The cluster's telemetry from the sink (fetched from the provider first) and, with ``live``, its agents."""
     from rawvm import clusters, sinks
@@ -177,6 +221,7 @@ def collect(cluster: str, *, live: bool = True) -> ClusterTelemetry:
     provider = provider_of(record) if record is not None else sinks.remembered_provider(name)
     sinks.fetch_flushes(name, provider)
     telemetry = ClusterTelemetry(cluster=name)
+    telemetry.launched = launched_machines(name, record, provider.name if provider is not None else "")
     for machine, flushes in sinks.flushes(name).items():
         for flush in flushes:
             read_flush(telemetry, machine, flush)
@@ -386,6 +431,11 @@ class Summary:
     idle_gpu_cost_usd: float | None  # None: some idle GPU's price is unknown
     cost_usd: float | None
     idle_threshold_percent: float = IDLE_GPU_PERCENT
+    silent: list[str] = field(default_factory=list)  # machines that ran and left no telemetry
+
+    @property
+    def machine_count(self) -> int:
+        return len(self.machines) + len(self.silent)
 
     def busiest(self, n: int = 3) -> list[MachineSummary]:
         return sorted(self.machines, key=lambda m: (-m.busy_score, m.machine))[:n]
@@ -452,4 +502,5 @@ def summarize(telemetry: ClusterTelemetry, f: Frames) -> Summary:
         idle_gpu_hours=sum(m.idle_gpu_hours for m in machines),
         idle_gpu_cost_usd=_sum_or_unknown(idle_costs),
         cost_usd=_sum_or_unknown(costs),
+        silent=sorted(telemetry.launched - {m.machine for m in machines}),
     )

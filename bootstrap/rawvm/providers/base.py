@@ -7,7 +7,7 @@ Everything the front door knows about a provider is in this file; see docs/archi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -40,6 +40,10 @@ class MachineSpec:
     # The agents' TLS certificate and key and the cluster CA (``rawvm.agent.tls``), delivered to every machine as
     # 0600 files; the provider sets ``tls_cert``/``tls_key``/``tls_ca`` to where it put them. None: no launch.
     channel: ServerCredentials | None = field(default=None, repr=False)
+    # Providers that number their machines (local: ``m0``, ``m1``, ...) start at this index, so a cluster's later
+    # launch (a batch retry's fresh machines) never reuses an earlier machine's name, whose flushes, logs and
+    # telemetry would then be mixed with its own. ``next_machine_index`` finds it.
+    first_index: int = 0
 
     def server_credentials(self) -> ServerCredentials:
         """``channel``, which every launch needs (the agent serves only mutual TLS)."""
@@ -51,6 +55,12 @@ class MachineSpec:
     def count(self) -> int:
         """How many machines to start."""
         return self.request.n
+
+
+def next_machine_index(names: Iterable[str]) -> int:
+    """The first ``m<N>`` index after every numbered machine name in ``names`` (0 when there is none)."""
+    taken = [int(n[1:]) for n in names if len(n) > 1 and n[0] == "m" and n[1:].isdigit()]
+    return max(taken, default=-1) + 1
 
 
 def short_id(machine_id: str, cluster: str) -> str:

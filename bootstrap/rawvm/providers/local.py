@@ -180,6 +180,8 @@ class LocalProvider(Provider):
             state_dir=str(machine_dir / "state"),
             sink=spec.agent.sink or self.sink_url(spec.cluster),
             idle=idle,
+            # the host's CPU and memory are everyone's: each machine reports its own process tree's
+            telemetry=dataclasses.replace(spec.agent.telemetry, scope="process-tree"),
         )
 
     def launch(self, spec: MachineSpec) -> list[Machine]:
@@ -191,11 +193,14 @@ class LocalProvider(Provider):
         cluster_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         prepared = []
         for index in range(spec.count):  # every machine dir exists before any wrapper can clean up the cluster
-            machine_id = f"m{index}"
+            machine_id = f"m{spec.first_index + index}"
             machine_dir = cluster_dir / machine_id
             machine_dir.mkdir(mode=0o700)
             port = free_port()
-            config = self._write_channel(spec, machine_dir, self.machine_config(spec, machine_id, machine_dir, port))
+            config = self.machine_config(spec, machine_id, machine_dir, port)
+            if config.batch.spec_url and config.batch.index < 0:  # its batch share: its place in this launch
+                config = dataclasses.replace(config, batch=dataclasses.replace(config.batch, index=index))
+            config = self._write_channel(spec, machine_dir, config)
             config_path = machine_dir / "agent.toml"
             fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:

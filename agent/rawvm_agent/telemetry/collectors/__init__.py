@@ -11,6 +11,7 @@ from rawvm_agent.telemetry.collectors.load import LoadCollector
 from rawvm_agent.telemetry.collectors.memory import MemoryCollector
 from rawvm_agent.telemetry.collectors.network import NetworkCollector
 from rawvm_agent.telemetry.collectors.processes import ProcessesCollector
+from rawvm_agent.telemetry.collectors.tree import TreeCpuCollector, TreeMemoryCollector
 
 __all__ = [
     "Collector",
@@ -22,4 +23,6 @@ __all__ = [
     "MemoryCollector",
     "NetworkCollector",
     "ProcessesCollector",
+    "TreeCpuCollector",
+    "TreeMemoryCollector",
 ]
