@@ -32,7 +32,7 @@ from PIL import Image
 from rawvm import clusters, sinks
 from rawvm.cli import main
 from rawvm.cli.report import make_report
-from rawvm.observe import report_data, report_render
+from rawvm.observe import report_data, report_render, report_summary
 from rawvm.providers.base import Machine
 from rawvm_agent.telemetry.collectors import CpuCollector, GpuCollector, MemoryCollector
 from rawvm_agent.telemetry.sample import pack
@@ -380,7 +380,7 @@ def test_the_png_has_one_time_axis_a_legend_and_labels_that_never_overprint(stat
     plant_batch_machine("sweep", "m2", T0 + 200, range(44, 46), 20.0)  # the retry round's machine, later
     telemetry = report_data.collect("sweep", live=False)
     frames = report_data.frames(telemetry)
-    summary = report_data.summarize(telemetry, frames)
+    summary = report_summary.summarize(telemetry, frames)
     tasks = telemetry.task_marks()
     assert [m.machine for m in summary.machines] == ["m0", "m1", "m2"]
     assert {t.label for t in tasks if t.machine == "m2"} == {"#44 lr=0.044", "#45 lr=0.045"}

@@ -29,12 +29,12 @@ def output_format(path: Path, given: str | None) -> str:
 
 def make_report(cluster: str, output: Path, fmt: str, *, live: bool = True, max_machines: int = 24) -> Any:
     """Write the report; returns its Summary."""
-    from rawvm.observe import report_data
+    from rawvm.observe import report_data, report_summary
 
     report_data.need_polars()
     telemetry = report_data.collect(cluster, live=live)
     frames = report_data.frames(telemetry)
-    summary = report_data.summarize(telemetry, frames)
+    summary = report_summary.summarize(telemetry, frames)
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt in ("parquet", "csv"):
         table = report_data.wide(frames)

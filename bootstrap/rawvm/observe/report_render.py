@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rawvm.errors import UsageError
-from rawvm.observe.report_data import EXTRA_HINT, Frames, Summary, TaskMark
+from rawvm.observe.report_data import EXTRA_HINT, Frames, TaskMark
+from rawvm.observe.report_summary import Summary
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
