@@ -1,0 +1,129 @@
+"""Gang jobs on three local machines (agent processes on this host), through the real CLI: every node knows its
+rank and its peers, the nodes reach each other at those addresses (a ring all-reduce over TCP, in pure Python:
+torch and jax would each download hundreds of MB to every machine's environment), and one failing node ends the
+others' tasks within seconds while the run exits non-zero naming it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers.local import local_project
+from tests.systools import need_index
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+SHOW = """
+import json, os
+print(json.dumps({k: os.environ[k] for k in (
+    "RAWVM_NODE_RANK", "RAWVM_NUM_NODES", "RAWVM_NODE_IPS", "RAWVM_HEAD_IP", "RAWVM_GPUS_PER_NODE",
+    "RAWVM_NODE_PORT", "RAWVM_NODE_PORTS", "MASTER_ADDR", "MASTER_PORT")}))
+"""
+
+# Ring all-reduce of (rank + 1) over the peers' addresses: each node listens on its own port and, N-1 times,
+# passes the last value it got to the next node while taking one from the previous.
+ALLREDUCE = """
+import os, socket, time
+rank, n = int(os.environ["RAWVM_NODE_RANK"]), int(os.environ["RAWVM_NUM_NODES"])
+ips = os.environ["RAWVM_NODE_IPS"].split("\\n")
+ports = [int(p) for p in os.environ["RAWVM_NODE_PORTS"].split("\\n")]
+server = socket.create_server(("", ports[rank]))
+nxt = (rank + 1) % n
+deadline = time.time() + 60
+while True:
+    try:
+        out = socket.create_connection((ips[nxt], ports[nxt]), timeout=5)
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.1)
+inbound, _ = server.accept()
+reader = inbound.makefile("r")
+total = carry = rank + 1
+for _ in range(n - 1):
+    out.sendall(f"{carry}\\n".encode())
+    carry = int(reader.readline())
+    total += carry
+print(f"allreduce sum={total}")
+"""
+
+MARKER = "gang-test-sleeper"
+FAIL = f"""
+import os, sys, time
+# {MARKER}
+if os.environ["RAWVM_NODE_RANK"] == "1":
+    time.sleep(2)
+    print("m1 gives up now", flush=True)
+    print("failing at", time.time(), flush=True)
+    sys.exit(3)
+time.sleep(600)
+"""
+
+
+def rawvm(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rawvm.cli", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def sleepers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(MARKER in part for part in p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def test_ranks_peers_allreduce_and_all_or_nothing(tmp_path: Path) -> None:
+    need_index()
+    project, _tmp, env = local_project(tmp_path, {"requirements.txt": "humanize\n"})
+    cluster = f"gang-{int(time.time()) % 100000}"
+    base = ("--cluster", cluster)
+    try:
+        shown = rawvm(
+            "run", "-n", "3", "--keepalive", "5m", "--from", "requirements.txt", *base, "--", "python", "-c", SHOW,
+            env=env, cwd=project,
+        )  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        by_node = {}
+        for line in shown.stdout.splitlines():
+            node, text = re.fullmatch(r"\[(m\d)\] (.*)", line).groups()  # type: ignore[union-attr]
+            by_node[node] = json.loads(text)
+        assert sorted(v["RAWVM_NODE_RANK"] for v in by_node.values()) == ["0", "1", "2"]
+        assert {node: v["RAWVM_NODE_RANK"] for node, v in by_node.items()} == {"m0": "0", "m1": "1", "m2": "2"}
+        assert len({v["RAWVM_NODE_IPS"] for v in by_node.values()}) == 1
+        head = by_node["m0"]
+        assert head["RAWVM_NODE_IPS"] == "127.0.0.1\n127.0.0.1\n127.0.0.1"
+        ports = head["RAWVM_NODE_PORTS"].split("\n")
+        assert len(set(ports)) == 3  # distinct ports on the one shared address
+        assert [v["RAWVM_NODE_PORT"] for _, v in sorted(by_node.items())] == ports
+        assert {(v["MASTER_ADDR"], v["MASTER_PORT"]) for v in by_node.values()} == {("127.0.0.1", ports[0])}
+        assert {v["RAWVM_NUM_NODES"] for v in by_node.values()} == {"3"}
+        assert {v["RAWVM_GPUS_PER_NODE"] for v in by_node.values()} == {"0"}
+
+        reduced = rawvm("run", *base, "--", "python", "-c", ALLREDUCE, env=env, cwd=project)
+        assert reduced.returncode == 0, reduced.stderr
+        assert sorted(reduced.stdout.splitlines()) == [f"[m{i}] allreduce sum=6" for i in range(3)]
+
+        started = time.monotonic()
+        failed = rawvm("run", *base, "--", "python", "-c", FAIL, env=env, cwd=project)
+        took = time.monotonic() - started
+        assert failed.returncode == 3  # the failed node's code, not the cancelled nodes' 143
+        assert "node m1 (rank 1) exited with code 3" in failed.stderr
+        assert "m1 gives up now" in failed.stderr.split("exited with code 3", 1)[1]  # its last lines
+        failed_at = float(re.search(r"failing at ([0-9.]+)", failed.stdout).group(1))  # type: ignore[union-attr]
+        while sleepers() and time.time() < failed_at + 15:
+            time.sleep(0.1)
+        assert sleepers() == [], "a node's task outlived the failed node by 15 s"
+        assert took < 60, failed.stderr
+        assert json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout)[0]["running"] == 3  # keepalive as usual
+    finally:
+        rawvm("down", cluster, env=env, cwd=project)
