@@ -1,11 +1,12 @@
 """Machines of one EC2 cluster reaching each other, for gang jobs (``rawvm.gang``): a cluster's own security group,
 a cluster placement group, and EFA interfaces.
 
-- **Peers.** A launch of several machines gets a security group of its own, ``rawvm-peers-<cluster>``, whose only
-  ingress rule refers to the group itself: its members reach each other on every port and protocol, and nothing
-  more is opened to the world (the caller's group still admits only the caller's /32 on the agent port). It is
-  tagged with the cluster, so ``rawvm down`` deletes it with the cluster's other groups.
-- **Placement.** A launch of several GPU machines goes into a cluster placement group, ``rawvm-<cluster>`` (close
+- **Peers.** A launch of several GPU (or ``--efa``) machines gets a security group of its own,
+  ``rawvm-peers-<cluster>``, whose only ingress rule refers to the group itself: its members reach each other on
+  every port and protocol, and nothing more is opened to the world (the caller's group still admits only the
+  caller's /32 on the agent port). It is tagged with the cluster, so ``rawvm down`` deletes it with the cluster's
+  other groups. Several CPU machines get none of this (a thousand batch machines need no path to each other).
+- **Placement.** The same launch goes into a cluster placement group, ``rawvm-<cluster>`` (close
   together in one zone, for NCCL's bandwidth and latency); the fleet is then offered the first zone's subnet only,
   since a cluster placement group cannot span zones. ``rawvm down`` (``remove``) deletes it.
 - **EFA.** With ``--efa`` only types whose DescribeInstanceTypes says ``EfaSupported`` are chosen, and the launch
@@ -36,7 +37,8 @@ ALL_TYPES = 100_000  # a limit that keeps every fitting type, for the EFA filter
 
 @dataclass(frozen=True)
 class PeerPlan:
-    """What a launch adds for its machines to work together; the defaults add nothing (one machine, CPU)."""
+    """What a launch adds for its machines to work together; the defaults add nothing (one machine, or CPU: a
+    thousand batch machines need no path to each other, and pay no extra call)."""
 
     group_id: str = ""  # the cluster's own group (members reach each other on every port); "" for one machine
     placement_group: str = ""  # the cluster placement group's name; "" unless several GPU machines
@@ -113,12 +115,11 @@ def ensure_placement_group(ec2: Any, cluster: str, tags: Mapping[str, str]) -> s
 
 def plan(ec2: Any, spec: MachineSpec, chosen: Sequence[InstanceType], vpc_id: str, tags: Mapping[str, str]) -> PeerPlan:
     """Make what ``spec``'s machines need to work together (see the module docstring)."""
-    several = spec.count > 1
-    gpu = spec.request.gpu or any(t.gpus for t in chosen)
+    gang = spec.count > 1 and (spec.request.gpu or spec.request.efa or any(t.gpus for t in chosen))
     group_tags = {**tags, "rawvm:made-by": spec.cluster}
     return PeerPlan(
-        group_id=ensure_peer_group(ec2, vpc_id, spec.cluster, group_tags) if several else "",
-        placement_group=ensure_placement_group(ec2, spec.cluster, tags) if several and gpu else "",
+        group_id=ensure_peer_group(ec2, vpc_id, spec.cluster, group_tags) if gang else "",
+        placement_group=ensure_placement_group(ec2, spec.cluster, tags) if gang else "",
         efa=spec.request.efa,
     )
 
