@@ -123,7 +123,8 @@ def test_a_multi_node_gpu_launch_gets_peers_placement_and_efa_and_down_removes_t
     assert env["RAWVM_NODE_IPS"].split("\n") == [m.details["private_ip"] for m in machines]
     assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
 
-    assert provider.down("train") == 2
+    later = make_provider(moto, tmp_path)  # 'rawvm down' in another process: the instances' tags name the group
+    assert later.down("train") == 2
     assert placement_groups(ec2) == []
     assert peer_group(ec2, "train") == []
     assert provider.down("train") == 0  # again: nothing left, no error

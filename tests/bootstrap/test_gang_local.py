@@ -5,6 +5,7 @@ others' tasks within seconds while the run exits non-zero naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers.local import local_project
+from tests.helpers.local import local_project, processes_under
 from tests.systools import need_index
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -127,3 +128,61 @@ def test_ranks_peers_allreduce_and_all_or_nothing(tmp_path: Path) -> None:
         assert json.loads(rawvm("ls", "--json", env=env, cwd=project).stdout)[0]["running"] == 3  # keepalive as usual
     finally:
         rawvm("down", cluster, env=env, cwd=project)
+
+
+LOST_MARKER = "gang-test-lost"
+WAIT = f"""
+import os, time
+# {LOST_MARKER}
+print("node", os.environ["RAWVM_NODE_RANK"], "up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lost_node_ends_the_run_and_cancels_the_others(tmp_path: Path) -> None:
+    """m1's agent and its wrapper die (a crash, a spot reclaim): the run ends non-zero naming m1 as lost, and
+    m0's task is cancelled."""
+    need_index()
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": "humanize\n"})
+    cluster = f"lost-{int(time.time()) % 100000}"
+    argv = [sys.executable, "-m", "rawvm.cli", "run", "-n", "2", "--keepalive", "5m", "--from", "requirements.txt"]
+    proc = subprocess.Popen(
+        [*argv, "--cluster", cluster, "--", "python", "-c", WAIT],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = {proc.stdout.readline().strip() for _ in range(2)}
+        assert seen == {"[m0] node 0 up", "[m1] node 1 up"}
+        m1_dir = next(tmp.glob(f"rawvm-local-*/{cluster}/m1"))
+        for process in processes_under(m1_dir):  # the wrapper and the agent: m1 stops answering
+            process.kill()
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 1, err
+        assert "node m1 (rank 1) was lost" in err
+        deadline = time.monotonic() + 15
+        while rank_zero_tasks() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert rank_zero_tasks() == [], "m0's task outlived the lost node"
+    finally:
+        proc.kill()
+        for process in lost_tasks():  # m1's task outlived its killed agent: it is this test's to end
+            process.kill()
+        rawvm("down", cluster, env=env, cwd=project)
+
+
+def lost_tasks() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if any(LOST_MARKER in a for a in p.info["cmdline"] or [])]
+
+
+def rank_zero_tasks() -> list[psutil.Process]:
+    alive = []
+    for process in lost_tasks():
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get("RAWVM_NODE_RANK") == "0" and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive

@@ -18,7 +18,7 @@ a cluster placement group, and EFA interfaces.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from rawvm.providers.base import MachineSpec
 PEER_GROUP_PREFIX = "rawvm-peers-"
 PLACEMENT_PREFIX = "rawvm-"
 EFA_TAG = "rawvm:efa"
+PLACEMENT_TAG = "rawvm:placement-group"  # on the instances: the placement group 'rawvm down' deletes after them
 ALL_TYPES = 100_000  # a limit that keeps every fitting type, for the EFA filter to choose from
 
 
@@ -46,8 +47,11 @@ class PeerPlan:
 
     @property
     def tags(self) -> dict[str, str]:
-        """Tags every machine carries: ``rawvm:efa`` tells the laptop to set NCCL up for EFA."""
-        return {EFA_TAG: "1"} if self.efa else {}
+        """Tags every machine carries: ``rawvm:efa`` tells the laptop to set NCCL up for EFA, and the placement
+        group's name tells ``rawvm down`` what to delete once the instances are gone."""
+        return ({EFA_TAG: "1"} if self.efa else {}) | (
+            {PLACEMENT_TAG: self.placement_group} if self.placement_group else {}
+        )
 
 
 def efa_supported(ec2: Any, names: Sequence[str]) -> set[str]:
@@ -151,10 +155,17 @@ def subnets_for(peers: PeerPlan, subnets: Sequence[tuple[str, str]]) -> list[tup
     return list(subnets[:1]) if peers.placement_group else list(subnets)
 
 
-def remove(ec2: Any, cluster: str) -> None:
-    """Delete the cluster's placement group, if it has one (its instances have terminated by now)."""
-    try:
-        ec2.delete_placement_group(GroupName=f"{PLACEMENT_PREFIX}{cluster}")
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in {"InvalidPlacementGroup.Unknown", "InvalidGroup.NotFound"}:
-            raise
+def placement_groups_of(instances: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The placement groups ``instances`` (DescribeInstances entries) name in their ``rawvm:placement-group`` tag."""
+    return {str(t["Value"]) for i in instances for t in i.get("Tags", []) if t["Key"] == PLACEMENT_TAG}
+
+
+def remove(ec2: Any, names: Iterable[str]) -> None:
+    """Delete these placement groups (a cluster's, once its instances have terminated); one already gone is fine.
+    Only groups the cluster is known to have are asked for, so a cluster without one costs no call."""
+    for name in sorted(set(names)):
+        try:
+            ec2.delete_placement_group(GroupName=name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidPlacementGroup.Unknown":
+                raise

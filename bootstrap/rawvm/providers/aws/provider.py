@@ -99,6 +99,7 @@ class AwsProvider(Provider):
         self._clients: dict[tuple[str, str], Any] = {}
         self._account = ""
         self._types: dict[str, list[InstanceType]] = {}
+        self._placements: dict[str, set[str]] = {}  # cluster -> placement groups its launches made (rawvm down)
         self._pricing_client = pricing_client
         self.prices = aws_prices.PriceBook(
             self._pricing, lambda r: self.client("ec2", r), cache_dir=price_cache_dir, clock=clock
@@ -411,6 +412,9 @@ class AwsProvider(Provider):
             made_by=spec.cluster,
         )
         peers = aws_peers.plan(ec2, spec, chosen, vpc_id, tags)  # gang jobs: peer group, placement, EFA
+        self._placements.setdefault(spec.cluster, set()).update(
+            [peers.placement_group] if peers.placement_group else []
+        )
         tags |= peers.tags
         data = aws_fleet.launch_template_data(
             image_id=image.image_id,
@@ -458,10 +462,12 @@ class AwsProvider(Provider):
         its staged files (the machines fetched them at boot; the flushed logs under ``sink/`` stay)."""
         ec2 = self.client("ec2", self.resolve_region(region))
         try:
-            stopped = aws_teardown.down(
-                ec2, self.check_cluster(cluster), timeout=self.down_timeout, poll=self.poll, sleep=self.sleep
+            every_state = (*aws_teardown.LIVE_STATES, "terminated")  # a group outlives its instances' termination
+            placed = aws_peers.placement_groups_of(
+                aws_teardown.instances(ec2, self.check_cluster(cluster), every_state)
             )
-            aws_peers.remove(ec2, cluster)  # its placement group, once its instances are gone
+            stopped = aws_teardown.down(ec2, cluster, timeout=self.down_timeout, poll=self.poll, sleep=self.sleep)
+            aws_peers.remove(ec2, placed | self._placements.pop(cluster, set()))  # once its instances are gone
             self.stager(region).delete_files(cluster)
         except AWS_ERRORS as exc:
             raise RawvmError(f"rawvm down {cluster} failed: {aws_error(exc)}; run it again") from None
