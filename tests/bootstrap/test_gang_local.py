@@ -1,7 +1,7 @@
-"""Gang jobs on three local machines (agent processes on this host), through the real CLI: every node knows its
-rank and its peers, the nodes reach each other at those addresses (a ring all-reduce over TCP, in pure Python:
-torch and jax would each download hundreds of MB to every machine's environment), and one failing node ends the
-others' tasks within seconds while the run exits non-zero naming it."""
+"""Gang jobs on local machines (agent processes on this host), through the real CLI: every node knows its rank
+and its peers, the nodes reach each other at those addresses (a ring all-reduce over TCP in pure Python, on each
+node's own port; and jax.distributed's all-reduce on CPU over gloo), one failing node ends the others' tasks within
+seconds while the run exits with its code naming it, and a lost node (its agent killed) does the same."""
 
 from __future__ import annotations
 
@@ -186,3 +186,42 @@ def rank_zero_tasks() -> list[psutil.Process]:
             if process.environ().get("RAWVM_NODE_RANK") == "0" and process.status() != psutil.STATUS_ZOMBIE:
                 alive.append(process)
     return alive
+
+
+JAX_SUM = """
+import os
+
+import jax
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+rank, n = int(os.environ["RAWVM_NODE_RANK"]), int(os.environ["RAWVM_NUM_NODES"])
+jax.distributed.initialize(f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", num_processes=n, process_id=rank)
+
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+mesh = Mesh(np.array(jax.devices()), ("node",))
+local = np.array([float(rank + 1)])
+spread = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec("node")), local)
+total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(spread)  # an all-reduce
+print(f"devices={jax.device_count()} sum={float(total)}", flush=True)
+"""
+
+
+def test_jax_distributed_sums_across_two_machines(tmp_path: Path) -> None:
+    """A real collective from a real distributed library: jax.distributed on CPU (gloo) across two local machines,
+    its coordinator at MASTER_ADDR:MASTER_PORT; each contributes rank + 1, both see 3. (jax and jaxlib are about
+    500 MB in each machine's environment, from uv's shared cache after the first.)"""
+    need_index()
+    project, _tmp, env = local_project(tmp_path, {"requirements.txt": "jax\n", "jax_sum.py": JAX_SUM})
+    cluster = f"jax-{int(time.time()) % 100000}"
+    try:
+        run = rawvm(
+            "run", "-n", "2", "--keepalive", "2m", "--from", "requirements.txt", "--cluster", cluster, "--",
+            "python", "jax_sum.py", env=env, cwd=project,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        sums = sorted(line for line in run.stdout.splitlines() if "sum=" in line)  # gloo prints lines of its own
+        assert sums == ["[m0] devices=2 sum=3.0", "[m1] devices=2 sum=3.0"]
+    finally:
+        rawvm("down", cluster, env=env, cwd=project)
