@@ -58,6 +58,7 @@ def launch_options(
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
     cluster: str | None = None,
+    efa: bool = False,
     lifetime_flags: tuple[str, str] = CLI_FLAGS,
 ) -> LaunchOptions:
     """The one place where the flat options of the front door and of the CLI's flags become a checked
@@ -73,6 +74,7 @@ def launch_options(
         region=region,
         spot_policy=spot_policy,
         extra_ca_certs=check_ca_certs(extra_ca_certs),
+        efa=efa,
     )
     lifetime = Lifetime.parse(keepalive, max_lifetime, lifetime_flags)
     return LaunchOptions(
@@ -108,6 +110,8 @@ def run(
     pypi_only: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
+    efa: bool = False,
+    torchrun: bool = False,
     output: TextIO | None = None,
     error_output: TextIO | None = None,
 ) -> RunResult:
@@ -121,6 +125,11 @@ def run(
     ``"default"`` takes ``max-cost`` from the project's ``pyproject.toml`` ``[tool.rawvm]``, None means no cap.
     Over the cap the launch is refused, or with ``max_cost_action="shorten"`` the lifetimes are lowered to fit.
     The task's stdout goes to ``output`` (default: sys.stdout), its stderr to ``error_output``.
+
+    With ``n`` > 1 the machines run one gang job: each task gets ``RAWVM_NODE_RANK``, ``RAWVM_NODE_IPS``,
+    ``MASTER_ADDR``/``MASTER_PORT`` and the rest (``rawvm.gang``), and when one node fails the others' tasks are
+    cancelled. ``torchrun`` wraps each node's command in ``torchrun``; ``efa`` (aws) gives GPU machines EFA
+    interfaces and the NCCL/libfabric settings for them.
     """
     options = launch_options(
         provider=provider,
@@ -140,8 +149,9 @@ def run(
         pypi_only=pypi_only,
         max_cost=max_cost,
         max_cost_action=max_cost_action,
+        efa=efa,
     )
-    return commands.run_command(command, options, output, error_output)
+    return commands.run_command(command, options, output, error_output, torchrun=torchrun)
 
 
 def up(

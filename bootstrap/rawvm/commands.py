@@ -47,9 +47,15 @@ class RunResult:
 
 
 def run_command(
-    argv: Sequence[str], options: LaunchOptions, output: TextIO | None = None, error_output: TextIO | None = None
+    argv: Sequence[str],
+    options: LaunchOptions,
+    output: TextIO | None = None,
+    error_output: TextIO | None = None,
+    *,
+    torchrun: bool = False,
 ) -> RunResult:
-    """Run ``argv`` on the machines of ``options.cluster`` when that cluster exists, else on fresh ones."""
+    """Run ``argv`` on the machines of ``options.cluster`` when that cluster exists, else on fresh ones, as one gang
+    job (``rawvm.gang``); ``torchrun`` wraps each node's command in ``torchrun``."""
     out = output if output is not None else sys.stdout
     err = error_output if error_output is not None else sys.stderr
     command = check_command(argv)
@@ -62,7 +68,7 @@ def run_command(
         launched = launch(options)
     record = launched.record
     try:
-        code = ready_or_fail(launched, command, out, err)
+        code = ready_or_fail(launched, command, out, err, torchrun)
     except KeyboardInterrupt:
         say(f"interrupted; the machines of {record.name} stop after their keepalive, or now: rawvm down {record.name}")
         raise

@@ -96,6 +96,10 @@ class MachineRequest:
     extra_ca_certs: tuple[Path, ...] = ()
     """PEM files of CAs the machines must trust (TLS-intercepting proxies); ``api.launch_options`` checks them."""
 
+    efa: bool = False
+    """aws: EFA network interfaces (types whose DescribeInstanceTypes says EfaSupported) in a cluster placement
+    group, and NCCL/libfabric set up for them in every task."""
+
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
             raise UsageError(f"unknown provider {self.provider!r}: choose one of {', '.join(PROVIDERS)}")
@@ -105,6 +109,8 @@ class MachineRequest:
             raise UsageError("--cpu and --memory must not be negative")
         if self.vm_type and (self.cpu or self.memory or self.gpu or self.arm):
             raise UsageError("give either --vm-type or --cpu/--memory/--gpu/--arm, not both")
+        if self.efa and self.provider != "aws":
+            raise UsageError(f"--efa needs --provider aws: {self.provider} machines have no EFA interfaces")
         if self.spot_policy not in SPOT_POLICIES:
             raise UsageError(f"unknown spot policy {self.spot_policy!r}: choose one of {', '.join(SPOT_POLICIES)}")
 

@@ -2,7 +2,8 @@
 
 Everything here speaks only the agent API (``rawvm.agent.client``), whatever the provider; the provider is asked
 only whether a silent machine is still alive. Exit code of a run: the task's exit code; with several machines,
-the largest of them (so any failure shows as a failure); a task ended by signal N counts as 128 + N.
+the largest of them (so any failure shows as a failure); a task ended by signal N counts as 128 + N. Several
+machines run one gang job (``rawvm.gang``): ranks and peers in each task's environment, all or nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rawvm_agent.durations import format_duration
 from rawvm import boot_timings, clusters, costs
 from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
+from rawvm.gang import Gang, NodeRun, cancel_if_stopped, gpus_of, run_gang
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import FREE_PROVIDERS, get_provider
 from rawvm.providers.base import Machine, Provider
@@ -192,17 +194,40 @@ async def stream_task(
     await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
 
 
-async def run_on(client: AgentClient, argv: list[str], prefix: str, output: TextIO, error_output: TextIO) -> int:
-    """Run ``argv`` on one machine, stream its output, return its exit code."""
-    task_id = await client.submit(argv, env={"PYTHONUNBUFFERED": "1"})
-    await stream_task(client, task_id, prefix, output, error_output)
-    return task_exit_code(await client.wait_task(task_id))
+async def run_gang_on(
+    agents: dict[str, AgentClient],
+    machines: list[Machine],
+    argv: list[str],
+    output: TextIO,
+    error_output: TextIO,
+    torchrun: bool = False,
+) -> int:
+    """Run ``argv`` on every machine as one gang job (``rawvm.gang``: ranks, peers, all or nothing), stream each
+    node's output (prefixed ``[m0]`` when there are several), return the largest exit code; when a node failed,
+    say which, with its last lines."""
+    head = next(iter(agents.values()))
+    gang = Gang.of(machines, gpus_of(await head.status()))
+    prefix = len(agents) > 1
+
+    async def run_node(node: NodeRun, out: TextIO, err: TextIO) -> int:
+        command = gang.torchrun_argv(argv, node.rank) if torchrun else argv
+        node.task_id = await node.client.submit(command, env={"PYTHONUNBUFFERED": "1", **gang.env(node.rank)})
+        await cancel_if_stopped(node)
+        await stream_task(node.client, node.task_id, f"[{node.name}] " if prefix else "", out, err)
+        return task_exit_code(await node.client.wait_task(node.task_id))
+
+    nodes = [NodeRun(rank, mid, client) for rank, (mid, client) in enumerate(agents.items())]
+    result = await run_gang(nodes, run_node, output, error_output)
+    if result.failure and len(nodes) > 1:  # one machine's failure speaks for itself (its output, its exit code)
+        say(result.failure)
+    return result.code
 
 
 async def ready_and_run(
-    launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO
+    launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO, torchrun: bool = False
 ) -> tuple[int, dict[str, float]]:
-    """Wait until every machine serves, then (with ``argv``) run it on each; the largest exit code, and timings."""
+    """Wait until every machine serves, then (with ``argv``) run it on each as one gang job (``run_gang_on``); the
+    exit code, and timings."""
     timings: dict[str, float] = {}
     record = launched.record
     async with agent_session() as http:
@@ -218,19 +243,18 @@ async def ready_and_run(
             boot_timings.remember(record, await boot_timings.fetch(agents))
             return 0, timings
         mark = time.monotonic()
-        many = len(agents) > 1
-        codes = await asyncio.gather(
-            *(run_on(c, argv, f"[{mid}] " if many else "", output, error_output) for mid, c in agents.items())
-        )
+        code = await run_gang_on(agents, record.machines, argv, output, error_output, torchrun)
         timings["task"] = time.monotonic() - mark
         boot_timings.remember(record, await boot_timings.fetch(agents))
-    return max(codes), timings
+    return code, timings
 
 
-def ready_or_fail(launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO) -> int:
+def ready_or_fail(
+    launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO, torchrun: bool = False
+) -> int:
     """``ready_and_run`` from synchronous code; a failure names the cluster, and timings join the launch's."""
     try:
-        code, timings = run_sync(ready_and_run(launched, argv, output, error_output))
+        code, timings = run_sync(ready_and_run(launched, argv, output, error_output, torchrun))
     except RawvmError as exc:
         raise RawvmError(f"{exc} (cluster {launched.record.name})") from None
     launched.timings.update(timings)

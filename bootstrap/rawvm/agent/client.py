@@ -314,6 +314,18 @@ class AgentClient:
                 return record
             await asyncio.sleep(poll)
 
+    async def cancel_task(self, task_id: str, *, grace: float = 5.0) -> dict[str, Any]:
+        """End a task (``POST /v1/tasks/{id}/cancel``): SIGTERM to its process group, SIGKILL after ``grace``; its
+        record once it has ended. Its output stays readable."""
+        timeout = aiohttp.ClientTimeout(total=2 * grace + 30.0)
+        answer = await self._exchange(
+            "POST", f"/v1/tasks/{task_id}/cancel", params={"grace": str(grace)}, timeout=timeout
+        )
+        if answer.status >= 400:
+            raise self._failed(f"cancel of task {task_id} on {self.base_url}", answer, detail=True)
+        body: dict[str, Any] = answer.json()
+        return body
+
     async def logs(self, task_id: str, *, stream: str = "stdout", offset: int = 0) -> tuple[bytes, int]:
         """What the task wrote to ``stream`` from ``offset`` (one page), and the next offset."""
         params = {"stream": stream, "offset": str(offset)}

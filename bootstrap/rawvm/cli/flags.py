@@ -27,6 +27,7 @@ def machine_flags(
     parser.add_argument("--gpu", action="store_true", help="an NVIDIA GPU machine (CUDA lock)")
     parser.add_argument("--arm", action="store_true", help="an aarch64 machine")
     parser.add_argument("--region", default="", metavar="R", help="cloud region (aws)")
+    parser.add_argument("--efa", action="store_true", help="aws: EFA interfaces for multi-node GPU training")
     parser.add_argument("--keepalive", default="20m", metavar="D", help=f"{keepalive} (%(default)s)")
     parser.add_argument(
         "--max-lifetime", default="12h", metavar="D", help="machines stop after this long, even busy (%(default)s)"

@@ -13,7 +13,7 @@ from rawvm.cli.flags import launch_options, machine_flags
 def _run(args: argparse.Namespace) -> int:
     from rawvm import commands
 
-    result = commands.run_command(args.cmd, launch_options(args))
+    result = commands.run_command(args.cmd, launch_options(args), torchrun=args.torchrun)
     if args.timings:
         from rawvm.boot_timings import phase_line
 
@@ -93,6 +93,9 @@ def register(subparsers: Any) -> None:
         usage="rawvm run [options] -- CMD ...",
     )
     machine_flags(run)
+    run.add_argument(
+        "--torchrun", action="store_true", help="run CMD under torchrun on every node (ranks, head as master)"
+    )
     run.add_argument(
         "--timings",
         action="store_true",

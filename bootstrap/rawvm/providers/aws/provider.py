@@ -34,6 +34,7 @@ from rawvm.errors import RawvmError, UsageError
 from rawvm.options import BACKSTOP_GRACE
 from rawvm.providers.aws import fleet as aws_fleet
 from rawvm.providers.aws import network as aws_network
+from rawvm.providers.aws import peers as aws_peers
 from rawvm.providers.aws import prices as aws_prices
 from rawvm.providers.aws import staging as aws_staging
 from rawvm.providers.aws import teardown as aws_teardown
@@ -46,7 +47,7 @@ from rawvm.providers.aws.config import (
     local_user,
     read_settings,
 )
-from rawvm.providers.aws.instances import machine_of
+from rawvm.providers.aws.instances import await_addresses, machine_of
 from rawvm.providers.base import Machine, MachineSpec, Provider, SinkPost
 
 ROOT_HEADROOM_GIB = 24  # room for the environment above the image's own size
@@ -99,6 +100,7 @@ class AwsProvider(Provider):
         self._clients: dict[tuple[str, str], Any] = {}
         self._account = ""
         self._types: dict[str, list[InstanceType]] = {}
+        self._placements: dict[str, set[str]] = {}  # cluster -> placement groups its launches made (rawvm down)
         self._pricing_client = pricing_client
         self.prices = aws_prices.PriceBook(
             self._pricing, lambda r: self.client("ec2", r), cache_dir=price_cache_dir, clock=clock
@@ -158,21 +160,23 @@ class AwsProvider(Provider):
         return self._types[region]
 
     def choose_types(self, spec: MachineSpec, region: str) -> list[InstanceType]:
-        types = self.instance_types(region)
+        types, efa = self.instance_types(region), spec.request.efa
         try:
             if spec.request.vm_type:
-                return [lookup(types, spec.request.vm_type, region)]
-            return choose_instance_types(
-                types,
-                cpu=spec.request.cpu,
-                memory_gib=spec.request.memory,
-                gpu=spec.request.gpu,
-                arm=spec.request.arm,
-                spot=spec.request.spot_policy != "on-demand",
-                limit=self.instance_type_limit,
-            )
+                chosen = [lookup(types, spec.request.vm_type, region)]
+            else:
+                chosen = choose_instance_types(
+                    types,
+                    cpu=spec.request.cpu,
+                    memory_gib=spec.request.memory,
+                    gpu=spec.request.gpu,
+                    arm=spec.request.arm,
+                    spot=spec.request.spot_policy != "on-demand",
+                    limit=aws_peers.ALL_TYPES if efa else self.instance_type_limit,
+                )
         except CatalogError as exc:
             raise UsageError(str(exc)) from None
+        return aws_peers.with_efa(self.client("ec2", region), chosen, self.instance_type_limit) if efa else chosen
 
     @staticmethod
     def _arch(spec: MachineSpec, chosen: Sequence[InstanceType]) -> str:
@@ -408,6 +412,11 @@ class AwsProvider(Provider):
             peer_ports=spec.peer_ports,
             made_by=spec.cluster,
         )
+        peers = aws_peers.plan(ec2, spec, chosen, vpc_id, tags)  # gang jobs: peer group, placement, EFA
+        self._placements.setdefault(spec.cluster, set()).update(
+            [peers.placement_group] if peers.placement_group else []
+        )
+        tags |= peers.tags
         data = aws_fleet.launch_template_data(
             image_id=image.image_id,
             root_device=image.root_device,
@@ -417,8 +426,8 @@ class AwsProvider(Provider):
             tags=tags | {aws_teardown.GROUP_TAG: group_id},  # 'rawvm down' finds the group on the instances
             key_name=self.ssh_key_name,
         )
-        template_id = self._launch_template(ec2, spec.cluster, data, tags)
-        placements = aws_fleet.overrides([t.name for t in chosen], subnets)
+        template_id = self._launch_template(ec2, spec.cluster, aws_peers.amend_template(data, peers), tags)
+        placements = aws_fleet.overrides([t.name for t in chosen], aws_peers.subnets_for(peers, subnets))
         zones = dict(subnets)
         try:
             launched, tried = aws_fleet.launch_fleets(
@@ -435,41 +444,10 @@ class AwsProvider(Provider):
                 + "; ".join(tried or ["no placement answered"])
                 + ". Try other types (--vm-type), another region, or --spot-policy spot_with_fallback"
             )
-        machines = self._await_addresses(ec2, spec, launched, tags)
+        machines = await_addresses(
+            ec2, spec.cluster, launched, tags, self.clock, self.sleep, self.poll, self.address_timeout
+        )
         return [dataclasses.replace(m, price_per_hour=self.machine_price(region, m)) for m in machines]
-
-    def _await_addresses(
-        self, ec2: Any, spec: MachineSpec, launched: list[aws_fleet.Launched], tags: dict[str, str]
-    ) -> list[Machine]:
-        """The launched machines once each has an address to reach its agent at (or ``address_timeout``
-        passed: those still without one come back with an empty agent_url, and list() finds it later)."""
-        launched_at = self.clock()
-        machines = {
-            m.instance_id: Machine(
-                id=m.instance_id,
-                provider=self.name,
-                cluster=spec.cluster,
-                agent_url="",
-                state="pending",
-                instance_type=m.instance_type,
-                zone=m.zone,
-                spot=m.spot,
-                launched_at=launched_at,
-                details={k: v for k, v in tags.items() if k.startswith("rawvm:")},
-            )
-            for m in launched
-        }
-        deadline = time.monotonic() + self.address_timeout
-        waiting = list(machines)
-        while waiting:
-            for instance in aws_teardown.described(ec2, waiting):
-                seen = machine_of(instance)
-                machines[seen.id] = dataclasses.replace(seen, launched_at=launched_at)
-            waiting = [i for i, m in machines.items() if not m.agent_url and m.state in ("pending", "running")]
-            if not waiting or time.monotonic() > deadline:
-                break
-            self.sleep(self.poll)
-        return list(machines.values())
 
     def list(self, cluster: str | None = None, *, region: str = "") -> list[Machine]:
         region = self.resolve_region(region)
@@ -485,9 +463,12 @@ class AwsProvider(Provider):
         its staged files (the machines fetched them at boot; the flushed logs under ``sink/`` stay)."""
         ec2 = self.client("ec2", self.resolve_region(region))
         try:
-            stopped = aws_teardown.down(
-                ec2, self.check_cluster(cluster), timeout=self.down_timeout, poll=self.poll, sleep=self.sleep
+            every_state = (*aws_teardown.LIVE_STATES, "terminated")  # a group outlives its instances' termination
+            placed = aws_peers.placement_groups_of(
+                aws_teardown.instances(ec2, self.check_cluster(cluster), every_state)
             )
+            stopped = aws_teardown.down(ec2, cluster, timeout=self.down_timeout, poll=self.poll, sleep=self.sleep)
+            aws_peers.remove(ec2, placed | self._placements.pop(cluster, set()))  # once its instances are gone
             self.stager(region).delete_files(cluster)
         except AWS_ERRORS as exc:
             raise RawvmError(f"rawvm down {cluster} failed: {aws_error(exc)}; run it again") from None

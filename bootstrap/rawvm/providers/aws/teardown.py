@@ -98,7 +98,9 @@ def template_groups(ec2: Any, template_id: str) -> set[str]:
     pages = ec2.get_paginator("describe_launch_template_versions").paginate(LaunchTemplateId=template_id)
     for page in pages:
         for version in page.get("LaunchTemplateVersions", []):
-            groups.update(version.get("LaunchTemplateData", {}).get("SecurityGroupIds", []))
+            data = version.get("LaunchTemplateData", {})
+            groups.update(data.get("SecurityGroupIds", []))
+            groups.update(g for nic in data.get("NetworkInterfaces", []) for g in nic.get("Groups", []))  # EFA
     return groups
 
 
