@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
+from collections.abc import Sequence
 
+from rawvm.errors import UsageError
 from rawvm.options import PROVIDERS, LaunchOptions
 
 
@@ -45,7 +48,12 @@ def machine_flags(
         metavar="PEM",
         help="a CA certificate the machines must trust (TLS-intercepting proxies); repeatable",
     )
-    parser.add_argument("--cluster", default=None, metavar="NAME", help="cluster name (default: a fresh one)")
+    parser.add_argument(
+        "--cluster", default=None, metavar="NAME", help="an existing cluster (see 'rawvm ls'); a new one: --name"
+    )
+    parser.add_argument(
+        "--name", default=None, metavar="NAME", help="the new cluster's name (default: a fresh rawvm-xxxxxx)"
+    )
     parser.add_argument(
         "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
     )
@@ -71,6 +79,49 @@ def launch_options(args: argparse.Namespace, *, n: int | None = None) -> LaunchO
     from rawvm.api import launch_options as build
 
     values = {name: getattr(args, name) for name in inspect.signature(build).parameters if hasattr(args, name)}
+    values["cluster"] = cluster_name(getattr(args, "cluster", None), getattr(args, "name", None))
     if n is not None:
         values["n"] = n
     return build(**values)
+
+
+def cluster_name(existing: str | None, new: str | None) -> str | None:
+    """The cluster ``--cluster`` (which must exist) or ``--name`` (which must not) names: a mistyped
+    ``--cluster`` is one line listing what exists, never a fresh 20-minute cluster of the typo's name."""
+    from rawvm import clusters
+
+    if existing and new:
+        raise UsageError("give --cluster (an existing cluster) or --name (a new one), not both")
+    if new:
+        if clusters.exists(clusters.check_name(new)):
+            raise UsageError(f"--name {new}: a cluster of that name exists; run on it with --cluster {new}")
+        return new
+    if not existing:
+        return None
+    if not clusters.exists(clusters.check_name(existing)):
+        names = sorted(record.name for record in clusters.all_records())
+        here = f"clusters here: {', '.join(names)}" if names else "there are no clusters here"
+        raise UsageError(
+            f"--cluster {existing}: no such cluster ({here}; see 'rawvm ls'); a new cluster is named with --name"
+        )
+    return existing
+
+
+DURATION_FLAGS = frozenset({"--keepalive", "--max-lifetime", "--task-timeout"})
+_NEGATIVE = re.compile(r"-\d")
+
+
+def join_negative_durations(argv: Sequence[str]) -> list[str]:
+    """``--keepalive -5m`` as ``--keepalive=-5m``: argparse takes ``-5m`` for an option and says "expected one
+    argument"; joined, the value reaches the duration check and gets its message. The command after ``--`` is
+    left as it is."""
+    out: list[str] = []
+    rest = list(argv)
+    while rest:
+        token = rest.pop(0)
+        if token == "--":
+            return [*out, token, *rest]
+        if token in DURATION_FLAGS and rest and _NEGATIVE.match(rest[0]):
+            token = f"{token}={rest.pop(0)}"
+        out.append(token)
+    return out
