@@ -118,10 +118,10 @@ def join_negative_durations(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     rest = list(argv)
     while rest:
-        token = rest.pop(0)
-        if token == "--":
-            return [*out, token, *rest]
-        if token in DURATION_FLAGS and rest and _NEGATIVE.match(rest[0]):
-            token = f"{token}={rest.pop(0)}"
-        out.append(token)
+        word = rest.pop(0)
+        if word == "--":
+            return [*out, word, *rest]
+        if word in DURATION_FLAGS and rest and _NEGATIVE.match(rest[0]):
+            word = f"{word}={rest.pop(0)}"
+        out.append(word)
     return out
