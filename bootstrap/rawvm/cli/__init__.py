@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from rawvm_resolver.errors import ResolverError
+from rawvm_resolver.errors import ConflictError, ResolverError
 
 from rawvm.errors import RawvmError
 
@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (RawvmError, ResolverError) as exc:
+        if isinstance(exc, ConflictError) and getattr(args, "explain", False):
+            print(exc.detail, file=sys.stderr)  # a conflict's whole text, then its line
         print(f"rawvm: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
