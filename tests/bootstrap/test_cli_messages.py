@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from rawvm import clusters
 from rawvm.cli import build_parser, main
-from rawvm.cli.flags import join_negative_durations
 from rawvm.clusters import ClusterRecord
 from rawvm.commands import ClusterView, ls_json
 from rawvm.providers.base import Machine
@@ -72,8 +71,10 @@ def test_a_negative_duration_gets_the_duration_message(argv: list[str], capsys: 
 
 
 def test_a_negative_value_after_the_command_is_the_commands_own() -> None:
-    argv = ["run", "--keepalive", "-5m", "--", "sleep", "--keepalive", "-5m"]
-    assert join_negative_durations(argv) == ["run", "--keepalive=-5m", "--", "sleep", "--keepalive", "-5m"]
+    args = build_parser().parse_args(["run", "--keepalive", "-5m", "--", "sleep", "--keepalive", "-5m", "-x"])
+    assert args.keepalive == "-5m"
+    assert args.cmd == ["--", "sleep", "--keepalive", "-5m", "-x"]
+    assert build_parser().parse_args(["top", "--interval", "-1"]).interval == -1.0  # and gets its own message
 
 
 def record(name: str, provider: str = "local", prices: tuple[float, ...] = (0.0,)) -> ClusterRecord:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from rawvm_resolver.errors import ConflictError, ResolverError
 
@@ -24,7 +26,16 @@ _COMMAND_MODULES = (
 )
 
 
+NEGATIVE_VALUE = re.compile(r"^-\d+(\.\d+)?[a-z\d.]*$")  # -5, -0.5, -5m, -1h30m
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # "-5m" is a value, not an option: a negative duration then reaches the duration check and gets its
+        # message, where argparse would say "expected one argument" (no rawvm option looks like a number).
+        self._negative_number_matcher = NEGATIVE_VALUE
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"rawvm: {message} (see '{self.prog} --help')\n")
 
@@ -44,10 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from rawvm.cli.flags import join_negative_durations
-
     parser = build_parser()
-    args = parser.parse_args(join_negative_durations(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

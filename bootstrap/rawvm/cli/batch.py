@@ -18,9 +18,7 @@ def with_header_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     header = header_options(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
     if not header:
         return args
-    from rawvm.cli.flags import join_negative_durations
-
-    from_header = parser.parse_args(join_negative_durations([*header, "--", "true"]))
+    from_header = parser.parse_args([*header, "--", "true"])
     merged = argparse.Namespace(**vars(args))
     for key, value in vars(from_header).items():
         if key not in {"cmd", "func", "parser"} and getattr(args, key) == parser.get_default(key):

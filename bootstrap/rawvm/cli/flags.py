@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import re
-from collections.abc import Sequence
 
 from rawvm.errors import UsageError
 from rawvm.options import PROVIDERS, LaunchOptions
@@ -105,23 +103,3 @@ def cluster_name(existing: str | None, new: str | None) -> str | None:
             f"--cluster {existing}: no such cluster ({here}; see 'rawvm ls'); a new cluster is named with --name"
         )
     return existing
-
-
-DURATION_FLAGS = frozenset({"--keepalive", "--max-lifetime", "--task-timeout"})
-_NEGATIVE = re.compile(r"-\d")
-
-
-def join_negative_durations(argv: Sequence[str]) -> list[str]:
-    """``--keepalive -5m`` as ``--keepalive=-5m``: argparse takes ``-5m`` for an option and says "expected one
-    argument"; joined, the value reaches the duration check and gets its message. The command after ``--`` is
-    left as it is."""
-    out: list[str] = []
-    rest = list(argv)
-    while rest:
-        word = rest.pop(0)
-        if word == "--":
-            return [*out, word, *rest]
-        if word in DURATION_FLAGS and rest and _NEGATIVE.match(rest[0]):
-            word = f"{word}={rest.pop(0)}"
-        out.append(word)
-    return out
