@@ -17,7 +17,7 @@ def machines(now: float) -> list[MachineView]:
     common = {"provider": "aws", "agent_url": "https://x", "launched_at": now - 3600, "last_answer": now - 65}
     views = []
     for i, (phase, cpu) in enumerate([("busy", 97.0), ("idle", 3.0), ("busy", 55.0)]):
-        view = MachineView(cluster="rawvm-a1b2c3", machine=f"m{i}", price_per_hour=0.768, **common)  # type: ignore[arg-type]
+        view = MachineView(cluster="rawvm-a1b2c3", machine=f"m{i}", price_per_hour=0.768, **common)
         view.answering, view.phase, view.cpu_percent = True, phase, cpu
         view.task = "python train.py --epochs 100 --learning-rate 0.0003 --batch-size 512"
         view.memory_used_bytes, view.memory_total_bytes = 12 * GIB, 31 * GIB
@@ -28,7 +28,7 @@ def machines(now: float) -> list[MachineView]:
     views[2].gpus = [
         GpuView(index=i, util_percent=80.0 + i, power_watts=250.0, temperature_celsius=70.0) for i in range(2)
     ]
-    lost = MachineView(cluster="rawvm-a1b2c3", machine="m3", price_per_hour=None, **common)  # type: ignore[arg-type]
+    lost = MachineView(cluster="rawvm-a1b2c3", machine="m3", price_per_hour=None, **common)
     views.append(lost)
     return views
 
