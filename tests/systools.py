@@ -44,9 +44,16 @@ def need_tool(name: str, package: str) -> str:
 
 @functools.cache
 def index_reachable(host: str = INDEX_HOST, timeout: float = 5.0) -> bool:
-    try:
+    """Whether the index answers; asked again after a transient failure (one dropped DNS lookup must not skip,
+    or under CI fail, every network test of the session: the answer is cached)."""
+    from tests.helpers.network import with_retries
+
+    def connect() -> bool:
         with socket.create_connection((host, 443), timeout=timeout):
             return True
+
+    try:
+        return with_retries(connect, delays=(0.5, 2.0, 5.0))
     except OSError:
         return False
 

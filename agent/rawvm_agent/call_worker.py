@@ -61,8 +61,39 @@ def unpack(data: bytes) -> list[tuple[int, int, bytes]]:
 REFERENCE = "rawvm-function-ref"  # (REFERENCE, module, qualname): a decorated function of an importable module
 
 
+SOURCED = "rawvm-function-sourced"  # (SOURCED, fn, [(global name or "", file)], {file: text}): by value, with source
+DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives every function it sends by value
+
+
+def _renamed(code: Any, filename: str) -> Any:
+    """``code`` and the code of every function nested in it, named after ``filename``."""
+    import types
+
+    consts = tuple(_renamed(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def _with_sources(fn: Any, files: list[tuple[str, str]], sources: dict[str, str]) -> Any:
+    """cloudpickle names a by-value function's file ``<dynamic-code>``: give it (and the module-level functions it
+    calls) back its real file name, and register the file's text with linecache, so a remote traceback shows
+    ``File "/home/me/job.py", line 5`` and that line instead of ``File "<dynamic-code>", line 5``."""
+    import linecache
+
+    for filename, text in sources.items():
+        linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)  # mtime None: kept
+    for name, filename in files:
+        target = fn if not name else getattr(fn, "__globals__", {}).get(name)
+        code = getattr(target, "__code__", None)
+        if code is not None and code.co_filename == DYNAMIC_CODE:
+            target.__code__ = _renamed(code, filename)  # type: ignore[union-attr]
+    return fn
+
+
 def _resolve(fn: Any) -> Any:
-    """A reference imports the function's module from the work dir (the bundle's code) and finds it there."""
+    """A reference imports the function's module from the work dir (the bundle's code) and finds it there; a
+    function sent by value with its source gets its file names back (``_with_sources``)."""
+    if isinstance(fn, tuple) and len(fn) == 4 and fn[0] == SOURCED:
+        return _with_sources(*fn[1:])
     if not (isinstance(fn, tuple) and len(fn) == 3 and fn[0] == REFERENCE):
         return fn
     import importlib

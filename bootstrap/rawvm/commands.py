@@ -118,7 +118,7 @@ def ls() -> list[ClusterView]:
                 "state": (known.get(m.id, "gone") if known is not None else "unknown"),
                 "agent_url": m.agent_url,
                 "instance_type": m.instance_type,
-                "price_per_hour": f"{m.price_per_hour:.6f}" if m.price_per_hour else "unknown",
+                "price_per_hour": known_price(record.provider, m.price_per_hour),
                 "boot_phases": dict(m.boot_phases),
             }
             for m in record.machines
@@ -147,8 +147,25 @@ def ls() -> list[ClusterView]:
     return views
 
 
+def known_price(provider: str, price: float) -> float | None:
+    """A price as ``--json`` gives it: USD (0.0 on a free provider), or None where none could be had -- never a
+    0.0 or a word that stands for "unknown"."""
+    if provider in FREE_PROVIDERS:
+        return 0.0
+    return price if price > 0 else None
+
+
 def ls_json(views: Sequence[ClusterView]) -> str:
-    return json.dumps([{**dataclasses.asdict(v), "running": v.running} for v in views], indent=2, sort_keys=True)
+    """Every cluster as JSON; a cluster's price and cost are null when some machine's price is unknown (a sum
+    over the known ones would pass for the whole)."""
+    rows = []
+    for v in views:
+        unknown = v.provider not in FREE_PROVIDERS and (v.price_unknown or not v.price_per_hour)
+        row = {**dataclasses.asdict(v), "running": v.running}
+        if unknown:
+            row.update(price_per_hour=None, cost_so_far=None)
+        rows.append(row)
+    return json.dumps(rows, indent=2, sort_keys=True)
 
 
 async def machine_logs(

@@ -19,11 +19,10 @@ from typing import Any
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
 from rawvm_resolver.compile import UvFailure, UvTimeout, run_uv
-from rawvm_resolver.errors import ResolverError
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
-from rawvm_resolver.uv_messages import is_unsatisfiable, mentioned, summarise
+from rawvm_resolver.uv_messages import conflict, is_unsatisfiable, mentioned, summarise
 
 MAX_RELAXATION_RUNS = 24  # uv runs one lock may spend finding which pins to relax
 RELAXATION_SECONDS = 480.0  # and the wall time those runs may take together (a first, cold-cache lock is slower)
@@ -53,7 +52,7 @@ def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline
     """
     candidates = relaxation_order(plan, stderr)
     if not candidates:
-        raise ResolverError(f"cannot lock for {target.platform}: {summarise(stderr)}")
+        raise conflict(f"cannot lock for {target.platform}", stderr)
     needed = required_ranges(stderr)
     searching = []  # candidates whose run kept uv busy past RUN_SECONDS
     tried: set[str] = set()  # pins already unpinned in this call (an asker swapped in)
@@ -98,7 +97,7 @@ def relax_pins(plan: Plan, target: Target, work_dir: Path, stderr: str, deadline
         raise
     if outcome is None:
         slow = f" (relaxing {', '.join(searching)} kept uv searching past {RUN_SECONDS:.0f} s)" if searching else ""
-        raise ResolverError(f"cannot lock for {target.platform}: the pins conflict{slow}: {summarise(stderr, 600)}")
+        raise conflict(f"cannot lock for {target.platform}: the pins conflict{slow}", stderr)
     for name, pin in relaxed.items():
         _report(plan, name, pin, stderr)
     return outcome
@@ -178,9 +177,8 @@ def _try(plan: Plan, target: Target, work_dir: Path, deadline: float, explanatio
     left = deadline - time.monotonic()
     if plan.relaxation_runs >= MAX_RELAXATION_RUNS or left <= 0:
         spent = f"{plan.relaxation_runs} uv runs" if left > 0 else f"{RELAXATION_SECONDS:.0f} s of uv runs"
-        raise ResolverError(
-            f"cannot lock for {target.platform}: the pins conflict and {spent} found no set to relax: "
-            f"{summarise(explanation, 600)}"
+        raise conflict(
+            f"cannot lock for {target.platform}: the pins conflict and {spent} found no set to relax", explanation
         )
     plan.relaxation_runs += 1
     try:

@@ -29,7 +29,7 @@ from rawvm_resolver.relax import RELAXATION_SECONDS, relax_pins
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
-from rawvm_resolver.uv_messages import build_cause, is_unsatisfiable, mentioned, summarise
+from rawvm_resolver.uv_messages import build_cause, conflict, is_unsatisfiable, mentioned, summarise
 
 _MAX_ATTEMPTS = 16
 
@@ -62,7 +62,7 @@ def resolve(
             explanation = ""
             continue
         if strict:
-            raise ResolverError(f"cannot lock for {target.platform}: {summarise(explanation)}")
+            raise conflict(f"cannot lock for {target.platform}", explanation)
         progress("the pins conflict with each other; relaxing the ones uv names")
         try:
             outcome = relax_pins(plan, target, work_dir / f"relax-{attempt}", explanation, deadline)
@@ -308,9 +308,7 @@ def _fix_missing_artifacts(plan: Plan, target: Target, names: list[str], *, stri
 def _drop_optional_extras(plan: Plan, target: Target, stderr: str, *, strict: bool) -> None:
     for name, extras in sorted(plan.optional_extras.items()):
         if strict:
-            raise ResolverError(
-                f"--strict: {name}[{','.join(extras)}] does not resolve with the rest: {summarise(stderr)}"
-            )
+            raise conflict(f"--strict: {name}[{','.join(extras)}] does not resolve with the rest", stderr)
         plan.requirements[name] = name
         source = plan.renamed.get(name, name)
         if source in plan.rows:

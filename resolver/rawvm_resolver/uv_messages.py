@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import re
 
+from rawvm_resolver.errors import ConflictError
+
+SHORT_LIMIT = 300  # characters of a conflict's line before its suggestion; --explain has the whole text
+
 
 def is_unsatisfiable(stderr: str) -> bool:
     """uv says the requirements have no solution (as opposed to a failed download or build)."""
@@ -17,8 +21,8 @@ def is_unsatisfiable(stderr: str) -> bool:
 def summarise(stderr: str, limit: int = 0) -> str:
     """uv's explanation on one line (cut at ``limit`` characters when given: a build log can run long)."""
     text = " ".join(line.strip(" \u00d7\u2570\u2500\u25b6\u2502") for line in stderr.splitlines() if line.strip())
-    text = re.sub(r"\s+", " ", text).replace("No solution found when resolving dependencies: ", "")
-    text = text.removeprefix("error: ").strip()
+    text = re.sub(r"\s+", " ", text).removeprefix("error: ")
+    text = re.sub(r"No solution found when resolving dependencies:?\s*(cause:\s*)?", "", text).strip()
     return text if not limit or len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -39,3 +43,42 @@ def build_cause(stderr: str, limit: int = 200) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip() and not line.strip().startswith("warnings.")]
     cause = lines[-1] if lines else summarise(stderr)
     return cause if len(cause) <= limit else cause[: limit - 1] + "…"
+
+
+def python_suggestion(stderr: str) -> str:
+    """The ``--python`` that would get past a conflict about Python versions, "" when uv's text names none.
+
+    uv says it two ways: wheels only for some ABI tags (``cp38``, ..., ``cp310``: the newest of them), or a
+    ``requires-python`` the requested version does not satisfy (``Python>=3.7,<3.11``: the newest below the bound,
+    ``Python>=3.13``: that floor)."""
+    tags = re.search(r"Python ABI tags: ([^\n]*)", stderr)
+    if tags:
+        minors = [int(m) for m in re.findall(r"cp3(\d+)", tags.group(1))]
+        if minors:
+            return f"--python 3.{max(minors)}"
+    if "Python" not in stderr or "does not satisfy" not in stderr:
+        return ""
+    bound = re.search(r"does not satisfy Python\s*[^,\s]*,\s*<\s*3\.(\d+)", stderr)
+    if bound and int(bound.group(1)) > 0:
+        return f"--python 3.{int(bound.group(1)) - 1}"
+    bound = re.search(r"does not satisfy Python\s*<=\s*3\.(\d+)", stderr)
+    if bound:
+        return f"--python 3.{bound.group(1)}"
+    floor = re.search(r"does not satisfy Python\s*>=\s*3\.(\d+)(?![\d.]*\s*,)", stderr)
+    if floor:
+        return f"--python 3.{floor.group(1)}"
+    return ""
+
+
+def conflict(headline: str, stderr: str, limit: int = SHORT_LIMIT) -> ConflictError:
+    """uv's "no solution" as one line of at most ``limit`` characters (``headline: the start of uv's reason``),
+    then ``; try --python X`` where the conflict is about Python versions; the whole explanation is the error's
+    ``detail``."""
+    reason = summarise(stderr)
+    detail = f"{headline}: {reason}\n\n{stderr.strip()}"
+    line = f"{headline}: {reason}"
+    if len(line) > limit:
+        more = " (whole text: rawvm lock --explain)"
+        line = f"{headline}: {summarise(stderr, max(40, limit - len(headline) - 2 - len(more)))}{more}"
+    hint = python_suggestion(stderr)
+    return ConflictError(line + (f"; try {hint}" if hint else ""), detail)

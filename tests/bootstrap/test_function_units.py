@@ -4,10 +4,13 @@ resolver's extra requirements."""
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import cloudpickle
 import pytest
@@ -68,7 +71,8 @@ def test_a_decorated_function_of_the_project_travels_by_reference(project_module
 
 def test_other_functions_are_left_to_cloudpickle_lambdas_by_value(project_module: ModuleType, tmp_path: Path) -> None:
     by_value = rawvm.function(lambda x: x + 1)
-    assert cloudpickle.loads(by_value._pickled_function())(1) == 2
+    status, payload = run_call(cloudpickle, cloudpickle.dumps((by_value._pickled_function(), (1,), {})), {})
+    assert (status, cloudpickle.loads(payload)) == (OK, 2)
     elsewhere = RemoteFunction(project_module.plain, by_value.options, tmp_path / "other-project")
     assert cloudpickle.loads(elsewhere._pickled_function()) is project_module.plain  # cloudpickle's own choice
 
@@ -136,3 +140,41 @@ def test_only_builtin_scalars_skip_cloudpickle() -> None:
 
     assert plain((1, "a", b"b", 2.5, None)) and plain({"k": 1}) and plain(())
     assert not plain((lambda: 1,)) and not plain(([1],)) and not plain((object(),)) and not plain({1: 2})
+
+
+REMOTE_JOB = """\
+def helper(x):
+    return 10 // x
+
+
+def job(x):
+    y = x - 1
+    return helper(y)
+"""
+
+
+def test_a_function_sent_by_value_fails_with_its_file_and_source_lines(tmp_path: Path) -> None:
+    """As ``__main__`` or a notebook sends it: cloudpickle alone would say ``File "<dynamic-code>", line 6``."""
+    source = tmp_path / "myjob.py"
+    source.write_text(REMOTE_JOB)
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(REMOTE_JOB, str(source), "exec"), namespace)  # a script's functions, as python myjob.py has them
+    blob = RemoteFunction(namespace["job"], rawvm.function(lambda x: x).options, tmp_path)._pickled_function()
+    source.unlink()  # the machine has no such file: the text must travel with the call
+    # The worker is another process, where the laptop's file is unknown: a fresh interpreter runs the call.
+    worker = textwrap.dedent(
+        """
+        import sys, cloudpickle
+        from rawvm_agent.call_worker import run_call
+        status, payload = run_call(cloudpickle, cloudpickle.dumps((sys.stdin.buffer.read(), (1,), {})), {})
+        print(cloudpickle.loads(payload)[3])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", worker], input=blob, capture_output=True, cwd=tmp_path.parent, check=True, timeout=60
+    )
+    text = done.stdout.decode()
+    assert "<dynamic-code>" not in text
+    assert f'File "{source}", line 7, in job\n    return helper(y)' in text
+    assert f'File "{source}", line 2, in helper\n    return 10 // x' in text
+    assert "ZeroDivisionError" in text

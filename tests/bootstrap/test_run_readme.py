@@ -42,8 +42,10 @@ sys.exit(3)
 
 
 def readme_run_command(readme: Path) -> list[str]:
-    """The README's ``uv run rawvm run ...`` line, as argv (its trailing ``# comment`` dropped)."""
-    for line in readme.read_text().splitlines():
+    """The README's ``uv run rawvm run ...`` line for a clone, as argv (its trailing ``# comment`` dropped); the
+    lines before it show rawvm in one's own project (``python train.py``), not something a clone can run."""
+    text = readme.read_text()
+    for line in text[text.find("in a clone of this repo") :].splitlines():
         if line.strip().startswith("uv run rawvm run "):
             return shlex.split(line, comments=True)
     raise AssertionError(f"{readme} shows no 'uv run rawvm run ...' command: the README's main command is rawvm run")

@@ -187,16 +187,16 @@ def test_corrupt_state_file_on_restart_the_agent_recovers_and_still_powers_off(
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs as the state dir's file system (root only: mount)."""
-    need_tool("mount", "mount")
+    mount, umount = need_tool("mount", "mount"), need_tool("umount", "mount")
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mountpoint)], check=True)
+    subprocess.run([mount, "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mountpoint)], check=True)
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        subprocess.run([umount, "-l", str(mountpoint)], check=False)
 
 
 def big_wheel_bundle(root: Path, name: str, megabytes: int, url: str | None = None) -> tuple[Path, Any]:

@@ -32,7 +32,7 @@ for i in range({LINES}):
 
 def test_rawvm_run_killed_mid_stream_the_machine_finishes_powers_off_and_logs_show_everything(tmp_path: Path) -> None:
     project, tmp, env = local_project(tmp_path, {"requirements.txt": "", "job.py": JOB})
-    command = [sys.executable, "-m", "rawvm.cli", "run", "--cluster", "laptop", "--keepalive", "3s"]
+    command = [sys.executable, "-m", "rawvm.cli", "run", "--name", "laptop", "--keepalive", "3s"]
     laptop, lines, _ = stream_stdout([*command, "--from", "requirements.txt", "--", "python", "job.py"], project, env)
     try:
         seen = [lines.get(timeout=180) for _ in range(10)]  # streaming: ten lines in, the task still running

@@ -25,6 +25,8 @@ from typing import Any
 from packaging.utils import canonicalize_name
 from uv import find_uv_bin
 
+from tests.helpers.network import with_retries
+
 CACHE = Path(os.environ.get("RAWVM_TEST_CACHE", "~/.cache/rawvm-tests")).expanduser()
 
 
@@ -67,7 +69,7 @@ def resolve_foreign(
         ]
         # A laptop on macOS 14 (Sonoma): uv reads the macOS version from MACOSX_DEPLOYMENT_TARGET.
         env = {**os.environ, "MACOSX_DEPLOYMENT_TARGET": "14.0"}
-        subprocess.run(command, check=True, capture_output=True, env=env)
+        with_retries(lambda: subprocess.run(command, check=True, capture_output=True, env=env))
         (out / "pylock.toml").rename(cached)
     return list(tomllib.loads(cached.read_text())["packages"])
 
@@ -107,15 +109,19 @@ class _RangeFile(io.RawIOBase):
         return data
 
 
+def _read_member(url: str, suffix: str) -> str:
+    with zipfile.ZipFile(_RangeFile(url)) as archive:
+        name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(f".dist-info/{suffix}"))
+        return archive.read(name).decode()
+
+
 def _wheel_member(url: str, suffix: str) -> str:
     """The text of the wheel's ``*.dist-info/<suffix>`` (cached), read with HTTP ranges."""
     digest = hashlib.sha256(f"{url}#{suffix}".encode()).hexdigest()
     path = CACHE / "wheel-files" / digest[:2] / digest
     if path.exists():
         return path.read_text()
-    with zipfile.ZipFile(_RangeFile(url)) as archive:
-        name = next(n for n in archive.namelist() if n.count("/") == 1 and n.endswith(f".dist-info/{suffix}"))
-        text = archive.read(name).decode()
+    text = with_retries(lambda: _read_member(url, suffix))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}")
     tmp.write_text(text)

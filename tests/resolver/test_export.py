@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tomllib
 from pathlib import Path
 
 import pytest
 from rawvm.cli import main
+
+from tests.helpers.network import with_retries
 
 pytestmark = [pytest.mark.network]
 
@@ -16,7 +20,15 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("export")
     (root / "requirements.txt").write_text("six==1.17.0\nattrs==24.2.0\n")
     out = root / "bundle"
-    assert main(["lock", "--from", str(root / "requirements.txt"), "--python", "3.12", "-o", str(out)]) == 0
+    argv = ["lock", "--from", str(root / "requirements.txt"), "--python", "3.12", "-o", str(out)]
+
+    def locked() -> None:
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            if main(argv) != 0:
+                raise RuntimeError(said.getvalue())  # with_retries reads it: a DNS hiccup is tried again
+
+    with_retries(locked)
     return out
 
 

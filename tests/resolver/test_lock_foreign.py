@@ -18,6 +18,7 @@ from rawvm.cli import main
 from rawvm_resolver import LockResult, Target, lock
 from rawvm_resolver.bundle import sha256_file
 
+from tests.helpers.network import with_retries
 from tests.resolver.foreign_env import add_editable, build_venv
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
@@ -67,7 +68,8 @@ def small_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def big_cuda_lock(big_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> LockResult:
     venv, project = big_env
-    return lock(venv, CUDA_X86, tmp_path_factory.mktemp("cuda") / "bundle", project_dir=project)
+    out = tmp_path_factory.mktemp("cuda") / "bundle"
+    return with_retries(lambda: lock(venv, CUDA_X86, out, project_dir=project))
 
 
 def rows_by_name(result: LockResult) -> dict[str, tuple[str, str, str, str]]:
@@ -200,7 +202,7 @@ def _clean_pip_env() -> dict[str, str]:
 def small_cpu_bundle(small_env: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv, project = small_env
     out = tmp_path_factory.mktemp("small-cpu") / "bundle"
-    result = lock(venv, Target(arch="x86_64", python=""), out, project_dir=project)
+    result = with_retries(lambda: lock(venv, Target(arch="x86_64", python=""), out, project_dir=project))
     rows = rows_by_name(result)
     assert rows["appnope"][0] == "dropped" and rows["smalllocal"][0] == "kept"
     assert rows["docopt"][0] == "builds-from-source" and "builds from its sdist on the VM" in rows["docopt"][3]

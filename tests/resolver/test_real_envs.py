@@ -29,6 +29,8 @@ from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.rules import is_macos_only
 from rawvm_resolver.scan import scan
 
+from tests.helpers.network import with_retries
+
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "real-envs"
 FILES = sorted(path for path in CORPUS.iterdir() if path.is_file())
 SOURCE_LINE = re.compile(r"# source: [\w.-]+/[\w.-]+ \S.* \([0-9a-f]{40}\)")
@@ -119,7 +121,9 @@ def _lock_one(path: Path, target: Target, work: Path) -> Outcome:
     start = time.monotonic()
     conda = path.name.startswith("conda-")
     try:
-        result = lock(path, target, work / path.stem / "bundle", project_dir=work, pypi_only=conda)
+        result = with_retries(
+            lambda: lock(path, target, work / path.stem / "bundle", project_dir=work, pypi_only=conda)
+        )
     except (ResolverError, InputError) as exc:
         return Outcome(path, time.monotonic() - start, None, str(exc))
     return Outcome(path, time.monotonic() - start, result, "")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from rawvm_resolver.errors import ResolverError
+from rawvm_resolver.errors import ConflictError, ResolverError
 
 from rawvm.errors import RawvmError
 
@@ -24,7 +26,16 @@ _COMMAND_MODULES = (
 )
 
 
+NEGATIVE_VALUE = re.compile(r"^-\d+(\.\d+)?[a-z\d.]*$")  # -5, -0.5, -5m, -1h30m
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # "-5m" is a value, not an option: a negative duration then reaches the duration check and gets its
+        # message, where argparse would say "expected one argument" (no rawvm option looks like a number).
+        self._negative_number_matcher = NEGATIVE_VALUE
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"rawvm: {message} (see '{self.prog} --help')\n")
 
@@ -50,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (RawvmError, ResolverError) as exc:
+        if isinstance(exc, ConflictError) and getattr(args, "explain", False):
+            print(exc.detail, file=sys.stderr)  # a conflict's whole text, then its line
         print(f"rawvm: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

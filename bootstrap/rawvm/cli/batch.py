@@ -77,7 +77,10 @@ def _retry(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     group = subparsers.add_parser(
-        "batch", help="run a command once per task id or value, over many machines (no controller)"
+        "batch",
+        help="run a command once per task id or value, over many machines (no controller)",
+        description="Batch arrays: run a command once per task id or value over many machines that share the "
+        "tasks among themselves and stop when they are done; see a batch's state, a task's output, retry.",
     )
     commands = group.add_subparsers(dest="batch_command", required=True, parser_class=type(group))
 
@@ -103,17 +106,32 @@ def register(subparsers: Any) -> None:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after '--'")
     run.set_defaults(func=_run, parser=run)
 
-    status = commands.add_parser("status", help="every task's state, also after the machines are gone")
+    status = commands.add_parser(
+        "status",
+        help="every task's state, also after the machines are gone",
+        description="Every task's state in the batch CLUSTER (done, failed, lost, running, pending), also after "
+        "its machines are gone; exits 1 when a task failed or was lost.",
+    )
     status.add_argument("cluster", metavar="CLUSTER")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
 
-    logs = commands.add_parser("logs", help="one task's output (its last attempt)")
+    logs = commands.add_parser(
+        "logs",
+        help="one task's output (its last attempt)",
+        description="Print the output of task TASK of the batch CLUSTER, from its last attempt; also after the "
+        "machines are gone.",
+    )
     logs.add_argument("cluster", metavar="CLUSTER")
     logs.add_argument("task", type=int, metavar="TASK")
     logs.set_defaults(func=_logs)
 
-    retry = commands.add_parser("retry", help="rerun the lost and failed tasks on fresh machines")
+    retry = commands.add_parser(
+        "retry",
+        help="rerun the lost and failed tasks on fresh machines",
+        description="Rerun the lost and failed tasks of the batch CLUSTER on fresh machines, launched as the "
+        "batch was.",
+    )
     retry.add_argument("cluster", metavar="CLUSTER")
     retry.add_argument("-n", type=int, default=0, metavar="N", help="machines (default: as many as the last round)")
     retry.add_argument("--detach", action="store_true", help="return right after the launch")

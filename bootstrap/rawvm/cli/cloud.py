@@ -8,7 +8,11 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    setup = subparsers.add_parser("setup", help="one-time cloud setup")
+    setup = subparsers.add_parser(
+        "setup",
+        help="one-time cloud setup",
+        description="The one-time setup of a cloud account for rawvm; it makes nothing with a standing cost.",
+    )
     clouds = setup.add_subparsers(dest="cloud", required=True)
     aws = clouds.add_parser(
         "aws",

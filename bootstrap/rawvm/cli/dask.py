@@ -15,10 +15,11 @@ def _up(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("Dask clusters need the 'dask' extra: pip install 'rawvm[dask]'") from None
 
+    options = launch_options(args, n=max(1, args.n))
     cluster = make_cluster(
         args.n,
-        launch_options(args, n=max(1, args.n)).replace(cluster=None),
-        name=args.cluster,
+        options.replace(cluster=None),
+        name=options.cluster,
         scheduler_vm_type=args.scheduler_vm_type,
         dedicated_scheduler=not args.shared_scheduler,
         shutdown_on_close=False,  # the cluster outlives this command: its keepalive or 'rawvm dask down' ends it
@@ -48,13 +49,27 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    dask = subparsers.add_parser("dask", help="a Dask cluster on rawvm machines (TLS, stops when idle)")
+    dask = subparsers.add_parser(
+        "dask",
+        help="a Dask cluster on rawvm machines (TLS, stops when idle)",
+        description="Start or stop a Dask cluster on rawvm machines: a scheduler and workers in this "
+        "environment, every connection TLS; it stops by itself when it has no task and no client.",
+    )
     verbs = dask.add_subparsers(dest="dask_command", required=True)
-    up = verbs.add_parser("up", help="start a Dask cluster and print its name")
+    up = verbs.add_parser(
+        "up",
+        help="start a Dask cluster and print its name",
+        description="Start a Dask scheduler and N worker machines, print the cluster's name, and return; connect "
+        "with rawvm.dask.cluster.connect(NAME). It outlives this command until its keepalive or 'rawvm dask down'.",
+    )
     machine_flags(up, machines="how many worker machines", keepalive="stop after this long with no task and no client")
     up.add_argument("--scheduler-vm-type", default="", metavar="T", help="the scheduler's (default: the workers')")
     up.add_argument("--shared-scheduler", action="store_true", help="run the scheduler on the first worker's machine")
     up.set_defaults(func=_up)
-    down = verbs.add_parser("down", help="stop every machine of a Dask cluster now")
+    down = verbs.add_parser(
+        "down",
+        help="stop every machine of a Dask cluster now",
+        description="Stop the scheduler's and every worker's machine of the Dask cluster NAME now.",
+    )
     down.add_argument("name")
     down.set_defaults(func=_down)

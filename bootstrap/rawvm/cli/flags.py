@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
+from rawvm.errors import UsageError
 from rawvm.options import PROVIDERS, LaunchOptions
 
 
@@ -46,7 +47,12 @@ def machine_flags(
         metavar="PEM",
         help="a CA certificate the machines must trust (TLS-intercepting proxies); repeatable",
     )
-    parser.add_argument("--cluster", default=None, metavar="NAME", help="cluster name (default: a fresh one)")
+    parser.add_argument(
+        "--cluster", default=None, metavar="NAME", help="an existing cluster (see 'rawvm ls'); a new one: --name"
+    )
+    parser.add_argument(
+        "--name", default=None, metavar="NAME", help="the new cluster's name (default: a fresh rawvm-xxxxxx)"
+    )
     parser.add_argument(
         "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
     )
@@ -72,6 +78,29 @@ def launch_options(args: argparse.Namespace, *, n: int | None = None) -> LaunchO
     from rawvm.api import launch_options as build
 
     values = {name: getattr(args, name) for name in inspect.signature(build).parameters if hasattr(args, name)}
+    values["cluster"] = cluster_name(getattr(args, "cluster", None), getattr(args, "name", None))
     if n is not None:
         values["n"] = n
     return build(**values)
+
+
+def cluster_name(existing: str | None, new: str | None) -> str | None:
+    """The cluster ``--cluster`` (which must exist) or ``--name`` (which must not) names: a mistyped
+    ``--cluster`` is one line listing what exists, never a fresh 20-minute cluster of the typo's name."""
+    from rawvm import clusters
+
+    if existing and new:
+        raise UsageError("give --cluster (an existing cluster) or --name (a new one), not both")
+    if new:
+        if clusters.exists(clusters.check_name(new)):
+            raise UsageError(f"--name {new}: a cluster of that name exists; run on it with --cluster {new}")
+        return new
+    if not existing:
+        return None
+    if not clusters.exists(clusters.check_name(existing)):
+        names = sorted(record.name for record in clusters.all_records())
+        here = f"clusters here: {', '.join(names)}" if names else "there are no clusters here"
+        raise UsageError(
+            f"--cluster {existing}: no such cluster ({here}; see 'rawvm ls'); a new cluster is named with --name"
+        )
+    return existing

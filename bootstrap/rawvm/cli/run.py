@@ -104,19 +104,40 @@ def register(subparsers: Any) -> None:
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after '--'")
     run.set_defaults(func=_run)
 
-    up = subparsers.add_parser("up", help="start machines and wait until they are ready; prints the cluster name")
+    up = subparsers.add_parser(
+        "up",
+        help="start machines and wait until they are ready; prints the cluster name",
+        description="Lock this environment, start machines and wait until every one is ready, then print the "
+        "cluster's name for 'rawvm run --cluster NAME', 'logs', 'top' and 'down'. The machines stop by themselves "
+        "after --keepalive idle.",
+    )
     machine_flags(up)
     up.set_defaults(func=_up)
 
-    ls = subparsers.add_parser("ls", help="list clusters and their machines")
+    ls = subparsers.add_parser(
+        "ls",
+        help="list clusters and their machines",
+        description="List the clusters started from here with their provider, machines, how many still run, "
+        "their price and cost so far. A cluster whose machines have all stopped is cleaned up and forgotten.",
+    )
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_ls)
 
-    logs = subparsers.add_parser("logs", help="print the latest task's output on each machine of a cluster")
+    logs = subparsers.add_parser(
+        "logs",
+        help="print the latest task's output on each machine of a cluster",
+        description="Print the latest task's output on each machine of CLUSTER (prefixed [m0], [m1], ... when "
+        "there are several); a stopped machine's output comes from what it flushed before powering off.",
+    )
     logs.add_argument("cluster", metavar="CLUSTER")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the task ends")
     logs.set_defaults(func=_logs)
 
-    down = subparsers.add_parser("down", help="stop every machine of a cluster now")
+    down = subparsers.add_parser(
+        "down",
+        help="stop every machine of a cluster now",
+        description="Stop every machine of CLUSTER now instead of after its keepalive, and remove what was made "
+        "for it (aws: the security group and launch template).",
+    )
     down.add_argument("cluster", metavar="CLUSTER")
     down.set_defaults(func=_down)

@@ -21,13 +21,14 @@ from rawvm.errors import RawvmError
 GIB = 1 << 30
 
 
-def _records(cluster: str | None) -> list[Any]:
+def _records(cluster: str | None, *, none_ok: bool = False) -> list[Any]:
+    """The clusters to follow; none at all is an error to the live table, an empty snapshot to ``--json``."""
     from rawvm import clusters
 
     if cluster:
         return [clusters.load(cluster)]
     records = clusters.all_records()
-    if not records:
+    if not records and not none_ok:
         raise RawvmError("no clusters to watch: start one with 'rawvm up', see 'rawvm ls'")
     return records
 
@@ -88,80 +89,79 @@ def summary_line(views: Sequence[Any], now: float, hidden: int = 0) -> str:
     return " · ".join(parts)
 
 
-def render(views: Sequence[Any], now: float, height: int) -> Any:
-    """The screen: a summary line, then as many machine rows as fit in ``height`` lines."""
+def _row(v: Any, now: float, many_clusters: bool) -> dict[str, str]:
+    """One machine's cells by column name (a machine with GPUs: one line per GPU in the GPU columns)."""
+    since = f" {duration(now - v.last_answer)}" if v.last_answer else ""
+    phase = v.phase if v.answering else f"no answer{since}"
+    if v.phase == "idle" and v.answering:
+        idle = duration(v.idle_seconds) + (f" of {duration(v.keepalive_s)}" if v.keepalive_s else "")
+    else:
+        idle = "-"
+    disk = (
+        f"{100 * v.disk_used_bytes / v.disk_total_bytes:.0f}%"
+        if v.disk_used_bytes is not None and v.disk_total_bytes
+        else "-"
+    )
+    g = v.gpus
+    return {
+        "machine": f"{v.cluster}/{v.machine}" if many_clusters else v.machine,
+        "phase": phase,
+        "task": (v.task[:40] + "…") if len(v.task) > 41 else v.task,
+        "cpu": _fmt(v.cpu_percent, ".0f", "%"),
+        "memory": _gib(v.memory_used_bytes, v.memory_total_bytes),
+        "disk": disk,
+        "net ↓ / ↑": f"{_rate(v.net_receive_bytes_per_s)} / {_rate(v.net_transmit_bytes_per_s)}",
+        "gpu": "\n".join(str(x.index) for x in g) or "-",
+        "util": "\n".join(_fmt(x.util_percent, ".0f", "%") for x in g),
+        "gpu mem": "\n".join(_gib(x.memory_used_bytes, x.memory_total_bytes) for x in g),
+        "power": "\n".join(_fmt(x.power_watts, ".0f", " W") for x in g),
+        "temp": "\n".join(_fmt(x.temperature_celsius, ".0f", " °C") for x in g),
+        "throttle": "\n".join(",".join(x.throttle) or "-" for x in g),
+        "idle": idle,
+        "cost": _money(v.cost_so_far(now), v.price_per_hour),
+        "tensor": _fmt(getattr(v, "tensor_active_percent", None), ".0f", "%"),
+    }
+
+
+def render(views: Sequence[Any], now: float, height: int, width: int = 250) -> Any:
+    """The screen: a summary line, then as many machine rows as fit in ``height`` lines, with the columns that
+    fit in ``width`` (the least needed dropped first: name, phase and CPU always stay)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
+    from rawvm.cli.top_columns import fit
+
     many_clusters = len({v.cluster for v in views}) > 1
-    table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
-    for column, justify in (
-        ("machine", "left"),
-        ("phase", "left"),
-        ("task", "left"),
-        ("cpu", "right"),
-        ("memory", "right"),
-        ("disk", "right"),
-        ("net ↓ / ↑", "right"),
-        ("gpu", "right"),
-        ("util", "right"),
-        ("gpu mem", "right"),
-        ("power", "right"),
-        ("temp", "right"),
-        ("throttle", "left"),
-        ("idle", "right"),
-        ("cost", "right"),
-    ):
-        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    # Tensor-core activity (NVML GPM, Hopper and later): an optional last column, only when some machine has it.
-    tensor = any(getattr(v, "tensor_active_percent", None) is not None for v in views)
-    if tensor:
-        table.add_column("tensor", justify="right", no_wrap=True)
-    budget = max(1, height - 3)  # the summary line, the header, a spare line
+    budget = max(1, height - 3 - len(summary_line(views, now)) // max(1, width))  # a wrapped summary, a header
     hidden = 0
+    shown: list[tuple[Any, dict[str, str]]] = []
     for v in views:
         lines = max(1, len(v.gpus))
         if budget < lines:
             hidden += 1
             continue
         budget -= lines
-        name = f"{v.cluster}/{v.machine}" if many_clusters else v.machine
-        if v.answering:
-            phase = Text(v.phase, style={"busy": "green", "idle": "yellow", "failed": "red"}.get(v.phase, ""))
-        else:
-            since = f" {duration(now - v.last_answer)}" if v.last_answer else ""
-            phase = Text(f"no answer{since}", style="bold red")
-        if v.phase == "idle" and v.answering:
-            idle = duration(v.idle_seconds) + (f" of {duration(v.keepalive_s)}" if v.keepalive_s else "")
-        else:
-            idle = "-"
-        disk = (
-            f"{100 * v.disk_used_bytes / v.disk_total_bytes:.0f}%"
-            if v.disk_used_bytes is not None and v.disk_total_bytes
-            else "-"
+        shown.append((v, _row(v, now, many_clusters)))
+    cells = {name: [row[name] for _, row in shown] for name in (shown[0][1] if shown else {})}
+    # Tensor-core activity (NVML GPM, Hopper and later): a column only when some machine reports it.
+    if not any(getattr(v, "tensor_active_percent", None) is not None for v, _ in shown):
+        cells.pop("tensor", None)
+    columns, task_width = fit(cells, width, any(v.gpus for v, _ in shown))
+    table = Table(box=None, pad_edge=False, header_style="bold", expand=False)
+    for column in columns:
+        table.add_column(
+            column.name,
+            justify=column.justify,  # type: ignore[arg-type]
+            no_wrap=True,
+            max_width=task_width if column.name == "task" else None,
+            overflow="ellipsis",
         )
-        g = v.gpus
-        style = "" if v.answering else "dim"
-        table.add_row(
-            name,
-            phase,
-            (v.task[:40] + "…") if len(v.task) > 41 else v.task,
-            _fmt(v.cpu_percent, ".0f", "%"),
-            _gib(v.memory_used_bytes, v.memory_total_bytes),
-            disk,
-            f"{_rate(v.net_receive_bytes_per_s)} / {_rate(v.net_transmit_bytes_per_s)}",
-            "\n".join(str(x.index) for x in g) or "-",
-            "\n".join(_fmt(x.util_percent, ".0f", "%") for x in g),
-            "\n".join(_gib(x.memory_used_bytes, x.memory_total_bytes) for x in g),
-            "\n".join(_fmt(x.power_watts, ".0f", " W") for x in g),
-            "\n".join(_fmt(x.temperature_celsius, ".0f", " °C") for x in g),
-            "\n".join(",".join(x.throttle) or "-" for x in g),
-            idle,
-            _money(v.cost_so_far(now), v.price_per_hour),
-            *([_fmt(v.tensor_active_percent, ".0f", "%")] if tensor else []),
-            style=style,
-        )
+    colours = {"busy": "green", "idle": "yellow", "failed": "red"}
+    for v, row in shown:
+        phase = Text(row["phase"], style=colours.get(v.phase, "") if v.answering else "bold red")
+        values = [phase if c.name == "phase" else row[c.name] for c in columns]
+        table.add_row(*values, style="" if v.answering else "dim")
     header = Text(f"rawvm top · {summary_line(views, now, hidden)} · Ctrl-C quits", style="bold")
     return Group(header, table)
 
@@ -189,7 +189,8 @@ async def _live(records: list[Any], interval: float, connections: int, console: 
             with Live(console=console, screen=True, auto_refresh=False, transient=True) as live:
                 while not follow.done():
                     now = time.time()
-                    live.update(render(follower.views, now, console.size.height), refresh=True)
+                    size = console.size
+                    live.update(render(follower.views, now, size.height, size.width), refresh=True)
                     await asyncio.sleep(interval - now % interval)  # on the second, like top
         finally:
             follow.cancel()
@@ -205,16 +206,18 @@ def _top(args: argparse.Namespace) -> int:
         from rawvm.errors import UsageError
 
         raise UsageError("--connections must be at least 1")
-    records = _records(args.cluster)
-    if args.json:
-        print(snapshot_json(asyncio.run(_poll_once(records, args.connections)), time.time()))
+    records = _records(args.cluster, none_ok=args.json)
+    if args.json:  # no clusters: the same object with an empty machine list, so a script reads one shape
+        views = asyncio.run(_poll_once(records, args.connections)) if records else []
+        print(snapshot_json(views, time.time()))
         return 0
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:  # piped or redirected: one table, every row, no screen control codes
-        console = Console(width=int(os.environ.get("COLUMNS") or 250))  # not squeezed into 80 columns
-        console.print(render(asyncio.run(_poll_once(records, args.connections)), time.time(), 1 << 30))
+        width = int(os.environ.get("COLUMNS") or 250)  # not squeezed into 80 columns
+        console = Console(width=width)
+        console.print(render(asyncio.run(_poll_once(records, args.connections)), time.time(), 1 << 30, width))
         return 0
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one leaves top
         asyncio.run(_live(records, args.interval, args.connections, console))

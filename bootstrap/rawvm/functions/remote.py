@@ -34,6 +34,7 @@ from rawvm_agent.call_worker import REFERENCE
 from rawvm.commands import down
 from rawvm.errors import UsageError
 from rawvm.functions.pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_loop, pool_for, reuse_key
+from rawvm.functions.sources import with_sources
 from rawvm.options import LaunchOptions
 
 P = ParamSpec("P")
@@ -99,7 +100,7 @@ class RemoteFunction(Generic[P, R]):
             if target is self and Path(file).resolve().is_relative_to(self.project_dir.resolve()):
                 reference: bytes = cloudpickle.dumps((REFERENCE, module.__name__, qualname))
                 return reference
-        by_value: bytes = cloudpickle.dumps(self.fn)
+        by_value: bytes = cloudpickle.dumps(with_sources(self.fn))  # its file's text: tracebacks show lines
         return by_value
 
     def _payloads(self, arguments: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[bytes]:
