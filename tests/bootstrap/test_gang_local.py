@@ -90,7 +90,8 @@ def test_ranks_peers_allreduce_and_all_or_nothing(tmp_path: Path) -> None:
     base = ("--cluster", cluster)
     try:
         shown = rawvm(
-            "run", "-n", "3", "--keepalive", "5m", "--from", "requirements.txt", *base, "--", "python", "-c", SHOW,
+            "run", "-n", "3", "--keepalive", "5m", "--from", "requirements.txt", "--name", cluster,
+            "--", "python", "-c", SHOW,
             env=env, cwd=project,
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
@@ -147,7 +148,7 @@ def test_a_lost_node_ends_the_run_and_cancels_the_others(tmp_path: Path) -> None
     cluster = f"lost-{int(time.time()) % 100000}"
     argv = [sys.executable, "-m", "rawvm.cli", "run", "-n", "2", "--keepalive", "5m", "--from", "requirements.txt"]
     proc = subprocess.Popen(
-        [*argv, "--cluster", cluster, "--", "python", "-c", WAIT],
+        [*argv, "--name", cluster, "--", "python", "-c", WAIT],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -217,7 +218,7 @@ def test_jax_distributed_sums_across_two_machines(tmp_path: Path) -> None:
     cluster = f"jax-{int(time.time()) % 100000}"
     try:
         run = rawvm(
-            "run", "-n", "2", "--keepalive", "2m", "--from", "requirements.txt", "--cluster", cluster, "--",
+            "run", "-n", "2", "--keepalive", "2m", "--from", "requirements.txt", "--name", cluster, "--",
             "python", "jax_sum.py", env=env, cwd=project,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
