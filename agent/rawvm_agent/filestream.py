@@ -7,14 +7,16 @@ only when its digest matches the sender's: a cut or damaged transfer leaves no h
 The receiver then answers one verdict (``{"ok": ...}`` or ``{"error": ...}``). One protocol, both directions,
 so a laptop-to-machine copy and a machine-to-laptop copy are checked the same way.
 
-    {"root": "file"|"dir", "name": NAME}
+    {"root": "file"|"dir", "name": NAME, "contents": BOOL}
     {"dir": REL}                                  a directory ("" is the root itself)
     {"file": REL, "mode": M, "size": N}  <binary>... {"sha256": HEX}
     {"end": true, "files": F, "bytes": B}
     receiver: {"ok": true, "files": F, "bytes": B}  or  {"error": MESSAGE}
 
-Placement (the receiver's side): a file goes to DEST, or into DEST under NAME when DEST is a directory or ends in
-``/``; a directory *becomes* DEST (made if missing; files already there that the copy does not name stay).
+Placement (the receiver's side), as ``cp -r`` with rsync's trailing slash: a file or a directory goes into DEST
+under NAME when DEST is a directory or ends in ``/``, else it becomes DEST; a directory sent with ``contents``
+(its source written ``dir/``) puts what it holds into DEST itself. Directories are made as needed; files already
+there that the copy does not name stay.
 Relative paths from the sender are refused when absolute or climbing out (``..``): a damaged or hostile peer
 cannot write outside DEST. The sender follows symlinks to files and leaves out links to directories and
 anything that is neither a file nor a directory.
@@ -53,15 +55,16 @@ def _walk(root: Path) -> list[tuple[str, Path]]:
     return entries
 
 
-async def send_tree(ws: Socket, source: Path) -> Totals:
-    """Send ``source`` (a file or a directory) and return what was sent; the receiver's verdict is read by
-    ``await_verdict``. TransferError when ``source`` is neither."""
+async def send_tree(ws: Socket, source: Path, *, contents: bool = False) -> Totals:
+    """Send ``source`` (a file or a directory; ``contents``: what the directory holds, not itself) and return what
+    was sent; the receiver's verdict is read by ``await_verdict``. TransferError when ``source`` is neither."""
     totals = Totals()
+    name = source.name or source.resolve().name
     if source.is_file():
-        await send_json(ws, {"root": "file", "name": source.name})
+        await send_json(ws, {"root": "file", "name": name})
         await _send_file(ws, source, "", totals)
     elif source.is_dir():
-        await send_json(ws, {"root": "dir", "name": source.name})
+        await send_json(ws, {"root": "dir", "name": name, "contents": contents})
         for kind, path in _walk(source):
             rel = path.relative_to(source).as_posix()
             if kind == "dir":
@@ -90,11 +93,11 @@ async def _send_file(ws: Socket, path: Path, rel: str, totals: Totals) -> None:
     await send_json(ws, {"sha256": digest.hexdigest()})
 
 
-async def send_and_check(ws: Socket, source: Path) -> dict[str, Any]:
+async def send_and_check(ws: Socket, source: Path, *, contents: bool = False) -> dict[str, Any]:
     """The sending side's whole part: ``send_tree``, then the receiver's verdict. A local failure (an unreadable
     file) is told to the receiver before it is raised; a receiver that stopped reading gets its own words raised."""
     try:
-        await send_tree(ws, source)
+        await send_tree(ws, source, contents=contents)
     except TransferError as exc:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await send_json(ws, {"abort": str(exc)})
@@ -132,7 +135,9 @@ async def _next(ws: Socket) -> bytes | dict[str, Any]:
     except SessionClosed as exc:
         raise TransferError(f"the copy was cut off: {exc}") from None
     if isinstance(message, dict) and "abort" in message:
-        raise TransferError(f"the sending side stopped: {message['abort']}")
+        raise TransferError(str(message["abort"]))
+    if isinstance(message, dict) and "error" in message:  # the machine refused before sending anything
+        raise TransferError(str(message["error"]))
     return message
 
 
@@ -143,9 +148,9 @@ async def receive_tree(ws: Socket, dest: Path, *, into_dir: bool = False) -> Tot
     header = await _next(ws)
     if not isinstance(header, dict) or header.get("root") not in ("file", "dir"):
         raise TransferError("the other end sent no root header")
-    name = str(header.get("name") or "")
-    if header["root"] == "file" and (into_dir or dest.is_dir()):
-        dest = _inside(dest, name)
+    whole = header["root"] == "file" or not header.get("contents")
+    if whole and (into_dir or dest.is_dir()):
+        dest = _inside(dest, str(header.get("name") or ""))
     totals = Totals()
     while True:
         message = await _next(ws)

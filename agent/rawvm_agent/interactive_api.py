@@ -20,12 +20,11 @@ from rawvm_agent import shell
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.filestream import TransferError, receive_and_answer, send_and_check
 from rawvm_agent.query import int_param
-from rawvm_agent.wsframes import HEARTBEAT_S, MAX_MESSAGE_BYTES, SessionClosed, receive, send_json
+from rawvm_agent.wsframes import HEARTBEAT_S, MAX_MESSAGE_BYTES, SessionClosed, pipe, receive, send_json
 
 routes = web.RouteTableDef()
 FIRST_MESSAGE_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
-PIPE_BYTES = 1 << 16
 
 
 def add_routes(app: web.Application) -> None:
@@ -92,7 +91,7 @@ async def files_session(request: web.Request) -> web.WebSocketResponse:
             if first["op"] == "put":
                 await receive_and_answer(ws, machine_path(agent, raw), into_dir=raw.endswith("/"))
             else:
-                await send_and_check(ws, machine_path(agent, raw))
+                await send_and_check(ws, machine_path(agent, raw), contents=raw.endswith("/"))
         except TransferError as exc:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await send_json(ws, {"error": str(exc)})
@@ -117,31 +116,10 @@ async def forward_session(request: web.Request) -> web.StreamResponse:
     with agent.people.hold("forward"):
         ws = await _open(request)
         try:
-            await _pipe(ws, reader, writer)
+            await pipe(ws, reader, writer)
         finally:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             await ws.close()
     return ws
-
-
-async def _pipe(ws: web.WebSocketResponse, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Bytes both ways until either side ends; then both end."""
-
-    async def outward() -> None:
-        while data := await reader.read(PIPE_BYTES):
-            await ws.send_bytes(data)
-
-    async def inward() -> None:
-        while True:
-            message = await receive(ws)
-            if isinstance(message, bytes):
-                writer.write(message)
-                await writer.drain()
-
-    tasks = [asyncio.ensure_future(outward()), asyncio.ensure_future(inward())]
-    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)

@@ -9,6 +9,7 @@ agent's modules, never the reverse) speaks the very same frames.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ import aiohttp
 HEARTBEAT_S = 15.0  # a ping this often; no pong within half of it closes the session
 MAX_MESSAGE_BYTES = 4 << 20  # aiohttp's default limit, said out loud: every sender's chunks stay under it
 CHUNK_BYTES = 1 << 20  # file data per binary message
+PIPE_BYTES = 1 << 16  # one read of a forwarded TCP connection
 
 
 class SessionClosed(Exception):
@@ -59,6 +61,28 @@ def decode(message: aiohttp.WSMessage) -> bytes | dict[str, Any]:
 async def receive(ws: Socket, timeout: float | None = None) -> bytes | dict[str, Any]:
     """The next message (``decode``)."""
     return decode(await ws.receive(timeout))
+
+
+async def pipe(ws: Socket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Bytes both ways between a TCP connection and a websocket until either side ends (``rawvm forward``, on
+    the machine and on the laptop alike); the caller closes both."""
+
+    async def outward() -> None:
+        while data := await reader.read(PIPE_BYTES):
+            await ws.send_bytes(data)
+
+    async def inward() -> None:
+        while True:
+            message = await receive(ws)
+            if isinstance(message, bytes):
+                writer.write(message)
+                await writer.drain()
+
+    tasks = [asyncio.ensure_future(outward()), asyncio.ensure_future(inward())]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _closed_words(message: aiohttp.WSMessage) -> str:
