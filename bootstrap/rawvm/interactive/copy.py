@@ -67,7 +67,7 @@ async def copy(source: str, destination: str, cluster: str) -> str:
     remote = src if src.machine else dst
     started = time.monotonic()
     async with (
-        machine_client(default_cluster(cluster), remote.machine) as (mid, client),
+        machine_client(default_cluster(cluster), remote.machine) as (_, client),
         client.websocket("/v1/files") as ws,
     ):
         try:
@@ -80,7 +80,7 @@ async def copy(source: str, destination: str, cluster: str) -> str:
                 totals = await receive_and_answer(ws, Path(dst.path), into_dir=dst.path.endswith("/"))
                 files, size = totals.files, totals.bytes
         except TransferError as exc:
-            raise RawvmError(f"cp {src} {dst} ({mid}): {exc}") from None
+            raise RawvmError(f"cp {src} {dst}: {exc}") from None
     seconds = time.monotonic() - started
     plural = "" if files == 1 else "s"
     return f"copied {files} file{plural} ({_size(size)}) from {src} to {dst} in {seconds:.1f} s, each sha256-checked"
