@@ -44,7 +44,7 @@ def _raw(fd: int, enabled: bool) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keys typed while connecting still count
     try:
         yield
     finally:
@@ -119,18 +119,20 @@ async def session(cluster: str, machine: str, command: Sequence[str]) -> int:
     async with machine_client(cluster, machine) as (mid, client), client.websocket("/v1/shell") as ws:
         await send_json(ws, first)
         queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_QUEUE)
-        _start_stdin_reader(stdin, queue, loop)
         if on_tty:
             loop.add_signal_handler(
                 signal.SIGWINCH, lambda: loop.create_task(send_json(ws, {"resize": list(_size(stdout))}))
             )
-        feeding = asyncio.ensure_future(_send_input(ws, queue, on_tty))
+        feeding: asyncio.Future[None] | None = None
         try:
-            with _raw(stdin, on_tty):
+            with _raw(stdin, on_tty):  # raw before the first read: no line of type-ahead is read cooked
+                _start_stdin_reader(stdin, queue, loop)
+                feeding = asyncio.ensure_future(_send_input(ws, queue, on_tty))
                 code = await _receive_output(ws)
         finally:
-            feeding.cancel()
-            await asyncio.gather(feeding, return_exceptions=True)
+            if feeding is not None:
+                feeding.cancel()
+                await asyncio.gather(feeding, return_exceptions=True)
             if on_tty:
                 loop.remove_signal_handler(signal.SIGWINCH)
         if code is None:
