@@ -197,26 +197,36 @@ def test_forward_reaches_a_server_on_the_machines_loopback(cluster: Cluster) -> 
 
 
 def test_a_machine_with_a_shell_open_stays_up_and_idles_off_after_it_closes(tmp_path: Path) -> None:
-    """keepalive 5 s: a shell held open for 12 s keeps the machine up; once it closes the machine is gone within
-    keepalive + 15 s."""
+    """keepalive 5 s: two shells held open for 12 s keep the machine up; one exits cleanly and the other still
+    holds it; the other's laptop then vanishes (SIGKILL: its connection just drops), and the machine is gone
+    within keepalive + 15 s."""
     idle = Cluster(tmp_path, "5s")
-    try:
-        shell = subprocess.Popen(
+
+    def open_shell() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [sys.executable, "-m", "rawvm.cli", "shell", idle.name],
             env=idle.env, cwd=idle.project, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        assert shell.stdin is not None
+
+    def running() -> list[int]:
+        return [v["running"] for v in json.loads(idle.run("ls", "--json").stdout) if v["name"] == idle.name]
+
+    try:
+        clean, vanishing = open_shell(), open_shell()
         time.sleep(12)
-        assert shell.poll() is None
-        assert processes_under(idle.tmp), "the machine powered off under an open shell"
-        listed = json.loads(idle.run("ls", "--json").stdout)
-        assert [v["running"] for v in listed if v["name"] == idle.name] == [1]
-        shell.stdin.write(b"echo still-here; exit 4\n")
-        shell.stdin.close()
-        assert shell.wait(30) == 4
-        assert shell.stdout is not None and shell.stdout.read() == b"still-here\n"
-        closed = time.monotonic()
-        _wait_for("the machine powers off after the shell closed", lambda: not processes_under(idle.tmp), timeout=20)
-        assert time.monotonic() - closed <= 5 + 15
+        assert clean.poll() is None and vanishing.poll() is None
+        assert running() == [1], "the machine powered off under open shells"
+        assert clean.stdin is not None and clean.stdout is not None
+        clean.stdin.write(b"echo still-here; exit 4\n")
+        clean.stdin.close()
+        assert clean.wait(30) == 4
+        assert clean.stdout.read() == b"still-here\n"
+        time.sleep(8)
+        assert running() == [1], "the machine powered off while a shell was still open"
+        vanishing.kill()
+        vanishing.wait(10)
+        gone = time.monotonic()
+        _wait_for("the machine powers off once no shell is open", lambda: not processes_under(idle.tmp), timeout=20)
+        assert time.monotonic() - gone <= 5 + 15
     finally:
         idle.down()
