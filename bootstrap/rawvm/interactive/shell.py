@@ -17,7 +17,6 @@ import termios
 import threading
 import tty
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from rawvm_agent.wsframes import SessionClosed, receive, send_json
 
@@ -105,37 +104,41 @@ async def _receive_output(ws: AgentWebSocket) -> int | None:
 
 async def session(cluster: str, machine: str, command: Sequence[str]) -> int:
     """Run the shell (or ``command``) on the machine; its exit code."""
+    async with machine_client(cluster, machine) as (mid, client), client.websocket("/v1/shell") as ws:
+        code = await _attached(ws, " ".join(command))
+    if code is None:
+        print(f"rawvm: the session with {mid} ended without an exit code (connection lost)", file=sys.stderr)
+        return LOST_EXIT_CODE
+    return code
+
+
+async def _attached(ws: AgentWebSocket, command: str) -> int | None:
+    """This terminal (or these pipes) wired to the session until the remote exit code comes."""
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     on_tty = os.isatty(stdin) and os.isatty(stdout)
     rows, cols = _size(stdout)
-    first: dict[str, Any] = {
-        "command": " ".join(command),
-        "tty": on_tty,
-        "rows": rows,
-        "cols": cols,
-        "term": os.environ.get("TERM", "xterm-256color"),
-    }
+    term = os.environ.get("TERM", "xterm-256color")
+    await send_json(ws, {"command": command, "tty": on_tty, "rows": rows, "cols": cols, "term": term})
     loop = asyncio.get_running_loop()
-    async with machine_client(cluster, machine) as (mid, client), client.websocket("/v1/shell") as ws:
-        await send_json(ws, first)
-        queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_QUEUE)
+    queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_QUEUE)
+    if on_tty:
+        resizes: set[asyncio.Task[None]] = set()  # held until sent (the loop keeps only weak references)
+
+        def resized() -> None:  # the size now, read when the signal comes
+            task = loop.create_task(send_json(ws, {"resize": list(_size(stdout))}))
+            resizes.add(task)
+            task.add_done_callback(resizes.discard)
+
+        loop.add_signal_handler(signal.SIGWINCH, resized)
+    feeding: asyncio.Future[None] | None = None
+    try:
+        with _raw(stdin, on_tty):  # raw before the first read: no line of type-ahead is read cooked
+            _start_stdin_reader(stdin, queue, loop)
+            feeding = asyncio.ensure_future(_send_input(ws, queue, on_tty))
+            return await _receive_output(ws)
+    finally:
+        if feeding is not None:
+            feeding.cancel()
+            await asyncio.gather(feeding, return_exceptions=True)
         if on_tty:
-            loop.add_signal_handler(
-                signal.SIGWINCH, lambda: loop.create_task(send_json(ws, {"resize": list(_size(stdout))}))
-            )
-        feeding: asyncio.Future[None] | None = None
-        try:
-            with _raw(stdin, on_tty):  # raw before the first read: no line of type-ahead is read cooked
-                _start_stdin_reader(stdin, queue, loop)
-                feeding = asyncio.ensure_future(_send_input(ws, queue, on_tty))
-                code = await _receive_output(ws)
-        finally:
-            if feeding is not None:
-                feeding.cancel()
-                await asyncio.gather(feeding, return_exceptions=True)
-            if on_tty:
-                loop.remove_signal_handler(signal.SIGWINCH)
-        if code is None:
-            print(f"rawvm: the session with {mid} ended without an exit code (connection lost)", file=sys.stderr)
-            return LOST_EXIT_CODE
-        return code
+            loop.remove_signal_handler(signal.SIGWINCH)
