@@ -204,8 +204,24 @@ async def _feed(ws: Socket, running: Running) -> None:
             running.close_stdin()
 
 
+_ENDING: set[asyncio.Future[None]] = set()  # commands being ended after their session: held until reaped
+
+
+async def _end(running: Running, exited: asyncio.Future[int]) -> None:
+    """End a command whose laptop went away as a closed terminal would: SIGHUP (and SIGCONT, should it be
+    stopped) to its process group, SIGKILL after a grace; reaped either way."""
+    running.signal_group(signal.SIGHUP)
+    running.signal_group(signal.SIGCONT)
+    done, _ = await asyncio.wait([exited], timeout=KILL_GRACE_S)
+    if not done:
+        running.signal_group(signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        await exited
+
+
 async def serve(ws: Socket, request: ShellRequest, environ: Mapping[str, str], cwd: Path) -> None:
-    """Run the session to its end: the command's exit, or the laptop's going."""
+    """Run the session to its end: the command's exit, or the laptop's going (also when aiohttp cancels this
+    handler because the connection dropped: the command is ended in the background then)."""
     try:
         running = await start(request, environ, cwd)
     except OSError as exc:
@@ -216,21 +232,17 @@ async def serve(ws: Socket, request: ShellRequest, environ: Mapping[str, str], c
     exited = asyncio.ensure_future(running.wait())
     try:
         await asyncio.wait([feed, exited], return_when=asyncio.FIRST_COMPLETED)
-        if not exited.done():  # the laptop went away: end the command as a closed terminal would
-            running.signal_group(signal.SIGHUP)
-            running.signal_group(signal.SIGCONT)
-            done, _ = await asyncio.wait([exited], timeout=KILL_GRACE_S)
-            if not done:
-                running.signal_group(signal.SIGKILL)
-            await exited
-            return
-        await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_S)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await send_json(ws, {"exit": exited.result()})
+        if exited.done():
+            await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_S)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await send_json(ws, {"exit": exited.result()})
     finally:
-        for task in (*pumps, feed, exited):
+        for task in (*pumps, feed):
             task.cancel()
-        await asyncio.gather(*pumps, feed, exited, return_exceptions=True)
+        if not exited.done():
+            ending = asyncio.ensure_future(_end(running, exited))
+            _ENDING.add(ending)
+            ending.add_done_callback(_ENDING.discard)
         for transport in running.transports:
             transport.close()
         if running.master is not None:
