@@ -28,6 +28,7 @@ from rawvm_agent.environment import Environment
 from rawvm_agent.install import InstallError
 from rawvm_agent.installer import Installer
 from rawvm_agent.logs import Redactor, url_password
+from rawvm_agent.presence import Presence
 from rawvm_agent.state import SERVING, AgentState, InstallProgress, Phase, StateStore
 from rawvm_agent.tasks import NotReadyError, Task, TaskManager, TaskRequest
 from rawvm_agent.telemetry import Sampler
@@ -86,6 +87,7 @@ class Agent:
         )
         self.calls = CallHub(self)  # @rawvm.function calls and their workers (calls.py)
         self.redactor.add(self.calls.worker_token)
+        self.people = Presence(self._on_tasks_change)  # open shells, forwards, copies (presence.py)
         self.boot_phases = BootPhases(self.state_dir)
         self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self._install_progress)
         self.batch = BatchRunner(
@@ -289,6 +291,7 @@ class Agent:
             # Installing is work too: a slow download must not look like an idle machine.
             task_running=self.calls.tasks_busy()
             or self.batch.pending  # a batch queue with work left is not idle, even between two tasks
+            or self.people.busy()  # someone at a shell, a forwarded port or a copy
             or self.state.phase in (Phase.BOOTING, Phase.INSTALLING),
             cpu_percent=self.sampler.cpu_percent(recent),
             gpu_percents=self.sampler.gpu_utilization(recent),
@@ -447,6 +450,7 @@ class Agent:
                 "max_lifetime_at": self.state.started_at + self.config.idle.max_lifetime,
             },
             "tasks": {**self.tasks.counts(), "ids": list(self.tasks.tasks)},
+            "sessions": self.people.counts(),
             "warnings": [*self.warnings, *self.tasks.warnings()],
             "gpu_count": self.sampler.gpu_count,
             "gpus": self._latest_gpus(),

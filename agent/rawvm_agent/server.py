@@ -14,7 +14,7 @@ import ssl
 
 from aiohttp import web
 
-from rawvm_agent import api, batch_api, call_worker, calls_api, sdnotify, task_cancel
+from rawvm_agent import api, batch_api, call_worker, calls_api, interactive_api, sdnotify, task_cancel
 from rawvm_agent.api_errors import json_errors
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.auth import digest, token_middleware
@@ -37,6 +37,7 @@ def create_app(agent: Agent) -> web.Application:
     calls_api.add_routes(app)  # @rawvm.function calls
     batch_api.add_routes(app)
     task_cancel.add_routes(app)  # POST /v1/tasks/{id}/cancel (gang jobs)
+    interactive_api.add_routes(app)  # shell, files, forward: websockets for a person (rawvm shell/cp/forward)
 
     async def on_startup(_: web.Application) -> None:
         await agent.start()

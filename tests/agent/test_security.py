@@ -33,6 +33,9 @@ ROUTES = [
     ("GET", "/v1/tasks/abc/logs"),
     ("POST", "/v1/keepalive"),
     ("POST", "/v1/shutdown"),
+    ("GET", "/v1/shell"),  # the websockets of rawvm shell, cp, forward (interactive_api.py)
+    ("GET", "/v1/files"),
+    ("GET", "/v1/forward"),
     ("GET", "/no/such/route"),
 ]
 BAD_HEADERS: list[dict[str, str]] = [

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeAlias, TypedDict, Unpack
 
 import aiohttp
 from multidict import CIMultiDictProxy
+from rawvm_agent.wsframes import HEARTBEAT_S, MAX_MESSAGE_BYTES
 
 from rawvm.errors import RawvmError
 
@@ -34,6 +35,7 @@ FOLLOW_CONNECT_TIMEOUT_S = 10.0
 
 # Callers hold sessions under this name, so none of them needs aiohttp's types.
 AgentSession: TypeAlias = aiohttp.ClientSession
+AgentWebSocket: TypeAlias = aiohttp.ClientWebSocketResponse  # a person's session: rawvm shell, cp, forward
 
 
 def agent_session(*, connections: int = 100, per_host: int = 0, keepalive_s: float = 15.0) -> AgentSession:
@@ -191,6 +193,31 @@ class AgentClient:
             ssl=self._ssl,
         ) as resp:
             yield resp
+
+    @contextlib.asynccontextmanager
+    async def websocket(self, path: str, *, params: Mapping[str, str] | None = None) -> AsyncIterator[AgentWebSocket]:
+        """A websocket to one of the agent's session routes (``rawvm_agent.interactive_api``), on the same pinned
+        mutual-TLS channel and token as every request; its heartbeat notices an agent that went away."""
+        if self.refusal:
+            raise AgentError(self.refusal, reason=self.refusal, no_answer="no TLS channel")
+        try:
+            ws = await self._get_session().ws_connect(
+                self.base_url + path,
+                params=params,
+                headers={"Authorization": f"Bearer {self._token}"},
+                ssl=self._ssl,
+                heartbeat=HEARTBEAT_S,
+                max_msg_size=MAX_MESSAGE_BYTES,
+                timeout=aiohttp.ClientWSTimeout(ws_close=10.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise AgentError(f"{path} on {self.base_url}: HTTP {exc.status}", status=exc.status) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._unreachable(exc) from None
+        try:
+            yield ws
+        finally:
+            await ws.close()
 
     def _unreachable(self, exc: BaseException) -> AgentError:
         words = str(exc) or type(exc).__name__

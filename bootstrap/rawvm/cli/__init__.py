@@ -23,6 +23,9 @@ _COMMAND_MODULES = (
     "rawvm.cli.sweep",
     "rawvm.cli.dask",
     "rawvm.cli.batch",
+    "rawvm.cli.shell",  # rawvm shell, cp, forward: a person on a machine (rawvm.interactive)
+    "rawvm.cli.cp",
+    "rawvm.cli.forward",
 )
 
 
