@@ -14,7 +14,7 @@ import ssl
 
 from aiohttp import web
 
-from rawvm_agent import api, batch_api, call_worker, calls_api, sdnotify
+from rawvm_agent import api, batch_api, call_worker, calls_api, code_sync, sdnotify, task_control
 from rawvm_agent.api_errors import json_errors
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.auth import digest, token_middleware
@@ -36,6 +36,8 @@ def create_app(agent: Agent) -> web.Application:
     api.add_routes(app)
     calls_api.add_routes(app)  # @rawvm.function calls
     batch_api.add_routes(app)
+    task_control.add_routes(app)  # cancel a task, env later tasks inherit
+    code_sync.add_routes(app)  # fresh code on a warm machine
 
     async def on_startup(_: web.Application) -> None:
         await agent.start()
