@@ -26,7 +26,7 @@ from multidict import CIMultiDictProxy
 
 from rawvm.errors import RawvmError
 
-TERMINAL_TASK_STATES = frozenset({"exited", "failed", "killed", "interrupted", "lost", "done"})
+TERMINAL_TASK_STATES = frozenset({"exited", "failed", "killed", "interrupted", "lost", "done", "cancelled"})
 HEALTHZ_TIMEOUT_S = 5.0
 CALLS_TIMEOUT_S = 120.0  # one batch of calls: the agent reads up to 64 MiB before it answers
 RESULTS_GRACE_S = 30.0  # a results long poll may take this much longer than the wait it asked for
@@ -349,6 +349,37 @@ class AgentClient:
                 if failures > 5:
                     raise AgentError(f"lost the log stream of task {task_id} on {self.base_url}: {exc}") from None
                 await asyncio.sleep(min(2.0**failures / 4, 5.0))
+
+    async def cancel_task(self, task_id: str, *, grace: float = 5.0) -> dict[str, Any]:
+        """Stop a task (SIGTERM to its process group, SIGKILL after ``grace``); its record once it has ended."""
+        timeout = aiohttp.ClientTimeout(total=grace + 30.0)
+        answer = await self._exchange(
+            "POST", f"/v1/tasks/{task_id}/cancel", params={"grace": str(grace)}, timeout=timeout
+        )
+        if answer.status >= 400:
+            raise self._failed(f"cancel task {task_id} on {self.base_url}", answer, detail=True)
+        body: dict[str, Any] = answer.json()
+        return body
+
+    async def set_env(self, env: Mapping[str, str], secret_env: Sequence[str] = ()) -> None:
+        """Variables every later task on the machine sees (``PUT /v1/env``); ``secret_env`` names the secrets
+        among them, masked in the machine's logs. Only this request's body carries them."""
+        await self._request("PUT", "/v1/env", json={"env": dict(env), "secret_env": list(secret_env)})
+
+    # -- code on a warm machine (rawvm_agent.code_sync) -----------------------------------------------------------
+
+    async def code_files(self) -> dict[str, str]:
+        """``{path: sha256}`` of the project files the machine last received."""
+        body = await self._request("GET", "/v1/code")
+        return {str(k): str(v) for k, v in (body or {}).get("files", {}).items()}
+
+    async def send_code(self, archive: bytes) -> None:
+        """Unpack a tar.gz of project files over the machine's work dir."""
+        answer = await self._exchange(
+            "POST", "/v1/code", data=archive, timeout=aiohttp.ClientTimeout(total=CALLS_TIMEOUT_S)
+        )
+        if answer.status >= 400:
+            raise self._failed(f"sync code to {self.base_url}", answer, detail=True)
 
     # -- batches (rawvm_agent.batch_api) ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "rawvm.cli.sweep",
     "rawvm.cli.dask",
     "rawvm.cli.batch",
+    "rawvm.cli.cancel",
 )
 
 

@@ -13,7 +13,7 @@ from rawvm.cli.flags import launch_options, machine_flags
 def _run(args: argparse.Namespace) -> int:
     from rawvm import commands
 
-    result = commands.run_command(args.cmd, launch_options(args))
+    result = commands.run_command(args.cmd, launch_options(args), sync=args.sync)
     return result.exit_code
 
 
@@ -82,10 +82,18 @@ def register(subparsers: Any) -> None:
         "run",
         help="run a command on fresh machines in this environment",
         description="Lock this environment, start machines, run CMD on each, stream its output, exit with its "
-        "code. The machines stop by themselves after --keepalive idle.",
+        "code. The machines stop by themselves after --keepalive idle. With --cluster, the project files changed "
+        "since its machines last received them are sent first. Ctrl-C cancels the tasks; a second one stops "
+        "the machines.",
         usage="rawvm run [options] -- CMD ...",
     )
     machine_flags(run)
+    run.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="with --cluster: run the files the machines have, without sending the ones changed here",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after '--'")
     run.set_defaults(func=_run)
 
