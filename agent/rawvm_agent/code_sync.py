@@ -12,8 +12,10 @@ The record lives in ``<state_dir>/code-sync.json``; hashes only, no content.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import tarfile
 import tempfile
 from pathlib import Path
@@ -51,6 +53,14 @@ def archive_hashes(archive: Path) -> dict[str, str]:
                     digest.update(block)
                 out[name] = digest.hexdigest()
     return out
+
+
+def _touch(work_dir: Path, names: dict[str, str]) -> None:
+    """Give the files just unpacked the time now: archives carry mtime 0, and Python trusts a ``__pycache__``
+    entry whose source has the same mtime and size, so an edit of the same length would run the old code."""
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.utime(work_dir / name)
 
 
 def received(agent: Agent) -> dict[str, str]:
@@ -103,6 +113,7 @@ async def post_code(request: web.Request) -> web.Response:
             try:
                 files = await asyncio.to_thread(archive_hashes, archive)
                 await asyncio.to_thread(unpack_code, archive, work_dir)
+                await asyncio.to_thread(_touch, work_dir, files)
             except (tarfile.TarError, OSError, EOFError, InstallError) as exc:
                 return _error(400, f"cannot unpack the sync archive: {exc}")
             known = await asyncio.to_thread(received, agent)
