@@ -30,6 +30,7 @@ from rawvm.session import Launched, clients, run_sync, say, stream_task, task_ex
 
 CANCEL_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 DRAIN_S = 15.0  # after a cancel, how long the output streams may take to end
+DOUBLE_TAP_S = 1.0  # after the first Ctrl-C's cancel, how long a second one still stops the machines
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 
@@ -116,30 +117,43 @@ async def _run(
     outcome = RunOutcome()
     listening = interrupts.listen()
     try:
-        async with agent_session() as http:
-            agents = clients(launched.record, http)
-            mark = time.monotonic()
-            view = make_progress(sys.stderr)
-            try:
-                ready = wait_ready(agents, launched.provider, launched.record, view, launched.ready_timeout_s)
-                if not await until(ready, interrupts.first):
-                    outcome.interrupts = interrupts.count
-                    return outcome
-            finally:
-                view.close()
-            outcome.timings["ready"] = time.monotonic() - mark
-            if plan.sync_from is not None:
-                mark = time.monotonic()
-                say((await sync_code(agents, plan.sync_from)).line())
-                outcome.timings["sync"] = time.monotonic() - mark
-            mark = time.monotonic()
-            outcome.outputs = await _tasks(agents, plan, output, error_output, interrupts)
-            outcome.timings["task"] = time.monotonic() - mark
+        await _steps(launched, plan, output, error_output, interrupts, outcome)
+        if interrupts.count == 1:  # a double tap reads as two: wait a moment for the second
+            await until(asyncio.sleep(DOUBLE_TAP_S), interrupts.second)
     finally:
         if listening:
             Interrupts.stop_listening()
     outcome.interrupts = interrupts.count
     return outcome
+
+
+async def _steps(
+    launched: Launched,
+    plan: RunPlan,
+    output: TextIO,
+    error_output: TextIO,
+    interrupts: Interrupts,
+    outcome: RunOutcome,
+) -> None:
+    """Ready, sync, tasks: ``outcome`` filled as they go; returns early on Ctrl-C while waiting for the machines."""
+    async with agent_session() as http:
+        agents = clients(launched.record, http)
+        mark = time.monotonic()
+        view = make_progress(sys.stderr)
+        try:
+            ready = wait_ready(agents, launched.provider, launched.record, view, launched.ready_timeout_s)
+            if not await until(ready, interrupts.first):
+                return
+        finally:
+            view.close()
+        outcome.timings["ready"] = time.monotonic() - mark
+        if plan.sync_from is not None:
+            mark = time.monotonic()
+            say((await sync_code(agents, plan.sync_from)).line())
+            outcome.timings["sync"] = time.monotonic() - mark
+        mark = time.monotonic()
+        outcome.outputs = await _tasks(agents, plan, output, error_output, interrupts)
+        outcome.timings["task"] = time.monotonic() - mark
 
 
 async def _tasks(
