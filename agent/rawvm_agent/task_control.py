@@ -7,12 +7,15 @@
   (batch tasks, call workers and Dask processes included). The names in ``secret_env`` are secrets: their values
   are masked in every log line and output stream from now on. Kept in memory only: the agent never writes them
   to its state dir (which it flushes to the sink), so a restarted agent has to be handed them again.
+- ``POST /v1/batch/cancel?grace=S``: this machine's share of a batch array stops: its queued ids end as
+  cancelled (failed) results without starting, its running tasks are cancelled as above.
 
 Separate from api.py so another route module can add its own task routes without touching this one.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -62,4 +65,17 @@ async def put_env(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     agent.redactor.add(*(checked.env[n] for n in checked.secret_env if checked.env.get(n)))
     agent.environ.update(checked.env)  # the base environment every TaskManager.start call is given
+    agent.batch.env_handed.set()  # a batch whose spec names secrets may start
     return web.json_response({"ok": True, "names": sorted(checked.env)})
+
+
+@routes.post("/v1/batch/cancel")
+async def cancel_batch(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    grace = min(number_param(request, "grace", KILL_GRACE_S), MAX_GRACE_S)
+    if not agent.batch.configured:
+        return _error(404, "no batch on this machine")
+    skipped = agent.batch.cancel()
+    running = [t for tid in agent.batch.running.values() if tid and (t := agent.tasks.get(tid)) is not None]
+    await asyncio.gather(*(agent.tasks.cancel(t, grace) for t in running))
+    return web.json_response({"skipped": skipped, "cancelled": [t.record.id for t in running]})

@@ -202,9 +202,15 @@ async def _tasks(
 
 
 async def _cancel_on(client: AgentClient, task: str | None) -> list[str]:
-    """Cancel ``task`` (or every running task) on one machine; the ids cancelled."""
-    ids = [task] if task is not None else [str(t["id"]) for t in await client.tasks() if t.get("state") == "running"]
+    """Cancel ``task`` (or every running task, and the machine's batch queue) on one machine; the ids cancelled."""
     done = []
+    if task is None:
+        try:
+            done += [str(t) for t in (await client.batch_cancel(grace=CANCEL_GRACE_S)).get("cancelled", [])]
+        except AgentError as exc:
+            if exc.status != 404:  # 404: no batch on this machine
+                raise
+    ids = [task] if task is not None else [str(t["id"]) for t in await client.tasks() if t.get("state") == "running"]
     for task_id in ids:
         try:
             await client.cancel_task(task_id, grace=CANCEL_GRACE_S)

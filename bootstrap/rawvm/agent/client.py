@@ -397,6 +397,15 @@ class AgentClient:
         """Give a machine without one its share of the batch."""
         await self._request("POST", "/v1/batch/share", json={"index": index})
 
+    async def batch_cancel(self, *, grace: float = 5.0) -> dict[str, Any]:
+        """Stop this machine's share of the batch: queued ids never start, running tasks are cancelled."""
+        timeout = aiohttp.ClientTimeout(total=grace + 30.0)
+        answer = await self._exchange("POST", "/v1/batch/cancel", params={"grace": str(grace)}, timeout=timeout)
+        if answer.status >= 400:
+            raise self._failed(f"cancel the batch on {self.base_url}", answer, detail=True)
+        body: dict[str, Any] = answer.json()
+        return body
+
     async def batch_adopt(self, ids: Sequence[int]) -> list[int]:
         """Hand the machine ids of a dead one; those it took."""
         body = await self._request("POST", "/v1/batch/adopt", json={"ids": list(ids)})

@@ -278,6 +278,8 @@ def run_batch(
         task_timeout_s=timeout_s,
         gpu=options.request.gpu,
     )
+    # Plain variables travel in the staged spec; secrets by name only, their values over the agent API.
+    spec = dataclasses.replace(spec, env=dict(options.task_env.env), secret_env=options.task_env.secret_names)
     return _run_round(spec, options, detach, first=True)
 
 
@@ -294,13 +296,13 @@ def _run_round(spec: BatchSpec, options: LaunchOptions, detach: bool, first: boo
     timings = {**launched.timings}
     where = f"{len(spec.ids)} tasks on {len(record.machines)} machine{'s' if len(record.machines) > 1 else ''}"
     if detach:
-        run_sync(batch_watch.hand_out_shares(launched))
+        run_sync(batch_watch.hand_out_shares(launched, options.task_env))
         say(f"batch {name}: {where}, detached; see 'rawvm batch status {name}'")
         states = dict.fromkeys(spec.ids, "queued")
         return BatchResult(name, 0, states, {}, {**timings, "total": time.monotonic() - started})
     say(f"batch {name}: {where}")
     try:
-        results, lost = run_sync(batch_watch.watch(launched, spec))
+        results, lost = run_sync(batch_watch.watch(launched, spec, options.task_env))
     except KeyboardInterrupt:
         say(f"interrupted; the batch goes on without you: rawvm batch status {name} (stop it: rawvm down {name})")
         raise
@@ -347,6 +349,8 @@ def retry(cluster: str, *, n: int = 0, detach: bool = False) -> BatchResult:
     spec = dataclasses.replace(first, ids=todo, values=values, machines=machines)
     say(f"batch {cluster}: retrying {len(todo)} tasks ({batch_plan.compress_ids(todo)})")
     options = LaunchOptions.from_json(brec.launch).replace(cluster=cluster)
+    if missing := [n for n in spec.secret_env if n not in options.task_env.secret_names]:
+        raise UsageError(f"the batch's secret {missing[0]} is not set here: export it to retry (secrets are not kept)")
     return _run_round(spec, options, detach, first=False)
 
 

@@ -279,7 +279,7 @@ class Pool:
         launched = launch(self.options.launch.replace(environment=environment))
         self.launches += 1
         record = launched.record
-        ready_or_fail(launched, None, sys.stdout, sys.stderr)
+        ready_or_fail(launched, None, sys.stdout, sys.stderr, self.options.launch.task_env)  # workers see it
         path = _key_path(self.key)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps({"cluster": record.name}))
