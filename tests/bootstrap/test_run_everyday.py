@@ -93,7 +93,11 @@ def test_env_and_secrets_reach_the_task_and_no_record(tmp_path: Path) -> None:
 
 
 def test_up_env_then_fresh_code_on_the_warm_machine(tmp_path: Path) -> None:
-    files = {"requirements.txt": "humanize\n", "job.py": "import mod\nmod.hello()\n", "mod.py": "def hello():\n    print('v1')\n"}
+    files = {
+        "requirements.txt": "humanize\n",
+        "job.py": "import mod\nmod.hello()\n",
+        "mod.py": "def hello():\n    print('v1')\n",
+    }
     project, tmp, env = local_project(tmp_path, files)
     env["HUB_TOKEN"] = SECRET
     up = rawvm_cli(
@@ -117,7 +121,9 @@ def test_up_env_then_fresh_code_on_the_warm_machine(tmp_path: Path) -> None:
         assert run.returncode == 0, run.stderr
         assert run.stdout == "v2\n"
         assert "sync: sent 2 changed files" in run.stderr
-        run = rawvm_cli("run", "--cluster", cluster, "--", "python", "-c", "import extra; print(extra.X)", env=env, cwd=project)
+        run = rawvm_cli(
+            "run", "--cluster", cluster, "--", "python", "-c", "import extra; print(extra.X)", env=env, cwd=project
+        )
         assert run.stdout == "1\n"
         assert "sync: the machines have the project's current files" in run.stderr  # only the difference travels
 
@@ -217,3 +223,53 @@ def test_capture_keeps_each_machines_output_and_exit_code(
     }
     assert result.failed == ["m1"]
     assert "m1 failed (3)" in capsys.readouterr().err
+
+
+def test_batch_tasks_see_env_and_secrets(tmp_path: Path) -> None:
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": ""})
+    env["HUB_TOKEN"] = SECRET
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import hashlib, os, pathlib; i = os.environ['RAWVM_TASK_ID']; "
+        f"pathlib.Path({str(out)!r}, i).write_text(os.environ['FOO'] + ' ' + "
+        "hashlib.sha256(os.environ['HUB_TOKEN'].encode()).hexdigest()); print('token', os.environ['HUB_TOKEN'])"
+    )
+    batch = rawvm_cli(
+        "batch", "run", "--array", "0-3", "-n", "2", "--keepalive", "3s", "--from", "requirements.txt",
+        "--env", "FOO=batch", "--secret", "HUB_TOKEN", "--", "python", "-c", code, env=env, cwd=project,
+    )  # fmt: skip
+    assert batch.returncode == 0, batch.stderr
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    assert {p.name: p.read_text() for p in out.iterdir()} == {str(i): f"batch {digest}" for i in range(4)}
+    assert wait_for(lambda: not processes_under(tmp), 60)
+    assert files_holding(tmp_path, SECRET.encode()) == []  # not in the staged spec, the records or the flushes
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "rawvm cancel"])
+def test_cancelling_a_batch_stops_its_running_and_queued_tasks(tmp_path: Path, how: str) -> None:
+    project, tmp, env = local_project(tmp_path, {"requirements.txt": ""})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rawvm.cli", "batch", "run", "--array", "0-9", "--tasks-per-machine", "2",
+         "--keepalive", "5m", "--from", "requirements.txt", "--", "sleep", "600"],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: len(task_processes(tmp, ["sleep", "600"])) == 2 or proc.poll() is not None, 120)
+        cluster = json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout)[0]["name"]
+        if how == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            cancel = rawvm_cli("cancel", cluster, env=env, cwd=project)
+            assert "cancelled 2 tasks on m0" in cancel.stderr, cancel.stderr
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == (130 if how == "ctrl-c" else 1), err
+        if how == "ctrl-c":
+            assert "cancelled the batch (2 running tasks stopped" in err.strip().splitlines()[-1]
+        assert task_processes(tmp, ["sleep", "600"]) == []
+        time.sleep(1.0)
+        assert task_processes(tmp, ["sleep", "600"]) == []  # nothing queued started afterwards
+    finally:
+        proc.kill()
+        for record in json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout):
+            rawvm_cli("down", record["name"], env=env, cwd=project)

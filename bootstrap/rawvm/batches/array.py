@@ -303,9 +303,17 @@ def _run_round(spec: BatchSpec, options: LaunchOptions, detach: bool, first: boo
     say(f"batch {name}: {where}")
     try:
         results, lost = run_sync(batch_watch.watch(launched, spec, options.task_env))
-    except KeyboardInterrupt:
-        say(f"interrupted; the batch goes on without you: rawvm batch status {name} (stop it: rawvm down {name})")
-        raise
+    except KeyboardInterrupt:  # cancel: queued ids never start, running tasks stop; their output is kept
+        from rawvm.runs import cancel
+
+        cancelled = sum(len(ids) for ids in cancel(name).values())
+        keep = options.lifetime.keepalive
+        say(
+            f"cancelled the batch ({cancelled} running task{'s' if cancelled != 1 else ''} stopped, nothing queued "
+            f"starts); its machines stop after {keep} idle (now: rawvm down {name})"
+        )
+        states = dict.fromkeys(spec.ids, "cancelled")
+        return BatchResult(name, 130, states, {}, {**timings, "total": time.monotonic() - started})
     timings["total"] = time.monotonic() - started
     final = status_after(brec, results, lost)
     code = 0 if all(s == "done" for s in final.states.values()) else 1
