@@ -98,7 +98,7 @@ def test_up_env_then_fresh_code_on_the_warm_machine(tmp_path: Path) -> None:
         "job.py": "import mod\nmod.hello()\n",
         "mod.py": "def hello():\n    print('v1')\n",
     }
-    project, tmp, env = local_project(tmp_path, files)
+    project, _, env = local_project(tmp_path, files)
     env["HUB_TOKEN"] = SECRET
     up = rawvm_cli(
         "up", "--from", "requirements.txt", "--keepalive", "5m", "--env", "FOO=up", "--secret", "HUB_TOKEN",
@@ -138,7 +138,8 @@ def test_up_env_then_fresh_code_on_the_warm_machine(tmp_path: Path) -> None:
 def _start_sleeping_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, dict[str, str], Path]:
     project, tmp, env = local_project(tmp_path, {"requirements.txt": "humanize\n"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rawvm.cli", "run", "--from", "requirements.txt", "--keepalive", "5m", "--", "sleep", "600"],
+        [sys.executable, "-m", "rawvm.cli", "run", "--from", "requirements.txt", "--keepalive", "5m",
+         "--", "sleep", "600"],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert wait_for(lambda: task_processes(tmp, ["sleep", "600"]) or proc.poll() is not None, 120)
@@ -149,11 +150,10 @@ def _start_sleeping_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path, di
 def test_ctrl_c_cancels_the_task_and_says_one_line(tmp_path: Path) -> None:
     proc, project, env, tmp = _start_sleeping_run(tmp_path)
     time.sleep(0.5)  # the output streams are open
-    progress_lines = 0
     proc.send_signal(signal.SIGINT)
     started = time.monotonic()
     try:
-        out, err = proc.communicate(timeout=10)
+        _, err = proc.communicate(timeout=10)
         assert proc.returncode == 130
         assert time.monotonic() - started < 10
         assert task_processes(tmp, ["sleep", "600"]) == []
@@ -163,7 +163,6 @@ def test_ctrl_c_cancels_the_task_and_says_one_line(tmp_path: Path) -> None:
         assert lines[-1] == after[0]
         assert "rawvm down rawvm-" in after[0] and "stops by itself after 5m idle" in after[0]
         assert "Traceback" not in err
-        del progress_lines
         cluster = json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout)[0]["name"]
         assert processes_under(tmp)  # the machine idles off later, it is not stopped
         tasks = rawvm_cli("logs", cluster, env=env, cwd=project)  # output so far is kept: the task's logs answer
