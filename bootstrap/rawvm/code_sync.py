@@ -1,5 +1,7 @@
 """Fresh code on warm machines: before a task runs on an existing cluster, send each machine the project files
-whose sha256 differs from what it last received (``GET``/``POST /v1/code`` on the agent), and nothing else.
+whose sha256 differs from what it last received (``GET``/``POST /v1/code`` on the agent), and nothing else; and
+when the environment changed since its bundle was locked (its fingerprint differs), lock it again for the
+machines' target and have each install the difference (``POST /v1/environment``: ``uv pip sync``).
 
 The project's files are the ones ``code.tar.gz`` is made of (``rawvm_resolver.project``: git's view, or a walk,
 under the same size caps), so a sync never sends what a launch would not. A file deleted here stays on the
@@ -10,10 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import tarfile
+import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rawvm.agent.client import AgentClient
+from rawvm.files import sha256_file
+from rawvm.options import Environment
 
 
 @dataclass(frozen=True)
@@ -76,3 +85,55 @@ async def sync_code(agents: dict[str, AgentClient], project_dir: Path) -> SyncRe
 
     results = await asyncio.gather(*(one(c) for c in agents.values()))
     return SyncReport(dict(zip(agents, results, strict=True)))
+
+
+def _relock(env: Environment, state: dict[str, Any], dest: Path) -> tuple[Path, list[tuple[str, str]]] | None:
+    """Lock ``env`` again for the machine's target when its fingerprint differs from the machine's bundle's:
+    the new bundle and its files ``(path, kind)`` (code left out); None when the environment is unchanged."""
+    from rawvm_resolver import lock
+    from rawvm_resolver.scan import scan
+    from rawvm_resolver.target import DEFAULT_GLIBC, Target
+
+    if scan(env.source).fingerprint() == state.get("fingerprint"):
+        return None
+    raw = state.get("target") or {}
+    target = Target(
+        arch=str(raw.get("arch", "x86_64")),
+        python=str(raw.get("python", "")),
+        glibc=str(raw.get("glibc", "")) or DEFAULT_GLIBC,
+        accelerator=str(raw.get("accelerator", "cpu")),
+        cuda=str(raw.get("cuda", "")),
+    )
+    locked = lock(env.source, target, dest, project_dir=env.project_dir, pypi_only=env.pypi_only)
+    manifest = tomllib.loads((locked.bundle_dir / "rawvm-env.toml").read_text(encoding="utf-8"))
+    files = [(str(f["path"]), str(f["kind"])) for f in manifest.get("files", []) if f.get("kind") != "code"]
+    return locked.bundle_dir, files
+
+
+def _bundle_archive(bundle: Path, files: list[tuple[str, str]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ["rawvm-env.toml", *(path for path, _ in files)]:
+            tar.add(bundle / name, arcname=name, recursive=False)
+    return buffer.getvalue()
+
+
+async def sync_environment(agents: dict[str, AgentClient], env: Environment) -> str:
+    """When the environment changed since the machines' bundle was locked, lock it again and install the
+    difference on each (uv changes only what differs); the progress line, "" when nothing changed."""
+    if not agents:
+        return ""
+    state = await next(iter(agents.values())).code_state()
+    if not state.get("locks"):
+        return ""  # no locked environment there (an agent run by hand)
+    with tempfile.TemporaryDirectory(prefix="rawvm-relock-") as scratch:
+        relocked = await asyncio.to_thread(_relock, env, state, Path(scratch) / "bundle")
+        if relocked is None:
+            return ""
+        bundle, files = relocked
+        locks = {path: sha256_file(bundle / path) for path, kind in files if kind == "pylock"}
+        if locks == state.get("locks"):
+            return ""
+        archive = await asyncio.to_thread(_bundle_archive, bundle, files)
+    counts = await asyncio.gather(*(c.send_environment(archive) for c in agents.values()))
+    return f"sync: the environment changed: installed its new lock ({max(counts)} packages) on {', '.join(agents)}"

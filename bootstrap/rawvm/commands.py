@@ -79,7 +79,12 @@ def run_command(
         launched = launch(options)
     record = launched.record
     project = options.environment.project_dir or Path.cwd()
-    plan = RunPlan(command, options.task_env, capture=capture, sync_from=project if warm and sync else None)
+    plan = RunPlan(command, options.task_env, capture=capture)
+    if warm and sync:  # the files and the environment as they are here now, not as they were at 'up'
+        environment = options.environment
+        if environment.source is None and record.source:  # no --from: the one the cluster was locked from
+            environment = dataclasses.replace(environment, source=record.source, pypi_only=record.pypi_only)
+        plan = dataclasses.replace(plan, sync_from=project, relock=environment)
     try:
         outcome = run_on_cluster(launched, plan, out, err)
     except KeyboardInterrupt:  # outside the run's own handler (no main thread, or between its steps)

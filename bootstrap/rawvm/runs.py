@@ -22,9 +22,9 @@ from typing import Any, TextIO
 
 from rawvm import clusters
 from rawvm.agent.client import AgentClient, AgentError, agent_session
-from rawvm.code_sync import sync_code
+from rawvm.code_sync import sync_code, sync_environment
 from rawvm.errors import RawvmError, UsageError
-from rawvm.options import TaskEnvironment
+from rawvm.options import Environment, TaskEnvironment
 from rawvm.progress import make_progress
 from rawvm.session import Launched, clients, run_sync, say, stream_task, task_exit_code, wait_ready
 
@@ -99,6 +99,7 @@ class RunPlan:
     env: TaskEnvironment = field(default_factory=TaskEnvironment)
     capture: bool = False
     sync_from: Path | None = None  # the project directory whose changed files go first; None: no sync
+    relock: Environment | None = None  # the environment whose changes are installed first; None: not checked
 
 
 def run_on_cluster(launched: Launched, plan: RunPlan, output: TextIO, error_output: TextIO) -> RunOutcome:
@@ -150,6 +151,8 @@ async def _steps(
         if plan.sync_from is not None:
             mark = time.monotonic()
             say((await sync_code(agents, plan.sync_from)).line())
+        if plan.relock is not None and (line := await sync_environment(agents, plan.relock)):
+            say(line)
             outcome.timings["sync"] = time.monotonic() - mark
         mark = time.monotonic()
         outcome.outputs = await _tasks(agents, plan, output, error_output, interrupts)

@@ -127,6 +127,17 @@ def test_up_env_then_fresh_code_on_the_warm_machine(tmp_path: Path) -> None:
         assert run.stdout == "1\n"
         assert "sync: the machines have the project's current files" in run.stderr  # only the difference travels
 
+        (project / "requirements.txt").write_text("humanize\nsix\n")  # an added package: installed before the task
+        run = rawvm_cli(
+            "run", "--cluster", cluster, "--", "python", "-c", "import six; print(six.__name__)", env=env, cwd=project
+        )
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == "six\n"
+        assert "sync: the environment changed: installed its new lock" in run.stderr
+        run = rawvm_cli("run", "--cluster", cluster, "--", "python", "-c", "import humanize", env=env, cwd=project)
+        assert run.returncode == 0, run.stderr
+        assert "the environment changed" not in run.stderr  # the machine's bundle is the new lock now
+
         missing = rawvm_cli("run", "--cluster", cluster, "--", "no-such-command-rawvm", env=env, cwd=project)
         assert missing.returncode == 127
         assert "rawvm: command not found on m0: no-such-command-rawvm" in missing.stderr.splitlines()

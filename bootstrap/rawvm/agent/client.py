@@ -31,6 +31,7 @@ HEALTHZ_TIMEOUT_S = 5.0
 CALLS_TIMEOUT_S = 120.0  # one batch of calls: the agent reads up to 64 MiB before it answers
 RESULTS_GRACE_S = 30.0  # a results long poll may take this much longer than the wait it asked for
 FOLLOW_CONNECT_TIMEOUT_S = 10.0
+ENVIRONMENT_TIMEOUT_S = 1800.0  # installing a changed lock's difference (uv downloads, maybe builds)
 
 # Callers hold sessions under this name, so none of them needs aiohttp's types.
 AgentSession: TypeAlias = aiohttp.ClientSession
@@ -368,10 +369,24 @@ class AgentClient:
 
     # -- code on a warm machine (rawvm_agent.code_sync) -----------------------------------------------------------
 
+    async def code_state(self) -> dict[str, Any]:
+        """What the machine holds: ``files`` (``{path: sha256}`` of the project files it last received), and its
+        bundle's environment ``fingerprint``, ``locks`` and ``target``."""
+        body: dict[str, Any] = await self._request("GET", "/v1/code")
+        return body or {}
+
     async def code_files(self) -> dict[str, str]:
         """``{path: sha256}`` of the project files the machine last received."""
-        body = await self._request("GET", "/v1/code")
-        return {str(k): str(v) for k, v in (body or {}).get("files", {}).items()}
+        return {str(k): str(v) for k, v in (await self.code_state()).get("files", {}).items()}
+
+    async def send_environment(self, archive: bytes) -> int:
+        """Install the difference a newer lock makes (a tar.gz of a bundle without its code); packages locked."""
+        answer = await self._exchange(
+            "POST", "/v1/environment", data=archive, timeout=aiohttp.ClientTimeout(total=ENVIRONMENT_TIMEOUT_S)
+        )
+        if answer.status >= 400:
+            raise self._failed(f"update the environment on {self.base_url}", answer, detail=True)
+        return int((answer.json() or {}).get("packages") or 0)
 
     async def send_code(self, archive: bytes) -> None:
         """Unpack a tar.gz of project files over the machine's work dir."""
