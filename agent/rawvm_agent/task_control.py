@@ -9,6 +9,8 @@
   to its state dir (which it flushes to the sink), so a restarted agent has to be handed them again.
 - ``POST /v1/batch/cancel?grace=S``: this machine's share of a batch array stops: its queued ids end as
   cancelled (failed) results without starting, its running tasks are cancelled as above.
+- ``POST /v1/calls/cancel?client=C``: ``@rawvm.function`` client C's queued calls are dropped and the workers
+  running its calls cancelled (those calls end LOST).
 
 Separate from api.py so another route module can add its own task routes without touching this one.
 """
@@ -79,3 +81,14 @@ async def cancel_batch(request: web.Request) -> web.Response:
     running = [t for tid in agent.batch.running.values() if tid and (t := agent.tasks.get(tid)) is not None]
     await asyncio.gather(*(agent.tasks.cancel(t, grace) for t in running))
     return web.json_response({"skipped": skipped, "cancelled": [t.record.id for t in running]})
+
+
+@routes.post("/v1/calls/cancel")
+async def cancel_calls(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    client = request.query.get("client", "")
+    if not client or len(client) > 64:
+        return _error(400, "'client' (1 to 64 characters) is required")
+    dropped, workers = agent.calls.cancel_client(client)
+    await asyncio.gather(*(agent.tasks.cancel(t, KILL_GRACE_S) for t in workers))
+    return web.json_response({"dropped": dropped, "workers_cancelled": len(workers)})

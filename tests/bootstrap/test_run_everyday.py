@@ -283,3 +283,48 @@ def test_cancelling_a_batch_stops_its_running_and_queued_tasks(tmp_path: Path, h
         proc.kill()
         for record in json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout):
             rawvm_cli("down", record["name"], env=env, cwd=project)
+
+
+MAP_SCRIPT = """\
+import hashlib, os, pathlib, sys, time
+
+import rawvm
+
+MARKS, DIGEST = sys.argv[1], sys.argv[2]
+
+
+@rawvm.function(n=1, slots=1, keepalive="60s", source="requirements.txt", env={"MARKS": MARKS}, secrets=["HUB_TOKEN"])
+def slow(x):
+    assert hashlib.sha256(os.environ["HUB_TOKEN"].encode()).hexdigest() == DIGEST
+    pathlib.Path(os.environ["MARKS"], str(x)).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    slow.map(range(3))
+"""
+
+
+def test_ctrl_c_in_f_map_cancels_running_and_queued_calls(tmp_path: Path) -> None:
+    project, _, env = local_project(tmp_path, {"requirements.txt": "six\n", "work.py": MAP_SCRIPT})
+    env["HUB_TOKEN"] = SECRET
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "work.py", str(marks), hashlib.sha256(SECRET.encode()).hexdigest()],
+        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: (marks / "0").exists() or proc.poll() is not None, 180), proc.communicate()
+        pid = int((marks / "0").read_text())
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        assert wait_for(lambda: not psutil.pid_exists(pid), 10)  # the running call's worker was cancelled
+        time.sleep(2.0)
+        assert sorted(p.name for p in marks.iterdir()) == ["0"]  # the queued calls never ran
+    finally:
+        proc.kill()
+        for record in json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout):
+            rawvm_cli("down", record["name"], env=env, cwd=project)
+    assert files_holding(tmp_path, SECRET.encode()) == []

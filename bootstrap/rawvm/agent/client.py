@@ -443,6 +443,10 @@ class AgentClient:
         body = answer.json()  # a 202 that is not JSON is a broken agent: the ValueError says so
         return int((body or {}).get("workers") or 0)
 
+    async def cancel_calls(self, client: str) -> None:
+        """Drop ``client``'s queued calls and stop the workers running its calls."""
+        await self._request("POST", "/v1/calls/cancel", params={"client": client})
+
     async def call_results(self, client: str, *, wait: float) -> bytes:
         """``client``'s finished calls, packed (``rawvm_agent.call_worker.unpack``); the agent holds the request up
         to ``wait`` seconds for the first one."""

@@ -439,6 +439,12 @@ class Pool:
             queue.clear()
         return dropped
 
+    async def cancel_remote(self) -> None:
+        """Stop this process's calls on every machine (a map interrupted): queued ones dropped, running ones'
+        workers cancelled. Best effort: a machine that does not answer is left to finish them."""
+        live = [self._agent(m) for m in self.machines if not m.dead]
+        await asyncio.gather(*(agent.cancel_calls(self.client) for agent in live), return_exceptions=True)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
