@@ -22,7 +22,7 @@ from rawvm.launch import launch
 from rawvm.options import LaunchOptions, check_command
 from rawvm.providers import FREE_PROVIDERS
 from rawvm.providers.base import Machine, Provider
-from rawvm.runs import MachineOutput, RunOutcome, RunPlan, run_on_cluster
+from rawvm.runs import MachineOutput, RunOutcome, RunPlan, cancel, run_on_cluster
 from rawvm.session import (
     POLL_S,
     Launched,
@@ -78,9 +78,11 @@ def run_command(
     else:
         launched = launch(options)
     record = launched.record
-    project = options.environment.project_dir or Path.cwd()
+    project = (options.environment.project_dir or Path.cwd()).resolve()
     plan = RunPlan(command, options.task_env, capture=capture)
-    if warm and sync:  # the files and the environment as they are here now, not as they were at 'up'
+    if warm and sync and record.project and Path(record.project) != project:
+        say(f"sync: skipped, {project} is not the project {record.name} was launched from ({record.project})")
+    elif warm and sync:  # the files and the environment as they are here now, not as they were at 'up'
         environment = options.environment
         if environment.source is None and record.source:  # no --from: the one the cluster was locked from
             environment = dataclasses.replace(environment, source=record.source, pypi_only=record.pypi_only)
@@ -88,6 +90,8 @@ def run_command(
     try:
         outcome = run_on_cluster(launched, plan, out, err)
     except KeyboardInterrupt:  # outside the run's own handler (no main thread, or between its steps)
+        with contextlib.suppress(RawvmError):
+            cancel(record.name)  # what the handler would have done: the tasks must not run on unseen
         outcome = RunOutcome(interrupts=1)
     timings = {**launched.timings, **outcome.timings, "total": time.monotonic() - started}
     cost = 0.0 if record.provider in FREE_PROVIDERS else costs.cost_of(record, time.time())

@@ -40,8 +40,11 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
         return pool.submit(asyncio.run, coro).result()
+    finally:
+        pool.shutdown(wait=False)  # Ctrl-C here must not wait for the run: the caller cancels it
 
 
 def say(message: str) -> None:
