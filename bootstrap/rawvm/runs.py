@@ -148,15 +148,22 @@ async def _steps(
         finally:
             view.close()
         outcome.timings["ready"] = time.monotonic() - mark
-        if plan.sync_from is not None:
+        if plan.sync_from is not None or plan.relock is not None:
             mark = time.monotonic()
-            say((await sync_code(agents, plan.sync_from)).line())
-        if plan.relock is not None and (line := await sync_environment(agents, plan.relock)):
-            say(line)
+            if not await until(_sync(agents, plan), interrupts.first):
+                return  # Ctrl-C while sending: no task was started
             outcome.timings["sync"] = time.monotonic() - mark
         mark = time.monotonic()
         outcome.outputs = await _tasks(agents, plan, output, error_output, interrupts)
         outcome.timings["task"] = time.monotonic() - mark
+
+
+async def _sync(agents: dict[str, AgentClient], plan: RunPlan) -> None:
+    """The project's changed files, then the environment's changes, to every machine; a progress line each."""
+    if plan.sync_from is not None:
+        say((await sync_code(agents, plan.sync_from)).line())
+    if plan.relock is not None and (line := await sync_environment(agents, plan.relock)):
+        say(line)
 
 
 async def _tasks(
