@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -327,4 +328,23 @@ def test_ctrl_c_in_f_map_cancels_running_and_queued_calls(tmp_path: Path) -> Non
         proc.kill()
         for record in json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout):
             rawvm_cli("down", record["name"], env=env, cwd=project)
+    assert files_holding(tmp_path, SECRET.encode()) == []
+
+
+def test_dask_workers_see_env_and_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    distributed = pytest.importorskip("distributed")
+    project, tmp, _ = local_project(tmp_path, {})
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    cluster = rawvm.dask_cluster(1, keepalive="1m", env={"FOO": "dask"}, secrets={"HUB_TOKEN": SECRET})
+    try:
+        with distributed.Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            seen = client.run(lambda: (os.environ["FOO"], hashlib.sha256(os.environ["HUB_TOKEN"].encode()).hexdigest()))
+            assert list(seen.values()) == [("dask", hashlib.sha256(SECRET.encode()).hexdigest())]
+            assert not argv_holding(SECRET)
+    finally:
+        cluster.close()
+    assert wait_for(lambda: not processes_under(tmp), 60)
     assert files_holding(tmp_path, SECRET.encode()) == []
