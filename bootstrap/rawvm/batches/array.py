@@ -312,8 +312,12 @@ def _run_round(spec: BatchSpec, options: LaunchOptions, detach: bool, first: boo
             f"cancelled the batch ({cancelled} running task{'s' if cancelled != 1 else ''} stopped, nothing queued "
             f"starts); its machines stop after {keep} idle (now: rawvm down {name})"
         )
-        states = dict.fromkeys(spec.ids, "cancelled")
-        return BatchResult(name, 130, states, {}, {**timings, "total": time.monotonic() - started})
+        try:
+            after = status(name)  # as 'rawvm batch status' shows it: cancelled ids failed ('batch retry' reruns them)
+            states, results = after.states, after.results
+        except RawvmError:
+            states, results = dict.fromkeys(spec.ids, "failed"), {}
+        return BatchResult(name, 130, states, results, {**timings, "total": time.monotonic() - started})
     timings["total"] = time.monotonic() - started
     final = status_after(brec, results, lost)
     code = 0 if all(s == "done" for s in final.states.values()) else 1
