@@ -205,6 +205,9 @@ def test_rawvm_cancel_from_another_terminal(tmp_path: Path) -> None:
     proc, project, env, tmp = _start_sleeping_run(tmp_path)
     try:
         cluster = json.loads(rawvm_cli("ls", "--json", env=env, cwd=project).stdout)[0]["name"]
+        unknown = rawvm_cli("cancel", cluster, "nosuchtask", env=env, cwd=project)
+        assert unknown.returncode == 2 and f"no task 'nosuchtask' on the machines of {cluster}" in unknown.stderr
+        assert task_processes(tmp, ["sleep", "600"])  # nothing else was touched
         cancel = rawvm_cli("cancel", cluster, env=env, cwd=project)
         assert cancel.returncode == 0, cancel.stderr
         assert "cancelled 1 task on m0" in cancel.stderr
