@@ -25,7 +25,7 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,15 @@ _MACHINE_INDEX = re.compile(r"(?:^|-)m(\d+)$")
 DONE, FAILED = "done", "failed"
 
 
+SECRETS_WAIT_S = 600.0  # how long a batch whose spec names secrets waits for them to be handed
+
+
+def _cancelled(task: str, exit_code: int | None, started_at: float) -> dict[str, Any]:
+    """An attempt that ended by cancellation (``exit_code`` None: it never started)."""
+    code = 130 if exit_code is None else exit_code
+    return {"task": task, "exit_code": code, "error": "cancelled", "started_at": started_at, "ended_at": time.time()}
+
+
 class BatchError(ValueError):
     """A batch spec or request that cannot be used; one line for the log or the API caller."""
 
@@ -62,6 +71,8 @@ class BatchSpec:
     max_retries: int
     task_timeout: float  # seconds; 0: none
     gpu: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # variables every task sees (no secrets: the spec is staged)
+    secret_env: list[str] = field(default_factory=list)  # secrets' names: handed over the API (PUT /v1/env) first
 
     @classmethod
     def from_json(cls, raw: Any) -> BatchSpec:
@@ -84,10 +95,17 @@ class BatchSpec:
         timeout = raw.get("task_timeout", 0)
         if not isinstance(timeout, int | float) or timeout < 0:
             raise BatchError("batch spec: 'task_timeout' must be seconds >= 0")
+        env, secret_env = raw.get("env") or {}, raw.get("secret_env") or []
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise BatchError("batch spec: 'env' must be an object of string values")
+        if not isinstance(secret_env, list) or not all(isinstance(n, str) for n in secret_env):
+            raise BatchError("batch spec: 'secret_env' must be a list of names")
         return cls(
             argv=argv,
             ids=ids,
             values=values,
+            env=env,
+            secret_env=secret_env,
             machines=int(raw["machines"]),
             tasks_per_machine=int(raw["tasks_per_machine"]),
             max_retries=int(raw["max_retries"]),
@@ -106,6 +124,8 @@ class BatchSpec:
             "max_retries": self.max_retries,
             "task_timeout": self.task_timeout,
             "gpu": self.gpu,
+            **({"env": self.env} if self.env else {}),
+            **({"secret_env": self.secret_env} if self.secret_env else {}),
         }
 
     def share(self, index: int) -> list[int]:
@@ -156,6 +176,8 @@ class BatchRunner:
         self._workers: set[asyncio.Task[None]] = set()
         self._flushing: asyncio.Task[None] | None = None
         self.stopping = False  # the agent refused a task: it is stopping, start no more
+        self.cancelled = False  # cancelled on request: nothing queued starts, its ids end as cancelled
+        self.env_handed = asyncio.Event()  # PUT /v1/env came: a spec's secrets are in the agent's environment
 
     @property
     def configured(self) -> bool:
@@ -168,7 +190,7 @@ class BatchRunner:
         return bool(self.running) or bool(self.queue())
 
     def queue(self) -> list[int]:
-        if self.spec is None:
+        if self.spec is None or self.cancelled:
             return []
         mine = self.spec.share(self.index) if self.index is not None else []
         return [i for i in [*mine, *self.adopted] if i not in self.results and i not in self.running]
@@ -282,6 +304,13 @@ class BatchRunner:
             log.error("batch: %s", self.error)
             return
         self._load_previous()
+        if spec.secret_env:
+            try:
+                await asyncio.wait_for(self.env_handed.wait(), SECRETS_WAIT_S)
+            except TimeoutError:
+                self.error = f"the batch's secrets ({', '.join(spec.secret_env)}) were never handed to this machine"
+                log.error("batch: %s", self.error)
+                return
         log.info(
             "batch: %d tasks on %d machines, share %s, %d at a time",
             len(spec.ids),
@@ -315,6 +344,7 @@ class BatchRunner:
             "RAWVM_TASK_ATTEMPT": str(attempt),
             "PYTHONUNBUFFERED": "1",
         }
+        env = {**spec.env, **env}
         if spec.values is not None:
             env["RAWVM_TASK_VALUE"] = spec.values[spec.ids.index(bid)]
         return env
@@ -340,6 +370,11 @@ class BatchRunner:
                     self.running[bid] = task.record.id
                     timed_out = await self._wait(task, spec.task_timeout)
                     record = task.record
+                    if record.state == TaskState.CANCELLED or self.cancelled:
+                        self.cancelled = True  # one task cancelled on request: the whole batch is
+                        attempts.append(_cancelled(record.id, record.exit_code, record.started_at))
+                        self._record(spec, bid, attempts)
+                        return
                     if record.state != TaskState.EXITED:
                         self.stopping = True  # interrupted by the agent's stop: unfinished, not failed
                         return
@@ -359,6 +394,19 @@ class BatchRunner:
         finally:
             self.running.pop(bid, None)
             self._wake.set()
+
+    def cancel(self) -> list[int]:
+        """Cancel the batch here: nothing queued starts any more (each queued id ends as a failed result that
+        says so); the running tasks are the caller's to cancel. The ids that will not start."""
+        if self.spec is None:
+            return []
+        queued = self.queue()
+        self.cancelled = True
+        now = time.time()
+        for bid in queued:
+            self._record(self.spec, bid, [*self._attempts.get(bid, []), _cancelled("", None, now)])
+        self._wake.set()
+        return queued
 
     @staticmethod
     async def _wait(task: Task, timeout: float) -> bool:

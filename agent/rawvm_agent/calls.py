@@ -152,6 +152,19 @@ class CallHub:
             self.result_bytes.pop(client, None)
         return out
 
+    def cancel_client(self, client: str) -> tuple[int, list[Task]]:
+        """Drop ``client``'s queued calls; how many, and the tasks of the workers running one of its calls (a call
+        cannot be stopped inside a worker: the caller cancels the worker, whose calls end LOST, and it is not
+        replaced unless other calls wait)."""
+        mine = {number for number, (owner, _) in self.routes.items() if owner == client}
+        kept = deque((number, payload) for number, payload in self.queue if number not in mine)
+        dropped = len(self.queue) - len(kept)
+        self.queue, self.queued_bytes = kept, sum(len(payload) for _, payload in kept)
+        held = {number for w in self.workers.values() for number in w.held}
+        for number in mine - held:
+            self.routes.pop(number, None)
+        return dropped, [w.task for w in self.workers.values() if mine & set(w.held)]
+
     def close(self) -> None:
         """The agent is leaving: long polls answer now, or the server's shutdown would wait for them."""
         self.closing = True

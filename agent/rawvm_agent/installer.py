@@ -26,7 +26,17 @@ from rawvm_agent.conda_install import install_conda_lock
 from rawvm_agent.config import AgentConfig, BundleFile
 from rawvm_agent.environment import Environment
 from rawvm_agent.fetch import fetch, ssl_context
-from rawvm_agent.install import MANIFEST, BundleError, InstallError, Manifest, parse_manifest, safe_relpath, unpack_code
+from rawvm_agent.install import (
+    MANIFEST,
+    BundleError,
+    InstallError,
+    Manifest,
+    ManifestFile,
+    parse_manifest,
+    safe_relpath,
+    sha256_file,
+    unpack_code,
+)
 from rawvm_agent.logs import Redactor
 from rawvm_agent.state import InstallProgress
 
@@ -202,6 +212,31 @@ class Installer:
             await asyncio.to_thread(unpack_code, self.bundle_dir / code.path, self.work_dir)
         self._step("done")
         return Environment(venv=self.venv, work_dir=self.work_dir, conda_prefix=conda_prefix)
+
+    async def update_lock(self, staged: Path) -> int:
+        """Install the difference a newer lock makes, before the next task: ``staged`` holds a bundle's manifest
+        and its lock and local packages (not its code, which travels by ``code_sync``); every file is checked
+        against the manifest, ``uv pip sync`` changes only what differs, and the files then replace the bundle's.
+        Over the authenticated API, as the first bundle came under agent.toml's hash. The packages locked."""
+        manifest = parse_manifest((staged / MANIFEST).read_text(encoding="utf-8"))
+        if manifest.of_kind("conda-lock"):
+            raise InstallError("a conda environment cannot be updated in place: launch new machines")
+        wanted = manifest.of_kind("pylock") + manifest.of_kind("wheel") + manifest.of_kind("sdist")
+        for entry in wanted:
+            path = staged / safe_relpath(entry.path)
+            if not path.is_file() or sha256_file(path) != entry.sha256.lower():
+                raise BundleError(f"bundle file {entry.path!r} is missing or does not match {MANIFEST}; refusing it")
+        packages = 0
+        for lock in manifest.of_kind("pylock"):
+            await self._uv(["pip", "sync", str(staged / lock.path), *self._target(), *self._index_args(manifest)])
+            packages += _pylock_package_count(staged / lock.path)
+        if local := [str(staged / f.path) for f in manifest.of_kind("wheel") + manifest.of_kind("sdist")]:
+            await self._uv(["pip", "install", "--no-deps", *local, *self._target(), *self._index_args(manifest)])
+        for entry in [*wanted, ManifestFile(MANIFEST, "", "")]:
+            target = self.bundle_dir / safe_relpath(entry.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(staged / entry.path, target)
+        return packages
 
     async def _install_conda(self, lock: Path) -> Path:
         base_done, base_total = self.progress.packages_done, self.progress.packages_total

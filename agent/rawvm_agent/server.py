@@ -14,7 +14,7 @@ import ssl
 
 from aiohttp import web
 
-from rawvm_agent import api, batch_api, call_worker, calls_api, interactive_api, sdnotify, task_cancel
+from rawvm_agent import api, batch_api, call_worker, calls_api, code_sync, interactive_api, sdnotify, task_control
 from rawvm_agent.api_errors import json_errors
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.auth import digest, token_middleware
@@ -36,7 +36,8 @@ def create_app(agent: Agent) -> web.Application:
     api.add_routes(app)
     calls_api.add_routes(app)  # @rawvm.function calls
     batch_api.add_routes(app)
-    task_cancel.add_routes(app)  # POST /v1/tasks/{id}/cancel (gang jobs)
+    task_control.add_routes(app)  # cancel a task (Ctrl-C, rawvm cancel, gang jobs), env later tasks inherit
+    code_sync.add_routes(app)  # fresh code on a warm machine
     interactive_api.add_routes(app)  # shell, files, forward: websockets for a person (rawvm shell/cp/forward)
 
     async def on_startup(_: web.Application) -> None:

@@ -47,8 +47,9 @@ class TaskState:
     EXITED = "exited"  # ran to the end; see exit_code
     INTERRUPTED = "interrupted"  # killed by the agent's stop (idle, spot, shutdown, max_lifetime)
     LOST = "lost"  # was running when the agent itself died
+    CANCELLED = "cancelled"  # stopped on request (POST /v1/tasks/{id}/cancel); its output so far is kept
 
-    FINAL = frozenset({EXITED, INTERRUPTED, LOST})
+    FINAL = frozenset({EXITED, INTERRUPTED, LOST, CANCELLED})
 
 
 @dataclass
@@ -219,7 +220,8 @@ class TaskManager:
         return max(ended, default=None)
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in (TaskState.RUNNING, TaskState.EXITED, TaskState.INTERRUPTED, TaskState.LOST)}
+        states = (TaskState.RUNNING, TaskState.EXITED, TaskState.INTERRUPTED, TaskState.LOST, TaskState.CANCELLED)
+        out = dict.fromkeys(states, 0)
         for t in self.tasks.values():
             out[t.record.state] = out.get(t.record.state, 0) + 1
         return out
@@ -338,9 +340,17 @@ class TaskManager:
 
     async def interrupt_all(self, grace: float = KILL_GRACE_S) -> None:
         """Stop every running task (SIGTERM to its process group, SIGKILL after ``grace``)."""
-        running = self.running
+        await self.stop_tasks(self.running, TaskState.INTERRUPTED, grace)
+
+    async def cancel(self, task: Task, grace: float = KILL_GRACE_S) -> None:
+        """Stop one task on request, as ``interrupt_all`` stops them all; a task already ended is left as it is."""
+        if task.record.state == TaskState.RUNNING:
+            await self.stop_tasks([task], TaskState.CANCELLED, grace)
+
+    async def stop_tasks(self, running: Sequence[Task], state: str, grace: float = KILL_GRACE_S) -> None:
+        """Mark ``running`` as ``state``, SIGTERM each one's process group, SIGKILL those alive after ``grace``."""
         for task in running:
-            task.record.state = TaskState.INTERRUPTED
+            task.record.state = state
             task.save()
             _signal_group(task, signal.SIGTERM)
         if not running:

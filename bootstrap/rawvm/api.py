@@ -7,7 +7,7 @@ The machine options mean the same everywhere; see ``rawvm.options`` for each one
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -30,8 +30,11 @@ from rawvm.options import (
     LaunchOptions,
     Lifetime,
     MachineRequest,
+    TaskEnvironment,
     check_ca_certs,
 )
+
+EnvArg = Mapping[str, str] | Sequence[str] | None  # {NAME: value}, or ["NAME=value", "NAME" (from os.environ)]
 
 if TYPE_CHECKING:
     from rawvm.batches.array import BatchResult
@@ -59,6 +62,8 @@ def launch_options(
     max_cost_action: str = "",
     cluster: str | None = None,
     efa: bool = False,
+    env: EnvArg = None,
+    secrets: EnvArg = None,
     lifetime_flags: tuple[str, str] = CLI_FLAGS,
 ) -> LaunchOptions:
     """The one place where the flat options of the front door and of the CLI's flags become a checked
@@ -82,6 +87,7 @@ def launch_options(
         lifetime=lifetime,
         environment=Environment(source=source, pypi_only=pypi_only),
         cost=CostCap(max_cost=max_cost, action=max_cost_action),
+        task_env=TaskEnvironment.parse(env, secrets),
         cluster=cluster,
     )
 
@@ -112,6 +118,10 @@ def run(
     max_cost_action: str = "",
     efa: bool = False,
     torchrun: bool = False,
+    env: EnvArg = None,
+    secrets: EnvArg = None,
+    capture: bool = False,
+    sync: bool = True,
     output: TextIO | None = None,
     error_output: TextIO | None = None,
 ) -> RunResult:
@@ -130,6 +140,12 @@ def run(
     ``MASTER_ADDR``/``MASTER_PORT`` and the rest (``rawvm.gang``), and when one node fails the others' tasks are
     cancelled. ``torchrun`` wraps each node's command in ``torchrun``; ``efa`` (aws) gives GPU machines EFA
     interfaces and the NCCL/libfabric settings for them.
+
+    ``env`` and ``secrets`` are variables every task sees (``{"NAME": "value"}``, or ``["NAME=value", "NAME"]``
+    where a bare name is taken from this process's environment); secrets travel only over the agent API and are
+    masked in every log and output stream. ``capture`` keeps each machine's output and exit code in the result
+    (``RunResult.outputs``). On an existing ``cluster``, the project files that changed since its machines last
+    received them are sent first (``sync=False``: not).
     """
     options = launch_options(
         provider=provider,
@@ -146,12 +162,14 @@ def run(
         source=source,
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
+        env=env,
+        secrets=secrets,
         pypi_only=pypi_only,
         max_cost=max_cost,
         max_cost_action=max_cost_action,
         efa=efa,
     )
-    return commands.run_command(command, options, output, error_output, torchrun=torchrun)
+    return commands.run_command(command, options, output, error_output, torchrun=torchrun, capture=capture, sync=sync)
 
 
 def up(
@@ -173,6 +191,8 @@ def up(
     pypi_only: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
+    env: EnvArg = None,
+    secrets: EnvArg = None,
 ) -> ClusterRecord:
     """Launch machines and wait until every one is ready; returns the cluster's record. Options as in ``run``."""
     return commands.up(
@@ -191,6 +211,8 @@ def up(
             source=source,
             cluster=cluster,
             extra_ca_certs=extra_ca_certs,
+            env=env,
+            secrets=secrets,
             pypi_only=pypi_only,
             max_cost=max_cost,
             max_cost_action=max_cost_action,
@@ -225,6 +247,8 @@ def batch(
     pypi_only: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
+    env: EnvArg = None,
+    secrets: EnvArg = None,
 ) -> BatchResult:
     """Run ``command`` once per task id (``array``: ``0-999`` or ``1,4-6``) or per value (a map), over up to ``n``
     machines, ``tasks_per_machine`` at a time on each (0: its cores, 1 with a GPU), each task retried up to
@@ -248,6 +272,8 @@ def batch(
         source=source,
         cluster=cluster,
         extra_ca_certs=extra_ca_certs,
+        env=env,
+        secrets=secrets,
         pypi_only=pypi_only,
         max_cost=max_cost,
         max_cost_action=max_cost_action,
@@ -282,6 +308,8 @@ def dask_cluster(
     dedicated_scheduler: bool = True,
     source: str | Path | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
+    env: EnvArg = None,
+    secrets: EnvArg = None,
     name: str | None = None,
     asynchronous: bool = False,
     shutdown_on_close: bool = True,
@@ -311,6 +339,8 @@ def dask_cluster(
         max_lifetime=max_lifetime,
         source=source,
         extra_ca_certs=extra_ca_certs,
+        env=env,
+        secrets=secrets,
     )
     return make_cluster(
         n,
@@ -341,6 +371,8 @@ def function(
     packages: Sequence[str] = (),
     slots: int = 0,
     extra_ca_certs: Sequence[str | Path] = (),
+    env: EnvArg = None,
+    secrets: EnvArg = None,
 ) -> Any:
     """Run ``fn`` on machines: ``@rawvm.function`` or ``@rawvm.function(n=4, gpu=True, ...)``.
 
@@ -367,6 +399,8 @@ def function(
         spot_policy=spot_policy,
         source=source,
         extra_ca_certs=extra_ca_certs,
+        env=env,
+        secrets=secrets,
         lifetime_flags=("keepalive", "max_lifetime"),  # errors name the arguments, as Python users wrote them
     )
     return remote.remote_function(fn, options, packages=packages, slots=slots)

@@ -57,6 +57,9 @@ class ClusterRecord:
     max_lifetime_s: float = 0.0
     provider_options: dict[str, str] = field(default_factory=dict)  # e.g. region, to find the machines again
     channel_dir: str = ""  # the agent channel's files (``channel_files``); "": where they go beside this record
+    source: str = ""  # the environment it was locked from, absolute ("": the running one): run --cluster relocks it
+    pypi_only: bool = False  # it was locked with --pypi-only
+    project: str = ""  # the directory whose files it received as code ("": unknown, an older record)
 
     @property
     def price_per_hour(self) -> float:

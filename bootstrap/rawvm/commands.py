@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 from rawvm import clusters, costs, sinks
@@ -21,13 +22,13 @@ from rawvm.launch import launch
 from rawvm.options import LaunchOptions, check_command
 from rawvm.providers import FREE_PROVIDERS
 from rawvm.providers.base import Machine, Provider
+from rawvm.runs import MachineOutput, RunOutcome, RunPlan, cancel, run_on_cluster
 from rawvm.session import (
     POLL_S,
     Launched,
     clients,
     provider_of,
     ready_and_run,
-    ready_or_fail,
     run_sync,
     say,
     stops_line,
@@ -44,6 +45,13 @@ class RunResult:
     cost_usd: float  # price_per_hour x wall time, summed over machines; 0.0 for local and qemu
     timings: dict[str, float] = field(default_factory=dict)  # seconds: lock, stage, launch, ready, task, total
     cluster: str = ""
+    outputs: dict[str, MachineOutput] = field(default_factory=dict)
+    """Each machine's exit code by short id (``m0``), with its stdout and stderr when run with ``capture=True``."""
+
+    @property
+    def failed(self) -> list[str]:
+        """The machines whose task did not exit 0."""
+        return [mid for mid, out in self.outputs.items() if out.exit_code != 0]
 
 
 def run_command(
@@ -53,35 +61,60 @@ def run_command(
     error_output: TextIO | None = None,
     *,
     torchrun: bool = False,
+    capture: bool = False,
+    sync: bool = True,
 ) -> RunResult:
-    """Run ``argv`` on the machines of ``options.cluster`` when that cluster exists, else on fresh ones, as one gang
-    job (``rawvm.gang``); ``torchrun`` wraps each node's command in ``torchrun``."""
+    """Run ``argv`` on the machines of ``options.cluster`` when that cluster exists (sending them the project files
+    that changed first, unless ``sync`` is False), else on fresh ones, as one gang job (``rawvm.gang``: ranks,
+    peers, all or nothing; ``torchrun`` wraps each node's command in ``torchrun``). Ctrl-C cancels the tasks
+    (``rawvm.runs``); a second one stops the machines."""
     out = output if output is not None else sys.stdout
     err = error_output if error_output is not None else sys.stderr
     command = check_command(argv)
     started = time.monotonic()
-    if options.cluster and clusters.exists(options.cluster):
-        record = clusters.load(options.cluster)
+    warm = bool(options.cluster and clusters.exists(options.cluster))
+    if warm:
+        record = clusters.load(str(options.cluster))
         # machines that were up already answer at once; a short wait tells a stopped cluster quickly
         launched = Launched(provider=provider_of(record), record=record, timings={}, ready_timeout_s=30.0)
     else:
         launched = launch(options)
     record = launched.record
+    project = (options.environment.project_dir or Path.cwd()).resolve()
+    plan = RunPlan(command, options.task_env, capture=capture, torchrun=torchrun)
+    if warm and sync and record.project and Path(record.project) != project:
+        say(f"sync: skipped, {project} is not the project {record.name} was launched from ({record.project})")
+    elif warm and sync:  # the files and the environment as they are here now, not as they were at 'up'
+        environment = options.environment
+        if environment.source is None and record.source:  # no --from: the one the cluster was locked from
+            environment = dataclasses.replace(environment, source=record.source, pypi_only=record.pypi_only)
+        plan = dataclasses.replace(plan, sync_from=project, relock=environment)
     try:
-        code = ready_or_fail(launched, command, out, err, torchrun)
-    except KeyboardInterrupt:
-        say(f"interrupted; the machines of {record.name} stop after their keepalive, or now: rawvm down {record.name}")
-        raise
-    timings = {**launched.timings, "total": time.monotonic() - started}
+        outcome = run_on_cluster(launched, plan, out, err)
+    except KeyboardInterrupt:  # outside the run's own handler (no main thread, or between its steps)
+        with contextlib.suppress(RawvmError):
+            cancel(record.name)  # what the handler would have done: the tasks must not run on unseen
+        outcome = RunOutcome(interrupts=1)
+    timings = {**launched.timings, **outcome.timings, "total": time.monotonic() - started}
     cost = 0.0 if record.provider in FREE_PROVIDERS else costs.cost_of(record, time.time())
-    say(f"exit code {code} after {timings['total']:.1f} s; {costs.cost_line(record, cost)}; {stops_line(record)}")
-    return RunResult(exit_code=code, machines=record.machines, cost_usd=cost, timings=timings, cluster=record.name)
+    result = RunResult(outcome.exit_code, record.machines, cost, timings, record.name, outcome.outputs)
+    if outcome.interrupts >= 2:
+        count = down(record.name)
+        say(f"cancelled; stopped {count} machine{'s' if count != 1 else ''} of {record.name}")
+    elif outcome.interrupts:
+        say(f"cancelled; {stops_line(record)}")
+    else:
+        failed = "".join(f"; {mid} failed ({result.outputs[mid].exit_code})" for mid in result.failed)
+        summary = f"exit code {result.exit_code} after {timings['total']:.1f} s{failed}"
+        say(f"{summary}; {costs.cost_line(record, cost)}; {stops_line(record)}")
+    return result
 
 
 def up(options: LaunchOptions) -> clusters.ClusterRecord:
-    """Launch machines and wait until every one is ready; returns the cluster's record."""
+    """Launch machines and wait until every one is ready (each handed the options' variables and secrets for
+    its later tasks); returns the cluster's record."""
     launched = launch(options)
-    run_sync(ready_and_run(launched, None, sys.stdout, sys.stderr))
+    run_sync(ready_and_run(launched, None, sys.stdout, sys.stderr, options.task_env))
     return launched.record
 
 

@@ -216,6 +216,9 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
             max_lifetime_s=lifetime_s,
             provider_options=where,
             channel_dir=str(clusters.channel_files(name).directory),
+            source=str(Path(env.source).resolve()) if env.source is not None else "",
+            pypi_only=env.pypi_only,
+            project=str((env.project_dir or Path.cwd()).resolve()),  # what code.tar.gz is made of
         )
         # The cluster's CA lives as long as its machines can (the backstop powers them off by then); its key is
         # never written, the agents' certificate goes with the spec, the laptop's beside the record.

@@ -9,7 +9,8 @@ takes the objects, never the loose values. A bad value fails in ``__post_init__`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +189,80 @@ class Environment:
         return Path.cwd()
 
 
+def _env_pairs(flag: str, given: Mapping[str, str] | Sequence[str] | None) -> tuple[tuple[str, str], ...]:
+    """``KEY=VALUE`` items, bare ``KEY`` items (the value taken from this process's environment) or a mapping, as
+    sorted ``(KEY, VALUE)`` pairs; a usage error names the flag and the first bad item (never its value)."""
+    if not given:
+        return ()
+    items = list(given.items()) if isinstance(given, Mapping) else [_split_env(flag, raw) for raw in given]
+    out: dict[str, str] = {}
+    for name, value in items:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise UsageError(f"{flag}: names and values must be strings")
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise UsageError(f"{flag} {name[:64]!r}: a name must be non-empty, without '=' or NUL; a value without NUL")
+        out[name] = value
+    return tuple(sorted(out.items()))
+
+
+def _split_env(flag: str, raw: str) -> tuple[str, str]:
+    if "=" in raw:
+        name, _, value = raw.partition("=")
+        return name, value
+    if raw not in os.environ:
+        raise UsageError(f"{flag} {raw}: not set here; give {flag} {raw}=VALUE or export {raw} first")
+    return raw, os.environ[raw]
+
+
+@dataclass(frozen=True)
+class TaskEnvironment:
+    """Environment variables the machines' tasks get. Secrets travel only over the mutual-TLS agent API with the
+    tasks: never in user-data, cluster or batch records, or a command line; their values are masked in every
+    log and output stream on the machines, and ``repr`` shows their names only."""
+
+    env: tuple[tuple[str, str], ...] = ()
+    """``(NAME, value)`` pairs every task sees."""
+
+    secrets: tuple[tuple[str, str], ...] = dataclasses.field(default=(), repr=False)
+    """``(NAME, value)`` pairs every task sees, masked in logs and output."""
+
+    @classmethod
+    def parse(
+        cls,
+        env: Mapping[str, str] | Sequence[str] | None = None,
+        secrets: Mapping[str, str] | Sequence[str] | None = None,
+    ) -> TaskEnvironment:
+        """From ``--env``/``--secret`` items (``KEY=VALUE``, or ``KEY`` taken from this environment) or mappings."""
+        return cls(_env_pairs("--env", env), _env_pairs("--secret", secrets))
+
+    @property
+    def secret_names(self) -> list[str]:
+        return [name for name, _ in self.secrets]
+
+    def all_values(self) -> dict[str, str]:
+        """Every variable, secrets last (a secret wins over a plain variable of the same name)."""
+        return {**dict(self.env), **dict(self.secrets)}
+
+    def __bool__(self) -> bool:
+        return bool(self.env or self.secrets)
+
+    def __repr__(self) -> str:
+        return f"TaskEnvironment(env={[n for n, _ in self.env]}, secrets={self.secret_names})"
+
+    def to_json(self) -> dict[str, Any]:
+        """What a record may keep: plain variables, and secrets by name only (``from_json`` finds their values in
+        this process's environment again, or leaves them out)."""
+        return {"env": [list(p) for p in self.env], "secret_names": self.secret_names}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TaskEnvironment:
+        names = [str(n) for n in raw.get("secret_names", [])]
+        return cls(
+            env=tuple((str(k), str(v)) for k, v in raw.get("env", [])),
+            secrets=tuple((n, os.environ[n]) for n in names if n in os.environ),
+        )
+
+
 @dataclass(frozen=True)
 class CostCap:
     """The cap on a launch's worst case (every machine until its max lifetime), checked before anything starts."""
@@ -207,6 +282,8 @@ class LaunchOptions:
     lifetime: Lifetime = dataclasses.field(default_factory=Lifetime)
     environment: Environment = dataclasses.field(default_factory=Environment)
     cost: CostCap = dataclasses.field(default_factory=CostCap)
+    task_env: TaskEnvironment = dataclasses.field(default_factory=TaskEnvironment)
+    """Variables (and secrets) every task on the machines sees."""
     cluster: str | None = None
     """The cluster's name (lowercase letters, digits, dashes); None: a fresh ``rawvm-xxxxxx``."""
 
@@ -216,6 +293,7 @@ class LaunchOptions:
     def to_json(self) -> dict[str, Any]:
         """A JSON form (kept in a batch's record so a retry launches the same way)."""
         raw = dataclasses.asdict(self)
+        raw["task_env"] = self.task_env.to_json()  # never a secret's value
         request = raw["request"]
         request["extra_ca_certs"] = [str(p) for p in self.request.extra_ca_certs]
         env = raw["environment"]
@@ -238,5 +316,6 @@ class LaunchOptions:
             lifetime=Lifetime(**raw["lifetime"]),
             environment=Environment(**env),
             cost=CostCap(**raw["cost"]),
+            task_env=TaskEnvironment.from_json(raw.get("task_env") or {}),
             cluster=raw.get("cluster"),
         )

@@ -25,6 +25,7 @@ from rawvm import boot_timings, clusters, costs
 from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
 from rawvm.gang import Gang, NodeRun, cancel_if_stopped, gpus_of, run_gang
+from rawvm.options import TaskEnvironment
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import FREE_PROVIDERS, get_provider
 from rawvm.providers.base import Machine, Provider
@@ -41,8 +42,11 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
         return pool.submit(asyncio.run, coro).result()
+    finally:
+        pool.shutdown(wait=False)  # Ctrl-C here must not wait for the run: the caller cancels it
 
 
 def say(message: str) -> None:
@@ -76,8 +80,10 @@ async def wait_ready(
     record: clusters.ClusterRecord,
     view: MachineProgress,
     timeout: float | None = None,
+    env: TaskEnvironment | None = None,
 ) -> None:
-    """Poll every agent until it serves; raise when one fails, its machine stops, or ``timeout`` passes."""
+    """Poll every agent until it serves; raise when one fails, its machine stops, or ``timeout`` passes. With
+    ``env``, each agent is handed the variables (and secrets) every later task of its machine sees."""
     timeout = provider.ready_timeout_s if timeout is None else timeout
     deadline = time.monotonic() + timeout
     pending = dict(agents)
@@ -99,6 +105,8 @@ async def wait_ready(
             if phase in SERVING_PHASES:
                 del pending[mid]
                 await hand_sink(client, provider, record, by_id[mid])
+                if env:
+                    await client.set_env(env.all_values(), env.secret_names)
             elif phase in ENDED_PHASES:
                 why = status.get("error") or status.get("stop_reason") or phase
                 raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
@@ -172,16 +180,26 @@ def task_exit_code(record: dict[str, Any]) -> int:
 
 
 async def stream_task(
-    client: AgentClient, task_id: str, prefix: str, output: TextIO, error_output: TextIO, *, follow: bool = True
+    client: AgentClient,
+    task_id: str,
+    prefix: str,
+    output: TextIO,
+    error_output: TextIO,
+    *,
+    follow: bool = True,
+    keep: dict[str, bytearray] | None = None,
 ) -> None:
     """Copy a task's stdout and stderr to ``output`` and ``error_output``: as they come until it ends (``follow``),
-    or what it has written so far, page by page."""
+    or what it has written so far, page by page. With ``keep``, each stream's bytes are kept there too."""
 
     async def pump(stream: str, out: TextIO) -> None:
         writer = StreamWriter(out, prefix)
+        kept = keep.setdefault(stream, bytearray()) if keep is not None else None
         if follow:
             async for chunk in client.follow_logs(task_id, stream=stream):
                 writer.write(chunk)
+                if kept is not None:
+                    kept += chunk
         else:
             offset = 0
             while True:
@@ -189,6 +207,8 @@ async def stream_task(
                 if not data:
                     break
                 writer.write(data)
+                if kept is not None:
+                    kept += data
         writer.close()
 
     await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
@@ -224,10 +244,15 @@ async def run_gang_on(
 
 
 async def ready_and_run(
-    launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO, torchrun: bool = False
+    launched: Launched,
+    argv: list[str] | None,
+    output: TextIO,
+    error_output: TextIO,
+    env: TaskEnvironment | None = None,
+    torchrun: bool = False,
 ) -> tuple[int, dict[str, float]]:
-    """Wait until every machine serves, then (with ``argv``) run it on each as one gang job (``run_gang_on``); the
-    exit code, and timings."""
+    """Wait until every machine serves (handing each ``env`` for its later tasks), then (with ``argv``) run it on
+    each as one gang job (``run_gang_on``); the exit code, and timings."""
     timings: dict[str, float] = {}
     record = launched.record
     async with agent_session() as http:
@@ -235,7 +260,7 @@ async def ready_and_run(
         view = make_progress(sys.stderr)
         mark = time.monotonic()
         try:
-            await wait_ready(agents, launched.provider, record, view, launched.ready_timeout_s)
+            await wait_ready(agents, launched.provider, record, view, launched.ready_timeout_s, env)
         finally:
             view.close()
         timings["ready"] = time.monotonic() - mark
@@ -250,11 +275,16 @@ async def ready_and_run(
 
 
 def ready_or_fail(
-    launched: Launched, argv: list[str] | None, output: TextIO, error_output: TextIO, torchrun: bool = False
+    launched: Launched,
+    argv: list[str] | None,
+    output: TextIO,
+    error_output: TextIO,
+    env: TaskEnvironment | None = None,
+    torchrun: bool = False,
 ) -> int:
     """``ready_and_run`` from synchronous code; a failure names the cluster, and timings join the launch's."""
     try:
-        code, timings = run_sync(ready_and_run(launched, argv, output, error_output, torchrun))
+        code, timings = run_sync(ready_and_run(launched, argv, output, error_output, env, torchrun))
     except RawvmError as exc:
         raise RawvmError(f"{exc} (cluster {launched.record.name})") from None
     launched.timings.update(timings)

@@ -27,11 +27,12 @@ from rawvm_agent.wsframes import HEARTBEAT_S, MAX_MESSAGE_BYTES
 
 from rawvm.errors import RawvmError
 
-TERMINAL_TASK_STATES = frozenset({"exited", "failed", "killed", "interrupted", "lost", "done"})
+TERMINAL_TASK_STATES = frozenset({"exited", "failed", "killed", "interrupted", "lost", "done", "cancelled"})
 HEALTHZ_TIMEOUT_S = 5.0
 CALLS_TIMEOUT_S = 120.0  # one batch of calls: the agent reads up to 64 MiB before it answers
 RESULTS_GRACE_S = 30.0  # a results long poll may take this much longer than the wait it asked for
 FOLLOW_CONNECT_TIMEOUT_S = 10.0
+ENVIRONMENT_TIMEOUT_S = 1800.0  # installing a changed lock's difference (uv downloads, maybe builds)
 
 # Callers hold sessions under this name, so none of them needs aiohttp's types.
 AgentSession: TypeAlias = aiohttp.ClientSession
@@ -389,6 +390,40 @@ class AgentClient:
                     raise AgentError(f"lost the log stream of task {task_id} on {self.base_url}: {exc}") from None
                 await asyncio.sleep(min(2.0**failures / 4, 5.0))
 
+    async def set_env(self, env: Mapping[str, str], secret_env: Sequence[str] = ()) -> None:
+        """Variables every later task on the machine sees (``PUT /v1/env``); ``secret_env`` names the secrets
+        among them, masked in the machine's logs. Only this request's body carries them."""
+        await self._request("PUT", "/v1/env", json={"env": dict(env), "secret_env": list(secret_env)})
+
+    # -- code on a warm machine (rawvm_agent.code_sync) -----------------------------------------------------------
+
+    async def code_state(self) -> dict[str, Any]:
+        """What the machine holds: ``files`` (``{path: sha256}`` of the project files it last received), and its
+        bundle's environment ``fingerprint``, ``locks`` and ``target``."""
+        body: dict[str, Any] = await self._request("GET", "/v1/code")
+        return body or {}
+
+    async def code_files(self) -> dict[str, str]:
+        """``{path: sha256}`` of the project files the machine last received."""
+        return {str(k): str(v) for k, v in (await self.code_state()).get("files", {}).items()}
+
+    async def send_environment(self, archive: bytes) -> int:
+        """Install the difference a newer lock makes (a tar.gz of a bundle without its code); packages locked."""
+        answer = await self._exchange(
+            "POST", "/v1/environment", data=archive, timeout=aiohttp.ClientTimeout(total=ENVIRONMENT_TIMEOUT_S)
+        )
+        if answer.status >= 400:
+            raise self._failed(f"update the environment on {self.base_url}", answer, detail=True)
+        return int((answer.json() or {}).get("packages") or 0)
+
+    async def send_code(self, archive: bytes) -> None:
+        """Unpack a tar.gz of project files over the machine's work dir."""
+        answer = await self._exchange(
+            "POST", "/v1/code", data=archive, timeout=aiohttp.ClientTimeout(total=CALLS_TIMEOUT_S)
+        )
+        if answer.status >= 400:
+            raise self._failed(f"sync code to {self.base_url}", answer, detail=True)
+
     # -- batches (rawvm_agent.batch_api) ----------------------------------------------------------------------
 
     async def batch_status(self) -> dict[str, Any]:
@@ -404,6 +439,15 @@ class AgentClient:
     async def batch_share(self, index: int) -> None:
         """Give a machine without one its share of the batch."""
         await self._request("POST", "/v1/batch/share", json={"index": index})
+
+    async def batch_cancel(self, *, grace: float = 5.0) -> dict[str, Any]:
+        """Stop this machine's share of the batch: queued ids never start, running tasks are cancelled."""
+        timeout = aiohttp.ClientTimeout(total=grace + 30.0)
+        answer = await self._exchange("POST", "/v1/batch/cancel", params={"grace": str(grace)}, timeout=timeout)
+        if answer.status >= 400:
+            raise self._failed(f"cancel the batch on {self.base_url}", answer, detail=True)
+        body: dict[str, Any] = answer.json()
+        return body
 
     async def batch_adopt(self, ids: Sequence[int]) -> list[int]:
         """Hand the machine ids of a dead one; those it took."""
@@ -426,6 +470,10 @@ class AgentClient:
             raise self._failed(f"calls on {self.base_url}", answer, detail=True)
         body = answer.json()  # a 202 that is not JSON is a broken agent: the ValueError says so
         return int((body or {}).get("workers") or 0)
+
+    async def cancel_calls(self, client: str) -> None:
+        """Drop ``client``'s queued calls and stop the workers running its calls."""
+        await self._request("POST", "/v1/calls/cancel", params={"client": client})
 
     async def call_results(self, client: str, *, wait: float) -> bytes:
         """``client``'s finished calls, packed (``rawvm_agent.call_worker.unpack``); the agent holds the request up

@@ -281,6 +281,8 @@ def run_batch(
         task_timeout_s=timeout_s,
         gpu=options.request.gpu,
     )
+    # Plain variables travel in the staged spec; secrets by name only, their values over the agent API.
+    spec = dataclasses.replace(spec, env=dict(options.task_env.env), secret_env=options.task_env.secret_names)
     return _run_round(spec, options, detach, first=True)
 
 
@@ -298,16 +300,28 @@ def _run_round(spec: BatchSpec, options: LaunchOptions, detach: bool, first: boo
     timings = {**launched.timings}
     where = f"{len(spec.ids)} tasks on {len(record.machines)} machine{'s' if len(record.machines) > 1 else ''}"
     if detach:
-        run_sync(batch_watch.hand_out_shares(launched))
+        run_sync(batch_watch.hand_out_shares(launched, options.task_env))
         say(f"batch {name}: {where}, detached; see 'rawvm batch status {name}'")
         states = dict.fromkeys(spec.ids, "queued")
         return BatchResult(name, 0, states, {}, {**timings, "total": time.monotonic() - started})
     say(f"batch {name}: {where}")
     try:
-        results, lost = run_sync(batch_watch.watch(launched, spec))
-    except KeyboardInterrupt:
-        say(f"interrupted; the batch goes on without you: rawvm batch status {name} (stop it: rawvm down {name})")
-        raise
+        results, lost = run_sync(batch_watch.watch(launched, spec, options.task_env))
+    except KeyboardInterrupt:  # cancel: queued ids never start, running tasks stop; their output is kept
+        from rawvm.runs import cancel
+
+        cancelled = sum(len(ids) for ids in cancel(name).values())
+        keep = options.lifetime.keepalive
+        say(
+            f"cancelled the batch ({cancelled} running task{'s' if cancelled != 1 else ''} stopped, nothing queued "
+            f"starts); its machines stop after {keep} idle (now: rawvm down {name})"
+        )
+        try:
+            after = status(name)  # as 'rawvm batch status' shows it: cancelled ids failed ('batch retry' reruns them)
+            states, results = after.states, after.results
+        except RawvmError:
+            states, results = dict.fromkeys(spec.ids, "failed"), {}
+        return BatchResult(name, 130, states, results, {**timings, "total": time.monotonic() - started})
     timings["total"] = time.monotonic() - started
     final = status_after(brec, results, lost)
     code = 0 if all(s == "done" for s in final.states.values()) else 1
@@ -351,6 +365,8 @@ def retry(cluster: str, *, n: int = 0, detach: bool = False) -> BatchResult:
     spec = dataclasses.replace(first, ids=todo, values=values, machines=machines)
     say(f"batch {cluster}: retrying {len(todo)} tasks ({batch_plan.compress_ids(todo)})")
     options = LaunchOptions.from_json(brec.launch).replace(cluster=cluster)
+    if missing := [n for n in spec.secret_env if n not in options.task_env.secret_names]:
+        raise UsageError(f"the batch's secret {missing[0]} is not set here: export it to retry (secrets are not kept)")
     return _run_round(spec, options, detach, first=False)
 
 

@@ -22,6 +22,7 @@ from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_sess
 from rawvm.batches.plan import compress_ids
 from rawvm.batches.results import BatchStatus, newest, sink_results
 from rawvm.errors import RawvmError
+from rawvm.options import TaskEnvironment
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine
 from rawvm.session import Launched, say, wait_ready
@@ -80,10 +81,11 @@ def _needs_share(launched: Launched) -> bool:
     return launched.record.provider != "local" and len(launched.record.machines) > 1
 
 
-async def hand_out_shares(launched: Launched) -> None:
-    """Detached: give every machine that needs one its share, then leave (waits only until the agents answer,
-    not for their installs)."""
-    if not _needs_share(launched):
+async def hand_out_shares(launched: Launched, env: TaskEnvironment | None = None) -> None:
+    """Detached: give every machine that needs one its share, and the batch's variables and secrets (``env``),
+    then leave (waits only until the agents answer, not for their installs)."""
+    shares = _needs_share(launched)
+    if not shares and not env:
         return
     timeout = launched.provider.ready_timeout_s
     deadline = time.monotonic() + timeout
@@ -92,8 +94,10 @@ async def hand_out_shares(launched: Launched) -> None:
         while pending:
             for index, (_, client) in list(pending.items()):
                 try:
-                    if (await client.batch_status()).get("index") is None:
+                    if shares and (await client.batch_status()).get("index") is None:
                         await client.batch_share(index)
+                    if env:
+                        await client.set_env(env.all_values(), env.secret_names)
                     del pending[index]
                 except AgentError:
                     continue
@@ -103,14 +107,17 @@ async def hand_out_shares(launched: Launched) -> None:
                 await asyncio.sleep(1.0)
 
 
-async def watch(launched: Launched, spec: BatchSpec) -> tuple[dict[int, dict[str, Any]], set[int]]:
-    """Follow the round until every id has a final result, or no machine is left; (results, lost ids)."""
+async def watch(
+    launched: Launched, spec: BatchSpec, env: TaskEnvironment | None = None
+) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """Follow the round until every id has a final result, or no machine is left; (results, lost ids). Each
+    machine is handed ``env`` (the batch's secrets) once it serves."""
     record, provider = launched.record, launched.provider
     async with agent_session() as session:
         clients = _clients(launched, session)
         view = make_progress(sys.stderr)
         try:
-            await wait_ready(clients, provider, record, view, launched.ready_timeout_s)
+            await wait_ready(clients, provider, record, view, launched.ready_timeout_s, env)
         finally:
             view.close()
         watcher = Watcher(spec, clients, {m.short_id: m for m in record.machines}, provider.alive)

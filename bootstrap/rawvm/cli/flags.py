@@ -54,6 +54,22 @@ def machine_flags(
         "--name", default=None, metavar="NAME", help="the new cluster's name (default: a fresh rawvm-xxxxxx)"
     )
     parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="a variable every task sees; KEY alone takes its value from here; repeatable",
+    )
+    parser.add_argument(
+        "--secret",
+        dest="secrets",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="as --env, but masked in every log and output, and sent only over the agent API "
+        "(prefer KEY alone: a value on the command line shows in this host's process list); repeatable",
+    )
+    parser.add_argument(
         "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
     )
     parser.add_argument(

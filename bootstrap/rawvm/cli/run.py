@@ -13,7 +13,7 @@ from rawvm.cli.flags import launch_options, machine_flags
 def _run(args: argparse.Namespace) -> int:
     from rawvm import commands
 
-    result = commands.run_command(args.cmd, launch_options(args), torchrun=args.torchrun)
+    result = commands.run_command(args.cmd, launch_options(args), torchrun=args.torchrun, sync=args.sync)
     if args.timings:
         from rawvm.boot_timings import phase_line
 
@@ -89,7 +89,9 @@ def register(subparsers: Any) -> None:
         "run",
         help="run a command on fresh machines in this environment",
         description="Lock this environment, start machines, run CMD on each, stream its output, exit with its "
-        "code. The machines stop by themselves after --keepalive idle.",
+        "code. The machines stop by themselves after --keepalive idle. With --cluster, the project files changed "
+        "since its machines last received them are sent first. Ctrl-C cancels the tasks; a second one stops "
+        "the machines.",
         usage="rawvm run [options] -- CMD ...",
     )
     machine_flags(run)
@@ -100,6 +102,12 @@ def register(subparsers: Any) -> None:
         "--timings",
         action="store_true",
         help="after the run, print where the time went: the laptop's steps and each machine's start-up phases",
+    )
+    run.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="with --cluster: run the files the machines have, without sending the ones changed here",
     )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command, after '--'")
     run.set_defaults(func=_run)

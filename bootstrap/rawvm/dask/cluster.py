@@ -134,7 +134,8 @@ class Fleet:
         self._hold(slots)
         view = make_progress(sys.stderr)
         try:
-            await wait_ready({s.machine.short_id: s.client for s in slots}, launched.provider, record, view)
+            env = self.options.launch.task_env  # the scheduler's and workers' processes see it
+            await wait_ready({s.machine.short_id: s.client for s in slots}, launched.provider, record, view, env=env)
         finally:
             view.close()
         return slots

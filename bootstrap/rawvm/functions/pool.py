@@ -279,7 +279,7 @@ class Pool:
         launched = launch(self.options.launch.replace(environment=environment))
         self.launches += 1
         record = launched.record
-        ready_or_fail(launched, None, sys.stdout, sys.stderr)
+        ready_or_fail(launched, None, sys.stdout, sys.stderr, self.options.launch.task_env)  # workers see it
         path = _key_path(self.key)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps({"cluster": record.name}))
@@ -438,6 +438,12 @@ class Pool:
                 dropped += 1
             queue.clear()
         return dropped
+
+    async def cancel_remote(self) -> None:
+        """Stop this process's calls on every machine (a map interrupted): queued ones dropped, running ones'
+        workers cancelled. Best effort: a machine that does not answer is left to finish them."""
+        live = [self._agent(m) for m in self.machines if not m.dead]
+        await asyncio.gather(*(agent.cancel_calls(self.client) for agent in live), return_exceptions=True)
 
     async def close(self) -> None:
         if self._session is not None:

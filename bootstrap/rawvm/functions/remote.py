@@ -157,7 +157,7 @@ class RemoteFunction(Generic[P, R]):
             waiting = on_loop(pool.run_in_order(payloads, cloudpickle.loads, errors == "raise", advance))
             try:
                 outcomes = waiting.result()
-            except BaseException:  # Ctrl-C: the calls not sent yet are dropped
+            except BaseException:  # Ctrl-C: the calls not sent yet are dropped, those sent are cancelled
                 on_loop(_drop(pool)).result()
                 raise
         for ok, value in outcomes:
@@ -205,7 +205,10 @@ def _map_progress(total: int, name: str) -> Iterator[Callable[[], None] | None]:
 
 
 async def _drop(pool: Pool) -> int:
-    return pool.drop_unsent()
+    """Ctrl-C in a map: forget the calls not sent, and stop those the machines hold."""
+    dropped = pool.drop_unsent()
+    await pool.cancel_remote()
+    return dropped
 
 
 def _bridge(future: Any) -> concurrent.futures.Future[Any]:
