@@ -50,11 +50,14 @@ class RunOutcome:
     outputs: dict[str, MachineOutput] = field(default_factory=dict)
     interrupts: int = 0  # Ctrl-C pressed while it ran: 1 cancelled the tasks, 2 asks to stop the machines
     timings: dict[str, float] = field(default_factory=dict)
+    gang_code: int | None = None  # the gang's code: the failed node's own (the others' 143 would hide it)
 
     @property
     def exit_code(self) -> int:
         if self.interrupts:
             return INTERRUPTED
+        if self.gang_code is not None:
+            return self.gang_code
         return max((o.exit_code for o in self.outputs.values()), default=0)
 
 
@@ -157,7 +160,7 @@ async def _steps(
                 return  # Ctrl-C while sending: no task was started
             outcome.timings["sync"] = time.monotonic() - mark
         mark = time.monotonic()
-        outcome.outputs = await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts)
+        await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts, outcome)
         outcome.timings["task"] = time.monotonic() - mark
 
 
@@ -176,9 +179,11 @@ async def _tasks(
     output: TextIO,
     error_output: TextIO,
     interrupts: Interrupts,
-) -> dict[str, MachineOutput]:
-    """Run the task on every machine as one gang job (``rawvm.gang``: ranks and peers in each task's environment,
-    the others cancelled when one node fails); on the first Ctrl-C cancel them all and let their output drain."""
+    outcome: RunOutcome,
+) -> None:
+    """Fill ``outcome``: run the task on every machine as one gang job (``rawvm.gang``: ranks and peers in each
+    task's environment, the others cancelled when one node fails); on the first Ctrl-C cancel them all and let their
+    output drain."""
     gang = Gang.of(machines, gpus_of(await next(iter(agents.values())).status()))
     many = len(agents) > 1
     kept: dict[str, dict[str, bytearray]] = {}
@@ -213,7 +218,8 @@ async def _tasks(
     if await until(work, interrupts.first):
         if work.result().failure and many:  # one machine's failure speaks for itself (its output, its code)
             say(work.result().failure)
-        return outputs()
+        outcome.outputs, outcome.gang_code = outputs(), work.result().code
+        return
     for node in nodes:
         node.stop = True  # a node still submitting cancels its own task (cancel_if_stopped)
     cancels = [n.client.cancel_task(n.task_id, grace=CANCEL_GRACE_S) for n in nodes if n.task_id]
@@ -225,10 +231,9 @@ async def _tasks(
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError, RawvmError):
             await work
-        return {}
-    if work.exception() is not None:
-        return {}
-    return outputs()
+        return
+    if work.exception() is None:
+        outcome.outputs = outputs()
 
 
 async def _cancel_on(client: AgentClient, task: str | None) -> list[str]:

@@ -1,5 +1,5 @@
-"""``POST /v1/tasks/{id}/cancel`` (Ctrl-C, `rawvm cancel` and gang jobs end tasks with it): the whole process group ends,
-SIGTERM first and SIGKILL after the grace, and the output written so far is kept."""
+"""``POST /v1/tasks/{id}/cancel`` (Ctrl-C, `rawvm cancel` and gang jobs end tasks with it): the whole process
+group ends, SIGTERM first and SIGKILL after the grace, and the output written so far is kept."""
 
 from __future__ import annotations
 
