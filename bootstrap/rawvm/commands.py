@@ -28,7 +28,7 @@ from rawvm.session import (
     Launched,
     clients,
     provider_of,
-    ready_and_run,
+    ready_or_fail,
     run_sync,
     say,
     stops_line,
@@ -114,7 +114,7 @@ def up(options: LaunchOptions) -> clusters.ClusterRecord:
     """Launch machines and wait until every one is ready (each handed the options' variables and secrets for
     its later tasks); returns the cluster's record."""
     launched = launch(options)
-    run_sync(ready_and_run(launched, None, sys.stdout, sys.stderr, options.task_env))
+    ready_or_fail(launched, options.task_env)
     return launched.record
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rawvm import clusters
+from rawvm import boot_timings, clusters
 from rawvm.agent.client import AgentClient, AgentError, agent_session
 from rawvm.code_sync import sync_code, sync_environment
 from rawvm.errors import RawvmError, UsageError
@@ -162,6 +162,7 @@ async def _steps(
         mark = time.monotonic()
         await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts, outcome)
         outcome.timings["task"] = time.monotonic() - mark
+        boot_timings.remember(launched.record, await boot_timings.fetch(agents))  # first_task_started now, too
 
 
 async def _sync(agents: dict[str, AgentClient], plan: RunPlan) -> None:

@@ -24,7 +24,6 @@ from rawvm_agent.durations import format_duration
 from rawvm import boot_timings, clusters, costs
 from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
-from rawvm.gang import Gang, NodeRun, cancel_if_stopped, gpus_of, run_gang
 from rawvm.options import TaskEnvironment
 from rawvm.progress import MachineProgress, install_detail, make_progress
 from rawvm.providers import FREE_PROVIDERS, get_provider
@@ -214,46 +213,9 @@ async def stream_task(
     await asyncio.gather(pump("stdout", output), pump("stderr", error_output))
 
 
-async def run_gang_on(
-    agents: dict[str, AgentClient],
-    machines: list[Machine],
-    argv: list[str],
-    output: TextIO,
-    error_output: TextIO,
-    torchrun: bool = False,
-) -> int:
-    """Run ``argv`` on every machine as one gang job (``rawvm.gang``: ranks, peers, all or nothing), stream each
-    node's output (prefixed ``[m0]`` when there are several), return the largest exit code; when a node failed,
-    say which, with its last lines."""
-    head = next(iter(agents.values()))
-    gang = Gang.of(machines, gpus_of(await head.status()))
-    prefix = len(agents) > 1
-
-    async def run_node(node: NodeRun, out: TextIO, err: TextIO) -> int:
-        command = gang.torchrun_argv(argv, node.rank) if torchrun else argv
-        node.task_id = await node.client.submit(command, env={"PYTHONUNBUFFERED": "1", **gang.env(node.rank)})
-        await cancel_if_stopped(node)
-        await stream_task(node.client, node.task_id, f"[{node.name}] " if prefix else "", out, err)
-        return task_exit_code(await node.client.wait_task(node.task_id))
-
-    nodes = [NodeRun(rank, mid, client) for rank, (mid, client) in enumerate(agents.items())]
-    result = await run_gang(nodes, run_node, output, error_output)
-    if result.failure and len(nodes) > 1:  # one machine's failure speaks for itself (its output, its exit code)
-        say(result.failure)
-    return result.code
-
-
-async def ready_and_run(
-    launched: Launched,
-    argv: list[str] | None,
-    output: TextIO,
-    error_output: TextIO,
-    env: TaskEnvironment | None = None,
-    torchrun: bool = False,
-) -> tuple[int, dict[str, float]]:
-    """Wait until every machine serves (handing each ``env`` for its later tasks), then (with ``argv``) run it on
-    each as one gang job (``run_gang_on``); the exit code, and timings."""
-    timings: dict[str, float] = {}
+async def wait_all_ready(launched: Launched, env: TaskEnvironment | None = None) -> dict[str, float]:
+    """Wait until every machine serves (handing each ``env`` for its later tasks), keep their start-up phases on the
+    record (``rawvm.boot_timings``); the timings."""
     record = launched.record
     async with agent_session() as http:
         agents = clients(record, http)
@@ -263,32 +225,18 @@ async def ready_and_run(
             await wait_ready(agents, launched.provider, record, view, launched.ready_timeout_s, env)
         finally:
             view.close()
-        timings["ready"] = time.monotonic() - mark
-        if argv is None:
-            boot_timings.remember(record, await boot_timings.fetch(agents))
-            return 0, timings
-        mark = time.monotonic()
-        code = await run_gang_on(agents, record.machines, argv, output, error_output, torchrun)
-        timings["task"] = time.monotonic() - mark
+        timings = {"ready": time.monotonic() - mark}
         boot_timings.remember(record, await boot_timings.fetch(agents))
-    return code, timings
+    return timings
 
 
-def ready_or_fail(
-    launched: Launched,
-    argv: list[str] | None,
-    output: TextIO,
-    error_output: TextIO,
-    env: TaskEnvironment | None = None,
-    torchrun: bool = False,
-) -> int:
-    """``ready_and_run`` from synchronous code; a failure names the cluster, and timings join the launch's."""
+def ready_or_fail(launched: Launched, env: TaskEnvironment | None = None) -> None:
+    """``wait_all_ready`` from synchronous code; a failure names the cluster, and timings join the launch's."""
     try:
-        code, timings = run_sync(ready_and_run(launched, argv, output, error_output, env, torchrun))
+        timings = run_sync(wait_all_ready(launched, env))
     except RawvmError as exc:
         raise RawvmError(f"{exc} (cluster {launched.record.name})") from None
     launched.timings.update(timings)
-    return code
 
 
 def stops_line(record: clusters.ClusterRecord) -> str:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import secrets
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -279,7 +278,7 @@ class Pool:
         launched = launch(self.options.launch.replace(environment=environment))
         self.launches += 1
         record = launched.record
-        ready_or_fail(launched, None, sys.stdout, sys.stderr, self.options.launch.task_env)  # workers see it
+        ready_or_fail(launched, self.options.launch.task_env)  # workers see it
         path = _key_path(self.key)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(json.dumps({"cluster": record.name}))
