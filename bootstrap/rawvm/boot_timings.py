@@ -13,22 +13,15 @@ import asyncio
 import math
 from collections.abc import Mapping
 
+from rawvm_agent.boot_phases import ORDER
+
 from rawvm import clusters
 from rawvm.agent.client import AgentClient, AgentError
 from rawvm.providers.base import Machine
 
 __all__ = ["PHASE_ORDER", "fetch", "phase_line", "remember"]
 
-PHASE_ORDER = (
-    "kernel_boot",
-    "bootstrap_start",
-    "uv_ready",
-    "agent_venv_ready",
-    "agent_up",
-    "bundle_downloaded",
-    "environment_installed",
-    "first_task_started",
-)
+PHASE_ORDER = ORDER  # the agent's own list: one definition of the way to the first task
 
 
 async def fetch(agents: Mapping[str, AgentClient]) -> dict[str, dict[str, float]]:
