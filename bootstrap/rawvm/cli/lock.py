@@ -119,6 +119,7 @@ def run_lock(args: argparse.Namespace) -> int:
     )
     for warning in result.warnings:
         print(f"rawvm: warning: {warning}", file=sys.stderr)
+    print(f"rawvm: Python {result.target.python}: {result.python_from}", file=sys.stderr)
     if args.json:
         print(
             to_json(
@@ -127,6 +128,7 @@ def run_lock(args: argparse.Namespace) -> int:
                 manifest_sha256=result.manifest_sha256,
                 target=result.target.platform,
                 python=result.target.python,
+                python_from=result.python_from,
                 accelerator=result.target.accelerator,
             )
         )
