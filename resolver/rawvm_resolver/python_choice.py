@@ -134,11 +134,11 @@ def _wheel_pythons(names: list[str]) -> set[str] | None:
         except InvalidWheelFilename:
             continue
         for tag in tags:
-            if tag.interpreter.startswith("py3") or tag.interpreter == "py2.py3" or tag.abi == "none":
-                return None
+            if tag.interpreter.startswith("py3"):
+                return None  # any Python 3 (py2.py3 wheels list py3 as one of their tags)
             if tag.interpreter.startswith("cp3") and tag.interpreter[3:].isdigit():
                 minor = int(tag.interpreter[3:])
-                if tag.abi == "abi3":
+                if tag.abi in ("abi3", "none"):
                     found |= {version for version in KNOWN_PYTHONS if int(version.split(".")[1]) >= minor}
                 else:
                     found.add(f"3.{minor}")

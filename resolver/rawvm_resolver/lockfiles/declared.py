@@ -27,6 +27,7 @@ class Declared:
     project: Distribution | None  # the project itself when it is a package (built into wheels/)
     ranges: tuple[tuple[str, str], ...]  # (requires-python or poetry python constraint, where it was read)
     python: str  # the X.Y a .python-version file pins, else ""
+    warnings: tuple[str, ...] = ()  # what was left out (the project itself when its code is not here)
 
     def names(self) -> frozenset[str]:
         names = set()
@@ -68,10 +69,26 @@ def read_declared(path: Path) -> Declared:
         ranges.append((str(poetry["dependencies"]["python"]), "poetry's python constraint"))
     name = project.get("name") or poetry.get("name")
     local = None
+    warnings: list[str] = []
     if name and _is_package(data):
-        url = path.parent.resolve().as_uri()
-        local = Distribution(name=canonical(str(name)), version="", requested=True, source=Source("editable", url))
-    return Declared(path, tuple(_unique(lines)), local, tuple(ranges), _python_version_file(path.parent))
+        if _sources_present(path.parent, str(name), poetry):
+            url = path.parent.resolve().as_uri()
+            local = Distribution(name=canonical(str(name)), version="", requested=True, source=Source("editable", url))
+        else:
+            warnings.append(f"the project {name} itself is not in {path.parent} (no package sources): left out")
+    return Declared(
+        path, tuple(_unique(lines)), local, tuple(ranges), _python_version_file(path.parent), tuple(warnings)
+    )
+
+
+def _sources_present(directory: Path, name: str, poetry: dict[str, Any]) -> bool:
+    """Whether the project's own code is beside its pyproject.toml (a lone copied pyproject.toml has none)."""
+    module = re.sub(r"[-.]+", "_", name).lower()
+    candidates = [directory / "src", directory / module, directory / f"{module}.py", directory / "setup.py"]
+    for package in poetry.get("packages", []):
+        if isinstance(package, dict) and package.get("include"):
+            candidates.append(directory / str(package.get("from", ".")) / str(package["include"]))
+    return any(candidate.exists() for candidate in candidates)
 
 
 def read_project(path: Path) -> Environment:
@@ -91,6 +108,7 @@ def read_project(path: Path) -> Environment:
         platform=SourcePlatform(python=python, platform="", python_from=reason),
         distributions=tuple(sorted(dists.values(), key=lambda d: d.name)),
         requirements=tuple(requirements),
+        warnings=declared.warnings,
     )
 
 

@@ -250,4 +250,5 @@ def _with_project(
         python_from=str(python_file) if declared.python else "",
         ranges=(*declared.ranges, *ranges),
         markers=declared.markers(),
+        warnings=declared.warnings,
     )
