@@ -28,6 +28,7 @@ class Declared:
     ranges: tuple[tuple[str, str], ...]  # (requires-python or poetry python constraint, where it was read)
     python: str  # the X.Y a .python-version file pins, else ""
     warnings: tuple[str, ...] = ()  # what was left out (the project itself when its code is not here)
+    name: str = ""  # the project's canonical name, "" when it declares none
 
     def names(self) -> frozenset[str]:
         names = set()
@@ -77,7 +78,13 @@ def read_declared(path: Path) -> Declared:
         else:
             warnings.append(f"the project {name} itself is not in {path.parent} (no package sources): left out")
     return Declared(
-        path, tuple(_unique(lines)), local, tuple(ranges), _python_version_file(path.parent), tuple(warnings)
+        path,
+        tuple(_unique(lines)),
+        local,
+        tuple(ranges),
+        _python_version_file(path.parent),
+        tuple(warnings),
+        canonical(str(name)) if name else "",
     )
 
 

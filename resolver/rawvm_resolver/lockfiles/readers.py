@@ -231,7 +231,7 @@ def _with_project(
         return LockInput(
             origin=str(path), packages=tuple(packages), ranges=tuple(ranges), requested=requested, extras=asked or {}
         )
-    project_name = declared.project.name if declared.project is not None else ""
+    project_name = declared.name  # the project is built from its directory (when there), never pinned
     # A local package the lock lists (the project, a path dependency) is built from its directory, not pinned.
     locals_ = [package for package in packages if package.source.kind in ("editable", "directory")]
     kept = [package for package in packages if package not in locals_ and canonical(package.name) != project_name]
