@@ -207,3 +207,18 @@ def test_an_input_whose_packages_all_drop_fails_with_one_line(tmp_path: Path) ->
         lock(requirements, X86, tmp_path / "bundle", project_dir=tmp_path)
     message = str(error.value)
     assert "\n" not in message and "no packages" in message and "appnope" in message
+
+
+def test_a_universal_uv_lock_keeps_the_version_for_the_targets_python(tmp_path: Path) -> None:
+    (tmp_path / "uv.lock").write_text(
+        'version = 1\nrequires-python = ">=3.9"\nresolution-markers = [\n'
+        '    "python_full_version >= \'3.10\'",\n    "python_full_version < \'3.10\'",\n]\n\n'
+        '[[package]]\nname = "numpy"\nversion = "2.0.2"\nsource = { registry = "https://pypi.org/simple" }\n'
+        "resolution-markers = [\n    \"python_full_version < '3.10'\",\n]\n\n"
+        '[[package]]\nname = "numpy"\nversion = "2.2.6"\nsource = { registry = "https://pypi.org/simple" }\n'
+        "resolution-markers = [\n    \"python_full_version >= '3.10'\",\n]\n"
+    )
+    env = scan(tmp_path / "uv.lock")
+    for python, version in (("3.9", "2.0.2"), ("3.12", "2.2.6")):
+        selected, _ = select_for_target(env, target_marker_environment(Target(arch="x86_64", python=python)))
+        assert selected.by_name()["numpy"].version == version
