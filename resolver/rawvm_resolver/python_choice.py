@@ -59,7 +59,7 @@ def choose_python(
     if by_wheels:
         newest = by_wheels[-1]
         tag = f"cp{newest.replace('.', '')}"
-        return PythonChoice(newest, f"the newest Python every locked package has a wheel for ({tag} wheels)")
+        return PythonChoice(newest, f"the newest Python every package with a listed wheel has one for ({tag} wheels)")
     running = running_python()
     if not said:
         return PythonChoice(running, "the input records no Python: the running one")

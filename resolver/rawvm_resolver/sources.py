@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ def running_platform() -> SourcePlatform:
     return SourcePlatform(python=platform.python_version(), platform="", python_from="the running Python")
 
 
-def _platform_from_markers(requirements: list[str]) -> SourcePlatform:
-    """A requirements file records no Python, but its ``python_version`` markers may bound it."""
+def _platform_from_markers(requirements: list[str], dists: Iterable[Distribution] = ()) -> SourcePlatform:
+    """A requirements file records no Python, but the cp3XX tags of the wheel files it names (a cached or
+    conda-built wheel's path) and its ``python_version`` markers may tell it."""
     markers = [str(req.marker) for req in map(parse_requirement, requirements) if req is not None and req.marker]
-    choice = choose_python(markers=markers)
+    wheels = [[url.rsplit("/", 1)[-1]] for url in (dist.source.url for dist in dists) if url.endswith(".whl")]
+    choice = choose_python(markers=markers, wheel_names=wheels)
     return SourcePlatform(python=choice.python, platform="", python_from=choice.reason)
 
 
@@ -56,7 +59,7 @@ def read_file_input(path: Path) -> Environment:
         return Environment(
             origin=str(path),
             kind="requirements",
-            platform=_platform_from_markers(requirements),
+            platform=_platform_from_markers(requirements, dists.values()),
             distributions=tuple(sorted(dists.values(), key=lambda d: d.name)),
             requirements=tuple(requirements),
         )
@@ -281,7 +284,7 @@ def conda_environment(conda_input: Any, *, origin: str) -> Environment:
         if match := re.fullmatch(r"python\s*=?=?\s*(3\.\d+(?:\.\d+)?)[.*]*(?:\s.*)?", str(spec).strip()):
             python, python_from = match.group(1), f"the conda python pin {str(spec).strip()}"
     if not python:
-        fallback = _platform_from_markers(requirements)
+        fallback = _platform_from_markers(requirements, dists.values())
         python, python_from = fallback.python, fallback.python_from
     os_name, _, arch = str(getattr(conda_input, "subdir", "")).partition("-")
     platform = SourcePlatform(

@@ -61,10 +61,12 @@ def test_the_python_comes_from_what_the_lock_records() -> None:
     poetry = scan(LOCKS["poetry.lock"]).platform
     assert (poetry.python, poetry.python_from) == (
         "3.12",
-        "the newest Python every locked package has a wheel for (cp312 wheels)",
+        "the newest Python every package with a listed wheel has one for (cp312 wheels)",
     )
     conda = scan(LOCKS["conda-lock.yml"]).platform
     assert conda.python == "3.12.5" and "conda python pin" in conda.python_from
+    freeze = scan(CORPUS / "pip-twitterbot-croot-mac.txt").platform  # names a conda-built cp39 wheel
+    assert freeze.python == "3.9" and "cp39 wheels" in freeze.python_from
 
 
 def test_the_python_inference_rules() -> None:
@@ -212,7 +214,7 @@ def test_an_input_whose_packages_all_drop_fails_with_one_line(tmp_path: Path) ->
 def test_a_universal_uv_lock_keeps_the_version_for_the_targets_python(tmp_path: Path) -> None:
     (tmp_path / "uv.lock").write_text(
         'version = 1\nrequires-python = ">=3.9"\nresolution-markers = [\n'
-        '    "python_full_version >= \'3.10\'",\n    "python_full_version < \'3.10\'",\n]\n\n'
+        "    \"python_full_version >= '3.10'\",\n    \"python_full_version < '3.10'\",\n]\n\n"
         '[[package]]\nname = "numpy"\nversion = "2.0.2"\nsource = { registry = "https://pypi.org/simple" }\n'
         "resolution-markers = [\n    \"python_full_version < '3.10'\",\n]\n\n"
         '[[package]]\nname = "numpy"\nversion = "2.2.6"\nsource = { registry = "https://pypi.org/simple" }\n'
