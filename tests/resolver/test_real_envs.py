@@ -35,7 +35,7 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "real-envs"
 FILES = sorted(path for path in CORPUS.iterdir() if not path.name.startswith("."))  # files, lock-*/ directories
 SOURCE_LINE = re.compile(r"# source: [\w.-]+/[\w.-]+ \S.* \([0-9a-f]{40}\)")
 MIN_SHARE = 0.9
-# Whichever test first needs the x86_64 locks runs them all in its setup: 41 files, a few minutes each at worst
+# Whichever test first needs the x86_64 locks runs them all in its setup: 47 inputs, a few minutes each at worst
 # (a relaxation is bounded at 480 s), three at a time; a cold uv cache adds the metadata downloads.
 CORPUS_SECONDS = 2700
 CPU_X86 = Target(arch="x86_64", python="", glibc=UBUNTU_2404_GLIBC)
