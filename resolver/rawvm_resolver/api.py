@@ -14,10 +14,11 @@ from packaging.requirements import Requirement as PepRequirement
 
 from rawvm_resolver import pylock as pylock_module
 from rawvm_resolver.bundle import BundleContents, write_bundle
-from rawvm_resolver.decisions import report_rows
+from rawvm_resolver.decisions import report_rows, target_marker_environment
 from rawvm_resolver.environment import Environment, canonical, parse_requirement
 from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.local import LocalBuild, build_local_packages
+from rawvm_resolver.lockfiles import check_not_empty, select_for_target
 from rawvm_resolver.project import code_archive, list_project_files
 from rawvm_resolver.report import ReportRow, sorted_rows
 from rawvm_resolver.resolve import resolve
@@ -36,6 +37,7 @@ class LockResult:
     warnings: tuple[str, ...] = ()
     uv_runs: int = 0  # uv resolutions this lock took, the relaxation's included
     relaxation_runs: int = 0  # of those, the runs spent finding which inconsistent pins to relax
+    python_from: str = ""  # how the target's Python was chosen ("--python", or what the source records)
 
 
 def lock(
@@ -65,7 +67,9 @@ def lock(
     say = progress or (lambda _message: None)
     say(f"scanning {source or 'the running environment'}")
     env = scan(source)
+    python_from = "--python" if target.python else env.platform.python_from or "the source environment's Python"
     target = _complete_target(target, env)
+    env, marker_rows = select_for_target(env, target_marker_environment(target))
     conversion = None
     if pypi_only and env.conda is not None:
         from rawvm_resolver.conda.pypi_only import to_pypi  # lazy: only conda inputs need it
@@ -75,6 +79,9 @@ def lock(
         env = conversion.environment
     say(f"translating {len(env.distributions)} distributions for {target.platform} Python {target.python}")
     plan = translate(env, target, torch_index=torch_index, keep_vcs=keep_vcs)
+    plan.warnings.extend(env.warnings)
+    for row in marker_rows:
+        plan.rows.setdefault(row.name, row)
     add_extra_requirements(plan, env, extra_requirements)
     with tempfile.TemporaryDirectory(prefix="rawvm-lock-") as scratch:
         work = Path(scratch)
@@ -93,6 +100,7 @@ def lock(
             rows = annotate(rows, conversion)
         _check_strict(rows, strict)
         conda_lock = _lock_conda(env, target, say, conda_channels)
+        check_not_empty(env, document, rows, conda_lock is not None)
         project = list_project_files(project_dir or Path.cwd(), exclude=(out_dir,))
         for skipped in project.skipped:
             plan.warnings.append(f"code.tar.gz leaves out {skipped}")
@@ -118,6 +126,7 @@ def lock(
         warnings=tuple(plan.warnings),
         uv_runs=plan.uv_runs,
         relaxation_runs=plan.relaxation_runs,
+        python_from=python_from,
     )
 
 

@@ -46,6 +46,7 @@ class Distribution:
     wheel_tags: tuple[str, ...] = ()  # Tag lines of the WHEEL file, e.g. cp311-cp311-macosx_11_0_arm64
     display_name: str = ""  # the name as the METADATA spells it
     extras: tuple[str, ...] = ()  # extras asked for (known for requirement-file inputs only)
+    marker: str = ""  # PEP 508 marker a lock file records: the pin holds only where it is true (for the target)
 
     @property
     def is_local(self) -> bool:
@@ -59,6 +60,7 @@ class SourcePlatform:
     os: str = ""  # macos | linux | windows | ""
     arch: str = ""  # arm64 | x86_64 | aarch64 | ""
     libc: str = ""  # glibc version on Linux, macOS version on macOS
+    python_from: str = ""  # how the Python was chosen when the input records none (for the report)
 
     @property
     def python_xy(self) -> str:
@@ -73,6 +75,7 @@ class Environment:
     distributions: tuple[Distribution, ...] = ()  # sorted by name
     requirements: tuple[str, ...] = ()  # requested PEP 508 strings when the input is a file, not an install
     conda: object | None = None  # rawvm_resolver.conda.CondaInput when there is a conda part
+    warnings: tuple[str, ...] = ()  # what reading the input left out, for the lock's warnings
 
     def by_name(self) -> dict[str, Distribution]:
         return {dist.name: dist for dist in self.distributions}

@@ -18,15 +18,15 @@ from pathlib import Path
 
 from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform, canonical, requirement_edge
 from rawvm_resolver.errors import InputError
+from rawvm_resolver.inputs import find_in_directory, read_input
 from rawvm_resolver.platforms import describe_platform, dominant_platform, python_from_tags
-from rawvm_resolver.sources import read_file_input
 
 _ACCEPTED = (
-    "an interpreter, a venv, a site-packages directory, a requirements file, a pyproject.toml or uv.lock project, "
-    "or a conda environment.yml / prefix"
+    "an interpreter, a venv, a site-packages directory, a requirements file, a pyproject.toml project, a lock "
+    "(uv.lock, poetry.lock, pdm.lock, Pipfile.lock, pylock.toml, conda-lock.yml), or a conda environment.yml / prefix"
 )
 
-_FILE_INPUT_SUFFIXES = (".txt", ".in", ".toml", ".lock", ".yml", ".yaml")
+_FILE_INPUT_SUFFIXES = (".txt", ".in", ".toml", ".lock", ".yml", ".yaml", ".json")
 
 # Run inside a foreign interpreter to learn where its packages live.
 _PROBE = (
@@ -47,16 +47,16 @@ def scan(source: str | Path | None) -> Environment:
     if path.is_file():
         if path.suffix not in _FILE_INPUT_SUFFIXES and os.access(path, os.X_OK):
             return _scan_interpreter(path)  # python, python3.11, python.exe, ...
-        return read_file_input(path)
+        return read_input(path)
     if (path / "conda-meta").is_dir():
-        return read_file_input(path)  # a conda prefix: the conda helper reads it
+        return read_input(path)  # a conda prefix: the conda helper reads it
     if (path / "pyvenv.cfg").is_file():
         return _scan_venv(path)
     if any(path.glob("*.dist-info")):
         return scan_site_packages(path, origin=str(path))
-    for name in ("uv.lock", "pyproject.toml", "environment.yml", "environment.yaml", "requirements.txt"):
-        if (path / name).is_file():
-            return read_file_input(path / name)
+    found = find_in_directory(path)
+    if found is not None:
+        return read_input(found)
     raise InputError(f"{source} is no Python environment or project: pass {_ACCEPTED}")
 
 

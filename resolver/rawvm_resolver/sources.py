@@ -9,14 +9,16 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from packaging.requirements import InvalidRequirement
 from packaging.requirements import Requirement as PepRequirement
 
-from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform, canonical
+from rawvm_resolver.environment import Distribution, Environment, Source, SourcePlatform, canonical, parse_requirement
 from rawvm_resolver.errors import InputError
+from rawvm_resolver.python_choice import choose_python
 
 _CONDA_FILE = re.compile(r".*\.ya?ml$")
 
@@ -25,7 +27,16 @@ def running_platform() -> SourcePlatform:
     """File inputs say nothing about the machine: assume this Python, no platform."""
     import platform
 
-    return SourcePlatform(python=platform.python_version(), platform="")
+    return SourcePlatform(python=platform.python_version(), platform="", python_from="the running Python")
+
+
+def _platform_from_markers(requirements: list[str], dists: Iterable[Distribution] = ()) -> SourcePlatform:
+    """A requirements file records no Python, but the cp3XX tags of the wheel files it names (a cached or
+    conda-built wheel's path) and its ``python_version`` markers may tell it."""
+    markers = [str(req.marker) for req in map(parse_requirement, requirements) if req is not None and req.marker]
+    wheels = [[url.rsplit("/", 1)[-1]] for url in (dist.source.url for dist in dists) if url.endswith(".whl")]
+    choice = choose_python(markers=markers, wheel_names=wheels)
+    return SourcePlatform(python=choice.python, platform="", python_from=choice.reason)
 
 
 def read_file_input(path: Path) -> Environment:
@@ -33,26 +44,22 @@ def read_file_input(path: Path) -> Environment:
         from rawvm_resolver.conda.lists import conda_list_kind, read_conda_list  # lazy, as below
 
         if conda_list_kind(path) is not None:  # by content: these are often named requirements.txt
-            return _conda_environment(read_conda_list(path), origin=str(path))
+            return conda_environment(read_conda_list(path), origin=str(path))
     if path.is_dir() and (path / "conda-meta").is_dir():
         from rawvm_resolver import conda  # lazy: the conda part is optional and owns its own dependencies
 
-        return _conda_environment(conda.scan_conda_prefix(path), origin=str(path))
-    if path.name == "uv.lock":
-        return read_uv_lock(path)
-    if path.name == "pyproject.toml":
-        return read_uv_lock(path.with_name("uv.lock")) if path.with_name("uv.lock").exists() else read_pyproject(path)
+        return conda_environment(conda.scan_conda_prefix(path), origin=str(path))
     if _CONDA_FILE.fullmatch(path.name):
         from rawvm_resolver import conda
 
-        return _conda_environment(conda.read_environment_yml(path), origin=str(path))
+        return conda_environment(conda.read_environment_yml(path), origin=str(path))
     if path.suffix in (".txt", ".in") or path.name.startswith("requirements"):
         lines = _read_requirement_file(path, set())
         dists, requirements = parse_requirement_lines(lines, path.parent, hints=editable_pins(path.read_text()))
         return Environment(
             origin=str(path),
             kind="requirements",
-            platform=running_platform(),
+            platform=_platform_from_markers(requirements, dists.values()),
             distributions=tuple(sorted(dists.values(), key=lambda d: d.name)),
             requirements=tuple(requirements),
         )
@@ -97,6 +104,10 @@ def parse_requirement_lines(
         words = shlex.split(line)
         if words[0] in ("-e", "--editable") and len(words) > 1:
             dist = _editable_distribution(words[1], base_dir, hints or {})
+            dists[dist.name] = dist
+            continue
+        if _is_local_path(words[0]):
+            dist = _local_distribution(words[0], base_dir)
             dists[dist.name] = dist
             continue
         if words[0].startswith("-"):
@@ -230,103 +241,55 @@ def forge_archive(url: str) -> tuple[str, str] | None:
     return f"git+https://{match.group('host')}/{match.group('repo')}.git", match.group("ref")
 
 
+def _is_local_path(word: str) -> bool:
+    """``.``, ``./sub``, ``../x``, ``/abs/dir``, ``~/x``: pip installs a local project from a bare path."""
+    return word in (".", "..") or word.startswith(("./", "../", "/", "~"))
+
+
+def _local_distribution(text: str, base_dir: Path) -> Distribution:
+    """A bare path (``- .`` in an environment.yml's pip section): the local project relative to the file."""
+    local = _local_path(text, base_dir)
+    if local.is_file():
+        name = canonical(local.name.split("-")[0])  # a wheel or sdist file name starts with the project's
+        return Distribution(name=name, version="", requested=True, source=Source(kind="archive", url=local.as_uri()))
+    return Distribution(
+        name=_local_project_name(local), version="", requested=True, source=Source("directory", local.as_uri())
+    )
+
+
 def _local_project_name(path: Path) -> str:
     pyproject = path / "pyproject.toml"
     if pyproject.is_file():
-        data = tomllib.loads(pyproject.read_text())
-        if name := data.get("project", {}).get("name"):
+        try:
+            data = tomllib.loads(pyproject.read_text())
+        except (OSError, tomllib.TOMLDecodeError):
+            data = {}
+        name = data.get("project", {}).get("name") or data.get("tool", {}).get("poetry", {}).get("name")
+        if name:
             return canonical(str(name))
     return canonical(path.name)
 
 
-def read_pyproject(path: Path) -> Environment:
-    data = _load_toml(path)
-    project: dict[str, Any] = data.get("project", {})
-    requirements = [str(PepRequirement(line)) for line in project.get("dependencies", [])]
-    dists: dict[str, Distribution] = {}
-    if _is_package(data) and project.get("name"):
-        name = canonical(str(project["name"]))
-        dists[name] = Distribution(
-            name=name, version="", requested=True, source=Source(kind="editable", url=path.parent.resolve().as_uri())
-        )
-    return Environment(
-        origin=str(path),
-        kind="project",
-        platform=_project_platform(path.parent, project),
-        distributions=tuple(sorted(dists.values(), key=lambda d: d.name)),
-        requirements=tuple(requirements),
-    )
-
-
-def read_uv_lock(path: Path) -> Environment:
-    """A uv.lock: registry packages are pins; the root project's (and members') dependencies are requested."""
-    data = _load_toml(path)
-    packages: list[dict[str, Any]] = data.get("package", [])
-    counts: dict[str, int] = {}
-    for package in packages:
-        counts[canonical(package["name"])] = counts.get(canonical(package["name"]), 0) + 1
-    requested: set[str] = set()
-    extras: dict[str, set[str]] = {}
-    dists: dict[str, Distribution] = {}
-    for package in packages:
-        name, source = canonical(package["name"]), package.get("source", {})
-        local = source.get("editable") or source.get("virtual") or source.get("directory")
-        if local is not None:
-            # `uv sync` installs the dev group by default, so the environment the user runs has it too.
-            wanted = [*package.get("dependencies", []), *package.get("dev-dependencies", {}).get("dev", [])]
-            for dep in wanted:
-                requested.add(canonical(dep["name"]))
-                extras.setdefault(canonical(dep["name"]), set()).update(dep.get("extra", []))
-            if "virtual" not in source:
-                directory = (path.parent / local).resolve()
-                dists[name] = Distribution(
-                    name=name, version="", requested=True, source=Source(kind="editable", url=directory.as_uri())
-                )
-        elif counts[name] == 1 and "version" in package:
-            # A universal lock may hold several versions of one package (per platform): those stay unpinned.
-            dists[name] = Distribution(name=name, display_name=package["name"], version=str(package["version"]))
-    for name in requested:
-        if name in dists and not dists[name].requested:
-            chosen = tuple(sorted(extras.get(name, ())))
-            dists[name] = Distribution(**{**dists[name].__dict__, "requested": True, "extras": chosen})
-    pyproject = path.with_name("pyproject.toml")
-    project = _load_toml(pyproject).get("project", {}) if pyproject.exists() else {}
-    return Environment(
-        origin=str(path),
-        kind="project",
-        platform=_project_platform(path.parent, project),
-        distributions=tuple(sorted(dists.values(), key=lambda d: d.name)),
-    )
-
-
-def _is_package(data: dict[str, Any]) -> bool:
-    package = data.get("tool", {}).get("uv", {}).get("package")
-    return bool(package) if package is not None else "build-system" in data
-
-
-def _project_platform(directory: Path, project: dict[str, Any]) -> SourcePlatform:
-    pinned = directory / ".python-version"
-    if pinned.is_file() and re.fullmatch(r"3\.\d+(\.\d+)?", pinned.read_text().strip()):
-        return SourcePlatform(python=pinned.read_text().strip(), platform="")
-    return running_platform()
-
-
-def _load_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"{path}: cannot read it as TOML ({exc})") from exc
 
 
-def _conda_environment(conda_input: Any, *, origin: str) -> Environment:
+def conda_environment(conda_input: Any, *, origin: str) -> Environment:
     dists, requirements = parse_requirement_lines(list(conda_input.pip_requirements), Path(origin).parent)
-    python = ""
+    python, python_from = "", ""
     for spec in conda_input.specs:
         if match := re.fullmatch(r"python\s*=?=?\s*(3\.\d+(?:\.\d+)?)[.*]*(?:\s.*)?", str(spec).strip()):
-            python = match.group(1)
+            python, python_from = match.group(1), f"the conda python pin {str(spec).strip()}"
+    if not python:
+        fallback = _platform_from_markers(requirements, dists.values())
+        python, python_from = fallback.python, fallback.python_from
     os_name, _, arch = str(getattr(conda_input, "subdir", "")).partition("-")
     platform = SourcePlatform(
-        python=python or running_platform().python,
+        python=python,
+        python_from=python_from,
         platform="",
         os={"osx": "macos", "win": "windows"}.get(os_name, os_name),
         arch={"64": "x86_64"}.get(arch, arch),

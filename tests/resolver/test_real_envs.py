@@ -1,7 +1,9 @@
 """The public corpus: environment files real users captured on macOS, locked for Linux (issue 7).
 
 Every file in tests/data/real-envs was copied verbatim from a public GitHub repository; its first line names the
-repository, path and commit. The offline tests check that and which of the messy-input classes each file shows.
+repository, path and commit. A lock input is a directory (``lock-FORMAT-NAME/``: the lock with its project file,
+found the way ``rawvm lock --from DIR`` finds it); a JSON lock, which cannot hold a comment, is named by the
+directory's ``SOURCE`` file instead. The offline tests check that and which of the messy-input classes each file shows.
 The network tests lock every file with real uv against PyPI, as ``rawvm lock`` does by default (the source's
 Python, the default EC2 image's glibc), and print the share that gives a usable lock: no macOS-only package, every
 artifact for Linux. Each failure must be one line that names the package and why. This machine reaches PyPI but
@@ -32,10 +34,10 @@ from rawvm_resolver.scan import scan
 from tests.helpers.network import with_retries
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "real-envs"
-FILES = sorted(path for path in CORPUS.iterdir() if path.is_file())
+FILES = sorted(path for path in CORPUS.iterdir() if not path.name.startswith("."))  # files, lock-*/ directories
 SOURCE_LINE = re.compile(r"# source: [\w.-]+/[\w.-]+ \S.* \([0-9a-f]{40}\)")
 MIN_SHARE = 0.9
-# Whichever test first needs the x86_64 locks runs them all in its setup: 41 files, a few minutes each at worst
+# Whichever test first needs the x86_64 locks runs them all in its setup: 47 inputs, a few minutes each at worst
 # (a relaxation is bounded at 480 s), three at a time; a cold uv cache adds the metadata downloads.
 CORPUS_SECONDS = 2700
 CPU_X86 = Target(arch="x86_64", python="", glibc=UBUNTU_2404_GLIBC)
@@ -68,21 +70,40 @@ CLASSES: dict[str, Callable[[str], bool]] = {
     "3 VCS or local editable source": _has(r"^(-e\s+\S+|\S+ @ git\+\S+)"),
     "5 glibc level (mlx)": _has(r"^(- )?mlx\b"),
     "6 conda list (--export or --explicit)": _has(r"^(@EXPLICIT|# platform: osx-)"),
-    "7 conda input (--pypi-only)": _has(r"^(@EXPLICIT|# platform: osx-|dependencies:)"),
+    "7 conda input (--pypi-only)": _has(r"^(@EXPLICIT|# platform: osx-|dependencies:|  manager: conda)"),
+    "8 lock file (poetry, uv, pdm, Pipfile, pylock, conda-lock)": _has(
+        r"^# source: \S+ (poetry\.lock|uv\.lock|pdm\.lock|Pipfile\.lock|pylock\.toml|conda-lock\.yml) "
+    ),
 }
 
 
 def _text(path: Path) -> str:
+    if path.is_dir():
+        return "\n".join(_text(member) for member in sorted(path.iterdir()) if not member.name.startswith("."))
     return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _is_conda(path: Path) -> bool:
+    return path.name.startswith(("conda-", "lock-conda-"))
 
 
 def test_every_file_names_its_public_source() -> None:
     assert len(FILES) >= 25, f"the corpus holds {len(FILES)} files; issue 7 asks for at least 25"
     for path in FILES:
-        first = _text(path).splitlines()[0]
-        assert SOURCE_LINE.fullmatch(first), (
-            f"{path.name}: first line {first!r} is not '# source: owner/repo path (commit)'"
+        sourced = (
+            sorted(member for member in path.iterdir() if not member.name.startswith(".")) if path.is_dir() else [path]
         )
+        listed = _text(path / "SOURCE").splitlines() if (path / "SOURCE").is_file() else []
+        for member in sourced:
+            if member.name == "SOURCE":
+                assert all(SOURCE_LINE.fullmatch(line) for line in listed), f"{member}: {listed}"
+                continue
+            if any(line.split(" ")[3] == member.name for line in listed):
+                continue  # a JSON file: its source line is in SOURCE
+            first = _text(member).splitlines()[0]
+            assert SOURCE_LINE.fullmatch(first), (
+                f"{member.name}: first line {first!r} is not '# source: owner/repo path (commit)'"
+            )
 
 
 def test_the_corpus_covers_every_class_several_times(capsys: pytest.CaptureFixture[str]) -> None:
@@ -119,7 +140,7 @@ class Outcome:
 
 def _lock_one(path: Path, target: Target, work: Path) -> Outcome:
     start = time.monotonic()
-    conda = path.name.startswith("conda-")
+    conda = _is_conda(path)
     try:
         result = with_retries(
             lambda: lock(path, target, work / path.stem / "bundle", project_dir=work, pypi_only=conda)

@@ -139,6 +139,7 @@ def test_pyproject_and_uv_lock(tmp_path: Path) -> None:
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
     )
     (tmp_path / ".python-version").write_text("3.12\n")
+    (tmp_path / "app").mkdir()  # the project's code: without it the project is left out (nothing to build)
     env = scan(tmp_path / "pyproject.toml")
     assert env.requirements == ("httpx>=0.27", "rich")
     assert env.platform.python == "3.12"

@@ -35,14 +35,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--from",
         dest="source",
         metavar="PATH",
-        help="interpreter, venv, site-packages, requirements file, pyproject.toml, uv.lock, environment.yml "
+        help="interpreter, venv, site-packages, requirements file, pyproject.toml, a lock (uv.lock, poetry.lock, "
+        "pdm.lock, Pipfile.lock, pylock.toml, conda-lock.yml) or a directory holding one, environment.yml "
         "or a conda list --export/--explicit file (default: the running environment)",
     )
     parser.add_argument("--platform", default="linux-x86_64", help=f"one of {', '.join(PLATFORMS)}")
     parser.add_argument(
         "--cuda", nargs="?", const=DEFAULT_CUDA, default=None, metavar="VERSION", help="lock for an NVIDIA GPU"
     )
-    parser.add_argument("--python", default="", metavar="X.Y", help="the VM's Python (default: the source's)")
+    parser.add_argument(
+        "--python", default="", metavar="X.Y", help="the VM's Python (default: the source's, or what its files imply)"
+    )
     parser.add_argument("--torch-index", default="", metavar="URL", help="index for torch (needed for aarch64 CUDA)")
     parser.add_argument(
         "--strict",
@@ -121,6 +124,7 @@ def run_lock(args: argparse.Namespace) -> int:
     )
     for warning in result.warnings:
         print(f"rawvm: warning: {warning}", file=sys.stderr)
+    print(f"rawvm: Python {result.target.python}: {result.python_from}", file=sys.stderr)
     if args.json:
         print(
             to_json(
@@ -129,6 +133,7 @@ def run_lock(args: argparse.Namespace) -> int:
                 manifest_sha256=result.manifest_sha256,
                 target=result.target.platform,
                 python=result.target.python,
+                python_from=result.python_from,
                 accelerator=result.target.accelerator,
             )
         )
