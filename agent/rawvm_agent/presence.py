@@ -13,7 +13,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-KINDS = ("shell", "forward", "files")
+KINDS = ("shell", "forward", "files", "sync")
 
 
 class Presence:

@@ -14,7 +14,7 @@ import ssl
 
 from aiohttp import web
 
-from rawvm_agent import api, batch_api, call_worker, calls_api, interactive_api, sdnotify, task_cancel
+from rawvm_agent import api, batch_api, call_worker, calls_api, interactive_api, sdnotify, sync_api, task_cancel
 from rawvm_agent.api_errors import json_errors
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.auth import digest, token_middleware
@@ -38,6 +38,7 @@ def create_app(agent: Agent) -> web.Application:
     batch_api.add_routes(app)
     task_cancel.add_routes(app)  # POST /v1/tasks/{id}/cancel (gang jobs)
     interactive_api.add_routes(app)  # shell, files, forward: websockets for a person (rawvm shell/cp/forward)
+    sync_api.add_routes(app)  # rawvm notebook's two-way sync; closing it cancels the notebook server
 
     async def on_startup(_: web.Application) -> None:
         await agent.start()
