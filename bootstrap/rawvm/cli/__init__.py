@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "rawvm.cli.shell",  # rawvm shell, cp, forward: a person on a machine (rawvm.interactive)
     "rawvm.cli.cp",
     "rawvm.cli.forward",
+    "rawvm.cli.notebook",  # rawvm notebook: JupyterLab on a machine, the project synced both ways
 )
 
 
