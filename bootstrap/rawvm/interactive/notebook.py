@@ -58,7 +58,7 @@ port = s.getsockname()[1]
 s.close()
 print(f"RAWVM_NOTEBOOK port={{port}}", flush=True)
 os.execv(sys.executable, [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
-    f"--port={{port}}", "--ServerApp.port_retries=0", "--ServerApp.root_dir=.",
+    f"--port={{port}}", "--ServerApp.port_retries=0", "--ServerApp.root_dir=.", "--allow-root",
     "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])
 """
 _PORT_LINE = re.compile(rb"RAWVM_NOTEBOOK port=([0-9]+)")
