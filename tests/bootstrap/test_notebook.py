@@ -156,6 +156,26 @@ def test_the_project_stays_in_sync_both_ways(notebook: Notebook) -> None:
     _wait_for("a laptop deletion on the machine", lambda: notebook.api("GET", "/api/contents/sub/laptop.py")[0] == 404)
 
 
+def test_a_file_changed_on_both_sides_keeps_the_laptops_and_saves_the_machines(
+    notebook: Notebook, setup: tuple[Path, Path, dict[str, str], str]
+) -> None:
+    _, tmp, _, name = setup
+    (work,) = tmp.glob(f"rawvm-local-*/{name}/m0/state/work")
+    (notebook.project / "both.txt").write_text("first\n")
+    _wait_for("the file on the machine", lambda: (work / "both.txt").is_file())
+    time.sleep(1.5)  # a round has agreed on it
+    notebook.proc.send_signal(signal.SIGSTOP)  # no round runs while both sides change it
+    try:
+        (notebook.project / "both.txt").write_text("laptop\n")
+        (work / "both.txt").write_text("machine\n")
+    finally:
+        notebook.proc.send_signal(signal.SIGCONT)
+    _wait_for("the laptop's version on the machine", lambda: (work / "both.txt").read_text() == "laptop\n")
+    (saved,) = notebook.project.glob("both.txt.remote-*")
+    assert saved.read_text() == "machine\n"
+    assert (notebook.project / "both.txt").read_text() == "laptop\n"
+
+
 def test_headless_chromium_shows_the_launcher(notebook: Notebook, tmp_path: Path) -> None:
     chromium = need_tool("chromium", "chromium")
     with urllib.request.urlopen(f"{notebook.base}/lab?token={notebook.token}", timeout=30) as resp:
