@@ -77,7 +77,9 @@ class Notebook:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, dict[str, str], str]]:
     need_index()
-    project, tmp, env = local_project(tmp_path_factory.mktemp("notebook"), {"requirements.txt": "", "a.py": "x = 1\n"})
+    files = {"requirements.txt": "", "a.py": "x = 1\n", ".gitignore": ".env\nout/\n"}
+    project, tmp, env = local_project(tmp_path_factory.mktemp("notebook"), files)
+    subprocess.run([need_tool("git", "git"), "init", "-q", str(project)], check=True)
     name = f"nb-{uuid.uuid4().hex[:6]}"
     yield project, tmp, env, name
     subprocess.run([sys.executable, "-m", "rawvm.cli", "down", name], env=env, cwd=project, capture_output=True)
@@ -152,8 +154,15 @@ def test_the_project_stays_in_sync_both_ways(notebook: Notebook) -> None:
         return "".join(source) == "6*7" if isinstance(source, list) else source == "6*7"
 
     _wait_for("the whole notebook", whole)
+    (notebook.project / ".env").write_text("API_KEY=secret\n")  # ignored by .gitignore: stays here
     (notebook.project / "sub" / "laptop.py").unlink()
     _wait_for("a laptop deletion on the machine", lambda: notebook.api("GET", "/api/contents/sub/laptop.py")[0] == 404)
+    assert notebook.api("GET", "/api/contents/.env")[0] == 404
+    status, _ = notebook.api("PUT", "/api/contents/out", {"type": "directory"})
+    status, _ = notebook.api("PUT", "/api/contents/out/big.txt", {"type": "file", "format": "text", "content": "x"})
+    assert status in (200, 201)
+    time.sleep(2.5)
+    assert not (notebook.project / "out").exists()  # ignored here: the machine's outputs stay there
 
 
 def test_a_file_changed_on_both_sides_keeps_the_laptops_and_saves_the_machines(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +48,40 @@ def conflict_name(path: Path, when: float) -> Path:
     return path.with_name(f"{path.name}.remote-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}")
 
 
+class GitIgnored:
+    """Which paths the project's ``.gitignore`` rules leave out (``git check-ignore``; tracked files never are),
+    when ``root`` is in a git work tree: those stay where they are on both sides, as the launch's code.tar.gz
+    leaves them out (a ``.env`` of secrets never travels). Answers are kept until a ``.gitignore`` changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        inside = self._git("rev-parse", "--is-inside-work-tree")
+        self.active = inside is not None and inside.returncode == 0 and inside.stdout.strip() == b"true"
+        self._known: dict[str, bool] = {}
+        self._rules: dict[str, str] = {}
+
+    def _git(self, *args: str, given: bytes = b"") -> subprocess.CompletedProcess[bytes] | None:
+        try:
+            return subprocess.run(["git", "-C", str(self.root), *args], input=given, capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    def ignored(self, files: dict[str, str], others: set[str]) -> set[str]:
+        """Those of ``files`` (this side's path -> sha256) and ``others`` the rules leave out."""
+        if not self.active:
+            return set()
+        rules = {rel: sha for rel, sha in files.items() if rel.rsplit("/", 1)[-1] == ".gitignore"}
+        if rules != self._rules:
+            self._rules, self._known = rules, {}
+        unknown = sorted((set(files) | others) - set(self._known))
+        if unknown:
+            done = self._git("check-ignore", "-z", "--stdin", given="\0".join(unknown).encode() + b"\0")
+            out = done.stdout if done is not None and done.returncode in (0, 1) else b""
+            hits = {part.decode(errors="replace") for part in out.split(b"\0") if part}
+            self._known.update({rel: rel in hits for rel in unknown})
+        return {rel for rel in set(files) | others if self._known.get(rel)}
+
+
 class TwoWaySync:
     """The sync of ``root`` with the machine behind ``client``; ``ws`` is an open ``GET /v1/sync`` session."""
 
@@ -54,6 +89,7 @@ class TwoWaySync:
         self.client, self.ws, self.root, self.say = client, ws, root, say
         self.base: dict[str, str] = {}  # relative path -> sha256 both sides held after the last round
         self.cache = HashCache()
+        self.git = GitIgnored(root)
         self.wake = asyncio.Event()  # set (from watchdog's thread, through the loop) when a local file changed
 
     async def _ask(self, message: dict[str, object]) -> dict[str, object]:
@@ -92,8 +128,9 @@ class TwoWaySync:
         """Compare both sides with ``base`` and move what changed (module docstring); what it moved."""
         remote = await self.remote()
         local = await asyncio.to_thread(self.local)
+        left_out = await asyncio.to_thread(self.git.ignored, local, set(remote) | set(self.base))
         counts = Counts()
-        for rel in sorted(set(local) | set(remote) | set(self.base)):
+        for rel in sorted((set(local) | set(remote) | set(self.base)) - left_out):
             mine, theirs, before = local.get(rel), remote.get(rel), self.base.get(rel)
             path = safe_relative(self.root, rel)
             if path is None:
