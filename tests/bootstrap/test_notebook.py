@@ -28,6 +28,7 @@ from tests.helpers.local import local_project, processes_under, stream_stdout
 from tests.systools import need_index, need_tool
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
+KEEPALIVE = "10s"  # the tests take longer: the machine stays up only because the notebook is attached
 URL = re.compile(r"^(http://127\.0\.0\.1:[0-9]+)/lab\?token=(\S+)$")
 
 
@@ -42,6 +43,7 @@ class Notebook:
         match = URL.match(line.strip())
         assert match, f"not a URL: {line!r}"
         self.base, self.token = match[1], match[2]
+        self.attached = time.monotonic()
 
     def _next_line(self, lines: queue.Queue[str], timeout: float) -> str:
         try:
@@ -88,7 +90,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
 @pytest.fixture(scope="module")
 def notebook(setup: tuple[Path, Path, dict[str, str], str]) -> Iterator[Notebook]:
     project, _, env, name = setup
-    made = Notebook(project, env, "--from", "requirements.txt", "--name", name, "--keepalive", "5m")
+    made = Notebook(project, env, "--from", "requirements.txt", "--name", name, "--keepalive", KEEPALIVE)
     yield made
     if made.proc.poll() is None:
         made.detach()
@@ -154,6 +156,8 @@ def test_the_project_stays_in_sync_both_ways(notebook: Notebook) -> None:
         return "".join(source) == "6*7" if isinstance(source, list) else source == "6*7"
 
     _wait_for("the whole notebook", whole)
+    notebook.api("DELETE", "/api/contents/analysis.ipynb")
+    _wait_for("a deletion on the machine here", lambda: not local.exists())
     (notebook.project / ".env").write_text("API_KEY=secret\n")  # ignored by .gitignore: stays here
     (notebook.project / "sub" / "laptop.py").unlink()
     _wait_for("a laptop deletion on the machine", lambda: notebook.api("GET", "/api/contents/sub/laptop.py")[0] == 404)
@@ -226,10 +230,11 @@ def test_ctrl_c_stops_jupyter_and_a_vanished_laptop_does_too(
     notebook: Notebook, setup: tuple[Path, Path, dict[str, str], str]
 ) -> None:
     project, tmp, env, name = setup
-    assert _jupyter_processes(tmp)
+    time.sleep(max(0.0, notebook.attached + 15 - time.monotonic()))
+    assert _jupyter_processes(tmp), "the machine idled off under an attached notebook"
     code, stderr = notebook.detach(signal.SIGINT)
     assert code == 0, stderr
-    assert f"notebook closed: JupyterLab stopped; {name} stops by itself after 5m idle" in stderr
+    assert f"notebook closed: JupyterLab stopped; {name} stops by itself after 10s idle" in stderr
     assert "Traceback" not in stderr
     _wait_for("JupyterLab gone after Ctrl-C", lambda: not _jupyter_processes(tmp), timeout=15)
     again = Notebook(project, env, "--cluster", name)  # reused: JupyterLab is in its environment already
@@ -238,3 +243,5 @@ def test_ctrl_c_stops_jupyter_and_a_vanished_laptop_does_too(
     again.proc.wait()
     took = _wait_for("JupyterLab gone after the laptop vanished", lambda: not _jupyter_processes(tmp), timeout=60)
     print(f"vanished laptop -> JupyterLab stopped: {took:.1f} s")
+    took = _wait_for("the machine idles off once nobody is attached", lambda: not processes_under(tmp), timeout=10 + 15)
+    print(f"vanished laptop -> machine off: {took:.1f} s")
