@@ -32,6 +32,7 @@ from rawvm_agent.wsframes import HEARTBEAT_S, MAX_MESSAGE_BYTES, SessionClosed, 
 log = logging.getLogger("rawvm_agent.sync_api")
 routes = web.RouteTableDef()
 FIRST_MESSAGE_TIMEOUT_S = 30.0
+RELEASE_GRACE_S = 10.0  # SIGTERM to SIGKILL: JupyterLab shuts its kernels (own process groups) down on SIGTERM
 
 
 def add_routes(app: web.Application) -> None:
@@ -58,7 +59,7 @@ async def _answer(ws: web.WebSocketResponse, root: Path, cache: synctree.HashCac
 async def _release(agent: Agent, task_id: str) -> None:
     """Cancel the task the closed session owned (it may have ended already: then nothing happens)."""
     task = agent.tasks.get(task_id) if task_id else None
-    if task is not None and await cancel_task(task):
+    if task is not None and await cancel_task(task, RELEASE_GRACE_S):
         log.info("sync session closed: task %s cancelled", task_id)
 
 

@@ -226,19 +226,28 @@ def _jupyter_processes(tmp: Path) -> list[int]:
     return [p.pid for p in processes_under(tmp) if any("jupyterlab" in part for part in p.cmdline())]
 
 
+def _kernel_processes(tmp: Path) -> list[int]:
+    return [p.pid for p in processes_under(tmp) if any("ipykernel" in part for part in p.cmdline())]
+
+
 def test_ctrl_c_stops_jupyter_and_a_vanished_laptop_does_too(
     notebook: Notebook, setup: tuple[Path, Path, dict[str, str], str]
 ) -> None:
     project, tmp, env, name = setup
     time.sleep(max(0.0, notebook.attached + 15 - time.monotonic()))
     assert _jupyter_processes(tmp), "the machine idled off under an attached notebook"
+    assert notebook.api("POST", "/api/kernels", {"name": "python3"})[0] == 201  # a kernel is left running
+    _wait_for("the kernel's process", lambda: bool(_kernel_processes(tmp)), timeout=30)
     code, stderr = notebook.detach(signal.SIGINT)
     assert code == 0, stderr
     assert f"notebook closed: JupyterLab stopped; {name} stops by itself after 10s idle" in stderr
     assert "Traceback" not in stderr
     _wait_for("JupyterLab gone after Ctrl-C", lambda: not _jupyter_processes(tmp), timeout=15)
+    _wait_for("its kernel gone after Ctrl-C", lambda: not _kernel_processes(tmp), timeout=15)
     again = Notebook(project, env, "--cluster", name)  # reused: JupyterLab is in its environment already
     assert again.api("GET", "/api/status")[0] == 200 and _jupyter_processes(tmp)
+    assert again.api("POST", "/api/kernels", {"name": "python3"})[0] == 201
+    _wait_for("the kernel's process", lambda: bool(_kernel_processes(tmp)), timeout=30)
     # The laptop vanishes without closing anything (suspended, as a closed lid or a lost network looks): only the
     # agent's websocket heartbeat (15 s, a pong due within half of it) can tell, and then it cancels JupyterLab.
     again.proc.send_signal(signal.SIGSTOP)

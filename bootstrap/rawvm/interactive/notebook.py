@@ -37,10 +37,11 @@ from rawvm.interactive.sync import TwoWaySync, watching
 from rawvm.interactive.target import machine_client
 from rawvm.launch import launch
 from rawvm.options import LaunchOptions
-from rawvm.session import Launched, ready_or_fail, stops_line
+from rawvm.session import Launched, provider_of, ready_or_fail, stops_line
 
 JUPYTERLAB = ("jupyterlab>=4", "rawvm notebook: JupyterLab on the machine")
 START_TIMEOUT_S = 180.0  # from the task's start until JupyterLab answers
+STOP_GRACE_S = 10.0  # JupyterLab shuts its kernels down on SIGTERM (they run in their own process groups)
 MISSING_EXIT = 3
 
 # Runs in the machine's environment: checks JupyterLab is there, picks a free loopback port, says it, and becomes
@@ -67,10 +68,13 @@ _PORT_LINE = re.compile(rb"RAWVM_NOTEBOOK port=([0-9]+)")
 def cluster_for_notebook(options: LaunchOptions) -> clusters.ClusterRecord:
     """The cluster ``--cluster`` names, or a new one launched with JupyterLab in its environment (and ready)."""
     if options.cluster and clusters.exists(options.cluster):
-        return clusters.load(options.cluster)
-    env = options.environment
-    environment = dataclasses.replace(env, extra_requirements=(*env.extra_requirements, JUPYTERLAB))
-    launched: Launched = launch(options.replace(environment=environment))
+        record = clusters.load(options.cluster)
+        # a machine that is up answers at once; a short wait tells a stopped cluster quickly (as run --cluster)
+        launched = Launched(provider=provider_of(record), record=record, timings={}, ready_timeout_s=30.0)
+    else:
+        env = options.environment
+        environment = dataclasses.replace(env, extra_requirements=(*env.extra_requirements, JUPYTERLAB))
+        launched = launch(options.replace(environment=environment))
     ready_or_fail(launched, None, sys.stdout, sys.stderr)
     return launched.record
 
@@ -179,7 +183,7 @@ async def _first_of(*jobs: Coroutine[Any, Any, object]) -> None:
 async def _stop(client: AgentClient, task_id: str) -> None:
     """Cancel the JupyterLab task (the agent also does when the sync session closes: whichever comes first)."""
     with contextlib.suppress(AgentError):
-        await client.cancel_task(task_id, grace=3.0)
+        await client.cancel_task(task_id, grace=STOP_GRACE_S)
 
 
 def stops_after(cluster: str) -> str:
