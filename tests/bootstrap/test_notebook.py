@@ -244,6 +244,11 @@ def test_ctrl_c_stops_jupyter_and_a_vanished_laptop_does_too(
     assert "Traceback" not in stderr
     _wait_for("JupyterLab gone after Ctrl-C", lambda: not _jupyter_processes(tmp), timeout=15)
     _wait_for("its kernel gone after Ctrl-C", lambda: not _kernel_processes(tmp), timeout=15)
+    logs = subprocess.run(
+        [sys.executable, "-m", "rawvm.cli", "logs", name], env=env, cwd=project, capture_output=True, text=True
+    )
+    assert "RAWVM_NOTEBOOK port=" in logs.stdout + logs.stderr, logs  # JupyterLab's task and its output
+    assert notebook.token not in logs.stdout + logs.stderr  # the token is a secret: masked in every log
     again = Notebook(project, env, "--cluster", name)  # reused: JupyterLab is in its environment already
     assert again.api("GET", "/api/status")[0] == 200 and _jupyter_processes(tmp)
     assert again.api("POST", "/api/kernels", {"name": "python3"})[0] == 201
