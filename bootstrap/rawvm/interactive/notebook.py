@@ -127,7 +127,7 @@ async def _wait_serving(client: AgentClient, task_id: str, remote: int, local: i
 
 
 async def _task_ended(client: AgentClient, task_id: str) -> None:
-    """Returns when the JupyterLab task ends by itself (then there is nothing left to attach to)."""
+    """Raises once the JupyterLab task has ended by itself (then there is nothing left to attach to)."""
     while True:
         await asyncio.sleep(2.0)
         with_code = await client.task(task_id)

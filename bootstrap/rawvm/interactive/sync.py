@@ -137,7 +137,7 @@ class TwoWaySync:
                 continue  # a name the machine should not have sent: never written here
             try:
                 await self._settle(rel, path, mine, theirs, before, counts)
-            except (TransferError, AgentError) as exc:  # the file moved under us: the next round looks again
+            except (TransferError, AgentError, OSError) as exc:  # it moved under us: the next round looks again
                 self.say(f"sync: {rel}: {exc} (trying again)")
         return counts
 
