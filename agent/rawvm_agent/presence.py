@@ -1,4 +1,5 @@
-"""People on the machine: open shells, forwarded connections and file copies, as the idle policy hears them.
+"""People on the machine: open shells, forwarded connections, file copies and notebook syncs, as the idle policy
+hears them.
 
 A person at a shell may type nothing for minutes and load no CPU, yet the machine must not power off under them.
 So every such session holds a place here while its websocket is open, and ``busy`` tells the idle policy (through
@@ -13,7 +14,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-KINDS = ("shell", "forward", "files")
+KINDS = ("shell", "forward", "files", "sync")
 
 
 class Presence:

@@ -58,7 +58,7 @@ async def test_a_laptop_that_goes_away_ends_its_command_and_its_presence(
     while time.monotonic() < deadline and (psutil.pid_exists(pid) or agent.people.counts()["shell"]):
         await asyncio.sleep(0.1)
     assert not psutil.pid_exists(pid), "the command outlived its laptop"
-    assert agent.people.counts() == {"shell": 0, "forward": 0, "files": 0}
+    assert agent.people.counts() == {"shell": 0, "forward": 0, "files": 0, "sync": 0}
 
 
 async def test_forward_pipes_bytes_to_a_loopback_port(serve_agent: ServeAgent, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def test_presence_is_busy_while_held_and_once_after() -> None:
     assert not people.busy()
     with people.hold("shell"):
         assert people.busy() and people.busy()
-        assert people.counts() == {"shell": 1, "forward": 0, "files": 0}
+        assert people.counts() == {"shell": 1, "forward": 0, "files": 0, "sync": 0}
     assert people.busy()  # the session that just closed is witnessed once...
     assert not people.busy()  # ...then the idle clock may start
     assert len(changes) == 2

@@ -36,6 +36,7 @@ ROUTES = [
     ("GET", "/v1/shell"),  # the websockets of rawvm shell, cp, forward (interactive_api.py)
     ("GET", "/v1/files"),
     ("GET", "/v1/forward"),
+    ("GET", "/v1/sync"),  # rawvm notebook (sync_api.py)
     ("GET", "/no/such/route"),
 ]
 BAD_HEADERS: list[dict[str, str]] = [

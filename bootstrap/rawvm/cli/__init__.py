@@ -27,6 +27,7 @@ _COMMAND_MODULES = (
     "rawvm.cli.cp",
     "rawvm.cli.forward",
     "rawvm.cli.cancel",
+    "rawvm.cli.notebook",  # rawvm notebook: JupyterLab on a machine, the project synced both ways
 )
 
 

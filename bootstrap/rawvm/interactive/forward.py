@@ -51,16 +51,22 @@ def _handler(
     return handle
 
 
+async def listen(client: AgentClient, local: int, remote: int, say: Callable[[str], None]) -> asyncio.Server:
+    """A server on ``127.0.0.1:local`` (0: any free port) tunnelling each connection to ``remote`` on the machine's
+    loopback (``rawvm notebook`` serves Jupyter with it); a UsageError when the port is taken."""
+    try:
+        return await asyncio.start_server(_handler(client, remote, say), "127.0.0.1", local)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{local}: {exc.strerror or exc}") from None
+
+
 async def forward(
     cluster: str, machine: str, ports: str, say: Callable[[str], None], ready: Callable[[int], None] | None = None
 ) -> None:
     """Serve the forward until cancelled (Ctrl-C); ``ready`` gets the local port once it listens."""
     local, remote = parse_ports(ports)
     async with machine_client(cluster, machine) as (mid, client):
-        try:
-            server = await asyncio.start_server(_handler(client, remote, say), "127.0.0.1", local)
-        except OSError as exc:
-            raise UsageError(f"cannot listen on 127.0.0.1:{local}: {exc.strerror or exc}") from None
+        server = await listen(client, local, remote, say)
         async with server:
             port = int(server.sockets[0].getsockname()[1])
             say(f"forwarding 127.0.0.1:{port} to port {remote} on {mid}'s loopback; Ctrl-C ends it")
