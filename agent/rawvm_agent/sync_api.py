@@ -26,7 +26,7 @@ from aiohttp import web
 from rawvm_agent import synctree
 from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.interactive_api import machine_path
-from rawvm_agent.task_cancel import cancel_task
+from rawvm_agent.tasks import TaskState
 from rawvm_agent.wsframes import HEARTBEAT_S, MAX_MESSAGE_BYTES, SessionClosed, receive, send_json
 
 log = logging.getLogger("rawvm_agent.sync_api")
@@ -59,7 +59,8 @@ async def _answer(ws: web.WebSocketResponse, root: Path, cache: synctree.HashCac
 async def _release(agent: Agent, task_id: str) -> None:
     """Cancel the task the closed session owned (it may have ended already: then nothing happens)."""
     task = agent.tasks.get(task_id) if task_id else None
-    if task is not None and await cancel_task(task, RELEASE_GRACE_S):
+    if task is not None and task.record.state == TaskState.RUNNING:
+        await agent.tasks.cancel(task, RELEASE_GRACE_S)
         log.info("sync session closed: task %s cancelled", task_id)
 
 

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import re
 import secrets
-import sys
 import time
 import webbrowser
 from collections.abc import Callable, Coroutine
@@ -75,7 +74,7 @@ def cluster_for_notebook(options: LaunchOptions) -> clusters.ClusterRecord:
         env = options.environment
         environment = dataclasses.replace(env, extra_requirements=(*env.extra_requirements, JUPYTERLAB))
         launched = launch(options.replace(environment=environment))
-    ready_or_fail(launched, None, sys.stdout, sys.stderr)
+    ready_or_fail(launched)
     return launched.record
 
 
