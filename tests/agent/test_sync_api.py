@@ -69,4 +69,4 @@ async def test_list_delete_presence_and_the_owned_task_ends_with_the_session(
         await asyncio.sleep(0.1)
     assert agent.people.counts()["sync"] == 0
     record = await (await client.get(f"/v1/tasks/{task_id}", headers=AUTH)).json()
-    assert record["state"] == "interrupted", record
+    assert record["state"] == "cancelled", record
