@@ -16,6 +16,7 @@ Prints one ``RAWVM-BENCH-INSTALL {json}`` line: seconds per side and the lock's 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +35,52 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return time.monotonic() - start
 
 
+def agent_venv_variants(wheels: Path, scratch: Path, python: str, env: dict[str, str]) -> dict[str, float]:
+    """The user-data's agent venv (uv venv, the hashed dependencies, the agent wheel) made in other ways, each
+    from a fresh uv cache, on this machine: which settings cut the boot is measured here, not guessed."""
+    (wheel,) = wheels.glob("rawvm_agent-*.whl")
+    requirements = wheels / "agent-requirements.txt"
+    pylock = Path("pylock.agent.toml").resolve()  # the same uv.lock's pins with their file URLs (shipped)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    combined = scratch / "agent-all.txt"  # the dependencies and the agent wheel itself, hashed, in one file
+    combined.write_text(f"{requirements.read_text()}\nrawvm-agent @ {wheel.as_uri()} --hash=sha256:{digest}\n")
+    hashed = ["--require-hashes", "--only-binary", ":all:", "-r", str(requirements)]
+    variants = {
+        "agent: as today (2 installs, bytecode)": [
+            ["--compile-bytecode", *hashed],
+            ["--compile-bytecode", "--no-deps", str(wheel)],
+        ],
+        "agent: no bytecode": [hashed, ["--no-deps", str(wheel)]],
+        "agent: pylock URLs, bytecode": [
+            ["--compile-bytecode", "--only-binary", ":all:", "-r", str(pylock)],
+            ["--compile-bytecode", "--no-deps", str(wheel)],
+        ],
+        "agent: one install, bytecode": [
+            ["--compile-bytecode", "--require-hashes", "--only-binary", ":all:", "-r", str(combined)]
+        ],
+        "agent: copy link mode, bytecode": [
+            ["--link-mode", "copy", "--compile-bytecode", *hashed],
+            ["--link-mode", "copy", "--compile-bytecode", "--no-deps", str(wheel)],
+        ],
+    }
+    found: dict[str, float] = {}
+    for number, (label, installs) in enumerate(variants.items()):
+        venv, cache = scratch / f"agent-{number}", scratch / f"agent-cache-{number}"
+        variant_env = env | {"UV_CACHE_DIR": str(cache)}
+        try:
+            seconds = timed(["uv", "venv", "--quiet", "--python", python, str(venv)], variant_env)
+            for install in installs:
+                command = ["uv", "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), *install]
+                seconds += timed(command, variant_env)
+            found[label] = seconds
+        except subprocess.CalledProcessError as exc:
+            print(f"bench: {label} failed: {exc}", file=sys.stderr)
+            found[label] = -1.0
+        shutil.rmtree(venv, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--uv-cache", required=True)
@@ -41,6 +88,8 @@ def main() -> None:
     parser.add_argument("--python", default="python3")
     parser.add_argument("--no-pip", action="store_true")
     parser.add_argument("--native-tls", action="store_true", help="as the agent did: trust the system CA bundle")
+    parser.add_argument("--agent-venv", action="store_true", help="also time ways to make the agent's own venv")
+    parser.add_argument("--agent-wheels", default="/opt/rawvm/wheels", help="where user-data put the agent's files")
     args = parser.parse_args()
     lock = Path.cwd().parent / "bundle" / "pylock.toml"  # the one the agent installed
     if not lock.is_file():
@@ -66,6 +115,8 @@ def main() -> None:
         pip += ["--disable-pip-version-check", "--require-hashes", "-r", "requirements.txt"]
         result["pip"] = timed(pip, env)
         shutil.rmtree(pip_venv, ignore_errors=True)
+    if args.agent_venv:
+        result |= agent_venv_variants(Path(args.agent_wheels), scratch, python, env)
     print("RAWVM-BENCH-INSTALL " + json.dumps(result), flush=True)
 
 
