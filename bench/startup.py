@@ -15,6 +15,9 @@ Default (one run, side by side, on the same cached Debian image, one VM at a tim
   ``agent_up`` → ``environment_installed``: the bundle's download, ``uv venv`` + ``uv pip sync``) against raw
   ``uv venv`` + ``uv pip sync`` of the same ``pylock.toml`` (cold uv cache, as the agent's was) and against
   ``pip install --require-hashes -r requirements.txt`` of the same lock (``rawvm export``, no pip cache).
+  The same task then makes the agent's own venv the user-data's way and in other ways (no bytecode, the agent's
+  pins as a pylock.toml of file URLs, one install, copy link mode), each from a fresh uv cache: informative
+  lines, since which user-data settings pay is measured there, not guessed.
 
 ``--big``: the same install comparison on the local provider (no VM: the download and the unpacking are what
 count) for ``torch==2.5.1`` with its nvidia-* wheels: rawvm's install against raw uv, each with a uv cache of its
