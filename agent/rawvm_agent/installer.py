@@ -64,6 +64,7 @@ class Installer:
         self.work_dir = state_dir / "work"
         self.conda_prefix = state_dir / "conda"
         self.install_log = state_dir / "install.log"
+        self._early_venv: asyncio.Task[None] | None = None  # the venv made while the bundle downloads
 
     def no_environment(self) -> Environment:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -88,10 +89,13 @@ class Installer:
     async def install(self) -> Environment:
         if not self.config.bundle.files:
             return self.no_environment()
-        manifest = await self._fetch_and_verify()
+        self._early_venv = None
         try:
+            manifest = await self._fetch_and_verify()
             return await self._install_verified(manifest)
         except BaseException:
+            if self._early_venv is not None:  # let its uv finish: a cancelled task would leave uv running
+                await asyncio.gather(self._early_venv, return_exceptions=True)
             # A half-built environment must not look installed to the next attempt or to tasks.
             for path in (self.venv, self.work_dir, self.conda_prefix):
                 shutil.rmtree(path, ignore_errors=True)
@@ -134,6 +138,10 @@ class Installer:
             missing = sorted(listed - set(by_path))
             if missing:
                 raise BundleError(f"{MANIFEST} lists {missing[0]!r} but agent.toml gives no URL for it")
+            if not manifest.of_kind("conda-lock"):
+                # The venv needs only the manifest's Python (a conda one comes later): make it while the rest
+                # downloads. It installs nothing from the bundle, so it does not wait for the files' checks.
+                self._early_venv = asyncio.create_task(self._make_venv(manifest.python))
             # Let every fetch finish (or fail) before cleaning up: none may write into a removed staging dir.
             results = await asyncio.gather(
                 *(self._fetch_verified(session, by_path[f.path], staging, f.sha256) for f in manifest.files),
@@ -169,7 +177,7 @@ class Installer:
     # -- install ----------------------------------------------------------------------------------------
 
     async def _install_verified(self, manifest: Manifest) -> Environment:
-        for path in (self.venv, self.work_dir, self.conda_prefix):
+        for path in (self.work_dir, self.conda_prefix):  # the venv: _make_venv starts afresh
             shutil.rmtree(path, ignore_errors=True)
         pylocks = manifest.of_kind("pylock")
         local = manifest.of_kind("wheel") + manifest.of_kind("sdist")
@@ -183,11 +191,10 @@ class Installer:
             conda_prefix = await self._install_conda(self.bundle_dir / conda_locks[0].path)
 
         self._step("venv")
-        python = str(conda_prefix / "bin" / "python") if conda_prefix else manifest.python
-        venv_args = ["venv", str(self.venv)]
-        if python:
-            venv_args[1:1] = ["--python", python]
-        await self._uv(venv_args)
+        if self._early_venv is not None:
+            await self._early_venv
+        else:
+            await self._make_venv(str(conda_prefix / "bin" / "python") if conda_prefix else manifest.python)
 
         for lock in pylocks:
             self._step("sync")
@@ -237,6 +244,10 @@ class Installer:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(staged / entry.path, target)
         return packages
+
+    async def _make_venv(self, python: str) -> None:
+        shutil.rmtree(self.venv, ignore_errors=True)
+        await self._uv(["venv", *(["--python", python] if python else []), str(self.venv)])
 
     async def _install_conda(self, lock: Path) -> Path:
         base_done, base_total = self.progress.packages_done, self.progress.packages_total

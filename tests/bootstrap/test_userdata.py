@@ -243,7 +243,7 @@ def test_install_script_is_valid_sh_and_carries_both_uv_wheels() -> None:
     # index settings from agent_config.install, in the environment (not on a command line)
     assert "export UV_DEFAULT_INDEX=https://pypi.org/simple" in script
     assert "export UV_INDEX=https://x/whl/cu128" in script
-    assert "systemctl enable --now rawvm-agent.service" in script
+    assert script.rstrip().endswith("systemctl start rawvm-agent.service")
     # the backstop is scheduled before anything that can hang
     assert script.index("shutdown") < script.index('fetch "$UV_URL"')
 
@@ -282,10 +282,16 @@ def test_systemd_units_are_installed_and_the_dead_man_units_start_first() -> Non
     script = files[BOOTSTRAP_SCRIPT]["content"]
     timers = [Path(p).name for p in units if p.endswith(".timer")]
     assert timers, "rawvm_agent.systemd renders a backstop timer"
-    early = next(line for line in script.splitlines() if line.startswith("systemctl enable --now rawvm-backstop"))
+    lines = script.splitlines()
+    early = next(line for line in lines if line.startswith("systemctl start rawvm-backstop"))
     assert all(t in early for t in timers) and "rawvm-agent.service" not in early
     assert script.index(early) < script.index('fetch "$UV_URL"')
-    assert script.rstrip().endswith("systemctl enable --now rawvm-agent.service")
+    # one enable (one systemd reload) for all of them, the agent included; the agent starts only at the end
+    (enable,) = [line for line in lines if line.startswith("systemctl enable")]
+    assert all(t in enable for t in timers) and "rawvm-agent.service" in enable and "--now" not in enable
+    assert lines.index(enable) < lines.index(early)
+    assert "daemon-reload" not in script
+    assert script.rstrip().endswith("systemctl start rawvm-agent.service")
 
 
 def test_no_backstop_when_disabled() -> None:
@@ -300,14 +306,17 @@ def test_the_agents_dependencies_install_only_from_the_checked_hashed_file() -> 
     artifact must match one of its hashes and be a wheel, and the agent wheel then adds no dependency."""
     script = _files(_render())[BOOTSTRAP_SCRIPT]["content"]
     lines = script.splitlines()
-    fetch = f"fetch {REQUIREMENTS_URL} /opt/rawvm/wheels/agent-requirements.txt {REQUIREMENTS_SHA}"
-    assert fetch in lines
+    fetch = (
+        f"fetch {REQUIREMENTS_URL} /opt/rawvm/wheels/agent-requirements.txt {REQUIREMENTS_SHA} & REQUIREMENTS_FETCH=$!"
+    )
+    assert fetch in lines  # in the background, while uv downloads; the install waits for it (and its check)
+    assert lines.index(fetch) < lines.index('fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"')
     installs = [line for line in lines if line.startswith("uv pip install")]
     assert len(installs) == 2
     deps, agent = installs
     assert "--require-hashes --only-binary :all: -r /opt/rawvm/wheels/agent-requirements.txt" in deps
     assert agent.endswith("--no-deps /opt/rawvm/wheels/rawvm_agent-0.1.0-py3-none-any.whl")
-    assert lines.index(fetch) < lines.index(deps) < lines.index(agent)
+    assert lines.index(fetch) < lines.index('wait "$REQUIREMENTS_FETCH"') < lines.index(deps) < lines.index(agent)
     assert script.index("set -eu") < script.index(fetch)  # a failed check stops the script (and powers off)
 
 
@@ -411,7 +420,7 @@ def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) ->
         uv_wheel=find_uv_wheel(),
         backstop=False,
     )
-    script = _files(text)[BOOTSTRAP_SCRIPT]["content"].split("\nuv venv")[0]
+    script = _files(text)[BOOTSTRAP_SCRIPT]["content"].split("\nuv pip install")[0]  # waits for the fetches
     moved = (
         script.replace("/usr/local/bin", str(tmp_path / "bin"))
         .replace("/opt/rawvm", str(tmp_path / "opt"))

@@ -1,0 +1,254 @@
+"""Time to the first task, phase by phase, against a bare boot and against raw uv and pip (a benchmark, not a test).
+
+    uv run python bench/startup.py          # qemu (TCG): bare cloud-init boot vs rawvm run, install vs uv vs pip
+    uv run python bench/startup.py --big    # local provider: a CUDA torch environment (~2.8 GB), cold and warm
+
+Default (one run, side by side, on the same cached Debian image, one VM at a time; minutes under TCG):
+
+- bare: cloud-init boots with user-data that only prints the kernel's boot time and the clock to the console and
+  powers off: the guest's seconds from its kernel start to the user-data running;
+- rawvm: ``rawvm run --provider qemu`` of a modest locked environment (a few pure-Python packages and numpy),
+  through the real CLI; the machine's phases (rawvm_agent/boot_phases.py, from ``rawvm ls --json``) on the same
+  guest clock. The overhead over the bare boot is rawvm's kernel → first task started minus the environment's
+  install (compared on its own below) minus the bare kernel → user-data; the ratio is the same two spans divided;
+- install, inside the same guest (the first task, bench/startup_guest.py): the agent's install of the lock (its
+  ``agent_up`` → ``environment_installed``: the bundle's download, ``uv venv`` + ``uv pip sync``) against raw
+  ``uv venv`` + ``uv pip sync`` of the same ``pylock.toml`` (cold uv cache, as the agent's was) and against
+  ``pip install --require-hashes -r requirements.txt`` of the same lock (``rawvm export``, no pip cache).
+  The same task then makes the agent's own venv the user-data's way and in other ways (no bytecode, the agent's
+  pins as a pylock.toml of file URLs, one install, copy link mode), each from a fresh uv cache: informative
+  lines, since which user-data settings pay is measured there, not guessed.
+
+``--big``: the same install comparison on the local provider (no VM: the download and the unpacking are what
+count) for ``torch==2.5.1`` with its nvidia-* wheels: rawvm's install against raw uv, each with a uv cache of its
+own under /tmp, cold (fresh caches) and then warm (a second run on the same caches). The caches are removed at
+the end; it refuses to start with less than 40 GB free on /tmp.
+
+Goals (issue 22): overhead over the bare boot ≤ 8 s under TCG; install ≤ 1.1x raw uv, ≥ 5x faster than pip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rawvm_images.local_vm import LocalImage, ensure_image
+from rawvm_images.qemu_boot import BootFiles, choose_accel, prepare_boot, process_alive, qemu_command, start_detached
+
+MARKER = "RAWVM-BENCH-BARE-USERDATA"
+TIMEOUT = 1200.0
+MODEST = "humanize\nsix\ntabulate\ntomli-w\nnumpy\n"  # none of them the agent's own: a cold uv cache
+BIG = "torch==2.5.1\n"
+BIG_FREE_GB = 40  # ~2.8 GB of wheels, unpacked into two uv caches, plus the venvs: keep ≥ 30 GB to the others
+GUEST_SCRIPT = Path(__file__).with_name("startup_guest.py")
+WORKSPACE = Path(__file__).resolve().parent.parent
+PHASES = (
+    "kernel_boot",
+    "bootstrap_start",
+    "uv_ready",
+    "agent_venv_ready",
+    "agent_up",
+    "bundle_downloaded",
+    "environment_installed",
+    "first_task_started",
+)
+_BARE = re.compile(rf"{MARKER} (\d+) (\d+\.\d+)")
+_INSTALL = re.compile(r"RAWVM-BENCH-INSTALL (\{.*\})")
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def bare_user_data() -> str:
+    """The bare boot: the same cloud-init stages, then only the kernel's boot time and the clock, then power off."""
+    script = f"echo {MARKER} $(awk '/^btime/ {{print $2}}' /proc/stat) $(date +%s.%N) > /dev/console; poweroff"
+    return "#cloud-config\n" + yaml.safe_dump({"runcmd": [["sh", "-c", script]]}, width=1000)
+
+
+def wait_for(check: Any, what: str) -> float:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if check():
+            return time.monotonic()
+        time.sleep(0.25)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+def bare_boot(image: LocalImage, work: Path) -> dict[str, float]:
+    files = BootFiles(work / "bare")
+    prepare_boot(image, files, bare_user_data(), hostname="bare")
+    start = time.monotonic()
+    pid = start_detached(qemu_command(image, files, accel=choose_accel()), files)
+
+    def marked() -> re.Match[str] | None:
+        return _BARE.search(files.serial_log.read_text(errors="replace")) if files.serial_log.exists() else None
+
+    ran = wait_for(marked, "the bare user-data")
+    off = wait_for(lambda: not process_alive(pid), "the bare qemu's exit")
+    found = marked()
+    assert found is not None
+    btime, clock = int(found.group(1)), float(found.group(2))
+    return {"kernel → user-data": clock - btime, "qemu start → user-data (host)": ran - start, "qemu exit": off - start}
+
+
+def rawvm(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "rawvm.cli", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"bench: rawvm {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def machine_phases(cluster: str, cwd: Path, env: dict[str, str]) -> dict[str, float]:
+    """The cluster's one machine's boot phases, as the laptop kept them (``rawvm ls --json``)."""
+    listing = json.loads(rawvm(["ls", "--json"], cwd=cwd, env=env).stdout)
+    clusters = listing if isinstance(listing, list) else listing.get("clusters", [])
+    for view in clusters:
+        if view.get("name") == cluster:
+            (machine,) = view["machines"]
+            return {k: float(v) for k, v in machine["boot_phases"].items()}
+    raise SystemExit(f"bench: rawvm ls --json has no cluster {cluster}")
+
+
+def project(work: Path, requirements: str, env: dict[str, str], lock_args: list[str]) -> Path:
+    """The shipped code: the requirements, the same lock exported as hashed requirements.txt, the guest script."""
+    root = work / "project"
+    root.mkdir(parents=True)
+    (root / "requirements.in").write_text(requirements)
+    bundle = work / "bundle"
+    rawvm(["lock", *lock_args, "--from", "requirements.in", "-o", str(bundle)], cwd=root, env=env)
+    rawvm(["export", "--format", "requirements", "-o", str(root / "requirements.txt"), str(bundle)], cwd=root, env=env)
+    shutil.copy(GUEST_SCRIPT, root / GUEST_SCRIPT.name)
+    return root
+
+
+def run_and_measure(root: Path, env: dict[str, str], run_args: list[str], guest_args: list[str]) -> dict[str, Any]:
+    """One ``rawvm run`` whose task is the raw install; its phases, the task's figures and the host's seconds."""
+    cluster = f"bench-startup-{secrets.token_hex(3)}"
+    argv = ["python3", GUEST_SCRIPT.name, *guest_args]
+    start = time.monotonic()
+    try:
+        result = rawvm(
+            ["run", "--cluster", cluster, "--timings", *run_args, "--from", "requirements.in", "--", *argv],
+            cwd=root,
+            env=env,
+        )
+        host = time.monotonic() - start
+        phases = machine_phases(cluster, root, env)
+    finally:
+        subprocess.run([sys.executable, "-m", "rawvm.cli", "down", cluster], cwd=root, env=env, capture_output=True)
+    found = _INSTALL.search(result.stdout)
+    if not found:
+        raise SystemExit(f"bench: the task printed no figures:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return {"phases": phases, "install": json.loads(found.group(1)), "host": host, "load": load()}
+
+
+def span(phases: dict[str, float], first: str, last: str) -> float:
+    return phases[last] - phases[first]
+
+
+def print_phases(bare: dict[str, float], phases: dict[str, float]) -> None:
+    print(f"{'phase (guest clock, s since the kernel started)':<52}{'bare':>8}{'rawvm':>8}{'step':>8}")
+    print(f"{'user-data script started':<52}{bare['kernel → user-data']:>8.1f}")
+    previous = "kernel_boot"
+    for name in PHASES[1:]:
+        if name in phases:
+            at, step = span(phases, "kernel_boot", name), span(phases, previous, name)
+            print(f"{name:<52}{'':>8}{at:>8.1f}{step:>8.1f}")
+            previous = name
+
+
+def qemu_bench(work: Path) -> None:
+    image = ensure_image(progress=lambda msg: print(f"[image] {msg}", flush=True))
+    env = {**os.environ, "RAWVM_STATE_DIR": str(work / "state")}
+    ca_flags = [
+        arg
+        for c in sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+        for arg in ("--extra-ca-cert", str(c))
+    ]
+    root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
+    agent_pylock = ["export", "--frozen", "--package", "rawvm-agent", "--no-emit-project", "--no-emit-workspace"]
+    agent_pylock += ["--no-dev", "--format", "pylock.toml", "--quiet", "-o", str(root / "pylock.agent.toml")]
+    subprocess.run(["uv", *agent_pylock], cwd=WORKSPACE, check=True)  # the agent's pins with their file URLs
+    print(f"bare boot ({load()})", flush=True)
+    bare = bare_boot(image, work)
+    print(f"rawvm run --provider qemu ({load()})", flush=True)
+    guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
+    guest += ["--agent-venv", *(["--native-tls"] if ca_flags else [])]
+    measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
+    phases, install = measured["phases"], measured["install"]
+    print(f"\nqemu accel {choose_accel()}, image {image.disk.parent.name}; rawvm run {measured['load']}")
+    print_phases(bare, phases)
+    print(
+        f"host: bare qemu start → user-data {bare['qemu start → user-data (host)']:.1f}s; "
+        f"rawvm run (lock, launch, boot, install, task) → exit {measured['host']:.1f}s"
+    )
+    rawvm_install = span(phases, "agent_up", "environment_installed")  # the bundle's download included
+    to_task = span(phases, "kernel_boot", "first_task_started")
+    without_install = to_task - rawvm_install
+    overhead = without_install - bare["kernel → user-data"]
+    print(
+        f"\noverhead over the bare boot (kernel → first task, less the environment's install): "
+        f"{overhead:+.1f}s, {without_install / bare['kernel → user-data']:.2f}x ({to_task:.1f}s with it)  [goal ≤ 8 s]"
+    )
+    for label, seconds in install.items():
+        if label.startswith("agent: "):
+            print(f"  the agent's venv in the guest, {label.removeprefix('agent: ')}: {seconds:.1f}s")
+    print(
+        f"install of {install['packages']} packages in the guest: rawvm {rawvm_install:.1f}s, "
+        f"raw uv {install['uv']:.1f}s "
+        f"({rawvm_install / install['uv']:.2f}x, goal ≤ 1.1x), pip {install['pip']:.1f}s "
+        f"(rawvm {install['pip'] / rawvm_install:.1f}x faster, goal ≥ 5x)"
+    )
+
+
+def big_bench(work: Path) -> None:
+    free_gb = shutil.disk_usage("/tmp").free / 1e9
+    if free_gb < BIG_FREE_GB:
+        raise SystemExit(f"bench: {free_gb:.0f} GB free on /tmp, --big wants {BIG_FREE_GB} GB")
+    caches = work / "uv-rawvm", work / "uv-raw"
+    env = {**os.environ, "RAWVM_STATE_DIR": str(work / "state"), "UV_CACHE_DIR": str(caches[0])}
+    root = project(work, BIG, env, ["--python", "3.11", "--glibc", "2.36"])
+    guest = ["--uv-cache", str(caches[1]), "--scratch", str(work / "scratch"), "--no-pip"]
+    rows = []
+    for label in ("cold", "warm"):
+        print(f"{label}: rawvm run --provider local ({load()})", flush=True)
+        measured = run_and_measure(root, env, ["--provider", "local", "--keepalive", "1m"], guest)
+        rows.append((label, measured))
+    print(f"\n{'torch 2.5.1 + nvidia-* (local)':<32}{'rawvm':>9}{'raw uv':>9}{'ratio':>8}  fetch")
+    for label, measured in rows:
+        phases, install = measured["phases"], measured["install"]
+        ours = span(phases, "agent_up", "environment_installed")
+        fetch = span(phases, "agent_up", "bundle_downloaded")
+        print(
+            f"{label + ' uv cache, ' + str(install['packages']) + ' packages':<32}{ours:>8.1f}s{install['uv']:>8.1f}s"
+            f"{ours / install['uv']:>7.2f}x  {fetch:.1f}s  ({measured['load']})"
+        )
+    print("goal ≤ 1.1x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", action="store_true", help="a CUDA torch environment on the local provider")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rawvm-bench-startup-"))
+    try:
+        big_bench(work) if args.big else qemu_bench(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
