@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -88,8 +89,14 @@ def unpack_code(archive: Path, dest: Path) -> None:
     """
     try:
         with tarfile.open(archive, "r:gz") as tar:
+            # The archive stores mtime 0 (equal inputs, equal bytes); unpacked, the files are new now. A file of
+            # 1970 shows as "56y ago" in JupyterLab, and a later same-size edit could look older than its .pyc.
+            now = time.time()
+            members = tar.getmembers()
+            for member in members:
+                member.mtime = now
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
+                tar.extractall(dest, members=members, filter="data")
             else:
                 tar.extractall(dest, members=_checked_members(tar))  # noqa: S202 - members are checked
     except (tarfile.TarError, OSError) as exc:

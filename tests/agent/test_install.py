@@ -317,3 +317,22 @@ def test_code_archive_unpacks_without_tarfile_filters(tmp_path: Path, monkeypatc
     unpack_code(archive, work)
     assert (work / "pkg" / "ok.py").read_bytes() == b"42"
     assert (work / "pkg" / "setuid.py").stat().st_mode & 0o7777 == 0o755
+
+
+def test_unpacked_code_is_new_now_not_1970(tmp_path: Path) -> None:
+    """The archive stores mtime 0 for equal bytes; unpacked, the files carry the time they arrived."""
+    import io
+    import tarfile
+    import time
+
+    from rawvm_agent.install import unpack_code
+
+    archive = tmp_path / "code.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("pkg/a.py")
+        data = b"print(1)\n"
+        info.size, info.mtime = len(data), 0
+        tar.addfile(info, io.BytesIO(data))
+    before = time.time()
+    unpack_code(archive, tmp_path / "work")
+    assert (tmp_path / "work" / "pkg" / "a.py").stat().st_mtime >= before - 1
