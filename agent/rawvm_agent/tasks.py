@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rawvm_agent.child_watch import use_pidfd_watcher
 from rawvm_agent.config import TaskConfig
 from rawvm_agent.environment import Environment
 from rawvm_agent.logs import Redactor, StreamRedactor
@@ -159,7 +160,8 @@ class Task:
         return self.dir / stream
 
     def save(self) -> None:
-        write_json_atomic(self.dir / "task.json", asdict(self.record))
+        # No fsync: a task record lost to a power cut is a task that died with its machine either way.
+        write_json_atomic(self.dir / "task.json", asdict(self.record), durable=False)
 
     async def notify(self) -> None:
         async with self._changed:
@@ -186,11 +188,13 @@ class TaskManager:
         self.secret_env_names = tuple(secret_env_names)
         self.on_change = on_change
         self.tasks: dict[str, Task] = {}
+        self._live: dict[str, Task] = {}  # started by this process and not ended: what ``running`` looks at
         self.started_total = 0
         self.first_started_at: float | None = None  # the machine's first task (boot_phases.py)
         self._pumps: set[asyncio.Task[None]] = set()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._load_previous()
+        use_pidfd_watcher()
 
     def _load_previous(self) -> None:
         """Records of an earlier run of the agent; tasks that were running then died with it."""
@@ -213,7 +217,8 @@ class TaskManager:
 
     @property
     def running(self) -> list[Task]:
-        return [t for t in self.tasks.values() if t.record.state == TaskState.RUNNING]
+        # Not every task ever run: the idle policy asks on each task's start and end, and a batch runs thousands.
+        return [t for t in self._live.values() if t.record.state == TaskState.RUNNING]
 
     def last_ended_at(self) -> float | None:
         ended = [t.record.ended_at for t in self.tasks.values() if t.record.ended_at is not None]
@@ -269,7 +274,7 @@ class TaskManager:
             raise TaskError(f"cannot run {request.argv[0][:200]!r}: {reason}") from None
         record.pid = task.process.pid
         task.save()
-        self.tasks[task_id] = task
+        self.tasks[task_id] = self._live[task_id] = task
         if self.first_started_at is None:
             self.first_started_at = record.started_at
         self.started_total += 1
@@ -294,6 +299,7 @@ class TaskManager:
         if record.state == TaskState.RUNNING:
             record.state = TaskState.EXITED
         task.save()
+        self._live.pop(record.id, None)
         task.done.set()
         log.info("task %s %s with exit code %s", record.id, record.state, code)
         await task.notify()
