@@ -28,7 +28,7 @@ class _PidfdWatcher(asyncio.AbstractChildWatcher):
     def __init__(self) -> None:
         self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int, Callable[..., object], tuple[Any, ...]]] = {}
 
-    def add_child_handler(self, pid: int, callback: Callable[..., object], *args: Any) -> None:
+    def add_child_handler(self, pid: int, callback: Callable[..., object], *args: Any) -> None:  # type: ignore[override]
         loop = asyncio.get_running_loop()
         pidfd = os.pidfd_open(pid)
         self._watched[pid] = (loop, pidfd, callback, args)
