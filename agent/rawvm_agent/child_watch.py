@@ -35,13 +35,16 @@ class _PidfdWatcher(asyncio.AbstractChildWatcher):
         loop.add_reader(pidfd, self._reap, pid)
 
     def _reap(self, pid: int) -> None:
-        loop, pidfd, callback, args = self._watched.pop(pid)
-        loop.remove_reader(pidfd)
         try:
-            _, status = os.waitpid(pid, 0)
+            # Never a blocking wait on the loop: a pidfd that reads ready before the child can be reaped waits.
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+            if reaped == 0:
+                return
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:  # reaped elsewhere: asyncio's own watchers say 255 too
             code = 255
+        loop, pidfd, callback, args = self._watched.pop(pid)
+        loop.remove_reader(pidfd)
         os.close(pidfd)
         callback(pid, code, *args)
 
