@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rawvm_agent.child_watch import use_pidfd_watcher
 from rawvm_agent.config import TaskConfig
@@ -252,8 +252,8 @@ class TaskManager:
         record = TaskRecord(id=task_id, argv=list(request.argv), cwd=str(cwd), started_at=time.time())
         task = Task(record, self.dir / task_id)
         task.dir.mkdir(parents=True)
-        for stream in STREAMS:
-            task.log_path(stream).touch()
+        # Opened (so created) before the process starts, and kept for the pumps: one open per log, not two.
+        logs = {stream: task.log_path(stream).open("ab") for stream in STREAMS}
         try:
             task.process = await asyncio.create_subprocess_exec(
                 *request.argv,
@@ -266,6 +266,8 @@ class TaskManager:
             )
         except (OSError, ValueError) as exc:
             # Not found, not executable, not a program (ENOEXEC), a name too long: the request's fault, a 400.
+            for log_file in logs.values():
+                log_file.close()
             with contextlib.suppress(OSError):
                 for stream in STREAMS:
                     task.log_path(stream).unlink()
@@ -279,18 +281,18 @@ class TaskManager:
             self.first_started_at = record.started_at
         self.started_total += 1
         log.info("task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
-        pump = asyncio.create_task(self._run(task), name=f"task-{task_id}")
+        pump = asyncio.create_task(self._run(task, logs), name=f"task-{task_id}")
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
         self.on_change()
         return task
 
-    async def _run(self, task: Task) -> None:
+    async def _run(self, task: Task, logs: Mapping[str, BinaryIO]) -> None:
         assert task.process is not None and task.process.stdout is not None and task.process.stderr is not None
         rate = RateWatch()
         await asyncio.gather(
-            self._pump(task, "stdout", task.process.stdout, rate),
-            self._pump(task, "stderr", task.process.stderr, rate),
+            self._pump(task, "stdout", task.process.stdout, rate, logs["stdout"]),
+            self._pump(task, "stderr", task.process.stderr, rate, logs["stderr"]),
         )
         code = await task.process.wait()
         record = task.record
@@ -305,11 +307,13 @@ class TaskManager:
         await task.notify()
         self.on_change()
 
-    async def _pump(self, task: Task, stream: str, pipe: asyncio.StreamReader, rate: RateWatch) -> None:
+    async def _pump(
+        self, task: Task, stream: str, pipe: asyncio.StreamReader, rate: RateWatch, log_file: BinaryIO
+    ) -> None:
         masker = StreamRedactor(self.redactor)
         cap = self.config.log_cap_bytes
         record = task.record
-        with task.log_path(stream).open("ab") as out:
+        with log_file as out:
 
             def write(data: bytes) -> None:
                 room = max(cap - record.bytes_written[stream], 0)
