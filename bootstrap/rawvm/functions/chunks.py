@@ -22,6 +22,7 @@ died, the function did not unpickle) fails each of its calls with that error.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import pickle
 import time
@@ -103,7 +104,8 @@ class _Map:
         self.pool, self.blob, self.items, self.options = pool, blob, items, options
         self.sizer = options.sizer
         self.next = 0  # the first item not sent yet
-        self.sent: list[_Sent] = []  # in input order; the head is taken off as it completes
+        self.sent: collections.deque[_Sent] = collections.deque()  # input order; the head leaves as it completes
+        self.flying: set[asyncio.Future[Any]] = set()  # sent and not back
         self.outcomes: list[tuple[bool, Any]] = []
 
     def _workers(self) -> int:
@@ -126,11 +128,8 @@ class _Map:
             self.sizer.item_bytes = len(payload) / calls
             return calls, payload
 
-    def _in_flight(self) -> list[asyncio.Future[Any]]:
-        return [s.future for s in self.sent if not s.future.done()]
-
     async def _fill(self) -> None:
-        out = len(self._in_flight())
+        out = len(self.flying)
         room = IN_FLIGHT_PER_WORKER * self._workers() - out
         if self.sizer.per_call_s is None:
             room = min(room, self._workers() - out)  # probes: one per worker at most
@@ -148,8 +147,10 @@ class _Map:
             sent = _Sent(start, calls, now, future)
             future.add_done_callback(lambda f, s=sent: self._came_back(s, f))  # type: ignore[misc]
             self.sent.append(sent)
+            self.flying.add(future)
 
     def _came_back(self, sent: _Sent, future: asyncio.Future[Any]) -> None:
+        self.flying.discard(future)
         if not future.cancelled() and future.exception() is None:
             compute_s = future.result()[0]
             self.sizer.observe(sent.calls, compute_s, time.monotonic() - sent.sent_at)
@@ -159,7 +160,7 @@ class _Map:
     def _take_done(self) -> bool:
         """Move the completed head chunks' results to ``outcomes``; True when the map stops at an error."""
         while self.sent and self.sent[0].future.done():
-            head = self.sent.pop(0)
+            head = self.sent.popleft()
             for ok, value in self._outcomes(head):
                 self.outcomes.append((ok, value))
                 if not ok and self.options.stop_on_error:
@@ -185,7 +186,7 @@ class _Map:
         try:
             while self.next < len(self.items) or self.sent:
                 await self._fill()
-                pending = self._in_flight()
+                pending = set(self.flying)
                 if pending:
                     probing = self.sizer.per_call_s is None
                     done, _ = await asyncio.wait(
