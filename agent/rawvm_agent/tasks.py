@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from rawvm_agent.child_watch import use_pidfd_watcher
 from rawvm_agent.config import TaskConfig
 from rawvm_agent.environment import Environment
 from rawvm_agent.logs import Redactor, StreamRedactor
@@ -194,7 +193,6 @@ class TaskManager:
         self._pumps: set[asyncio.Task[None]] = set()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._load_previous()
-        use_pidfd_watcher()
 
     def _load_previous(self) -> None:
         """Records of an earlier run of the agent; tasks that were running then died with it."""
