@@ -90,6 +90,7 @@ def batch_array(args: argparse.Namespace) -> list[str]:
         f"  rawvm batch run (task phase): {rawvm['tasks']:7.2f} s  {ours:7.2f} ms/task  ({ours / theirs:.1f}x xargs)",
         f"  rawvm batch run, end to end:  {rawvm['total']:7.2f} s  (lock, launch, boot, install, tasks, results)",
         f"  per-task overhead over xargs: {ours - theirs:.2f} ms",
+        f"  load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
     ]
 
 

@@ -79,6 +79,7 @@ class MapFigures:
                 f"  ratio rawvm / ProcessPoolExecutor: {self.pool_s / self.rawvm_s:.2f}x (chunksize=1), "
                 f"{self.tuned_s / self.rawvm_s:.2f}x (100)",
                 f"  first call, launching the machine{plural} (lock, install, workers): {self.cold_s:.1f} s",
+                f"  load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
             ]
         )
 

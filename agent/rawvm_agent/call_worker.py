@@ -58,6 +58,7 @@ def unpack(data: bytes) -> list[tuple[int, int, bytes]]:
     return frames
 
 
+CHUNK = "rawvm-chunk"  # (CHUNK, pickled function, [item, ...]): calls of a map sharing one payload (run_chunk)
 REFERENCE = "rawvm-function-ref"  # (REFERENCE, module, qualname): a decorated function of an importable module
 
 
@@ -129,28 +130,65 @@ def _stand_in_rawvm() -> Any:
     return module
 
 
+def _function(pickler: Any, blob: bytes, functions: dict[bytes, Any]) -> Any:
+    fn = functions.get(blob)
+    if fn is None:  # a map sends the same pickled function with every call: unpickle it once
+        if len(functions) >= FUNCTION_CACHE:
+            functions.clear()
+        _ensure_rawvm()
+        fn = functions[blob] = _resolve(pickler.loads(blob))
+    return fn
+
+
+def _failure(pickler: Any, exc: BaseException, skip_frames: int) -> bytes:
+    """An ERROR payload: the exception (or, when it does not pickle, its type name and text) and the formatted
+    traceback from the user's frame on (``skip_frames`` of the worker's own frames left out)."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+    frames = exc.__traceback__
+    for _ in range(skip_frames):
+        frames = frames.tb_next if frames is not None else None
+    formatted = "".join(traceback.format_exception(type(exc), exc, frames))
+    described = (None, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), formatted)
+    try:
+        payload: bytes = pickler.dumps((exc, *described[1:]))
+    except Exception:  # an exception that does not pickle still travels as its type name and text
+        payload = pickler.dumps(described)
+    return payload
+
+
 def run_call(pickler: Any, payload: bytes, functions: dict[bytes, Any]) -> tuple[int, bytes]:
     try:
-        blob, args, kwargs = pickler.loads(payload)
-        fn = functions.get(blob)
-        if fn is None:  # a map sends the same pickled function with every call: unpickle it once
-            if len(functions) >= FUNCTION_CACHE:
-                functions.clear()
-            _ensure_rawvm()
-            fn = functions[blob] = _resolve(pickler.loads(blob))
-        value = fn(*args, **kwargs)
+        call = pickler.loads(payload)
+        if call[0] == CHUNK:
+            return OK, run_chunk(pickler, call[1], call[2], functions)
+        blob, args, kwargs = call
+        value = _function(pickler, blob, functions)(*args, **kwargs)
         # Builtin scalars need no cloudpickle: the C pickler is several times faster for tiny results.
         return OK, pickle.dumps(value, protocol=5) if type(value) in _SCALARS else pickler.dumps(value)
     except BaseException as exc:  # the user's function may raise anything, SystemExit included
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        frames = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # from the user's frame on
-        formatted = "".join(traceback.format_exception(type(exc), exc, frames))
-        described = (None, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), formatted)
+        return ERROR, _failure(pickler, exc, 1)
+
+
+def run_chunk(pickler: Any, blob: bytes, items: list[Any], functions: dict[bytes, Any]) -> bytes:
+    """Calls of one map in one payload, ``fn(item)`` each: their results in order, and each failed call's ERROR
+    payload by its index, so an error stays the one call's. Also the seconds the calls took here, which the
+    client uses to size the next chunks."""
+    started = time.perf_counter()
+    fn = _function(pickler, blob, functions)
+    values: list[Any] = []
+    errors: list[tuple[int, bytes]] = []
+    for index, item in enumerate(items):
         try:
-            return ERROR, pickler.dumps((exc, *described[1:]))
-        except Exception:  # an exception that does not pickle still travels as its type name and text
-            return ERROR, pickler.dumps(described)
+            values.append(fn(item))
+        except BaseException as exc:  # the user's function may raise anything, SystemExit included
+            values.append(None)
+            errors.append((index, _failure(pickler, exc, 1)))
+    result = (time.perf_counter() - started, values, errors)
+    if all(type(v) in _SCALARS for v in values):
+        return pickle.dumps(result, protocol=5)  # tiny results: the C pickler is several times faster
+    chunk: bytes = pickler.dumps(result)
+    return chunk
 
 
 def tls_context(ca: str, cert: str, key: str) -> Any:

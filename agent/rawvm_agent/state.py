@@ -114,15 +114,24 @@ def _check_types(obj: Any, types: dict[str, tuple[type, ...]]) -> None:
             raise TypeError(f"{name!r} has the wrong type ({type(value).__name__})")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so readers (and a restarted agent) see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def write_json_atomic(path: Path, data: Any, *, durable: bool = True) -> None:
+    """Write JSON so readers (and a restarted agent) see the old file or the new one, never half of one.
+
+    ``durable=False`` skips the fsync: still atomic for every reader and for a crash of the agent, but a power
+    loss may leave the file missing or empty. For records written per task, whose loss costs at most a rerun
+    (the sink holds the copy that lasts): an fsync each was most of a tiny task's cost (issue 22).
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except FileNotFoundError:  # the first file of its directory: make the directory once, not on every write
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, sort_keys=True, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rawvm_agent.config import TaskConfig
 from rawvm_agent.environment import Environment
@@ -159,7 +159,8 @@ class Task:
         return self.dir / stream
 
     def save(self) -> None:
-        write_json_atomic(self.dir / "task.json", asdict(self.record))
+        # No fsync: a task record lost to a power cut is a task that died with its machine either way.
+        write_json_atomic(self.dir / "task.json", asdict(self.record), durable=False)
 
     async def notify(self) -> None:
         async with self._changed:
@@ -186,6 +187,7 @@ class TaskManager:
         self.secret_env_names = tuple(secret_env_names)
         self.on_change = on_change
         self.tasks: dict[str, Task] = {}
+        self._live: dict[str, Task] = {}  # started by this process and not ended: what ``running`` looks at
         self.started_total = 0
         self.first_started_at: float | None = None  # the machine's first task (boot_phases.py)
         self._pumps: set[asyncio.Task[None]] = set()
@@ -213,7 +215,8 @@ class TaskManager:
 
     @property
     def running(self) -> list[Task]:
-        return [t for t in self.tasks.values() if t.record.state == TaskState.RUNNING]
+        # Not every task ever run: the idle policy asks on each task's start and end, and a batch runs thousands.
+        return [t for t in self._live.values() if t.record.state == TaskState.RUNNING]
 
     def last_ended_at(self) -> float | None:
         ended = [t.record.ended_at for t in self.tasks.values() if t.record.ended_at is not None]
@@ -247,8 +250,8 @@ class TaskManager:
         record = TaskRecord(id=task_id, argv=list(request.argv), cwd=str(cwd), started_at=time.time())
         task = Task(record, self.dir / task_id)
         task.dir.mkdir(parents=True)
-        for stream in STREAMS:
-            task.log_path(stream).touch()
+        # Opened (so created) before the process starts, and kept for the pumps: one open per log, not two.
+        logs = {stream: task.log_path(stream).open("ab") for stream in STREAMS}
         try:
             task.process = await asyncio.create_subprocess_exec(
                 *request.argv,
@@ -261,6 +264,8 @@ class TaskManager:
             )
         except (OSError, ValueError) as exc:
             # Not found, not executable, not a program (ENOEXEC), a name too long: the request's fault, a 400.
+            for log_file in logs.values():
+                log_file.close()
             with contextlib.suppress(OSError):
                 for stream in STREAMS:
                     task.log_path(stream).unlink()
@@ -269,23 +274,23 @@ class TaskManager:
             raise TaskError(f"cannot run {request.argv[0][:200]!r}: {reason}") from None
         record.pid = task.process.pid
         task.save()
-        self.tasks[task_id] = task
+        self.tasks[task_id] = self._live[task_id] = task
         if self.first_started_at is None:
             self.first_started_at = record.started_at
         self.started_total += 1
         log.info("task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
-        pump = asyncio.create_task(self._run(task), name=f"task-{task_id}")
+        pump = asyncio.create_task(self._run(task, logs), name=f"task-{task_id}")
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
         self.on_change()
         return task
 
-    async def _run(self, task: Task) -> None:
+    async def _run(self, task: Task, logs: Mapping[str, BinaryIO]) -> None:
         assert task.process is not None and task.process.stdout is not None and task.process.stderr is not None
         rate = RateWatch()
         await asyncio.gather(
-            self._pump(task, "stdout", task.process.stdout, rate),
-            self._pump(task, "stderr", task.process.stderr, rate),
+            self._pump(task, "stdout", task.process.stdout, rate, logs["stdout"]),
+            self._pump(task, "stderr", task.process.stderr, rate, logs["stderr"]),
         )
         code = await task.process.wait()
         record = task.record
@@ -294,16 +299,19 @@ class TaskManager:
         if record.state == TaskState.RUNNING:
             record.state = TaskState.EXITED
         task.save()
+        self._live.pop(record.id, None)
         task.done.set()
         log.info("task %s %s with exit code %s", record.id, record.state, code)
         await task.notify()
         self.on_change()
 
-    async def _pump(self, task: Task, stream: str, pipe: asyncio.StreamReader, rate: RateWatch) -> None:
+    async def _pump(
+        self, task: Task, stream: str, pipe: asyncio.StreamReader, rate: RateWatch, log_file: BinaryIO
+    ) -> None:
         masker = StreamRedactor(self.redactor)
         cap = self.config.log_cap_bytes
         record = task.record
-        with task.log_path(stream).open("ab") as out:
+        with log_file as out:
 
             def write(data: bytes) -> None:
                 room = max(cap - record.bytes_written[stream], 0)

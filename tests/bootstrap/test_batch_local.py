@@ -5,6 +5,7 @@ The environment is an empty requirements file (the lock needs no package index).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -161,7 +162,8 @@ def test_a_detached_batch_completes_and_its_machines_stop(env: dict[str, str], t
 def kill_tree(pid: int) -> None:
     root = psutil.Process(pid)
     for proc in [root, *root.children(recursive=True)]:
-        proc.send_signal(signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):  # a task that ended between the listing and the kill
+            proc.send_signal(signal.SIGKILL)
 
 
 def wait_some_results(cluster: str, machine: str, count: int, timeout: float = 120) -> None:

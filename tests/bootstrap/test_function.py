@@ -132,6 +132,16 @@ def test_a_remote_exception_is_raised_here_with_its_type_and_the_remote_frame(wo
     assert work.fails_on_threes.map(range(20), errors="skip") == [x for x in range(20) if x % 10 != 3]
 
 
+def test_a_big_map_of_tiny_calls_goes_in_chunks_and_keeps_order_and_each_error(work: ModuleType) -> None:
+    expected = [x for x in range(5000) if x % 10 != 3]
+    assert work.fails_on_threes.map(range(5000), errors="skip") == expected  # probes, then chunks
+    sizer = work.fails_on_threes._sizer
+    assert sizer.per_call_s is not None and sizer.size(5000, 3) > 100  # measured tiny: many calls a payload
+    assert work.fails_on_threes.map(range(5000), errors="skip") == expected  # big chunks from the start
+    with pytest.raises(ValueError, match="unlucky 3"):  # the first failure in input order, as itself
+        work.fails_on_threes.map(range(5000))
+
+
 def test_submit_returns_a_future(work: ModuleType) -> None:
     futures = [work.square.submit(x) for x in (3, 4, 5)]
     assert all(isinstance(f, concurrent.futures.Future) for f in futures)

@@ -29,16 +29,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rawvm_agent.call_worker import ERROR, LOST, OK, pack, unpack
+from rawvm_agent.call_worker import pack, unpack
 
 from rawvm import clusters
 from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_session
 from rawvm.errors import RawvmError
+from rawvm.functions.results import RemoteError, RemoteTraceback, decode_result
 from rawvm.launch import launch
 from rawvm.options import LaunchOptions
 from rawvm.session import ready_or_fail
 
 T = TypeVar("T")
+
+__all__ = [
+    "Pool",
+    "PoolOptions",
+    "RemoteError",
+    "RemoteTraceback",
+    "decode_result",
+    "forget",
+    "on_loop",
+    "pool_for",
+    "reuse_key",
+]
 
 MAX_CALL_BYTES = 48 << 20  # one pickled call; the agent refuses requests over 64 MiB
 MAX_BATCH_CALLS = 1024
@@ -72,45 +85,6 @@ def background_loop() -> asyncio.AbstractEventLoop:
 
 def on_loop(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     return asyncio.run_coroutine_threadsafe(coro, background_loop())
-
-
-# -- results ------------------------------------------------------------------------------------------------------
-
-
-class RemoteTraceback(Exception):
-    """The formatted traceback of an exception raised on the machine; the ``__cause__`` of the local exception,
-    as ``concurrent.futures`` does for process pools, so both tracebacks print."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text.rstrip()}\n"""'
-
-
-class RemoteError(RawvmError):
-    """A remote failure that cannot be raised as itself: an exception that did not pickle (its type and message
-    are here), or a call lost with its worker process or machine."""
-
-    def __init__(self, message: str, type_name: str = "") -> None:
-        super().__init__(message)
-        self.type_name = type_name
-
-
-def decode_result(loads: Callable[[bytes], Any], status: int, payload: bytes) -> tuple[bool, Any]:
-    """(True, value) or (False, the exception to raise locally)."""
-    if status == OK:
-        return True, loads(payload)
-    if status == LOST:
-        return False, RemoteError(payload.decode(errors="replace"))
-    if status == ERROR:
-        exc, type_name, message, text = loads(payload)
-        if not isinstance(exc, BaseException):
-            exc = RemoteError(f"{type_name}: {message}", type_name)
-        exc.__cause__ = RemoteTraceback(text)
-        return False, exc
-    return False, RemoteError(f"unknown result status {status}")
 
 
 # -- the pool -----------------------------------------------------------------------------------------------------
@@ -171,6 +145,7 @@ class _Machine:
     id: str
     url: str
     window: int = DEFAULT_WINDOW
+    workers: int = 0  # call workers it runs, as its last answer said (0: not known yet)
     outbox: collections.deque[_Call] = field(default_factory=collections.deque)
     inflight: dict[int, _Call] = field(default_factory=dict)
     sending: bool = False
@@ -312,31 +287,9 @@ class Pool:
         self._dispatch()
         return [c.future for c in calls]
 
-    async def run_in_order(
-        self,
-        payloads: Sequence[bytes],
-        loads: Callable[[bytes], Any],
-        stop_on_error: bool,
-        each_done: Callable[[], None] | None = None,
-    ) -> list[tuple[bool, Any]]:
-        """Run the calls; ``(True, result)`` or ``(False, exception)`` each, in input order. With
-        ``stop_on_error`` the list ends at the first failure in input order, and calls not sent yet are dropped."""
-        futures = await self.run(payloads, loads)
-        if each_done is not None:
-            for future in futures:
-                future.add_done_callback(lambda _: each_done())
-        outcomes: list[tuple[bool, Any]] = []
-        for future in futures:
-            try:
-                outcomes.append((True, await future))
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # the remote function's exception, whatever it is
-                outcomes.append((False, exc))
-                if stop_on_error:
-                    self.drop_unsent()
-                    break
-        return outcomes
+    def workers(self) -> int:
+        """Call workers on the live machines, as far as they have said (0 before any has)."""
+        return sum(m.workers for m in self.machines if not m.dead)
 
     def _dispatch(self) -> None:
         live = [m for m in self.machines if not m.dead]
@@ -387,6 +340,7 @@ class Pool:
                     self._kill(machine, f"machine {machine.id} refused calls ({_words(exc)})")
                     break
                 if workers:
+                    machine.workers = workers
                     machine.window = max(DEFAULT_WINDOW, workers * WINDOW_PER_WORKER)
                 if not machine.polling:
                     machine.polling = True

@@ -33,6 +33,7 @@ from rawvm_agent.call_worker import REFERENCE
 
 from rawvm.commands import down
 from rawvm.errors import UsageError
+from rawvm.functions.chunks import ChunkSizer, MapOptions, run_map
 from rawvm.functions.pool import MAX_CALL_BYTES, Pool, PoolOptions, forget, on_loop, pool_for, reuse_key
 from rawvm.functions.sources import with_sources
 from rawvm.options import LaunchOptions
@@ -53,6 +54,7 @@ class RemoteFunction(Generic[P, R]):
         self.options = options
         self.project_dir = project_dir
         self._pool: Pool | None = None
+        self._sizer = ChunkSizer()  # what this function's maps have shown: the next map's chunks start from it
 
     # -- the machines -------------------------------------------------------------------------------------------
 
@@ -147,17 +149,22 @@ class RemoteFunction(Generic[P, R]):
         """
         if errors not in ("raise", "skip"):
             raise UsageError(f"errors={errors!r}: choose 'raise' or 'skip'")
-        payloads = self._payloads(((item,), {}) for item in items)
-        if not payloads:
+        items = list(items)
+        if not items:
             return []  # nothing to run: no machines either
         pool = self._get_pool()
+        name = getattr(self.fn, "__name__", "calls")
         results: list[R] = []
-        with _map_progress(len(payloads), getattr(self.fn, "__name__", "calls")) as advance:
-            # One crossing to the loop thread for the whole map, not one per call.
-            waiting = on_loop(pool.run_in_order(payloads, cloudpickle.loads, errors == "raise", advance))
+        with _map_progress(len(items), name) as advance:
+            options = MapOptions(
+                self._sizer, cloudpickle.dumps, cloudpickle.loads, _plain_item, errors == "raise", name, advance
+            )
+            # One crossing to the loop thread for the whole map; the calls travel in chunks (functions/chunks.py).
+            waiting = on_loop(run_map(pool, self._pickled_function(), items, options))
             try:
                 outcomes = waiting.result()
             except BaseException:  # Ctrl-C: the calls not sent yet are dropped, those sent are cancelled
+                waiting.cancel()
                 on_loop(_drop(pool)).result()
                 raise
         for ok, value in outcomes:
@@ -183,8 +190,13 @@ def plain(value: Any, depth: int = 0) -> bool:
 _SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
 
 
+def _plain_item(item: Any) -> bool:
+    """A map item the C pickler can take: what ``plain`` says of a call's arguments ``(item,)``."""
+    return type(item) in _SCALARS or plain(item, 0)
+
+
 @contextlib.contextmanager
-def _map_progress(total: int, name: str) -> Iterator[Callable[[], None] | None]:
+def _map_progress(total: int, name: str) -> Iterator[Callable[[int], None] | None]:
     """A rich progress bar on stderr while a map of more than a few calls runs, on a terminal only."""
     if total < PROGRESS_MIN_CALLS or not sys.stderr.isatty():
         yield None
@@ -201,7 +213,7 @@ def _map_progress(total: int, name: str) -> Iterator[Callable[[], None] | None]:
         transient=True,
     ) as progress:
         task = progress.add_task("calls", total=total)
-        yield lambda: progress.advance(task)  # called on the loop thread: rich's Progress takes that
+        yield lambda calls: progress.advance(task, calls)  # called on the loop thread: rich's Progress takes that
 
 
 async def _drop(pool: Pool) -> int:
