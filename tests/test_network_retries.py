@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from rawvm_resolver import availability
 from rawvm_resolver.errors import ResolverError
+from rawvm_resolver.index_http import fresh_client
 
 from tests.helpers.http import serve_in_thread
 from tests.helpers.network import is_transient, with_retries
@@ -135,6 +136,7 @@ def test_against_the_real_index_with_dns_failing_one_lookup_in_ten(flaky_dns: Fl
     assert all(b"six-1.17.0" in page for page in pages)
     # the resolver's own index lookups (rawvm_resolver.availability) ride out the same resolver
     availability.index_files.cache_clear()
+    fresh_client()  # a new process's client: it looks pypi.org up again (once: the pooled client keeps the address)
     names = ["six", "attrs", "idna", "certifi", "packaging", "pyyaml", "click", "rich", "urllib3", "wheel"]
     assert all(availability.index_files(name) for name in names)
-    assert flaky_dns.failed >= 3
+    assert flaky_dns.failed >= 2  # one lookup in ten of the ~23 failed, and every step still got its answer

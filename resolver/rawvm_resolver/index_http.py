@@ -103,7 +103,7 @@ class IndexClient:
             raise
         if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
             return self.request(method, urllib.parse.urljoin(url, response.headers["Location"]), headers, timeout)
-        return IndexResponse(response.status, dict(response.headers), response.data)
+        return IndexResponse(response.status, response.headers, response.data)  # case-insensitive, as HTTP is
 
     def get(self, url: str, headers: Mapping[str, str] | None = None, timeout: float = 60) -> IndexResponse:
         return self.request("GET", url, headers, timeout)

@@ -29,7 +29,7 @@ from rawvm_resolver.relax import RELAXATION_SECONDS, relax_pins
 from rawvm_resolver.report import ReportRow
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
-from rawvm_resolver.uv_messages import build_cause, conflict, is_unsatisfiable, mentioned, summarise
+from rawvm_resolver.uv_messages import build_cause, conflict, is_unsatisfiable, mentioned, named_packages, summarise
 
 _MAX_ATTEMPTS = 16
 
@@ -77,7 +77,9 @@ def resolve(
             explanation = ""
             continue
         explanation = outcome  # the conflict the relaxed pin left: adjust or relax again, without rerunning uv
-    raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts")
+    names = named_packages(explanation)
+    last = f"; the last conflict was about {', '.join(names)}" if names else ""
+    raise ResolverError(f"cannot lock for {target.platform}: gave up after {_MAX_ATTEMPTS} attempts{last}")
 
 
 def _prefer_wheels(plan: Plan, target: Target, locked: dict[str, Any]) -> bool:

@@ -37,6 +37,20 @@ def mentioned(stderr: str, names: list[str]) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+_REQUIREMENT = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*(?:==|>=|<=|!=|~=|>|<)")
+
+
+def named_packages(stderr: str, most: int = 4) -> list[str]:
+    """The packages uv's explanation is about, in the order it names them (``tensorflow==2.9.2`` → tensorflow),
+    ``Python`` itself left out: what a short line must keep when the explanation is cut."""
+    found: list[str] = []
+    for match in _REQUIREMENT.finditer(summarise(stderr)):
+        name = match.group(1).lower().replace("_", "-")
+        if name not in found and name != "python":
+            found.append(name)
+    return found[:most]
+
+
 def build_cause(stderr: str, limit: int = 200) -> str:
     """The line of a failed build's output that says why: its last one before uv's hint."""
     output = stderr.split("[stderr]", 1)[-1].split("\nhint:", 1)[0]
@@ -78,7 +92,9 @@ def conflict(headline: str, stderr: str, limit: int = SHORT_LIMIT) -> ConflictEr
     detail = f"{headline}: {reason}\n\n{stderr.strip()}"
     line = f"{headline}: {reason}"
     if len(line) > limit:
-        more = " (whole text: rawvm lock --explain)"
+        names = named_packages(stderr)  # a cut line still says which packages conflict
+        about = f"about {', '.join(names)}; " if names else ""
+        more = f" ({about}whole text: rawvm lock --explain)"
         line = f"{headline}: {summarise(stderr, max(40, limit - len(headline) - 2 - len(more)))}{more}"
     hint = python_suggestion(stderr)
     return ConflictError(line + (f"; try {hint}" if hint else ""), detail)

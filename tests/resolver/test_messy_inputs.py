@@ -200,7 +200,11 @@ def test_mlx_locks_with_its_cpu_backend_at_the_default_image_glibc(tmp_path: Pat
     _, rows = _lock_cpu(source, tmp_path)
     assert rows["mlx"].target == "0.29.0" and rows["mlx-metal"].action == "dropped"
     assert rows["mlx-cpu"].target == "0.29.0"  # the library the Linux wheel needs
-    old = lock(source, Target(arch="x86_64", python="3.11", glibc="2.28"), tmp_path / "old", project_dir=tmp_path)
+    # A lock of nothing but dropped rows is refused now (issue 23): six keeps the old-glibc lock non-empty.
+    with_six = tmp_path / "with-six"
+    with_six.mkdir()
+    old_source = _write(with_six, "mlx==0.29.0\nmlx-metal==0.29.0\nsix==1.16.0\n")
+    old = lock(old_source, Target(arch="x86_64", python="3.11", glibc="2.28"), tmp_path / "old", project_dir=tmp_path)
     assert {row.name: row for row in old.rows}["mlx"].action == "dropped"  # manylinux_2_35 wheels only
 
 

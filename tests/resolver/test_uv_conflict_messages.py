@@ -65,7 +65,7 @@ def test_a_long_conflict_is_a_short_line_and_the_whole_text_is_kept() -> None:
     assert "\n" not in line
     assert len(line) <= SHORT_LIMIT
     assert line.startswith("cannot lock for linux-x86_64: the pins conflict: Because pkg0==1.0 depends on pkg1")
-    assert line.endswith("… (whole text: rawvm lock --explain)")
+    assert line.endswith("… (about pkg0, pkg1, pkg2, pkg3; whole text: rawvm lock --explain)")  # a cut line names them
     assert "pkg29==1.29 cannot be used" in error.detail
 
 
