@@ -218,7 +218,8 @@ async def test_a_stop_mid_batch_leaves_the_running_tasks_without_result_and_star
     agent, client = await make_agent(spec, sink=str(sink), idle=idle)
     await wait_results(client, 1)  # task 0 done; 1 and 2 running, 3 queued
     deadline = time.monotonic() + 30
-    while len(agent.batch.running) < 2 and time.monotonic() < deadline:
+    # both running tasks' processes exist (the runner counts a task as running a moment before its record does)
+    while (len(agent.batch.running) < 2 or len(agent.tasks.tasks) < 3) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     started = len(agent.tasks.tasks)
     assert (await client.post("/v1/shutdown", headers=AUTH)).status == 202
