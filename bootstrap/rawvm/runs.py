@@ -166,11 +166,19 @@ async def _steps(
 
 
 async def _sync(agents: dict[str, AgentClient], plan: RunPlan) -> None:
-    """The project's changed files, then the environment's changes, to every machine; a progress line each."""
-    if plan.sync_from is not None:
-        say((await sync_code(agents, plan.sync_from)).line())
-    if plan.relock is not None and (line := await sync_environment(agents, plan.relock)):
-        say(line)
+    """The project's changed files and the environment's changes, to every machine; a progress line each. The two
+    checks run side by side (the environment's is a scan on this side, the files' a round trip): a warm run with
+    nothing changed waits for the slower one only."""
+
+    async def files() -> str:
+        return (await sync_code(agents, plan.sync_from)).line() if plan.sync_from is not None else ""
+
+    async def environment() -> str:
+        return await sync_environment(agents, plan.relock) if plan.relock is not None else ""
+
+    for line in await asyncio.gather(files(), environment()):
+        if line:
+            say(line)
 
 
 async def _tasks(
