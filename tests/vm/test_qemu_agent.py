@@ -159,6 +159,18 @@ def test_rawvm_run_on_qemu_boots_installs_runs_and_powers_off_when_idle(
         named = [part.split()[0] for part in start_up.split(" start-up: ", 1)[1].split(" → ")]
         assert named == ["launched", *BOOT_PHASES], start_up
 
+        # rawvm shell on the real VM, in the same boot, within its 20 s keepalive (a shell counts as activity):
+        # the machine's /bin/sh over the agent's mutual-TLS websocket, its exit code rawvm shell's
+        shell = subprocess.run(
+            [rawvm, "shell", machine.cluster, "--", "echo $((6*7)); uname -s; exit 3"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert shell.returncode == 3, f"{shell.stderr}\n--- serial console (tail) ---\n{tail(serial)}"
+        assert shell.stdout == "42\nLinux\n", shell.stdout
+
         pid = int(machine.details["pid"])
         off = wait_for("qemu to exit by itself", lambda: not process_alive(pid), POWEROFF_TIMEOUT, lambda: tail(serial))
         console = serial.read_text(errors="replace")
