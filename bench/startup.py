@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rawvm_agent.boot_phases import ORDER
 from rawvm_images.local_vm import LocalImage, ensure_image
 from rawvm_images.qemu_boot import BootFiles, choose_accel, prepare_boot, process_alive, qemu_command, start_detached
 
@@ -53,16 +54,7 @@ BIG = "torch==2.5.1\n"
 BIG_FREE_GB = 40  # ~2.8 GB of wheels, unpacked into two uv caches, plus the venvs: keep ≥ 30 GB to the others
 GUEST_SCRIPT = Path(__file__).with_name("startup_guest.py")
 WORKSPACE = Path(__file__).resolve().parent.parent
-PHASES = (
-    "kernel_boot",
-    "bootstrap_start",
-    "uv_ready",
-    "agent_venv_ready",
-    "agent_up",
-    "bundle_downloaded",
-    "environment_installed",
-    "first_task_started",
-)
+PHASES = ORDER  # the agent's own list of the way to the first task
 _BARE = re.compile(rf"{MARKER} (\d+) (\d+\.\d+)")
 _INSTALL = re.compile(r"RAWVM-BENCH-INSTALL (\{.*\})")
 
