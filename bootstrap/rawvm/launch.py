@@ -153,6 +153,24 @@ def locked_bundle(env: Environment, target: Target, dest: Path) -> tuple[Path, s
     return locked.bundle_dir, locked.manifest_sha256
 
 
+def lock_ahead(options: LaunchOptions, dest: Path) -> Path:
+    """Lock the environment for the machines ``options`` asks for into ``dest``, before anything launches. A caller
+    that launches such machines again and again (a Dask cluster's scale-ups) passes ``dest`` as ``bundle_cache`` and
+    each launch uses the bundle as it is instead of locking anew."""
+    request = options.request
+    where = {"region": request.region} if request.region and request.provider == "aws" else {}
+    provider = get_provider(request.provider, **where)
+    target = target_for(provider, MachineSpec(cluster="", request=request, agent=AgentConfig(), agent_wheel=Path()))
+    scratch = Path(tempfile.mkdtemp(prefix="rawvm-bundle-"))
+    try:  # the lock is written into scratch, then copied to dest whole (``locked_bundle``)
+        locked_bundle(dataclasses.replace(options.environment, bundle_cache=dest), target, scratch / "bundle")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if not (dest / "rawvm-env.toml").is_file():
+        raise RawvmError(f"the locked bundle could not be kept at {dest}")
+    return dest
+
+
 def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Launched:
     """Check the price, lock, stage, launch; a launch that fails releases what it left (``launch_or_release``)."""
     request, env = options.request, options.environment

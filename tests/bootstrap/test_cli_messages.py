@@ -144,8 +144,6 @@ def test_ls_json_machine_prices_from_records(capsys: pytest.CaptureFixture[str])
     assert known_price("aws", 0.096) == 0.096
 
 
-def test_top_json_with_no_clusters_is_an_empty_machine_list(capsys: pytest.CaptureFixture[str]) -> None:
+def test_top_json_with_no_clusters_is_an_empty_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["top", "--json"]) == 0
-    snapshot = json.loads(capsys.readouterr().out)
-    assert snapshot["machines"] == []
-    assert isinstance(snapshot["time"], float)
+    assert json.loads(capsys.readouterr().out) == []

@@ -234,7 +234,9 @@ def parquet_files(directory: Path, parts: int = 4, rows: int = 5000) -> tuple[li
 
 @pytest.mark.network
 @pytest.mark.slow
-def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(project: Path, tmp_path: Path) -> None:
+def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(
+    project: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     import dask.dataframe as dd
 
     files, frame = parquet_files(tmp_path / "data")  # local machines share this host's files
@@ -260,6 +262,9 @@ def test_groupby_on_three_machines_scale_to_four_and_close_leaves_nothing(projec
             client.wait_for_workers(4, timeout=300)
             assert len(client.scheduler_info()["workers"]) == 4
             assert len(cluster.fleet.records) == 2  # the fourth worker came from one more launch
+            said = capfd.readouterr().err
+            assert said.count("resolving") == 1, said  # locked once, before the event loop: the scale-up reused it
+            assert "lock: the environment is unchanged, using its bundle from" in said
 
             # adaptive, with nothing to do: down to one worker; the retired workers' machines power off by themselves
             cluster.adapt(minimum=1, maximum=4)

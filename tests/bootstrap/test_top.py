@@ -51,8 +51,8 @@ class Cluster:
     def top_json(self) -> dict[str, Any]:
         result = rawvm("top", self.name, "--json", env=self.env, cwd=self.project)
         assert result.returncode == 0, result.stderr
-        snapshot: dict[str, Any] = json.loads(result.stdout)
-        return {m["machine"]: m for m in snapshot["machines"]}
+        snapshot: list[dict[str, Any]] = json.loads(result.stdout)
+        return {m["machine"]: m for m in snapshot}
 
     def record(self) -> clusters.ClusterRecord:
         os.environ["RAWVM_STATE_DIR"] = self.env["RAWVM_STATE_DIR"]
@@ -210,7 +210,7 @@ async def test_gpu_columns_and_prices_from_an_agent_with_eight_gpus(
         assert g.power_watts == (None if f.power_mw is None else f.power_mw / 1000)
         assert g.throttle == (["sw_power_cap"] if f.clock_event_reasons == 0x4 else [])  # 0x1 (gpu_idle) is quiet
     assert view.price_per_hour is None and view.cost_so_far(time.time()) is None  # aws without a price: unknown
-    assert json.loads(snapshot_json([view], time.time()))["machines"][0]["cost_so_far_usd"] is None
+    assert json.loads(snapshot_json([view], time.time()))[0]["cost_so_far_usd"] is None
 
     console = Console(width=220, height=40, record=True, color_system=None)
     console.print(render([view], time.time(), 40))

@@ -22,7 +22,7 @@ GIB = 1 << 30
 
 
 def _records(cluster: str | None, *, none_ok: bool = False) -> list[Any]:
-    """The clusters to follow; none at all is an error to the live table, an empty snapshot to ``--json``."""
+    """The clusters to follow; none at all is an error to the live table, ``[]`` to ``--json``."""
     from rawvm import clusters
 
     if cluster:
@@ -167,8 +167,10 @@ def render(views: Sequence[Any], now: float, height: int, width: int = 250) -> A
 
 
 def snapshot_json(views: Sequence[Any], now: float) -> str:
-    rows = [{**dataclasses.asdict(v), "cost_so_far_usd": v.cost_so_far(now)} for v in views]
-    return json.dumps({"time": now, "machines": rows}, indent=2, sort_keys=True)
+    """One row per machine, a list like ``ls --json`` (no clusters: ``[]``); ``time`` is when the snapshot was
+    taken, which ``cost_so_far_usd`` counts up to."""
+    rows = [{**dataclasses.asdict(v), "cost_so_far_usd": v.cost_so_far(now), "time": now} for v in views]
+    return json.dumps(rows, indent=2, sort_keys=True)
 
 
 async def _poll_once(records: list[Any], connections: int) -> list[Any]:
@@ -207,7 +209,7 @@ def _top(args: argparse.Namespace) -> int:
 
         raise UsageError("--connections must be at least 1")
     records = _records(args.cluster, none_ok=args.json)
-    if args.json:  # no clusters: the same object with an empty machine list, so a script reads one shape
+    if args.json:  # no clusters: an empty list, so a script reads one shape
         views = asyncio.run(_poll_once(records, args.connections)) if records else []
         print(snapshot_json(views, time.time()))
         return 0

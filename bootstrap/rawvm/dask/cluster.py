@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -44,7 +45,7 @@ from rawvm.dask.procs import (
 from rawvm.dask.retire import retire_machine
 from rawvm.dask.tls import TlsFiles, make_cluster_tls
 from rawvm.errors import RawvmError, UsageError
-from rawvm.launch import LaunchExtras, launch
+from rawvm.launch import LaunchExtras, launch, lock_ahead
 from rawvm.options import LaunchOptions, Lifetime
 from rawvm.progress import make_progress
 from rawvm.providers.base import Machine
@@ -96,6 +97,7 @@ class Fleet:
         self._waiting: list[asyncio.Future[_Slot]] = []
         self._batch: asyncio.Task[None] | None = None
         self._launches = 0
+        self.bundle: Path | None = None  # the workers' locked bundle (``lock``)
 
     # -- launches ----------------------------------------------------------------------------------------------
 
@@ -106,8 +108,20 @@ class Fleet:
     def _check(self, bundle_dir: Path) -> None:
         self.dask_cuda = check_environment(bundle_dir)
 
+    def lock(self) -> None:
+        """Lock the workers' environment once, into the cluster's directory, and check it has Dask: a bad
+        environment stops the cluster before its event loop or any machine starts, and every later launch of
+        worker machines (``scale`` up) uses this bundle instead of locking again."""
+        bundle = lock_ahead(self.options.launch, self.directory / "bundle")
+        self._check(bundle)
+        self.bundle = bundle
+
     def _launch_sync(self, count: int, vm_type: str, name: str) -> Launched:
+        if self.bundle is None:
+            self.lock()
         o = self.options.launch
+        if not vm_type or vm_type == o.request.vm_type:  # the workers' kind of machine: their bundle fits
+            o = o.replace(environment=dataclasses.replace(o.environment, bundle_cache=self.bundle))
         # Machines idle off after the grace alone: Dask's own idle_timeout has already said the cluster is idle.
         lifetime = Lifetime(keepalive_s=float(round(self.grace_s)), max_lifetime_s=o.lifetime.max_lifetime_s)
         options = o.replace(request=o.request.of_type(vm_type, count), lifetime=lifetime, cluster=name)
@@ -350,6 +364,8 @@ class RawvmCluster(SpecCluster):
         self.options = options
         worker = {"cls": RawvmWorker, "options": {"fleet": self.fleet}}
         try:
+            if not asynchronous:  # an async caller's loop is not blocked: its first launch locks, in a thread
+                self.fleet.lock()
             super().__init__(
                 workers={f"w{i}": worker for i in range(n)},
                 scheduler={"cls": RawvmScheduler, "options": {"fleet": self.fleet, "workers": n}},
