@@ -95,7 +95,10 @@ def code_archive(project: ProjectFiles) -> bytes:
     ):
         for relative in project.files:
             path = project.root / relative
-            data = path.read_bytes()
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # removed since it was listed (a build's temporary file): there is nothing to send
             member = tarfile.TarInfo(relative)
             member.size = len(data)
             member.mtime = 0

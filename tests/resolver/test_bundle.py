@@ -78,6 +78,15 @@ def uv_entry(name: str, wheels: list[str], sdist: bool = True) -> dict[str, obje
     return entry
 
 
+def test_a_file_removed_after_listing_is_left_out_of_the_archive(tmp_path: Path) -> None:
+    (tmp_path / "main.py").write_text("print(1)\n")
+    (tmp_path / "build.tmp").write_text("gone soon\n")
+    listed = list_project_files(tmp_path)
+    (tmp_path / "build.tmp").unlink()  # a concurrent build removed it between the listing and the archive
+    with tarfile.open(fileobj=io.BytesIO(code_archive(listed)), mode="r:gz") as archive:
+        assert archive.getnames() == ["main.py"]
+
+
 def test_pylock_keeps_target_wheels_only_and_sdists_only_without_a_wheel() -> None:
     uv_lock = {"packages": [uv_entry("b", ["b-1.0-py3-none-any.whl"]), uv_entry("a", [])]}
     document = build_pylock(uv_lock, Target(arch="x86_64", python="3.11"), [])

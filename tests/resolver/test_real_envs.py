@@ -141,9 +141,12 @@ class Outcome:
 def _lock_one(path: Path, target: Target, work: Path) -> Outcome:
     start = time.monotonic()
     conda = _is_conda(path)
+    (work / path.stem).mkdir(parents=True, exist_ok=True)
     try:
         result = with_retries(
-            lambda: lock(path, target, work / path.stem / "bundle", project_dir=work, pypi_only=conda)
+            # a project of its own: the bundle goes inside it (and is left out of its code); a shared one would
+            # archive every other lock's bundle as code, each bigger than the last
+            lambda: lock(path, target, work / path.stem / "bundle", project_dir=work / path.stem, pypi_only=conda)
         )
     except (ResolverError, InputError) as exc:
         return Outcome(path, time.monotonic() - start, None, str(exc))
