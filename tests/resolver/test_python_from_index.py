@@ -17,6 +17,7 @@ from rawvm_resolver import Target, lock
 from rawvm_resolver.python_choice import NO_PYTHON_RECORDED, running_python
 from rawvm_resolver.python_from_index import infer_python_from_index, python_from_index
 from rawvm_resolver.scan import scan
+from rawvm_resolver.sources import requirement_file_indexes
 
 from tests.systools import need_index
 
@@ -46,6 +47,17 @@ def test_an_input_that_records_its_python_is_not_asked_about(tmp_path: Path) -> 
     freeze.write_text(f"--index-url {CLOSED_INDEX}\nnumpy==1.22.4 ; python_version < '3.11'\ntomli==2.0.1\n")
     env = scan(freeze)
     assert infer_python_from_index(env) == env  # the marker told it: no lookup, even of a dead index
+
+
+def test_the_indexes_a_requirements_file_and_its_includes_name(tmp_path: Path) -> None:
+    (tmp_path / "base.txt").write_text("--extra-index-url https://download.pytorch.org/whl/cpu\nsix==1.16.0\n")
+    (tmp_path / "requirements.txt").write_text("-r base.txt\n-i https://mirror.example/simple\nnumpy==1.22.4\n")
+    assert requirement_file_indexes(tmp_path / "requirements.txt") == (
+        "https://mirror.example/simple",
+        ("https://download.pytorch.org/whl/cpu",),
+    )
+    (tmp_path / "other.txt").write_text("--index-url=https://other.example/simple\n")
+    assert requirement_file_indexes(tmp_path / "other.txt") == ("https://other.example/simple", ())
 
 
 @pytest.mark.network
