@@ -20,6 +20,7 @@ from rawvm_resolver.errors import InputError, ResolverError
 from rawvm_resolver.local import LocalBuild, build_local_packages
 from rawvm_resolver.lockfiles import check_not_empty, select_for_target
 from rawvm_resolver.project import code_archive, list_project_files
+from rawvm_resolver.python_from_index import infer_python_from_index
 from rawvm_resolver.report import ReportRow, sorted_rows
 from rawvm_resolver.resolve import resolve
 from rawvm_resolver.rules import TORCH_CPU_INDEX
@@ -67,6 +68,8 @@ def lock(
     say = progress or (lambda _message: None)
     say(f"scanning {source or 'the running environment'}")
     env = scan(source)
+    if not target.python:
+        env = infer_python_from_index(env)  # a freeze that records no Python: the one its pins have wheels for
     python_from = "--python" if target.python else env.platform.python_from or "the source environment's Python"
     target = _complete_target(target, env)
     env, marker_rows = select_for_target(env, target_marker_environment(target))

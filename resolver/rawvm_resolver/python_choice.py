@@ -19,6 +19,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 # The CPython minors a lock can be for; the newest is the newest released.
 KNOWN_PYTHONS = tuple(f"3.{minor}" for minor in range(8, 15))
+NO_PYTHON_RECORDED = "the input records no Python: the running one"  # no evidence: python_from_index may ask
 _MARKER_TOLERANCE = 0.1  # a python_version marker on a few lines (tomli < 3.11) only says where those install
 
 
@@ -62,7 +63,7 @@ def choose_python(
         return PythonChoice(newest, f"the newest Python every package with a listed wheel has one for ({tag} wheels)")
     running = running_python()
     if not said:
-        return PythonChoice(running, "the input records no Python: the running one")
+        return PythonChoice(running, NO_PYTHON_RECORDED)
     if running in candidates:
         return PythonChoice(running, f"the running Python, which {' and '.join(said)} allow")
     nearest = min(candidates, key=lambda version: abs(int(version.split(".")[1]) - int(running.split(".")[1])))
@@ -117,7 +118,7 @@ def _covered_by_wheels(packages: list[list[str]], candidates: list[str]) -> list
     covered = set(candidates)
     said = False
     for names in packages:
-        versions = _wheel_pythons(names)
+        versions = wheel_pythons(names)
         if versions is None:
             continue  # pure wheels, an sdist only, or no file list: any Python
         said = True
@@ -125,7 +126,7 @@ def _covered_by_wheels(packages: list[list[str]], candidates: list[str]) -> list
     return [version for version in candidates if version in covered] if said else []
 
 
-def _wheel_pythons(names: list[str]) -> set[str] | None:
+def wheel_pythons(names: list[str]) -> set[str] | None:
     """The Pythons a package's wheels install on; None when one of them is for any Python 3."""
     found: set[str] = set()
     for name in names:

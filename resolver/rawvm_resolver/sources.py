@@ -69,6 +69,22 @@ def read_file_input(path: Path) -> Environment:
     )
 
 
+def requirement_file_indexes(path: Path) -> tuple[str, tuple[str, ...]]:
+    """The ``--index-url`` ("" when none) and ``--extra-index-url`` values a requirements file (and its ``-r``
+    includes) names: the lock resolves from its own indexes, but asking the file's for wheels is truer to it."""
+    index_url, extras = "", []
+    for line in _read_requirement_file(path, set()):
+        words = shlex.split(line)
+        for option, value in zip(words, [*words[1:], ""], strict=True):
+            name, _, inline = option.partition("=")
+            url = inline or value
+            if name in ("-i", "--index-url") and url:
+                index_url = url
+            elif name == "--extra-index-url" and url:
+                extras.append(url)
+    return index_url, tuple(extras)
+
+
 def _read_requirement_file(path: Path, seen: set[Path]) -> list[str]:
     """Logical lines of a requirements file, with ``-r`` includes expanded and comments removed."""
     if path.resolve() in seen:
@@ -112,7 +128,8 @@ def parse_requirement_lines(
             continue
         if words[0].startswith("-"):
             continue  # index options, hashes, constraints files: the lock decides indexes and hashes itself
-        text = " ".join(word for word in words if not word.startswith("--hash"))
+        quoted = shlex.split(line, posix=False)  # a marker's quotes ('3.11') are part of the requirement
+        text = " ".join(word for word in quoted if not word.startswith("--hash"))
         try:
             requirement = PepRequirement(text)
         except InvalidRequirement as exc:
