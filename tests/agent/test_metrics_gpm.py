@@ -9,7 +9,6 @@ DCGM's: the activities are ratios 0-1 (NVML GPM gives percentages), PCIe and NVL
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from tests.agent.test_nvml_fakelib import (
     gpm_values,
     installed,
 )
-from tests.systools import need_tool
+from tests.helpers.promtool import DCGM_EXPORTER_FINDINGS, promtool_findings
 
 MIB = 1 << 20
 # DCGM name → (GPM metric, divisor from GPM's unit to DCGM's: percent → ratio, MiB/s → bytes/s)
@@ -109,14 +108,7 @@ async def test_dcgm_page_carries_the_profiling_series(
     text = await page(server, "/metrics/dcgm", until="DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{")
     check_profiling_values(text, gpm_fake, modelName=gpm_fake.gpus[0].name)
     # The profiling gauges add no promtool finding beyond those of dcgm-exporter's own page.
-    promtool = need_tool("promtool", "prometheus")
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3, result.stdout + result.stderr
-    findings = {line.split(" ", 1)[1] for line in (result.stdout + result.stderr).splitlines() if line.strip()}
-    assert findings == {
-        "label names should be written in 'snake_case' not 'camelCase'",
-        'counter metrics should have "_total" suffix',
-    }, findings
+    assert promtool_findings(text) == DCGM_EXPORTER_FINDINGS
 
 
 async def test_without_gpm_the_profiling_series_are_absent(
