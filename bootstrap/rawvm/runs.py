@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from rawvm import boot_timings, clusters
 from rawvm.agent.client import AgentClient, AgentError, agent_session
-from rawvm.code_sync import sync_code, sync_environment
+from rawvm.code_sync import code_states, sync_code, sync_environment
 from rawvm.errors import RawvmError, UsageError
 from rawvm.gang import Gang, NodeRun, cancel_if_stopped, gpus_of, run_gang
 from rawvm.options import Environment, TaskEnvironment
@@ -167,14 +167,16 @@ async def _steps(
 
 async def _sync(agents: dict[str, AgentClient], plan: RunPlan) -> None:
     """The project's changed files and the environment's changes, to every machine; a progress line each. The two
-    checks run side by side (the environment's is a scan on this side, the files' a round trip): a warm run with
-    nothing changed waits for the slower one only."""
+    checks run side by side, on one ``GET /v1/code`` a machine, and their local work (the files' hashes, the
+    environment's fingerprint) runs while that request is out: a warm run with nothing changed waits for the
+    slower one only."""
+    states = code_states(agents)
 
     async def files() -> str:
-        return (await sync_code(agents, plan.sync_from)).line() if plan.sync_from is not None else ""
+        return (await sync_code(agents, plan.sync_from, states)).line() if plan.sync_from is not None else ""
 
     async def environment() -> str:
-        return await sync_environment(agents, plan.relock) if plan.relock is not None else ""
+        return await sync_environment(agents, plan.relock, states) if plan.relock is not None else ""
 
     for line in await asyncio.gather(files(), environment()):
         if line:
