@@ -35,7 +35,7 @@ _COMMAND_MODULES = (
 # A command's first word -> the module that registers it, so ``rawvm run ...`` builds (and imports) only its own
 # parser: the whole parser imports every group's modules, ~70 ms (rawvm.cli.lock alone: the resolver's export and
 # the image modules). Only a shortcut: a word missing here (or none, as in ``rawvm --help``) builds them all.
-_MODULE_OF = {
+MODULE_OF = {
     **dict.fromkeys(("run", "up", "ls", "logs", "down"), "rawvm.cli.run"),
     **dict.fromkeys(("lock", "export"), "rawvm.cli.lock"),
     "top": "rawvm.cli.top",
@@ -59,10 +59,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command, or of ``command`` alone when one module registers it (``_MODULE_OF``)."""
+    """The parser of every command, or of ``command`` alone when one module registers it (``MODULE_OF``)."""
     parser = _Parser(prog="rawvm", description="Run Python work on raw cloud VMs, and leave nothing running.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    only = _MODULE_OF.get(command or "")
+    only = MODULE_OF.get(command or "")
     for name in (only,) if only else _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
