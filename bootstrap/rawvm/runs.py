@@ -147,8 +147,11 @@ async def _steps(
         agents = clients(launched.record, http)
         mark = time.monotonic()
         view = make_progress(sys.stderr)
+        statuses: dict[str, dict[str, Any]] = {}  # as each machine answered when it served: the head's GPUs
         try:
-            ready = wait_ready(agents, launched.provider, launched.record, view, launched.ready_timeout_s)
+            ready = wait_ready(
+                agents, launched.provider, launched.record, view, launched.ready_timeout_s, seen=statuses
+            )
             if not await until(ready, interrupts.first):
                 return
         finally:
@@ -160,9 +163,12 @@ async def _steps(
                 return  # Ctrl-C while sending: no task was started
             outcome.timings["sync"] = time.monotonic() - mark
         mark = time.monotonic()
-        await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts, outcome)
+        head = statuses[next(iter(agents))]
+        await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts, outcome, head)
         outcome.timings["task"] = time.monotonic() - mark
-        boot_timings.remember(launched.record, await boot_timings.fetch(agents))  # first_task_started now, too
+        # A machine's phases end with its first task's start; a warm run asks only machines not known that far.
+        if not all("first_task_started" in m.boot_phases for m in launched.record.machines):
+            boot_timings.remember(launched.record, await boot_timings.fetch(agents))  # first_task_started now, too
 
 
 async def _sync(agents: dict[str, AgentClient], plan: RunPlan) -> None:
@@ -191,11 +197,12 @@ async def _tasks(
     error_output: TextIO,
     interrupts: Interrupts,
     outcome: RunOutcome,
+    head_status: dict[str, Any],
 ) -> None:
     """Fill ``outcome``: run the task on every machine as one gang job (``rawvm.gang``: ranks and peers in each
     task's environment, the others cancelled when one node fails); on the first Ctrl-C cancel them all and let their
-    output drain."""
-    gang = Gang.of(machines, gpus_of(await next(iter(agents.values())).status()))
+    output drain. ``head_status``: the first machine's ``/v1/status`` (its GPUs size the gang)."""
+    gang = Gang.of(machines, gpus_of(head_status))
     many = len(agents) > 1
     kept: dict[str, dict[str, bytearray]] = {}
 
