@@ -68,18 +68,21 @@ _hooked = False
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
+    """The process's audit hook: records in a recording thread, nothing elsewhere. It never raises (an exception
+    here would fail the audited call): a path it cannot make sense of makes the record blind instead."""
     reads: Reads | None = getattr(_local, "reads", None)
     if reads is None:
         return
-    if event in _READ_EVENTS:
-        target = args[0] if args else None
-        if isinstance(target, str | bytes | os.PathLike):
-            with contextlib.suppress(TypeError, ValueError):
-                reads.paths.add(os.path.abspath(os.fsdecode(target)))
-        elif target is None and event in ("os.listdir", "os.scandir"):
-            reads.paths.add(os.getcwd())
-    elif event in _BLIND_EVENTS and not reads.blind:
-        reads.blind = event
+    try:
+        if event in _READ_EVENTS:
+            target = args[0] if args else None
+            if isinstance(target, int):  # a file descriptor: opened by path before, or not a file at all
+                return
+            reads.paths.add(os.path.abspath(os.fsdecode(target if target is not None else ".")))
+        elif event in _BLIND_EVENTS and not reads.blind:
+            reads.blind = event
+    except Exception as exc:
+        reads.blind = reads.blind or f"{event}: {exc}"
 
 
 @contextlib.contextmanager
