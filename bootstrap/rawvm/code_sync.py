@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rawvm.agent.client import AgentClient
+from rawvm.env_fingerprint import environment_fingerprint
 from rawvm.files import sha256_file
 from rawvm.options import Environment
 
@@ -68,13 +69,30 @@ def changed_archive(root: Path, names: list[str]) -> bytes:
     return code_archive(ProjectFiles(root=root, files=tuple(sorted(names)), skipped=()))
 
 
-async def sync_code(agents: dict[str, AgentClient], project_dir: Path) -> SyncReport:
-    """Send each machine the project files it lacks or holds in another version; what was sent."""
-    root, local = await asyncio.to_thread(project_hashes, project_dir)
+States = asyncio.Future[dict[str, dict[str, Any]]]  # each machine's GET /v1/code answer, by short id
+
+
+def code_states(agents: dict[str, AgentClient]) -> States:
+    """Ask each machine once what it holds (``GET /v1/code``), for both checks (its files, its environment); the
+    answers as a future, so the checks' local work runs while the request is out."""
+
+    async def ask() -> dict[str, dict[str, Any]]:
+        answers = await asyncio.gather(*(client.code_state() for client in agents.values()))
+        return dict(zip(agents, answers, strict=True))
+
+    return asyncio.ensure_future(ask())
+
+
+async def sync_code(agents: dict[str, AgentClient], project_dir: Path, states: States | None = None) -> SyncReport:
+    """Send each machine the project files it lacks or holds in another version; what was sent. ``states``: the
+    machines' ``code_states`` when already asked (else asked here)."""
+    hashing = asyncio.ensure_future(asyncio.to_thread(project_hashes, project_dir))
+    held = await (states if states is not None else code_states(agents))
+    root, local = await hashing
     archives: dict[tuple[str, ...], bytes] = {}
 
-    async def one(client: AgentClient) -> tuple[int, int]:
-        remote = await client.code_files()
+    async def one(mid: str, client: AgentClient) -> tuple[int, int]:
+        remote = {str(k): str(v) for k, v in (held.get(mid, {}).get("files") or {}).items()}
         changed = tuple(sorted(name for name, digest in local.items() if remote.get(name) != digest))
         if not changed:
             return 0, 0
@@ -83,19 +101,16 @@ async def sync_code(agents: dict[str, AgentClient], project_dir: Path) -> SyncRe
         await client.send_code(archives[changed])
         return len(changed), len(archives[changed])
 
-    results = await asyncio.gather(*(one(c) for c in agents.values()))
+    results = await asyncio.gather(*(one(mid, c) for mid, c in agents.items()))
     return SyncReport(dict(zip(agents, results, strict=True)))
 
 
-def _relock(env: Environment, state: dict[str, Any], dest: Path) -> tuple[Path, list[tuple[str, str]]] | None:
-    """Lock ``env`` again for the machine's target when its fingerprint differs from the machine's bundle's:
-    the new bundle and its files ``(path, kind)`` (code left out); None when the environment is unchanged."""
+def _relock(env: Environment, state: dict[str, Any], dest: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """Lock ``env`` again for the machine's target: the new bundle and its files ``(path, kind)`` (code left
+    out). Only a changed environment gets here, so a warm run never imports the resolver's lock modules."""
     from rawvm_resolver import lock
-    from rawvm_resolver.scan import scan
     from rawvm_resolver.target import DEFAULT_GLIBC, Target
 
-    if scan(env.source).fingerprint() == state.get("fingerprint"):
-        return None
     raw = state.get("target") or {}
     target = Target(
         arch=str(raw.get("arch", "x86_64")),
@@ -118,19 +133,22 @@ def _bundle_archive(bundle: Path, files: list[tuple[str, str]]) -> bytes:
     return buffer.getvalue()
 
 
-async def sync_environment(agents: dict[str, AgentClient], env: Environment) -> str:
-    """When the environment changed since the machines' bundle was locked, lock it again and install the
-    difference on each (uv changes only what differs); the progress line, "" when nothing changed."""
+async def sync_environment(agents: dict[str, AgentClient], env: Environment, states: States | None = None) -> str:
+    """When the environment changed since the machines' bundle was locked (its fingerprint differs from the first
+    machine's; ``rawvm.env_fingerprint``), lock it again and install the difference on each (uv changes only what
+    differs); the progress line, "" when nothing changed. ``states``: the machines' ``code_states`` when already
+    asked (else asked here)."""
     if not agents:
         return ""
-    state = await next(iter(agents.values())).code_state()
+    fingerprint = asyncio.ensure_future(asyncio.to_thread(environment_fingerprint, env.source))
+    held = await (states if states is not None else code_states(agents))
+    state = held.get(next(iter(agents)), {})
     if not state.get("locks"):
         return ""  # no locked environment there (an agent run by hand)
+    if await fingerprint == state.get("fingerprint"):
+        return ""
     with tempfile.TemporaryDirectory(prefix="rawvm-relock-") as scratch:
-        relocked = await asyncio.to_thread(_relock, env, state, Path(scratch) / "bundle")
-        if relocked is None:
-            return ""
-        bundle, files = relocked
+        bundle, files = await asyncio.to_thread(_relock, env, state, Path(scratch) / "bundle")
         locks = {path: sha256_file(bundle / path) for path, kind in files if kind == "pylock"}
         if locks == state.get("locks"):
             return ""

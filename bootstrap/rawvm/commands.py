@@ -18,7 +18,6 @@ from typing import Any, TextIO
 from rawvm import clusters, costs, sinks
 from rawvm.agent.client import AgentClient, AgentError, agent_session
 from rawvm.errors import RawvmError
-from rawvm.launch import launch
 from rawvm.options import LaunchOptions, check_command
 from rawvm.providers import FREE_PROVIDERS
 from rawvm.providers.base import Machine, Provider
@@ -78,6 +77,8 @@ def run_command(
         # machines that were up already answer at once; a short wait tells a stopped cluster quickly
         launched = Launched(provider=provider_of(record), record=record, timings={}, ready_timeout_s=30.0)
     else:
+        from rawvm.launch import launch  # a cold run only: a warm one needs none of the launch's modules
+
         launched = launch(options)
     record = launched.record
     project = (options.environment.project_dir or Path.cwd()).resolve()
@@ -113,6 +114,8 @@ def run_command(
 def up(options: LaunchOptions) -> clusters.ClusterRecord:
     """Launch machines and wait until every one is ready (each handed the options' variables and secrets for
     its later tasks); returns the cluster's record."""
+    from rawvm.launch import launch
+
     launched = launch(options)
     ready_or_fail(launched, options.task_env)
     return launched.record

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from rawvm import boot_timings, clusters
 from rawvm.agent.client import AgentClient, AgentError, agent_session
-from rawvm.code_sync import sync_code, sync_environment
+from rawvm.code_sync import code_states, sync_code, sync_environment
 from rawvm.errors import RawvmError, UsageError
 from rawvm.gang import Gang, NodeRun, cancel_if_stopped, gpus_of, run_gang
 from rawvm.options import Environment, TaskEnvironment
@@ -147,8 +147,11 @@ async def _steps(
         agents = clients(launched.record, http)
         mark = time.monotonic()
         view = make_progress(sys.stderr)
+        statuses: dict[str, dict[str, Any]] = {}  # as each machine answered when it served: the head's GPUs
         try:
-            ready = wait_ready(agents, launched.provider, launched.record, view, launched.ready_timeout_s)
+            ready = wait_ready(
+                agents, launched.provider, launched.record, view, launched.ready_timeout_s, seen=statuses
+            )
             if not await until(ready, interrupts.first):
                 return
         finally:
@@ -160,21 +163,26 @@ async def _steps(
                 return  # Ctrl-C while sending: no task was started
             outcome.timings["sync"] = time.monotonic() - mark
         mark = time.monotonic()
-        await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts, outcome)
+        head = statuses[next(iter(agents))]
+        await _tasks(agents, launched.record.machines, plan, output, error_output, interrupts, outcome, head)
         outcome.timings["task"] = time.monotonic() - mark
-        boot_timings.remember(launched.record, await boot_timings.fetch(agents))  # first_task_started now, too
+        # A machine's phases end with its first task's start; a warm run asks only machines not known that far.
+        if not all("first_task_started" in m.boot_phases for m in launched.record.machines):
+            boot_timings.remember(launched.record, await boot_timings.fetch(agents))  # first_task_started now, too
 
 
 async def _sync(agents: dict[str, AgentClient], plan: RunPlan) -> None:
     """The project's changed files and the environment's changes, to every machine; a progress line each. The two
-    checks run side by side (the environment's is a scan on this side, the files' a round trip): a warm run with
-    nothing changed waits for the slower one only."""
+    checks run side by side, on one ``GET /v1/code`` a machine, and their local work (the files' hashes, the
+    environment's fingerprint) runs while that request is out: a warm run with nothing changed waits for the
+    slower one only."""
+    states = code_states(agents)
 
     async def files() -> str:
-        return (await sync_code(agents, plan.sync_from)).line() if plan.sync_from is not None else ""
+        return (await sync_code(agents, plan.sync_from, states)).line() if plan.sync_from is not None else ""
 
     async def environment() -> str:
-        return await sync_environment(agents, plan.relock) if plan.relock is not None else ""
+        return await sync_environment(agents, plan.relock, states) if plan.relock is not None else ""
 
     for line in await asyncio.gather(files(), environment()):
         if line:
@@ -189,11 +197,12 @@ async def _tasks(
     error_output: TextIO,
     interrupts: Interrupts,
     outcome: RunOutcome,
+    head_status: dict[str, Any],
 ) -> None:
     """Fill ``outcome``: run the task on every machine as one gang job (``rawvm.gang``: ranks and peers in each
     task's environment, the others cancelled when one node fails); on the first Ctrl-C cancel them all and let their
-    output drain."""
-    gang = Gang.of(machines, gpus_of(await next(iter(agents.values())).status()))
+    output drain. ``head_status``: the first machine's ``/v1/status`` (its GPUs size the gang)."""
+    gang = Gang.of(machines, gpus_of(head_status))
     many = len(agents) > 1
     kept: dict[str, dict[str, bytearray]] = {}
 

@@ -80,9 +80,11 @@ async def wait_ready(
     view: MachineProgress,
     timeout: float | None = None,
     env: TaskEnvironment | None = None,
+    seen: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Poll every agent until it serves; raise when one fails, its machine stops, or ``timeout`` passes. With
-    ``env``, each agent is handed the variables (and secrets) every later task of its machine sees."""
+    ``env``, each agent is handed the variables (and secrets) every later task of its machine sees; with ``seen``,
+    each machine's status that showed it serving is kept there (a caller needing it asks no second time)."""
     timeout = provider.ready_timeout_s if timeout is None else timeout
     deadline = time.monotonic() + timeout
     pending = dict(agents)
@@ -103,6 +105,8 @@ async def wait_ready(
             view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
             if phase in SERVING_PHASES:
                 del pending[mid]
+                if seen is not None:
+                    seen[mid] = status
                 await hand_sink(client, provider, record, by_id[mid])
                 if env:
                     await client.set_env(env.all_values(), env.secret_names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import re
 import sys
@@ -31,6 +32,18 @@ _COMMAND_MODULES = (
 )
 
 
+# A command's first word -> the module that registers it, so ``rawvm run ...`` builds (and imports) only its own
+# parser: the whole parser imports every group's modules, ~70 ms (rawvm.cli.lock alone: the resolver's export and
+# the image modules). Only a shortcut: a word missing here (or none, as in ``rawvm --help``) builds them all.
+MODULE_OF = {
+    **dict.fromkeys(("run", "up", "ls", "logs", "down"), "rawvm.cli.run"),
+    **dict.fromkeys(("lock", "export"), "rawvm.cli.lock"),
+    "top": "rawvm.cli.top",
+    "cancel": "rawvm.cli.cancel",
+    "batch": "rawvm.cli.batch",
+}
+
+
 NEGATIVE_VALUE = re.compile(r"^-\d+(\.\d+)?[a-z\d.]*$")  # -5, -0.5, -5m, -1h30m
 
 
@@ -45,10 +58,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rawvm: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``command`` alone when one module registers it (``MODULE_OF``)."""
     parser = _Parser(prog="rawvm", description="Run Python work on raw cloud VMs, and leave nothing running.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in _COMMAND_MODULES:
+    only = MODULE_OF.get(command or "")
+    for name in (only,) if only else _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -60,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words[0] if words and not words[0].startswith("-") else None)
+    args = parser.parse_args(words)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -75,5 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def command() -> int:
+    """``main`` as the ``rawvm`` process runs it (the console script, ``python -m rawvm.cli``): the process ends
+    right after, so its objects are moved out of the cyclic collector's reach first (``gc.freeze``): the
+    interpreter's exit then skips collecting them (~45 ms of a warm ``rawvm run``'s ~300 ms). Files are flushed,
+    atexit handlers and threads are joined as always; only cyclic garbage left at exit is not finalized."""
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

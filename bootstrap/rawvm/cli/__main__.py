@@ -2,6 +2,6 @@
 
 import sys
 
-from rawvm.cli import main
+from rawvm.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -31,8 +31,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
 import tomli_w
 from rawvm_agent.config import AgentConfig, IdleConfig, config_to_dict
 from rawvm_resolver.target import Target
@@ -41,6 +41,9 @@ from rawvm.agent.tls import write_private
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import private_dir, state_dir
 from rawvm.providers.base import Machine, MachineSpec, Provider
+
+if TYPE_CHECKING:  # psutil is imported where used: a warm run asks this provider nothing that needs it
+    import psutil
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -257,6 +260,8 @@ class LocalProvider(Provider):
         return found
 
     def down(self, cluster: str) -> int:
+        import psutil
+
         cluster_dir = self._cluster_dir(cluster)
         stopped = 0
         wrappers = []
@@ -284,6 +289,8 @@ def _port_of(config: Path) -> int:
 
 def _wrapper_process(machine_dir: Path, pid_text: str = "") -> psutil.Process | None:
     """The live wrapper of ``machine_dir``: the recorded pid, checked against its command line (pids recycle)."""
+    import psutil
+
     try:
         pid = int(pid_text or (machine_dir / "wrapper.pid").read_text())
         proc = psutil.Process(pid)
@@ -295,6 +302,8 @@ def _wrapper_process(machine_dir: Path, pid_text: str = "") -> psutil.Process | 
 
 
 def _kill_session(sid: int) -> None:
+    import psutil
+
     for proc in psutil.process_iter(["pid"]):
         try:
             if os.getsid(proc.pid) == sid:
@@ -313,6 +322,8 @@ def _prctl(option: int, value: int) -> None:
 
 def _end_tree(grace: float) -> None:
     """Terminate every descendant (the subreaper collects orphans too), then kill what is left."""
+    import psutil
+
     children = psutil.Process().children(recursive=True)
     for child in children:
         try:
