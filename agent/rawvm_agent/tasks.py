@@ -237,7 +237,13 @@ class TaskManager:
 
     # -- start ------------------------------------------------------------------------------------------
 
-    async def start(self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str]) -> Task:
+    async def start(
+        self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str], *, record_at_start: bool = True
+    ) -> Task:
+        """Start the task; its record is written now, so a restarted agent lists it as lost. ``record_at_start``
+        False (batch tasks: the batch reruns what has no result, and an attempt's record is only looked at once
+        it has ended) writes it at the end only, and the task's directory with it or with its first output:
+        on this path, creating files is most of a tiny task's cost (issue 22)."""
         secrets = [request.env[n] for n in request.secret_env if n in request.env]
         secrets += [v for n in self.secret_env_names if (v := request.env.get(n) or base_environ.get(n))]
         self.redactor.add(*secrets)
@@ -252,7 +258,8 @@ class TaskManager:
         task_id = uuid.uuid4().hex[:12]
         record = TaskRecord(id=task_id, argv=list(request.argv), cwd=str(cwd), started_at=time.time())
         task = Task(record, self.dir / task_id)
-        task.dir.mkdir(parents=True)
+        if record_at_start:
+            task.dir.mkdir(parents=True)
         try:
             # Its own session and process group, so a stop kills its children too.
             task.process, out, err = spawn(request.argv, cwd=cwd, env=environ)
@@ -263,7 +270,8 @@ class TaskManager:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise TaskError(f"cannot run {request.argv[0][:200]!r}: {reason}") from None
         record.pid = task.process.pid
-        task.save()
+        if record_at_start:
+            task.save()
         self.tasks[task_id] = self._live[task_id] = task
         if self.first_started_at is None:
             self.first_started_at = record.started_at
@@ -308,6 +316,7 @@ class TaskManager:
                 kept = data[:room]
                 if kept:
                     if not opened:
+                        task.dir.mkdir(parents=True, exist_ok=True)
                         opened.append(closing.enter_context(task.log_path(stream).open("ab")))
                     out = opened[0]
                     out.write(kept)
