@@ -2,7 +2,9 @@
 
 Each task lives in ``tasks/<id>/`` under the state dir: ``task.json`` (the record), ``stdout`` and
 ``stderr``. The agent reads the task's pipes itself (rather than handing it the files) so it can cap the
-size, mask secret values and watch the write rate.
+size, mask secret values and watch the write rate. A log file is made when its first byte comes: a task that
+prints nothing has none, and readers take a missing log as empty (creating two files was a tiny task's largest
+cost, issue 22). Processes start through rawvm_agent.spawn (no thread per child).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from rawvm_agent.config import TaskConfig
 from rawvm_agent.environment import Environment
 from rawvm_agent.logs import Redactor, StreamRedactor
+from rawvm_agent.spawn import Child, PipeReader, spawn
 from rawvm_agent.state import write_json_atomic
 
 log = logging.getLogger("rawvm_agent.tasks")
@@ -151,7 +154,7 @@ class Task:
     def __init__(self, record: TaskRecord, directory: Path) -> None:
         self.record = record
         self.dir = directory
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: Child | None = None
         self.done = asyncio.Event()
         self._changed = asyncio.Condition()
 
@@ -234,7 +237,13 @@ class TaskManager:
 
     # -- start ------------------------------------------------------------------------------------------
 
-    async def start(self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str]) -> Task:
+    async def start(
+        self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str], *, record_at_start: bool = True
+    ) -> Task:
+        """Start the task; its record is written now, so a restarted agent lists it as lost. ``record_at_start``
+        False (batch tasks: the batch reruns what has no result, and an attempt's record is only looked at once
+        it has ended) writes it at the end only, and the task's directory with it or with its first output:
+        on this path, creating files is most of a tiny task's cost (issue 22)."""
         secrets = [request.env[n] for n in request.secret_env if n in request.env]
         secrets += [v for n in self.secret_env_names if (v := request.env.get(n) or base_environ.get(n))]
         self.redactor.add(*secrets)
@@ -249,49 +258,39 @@ class TaskManager:
         task_id = uuid.uuid4().hex[:12]
         record = TaskRecord(id=task_id, argv=list(request.argv), cwd=str(cwd), started_at=time.time())
         task = Task(record, self.dir / task_id)
-        task.dir.mkdir(parents=True)
-        # Opened (so created) before the process starts, and kept for the pumps: one open per log, not two.
-        logs = {stream: task.log_path(stream).open("ab") for stream in STREAMS}
+        if record_at_start:
+            task.dir.mkdir(parents=True)
         try:
-            task.process = await asyncio.create_subprocess_exec(
-                *request.argv,
-                cwd=cwd,
-                env=environ,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own process group, so a stop kills its children too
-            )
+            # Its own session and process group, so a stop kills its children too.
+            task.process, out, err = spawn(request.argv, cwd=cwd, env=environ)
         except (OSError, ValueError) as exc:
             # Not found, not executable, not a program (ENOEXEC), a name too long: the request's fault, a 400.
-            for log_file in logs.values():
-                log_file.close()
             with contextlib.suppress(OSError):
-                for stream in STREAMS:
-                    task.log_path(stream).unlink()
                 task.dir.rmdir()
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise TaskError(f"cannot run {request.argv[0][:200]!r}: {reason}") from None
         record.pid = task.process.pid
-        task.save()
+        if record_at_start:
+            task.save()
         self.tasks[task_id] = self._live[task_id] = task
         if self.first_started_at is None:
             self.first_started_at = record.started_at
         self.started_total += 1
         log.info("task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
-        pump = asyncio.create_task(self._run(task, logs), name=f"task-{task_id}")
+        pump = asyncio.create_task(self._run(task, out, err), name=f"task-{task_id}")
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
         self.on_change()
         return task
 
-    async def _run(self, task: Task, logs: Mapping[str, BinaryIO]) -> None:
-        assert task.process is not None and task.process.stdout is not None and task.process.stderr is not None
+    async def _run(self, task: Task, out: PipeReader, err: PipeReader) -> None:
+        assert task.process is not None
         rate = RateWatch()
-        await asyncio.gather(
-            self._pump(task, "stdout", task.process.stdout, rate, logs["stdout"]),
-            self._pump(task, "stderr", task.process.stderr, rate, logs["stderr"]),
-        )
+        try:
+            await asyncio.gather(self._pump(task, "stdout", out, rate), self._pump(task, "stderr", err, rate))
+        finally:
+            out.close()
+            err.close()
         code = await task.process.wait()
         record = task.record
         record.exit_code = code
@@ -305,18 +304,21 @@ class TaskManager:
         await task.notify()
         self.on_change()
 
-    async def _pump(
-        self, task: Task, stream: str, pipe: asyncio.StreamReader, rate: RateWatch, log_file: BinaryIO
-    ) -> None:
+    async def _pump(self, task: Task, stream: str, pipe: PipeReader, rate: RateWatch) -> None:
         masker = StreamRedactor(self.redactor)
         cap = self.config.log_cap_bytes
         record = task.record
-        with log_file as out:
+        opened: list[IO[bytes]] = []  # the log file, made by the first byte that is kept
+        with contextlib.ExitStack() as closing:
 
             def write(data: bytes) -> None:
                 room = max(cap - record.bytes_written[stream], 0)
                 kept = data[:room]
                 if kept:
+                    if not opened:
+                        task.dir.mkdir(parents=True, exist_ok=True)
+                        opened.append(closing.enter_context(task.log_path(stream).open("ab")))
+                    out = opened[0]
                     out.write(kept)
                     out.flush()
                     record.bytes_written[stream] += len(kept)
@@ -387,6 +389,11 @@ def _signal_group(task: Task, sig: signal.Signals) -> None:
 
 
 def read_log(path: Path, offset: int, limit: int) -> bytes:
-    with path.open("rb") as fh:
+    """Up to ``limit`` bytes of a task's log from ``offset``; a log not made yet (no output so far) is empty."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError:
+        return b""
+    with fh:
         fh.seek(offset)
         return fh.read(limit)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from rawvm_agent.config import TaskConfig
 from rawvm_agent.environment import Environment
 from rawvm_agent.logs import MASK, Redactor, StreamRedactor
-from rawvm_agent.tasks import RateWatch, Task, TaskError, TaskManager, TaskRequest, TaskState
+from rawvm_agent.tasks import RateWatch, Task, TaskError, TaskManager, TaskRequest, TaskState, read_log
 
 
 def manager(tmp_path: Path, **config: int) -> TaskManager:
@@ -145,7 +145,7 @@ async def test_interrupt_kills_the_whole_process_group(tmp_path: Path) -> None:
     request = TaskRequest.from_json({"argv": [sys.executable, "-c", code]})
     task = await mgr.start(request, own_python(tmp_path), {"PATH": os.environ["PATH"]})
     for _ in range(100):
-        if task.log_path("stdout").read_text().strip():
+        if read_log(task.log_path("stdout"), 0, 100).strip():  # the log is made by the first byte
             break
         await asyncio.sleep(0.05)
     child = int(task.log_path("stdout").read_text())
