@@ -21,11 +21,11 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
-def missing(what: str, remedy: str) -> NoReturn:
+def missing(what: str, remedy: str, *, verb: str = "is") -> NoReturn:
     """Skip (fresh machine) or fail (CI) a test whose need is not met, naming what to do about it."""
     if in_ci():
-        pytest.fail(f"{what} is missing, and CI must run this test for real: {remedy}", pytrace=False)
-    pytest.skip(f"{what} is missing: {remedy}")
+        pytest.fail(f"{what} {verb} missing, and CI must run this test for real: {remedy}", pytrace=False)
+    pytest.skip(f"{what} {verb} missing: {remedy}")
 
 
 def tool_path(name: str) -> str | None:
@@ -68,6 +68,7 @@ def need_vm_tools() -> None:
 
     if absent := missing_tools():
         missing(
-            f"the VM tools {', '.join(absent)}",
+            f"the VM tool{'s' if len(absent) > 1 else ''} {', '.join(absent)}",
             "apt-get install qemu-system-x86 qemu-utils debootstrap cloud-image-utils",
+            verb="is" if len(absent) == 1 else "are",
         )
