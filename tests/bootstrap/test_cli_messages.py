@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +15,12 @@ from rawvm.clusters import ClusterRecord
 from rawvm.commands import ClusterView, ls_json
 from rawvm.providers.base import Machine
 
+from tests.helpers.local import isolate_state
+
 
 @pytest.fixture(autouse=True)
 def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    return tmp_path
+    return isolate_state(tmp_path, monkeypatch)
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:

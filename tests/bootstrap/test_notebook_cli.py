@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 from rawvm.cli import main
 
-from tests.helpers.local import local_project
+from tests.helpers.local import isolate_state, local_project
 
 
 @pytest.fixture(autouse=True)
 def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
-    return tmp_path
+    return isolate_state(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize(

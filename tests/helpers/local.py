@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 import psutil
+import pytest
+
+
+def isolate_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process's rawvm state and temporary files under ``tmp_path`` (``state/``, ``tmp/``) for one test."""
+    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # gettempdir() caches TMPDIR per process
+    (tmp_path / "tmp").mkdir()
+    return tmp_path
 
 
 def local_project(root: Path, files: dict[str, str]) -> tuple[Path, Path, dict[str, str]]:
