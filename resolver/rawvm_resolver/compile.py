@@ -4,7 +4,6 @@ command line from a Plan, runs it, and reads the lock it wrote."""
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import threading
 import tomllib
@@ -16,6 +15,7 @@ from uv import find_uv_bin
 
 from rawvm_resolver.target import Target
 from rawvm_resolver.translate import Plan
+from rawvm_resolver.uv_pythons import UV_PYTHONS
 
 _UV_BIN_LOCK = threading.Lock()
 BUILD_CONSTRAINTS = "build-constraints.txt"
@@ -102,19 +102,17 @@ def uv_compile(inputs: CompileInputs, work_dir: Path, timeout: float | None = No
     requirements, constraints = write_inputs(inputs, work_dir)
     output = work_dir / "pylock.toml"
     command = uv_compile_command(inputs, requirements, constraints, output)
+    python = inputs.target.python
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, env=_uv_env(), check=False, timeout=timeout)
+        completed = subprocess.run(
+            command, capture_output=True, text=True, env=UV_PYTHONS.env(python), check=False, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         raise UvTimeout(f"uv pip compile ran past {timeout:.0f} s") from None
+    UV_PYTHONS.note_run(python, uv_bin)
     if completed.returncode != 0:
         raise UvFailure(completed.stderr)
     return tomllib.loads(output.read_text())
-
-
-def _uv_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("UV_NO_PROGRESS", "1")
-    return env
 
 
 def compile_inputs(plan: Plan, target: Target) -> CompileInputs:
