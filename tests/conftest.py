@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.scheduling import group_and_order, summaries
 from tests.systools import need_index, need_vm_tools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,3 +26,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         need_index()
     if item.get_closest_marker("vm"):
         need_vm_tools()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    group_and_order(items, REPO)  # tests/scheduling.py: a file (all VM tests) per xdist unit, long units first
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    reports = [report for key in ("passed", "failed") for report in terminalreporter.stats.get(key, [])]
+    for text in summaries(reports):
+        terminalreporter.write_line(text)
