@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scheduling import group_and_order, summaries
+from tests.scheduling import UnitScheduling, order_long_first, summaries
 from tests.systools import need_index, need_vm_tools
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    group_and_order(items, REPO)  # tests/scheduling.py: a file (all VM tests) per xdist unit, long units first
+    order_long_first(items)  # tests/scheduling.py
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> UnitScheduling:
+    return UnitScheduling(config, log)  # a file per unit, all VM tests one unit (tests/scheduling.py)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,4 +1,4 @@
-"""How the suite spreads over pytest-xdist's workers (``-n auto --dist loadgroup`` in pyproject.toml).
+"""How the suite spreads over pytest-xdist's workers (``--numprocesses auto`` in pyproject.toml).
 
 Most of the suite waits: on PyPI, on agents starting, on machines idling off (a serial run kept 48 % of one core
 busy on this 2-core machine). So it runs on a worker per core, with three rules:
@@ -17,11 +17,12 @@ output never reaches the terminal, and :func:`summaries` prints them at the end 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 VM_GROUP = "vm"
+VM_TESTS = "tests/vm/"
 SUMMARY = "rawvm_summary"
 # Files that take minutes, longest first (`--durations` of a whole run); everything else keeps collection order.
 LONG_FIRST = (
@@ -37,25 +38,26 @@ LONG_FIRST = (
 )
 
 
-def unit_of(item: pytest.Item, root: Path) -> str:
-    """The xdist group of a test: ``vm`` for the VM tests, else its file, relative to the repository."""
-    path = Path(item.path)
-    if item.get_closest_marker("vm") or path.parent.name == VM_GROUP:
-        return VM_GROUP
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
+def unit_of(nodeid: str) -> str:
+    """The unit a test runs in: ``vm`` for the VM tests, else its file (``tests/x/test_y.py``)."""
+    path = nodeid.split("::", 1)[0]
+    return VM_GROUP if path.startswith(VM_TESTS) else path
 
 
-def group_and_order(items: list[pytest.Item], root: Path) -> None:
-    """Mark every item with its unit and put the long units first (in place; stable otherwise)."""
+def order_long_first(items: list[pytest.Item]) -> None:
+    """Put the long units first, in place; the rest keep their collection order (the sort is stable)."""
     rank = {name: index for index, name in enumerate(LONG_FIRST)}
-    units = {}
-    for item in items:
-        units[item.nodeid] = unit = unit_of(item, root)
-        item.add_marker(pytest.mark.xdist_group(unit))
-    items.sort(key=lambda item: rank.get(units[item.nodeid], len(rank)))
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))
+
+
+class UnitScheduling(LoadScopeScheduling):
+    """xdist's scope scheduling with :func:`unit_of` as the scope, units handed out in collection order (run
+    with ``--no-loadscope-reorder``, else xdist puts the units with the most tests first). Not ``loadgroup``:
+    with pytest 9.2 xdist 3.8 renames the node ids it groups by through ``Item._nodeid``, which pytest no longer
+    reads, so every test would be a unit of its own."""
+
+    def _split_scope(self, nodeid: str) -> str:  # xdist's extension point: the other schedulers override it too
+        return unit_of(nodeid)
 
 
 def summaries(reports: Iterable[pytest.TestReport]) -> list[str]:
