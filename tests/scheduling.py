@@ -8,7 +8,9 @@ busy on this 2-core machine). So it runs on a worker per core, with three rules:
 - **the VM tests are one unit**: they share one image build (``~/.cache/rawvm/images``) and must not boot two
   TCG guests at once on two cores;
 - **the longest units start first**, so that none of them is left running alone at the end: a unit starts in the
-  order of the items (xdist's scheduler takes them first come, first served), so known-long files go first.
+  order of the items (xdist's scheduler takes them first come, first served), so known-long files go first —
+  except the VM unit, which goes **last**: a TCG guest wants both cores, and its in-guest timers (idle-off,
+  keepalives, the watchdog) are what the VM tests check, so it runs beside as little else as possible.
 
 The summaries a test wants shown (the corpus share) travel as a ``rawvm_summary`` user property: a worker's own
 output never reaches the terminal, and :func:`summaries` prints them at the end of the run, with or without xdist.
@@ -27,7 +29,6 @@ SUMMARY = "rawvm_summary"
 # Files that take minutes, longest first (`--durations` of a whole run); everything else keeps collection order.
 LONG_FIRST = (
     "tests/resolver/test_real_envs.py",
-    VM_GROUP,
     "tests/fuzz/test_agent_api_fuzz.py",
     "tests/bootstrap/test_dask_cluster.py",
     "tests/resolver/test_lock_foreign.py",
@@ -45,9 +46,10 @@ def unit_of(nodeid: str) -> str:
 
 
 def order_long_first(items: list[pytest.Item]) -> None:
-    """Put the long units first, in place; the rest keep their collection order (the sort is stable)."""
-    rank = {name: index for index, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))
+    """Put the long units first and the VM unit last, in place; the rest keep their collection order (the sort is
+    stable)."""
+    rank = {name: index for index, name in enumerate(LONG_FIRST)} | {VM_GROUP: len(LONG_FIRST) + 1}
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(LONG_FIRST)))
 
 
 class UnitScheduling(LoadScopeScheduling):

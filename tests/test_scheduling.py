@@ -1,5 +1,5 @@
 """The suite's own spread over xdist workers (tests/scheduling.py): a file per unit, the VM tests one unit, long
-units first, summaries shown whichever worker ran them."""
+units first and the VM unit last, summaries shown whichever worker ran them."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ def test_a_file_is_a_unit_and_the_vm_tests_are_one() -> None:
 
 def test_every_long_unit_named_exists() -> None:
     for unit in LONG_FIRST:
-        assert unit == VM_GROUP or (TESTS.parent / unit).is_file(), unit
+        assert (TESTS.parent / unit).is_file(), unit
 
 
-def test_long_units_go_first_and_the_rest_keep_their_order() -> None:
+def test_long_units_go_first_the_vm_unit_last_and_the_rest_keep_their_order() -> None:
     class Item:
         def __init__(self, nodeid: str) -> None:
             self.nodeid = nodeid
@@ -31,7 +31,7 @@ def test_long_units_go_first_and_the_rest_keep_their_order() -> None:
     names = ["tests/a.py::t1", "tests/vm/test_q.py::t", "tests/b.py::t2", f"{LONG_FIRST[0]}::t", "tests/a.py::t3"]
     items = [Item(name) for name in names]
     order_long_first(items)  # type: ignore[arg-type]
-    assert [item.nodeid for item in items] == [names[3], names[1], names[0], names[2], names[4]]
+    assert [item.nodeid for item in items] == [names[3], names[0], names[2], names[4], names[1]]
 
 
 def test_summaries_come_from_the_reports_user_properties() -> None:
