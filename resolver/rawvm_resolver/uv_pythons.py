@@ -29,9 +29,11 @@ class UvPythons:
         self._unavailable: set[str] = set()  # those uv had no interpreter of even then (its download failed)
 
     def env(self, python: str) -> dict[str, str]:
-        """The environment for a uv run that targets ``python``."""
+        """The environment for a uv run that targets ``python`` (and whose messages rawvm reads)."""
         env = dict(os.environ)
         env.setdefault("UV_NO_PROGRESS", "1")
+        # uv wraps its messages at $COLUMNS (a build's error line split over four): rawvm reads them line by line
+        env.pop("COLUMNS", None)
         with self._lock:
             unavailable = python in self._unavailable
         if unavailable:

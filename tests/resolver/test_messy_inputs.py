@@ -275,8 +275,12 @@ def test_a_moved_pin_relaxes_the_pins_its_new_version_refuses() -> None:
 
 
 @pytest.mark.network
-def test_a_pinned_sdist_that_no_longer_builds_moves_and_says_why(tmp_path: Path) -> None:
-    # gym 0.21.0's setup.py is refused by today's setuptools (and its metadata by every modern installer)
+def test_a_pinned_sdist_that_no_longer_builds_moves_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gym 0.21.0's setup.py is refused by today's setuptools (and its metadata by every modern installer); a narrow
+    # terminal must not cut uv's message of it (uv wraps at $COLUMNS: this test once read only its last fragment)
+    monkeypatch.setenv("COLUMNS", "60")
     result = lock(_write(tmp_path, "gym==0.21.0\n"), CPU, tmp_path / "bundle", project_dir=tmp_path)
     row = {row.name: row for row in result.rows}["gym"]
     assert row.source == "0.21.0" and row.target != "0.21.0"
