@@ -160,12 +160,23 @@ def test_top_in_a_real_terminal(cluster: Cluster, tmp_path: Path) -> None:
             result = subprocess.run([*base, "capture-pane", "-p"], capture_output=True, text=True, timeout=30)
             return result.stdout
 
-        def ready() -> str | None:
-            text = screen()
-            return text if "python burn.py 600" in text and text.count(" idle ") >= 2 else None
+        def rows(text: str) -> dict[str, str]:
+            return {line.split()[0]: line for line in text.splitlines() if line.split()[:1] in (["m0"], ["m1"], ["m2"])}
 
-        text = wait_for(ready, "rawvm top's table in the tmux pane")
-        lines = {line.split()[0]: line for line in text.splitlines() if line.split()[:1] in (["m0"], ["m1"], ["m2"])}
+        last = [""]
+
+        def ready() -> str | None:
+            # A whole frame: under load a capture can land mid-redraw (rows drawn, header and summary not yet)
+            text = last[0] = screen()
+            lines = rows(text)
+            whole = "3 machines:" in text and "·" in text and len(lines) == 3 and "of 10m00s" in lines.get("m1", "")
+            return text if whole and "python burn.py 600" in text and text.count(" idle ") >= 2 else None
+
+        try:
+            text = wait_for(ready, "rawvm top's table in the tmux pane")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the pane last showed:\n{last[0]}") from None
+        lines = rows(text)
         assert sorted(lines) == ["m0", "m1", "m2"], text
         assert " busy " in lines["m0"] and "python burn.py 600" in lines["m0"]
         assert " idle " in lines["m1"] and " idle " in lines["m2"] and "of 10m00s" in lines["m1"]
