@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     order_long_first(items)  # tests/scheduling.py
 
 
+@pytest.hookimpl(optionalhook=True)  # `-p no:xdist` runs without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> UnitScheduling:
     return UnitScheduling(config, log)  # a file per unit, all VM tests one unit (tests/scheduling.py)
 
