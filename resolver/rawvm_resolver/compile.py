@@ -104,12 +104,11 @@ def uv_compile(inputs: CompileInputs, work_dir: Path, timeout: float | None = No
     command = uv_compile_command(inputs, requirements, constraints, output)
     python = inputs.target.python
     try:
-        completed = subprocess.run(
-            command, capture_output=True, text=True, env=UV_PYTHONS.env(python), check=False, timeout=timeout
-        )
+        with UV_PYTHONS.run_for(python, uv_bin):
+            env = UV_PYTHONS.env(python)
+            completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise UvTimeout(f"uv pip compile ran past {timeout:.0f} s") from None
-    UV_PYTHONS.note_run(python, uv_bin)
     if completed.returncode != 0:
         raise UvFailure(completed.stderr)
     return tomllib.loads(output.read_text())

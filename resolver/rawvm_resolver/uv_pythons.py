@@ -5,17 +5,18 @@ none is installed it downloads a managed one, from GitHub. Where GitHub is out o
 project's CI machines, which reach only PyPI) uv retries for ~9 s before it falls back to the interpreter it has —
 on every run: a lock that relaxes inconsistent pins runs uv up to 24 times, and the real-environment corpus lost
 about a third of its time this way. Where the download works, the first run keeps it (uv caches it) and nothing
-changes. So after uv's first run for a Python we ask uv, locally (``uv python find``), whether it now has one; if
+changes. So beside uv's first run for a Python we ask uv, locally (``uv python find``), whether it has one; if
 not, its later runs in this process are told not to try again (``UV_PYTHON_DOWNLOADS=never``: uv then builds
 with the interpreter it has, as it did after the failed download). A user's own ``UV_PYTHON_DOWNLOADS`` wins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 __all__ = ["UV_PYTHONS", "UvPythons"]
 
@@ -40,25 +41,45 @@ class UvPythons:
             env.setdefault("UV_PYTHON_DOWNLOADS", "never")
         return env
 
-    def note_run(self, python: str, uv_bin: Callable[[], str]) -> None:
-        """After a uv run for ``python``: the first time, find out whether uv has an interpreter of it now."""
+    @contextlib.contextmanager
+    def run_for(self, python: str, uv_bin: Callable[[], str]) -> Iterator[None]:
+        """Around a uv run for ``python``: the first time, ask uv beside it whether it had an interpreter of it.
+
+        The question runs while uv resolves (no added wait). Asked during the first run, "no" means that run tried
+        the download; later runs then do not try again, and still use the interpreter if the download worked
+        (``never`` forbids downloads, not a managed Python uv already has)."""
+        probe = self._probe(python, uv_bin)
+        try:
+            yield
+        finally:
+            if probe is not None:
+                self._settle(python, probe)
+
+    def _probe(self, python: str, uv_bin: Callable[[], str]) -> subprocess.Popen[bytes] | None:
         if "UV_PYTHON_DOWNLOADS" in os.environ:
-            return
+            return None
         with self._lock:
             if python in self._checked:
-                return
+                return None
             self._checked.add(python)
         try:
-            found = subprocess.run(
+            return subprocess.Popen(
                 [uv_bin(), "python", "find", python],
-                capture_output=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},
-                check=False,
-                timeout=30,
             )
-        except (OSError, subprocess.TimeoutExpired):
-            return  # unknown: later runs behave as uv would by itself
-        if found.returncode != 0:
+        except OSError:
+            return None  # unknown: later runs behave as uv would by itself
+
+    def _settle(self, python: str, probe: subprocess.Popen[bytes]) -> None:
+        try:
+            code = probe.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            probe.kill()
+            probe.wait()
+            return
+        if code != 0:
             with self._lock:
                 self._unavailable.add(python)
 

@@ -13,6 +13,13 @@ RUNNING = f"{sys.version_info.major}.{sys.version_info.minor}"
 NO_SUCH = "3.99"  # no interpreter anywhere, and no managed download of it either
 
 
+def test_a_failed_run_still_settles_the_question() -> None:
+    pythons = UvPythons()
+    with pytest.raises(TimeoutError), pythons.run_for(NO_SUCH, uv_bin):
+        raise TimeoutError  # uv ran past its time
+    assert pythons.env(NO_SUCH)["UV_PYTHON_DOWNLOADS"] == "never"
+
+
 @pytest.fixture(autouse=True)
 def _no_user_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UV_PYTHON_DOWNLOADS", raising=False)
@@ -21,14 +28,16 @@ def _no_user_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_python_uv_could_not_get_is_not_downloaded_again() -> None:
     pythons = UvPythons()
     assert "UV_PYTHON_DOWNLOADS" not in pythons.env(NO_SUCH)  # the first run may download it
-    pythons.note_run(NO_SUCH, uv_bin)
+    with pythons.run_for(NO_SUCH, uv_bin):
+        assert "UV_PYTHON_DOWNLOADS" not in pythons.env(NO_SUCH)  # the question runs beside the first run
     assert pythons.env(NO_SUCH)["UV_PYTHON_DOWNLOADS"] == "never"
     assert pythons.env(NO_SUCH)["UV_NO_PROGRESS"] == "1"
 
 
 def test_a_python_uv_has_changes_nothing() -> None:
     pythons = UvPythons()
-    pythons.note_run(RUNNING, uv_bin)
+    with pythons.run_for(RUNNING, uv_bin):
+        pass
     assert "UV_PYTHON_DOWNLOADS" not in pythons.env(RUNNING)
 
 
@@ -41,18 +50,21 @@ def test_uv_is_asked_once_per_python() -> None:
 
     pythons = UvPythons()
     for _ in range(3):
-        pythons.note_run(NO_SUCH, counting_uv)
+        with pythons.run_for(NO_SUCH, counting_uv):
+            pass
     assert asked == ["uv"]
 
 
 def test_the_users_own_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UV_PYTHON_DOWNLOADS", "automatic")
     pythons = UvPythons()
-    pythons.note_run(NO_SUCH, uv_bin)
+    with pythons.run_for(NO_SUCH, uv_bin):
+        pass
     assert pythons.env(NO_SUCH)["UV_PYTHON_DOWNLOADS"] == "automatic"
 
 
 def test_a_missing_uv_leaves_uv_to_decide() -> None:
     pythons = UvPythons()
-    pythons.note_run(NO_SUCH, lambda: "/nonexistent/uv")
+    with pythons.run_for(NO_SUCH, lambda: "/nonexistent/uv"):
+        pass
     assert "UV_PYTHON_DOWNLOADS" not in pythons.env(NO_SUCH)
