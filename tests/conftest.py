@@ -6,6 +6,7 @@ skipped with the remedy in its reason; under ``CI=true`` it fails instead (tests
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # An xdist worker starts with COLUMNS=80 and LINES=24 in its environment; what the tests start takes them for
+        # the terminal's size (rich in `rawvm top` drew 24 lines into a 20-line tmux pane; uv wraps its messages).
+        # A run in one process has neither: the workers run the same way.
+        for name in ("COLUMNS", "LINES"):
+            os.environ.pop(name, None)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
