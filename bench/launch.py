@@ -90,7 +90,7 @@ def run_naive(server: MotoServer, tmp: Path, n: int) -> tuple[int, float, int]:
     image, root_gib = provider._image(REGION, "x86_64", False)
     vpc_id, subnets = default_network(ec2)
     tags = provider._tags(the_spec)
-    user_data = provider.user_data(the_spec)
+    user_data = provider.user_data(the_spec, image)
     group = ensure_security_group(ec2, vpc_id=vpc_id, caller_ip=CALLER_IP, port=8470, ssh=False, tags=tags)
     data = launch_template_data(
         image_id=image.image_id,

@@ -15,9 +15,9 @@ Default (one run, side by side, on the same cached Debian image, one VM at a tim
   ``agent_up`` → ``environment_installed``: the bundle's download, ``uv venv`` + ``uv pip sync``) against raw
   ``uv venv`` + ``uv pip sync`` of the same ``pylock.toml`` (cold uv cache, as the agent's was) and against
   ``pip install --require-hashes -r requirements.txt`` of the same lock (``rawvm export``, no pip cache).
-  The same task then makes the agent's own venv the user-data's way and in other ways (no bytecode, the agent's
-  pins as a pylock.toml of file URLs, one install, copy link mode), each from a fresh uv cache: informative
-  lines, since which user-data settings pay is measured there, not guessed.
+  The same task then makes the agent's own venv both ways the user-data knows, from a fresh uv cache: uv from
+  the hashed requirements and the agent wheel, and ``tar -xzf`` of the venv archive the laptop built
+  (rawvm.agent.runtime): informative lines, since which way pays is measured there, not guessed.
 
 ``--big``: the same install comparison on the local provider (no VM: the download and the unpacking are what
 count) for ``torch==2.5.1`` with its nvidia-* wheels: rawvm's install against raw uv, each with a uv cache of its
@@ -53,7 +53,6 @@ MODEST = "humanize\nsix\ntabulate\ntomli-w\nnumpy\n"  # none of them the agent's
 BIG = "torch==2.5.1\n"
 BIG_FREE_GB = 40  # ~2.8 GB of wheels, unpacked into two uv caches, plus the venvs: keep ≥ 30 GB to the others
 GUEST_SCRIPT = Path(__file__).with_name("startup_guest.py")
-WORKSPACE = Path(__file__).resolve().parent.parent
 PHASES = ORDER  # the agent's own list of the way to the first task
 _BARE = re.compile(rf"{MARKER} (\d+) (\d+\.\d+)")
 _INSTALL = re.compile(r"RAWVM-BENCH-INSTALL (\{.*\})")
@@ -133,7 +132,7 @@ def run_and_measure(root: Path, env: dict[str, str], run_args: list[str], guest_
     start = time.monotonic()
     try:
         result = rawvm(
-            ["run", "--cluster", cluster, "--timings", *run_args, "--from", "requirements.in", "--", *argv],
+            ["run", "--name", cluster, "--timings", *run_args, "--from", "requirements.in", "--", *argv],
             cwd=root,
             env=env,
         )
@@ -171,11 +170,9 @@ def qemu_bench(work: Path) -> None:
         for arg in ("--extra-ca-cert", str(c))
     ]
     root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
-    agent_pylock = ["export", "--frozen", "--package", "rawvm-agent", "--no-emit-project", "--no-emit-workspace"]
-    agent_pylock += ["--no-dev", "--format", "pylock.toml", "--quiet", "-o", str(root / "pylock.agent.toml")]
-    subprocess.run(["uv", *agent_pylock], cwd=WORKSPACE, check=True)  # the agent's pins with their file URLs
     print(f"bare boot ({load()})", flush=True)
     bare = bare_boot(image, work)
+    print(f"  bare kernel → user-data {bare['kernel → user-data']:.1f}s", flush=True)
     print(f"rawvm run --provider qemu ({load()})", flush=True)
     guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
     guest += ["--agent-venv", *(["--native-tls"] if ca_flags else [])]
@@ -195,6 +192,8 @@ def qemu_bench(work: Path) -> None:
         f"\noverhead over the bare boot (kernel → first task, less the environment's install): "
         f"{overhead:+.1f}s, {without_install / bare['kernel → user-data']:.2f}x ({to_task:.1f}s with it)  [goal ≤ 8 s]"
     )
+    if imports := install.pop("agent import (cumulative us)", ""):
+        print(f"  the agent's imports in the guest, cumulative microseconds: {imports}")
     for label, seconds in install.items():
         if label.startswith("agent: "):
             print(f"  the agent's venv in the guest, {label.removeprefix('agent: ')}: {seconds:.1f}s")

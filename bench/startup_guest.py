@@ -10,6 +10,8 @@ machine, the same disk and the same uv binary:
   with ``rawvm export``) into a fresh ``python -m venv`` with ``--no-cache-dir``; the venv's own creation
   (ensurepip) is not counted, in pip's favour.
 
+With ``--agent-venv`` it also makes the agent's own venv both ways the user-data knows (``agent_venv_variants``).
+
 Prints one ``RAWVM-BENCH-INSTALL {json}`` line: seconds per side and the lock's package count.
 """
 
@@ -19,11 +21,13 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
@@ -35,49 +39,49 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     return time.monotonic() - start
 
 
-def agent_venv_variants(wheels: Path, scratch: Path, python: str, env: dict[str, str]) -> dict[str, float]:
-    """The user-data's agent venv (uv venv, the hashed dependencies, the agent wheel) made in other ways, each
-    from a fresh uv cache, on this machine: which settings cut the boot is measured here, not guessed."""
-    (wheel,) = wheels.glob("rawvm_agent-*.whl")
-    requirements = wheels / "agent-requirements.txt"
-    pylock = Path("pylock.agent.toml").resolve()  # the same uv.lock's pins with their file URLs (shipped)
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    combined = scratch / "agent-all.txt"  # the dependencies and the agent wheel itself, hashed, in one file
-    combined.write_text(f"{requirements.read_text()}\nrawvm-agent @ {wheel.as_uri()} --hash=sha256:{digest}\n")
+def agent_files(script: Path, into: Path) -> dict[str, Path]:
+    """The agent's files as the user-data fetches them (its ``fetch URL DEST SHA256`` lines; the cluster's staging
+    still serves them), fetched again into ``into``: the wheel, the requirements and the venv archive."""
+    into.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path] = {}
+    for line in script.read_text().splitlines():
+        words = shlex.split(line) if line.strip().startswith("fetch ") else []
+        words = words[: words.index("&")] if "&" in words else words
+        if len(words) != 4 or not words[1].startswith("http"):
+            continue
+        dest = into / Path(words[2]).name
+        with urllib.request.urlopen(words[1], timeout=120) as response:
+            dest.write_bytes(response.read())
+        if hashlib.sha256(dest.read_bytes()).hexdigest() != words[3]:
+            raise SystemExit(f"bench: {dest.name} does not match the user-data's sha256")
+        found[dest.suffix if dest.suffix != ".gz" else ".tar.gz"] = dest
+    return found
+
+
+def agent_venv_variants(script: Path, scratch: Path, python: str, env: dict[str, str]) -> dict[str, float]:
+    """The agent's venv made both ways the user-data knows, each from a fresh uv cache, on this machine: uv from
+    the hashed requirements and the agent wheel (the way for a machine the archive does not fit), and ``tar`` of
+    the venv archive built on the laptop (the way for one it fits)."""
+    files = agent_files(script, scratch / "agent-files")
+    wheel, archive, requirements = files[".whl"], files[".tar.gz"], files[".txt"]
     hashed = ["--require-hashes", "--only-binary", ":all:", "-r", str(requirements)]
-    variants = {
-        "agent: as today (2 installs, bytecode)": [
-            ["--compile-bytecode", *hashed],
-            ["--compile-bytecode", "--no-deps", str(wheel)],
-        ],
-        "agent: no bytecode": [hashed, ["--no-deps", str(wheel)]],
-        "agent: pylock URLs, bytecode": [
-            ["--compile-bytecode", "--only-binary", ":all:", "-r", str(pylock)],
-            ["--compile-bytecode", "--no-deps", str(wheel)],
-        ],
-        "agent: one install, bytecode": [
-            ["--compile-bytecode", "--require-hashes", "--only-binary", ":all:", "-r", str(combined)]
-        ],
-        "agent: copy link mode, bytecode": [
-            ["--link-mode", "copy", "--compile-bytecode", *hashed],
-            ["--link-mode", "copy", "--compile-bytecode", "--no-deps", str(wheel)],
-        ],
-    }
     found: dict[str, float] = {}
-    for number, (label, installs) in enumerate(variants.items()):
-        venv, cache = scratch / f"agent-{number}", scratch / f"agent-cache-{number}"
-        variant_env = env | {"UV_CACHE_DIR": str(cache)}
-        try:
-            seconds = timed(["uv", "venv", "--quiet", "--python", python, str(venv)], variant_env)
-            for install in installs:
-                command = ["uv", "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), *install]
-                seconds += timed(command, variant_env)
-            found[label] = seconds
-        except subprocess.CalledProcessError as exc:
-            print(f"bench: {label} failed: {exc}", file=sys.stderr)
-            found[label] = -1.0
-        shutil.rmtree(venv, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
+    venv, cache = scratch / "agent-uv", scratch / "agent-cache"
+    uv_env = env | {"UV_CACHE_DIR": str(cache)}
+    try:
+        seconds = timed(["uv", "venv", "--quiet", "--python", python, str(venv)], uv_env)
+        for install in (["--compile-bytecode", *hashed], ["--compile-bytecode", "--no-deps", str(wheel)]):
+            command = ["uv", "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), *install]
+            seconds += timed(command, uv_env)
+        found["agent: uv (2 installs, bytecode)"] = seconds
+    except subprocess.CalledProcessError as exc:
+        print(f"bench: the uv way failed: {exc}", file=sys.stderr)
+        found["agent: uv (2 installs, bytecode)"] = -1.0
+    shutil.rmtree(venv, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    venv.mkdir()
+    found["agent: the laptop's venv archive (tar -xzf)"] = timed(["tar", "-xzf", str(archive), "-C", str(venv)], env)
+    shutil.rmtree(venv, ignore_errors=True)
     return found
 
 
@@ -89,7 +93,7 @@ def main() -> None:
     parser.add_argument("--no-pip", action="store_true")
     parser.add_argument("--native-tls", action="store_true", help="as the agent did: trust the system CA bundle")
     parser.add_argument("--agent-venv", action="store_true", help="also time ways to make the agent's own venv")
-    parser.add_argument("--agent-wheels", default="/opt/rawvm/wheels", help="where user-data put the agent's files")
+    parser.add_argument("--bootstrap", default="/opt/rawvm/bootstrap.sh", help="the user-data's script")
     args = parser.parse_args()
     lock = Path.cwd().parent / "bundle" / "pylock.toml"  # the one the agent installed
     if not lock.is_file():
@@ -103,7 +107,7 @@ def main() -> None:
     if args.native_tls:
         env |= {"UV_NATIVE_TLS": "1", "PIP_CERT": SYSTEM_CA}  # where the extra CA certificates went
     uv_venv = scratch / "uv-env"
-    result: dict[str, float | int] = {"packages": len(tomllib.loads(lock.read_text())["packages"])}
+    result: dict[str, float | int | str] = {"packages": len(tomllib.loads(lock.read_text())["packages"])}
     result["uv"] = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], env) + timed(
         ["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(lock)], env
     )
@@ -116,7 +120,18 @@ def main() -> None:
         result["pip"] = timed(pip, env)
         shutil.rmtree(pip_venv, ignore_errors=True)
     if args.agent_venv:
-        result |= agent_venv_variants(Path(args.agent_wheels), scratch, python, env)
+        try:
+            result |= agent_venv_variants(Path(args.bootstrap), scratch, python, env)
+        except (OSError, KeyError) as exc:  # not root, or a script without the archive
+            print(f"bench: no agent venv variants: {exc!r}", file=sys.stderr)
+    agent_python = Path("/opt/rawvm/agent/bin/python")
+    if args.agent_venv and agent_python.exists():  # where the agent's start goes on this machine
+        importtime = subprocess.run(
+            [agent_python, "-X", "importtime", "-c", "import rawvm_agent.server"], capture_output=True, text=True
+        ).stderr
+        rows = [line.split("|") for line in importtime.splitlines() if line.startswith("import time:")][1:]
+        top = sorted(((int(r[1]), r[2].strip()) for r in rows if len(r) == 3), reverse=True)[:8]
+        result["agent import (cumulative us)"] = ", ".join(f"{name} {us}" for us, name in top)
     print("RAWVM-BENCH-INSTALL " + json.dumps(result), flush=True)
 
 

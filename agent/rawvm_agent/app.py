@@ -230,8 +230,11 @@ class Agent:
     # -- install ----------------------------------------------------------------------------------------
 
     def _install_progress(self) -> None:
-        if self.installer.progress.step in ("conda", "venv"):  # the steps after every bundle file was verified
+        step = self.installer.progress.step
+        if step in ("uv", "conda", "venv"):  # the steps after every bundle file was verified
             self.boot_phases.mark("bundle_downloaded", self.clock())
+        if step in ("conda", "venv"):  # after the wait for uv, if there was one
+            self.boot_phases.mark("uv_ready", self.clock())
         self.save_state()
 
     async def _install(self) -> None:

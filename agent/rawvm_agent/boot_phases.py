@@ -9,10 +9,12 @@ Phases, in order (a provider that has no bootstrap script, such as local, starts
 
 - ``kernel_boot``: when the kernel started (``btime`` in /proc/stat; whole seconds)
 - ``bootstrap_start``: the user-data script began (cloud-init's ``runcmd``/script stage)
-- ``uv_ready``: uv is unpacked and checked
 - ``agent_venv_ready``: the agent's venv holds the agent and its hashed dependencies
 - ``agent_up``: the agent process started
 - ``bundle_downloaded``: every file of the environment bundle is fetched and verified
+- ``uv_ready``: the bundle is downloaded and uv is there, so the install can begin. The user-data fetches uv while
+  the agent's venv is unpacked and the agent starts, so its step is the time the install waited for uv (0 when uv
+  came first)
 - ``environment_installed``: the locked environment is installed (the machine is ready)
 - ``first_task_started``: the first task's process was started
 """
@@ -29,10 +31,10 @@ FILE_NAME = "boot-phases"
 ORDER = (
     "kernel_boot",
     "bootstrap_start",
-    "uv_ready",
     "agent_venv_ready",
     "agent_up",
     "bundle_downloaded",
+    "uv_ready",
     "environment_installed",
     "first_task_started",
 )

@@ -45,6 +45,9 @@ class InstallConfig:
     ca_certs: tuple[str, ...] = ()  # extra PEM files uv must trust (TLS-intercepting proxies)
     native_tls: bool = False  # uv --native-tls: use the system trust store
     uv: str = "uv"  # the uv executable
+    # Seconds to wait for ``uv`` to appear before its first run: the user-data fetches uv while the agent starts
+    # (the agent needs it only to install the bundle). 0: it must be there already.
+    uv_wait: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class AgentConfig:
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-_DURATIONS = {"keepalive", "client_timeout", "window", "max_lifetime", "interval", "ring_seconds", "poll"}
+_DURATIONS = {"keepalive", "client_timeout", "window", "max_lifetime", "interval", "ring_seconds", "poll", "uv_wait"}
 _SECTIONS: dict[str, type[Any]] = {
     "install": InstallConfig,
     "idle": IdleConfig,

@@ -177,6 +177,9 @@ class Installer:
     # -- install ----------------------------------------------------------------------------------------
 
     async def _install_verified(self, manifest: Manifest) -> Environment:
+        if shutil.which(self.config.install.uv) is None:
+            self._step("uv")  # the bundle is here before uv, which the user-data fetches while the agent starts
+            await self._wait_for_uv()  # a uv still missing fails at its first run, with its own message
         for path in (self.work_dir, self.conda_prefix):  # the venv: _make_venv starts afresh
             shutil.rmtree(path, ignore_errors=True)
         pylocks = manifest.of_kind("pylock")
@@ -303,8 +306,21 @@ class Installer:
         out.write_text("\n".join(parts), encoding="utf-8")
         return out
 
+    async def _wait_for_uv(self) -> bool:
+        """True once ``[install] uv`` is found; waits up to ``[install] uv_wait`` seconds for it to appear."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.install.uv_wait
+        while shutil.which(self.config.install.uv) is None:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
     async def _uv(self, args: list[str]) -> None:
         cmd = [self.config.install.uv, *args]
+        waited = self.config.install.uv_wait
+        if not await self._wait_for_uv() and waited:
+            raise InstallError(f"uv ({self.config.install.uv!r}) did not appear in [install] uv_wait = {waited:g} s")
         log.info("running %s", " ".join(cmd))
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -33,7 +33,7 @@ SERVING = frozenset({Phase.READY, Phase.BUSY, Phase.IDLE})
 
 @dataclass
 class InstallProgress:
-    step: str = ""  # fetch | verify | venv | sync | wheels | code | conda | done
+    step: str = ""  # fetch | verify | uv (waits for the user-data's uv) | venv | sync | wheels | code | conda | done
     files_total: int = 0
     files_done: int = 0
     bytes_total: int = 0

@@ -1,7 +1,7 @@
 """Where a start-up went: each machine's boot phases, asked of its agent, kept in the cluster record and shown.
 
 The agent records its machine's way to the first task (rawvm_agent/boot_phases.py: kernel boot, bootstrap script,
-uv, the agent's venv, the agent, the bundle, the environment, the first task). After a run the laptop asks each
+the agent's venv, the agent, the bundle, uv, the environment, the first task). After a run the laptop asks each
 agent once, stores the phases on the machine's record (so ``rawvm ls --json`` and ``rawvm report`` show them without
 asking again) and, with ``rawvm run --timings``, prints one line a machine: each phase as seconds since the launch
 request, with the step from the phase before.

@@ -16,15 +16,15 @@ from rawvm_agent.boot_phases import FILE_NAME, ORDER, BootPhases, parse
 
 def test_the_scripts_lines_and_the_agents_make_one_ordered_record(tmp_path: Path) -> None:
     state = tmp_path / "state dir"  # a space: the script quotes the path
-    script = "\n".join(["set -eu", *phase_prologue(str(state)), "sleep 0.05", "mark uv_ready", "mark agent_venv_ready"])
+    script = "\n".join(["set -eu", *phase_prologue(str(state)), "sleep 0.05", "mark agent_venv_ready"])
     subprocess.run(["sh", "-c", script], check=True)
     assert (state.stat().st_mode & 0o777) == 0o700
     phases = BootPhases(state)
     phases.mark("agent_up", 2e9)
     recorded = phases.as_dict()
-    assert list(recorded) == list(ORDER[:5])
+    assert list(recorded) == list(ORDER[:4])
     assert recorded["kernel_boot"] == int(recorded["kernel_boot"])  # btime: whole seconds
-    assert recorded["kernel_boot"] <= recorded["bootstrap_start"] < recorded["uv_ready"] <= recorded["agent_venv_ready"]
+    assert recorded["kernel_boot"] <= recorded["bootstrap_start"] < recorded["agent_venv_ready"] < recorded["agent_up"]
 
 
 def test_the_first_time_stands_across_agent_restarts(tmp_path: Path) -> None:

@@ -161,6 +161,43 @@ async def test_uv_failure_is_one_line_and_leaves_no_env(tmp_path: Path) -> None:
     assert "nosuch" in (tmp_path / "state" / "install.log").read_text()
 
 
+@pytest.mark.slow
+async def test_the_install_waits_for_uv_the_user_data_is_still_fetching(tmp_path: Path) -> None:
+    """On a VM the agent starts while the user-data still downloads uv: the bundle is fetched and checked, then
+    the install waits (step ``uv``) until uv appears, atomically, where agent.toml says, and goes on with it."""
+    import asyncio
+    import shutil
+
+    bundle = tiny_bundle(tmp_path / "src")
+    uv = tmp_path / "bin" / "uv"
+    steps: list[str] = []
+    inst = installer(tmp_path / "state", bundle.config(), uv=str(uv), uv_wait="1m")
+    inst.on_progress = lambda: steps.append(inst.progress.step)
+    install = asyncio.create_task(inst.install())
+    while "uv" not in steps:
+        assert not install.done(), install.exception()
+        await asyncio.sleep(0.05)
+    assert inst.progress.files_done == inst.progress.files_total  # the bundle came first
+    await asyncio.sleep(0.3)
+    assert not install.done()  # still waiting for uv
+    real_uv = shutil.which("uv")
+    assert real_uv
+    uv.parent.mkdir()
+    uv.with_name("uv.part").symlink_to(real_uv)
+    uv.with_name("uv.part").rename(uv)  # as the user-data's unpacking does: complete or absent
+    env = await asyncio.wait_for(install, 120)
+    assert run_in(env, "python", "main.py").returncode == 7
+    assert steps.index("uv") < steps.index("venv")
+
+
+async def test_a_uv_that_never_comes_fails_the_install_in_one_line(tmp_path: Path) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    inst = installer(tmp_path / "state", bundle.config(), uv=str(tmp_path / "no-uv"), uv_wait=0.3)
+    with pytest.raises(InstallError, match=r"did not appear in \[install\] uv_wait = 0.3 s"):
+        await inst.install()
+    assert not (tmp_path / "state" / "env").exists()
+
+
 def test_uv_environment_carries_tls_settings(tmp_path: Path) -> None:
     ca = tmp_path / "proxy-ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n")

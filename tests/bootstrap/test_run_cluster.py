@@ -48,8 +48,8 @@ def test_up_run_logs_ls_down(tmp_path: Path) -> None:
         assert view["running"] == 2 and view["provider"] == "local"
         for machine in view["machines"]:  # the way to the first task, phase by phase, in order (boot_phases.py)
             phases = machine["boot_phases"]
-            order = ["agent_up", "bundle_downloaded", "environment_installed", "first_task_started"]
-            assert list(phases) == order, phases  # local machines have no bootstrap script before the agent
+            order = ["agent_up", "bundle_downloaded", "uv_ready", "environment_installed", "first_task_started"]
+            assert sorted(phases) == sorted(order), phases  # local machines have no bootstrap script before the agent
             assert [phases[name] for name in order] == sorted(phases[name] for name in order)
     finally:
         down = rawvm("down", cluster, env=env, cwd=project)

@@ -11,17 +11,22 @@ import shutil
 import string
 import subprocess
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from rawvm.agent.runtime import SYSTEM_PYTHON, RuntimeTarget
+from rawvm.agent.staged import StagedAgent, StagedRuntime
 from rawvm.agent.tls import Authority, ServerCredentials
 from rawvm.agent.userdata import (
     AGENT_TLS_DIR,
     AGENT_TOML,
     BOOTSTRAP_SCRIPT,
     USER_DATA_LIMIT,
+    UV_BIN,
+    UV_WAIT,
     decode_user_data,
     encode_user_data,
     render_user_data,
@@ -30,6 +35,7 @@ from rawvm.agent.userdata import (
 )
 from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.errors import UsageError
+from rawvm_agent.boot_phases import parse as parse_phases
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, config_from_dict
 
 from tests.systools import need_tool
@@ -41,6 +47,13 @@ WHEEL_URL = "http://10.0.2.2:8123/rawvm_agent-0.1.0-py3-none-any.whl?sig=a&b=c"
 WHEEL_SHA = "ab" * 32
 REQUIREMENTS_URL = "http://10.0.2.2:8123/cap/files/agent/agent-requirements.txt"
 REQUIREMENTS_SHA = "9a" * 32
+RUNTIME = StagedRuntime(
+    "http://10.0.2.2:8123/cap/files/agent/agent-3.11-x86_64-0f.tar.gz",
+    "7e" * 32,
+    RuntimeTarget("3.11", "x86_64", "2.36"),
+)
+NO_RUNTIME = StagedAgent(WHEEL_URL, WHEEL_SHA, REQUIREMENTS_URL, REQUIREMENTS_SHA)
+AGENT = StagedAgent(WHEEL_URL, WHEEL_SHA, REQUIREMENTS_URL, REQUIREMENTS_SHA, RUNTIME)
 UV = UvWheel(
     version="0.13.9",
     x86_64=UvArtifact("uv-0.13.9-x86_64.whl", "https://files.example/uv-x86_64.whl", "11" * 32),
@@ -72,13 +85,7 @@ def _config(**overrides: Any) -> AgentConfig:
 
 
 def _render(config: AgentConfig | None = None, **kwargs: Any) -> str:
-    options: dict[str, Any] = {
-        "agent_wheel_url": WHEEL_URL,
-        "agent_wheel_sha256": WHEEL_SHA,
-        "agent_requirements_url": REQUIREMENTS_URL,
-        "agent_requirements_sha256": REQUIREMENTS_SHA,
-        "uv_wheel": UV,
-    }
+    options: dict[str, Any] = {"agent": AGENT, "uv_wheel": UV}
     return render_user_data(config or _config(), channel=CHANNEL, **(options | kwargs))
 
 
@@ -118,8 +125,10 @@ def test_agent_toml_round_trips_to_the_same_config() -> None:
     config = _config()
     entry = _files(_render(config))[AGENT_TOML]
     assert entry["permissions"] == "0600"
-    # What the machine gets: the token only as its sha256, and the TLS files' paths.
-    assert config_from_dict(tomllib.loads(entry["content"])) == CHANNEL.configure(without_token(config), AGENT_TLS_DIR)
+    # What the machine gets: the token only as its sha256, the TLS files' paths, and where the script puts uv.
+    expected = CHANNEL.configure(without_token(config), AGENT_TLS_DIR)
+    expected = replace(expected, install=replace(expected.install, uv=UV_BIN, uv_wait=UV_WAIT))
+    assert config_from_dict(tomllib.loads(entry["content"])) == expected
 
 
 def test_the_token_is_nowhere_only_its_sha256_inside_agent_toml(tmp_path: Path) -> None:
@@ -240,12 +249,16 @@ def test_install_script_is_valid_sh_and_carries_both_uv_wheels() -> None:
         assert artifact.url in script and artifact.sha256 in script
     assert "sha256sum -c --quiet -" in script
     assert f"/opt/rawvm/wheels/rawvm_agent-0.1.0-py3-none-any.whl {WHEEL_SHA}" in script
+    assert f"fetch {RUNTIME.url} $WORK/agent-venv.tar.gz {RUNTIME.sha256}" in script
     # index settings from agent_config.install, in the environment (not on a command line)
     assert "export UV_DEFAULT_INDEX=https://pypi.org/simple" in script
     assert "export UV_INDEX=https://x/whl/cu128" in script
-    assert script.rstrip().endswith("systemctl start rawvm-agent.service")
+    # the agent starts before the script waits for uv; a failed uv download still fails the script
+    assert script.index("systemctl start rawvm-agent.service") < script.index('wait "$UV_FETCH"; fi')
+    assert script.rstrip().endswith('rm -rf "$WORK"')
     # the backstop is scheduled before anything that can hang
     assert script.index("shutdown") < script.index('fetch "$UV_URL"')
+    assert script.index("shutdown") < script.index(f"fetch {RUNTIME.url}")
 
 
 def test_failed_bootstrap_powers_off() -> None:
@@ -283,15 +296,22 @@ def test_systemd_units_are_installed_and_the_dead_man_units_start_first() -> Non
     timers = [Path(p).name for p in units if p.endswith(".timer")]
     assert timers, "rawvm_agent.systemd renders a backstop timer"
     lines = script.splitlines()
-    early = next(line for line in lines if line.startswith("systemctl start rawvm-backstop"))
+    early = next(line for line in lines if line.startswith("systemctl start --no-block rawvm-backstop"))
     assert all(t in early for t in timers) and "rawvm-agent.service" not in early
-    assert script.index(early) < script.index('fetch "$UV_URL"')
-    # one enable (one systemd reload) for all of them, the agent included; the agent starts only at the end
-    (enable,) = [line for line in lines if line.startswith("systemctl enable")]
+    invocations = [i for i, line in enumerate(lines) if line.strip() == "install_uv"]
+    assert invocations and all(lines.index(early) < i for i in invocations)
+    # one enable for all of them, the agent included, with no systemd reload: a reload took 2 s under TCG
+    (enable,) = [line for line in lines if " enable " in line]
+    assert enable.startswith("systemctl --no-reload enable ")
     assert all(t in enable for t in timers) and "rawvm-agent.service" in enable and "--now" not in enable
     assert lines.index(enable) < lines.index(early)
     assert "daemon-reload" not in script
-    assert script.rstrip().endswith("systemctl start rawvm-agent.service")
+    (start,) = [line for line in lines if "rawvm-agent.service" in line and line.startswith("systemctl start")]
+    assert lines.index(start) > lines.index("mark agent_venv_ready")
+    # once the agent runs, a blocking start of the dead-man units waits for their jobs: a failed one fails the
+    # script, which powers the machine off
+    check = early.replace(" --no-block", "")
+    assert check in lines and lines.index(check) > lines.index(start)
 
 
 def test_no_backstop_when_disabled() -> None:
@@ -304,13 +324,14 @@ def test_no_backstop_when_disabled() -> None:
 def test_the_agents_dependencies_install_only_from_the_checked_hashed_file() -> None:
     """Root installs them at boot: the requirements file is fetched and sha256-checked like the wheel, every
     artifact must match one of its hashes and be a wheel, and the agent wheel then adds no dependency."""
-    script = _files(_render())[BOOTSTRAP_SCRIPT]["content"]
-    lines = script.splitlines()
+    script = _files(_render(agent=NO_RUNTIME))[BOOTSTRAP_SCRIPT]["content"]
+    lines = [line.strip() for line in script.splitlines()]
     fetch = (
         f"fetch {REQUIREMENTS_URL} /opt/rawvm/wheels/agent-requirements.txt {REQUIREMENTS_SHA} & REQUIREMENTS_FETCH=$!"
     )
     assert fetch in lines  # in the background, while uv downloads; the install waits for it (and its check)
-    assert lines.index(fetch) < lines.index('fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"')
+    assert lines.index(fetch) < lines.index("install_uv") < lines.index('wait "$REQUIREMENTS_FETCH"')
+    assert "agent-venv.tar.gz" not in script and "AGENT_ARCHIVE" not in script
     installs = [line for line in lines if line.startswith("uv pip install")]
     assert len(installs) == 2
     deps, agent = installs
@@ -322,25 +343,15 @@ def test_the_agents_dependencies_install_only_from_the_checked_hashed_file() -> 
 
 def test_bad_inputs_are_clear_errors() -> None:
     with pytest.raises(UsageError, match="agent wheel sha256"):
-        render_user_data(
-            _config(),
-            channel=CHANNEL,
-            agent_wheel_url=WHEEL_URL,
-            agent_wheel_sha256="nothex",
-            agent_requirements_url=REQUIREMENTS_URL,
-            agent_requirements_sha256=REQUIREMENTS_SHA,
-            uv_wheel=UV,
-        )
+        _render(agent=replace(AGENT, wheel_sha256="nothex"))
     with pytest.raises(UsageError, match="agent requirements sha256"):
-        render_user_data(
-            _config(),
-            channel=CHANNEL,
-            agent_wheel_url=WHEEL_URL,
-            agent_wheel_sha256=WHEEL_SHA,
-            agent_requirements_url=REQUIREMENTS_URL,
-            agent_requirements_sha256="",
-            uv_wheel=UV,
-        )
+        _render(agent=replace(AGENT, requirements_sha256=""))
+    with pytest.raises(UsageError, match="agent venv archive sha256"):
+        _render(agent=replace(AGENT, runtime=replace(RUNTIME, sha256="0")))
+    with pytest.raises(UsageError, match="x86_64 or aarch64"):
+        _render(agent=replace(AGENT, runtime=replace(RUNTIME, target=RuntimeTarget("3.11", "riscv64", "2.36"))))
+    with pytest.raises(UsageError, match=r"Python X\.Y"):
+        _render(agent=replace(AGENT, runtime=replace(RUNTIME, target=RuntimeTarget("3.11; rm -rf /", "x86_64", "2"))))
     with pytest.raises(UsageError, match=r"\*\.whl"):
         wheel_filename("https://host/download?id=3")
     assert wheel_filename("https://b.s3.amazonaws.com/c/rawvm_agent-0.1-py3-none-any.whl?X-Amz=1") == (
@@ -397,45 +408,93 @@ def test_limit_boundary_is_exactly_16384_bytes() -> None:
     assert encode_user_data(at_limit + "x")[:2] == b"\x1f\x8b"
 
 
-@pytest.mark.network
-@pytest.mark.slow
-def test_install_script_downloads_checks_and_unpacks_for_real(tmp_path: Path) -> None:
-    """The script's first half runs here, its system paths moved under tmp_path: uv's real wheel comes from
-    PyPI, is sha256-checked and unpacked, and runs; the agent wheel comes by URL and is checked. A wrong
-    sha256 stops the script. (A whole boot, venv and service included, is the qemu test's job.)"""
+def _host_target(python: str = "") -> RuntimeTarget:
+    """This host as a machine: its ``/usr/bin/python3`` (the script checks that one), architecture and glibc."""
+    system = Path(SYSTEM_PYTHON)
+    if not system.is_file():
+        pytest.skip(f"no {SYSTEM_PYTHON} on this host to run the agent's venv with")
+    version = subprocess.run([system, "--version"], capture_output=True, text=True, check=True).stdout.split()[1]
+    glibc = os.confstr("CS_GNU_LIBC_VERSION") or "glibc 2.17"
+    return RuntimeTarget(python or ".".join(version.split(".")[:2]), os.uname().machine, glibc.split()[1])
+
+
+def _run_script_here(tmp_path: Path, agent: StagedAgent) -> subprocess.CompletedProcess[str]:
+    """The whole bootstrap script on this host, its system paths moved under tmp_path and ``systemctl`` a no-op:
+    uv's real wheel from PyPI in the background, the agent's venv, then the wait for uv."""
     from rawvm.agent.uvwheel import find_uv_wheel
 
-    wheel = tmp_path / "rawvm_agent-0.1.0-py3-none-any.whl"
-    wheel.write_bytes(b"agent wheel bytes")
-    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    requirements = tmp_path / "agent-requirements.txt"
-    requirements.write_text("msgpack==1.1.0 --hash=sha256:" + "0" * 64 + "\n")
-    text = render_user_data(
-        _config(),
-        channel=CHANNEL,
-        agent_wheel_url=wheel.as_uri(),
-        agent_wheel_sha256=sha,
-        agent_requirements_url=requirements.as_uri(),
-        agent_requirements_sha256=hashlib.sha256(requirements.read_bytes()).hexdigest(),
-        uv_wheel=find_uv_wheel(),
-        backstop=False,
-    )
-    script = _files(text)[BOOTSTRAP_SCRIPT]["content"].split("\nuv pip install")[0]  # waits for the fetches
+    config = _config(state_dir=str(tmp_path / "state"), install=InstallConfig())  # PyPI
+    text = render_user_data(config, channel=CHANNEL, agent=agent, uv_wheel=find_uv_wheel(), backstop=False)
     moved = (
-        script.replace("/usr/local/bin", str(tmp_path / "bin"))
+        _files(text)[BOOTSTRAP_SCRIPT]["content"]
+        .replace("/usr/local/bin", str(tmp_path / "bin"))
         .replace("/opt/rawvm", str(tmp_path / "opt"))
         .replace("/var/cache/rawvm", str(tmp_path / "cache"))
         .replace("systemctl ", ": systemctl ")  # never touch this host's services
-        .replace("update-ca-certificates", ": update-ca-certificates")
     )
-    assert "shutdown" not in moved
+    assert "shutdown" not in moved and SYSTEM_PYTHON in moved
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "run.sh").write_text(moved)
-    subprocess.run(["sh", str(tmp_path / "run.sh")], check=True, timeout=600)
-    version = subprocess.run([str(tmp_path / "bin" / "uv"), "--version"], capture_output=True, text=True, check=True)
-    assert version.stdout.startswith("uv ")
-    assert (tmp_path / "opt" / "wheels" / wheel.name).read_bytes() == b"agent wheel bytes"
-    assert (tmp_path / "opt" / "wheels" / "agent-requirements.txt").read_bytes() == requirements.read_bytes()
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}  # the uv the script unpacks
+    return subprocess.run(["sh", str(tmp_path / "run.sh")], capture_output=True, text=True, timeout=900, env=env)
 
-    (tmp_path / "run.sh").write_text(moved.replace(sha, "0" * 64))
-    failed = subprocess.run(["sh", str(tmp_path / "run.sh")], capture_output=True, text=True, timeout=600)
+
+def _check_agent_venv(venv: Path) -> None:
+    python = venv / "bin" / "python"
+    probe = "import sys, aiohttp, msgpack, psutil, pynvml, rawvm_agent.app; print(sys.prefix)"
+    imported = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    assert imported.returncode == 0 and imported.stdout.strip() == str(venv), imported.stderr
+    helped = subprocess.run([python, venv / "bin" / "rawvm-agent", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage: rawvm-agent" in helped.stdout, helped.stderr
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_script_unpacks_the_laptops_venv_and_fetches_uv_beside_it_for_real(tmp_path: Path) -> None:
+    """The fast path, for real on this host (a Debian like the qemu image): the venv archive built here for this
+    host's Python is fetched, sha256-checked and unpacked; it runs the agent with the system Python; uv comes from
+    PyPI meanwhile, and the script ends only once it is there. A wrong sha256 stops the script."""
+    from rawvm.agent.runtime import build_agent_runtime
+    from rawvm.agent.wheel import build_agent_wheel
+
+    wheel = build_agent_wheel()
+    archive = build_agent_runtime(wheel, _host_target())
+    runtime = StagedRuntime(archive.as_uri(), hashlib.sha256(archive.read_bytes()).hexdigest(), _host_target())
+    agent = StagedAgent(WHEEL_URL, WHEEL_SHA, REQUIREMENTS_URL, REQUIREMENTS_SHA, runtime)  # never fetched here
+    result = _run_script_here(tmp_path, agent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _check_agent_venv(tmp_path / "opt" / "agent")
+    version = subprocess.run([tmp_path / "bin" / "uv", "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("uv ")
+    assert not (tmp_path / "opt" / "wheels" / wheel_filename(WHEEL_URL)).exists()  # uv made no venv
+    phases = parse_phases((tmp_path / "state" / "boot-phases").read_text())
+    assert list(phases) == ["kernel_boot", "bootstrap_start", "agent_venv_ready"]
+
+    bad = replace(agent, runtime=replace(runtime, sha256="0" * 64))
+    failed = _run_script_here(tmp_path / "bad", bad)
     assert failed.returncode != 0 and "FAILED" in failed.stdout + failed.stderr
+    assert not (tmp_path / "bad" / "opt" / "agent").exists()
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_machine_with_another_python_makes_the_agents_venv_with_uv_for_real(tmp_path: Path) -> None:
+    """The slow path: the archive is for a Python this host has not, so the script waits for uv and makes the venv
+    from the agent wheel and its hashed requirements (both fetched and checked; the packages from PyPI)."""
+    from rawvm.agent.requirements import requirements_path
+    from rawvm.agent.wheel import build_agent_wheel
+
+    wheel = build_agent_wheel()
+    requirements = requirements_path(wheel)
+    unfit = StagedRuntime("https://nowhere.invalid/agent.tar.gz", "ab" * 32, _host_target(python="3.99"))
+    agent = StagedAgent(
+        wheel.as_uri(),
+        hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        requirements.as_uri(),
+        hashlib.sha256(requirements.read_bytes()).hexdigest(),
+        unfit,
+    )
+    result = _run_script_here(tmp_path, agent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _check_agent_venv(tmp_path / "opt" / "agent")
+    assert (tmp_path / "opt" / "wheels" / wheel.name).read_bytes() == wheel.read_bytes()

@@ -6,10 +6,14 @@ One ``#cloud-config`` document, rendered with PyYAML, boots EC2 and the local qe
    certificate, key and cluster CA as separate 0600 files under ``/etc/rawvm/tls/`` (the agent serves only mutual
    TLS, from before the bundle is installed, so the bundle cannot carry them), extra CA certificates, the agent's
    systemd units, and ``/opt/rawvm/bootstrap.sh``;
-2. ``runcmd`` runs the script: backstop shutdown and dead-man units first (a hung install is still bounded), CA
-   trust, uv from its wheel by exact URL + sha256, the agent venv, the agent's dependencies from its hashed
-   requirements file (sha256-checked, installed with ``--require-hashes``: nothing is resolved at boot), the
-   agent wheel (sha256-checked, ``--no-deps``), then the agent service.
+2. ``runcmd`` runs the script: the backstop shutdown first (whatever hangs later is bounded), CA trust, then the
+   agent's venv: where the machine's architecture and ``/usr/bin/python3`` are what the launch expected, the venv
+   built on the laptop (``rawvm.agent.runtime``, sha256-checked) downloads while systemd takes the dead-man units
+   (no reload) and is unpacked with ``tar``; uv's wheel (exact URL + sha256) then downloads in the background at
+   a lower priority while the agent starts, since the agent needs it only to install its bundle
+   (``[install] uv_wait``). Elsewhere uv comes first and makes the venv from the agent's hashed requirements file
+   (sha256-checked, installed with ``--require-hashes``: nothing is resolved at boot) and the agent wheel
+   (sha256-checked, ``--no-deps``). Then the agent service starts.
    If any step fails the machine powers off: a failed bootstrap must not keep billing.
 
 CA certificates go to ``/usr/local/share/ca-certificates`` (so any later ``update-ca-certificates`` keeps them)
@@ -35,6 +39,8 @@ import yaml
 from rawvm_agent.config import AgentConfig, config_to_dict
 from rawvm_agent.systemd import render_backstop_command, render_units
 
+from rawvm.agent.runtime import AGENT_VENV, SYSTEM_PYTHON
+from rawvm.agent.staged import StagedAgent, StagedRuntime
 from rawvm.agent.tls import ServerCredentials
 from rawvm.agent.uvwheel import UvWheel
 from rawvm.errors import UsageError
@@ -43,7 +49,9 @@ from rawvm.options import BACKSTOP_GRACE
 USER_DATA_LIMIT = 16384  # bytes before base64: EC2's limit for user-data
 AGENT_TOML = "/etc/rawvm/agent.toml"
 AGENT_TLS_DIR = "/etc/rawvm/tls"
-AGENT_VENV = "/opt/rawvm/agent"
+UV_DIR = "/usr/local/bin"
+UV_BIN = f"{UV_DIR}/uv"
+UV_WAIT = 900.0  # seconds the agent waits for the script's uv: a slow download, never a hang (the backstop runs)
 AGENT_COMMAND = (f"{AGENT_VENV}/bin/rawvm-agent",)
 BOOTSTRAP_SCRIPT = "/opt/rawvm/bootstrap.sh"
 AGENT_REQUIREMENTS = "/opt/rawvm/wheels/agent-requirements.txt"
@@ -56,10 +64,19 @@ _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE---
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Downloads URL to DEST with retries (boot-time networks flap), then checks the sha256. The URL is never
-# echoed: presigned URLs carry a signature.
+# echoed: presigned URLs carry a signature. curl where the image has it (every image rawvm boots does): a Python
+# start costs seconds of CPU on a slow machine, and three downloads run at once.
 _FETCH_FUNCTION = """\
 fetch() {  # fetch URL DEST SHA256
-  python3 - "$1" "$2" <<'PY'
+  if command -v curl >/dev/null 2>&1; then
+    tries=0
+    until curl -fsS --connect-timeout 30 --max-time 900 -o "$2" "$1"; do
+      tries=$((tries + 1))
+      if [ "$tries" -ge 6 ]; then echo "rawvm: download of $2 failed" >&2; return 1; fi
+      sleep "$tries"
+    done
+  else
+    python3 - "$1" "$2" <<'PY'
 import shutil, sys, time, urllib.request
 url, dest = sys.argv[1], sys.argv[2]
 for attempt in range(6):
@@ -72,6 +89,7 @@ for attempt in range(6):
             sys.exit(f"rawvm: download of {dest} failed: {exc}")
         time.sleep(2 ** attempt)
 PY
+  fi
   echo "$3  $2" | sha256sum -c --quiet -
 }
 """
@@ -159,23 +177,40 @@ def phase_prologue(state_dir: str) -> list[str]:
     ]
 
 
+def _runtime_check(runtime: StagedRuntime) -> str:
+    """A ``case`` that sets ``AGENT_ARCHIVE`` when this machine can run the agent's venv archive: its architecture
+    and its ``/usr/bin/python3``'s minor version (``--version`` does not start the interpreter: no seconds lost)."""
+    target = runtime.target
+    arches = {"x86_64": "x86_64|amd64", "aarch64": "aarch64|arm64"}.get(target.arch)
+    if arches is None:
+        raise UsageError(f"the agent's venv archive is for x86_64 or aarch64, not {target.arch!r}")
+    if not re.fullmatch(r"3\.\d+", target.python):
+        raise UsageError(f"the agent's venv archive wants a Python X.Y, got {target.python!r}")
+    patterns = "|".join(f'{arch}:"Python {target.python}."*' for arch in arches.split("|"))
+    return "\n".join(
+        [
+            f'case "$(uname -m):$({SYSTEM_PYTHON} --version 2>&1)" in',
+            f"  {patterns}) AGENT_ARCHIVE=1 ;;",
+            "  *) AGENT_ARCHIVE= ;;",
+            "esac",
+        ]
+    )
+
+
 def _install_script(
     agent_config: AgentConfig,
     *,
-    agent_wheel_url: str,
-    agent_wheel_sha256: str,
-    agent_requirements_url: str,
-    agent_requirements_sha256: str,
+    agent: StagedAgent,
     uv_wheel: UvWheel,
     trust_system_store: bool,
     backstop: bool,
     early_units: Sequence[str],
 ) -> str:
     q = shlex.quote
-    wheel_path = f"/opt/rawvm/wheels/{wheel_filename(agent_wheel_url)}"
+    wheel_path = f"/opt/rawvm/wheels/{wheel_filename(agent.wheel_url)}"
     lines = [
         "#!/bin/sh",
-        "# rawvm bootstrap (written by rawvm): uv, the agent's venv and wheel, then the agent service.",
+        "# rawvm bootstrap (written by rawvm): the agent's venv, the agent service, and uv for its installs.",
         "set -eu",
         "umask 022",
         *phase_prologue(agent_config.state_dir),
@@ -183,25 +218,13 @@ def _install_script(
     if backstop:
         # Backstop first: whatever happens next, the machine stops after max_lifetime + grace.
         lines.append(shlex.join(render_backstop_command(agent_config.idle.max_lifetime, BACKSTOP_GRACE)))
-    if early_units:
-        # The dead-man units (backstop timer, ...) run before anything that can hang, and after reboots. One
-        # ``enable`` (it reloads systemd, which reads the units from disk: no daemon-reload of its own) enables the
-        # agent too, so starting it at the end costs no second reload: each took 1-6 s of boot under TCG.
-        lines += [
-            f"systemctl enable {' '.join([*early_units, AGENT_UNIT])}",
-            f"systemctl start {' '.join(early_units)}",
-        ]
     if trust_system_store:
         lines += [f"cat {CA_DIR}/rawvm-*.crt >> {SYSTEM_CA_BUNDLE}", "export UV_NATIVE_TLS=1"]
     lines += [
         'export HOME="${HOME:-/root}" UV_CACHE_DIR=/var/cache/rawvm/uv UV_PYTHON_PREFERENCE=only-system',
         "WORK=$(mktemp -d)",
-        "mkdir -p /opt/rawvm/wheels /usr/local/bin",
+        f"mkdir -p /opt/rawvm/wheels {UV_DIR}",
         _FETCH_FUNCTION.rstrip("\n"),
-        # The agent's files download while uv does (each fetch is a Python start: seconds on a slow machine);
-        # ``wait`` below fails the script when one of them failed.
-        f"fetch {q(agent_wheel_url)} {q(wheel_path)} {agent_wheel_sha256} & AGENT_WHEEL_FETCH=$!",
-        f"fetch {q(agent_requirements_url)} {AGENT_REQUIREMENTS} {agent_requirements_sha256} & REQUIREMENTS_FETCH=$!",
         'case "$(uname -m)" in',
     ]
     for arch, patterns in (("x86_64", "x86_64|amd64"), ("aarch64", "aarch64|arm64")):
@@ -211,28 +234,82 @@ def _install_script(
     lines += [
         '  *) echo "rawvm: no uv wheel for $(uname -m)" >&2; exit 1 ;;',
         "esac",
-        'fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
+        "install_uv() {  # checked, then unpacked atomically: the agent may be waiting for it to appear",
+        '  fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
         _UNPACK_UV.rstrip("\n"),
-        "mark uv_ready",
+        "}",
+        "UV_FETCH=",
     ]
     install = agent_config.install
     if install.index_url:
         lines.append(f"export UV_DEFAULT_INDEX={q(install.index_url)}")
     if install.extra_index_urls:
         lines.append(f"export UV_INDEX={q(' '.join(install.extra_index_urls))}")
-    lines += [
+    archive = "$WORK/agent-venv.tar.gz"
+    if agent.runtime is not None:
+        # The fast way (rawvm.agent.runtime): the venv built on the laptop for this machine's Python, unpacked.
+        # Its download starts now, in the background, while systemd takes the dead-man units below.
+        _check_sha256(agent.runtime.sha256, "agent venv archive")
+        lines += [
+            _runtime_check(agent.runtime),
+            'if [ -n "$AGENT_ARCHIVE" ]; then',
+            f"  fetch {q(agent.runtime.url)} {archive} {agent.runtime.sha256} & ARCHIVE_FETCH=$!",
+            "fi",
+        ]
+    if early_units:
+        # The dead-man units (backstop timer, ...) run before anything that can hang, and after reboots. Nothing
+        # is reloaded: ``enable --no-reload`` only links them for the next boot (a reload took 2 s under TCG),
+        # and ``start`` loads a unit systemd has not seen from disk. ``--no-block``: systemd runs the start jobs
+        # while the script goes on; a blocking ``start`` of the same units once the agent is up waits for those
+        # jobs and fails the script (so powers off) if one failed.
+        lines += [
+            f"systemctl --no-reload enable {' '.join([*early_units, AGENT_UNIT])}",
+            f"systemctl start --no-block {' '.join(early_units)}",
+        ]
+    unpacked = [
+        'wait "$ARCHIVE_FETCH"',
+        f"mkdir -p {AGENT_VENV}",
+        f"tar -xzf {archive} -C {AGENT_VENV} --no-same-owner",
+        # uv now, in the background and below the agent in priority: the agent needs it only once its bundle is
+        # downloaded ([install] uv_wait), and on a small machine every download slows the tar above and the
+        # agent's start. ``$$`` is the script's pid in a subshell; ``wait`` below fails the script (and so powers
+        # off) when this part failed.
+        "(",
+        "  renice -n 10 -p \"$(exec sh -c 'echo $PPID')\" >/dev/null 2>&1 || true",
+        "  install_uv",
+        ") & UV_FETCH=$!",
+    ]
+    # The slow way, for a machine the archive does not fit: uv, then the venv from the hashed requirements. Root
+    # installs these: every artifact must match a hash of the file checked above, and only wheels (an sdist would
+    # fetch an unpinned build backend); the agent wheel itself brings no dependency. Bytecode now, not at the
+    # agent's first start: pynvml's import alone costs ~13 MB more without it.
+    made_by_uv = [
+        f"fetch {q(agent.wheel_url)} {q(wheel_path)} {agent.wheel_sha256} & AGENT_WHEEL_FETCH=$!",
+        f"fetch {q(agent.requirements_url)} {AGENT_REQUIREMENTS} {agent.requirements_sha256} & REQUIREMENTS_FETCH=$!",
+        "install_uv",
         f"uv venv --quiet --python python3 {AGENT_VENV}",
         'wait "$AGENT_WHEEL_FETCH"',
         'wait "$REQUIREMENTS_FETCH"',
-        # Bytecode now, not at the agent's first start: pynvml's import alone costs ~13 MB more without it.
-        # Root installs these: every artifact must match a hash of the file checked above, and only wheels
-        # (an sdist would fetch an unpinned build backend); the agent wheel itself brings no dependency.
         f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python"
         f" --require-hashes --only-binary :all: -r {AGENT_REQUIREMENTS}",
         f"uv pip install --quiet --compile-bytecode --python {AGENT_VENV}/bin/python --no-deps {q(wheel_path)}",
+    ]
+    if agent.runtime is None:
+        lines += made_by_uv
+    else:
+        lines += [
+            'if [ -n "$AGENT_ARCHIVE" ]; then',
+            *(f"  {line}" for line in unpacked),
+            "else",
+            *(f"  {line}" for line in made_by_uv),
+            "fi",
+        ]
+    lines += [
         "mark agent_venv_ready",
-        'rm -rf "$WORK"',
         f"systemctl start {AGENT_UNIT}" if early_units else f"systemctl enable --now {AGENT_UNIT}",
+        *([f"systemctl start {' '.join(early_units)}"] if early_units else []),
+        'if [ -n "$UV_FETCH" ]; then wait "$UV_FETCH"; fi',
+        'rm -rf "$WORK"',
     ]
     return "\n".join(lines) + "\n"
 
@@ -241,18 +318,17 @@ def render_user_data(
     agent_config: AgentConfig,
     *,
     channel: ServerCredentials,
-    agent_wheel_url: str,
-    agent_wheel_sha256: str,
-    agent_requirements_url: str,
-    agent_requirements_sha256: str,
+    agent: StagedAgent,
     uv_wheel: UvWheel,
     extra_ca_certs: Sequence[Path] = (),
     backstop: bool = True,
 ) -> str:
     """The ``#cloud-config`` document for one machine (see the module docstring for what it does)."""
-    _check_sha256(agent_wheel_sha256, "agent wheel")
-    _check_sha256(agent_requirements_sha256, "agent requirements")
+    _check_sha256(agent.wheel_sha256, "agent wheel")
+    _check_sha256(agent.requirements_sha256, "agent requirements")
     agent_config = channel.configure(without_token(agent_config), AGENT_TLS_DIR)
+    # The script puts uv there while the agent starts; the agent waits for it before its first install.
+    agent_config = replace(agent_config, install=replace(agent_config.install, uv=UV_BIN, uv_wait=UV_WAIT))
     files: list[dict[str, Any]] = [
         {
             "path": AGENT_TOML,
@@ -281,10 +357,7 @@ def render_user_data(
         files.append({"path": _unit_path(name), "permissions": "0644", "content": _Literal(text)})
     script = _install_script(
         agent_config,
-        agent_wheel_url=agent_wheel_url,
-        agent_wheel_sha256=agent_wheel_sha256,
-        agent_requirements_url=agent_requirements_url,
-        agent_requirements_sha256=agent_requirements_sha256,
+        agent=agent,
         uv_wheel=uv_wheel,
         trust_system_store=bool(certs) or agent_config.install.native_tls,
         backstop=backstop,

@@ -47,6 +47,7 @@ from rawvm_images.qemu_boot import (
     start_detached,
 )
 
+from rawvm.agent.runtime import RuntimeTarget
 from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import find_uv_wheel
@@ -198,7 +199,8 @@ class QemuProvider(Provider):
         image = self.image()
         self.target_platform(spec)
         directory = self.cluster_dir(spec.cluster)
-        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
+        runtime = RuntimeTarget(python=image.python, arch="x86_64", glibc=image.glibc)
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files), runtime, self.progress)
         uv_wheel = find_uv_wheel()
         accel = self._accel()
         machines = []
@@ -209,10 +211,7 @@ class QemuProvider(Provider):
                 render_user_data(
                     config,
                     channel=spec.server_credentials(),
-                    agent_wheel_url=agent.wheel_url,
-                    agent_wheel_sha256=agent.wheel_sha256,
-                    agent_requirements_url=agent.requirements_url,
-                    agent_requirements_sha256=agent.requirements_sha256,
+                    agent=agent,
                     uv_wheel=uv_wheel,
                     extra_ca_certs=spec.request.extra_ca_certs,
                 )

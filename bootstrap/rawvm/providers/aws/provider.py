@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from rawvm_agent.config import AgentConfig
 from rawvm_images.ec2 import CatalogError, Image, find_image
 from rawvm_images.instance_types import InstanceType, choose_instance_types, describe_instance_types, lookup
 
+from rawvm.agent.runtime import RuntimeTarget
 from rawvm.agent.staged import stage_agent
 from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
@@ -332,15 +334,14 @@ class AwsProvider(Provider):
         # No sink: each machine is handed its own upload once it serves (sink_form_for), never in the user-data.
         return dataclasses.replace(spec.agent, cluster=spec.cluster, bind="0.0.0.0", spot=spot)  # noqa: S104
 
-    def user_data(self, spec: MachineSpec) -> bytes:
-        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files))
+    def user_data(self, spec: MachineSpec, image: Image) -> bytes:
+        """The user-data of this launch's machines, booted from ``image`` (the agent's venv is built for it)."""
+        runtime = RuntimeTarget(python=image.python, arch=image.arch, glibc=image.glibc)
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files), runtime, _say)
         text = render_user_data(
             self.machine_config(spec),
             channel=spec.server_credentials(),
-            agent_wheel_url=agent.wheel_url,
-            agent_wheel_sha256=agent.wheel_sha256,
-            agent_requirements_url=agent.requirements_url,
-            agent_requirements_sha256=agent.requirements_sha256,
+            agent=agent,
             uv_wheel=self.uv_wheel,
             extra_ca_certs=spec.request.extra_ca_certs,
         )
@@ -400,7 +401,7 @@ class AwsProvider(Provider):
         image, root_gib = self._image(region, arch, gpu)
         vpc_id, subnets = aws_network.default_network(ec2)
         tags = self._tags(spec)
-        user_data = self.user_data(spec)
+        user_data = self.user_data(spec, image)
         group_id = aws_network.ensure_security_group(
             ec2,
             vpc_id=vpc_id,
@@ -473,3 +474,7 @@ class AwsProvider(Provider):
         except AWS_ERRORS as exc:
             raise RawvmError(f"rawvm down {cluster} failed: {aws_error(exc)}; run it again") from None
         return stopped
+
+
+def _say(message: str) -> None:
+    print(f"rawvm: {message}", file=sys.stderr, flush=True)
