@@ -65,6 +65,7 @@ class Installer:
         self.conda_prefix = state_dir / "conda"
         self.install_log = state_dir / "install.log"
         self._early_venv: asyncio.Task[None] | None = None  # the venv made while the bundle downloads
+        self._uv_deadline: float | None = None  # loop time until which a missing uv is waited for
 
     def no_environment(self) -> Environment:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -307,11 +308,13 @@ class Installer:
         return out
 
     async def _wait_for_uv(self) -> bool:
-        """True once ``[install] uv`` is found; waits up to ``[install] uv_wait`` seconds for it to appear."""
+        """True once ``[install] uv`` is found; waits for it to appear until ``[install] uv_wait`` seconds after the
+        first wait began (one deadline for every caller: a uv that never comes is waited for once)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.install.uv_wait
+        if self._uv_deadline is None:
+            self._uv_deadline = loop.time() + self.config.install.uv_wait
         while shutil.which(self.config.install.uv) is None:
-            if loop.time() >= deadline:
+            if loop.time() >= self._uv_deadline:
                 return False
             await asyncio.sleep(0.1)
         return True
