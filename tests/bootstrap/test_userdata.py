@@ -269,6 +269,37 @@ def test_failed_bootstrap_powers_off() -> None:
     assert "poweroff" in command[2]
 
 
+@pytest.mark.parametrize("with_curl", [True, False])
+def test_the_scripts_fetch_checks_the_sha256_with_curl_or_without(tmp_path: Path, with_curl: bool) -> None:
+    """The script's ``fetch`` (the one its every download goes through), with only the tools it needs on PATH:
+    ``curl`` where the image has it, else Python's urllib; either way a file whose sha256 differs is refused."""
+    script = _files(_render())[BOOTSTRAP_SCRIPT]["content"]
+    function = script[script.index("fetch() {") : script.index("\n}\n", script.index("fetch() {")) + 3]
+    tools = ["python3", "sha256sum", *(["curl"] if with_curl else [])]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        found = shutil.which(tool)
+        if found is None:
+            pytest.skip(f"no {tool} on this host")
+        (bin_dir / tool).symlink_to(found)
+    source = tmp_path / "source.bin"
+    source.write_bytes(os.urandom(100_000))
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    sh = shutil.which("sh") or "/bin/sh"
+
+    def fetch(sha: str) -> subprocess.CompletedProcess[str]:
+        line = f"{function}\nfetch {source.as_uri()} {tmp_path / 'dest.bin'} {sha}\n"
+        return subprocess.run([sh, "-eu", "-c", line], env=env, capture_output=True, text=True, timeout=60)
+
+    good = fetch(digest)
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "dest.bin").read_bytes() == source.read_bytes()
+    bad = fetch("0" * 64)
+    assert bad.returncode != 0 and "FAILED" in bad.stdout + bad.stderr
+
+
 def test_failure_path_really_powers_off(tmp_path: Path) -> None:
     """Run the runcmd line with a failing bootstrap and a recording ``systemctl`` on PATH."""
     bin_dir = tmp_path / "bin"
