@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from rich.progress import TaskID
 
 
+def say(message: str) -> None:
+    """One of rawvm's own progress lines: on stderr, so a task's stdout stays the task's."""
+    print(f"rawvm: {message}", file=sys.stderr, flush=True)
+
+
 class MachineProgress(Protocol):
     def update(self, machine: str, phase: str, detail: str = "") -> None: ...
 

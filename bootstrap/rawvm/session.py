@@ -26,6 +26,7 @@ from rawvm.agent.client import AgentClient, AgentError, AgentSession, agent_sess
 from rawvm.errors import RawvmError
 from rawvm.options import TaskEnvironment
 from rawvm.progress import MachineProgress, install_detail, make_progress
+from rawvm.progress import say as say  # re-exported: the front door's commands say their lines through here
 from rawvm.providers import FREE_PROVIDERS, get_provider
 from rawvm.providers.base import Machine, Provider
 
@@ -46,11 +47,6 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
     finally:
         pool.shutdown(wait=False)  # Ctrl-C here must not wait for the run: the caller cancels it
-
-
-def say(message: str) -> None:
-    """One of rawvm's own progress lines: on stderr, so a task's stdout stays the task's."""
-    print(f"rawvm: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

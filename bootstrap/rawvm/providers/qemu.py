@@ -53,6 +53,7 @@ from rawvm.agent.userdata import encode_user_data, render_user_data
 from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm.errors import RawvmError, UsageError
 from rawvm.files import place_file
+from rawvm.progress import say
 from rawvm.providers.base import Machine, MachineSpec, Provider
 from rawvm.providers.sink_fetch import FlushCache, machine_flush_pattern
 from rawvm.providers.staging import QEMU_HOST, LoopbackStager, safe_relpath
@@ -96,7 +97,7 @@ class QemuProvider(Provider):
         self.cpus = cpus
         # Default: one line per step on stderr, like the front door's own progress (the first image build takes
         # minutes and must not look like a hang).
-        self.progress: Progress = progress or _say
+        self.progress: Progress = progress or say
         self._image: LocalImage | None = None
 
     # -- the image ---------------------------------------------------------------------------------------------
@@ -328,10 +329,6 @@ def _release_disk(files: BootFiles) -> None:
     The serial console log and the machine record stay, for ``rawvm ls``/``logs`` and post-mortems."""
     for leftover in (files.overlay, files.seed, files.directory / "user-data"):
         leftover.unlink(missing_ok=True)
-
-
-def _say(message: str) -> None:
-    print(f"rawvm: {message}", file=sys.stderr, flush=True)
 
 
 def _terminate(pid: int, marker: str, wait: float = 10.0) -> bool:

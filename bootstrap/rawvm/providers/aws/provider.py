@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -34,6 +33,7 @@ from rawvm.agent.uvwheel import UvWheel, find_uv_wheel
 from rawvm.cost_guard import FleetPrice
 from rawvm.errors import RawvmError, UsageError
 from rawvm.options import BACKSTOP_GRACE
+from rawvm.progress import say
 from rawvm.providers.aws import fleet as aws_fleet
 from rawvm.providers.aws import network as aws_network
 from rawvm.providers.aws import peers as aws_peers
@@ -337,7 +337,7 @@ class AwsProvider(Provider):
     def user_data(self, spec: MachineSpec, image: Image) -> bytes:
         """The user-data of this launch's machines, booted from ``image`` (the agent's venv is built for it)."""
         runtime = RuntimeTarget(python=image.python, arch=image.arch, glibc=image.glibc)
-        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files), runtime, _say)
+        agent = stage_agent(spec.agent_wheel, lambda files: self.stage(spec.cluster, files), runtime, say)
         text = render_user_data(
             self.machine_config(spec),
             channel=spec.server_credentials(),
@@ -474,7 +474,3 @@ class AwsProvider(Provider):
         except AWS_ERRORS as exc:
             raise RawvmError(f"rawvm down {cluster} failed: {aws_error(exc)}; run it again") from None
         return stopped
-
-
-def _say(message: str) -> None:
-    print(f"rawvm: {message}", file=sys.stderr, flush=True)
