@@ -21,8 +21,6 @@ with other work the absolute figures move from run to run, the ratio less.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from rawvm_agent.batch_results import read_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,9 +65,8 @@ def _rawvm_batch(tasks: int, machines: int, per_machine: int, scratch: Path) -> 
     deadline = time.monotonic() + 60  # the machines flush their last results within a second or so
     while len(by_id) < tasks and time.monotonic() < deadline:
         time.sleep(0.5)
-        for path in (state / "sinks" / cluster).glob(f"{cluster}-*/batch/results/*.json"):
-            with contextlib.suppress(OSError, ValueError):
-                result = json.loads(path.read_text())
+        for flush in (state / "sinks" / cluster).glob(f"{cluster}-*/batch/results"):
+            for result in read_results(flush):
                 by_id[result["id"]] = result
     if sorted(by_id) != list(range(tasks)) or any(r["state"] != "done" for r in by_id.values()):
         raise SystemExit(f"rawvm batch: {len(by_id)} results of {tasks}, not all done")

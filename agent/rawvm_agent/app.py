@@ -180,7 +180,7 @@ class Agent:
     async def _start_batch_task(self, request: TaskRequest) -> Task:
         if self._stop_task is not None or self.env is None:
             raise NotReadyError(f"the agent is {self.state.phase}; no new tasks")
-        return await self.tasks.start(request, self.env, self.environ, record_at_start=False)
+        return await self.tasks.start(request, self.env, self.environ, own_record=False)
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():

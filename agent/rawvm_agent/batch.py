@@ -8,10 +8,12 @@ hands it with ``POST /v1/batch/adopt`` (the unfinished share of a machine that d
 
 Each task is an ordinary agent task (own log dir, own exit code, counted by the idle policy) with
 ``RAWVM_TASK_ID``, ``RAWVM_TASK_COUNT``, ``RAWVM_TASK_ATTEMPT`` and, for a map, ``RAWVM_TASK_VALUE``. A task's
-final result (state, exit code, attempts with their agent task ids) goes to
-``state_dir/batch/results/<id>.json`` and, with the logs of its attempts, to the sink within a second (a
-directory sink) or five (http): a crash loses the running tasks and those that ended in that last interval.
-A restarted agent reloads the results and runs what has none. A queue with work left counts as busy.
+final result (state, exit code, attempts with their agent task ids) is a line of
+``state_dir/batch/results/*.jsonl`` (rawvm_agent.batch_results) and goes, with the logs of its attempts, to
+the sink within a second (a directory sink) or five (http): a crash loses the running tasks and those that
+ended in that last interval. A restarted agent reloads the results and runs what has none. An attempt that
+printed nothing leaves no task directory (its record is its entry in the result). A queue with work left
+counts as busy.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from rawvm_agent.batch_results import ResultLog
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.environment import Environment
 from rawvm_agent.fetch import fetch, ssl_context
@@ -172,6 +175,8 @@ class BatchRunner:
         self._attempts: dict[int, list[dict[str, Any]]] = {}
         self._wake = asyncio.Event()
         self._unflushed: list[int] = []
+        self._result_log = ResultLog(self.dir / "results")
+        self._unflushed_segments: list[Path] = []  # closed since the last flush: a directory sink's new ones
         self._last_flush = 0.0
         self._workers: set[asyncio.Task[None]] = set()
         self._flushing: asyncio.Task[None] | None = None
@@ -224,14 +229,10 @@ class BatchRunner:
 
     def _load_previous(self) -> None:
         """Results and adoptions of an earlier run of this agent (it restarted): those tasks do not run again."""
-        found = []
-        for path in (self.dir / "results").glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                result = json.loads(path.read_text(encoding="utf-8"))
-                found.append((float(result.get("ended_at") or 0), int(result["id"]), result))
-        for _, bid, result in sorted(found):
-            self.results[bid] = result
-            self.order.append(bid)
+        for result in self._result_log.load():
+            if result["id"] not in self.results:
+                self.order.append(result["id"])
+            self.results[result["id"]] = result
         with contextlib.suppress(OSError, ValueError, TypeError):
             self.adopted = [int(i) for i in json.loads((self.dir / "adopted.json").read_text())]
 
@@ -384,6 +385,8 @@ class BatchRunner:
                             "exit_code": record.exit_code,
                             "started_at": record.started_at,
                             "ended_at": record.ended_at,
+                            # 0: no log files (and no task directory) to look for
+                            "output_bytes": sum(record.bytes_written.values()),
                             **({"timed_out": True} if timed_out else {}),
                         }
                     )
@@ -436,13 +439,13 @@ class BatchRunner:
             "machine": self.config.machine_id,
             "ended_at": last["ended_at"],
         }
-        # No fsync per result (issue 22: it was a tiny task's largest cost): the sink gets it within a second,
-        # and a result lost to a power cut means the task runs again, as a task running then does.
-        write_json_atomic(self.dir / "results" / f"{bid}.json", result, durable=False)
+        self._result_log.append(result)
         self.results[bid] = result
         self.order.append(bid)
         self._unflushed.append(bid)
-        log.info("batch: task %d %s after %d attempt(s)", bid, result["state"], len(attempts))
+        # A line per task in the journal is a cost per task too: the ones that need a look, at info.
+        level = logging.DEBUG if result["state"] == DONE and len(attempts) == 1 else logging.INFO
+        log.log(level, "batch: task %d %s after %d attempt(s)", bid, result["state"], len(attempts))
 
     async def _maybe_flush(self) -> None:
         """Send results and their tasks' logs to the sink: every FLUSH_EVERY_S while work runs, at once when the
@@ -455,10 +458,14 @@ class BatchRunner:
         # machine (a presigned PUT, qemu's) that keeps only the last flush, so it gets every result so far.
         ids = list(self.order) if http else self._unflushed
         self._unflushed = []
-        files = [self.state_dir / "state.json", self.dir / "spec.json"]  # state.json roots the layout at state_dir
+        if (closed := self._result_log.close_segment()) is not None:
+            self._unflushed_segments.append(closed)
+        segments = list(self._result_log.segments) if http else self._unflushed_segments
+        self._unflushed_segments = []
+        files = [self.state_dir / "state.json", self.dir / "spec.json", *segments]  # state.json: the layout's root
         for bid in ids:
-            files.append(self.dir / "results" / f"{bid}.json")
-            files += [self.state_dir / "tasks" / a["task"] for a in self.results[bid]["attempts"] if a["task"]]
+            attempts = self.results[bid]["attempts"]
+            files += [self.state_dir / "tasks" / a["task"] for a in attempts if a["task"] and a.get("output_bytes", 1)]
         self._last_flush = time.monotonic()
         await self._flush([f for f in files if f.exists()])
 
@@ -466,3 +473,4 @@ class BatchRunner:
         for worker in list(self._workers):
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        self._result_log.close()

@@ -151,9 +151,10 @@ class RateWatch:
 
 
 class Task:
-    def __init__(self, record: TaskRecord, directory: Path) -> None:
+    def __init__(self, record: TaskRecord, directory: Path, *, own_record: bool = True) -> None:
         self.record = record
         self.dir = directory
+        self.own_record = own_record  # False: the caller keeps the record (TaskManager.start)
         self.process: Child | None = None
         self.done = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -238,12 +239,15 @@ class TaskManager:
     # -- start ------------------------------------------------------------------------------------------
 
     async def start(
-        self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str], *, record_at_start: bool = True
+        self, request: TaskRequest, env: Environment, base_environ: Mapping[str, str], *, own_record: bool = True
     ) -> Task:
-        """Start the task; its record is written now, so a restarted agent lists it as lost. ``record_at_start``
-        False (batch tasks: the batch reruns what has no result, and an attempt's record is only looked at once
-        it has ended) writes it at the end only, and the task's directory with it or with its first output:
-        on this path, creating files is most of a tiny task's cost (issue 22)."""
+        """Start the task; its record is written now, so a restarted agent lists it as lost.
+
+        ``own_record`` False: the caller keeps the record (a batch: each attempt's exit code and times are in
+        its result, and the batch reruns what has none), so none is written at the start, and at the end only
+        into the directory the task's first output made; a task that prints nothing leaves no file, and its
+        start and end are logged at debug level. On this path creating files (0.2-0.4 ms of kernel time each)
+        and journal lines were most of a tiny task's cost (issue 22)."""
         secrets = [request.env[n] for n in request.secret_env if n in request.env]
         secrets += [v for n in self.secret_env_names if (v := request.env.get(n) or base_environ.get(n))]
         self.redactor.add(*secrets)
@@ -257,8 +261,8 @@ class TaskManager:
 
         task_id = uuid.uuid4().hex[:12]
         record = TaskRecord(id=task_id, argv=list(request.argv), cwd=str(cwd), started_at=time.time())
-        task = Task(record, self.dir / task_id)
-        if record_at_start:
+        task = Task(record, self.dir / task_id, own_record=own_record)
+        if own_record:
             task.dir.mkdir(parents=True)
         try:
             # Its own session and process group, so a stop kills its children too.
@@ -270,13 +274,14 @@ class TaskManager:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise TaskError(f"cannot run {request.argv[0][:200]!r}: {reason}") from None
         record.pid = task.process.pid
-        if record_at_start:
+        if own_record:
             task.save()
         self.tasks[task_id] = self._live[task_id] = task
         if self.first_started_at is None:
             self.first_started_at = record.started_at
         self.started_total += 1
-        log.info("task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
+        if log.isEnabledFor(level := logging.INFO if own_record else logging.DEBUG):
+            log.log(level, "task %s started: %s", task_id, self.redactor.redact(" ".join(request.argv)))
         pump = asyncio.create_task(self._run(task, out, err), name=f"task-{task_id}")
         self._pumps.add(pump)
         pump.add_done_callback(self._pumps.discard)
@@ -297,10 +302,17 @@ class TaskManager:
         record.ended_at = time.time()
         if record.state == TaskState.RUNNING:
             record.state = TaskState.EXITED
-        task.save()
+        if task.own_record or task.dir.exists():
+            task.save()
         self._live.pop(record.id, None)
         task.done.set()
-        log.info("task %s %s with exit code %s", record.id, record.state, code)
+        log.log(
+            logging.INFO if task.own_record else logging.DEBUG,
+            "task %s %s with exit code %s",
+            record.id,
+            record.state,
+            code,
+        )
         await task.notify()
         self.on_change()
 

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rawvm_agent.app import Agent
 from rawvm_agent.batch import BatchError, BatchSpec, share_of
+from rawvm_agent.batch_results import read_results
 
 from tests.agent.app_helpers import AUTH, ServeAgent, get_json
 from tests.agent.core_helpers import agent_config
@@ -68,6 +69,11 @@ def make_agent(tmp_path: Path, serve_agent: ServeAgent) -> Factory:
 
 async def batch_status(client: TestClient[Any, Any]) -> dict[str, Any]:
     return await get_json(client, "/v1/batch")
+
+
+def sink_result_ids(sink: Path) -> list[int]:
+    """The ids of every result flushed to a directory sink, once per time it was flushed, sorted."""
+    return sorted(r["id"] for flush in sink.glob("*/batch/results") for r in read_results(flush))
 
 
 async def wait_results(client: TestClient[Any, Any], count: int, timeout: float = 60.0) -> list[dict[str, Any]]:
@@ -121,10 +127,9 @@ async def test_a_machine_runs_its_share_retries_and_flushes_results(make_agent: 
     assert not agent.batch.pending
     # the queue drained: its results and the logs of every attempt are in the sink at once
     deadline = time.monotonic() + 10
-    while len(list(sink.glob("*/batch/results/*.json"))) < 3 and time.monotonic() < deadline:
+    while len(sink_result_ids(sink)) < 3 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    flushed = {p.stem for p in sink.glob("*/batch/results/*.json")}
-    assert flushed == {"11", "13", "15"}
+    assert sorted(sink_result_ids(sink)) == [11, 13, 15]  # each once: a segment goes to the sink once
     assert {p.parent.name for p in sink.glob("*/tasks/*/stdout")} >= {a["task"] for a in results[13]["attempts"]}
 
 
@@ -199,11 +204,14 @@ async def test_a_restarted_agent_keeps_its_results_and_runs_only_the_rest(
     results = tmp_path / "state" / "batch" / "results"
     results.mkdir(parents=True)
     earlier = {"id": 2, "state": "done", "exit_code": 0, "attempts": [], "machine": "m-test", "ended_at": 1.0}
-    (results / "2.json").write_text(json.dumps(earlier))
+    torn = json.dumps(earlier | {"id": 3})[:25]  # the power went while task 3's line was written
+    (results / "000000.jsonl").write_text(json.dumps(earlier) + "\n" + torn)
     agent, client = await serve_agent(raw)
     got = await wait_results(client, 4)
     assert got[0]["id"] == 2 and sorted(r["id"] for r in got) == [0, 1, 2, 3]
-    assert len(agent.tasks.tasks) == 3  # task 2 did not run again
+    assert len(agent.tasks.tasks) == 3  # task 2 did not run again; 3 did (its result was torn)
+    assert (results / "000000.jsonl").read_text().endswith(torn)  # new lines went to a segment of their own
+    assert sorted(r["id"] for r in read_results(results)) == [0, 1, 2, 3]
 
 
 async def test_a_stop_mid_batch_leaves_the_running_tasks_without_result_and_starts_no_more(
@@ -226,5 +234,5 @@ async def test_a_stop_mid_batch_leaves_the_running_tasks_without_result_and_star
     await asyncio.wait_for(agent.stopped.wait(), 30)
     assert len(agent.tasks.tasks) == started == 3  # nothing started after the stop began
     assert sorted(agent.batch.results) == [0]  # 1 and 2 were interrupted: no result, so they show as unfinished
-    assert {p.stem for p in sink.glob("*/batch/results/*.json")} == {"0"}
+    assert sink_result_ids(sink) == [0]
     assert off.read_text() == "off" and agent.batch.stopping  # its loop ended: no spinning on refusals

@@ -74,14 +74,26 @@ def test_a_missing_command_raises_and_leaves_no_fds(tmp_path: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-async def test_silent_batch_task_writes_its_record_at_the_end_only(tmp_path: Path) -> None:
+async def test_a_task_whose_caller_keeps_the_record_leaves_files_only_when_it_prints(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     mgr = TaskManager(TaskConfig(), tmp_path / "tasks", Redactor())
-    request = TaskRequest(argv=["true"], env={}, cwd="", secret_env=[])
-    task = await mgr.start(request, Environment(venv=None, work_dir=work), ENV, record_at_start=False)
-    await asyncio.wait_for(task.done.wait(), 10)
-    assert sorted(p.name for p in task.dir.iterdir()) == ["task.json"]  # no empty log files
-    assert read_log(task.log_path("stdout"), 0, 10) == b""
-    again = TaskManager(TaskConfig(), tmp_path / "tasks", Redactor()).get(task.record.id)
-    assert again is not None and again.record.state == TaskState.EXITED and again.record.exit_code == 0
+    environment = Environment(venv=None, work_dir=work)
+    silent = await mgr.start(
+        TaskRequest(argv=["true"], env={}, cwd="", secret_env=[]), environment, ENV, own_record=False
+    )
+    talker = await mgr.start(
+        TaskRequest(argv=["sh", "-c", "echo hi >&2"], env={}, cwd="", secret_env=[]), environment, ENV, own_record=False
+    )
+    await asyncio.wait_for(asyncio.gather(silent.done.wait(), talker.done.wait()), 10)
+    assert silent.record.exit_code == 0 and not silent.dir.exists()  # no directory, no record, no empty logs
+    assert read_log(silent.log_path("stdout"), 0, 10) == b""
+    assert sorted(p.name for p in talker.dir.iterdir()) == ["stderr", "task.json"]
+    again = TaskManager(TaskConfig(), tmp_path / "tasks", Redactor())
+    assert again.get(silent.record.id) is None
+    reloaded = again.get(talker.record.id)
+    assert (
+        reloaded is not None
+        and reloaded.record.state == TaskState.EXITED
+        and reloaded.record.bytes_written["stderr"] == 3
+    )

@@ -20,6 +20,7 @@ import pytest
 from rawvm import clusters, session, sinks
 from rawvm.batches import array as batches
 from rawvm_agent.batch import share_of
+from rawvm_agent.batch_results import read_results
 
 from tests.helpers.local import local_project, processes_under
 
@@ -29,9 +30,10 @@ ARRAY = list(range(50))
 
 
 def task_code(marker: Path, sleep: float = 0.0) -> str:
-    """Prints its id; task 7 fails its first run (a marker file says it has run)."""
+    """Prints its id, but task 11 prints nothing; task 7 fails its first run (a marker file says it has run)."""
     return (
-        "import os, sys, pathlib, time; i = os.environ['RAWVM_TASK_ID']; print('task', i, flush=True); "
+        "import os, sys, pathlib, time; i = os.environ['RAWVM_TASK_ID']; "
+        "print('task', i, flush=True) if i != '11' else None; "
         f"m = pathlib.Path({str(marker)!r}); first = i == '7' and not m.exists(); "
         f"m.write_text('ran') if first else None; time.sleep({sleep}); sys.exit(3 if first else 0)"
     )
@@ -107,9 +109,9 @@ def wait_status(env: dict[str, str], cluster: str, ok: Any, timeout: float = 120
 def flushed_results(cluster: str) -> dict[str, dict[int, dict[str, Any]]]:
     """Each machine's results as its flushes to the sink hold them."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in sinks.sink_dir(cluster).glob(f"{cluster}-*/batch/results/*.json"):
-        result = json.loads(path.read_text())
-        out.setdefault(result["machine"], {})[result["id"]] = result
+    for flush in sinks.sink_dir(cluster).glob(f"{cluster}-*/batch/results"):
+        for result in read_results(flush):
+            out.setdefault(result["machine"], {})[result["id"]] = result
     return out
 
 
@@ -132,6 +134,9 @@ def test_an_array_runs_every_id_once_and_retries_the_failure(env: dict[str, str]
     for i in (0, 7, 49):  # each task's own log, read back from the sink
         out = rawvm("batch", "logs", cluster, str(i), env=env)
         assert out.returncode == 0 and out.stdout == f"task {i}\n", out.stderr
+    silent = rawvm("batch", "logs", cluster, "11", env=env)  # its machine kept no log files: empty, not missing
+    assert (silent.returncode, silent.stdout, silent.stderr) == (0, "", "")
+    assert results[11]["attempts"][0]["output_bytes"] == 0 and results[7]["attempts"][1]["output_bytes"] == 7
     assert status_json(env, cluster)["counts"] == {"done": 50, "failed": 0, "lost": 0, "queued": 0, "running": 0}
 
 

@@ -345,9 +345,13 @@ def test_rawvm_down_lets_the_machines_flush_first(tmp_path: Path) -> None:
 # -- the PNG: one time axis, a legend, labels that do not overprint ------------------------------------------
 
 
-def plant_batch_machine(cluster: str, machine: str, start: float, ids: range, seconds: float) -> None:
+def plant_batch_machine(
+    cluster: str, machine: str, start: float, ids: range, seconds: float, *, layout: str = "segments"
+) -> None:
     """A local machine's flush: 1 Hz samples (CPU rising and falling) and one short batch task per id, each with
-    its result (id, value, the agent task that ran it), as an agent writes them."""
+    its result (id, value, the agent task that ran it), as an agent writes them: ``segments`` (lines of
+    ``batch/results/*.jsonl``, and no task record for an attempt that printed nothing, as here) or ``files`` (a
+    ``task.json`` per attempt and a ``<id>.json`` per result, as agents before segments wrote)."""
     flush = sinks.sink_dir(cluster) / f"{cluster}-{machine}-20260101T000000Z"
     end = start + len(ids) * seconds + 5
     times = [start + k for k in range(int(end - start))]
@@ -362,12 +366,18 @@ def plant_batch_machine(cluster: str, machine: str, start: float, ids: range, se
         task_id = f"b{bid}"
         began = start + 2 + k * seconds
         task = {"id": task_id, "argv": ["python", "sweep.py"], "started_at": began, "ended_at": began + seconds * 0.8}
-        (flush / "tasks" / task_id).mkdir(parents=True)
-        (flush / "tasks" / task_id / "task.json").write_text(json.dumps({**task, "exit_code": 0}))
         attempt = {"task": task_id, "exit_code": 0, "started_at": began, "ended_at": task["ended_at"]}
         result = {"id": bid, "value": f"lr={bid / 1000:g}", "state": "done", "attempts": [attempt], "machine": machine}
         (flush / "batch" / "results").mkdir(parents=True, exist_ok=True)
-        (flush / "batch" / "results" / f"{bid}.json").write_text(json.dumps(result))
+        if layout == "files":
+            (flush / "tasks" / task_id).mkdir(parents=True)
+            (flush / "tasks" / task_id / "task.json").write_text(json.dumps({**task, "exit_code": 0}))
+            (flush / "batch" / "results" / f"{bid}.json").write_text(json.dumps(result))
+        else:
+            with (flush / "batch" / "results" / f"{k // 10:06d}.jsonl").open("a") as segment:
+                segment.write(json.dumps({**result, "attempts": [{**attempt, "output_bytes": 0}]}) + "\n")
+    if layout != "files":
+        (flush / "batch" / "spec.json").write_text(json.dumps({"format": 1, "argv": ["python", "sweep.py"]}))
 
 
 def test_the_png_has_one_time_axis_a_legend_and_labels_that_never_overprint(state: Path, tmp_path: Path) -> None:
@@ -377,11 +387,13 @@ def test_the_png_has_one_time_axis_a_legend_and_labels_that_never_overprint(stat
     sinks.remember_sink_provider("sweep", "local", {})
     plant_batch_machine("sweep", "m0", T0, range(0, 40), 3.0)  # 40 tasks of 3 s: far too dense to label all
     plant_batch_machine("sweep", "m1", T0, range(40, 44), 30.0)
-    plant_batch_machine("sweep", "m2", T0 + 200, range(44, 46), 20.0)  # the retry round's machine, later
+    plant_batch_machine("sweep", "m2", T0 + 200, range(44, 46), 20.0, layout="files")  # a retry's machine, later
     telemetry = report_data.collect("sweep", live=False)
     frames = report_data.frames(telemetry)
     summary = report_summary.summarize(telemetry, frames)
     tasks = telemetry.task_marks()
+    # every attempt is marked, with its command: from its task.json (m2) or from its result and the spec (m0, m1)
+    assert len(tasks) == 46 and all(t.argv == ["python", "sweep.py"] and t.exit_code == 0 for t in tasks)
     assert [m.machine for m in summary.machines] == ["m0", "m1", "m2"]
     assert {t.label for t in tasks if t.machine == "m2"} == {"#44 lr=0.044", "#45 lr=0.045"}
 

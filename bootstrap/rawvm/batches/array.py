@@ -182,12 +182,13 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
     st = status(cluster)
     if task not in st.states:
         raise UsageError(f"batch {cluster} has no task {task}")
-    machine, agent_task = "", ""
+    machine, agent_task, printed = "", "", True
     if task in st.running:
         machine, agent_task = st.running[task]
     elif task in st.results:
         attempts = [a for a in st.results[task].get("attempts", []) if a.get("task")]
         agent_task = str(attempts[-1]["task"]) if attempts else ""
+        printed = not attempts or attempts[-1].get("output_bytes") != 0  # results from older agents lack it
         machine = str(st.results[task].get("machine", ""))
     if not agent_task:
         say(f"task {task} is {st.states[task]}: no output yet")
@@ -198,6 +199,8 @@ def logs(cluster: str, task: int, *, output: TextIO | None = None, error_output:
         run_sync(_live_logs(crec, url, agent_task, out, err))
         return 0
     task_dir = sink_task_dir(cluster, agent_task)
+    if task_dir is None and not printed:
+        return 0  # it printed nothing: its machine kept no log files for it
     if task_dir is None:
         say(f"task {task} ({st.states[task]}): its machine has gone and its output is not in the sink")
         return 1

@@ -3,11 +3,11 @@ agents, merged so the latest attempt of each id wins."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rawvm_agent.batch_results import read_results
 
 from rawvm import sinks
 
@@ -22,10 +22,9 @@ def newest(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
 def sink_results(cluster: str) -> dict[int, dict[str, Any]]:
     """Every result the cluster's machines flushed to the sink (on this host, after ``fetch_flushes``)."""
     found: dict[int, dict[str, Any]] = {}
-    for path in sinks.sink_dir(cluster).glob(f"{cluster}-*/batch/results/*.json"):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            result = json.loads(path.read_text())
-            found[int(result["id"])] = newest(found.get(int(result["id"])), result)
+    for flush in sinks.sink_dir(cluster).glob(f"{cluster}-*/batch/results"):
+        for result in read_results(flush):
+            found[result["id"]] = newest(found.get(result["id"]), result)
     return found
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+from rawvm_agent.batch_results import read_results
 from rawvm_agent.config import IdleConfig
 from rawvm_agent.telemetry.collectors.gpm import METRICS as GPM_METRICS
 
@@ -94,13 +95,16 @@ class ClusterTelemetry:
     batch_tasks: dict[tuple[str, str], tuple[int, str | None]] = field(default_factory=dict)  # (machine, task)
     launched: set[str] = field(default_factory=set)  # every machine this host launched for it (``launched_machines``)
 
-    def add_batch_result(self, machine: str, result: dict[str, Any]) -> None:
-        """Which agent tasks ran batch task ``result["id"]`` (one per attempt), for the task marks' labels."""
+    def add_batch_result(self, machine: str, result: dict[str, Any], argv: list[str] | None = None) -> None:
+        """Which agent tasks ran batch task ``result["id"]`` (one per attempt), for the task marks' labels; an
+        attempt with no record of its own (it printed nothing: the agent wrote no task directory) gets its mark
+        from the result, with the batch's command ``argv``."""
         value = result.get("value")
         for attempt in result.get("attempts") or []:
             if isinstance(attempt, dict) and attempt.get("task"):
                 key = (machine, str(attempt["task"]))
                 self.batch_tasks[key] = (int(result["id"]), None if value is None else str(value))
+                self.tasks.setdefault(machine, {}).setdefault(key[1], _attempt_mark(machine, attempt, argv or []))
 
     def add_samples(self, machine: str, samples: Iterable[dict[str, Any]], source: str) -> None:
         mine = self.samples.setdefault(machine, {})
@@ -131,7 +135,27 @@ class ClusterTelemetry:
         return marks
 
 
+def _attempt_mark(machine: str, attempt: dict[str, Any], argv: list[str]) -> TaskMark:
+    return TaskMark(
+        machine=machine,
+        task_id=str(attempt["task"]),
+        argv=argv,
+        started_at=attempt.get("started_at") or None,
+        ended_at=attempt.get("ended_at") or None,
+        exit_code=attempt.get("exit_code"),
+    )
+
+
 # -- reading ----------------------------------------------------------------------------------------------------
+
+
+def _batch_argv(spec: Path) -> list[str]:
+    """The batch's command, from a flushed copy of its spec; [] when there is none."""
+    with contextlib.suppress(OSError, ValueError):
+        raw = json.loads(spec.read_bytes())
+        if isinstance(raw, dict) and isinstance(raw.get("argv"), list):
+            return [str(a) for a in raw["argv"]]
+    return []
 
 
 def read_frames(path: Path) -> Iterator[dict[str, Any]]:
@@ -150,11 +174,9 @@ def read_flush(telemetry: ClusterTelemetry, machine: str, flush: Path) -> None:
             record = json.loads(task_json.read_text())
             if isinstance(record, dict):
                 telemetry.add_task(machine, record)
-    for result_json in sorted(flush.glob("batch/results/*.json")):
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            result = json.loads(result_json.read_text())
-            if isinstance(result, dict):
-                telemetry.add_batch_result(machine, result)
+    argv = _batch_argv(flush / "batch" / "spec.json")
+    for result in read_results(flush / "batch" / "results"):
+        telemetry.add_batch_result(machine, result, argv)
 
 
 async def _read_agent(agent: AgentClient) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
