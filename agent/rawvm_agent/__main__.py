@@ -24,10 +24,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rawvm-agent: {exc}", file=sys.stderr)
         return 2
 
+    # The bundle's download begins now, in threads, while the imports below take their seconds (prefetch.py).
+    from rawvm_agent.prefetch import BundlePrefetch
+
+    prefetch = BundlePrefetch.for_first_start(config)
+
     from rawvm_agent.server import serve
 
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(config, prefetch=prefetch))
     except OSError as exc:  # e.g. the port is taken, the TLS files are unreadable
         print(f"rawvm-agent: {exc}", file=sys.stderr)
         return 1

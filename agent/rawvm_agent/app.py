@@ -28,6 +28,7 @@ from rawvm_agent.environment import Environment
 from rawvm_agent.install import InstallError
 from rawvm_agent.installer import Installer
 from rawvm_agent.logs import Redactor, url_password
+from rawvm_agent.prefetch import PREFETCH_DIR, BundlePrefetch
 from rawvm_agent.presence import Presence
 from rawvm_agent.state import SERVING, AgentState, InstallProgress, Phase, StateStore
 from rawvm_agent.tasks import NotReadyError, Task, TaskManager, TaskRequest
@@ -39,7 +40,9 @@ AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")  # where server.create_app pu
 SINK_TIMEOUT_S = 300.0
 STATE_SAVE_EVERY_S = 5.0
 # Directories of the state dir that are not worth sending to the sink (big, and rebuilt from the bundle).
-NOT_FLUSHED = frozenset({"bundle", "bundle.partial", "env", "work", "conda", "conda-cache", "ca-bundle.pem"})
+NOT_FLUSHED = frozenset(
+    {"bundle", "bundle.partial", PREFETCH_DIR, "env", "work", "conda", "conda-cache", "ca-bundle.pem"}
+)
 
 
 def boot_id() -> str:
@@ -57,6 +60,7 @@ class Agent:
         *,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        prefetch: BundlePrefetch | None = None,
     ) -> None:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
@@ -89,7 +93,9 @@ class Agent:
         self.redactor.add(self.calls.worker_token)
         self.people = Presence(self._on_tasks_change)  # open shells, forwards, copies (presence.py)
         self.boot_phases = BootPhases(self.state_dir)
-        self.installer = Installer(config, self.state_dir, self.state.install, self.redactor, self._install_progress)
+        self.installer = Installer(
+            config, self.state_dir, self.state.install, self.redactor, self._install_progress, prefetch=prefetch
+        )
         self.batch = BatchRunner(
             config, self.state_dir, self._start_batch_task, self._flush_files, http_sink=self.http_sink
         )

@@ -38,6 +38,7 @@ from rawvm_agent.install import (
     unpack_code,
 )
 from rawvm_agent.logs import Redactor
+from rawvm_agent.prefetch import BundlePrefetch
 from rawvm_agent.state import InstallProgress
 
 log = logging.getLogger("rawvm_agent.install")
@@ -53,9 +54,12 @@ class Installer:
         progress: InstallProgress,
         redactor: Redactor,
         on_progress: Callable[[], None] = lambda: None,
+        *,
+        prefetch: BundlePrefetch | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
+        self.prefetch = prefetch  # the bundle's files, if their download began before the agent's imports
         self.progress = progress
         self.redactor = redactor
         self.on_progress = on_progress
@@ -92,7 +96,12 @@ class Installer:
             return self.no_environment()
         self._early_venv = None
         try:
-            manifest = await self._fetch_and_verify()
+            try:
+                manifest = await self._fetch_and_verify()
+            finally:
+                if self.prefetch is not None:  # what it fetched was taken or is of no use: nothing waits on it
+                    await asyncio.to_thread(self.prefetch.discard)
+                    self.prefetch = None
             return await self._install_verified(manifest)
         except BaseException:
             if self._early_venv is not None:  # let its uv finish: a cancelled task would leave uv running
@@ -158,7 +167,13 @@ class Installer:
     ) -> None:
         dest = staging / safe_relpath(entry.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        actual = await fetch(session, entry.url, dest, self._add_bytes, self._add_size)
+        if self.prefetch is not None and await asyncio.to_thread(self.prefetch.take, entry.path, expected, dest):
+            size = dest.stat().st_size
+            self._add_size(size)
+            self._add_bytes(size)
+            actual = expected.lower()  # take() hashed it as it came
+        else:
+            actual = await fetch(session, entry.url, dest, self._add_bytes, self._add_size)
         for want, source in ((expected, MANIFEST), (entry.sha256, "agent.toml")):
             if want and actual != want.lower():
                 raise BundleError(

@@ -30,6 +30,7 @@ from rawvm_agent.app import AGENT_KEY, Agent
 from rawvm_agent.auth import digest, token_middleware
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.logs import setup_logging
+from rawvm_agent.prefetch import BundlePrefetch
 
 log = logging.getLogger("rawvm_agent")
 
@@ -75,10 +76,11 @@ def server_ssl_context(config: AgentConfig) -> ssl.SSLContext:
     return ctx
 
 
-async def serve(config: AgentConfig) -> int:
-    """Run the agent and its API until it has powered off or a signal asks it to leave; the exit code."""
+async def serve(config: AgentConfig, *, prefetch: BundlePrefetch | None = None) -> int:
+    """Run the agent and its API until it has powered off or a signal asks it to leave; the exit code.
+    ``prefetch``: the bundle's downloads begun before the imports (prefetch.py)."""
     context = server_ssl_context(config)  # before anything starts: no TLS, no agent
-    agent = Agent(config)
+    agent = Agent(config, prefetch=prefetch)
     setup_logging(agent.redactor, agent.log_file)
     app = create_app(agent)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
