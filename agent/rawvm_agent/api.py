@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from rawvm_agent.app import AGENT_KEY, Agent
-from rawvm_agent.query import int_param
+from rawvm_agent.query import int_param, number_param
 from rawvm_agent.sink_post import SinkPostError
 from rawvm_agent.tasks import STREAMS, NotReadyError, Task, TaskError, read_log
 from rawvm_agent.telemetry import prometheus
@@ -70,7 +70,9 @@ async def metrics_dcgm(request: web.Request) -> web.Response:
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_agent(request).status())
+    """``?wait=S&phase=P``: answer once the phase is no longer P, or after S seconds (at most 10)."""
+    wait = number_param(request, "wait", 0.0)
+    return web.json_response(await _agent(request).status_after(request.query.get("phase", ""), wait))
 
 
 @routes.get("/v1/samples")

@@ -40,6 +40,7 @@ AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent")  # where server.create_app pu
 SINK_TIMEOUT_S = 300.0
 STATE_SAVE_EVERY_S = 5.0
 # Directories of the state dir that are not worth sending to the sink (big, and rebuilt from the bundle).
+STATUS_WAIT_MAX_S = 10.0  # the longest GET /v1/status?wait= holds its answer
 NOT_FLUSHED = frozenset(
     {"bundle", "bundle.partial", PREFETCH_DIR, "env", "work", "conda", "conda-cache", "ca-bundle.pem"}
 )
@@ -109,6 +110,7 @@ class Agent:
         self._background: list[asyncio.Task[Any]] = []
         self._last_save = 0.0
         self._save_error = ""
+        self._phase_changed = asyncio.Event()  # set, and replaced, at each phase change (``status_after``)
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -231,6 +233,8 @@ class Agent:
         log.info("phase %s -> %s", self.state.phase, phase)
         self.state.enter(phase, self.clock())
         self.save_state()
+        self._phase_changed.set()
+        self._phase_changed = asyncio.Event()
         sdnotify.notify(sdnotify.status(f"rawvm-agent: {phase}"))
 
     # -- install ----------------------------------------------------------------------------------------
@@ -431,6 +435,15 @@ class Agent:
         if self.tasks.first_started_at is not None:
             self.boot_phases.mark("first_task_started", self.tasks.first_started_at)
         return self.boot_phases.as_dict()
+
+    async def status_after(self, phase: str, wait: float) -> dict[str, Any]:
+        """``status()`` once the phase is no longer ``phase``, or after ``wait`` seconds (at most
+        STATUS_WAIT_MAX_S): a client waiting for a machine to be ready asks once a second, not four times, and
+        still hears of the change at once (issue 22: on a small machine each answer costs the install CPU)."""
+        if wait > 0 and self.state.phase.value == phase:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._phase_changed.wait(), min(wait, STATUS_WAIT_MAX_S))
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         now = self.clock()

@@ -34,6 +34,7 @@ T = TypeVar("T")
 SERVING_PHASES = frozenset({"ready", "busy", "idle"})
 ENDED_PHASES = frozenset({"failed", "stopping", "off"})
 POLL_S = 0.25  # between two status reads of a machine that is not ready yet
+STATUS_WAIT_S = 1.0  # how long an agent may hold a status read for a phase change (progress shows meanwhile)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -86,36 +87,59 @@ async def wait_ready(
     pending = dict(agents)
     by_id = {m.short_id: m for m in record.machines}
     billed = record.provider not in FREE_PROVIDERS
-    while pending:
-        if billed:
-            view.cost(costs.cost_line(record, costs.cost_of(record, time.time())))
-        for mid, client in list(pending.items()):
-            try:
-                status = await client.status()
-            except AgentError:
-                if not provider.alive(by_id[mid]):
-                    raise RawvmError(f"machine {mid} of {record.name} stopped before its agent answered") from None
-                view.update(mid, "booting")
-                continue
-            phase = str(status.get("phase", ""))
-            view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
-            if phase in SERVING_PHASES:
-                del pending[mid]
-                if seen is not None:
-                    seen[mid] = status
-                await hand_sink(client, provider, record, by_id[mid])
-                if env:
-                    await client.set_env(env.all_values(), env.secret_names)
-            elif phase in ENDED_PHASES:
-                why = status.get("error") or status.get("stop_reason") or phase
-                raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
-        if pending and time.monotonic() > deadline:
-            raise RawvmError(
-                f"{', '.join(pending)} not ready after {format_duration(timeout)}: "
-                f"see 'rawvm logs {record.name}', stop with 'rawvm down {record.name}'"
-            )
-        if pending:
-            await asyncio.sleep(POLL_S)
+    phases: dict[str, str] = {}  # the phase each machine last showed: its next read waits for a change
+    reads: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
+    try:
+        while pending:
+            if billed:
+                view.cost(costs.cost_line(record, costs.cost_of(record, time.time())))
+            for mid, client in pending.items():
+                if mid not in reads:
+                    reads[mid] = asyncio.ensure_future(_read_status(client, phases.get(mid, "")))
+            left = deadline - time.monotonic()
+            done, _ = await asyncio.wait(reads.values(), timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED)
+            for mid in [m for m, read in reads.items() if read in done]:
+                status = reads.pop(mid).result()
+                if status is None:
+                    if not provider.alive(by_id[mid]):
+                        raise RawvmError(f"machine {mid} of {record.name} stopped before its agent answered")
+                    view.update(mid, "booting")
+                    continue
+                phase = phases[mid] = str(status.get("phase", ""))
+                view.update(mid, phase, str(status.get("error") or "") if phase == "failed" else install_detail(status))
+                if phase in SERVING_PHASES:
+                    del pending[mid]
+                    if seen is not None:
+                        seen[mid] = status
+                    await hand_sink(agents[mid], provider, record, by_id[mid])
+                    if env:
+                        await agents[mid].set_env(env.all_values(), env.secret_names)
+                elif phase in ENDED_PHASES:
+                    why = status.get("error") or status.get("stop_reason") or phase
+                    raise RawvmError(f"machine {mid} of {record.name} is {phase}: {why}")
+            if pending and time.monotonic() > deadline:
+                raise RawvmError(
+                    f"{', '.join(pending)} not ready after {format_duration(timeout)}: "
+                    f"see 'rawvm logs {record.name}', stop with 'rawvm down {record.name}'"
+                )
+    finally:
+        for read in reads.values():
+            read.cancel()
+        await asyncio.gather(*reads.values(), return_exceptions=True)
+
+
+async def _read_status(client: AgentClient, phase: str) -> dict[str, Any] | None:
+    """A machine's status; None while its agent does not answer (booting). Once a phase is known the agent holds
+    the answer until the phase changes, or STATUS_WAIT_S: the laptop hears of a machine's readiness at once and
+    asks about once a second meanwhile, not four times (on a small machine each answer costs its install CPU).
+    At least POLL_S between two reads either way (an agent that does not hold its answers, or one that is down)."""
+    started = time.monotonic()
+    try:
+        return await client.status(changed_from=phase, wait=STATUS_WAIT_S if phase else 0.0)
+    except AgentError:
+        return None
+    finally:
+        await asyncio.sleep(max(POLL_S - (time.monotonic() - started), 0.0))
 
 
 async def hand_sink(client: AgentClient, provider: Provider, record: clusters.ClusterRecord, machine: Machine) -> None:

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from rawvm_agent.app import Agent
 from rawvm_agent.config import config_from_dict
 from rawvm_agent.server import create_app
-from rawvm_agent.state import StateStore
+from rawvm_agent.state import Phase, StateStore
 
 from tests.agent.app_helpers import AUTH, ServeAgent, get_json
 from tests.agent.core_helpers import agent_config, tiny_bundle
@@ -496,3 +496,27 @@ async def test_a_handed_sink_form_is_kept_private_redacted_and_used_to_flush(
     assert agent.redactor.redact(f"oops {signature}") == "oops ***"
     again = Agent(agent.config)  # a restarted agent still has it
     assert again.handed_sink is not None and again.handed_sink.fields == form
+
+
+async def test_a_status_read_can_wait_for_the_phase_to_change(make_client: ClientFactory) -> None:
+    agent, client = await make_client()
+    await wait_until(lambda: _phase_is(client, "idle"))
+    started = time.monotonic()
+    held = await get_json(client, "/v1/status?phase=idle&wait=0.3")  # no change: answered after the wait
+    assert held["phase"] == "idle" and time.monotonic() - started >= 0.25
+    waiting = asyncio.ensure_future(get_json(client, "/v1/status?phase=idle&wait=30"))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    started = time.monotonic()
+    agent.set_phase(Phase.BUSY)  # the phase changes (as a task starts): the held read answers at once
+    changed = await asyncio.wait_for(waiting, 10)
+    assert changed["phase"] == "busy" and time.monotonic() - started < 5
+    started = time.monotonic()
+    at_once = await get_json(client, "/v1/status?phase=idle&wait=30")  # already another phase: no wait
+    assert at_once["phase"] == "busy" and time.monotonic() - started < 5
+    bad = await client.get("/v1/status?phase=idle&wait=soon", headers=AUTH)
+    assert bad.status == 400 and "wait" in (await bad.json())["error"]
+
+
+async def _phase_is(client: TestClient[Any, Any], phase: str) -> bool:
+    return (await status(client))["phase"] == phase

@@ -262,9 +262,11 @@ class AgentClient:
         except (TimeoutError, aiohttp.ClientError, AgentError):
             return False
 
-    async def status(self) -> dict[str, Any]:
-        """The agent's phase, idle clock and task counts (``GET /v1/status``)."""
-        body: dict[str, Any] = await self._request("GET", "/v1/status")
+    async def status(self, *, changed_from: str = "", wait: float = 0.0) -> dict[str, Any]:
+        """The agent's phase, idle clock and task counts (``GET /v1/status``). With ``changed_from`` and ``wait``:
+        the agent answers once its phase is no longer ``changed_from``, or after ``wait`` seconds (at most 10)."""
+        params = {"phase": changed_from, "wait": f"{wait:g}"} if changed_from and wait > 0 else None
+        body: dict[str, Any] = await self._request("GET", "/v1/status", params=params)
         return body
 
     async def keepalive(self) -> None:
