@@ -192,6 +192,11 @@ def qemu_bench(work: Path) -> None:
         f"\noverhead over the bare boot (kernel → first task, less the environment's install): "
         f"{overhead:+.1f}s, {without_install / bare['kernel → user-data']:.2f}x ({to_task:.1f}s with it)  [goal ≤ 8 s]"
     )
+    if (exec_at := install.pop("agent exec", None)) is not None:
+        print(
+            f"  the agent's start: venv ready → process exec'd {exec_at - phases['agent_venv_ready']:.1f}s (systemd), "
+            f"exec → agent_up {phases['agent_up'] - exec_at:.1f}s (Python, imports, the agent's set-up)"
+        )
     if imports := install.pop("agent import (cumulative us)", ""):
         print(f"  the agent's imports in the guest, cumulative microseconds: {imports}")
     for label, seconds in install.items():
