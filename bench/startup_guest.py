@@ -5,7 +5,8 @@ environment, so it installs the very ``pylock.toml`` the agent installed (``../b
 machine, the same disk and the same uv binary:
 
 - ``uv``: ``uv venv`` + ``uv pip sync pylock.toml`` into a fresh venv (the agent's two commands), uv cache in
-  ``--uv-cache`` (a fresh directory: cold; the one from an earlier run: warm);
+  ``--uv-cache`` (a fresh directory: cold; the one from an earlier run: warm); with ``--uv-again`` then ``uv again``,
+  the same with a cache of its own (``--uv-cache`` + ``-again``): the spread between two identical raw installs here;
 - ``pip`` (unless ``--no-pip``): ``pip install --require-hashes -r requirements.txt`` of the same lock (exported
   with ``rawvm export``) into a fresh ``python -m venv`` with ``--no-cache-dir``; the venv's own creation
   (ensurepip) is not counted, in pip's favour.
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--scratch", required=True)
     parser.add_argument("--python", default="python3")
     parser.add_argument("--no-pip", action="store_true")
+    parser.add_argument("--uv-again", action="store_true", help="a second raw uv install, from a cold cache too")
     parser.add_argument("--native-tls", action="store_true", help="as the agent did: trust the system CA bundle")
     parser.add_argument("--agent-venv", action="store_true", help="also time ways to make the agent's own venv")
     parser.add_argument("--bootstrap", default="/opt/rawvm/bootstrap.sh", help="the user-data's script")
@@ -108,10 +110,15 @@ def main() -> None:
         env |= {"UV_NATIVE_TLS": "1", "PIP_CERT": SYSTEM_CA}  # where the extra CA certificates went
     uv_venv = scratch / "uv-env"
     result: dict[str, float | int | str] = {"packages": len(tomllib.loads(lock.read_text())["packages"])}
-    result["uv"] = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], env) + timed(
-        ["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(lock)], env
-    )
-    shutil.rmtree(uv_venv, ignore_errors=True)
+    # Twice, each from a cold uv cache of its own: how far two identical raw installs on this machine differ
+    # (the network and the guest warm up: the agent's install always came first).
+    runs = [("uv", args.uv_cache), *([("uv again", args.uv_cache + "-again")] if args.uv_again else [])]
+    for key, cache in runs:
+        cold = env | {"UV_CACHE_DIR": cache}
+        result[key] = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], cold) + timed(
+            ["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(lock)], cold
+        )
+        shutil.rmtree(uv_venv, ignore_errors=True)
     if not args.no_pip:
         pip_venv = scratch / "pip-env"
         subprocess.run([python, "-m", "venv", str(pip_venv)], env=env, check=True)
