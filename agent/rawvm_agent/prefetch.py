@@ -59,9 +59,9 @@ class BundlePrefetch:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(mode=0o700)
         files = [f for f in self.config.bundle.files if _is_http(f.url)][:MAX_FILES]
+        relatives = [safe_relpath(f.path) for f in files]  # every path checked before any download starts
         context = _ssl_context(self.config.install.ca_certs) if any(f.url.startswith("https") for f in files) else None
-        for entry in files:
-            relative = safe_relpath(entry.path)
+        for entry, relative in zip(files, relatives, strict=True):
             thread = threading.Thread(
                 target=self._download, args=(entry.url, relative, context), name="prefetch", daemon=True
             )

@@ -89,13 +89,17 @@ async def wait_ready(
     billed = record.provider not in FREE_PROVIDERS
     phases: dict[str, str] = {}  # the phase each machine last showed: its next read waits for a change
     reads: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
+    asked: dict[str, float] = {}  # when each machine's last read began: the next waits until POLL_S after it
     try:
         while pending:
             if billed:
                 view.cost(costs.cost_line(record, costs.cost_of(record, time.time())))
             for mid, client in pending.items():
                 if mid not in reads:
-                    reads[mid] = asyncio.ensure_future(_read_status(client, phases.get(mid, "")))
+                    now = time.monotonic()
+                    delay = max(asked.get(mid, now - POLL_S) + POLL_S - now, 0.0)
+                    asked[mid] = now + delay
+                    reads[mid] = asyncio.ensure_future(_read_status(client, phases.get(mid, ""), delay))
             left = deadline - time.monotonic()
             done, _ = await asyncio.wait(reads.values(), timeout=max(left, 0.0), return_when=asyncio.FIRST_COMPLETED)
             for mid in [m for m, read in reads.items() if read in done]:
@@ -128,18 +132,17 @@ async def wait_ready(
         await asyncio.gather(*reads.values(), return_exceptions=True)
 
 
-async def _read_status(client: AgentClient, phase: str) -> dict[str, Any] | None:
-    """A machine's status; None while its agent does not answer (booting). Once a phase is known the agent holds
-    the answer until the phase changes, or STATUS_WAIT_S: the laptop hears of a machine's readiness at once and
-    asks about once a second meanwhile, not four times (on a small machine each answer costs its install CPU).
-    At least POLL_S between two reads either way (an agent that does not hold its answers, or one that is down)."""
-    started = time.monotonic()
+async def _read_status(client: AgentClient, phase: str, delay: float) -> dict[str, Any] | None:
+    """A machine's status, read after ``delay`` seconds (the caller keeps POLL_S between two reads of a machine:
+    an agent that does not hold its answers, or one that is down, is not asked in a loop); None while its agent
+    does not answer (booting). Once a phase is known the agent holds the answer until the phase changes, or
+    STATUS_WAIT_S: the laptop hears of a machine's readiness at once and asks about once a second meanwhile, not
+    four times (on a small machine each answer costs its install CPU)."""
+    await asyncio.sleep(delay)
     try:
         return await client.status(changed_from=phase, wait=STATUS_WAIT_S if phase else 0.0)
     except AgentError:
         return None
-    finally:
-        await asyncio.sleep(max(POLL_S - (time.monotonic() - started), 0.0))
 
 
 async def hand_sink(client: AgentClient, provider: Provider, record: clusters.ClusterRecord, machine: Machine) -> None:

@@ -104,7 +104,8 @@ class ClusterTelemetry:
             if isinstance(attempt, dict) and attempt.get("task"):
                 key = (machine, str(attempt["task"]))
                 self.batch_tasks[key] = (int(result["id"]), None if value is None else str(value))
-                self.tasks.setdefault(machine, {}).setdefault(key[1], _attempt_mark(machine, attempt, argv or []))
+                if key[1] not in self.tasks.get(machine, {}):  # a task.json, when there is one, says more
+                    self.add_task(machine, {**attempt, "id": attempt["task"], "argv": argv or []})
 
     def add_samples(self, machine: str, samples: Iterable[dict[str, Any]], source: str) -> None:
         mine = self.samples.setdefault(machine, {})
@@ -133,17 +134,6 @@ class ClusterTelemetry:
             if (known := self.batch_tasks.get((mark.machine, mark.task_id))) is not None:
                 mark.batch_id, mark.value = known
         return marks
-
-
-def _attempt_mark(machine: str, attempt: dict[str, Any], argv: list[str]) -> TaskMark:
-    return TaskMark(
-        machine=machine,
-        task_id=str(attempt["task"]),
-        argv=argv,
-        started_at=attempt.get("started_at") or None,
-        ended_at=attempt.get("ended_at") or None,
-        exit_code=attempt.get("exit_code"),
-    )
 
 
 # -- reading ----------------------------------------------------------------------------------------------------
