@@ -11,6 +11,10 @@ machine, the same disk and the same uv binary:
   with ``rawvm export``) into a fresh ``python -m venv`` with ``--no-cache-dir``; the venv's own creation
   (ensurepip) is not counted, in pip's favour.
 
+With ``--uv-local``, ``uv from local wheels``: the lock's wheels downloaded first (``wheels download (urllib)``,
+four at a time) and then the same two uv commands on a copy of the lock naming them as paths: how much of raw
+uv's install is its download on this machine (what the agent's wheel prefetch moves into its start).
+
 With ``--agent-venv`` it also makes the agent's own venv both ways the user-data knows (``agent_venv_variants``).
 
 Prints one ``RAWVM-BENCH-INSTALL {json}`` line: seconds per side and the lock's package count.
@@ -86,6 +90,38 @@ def agent_venv_variants(script: Path, scratch: Path, python: str, env: dict[str,
     return found
 
 
+def local_wheels(lock: Path, into: Path, env: dict[str, str]) -> tuple[Path, float]:
+    """The lock's wheels downloaded into ``into`` (four at a time, sha256 checked) and a copy of the lock naming
+    them as paths; the seconds the downloads took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = lock.read_text()
+    wheels = [w for p in tomllib.loads(text)["packages"] for w in p.get("wheels", [])[:1] if "url" in w]
+    into.mkdir(parents=True, exist_ok=True)
+    cafile = env.get("PIP_CERT") or None
+    import ssl
+
+    context = ssl.create_default_context(cafile=cafile)
+
+    def download(wheel: dict[str, object]) -> None:
+        dest = into / str(wheel["url"]).rsplit("/", 1)[-1]
+        with urllib.request.urlopen(str(wheel["url"]), timeout=120, context=context) as response:
+            dest.write_bytes(response.read())
+        if hashlib.sha256(dest.read_bytes()).hexdigest() != wheel["hashes"]["sha256"]:  # type: ignore[index]
+            raise SystemExit(f"bench: {dest.name} does not match the lock's sha256")
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(download, wheels))
+    seconds = time.monotonic() - start
+    for wheel in wheels:
+        url = str(wheel["url"])
+        text = text.replace(f'url = "{url}"', f'path = "{into / url.rsplit("/", 1)[-1]}"')
+    local = into / "pylock.toml"
+    local.write_text(text)
+    return local, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--uv-cache", required=True)
@@ -93,6 +129,7 @@ def main() -> None:
     parser.add_argument("--python", default="python3")
     parser.add_argument("--no-pip", action="store_true")
     parser.add_argument("--uv-again", action="store_true", help="a second raw uv install, from a cold cache too")
+    parser.add_argument("--uv-local", action="store_true", help="also uv from the lock's wheels downloaded first")
     parser.add_argument("--native-tls", action="store_true", help="as the agent did: trust the system CA bundle")
     parser.add_argument("--agent-venv", action="store_true", help="also time ways to make the agent's own venv")
     parser.add_argument("--bootstrap", default="/opt/rawvm/bootstrap.sh", help="the user-data's script")
@@ -118,6 +155,13 @@ def main() -> None:
         result[key] = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], cold) + timed(
             ["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(lock)], cold
         )
+        shutil.rmtree(uv_venv, ignore_errors=True)
+    if args.uv_local:
+        local, result["wheels download (urllib)"] = local_wheels(lock, scratch / "wheels", env)
+        cold = env | {"UV_CACHE_DIR": args.uv_cache + "-local"}
+        venv = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], cold)
+        sync = timed(["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(local)], cold)
+        result["uv from local wheels"] = venv + sync
         shutil.rmtree(uv_venv, ignore_errors=True)
     if not args.no_pip:
         pip_venv = scratch / "pip-env"
