@@ -12,8 +12,7 @@ Default (one run, side by side, on the same cached Debian image, one VM at a tim
   guest clock. The overhead over the bare boot is rawvm's kernel → first task started minus the environment's
   install (compared on its own below) minus the bare kernel → user-data; the ratio is the same two spans divided;
 - install, inside the same guest (the first task, bench/startup_guest.py): the agent's install of the lock (its
-  ``agent_up`` → ``environment_installed``: the bundle's download, ``uv venv`` + ``uv pip sync``; the lock's wheels
-  may have begun downloading before ``agent_up``, while the agent imported: printed beside it) against raw
+  ``agent_up`` → ``environment_installed``: the bundle's download, ``uv venv`` + ``uv pip sync``) against raw
   ``uv venv`` + ``uv pip sync`` of the same ``pylock.toml`` (cold uv cache, as the agent's was) and against
   ``pip install --require-hashes -r requirements.txt`` of the same lock (``rawvm export``, no pip cache).
   The same task then makes the agent's own venv both ways the user-data knows, from a fresh uv cache: uv from
@@ -209,11 +208,6 @@ def qemu_bench(work: Path) -> None:
         print(
             f"  raw uv's download share: the lock's wheels by urllib {install['wheels download (urllib)']:.1f}s, "
             f"then uv from those files {install['uv from local wheels']:.1f}s (cold cache)"
-        )
-    if exec_at is not None:
-        print(
-            f"  rawvm's install is counted from agent_up; the agent's wheel prefetch (rawvm_agent/wheel_prefetch.py) "
-            f"may begin up to {phases['agent_up'] - exec_at:.1f}s before it, at the agent's exec"
         )
     print(
         f"install of {install['packages']} packages in the guest: rawvm {rawvm_install:.1f}s, "

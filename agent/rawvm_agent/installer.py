@@ -98,11 +98,11 @@ class Installer:
         try:
             try:
                 manifest = await self._fetch_and_verify()
-                return await self._install_verified(manifest)
             finally:
                 if self.prefetch is not None:  # what it fetched was taken or is of no use: nothing waits on it
                     await asyncio.to_thread(self.prefetch.discard)
                     self.prefetch = None
+            return await self._install_verified(manifest)
         except BaseException:
             if self._early_venv is not None:  # let its uv finish: a cancelled task would leave uv running
                 await asyncio.gather(self._early_venv, return_exceptions=True)
@@ -217,15 +217,10 @@ class Installer:
 
         for lock in pylocks:
             self._step("sync")
-            verified = self.bundle_dir / lock.path
-            # The lock's wheels that downloaded while the agent started, as local files (wheel_prefetch.py).
-            to_sync = verified
-            if self.prefetch is not None:
-                to_sync = await asyncio.to_thread(self.prefetch.lock_for_uv, verified)
-            if to_sync != verified:
-                log.info("install: %s with the wheels fetched while the agent started", lock.path)
             # uv reads PEP 751 locks natively when the file is named pylock.toml / pylock.*.toml.
-            await self._uv(["pip", "sync", str(to_sync), *self._target(), *self._index_args(manifest)])
+            await self._uv(
+                ["pip", "sync", str(self.bundle_dir / lock.path), *self._target(), *self._index_args(manifest)]
+            )
             self.progress.packages_done += _pylock_package_count(self.bundle_dir / lock.path)
             self.on_progress()
 

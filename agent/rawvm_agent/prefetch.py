@@ -7,9 +7,6 @@ http(s) bundle file named in agent.toml (stdlib ``urllib``: nothing heavy to imp
 downloading it, only when its sha256 is the one the installer wants (the manifest's); a file the prefetch did
 not get (an error, a wrong hash, a file:// URL) the installer downloads as before, with its retries and its
 messages. Nothing here is trusted or reported: at worst it wasted one download.
-
-When the lock arrives, its wheels start downloading too (wheel_prefetch.py), and ``lock_for_uv`` gives the
-installer the verified lock with the wheels that came as local files.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from pathlib import Path
 
 from rawvm_agent.config import AgentConfig
 from rawvm_agent.install import BundleError, safe_relpath
-from rawvm_agent.wheel_prefetch import WheelPrefetch, is_pylock_name, uv_cache_is_empty
 
 __all__ = ["PREFETCH_DIR", "BundlePrefetch"]
 
@@ -38,15 +34,11 @@ CHUNK = 1 << 16
 class BundlePrefetch:
     """``start`` the downloads; ``take`` a finished one for the installer; ``discard`` what is left."""
 
-    def __init__(self, config: AgentConfig, *, wheels: bool = False) -> None:
+    def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.dir = Path(config.state_dir) / PREFETCH_DIR
         self._threads: dict[str, threading.Thread] = {}
         self._done: dict[str, str] = {}  # bundle path -> sha256 of the complete file under self.dir
-        self._want_wheels = wheels  # the first lock to arrive starts its wheels' downloads
-        self._wheels_lock = threading.Lock()
-        self.wheels: WheelPrefetch | None = None
-        self._locks_written = 0
 
     @classmethod
     def for_first_start(cls, config: AgentConfig) -> BundlePrefetch | None:
@@ -55,8 +47,7 @@ class BundlePrefetch:
         state_dir = Path(config.state_dir)
         if (state_dir / "state.json").exists() or not any(_is_http(f.url) for f in config.bundle.files):
             return None
-        # A uv cache with anything in it (a machine image, a rerun): uv installs from it, no wheel is fetched ahead.
-        prefetch = cls(config, wheels=uv_cache_is_empty(os.environ))
+        prefetch = cls(config)
         try:
             prefetch.start()
         except (OSError, RuntimeError, BundleError):  # no state dir, no threads, a bad path: the installer copes
@@ -93,20 +84,6 @@ class BundlePrefetch:
             self._done[relative] = digest.hexdigest()
         except Exception:  # whatever went wrong, the installer downloads this file itself and says why
             partial.unlink(missing_ok=True)
-            return
-        if is_pylock_name(relative):
-            self._start_wheels(dest, context)
-
-    def _start_wheels(self, lock: Path, context: ssl.SSLContext | None) -> None:
-        with self._wheels_lock:
-            if not self._want_wheels or self.wheels is not None:
-                return
-            try:  # the wheels are https, whatever the bundle's own URLs are (a qemu host serves plain http)
-                context = context or _ssl_context(self.config.install.ca_certs)
-                self.wheels = WheelPrefetch(self.dir / "wheels", context)
-                self.wheels.start(lock.read_text(encoding="utf-8"))
-            except (OSError, RuntimeError, UnicodeDecodeError):  # uv downloads them, as before
-                pass
 
     def take(self, path: str, sha256: str, dest: Path, wait_s: float = 120.0) -> bool:
         """Move the prefetched ``path`` to ``dest`` when it came complete with this ``sha256``, after waiting for
@@ -123,20 +100,6 @@ class BundlePrefetch:
         except OSError:
             return False
         return True
-
-    def lock_for_uv(self, verified: Path) -> Path:
-        """The lock uv should install: ``verified`` itself, or a copy of it under this prefetch's directory whose
-        wheels that came whole (with the sha256 the verified lock names) are local files. Waits for downloads
-        still running (they began before the installer's first step)."""
-        if self.wheels is None:
-            return verified
-        self._locks_written += 1
-        out = self.dir / f"pylock.prefetched{self._locks_written}.toml"  # a name uv reads as PEP 751
-        try:
-            swapped = self.wheels.local_lock(verified, out)
-        except (OSError, UnicodeDecodeError):
-            return verified
-        return out if swapped else verified
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
