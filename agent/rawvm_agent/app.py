@@ -471,7 +471,9 @@ class Agent:
                 "last_keepalive": self.state.last_keepalive,
                 "max_lifetime_at": self.state.started_at + self.config.idle.max_lifetime,
             },
-            "tasks": {**self.tasks.counts(), "ids": list(self.tasks.tasks)},
+            # A count, not the ids: a status read (each second from rawvm top, held reads while the laptop waits)
+            # would carry every task a big batch ever ran; GET /v1/tasks lists them.
+            "tasks": {**self.tasks.counts(), "total": len(self.tasks.tasks)},
             "sessions": self.people.counts(),
             "warnings": [*self.warnings, *self.tasks.warnings()],
             "gpu_count": self.sampler.gpu_count,

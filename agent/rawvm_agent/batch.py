@@ -28,6 +28,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,15 @@ class BatchSpec:
 
     def share(self, index: int) -> list[int]:
         return share_of(self.ids, self.machines, index)
+
+    @cached_property
+    def _values_by_id(self) -> dict[int, str]:
+        return dict(zip(self.ids, self.values or [], strict=False))
+
+    def value_of(self, bid: int) -> str | None:
+        """Task ``bid``'s value (None without values), from a dict built once: ``ids.index`` per task made a
+        batch with values O(n²) (10 000 ids: ~50 M comparisons)."""
+        return None if self.values is None else self._values_by_id[bid]
 
     def concurrency(self) -> int:
         if self.tasks_per_machine:
@@ -347,7 +357,7 @@ class BatchRunner:
         }
         env = {**spec.env, **env}
         if spec.values is not None:
-            env["RAWVM_TASK_VALUE"] = spec.values[spec.ids.index(bid)]
+            env["RAWVM_TASK_VALUE"] = spec.value_of(bid) or ""
         return env
 
     async def _run_task(self, spec: BatchSpec, bid: int) -> None:
@@ -432,7 +442,7 @@ class BatchRunner:
         last = attempts[-1]
         result = {
             "id": bid,
-            "value": spec.values[spec.ids.index(bid)] if spec.values is not None else None,
+            "value": spec.value_of(bid),
             "state": DONE if last["exit_code"] == 0 else FAILED,
             "exit_code": last["exit_code"],
             "attempts": attempts,

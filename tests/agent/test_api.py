@@ -78,7 +78,7 @@ async def test_status_reports_phase_install_idle_tasks_gpus(make_client: ClientF
     assert {"booting", "ready"} <= body["phase_times"].keys()
     assert body["install"]["step"] == "" and body["error"] == ""
     assert body["idle"]["keepalive_s"] == 600.0
-    assert body["tasks"]["running"] == 0
+    assert body["tasks"]["running"] == 0 and body["tasks"]["total"] == 0
     assert body["gpu_count"] == 0 and body["gpus"] == []  # no NVML library on this machine
     assert body["warnings"] == []
     assert body["machine_id"] == "m-test"
@@ -294,7 +294,8 @@ async def test_keepalive_and_running_task_are_activity(make_client: ClientFactor
     await asyncio.sleep(0.5)
     body = await status(client)
     assert body["phase"] == "busy" and "task" in body["idle"]["reason"]
-    assert body["tasks"]["running"] == 1
+    assert body["tasks"]["running"] == 1 and body["tasks"]["total"] == 1
+    assert "ids" not in body["tasks"]  # a count: a big batch's ids would ride along on every status read
     await agent.tasks.interrupt_all(grace=2)
 
 

@@ -179,7 +179,7 @@ def status_of(agent: AgentProcess) -> dict[str, Any]:
 
 def idle_clock(status: dict[str, Any]) -> tuple[Any, ...]:
     idle = status["idle"]
-    return (idle["idle_since"], idle["last_keepalive"], status["tasks"]["ids"], status["phase"], status["restarts"])
+    return (idle["idle_since"], idle["last_keepalive"], status["tasks"]["total"], status["phase"], status["restarts"])
 
 
 def test_100k_fuzzed_requests_no_5xx_no_stranger_served_agent_still_up(

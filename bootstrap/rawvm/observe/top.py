@@ -276,7 +276,7 @@ class Follower:
             status = await machine.agent.status()
             apply_status(view, status)
             tasks = status.get("tasks") or {}
-            marker = (int(tasks.get("running", 0)), len(tasks.get("ids", [])))
+            marker = (int(tasks.get("running", 0)), int(tasks.get("total", 0)))
             if marker != machine.task_ids:
                 machine.task_ids = marker
                 view.task = running_task(await machine.agent.tasks()) if marker[0] else ""
