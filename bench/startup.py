@@ -288,6 +288,11 @@ def print_run(bare: dict[str, float], measured: dict[str, Any]) -> dict[str, flo
             f"  the agent's start: venv ready → process exec'd {exec_at - phases['agent_venv_ready']:.1f}s (systemd), "
             f"exec → agent_up {phases['agent_up'] - exec_at:.1f}s (Python, imports, the agent's set-up)"
         )
+    for label in [key for key in install if key.startswith("boot tail: ")]:
+        at = install.pop(label) - phases["kernel_boot"]
+        begun, ended = span(phases, "kernel_boot", "agent_up"), span(phases, "kernel_boot", "environment_installed")
+        where = "before the install" if at < begun else "during the install" if at < ended else "after the install"
+        print(f"  {label.removeprefix('boot tail: ')} at {at:.1f}s ({where})")
     if imports := install.pop("agent import (cumulative us)", ""):
         print(f"  the agent's imports in the guest, cumulative microseconds: {imports}")
     for label, seconds in install.items():

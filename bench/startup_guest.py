@@ -185,17 +185,29 @@ def main() -> None:
         result["agent import (cumulative us)"] = ", ".join(f"{name} {us}" for us, name in top)
     if (started := agent_exec_time()) is not None:
         result["agent exec"] = started
+    for label, unit, prop in BOOT_TAIL:
+        if (at := unit_time(unit, prop)) is not None:
+            result[label] = at
     print("RAWVM-BENCH-INSTALL " + json.dumps(result), flush=True)
+
+
+# What else the machine does while the agent installs (unix times): cloud-init's last stage goes on with its
+# modules once the user-data script (which starts the agent) has exited, and systemd then reaches its target.
+BOOT_TAIL = [
+    ("boot tail: cloud-final done", "cloud-final.service", "ActiveEnterTimestampMonotonic"),
+    ("boot tail: multi-user.target", "multi-user.target", "ActiveEnterTimestampMonotonic"),
+]
 
 
 def agent_exec_time() -> float | None:
     """When systemd exec'd the agent's process (unix time, from its monotonic stamp): splits the way from the
     agent's venv to ``agent_up`` into systemd's start and the agent's own (Python, imports, set-up)."""
-    shown = subprocess.run(
-        ["systemctl", "show", "-p", "ExecMainStartTimestampMonotonic", "rawvm-agent.service"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    return unit_time("rawvm-agent.service", "ExecMainStartTimestampMonotonic")
+
+
+def unit_time(unit: str, prop: str) -> float | None:
+    """A systemd unit's monotonic timestamp ``prop`` as unix time; None when unset."""
+    shown = subprocess.run(["systemctl", "show", "-p", prop, unit], capture_output=True, text=True).stdout.strip()
     micros = shown.partition("=")[2]
     if not micros.isdigit() or int(micros) == 0:
         return None
