@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm_agent.boot_phases import ORDER
 from rawvm_images.local_vm import LocalImage, ensure_image
 from rawvm_images.qemu_boot import BootFiles, choose_accel, prepare_boot, process_alive, qemu_command, start_detached
@@ -87,15 +88,13 @@ class FirstInstall:
     _RESULT = re.compile(r"RAWVM-BENCH-FIRST-UV (\d+\.\d+) (\d+\.\d+)")
 
     def __init__(self, lock: Path, ca_certs: list[Path]) -> None:
-        from rawvm.agent.uvwheel import find_uv_wheel
-
         self.lock = lock.read_text()
         self.ca = "".join(c.read_text() for c in ca_certs)
         self.uv = find_uv_wheel().for_arch("x86_64")
 
     def files(self) -> list[dict[str, str]]:
         unzip = (
-            "import shutil, sys, zipfile\n"
+            "import shutil, zipfile\n"
             "with zipfile.ZipFile('/tmp/uv.whl') as w:\n"
             "    name = next(n for n in w.namelist() if n.endswith('.data/scripts/uv'))\n"
             "    with w.open(name) as src, open('/usr/local/bin/uv', 'wb') as dst:\n"

@@ -13,7 +13,7 @@ machine, the same disk and the same uv binary:
 
 With ``--uv-local``, ``uv from local wheels``: the lock's wheels downloaded first (``wheels download (urllib)``,
 four at a time) and then the same two uv commands on a copy of the lock naming them as paths: how much of raw
-uv's install is its download on this machine (what the agent's wheel prefetch moves into its start).
+uv's install is its download on this machine (the most a download ahead of uv could save).
 
 With ``--agent-venv`` it also makes the agent's own venv both ways the user-data knows (``agent_venv_variants``).
 
@@ -28,14 +28,23 @@ import json
 import os
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
+
+# What else the machine does while the agent installs (unix times): cloud-init's last stage goes on with its
+# modules once the user-data script (which starts the agent) has exited, and systemd then reaches its target.
+BOOT_TAIL = [
+    ("boot tail: cloud-final done", "cloud-final.service", "ActiveEnterTimestampMonotonic"),
+    ("boot tail: multi-user.target", "multi-user.target", "ActiveEnterTimestampMonotonic"),
+]
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
@@ -93,15 +102,10 @@ def agent_venv_variants(script: Path, scratch: Path, python: str, env: dict[str,
 def local_wheels(lock: Path, into: Path, env: dict[str, str]) -> tuple[Path, float]:
     """The lock's wheels downloaded into ``into`` (four at a time, sha256 checked) and a copy of the lock naming
     them as paths; the seconds the downloads took."""
-    from concurrent.futures import ThreadPoolExecutor
-
     text = lock.read_text()
     wheels = [w for p in tomllib.loads(text)["packages"] for w in p.get("wheels", [])[:1] if "url" in w]
     into.mkdir(parents=True, exist_ok=True)
-    cafile = env.get("PIP_CERT") or None
-    import ssl
-
-    context = ssl.create_default_context(cafile=cafile)
+    context = ssl.create_default_context(cafile=env.get("PIP_CERT") or None)
 
     def download(wheel: dict[str, object]) -> None:
         dest = into / str(wheel["url"]).rsplit("/", 1)[-1]
@@ -189,14 +193,6 @@ def main() -> None:
         if (at := unit_time(unit, prop)) is not None:
             result[label] = at
     print("RAWVM-BENCH-INSTALL " + json.dumps(result), flush=True)
-
-
-# What else the machine does while the agent installs (unix times): cloud-init's last stage goes on with its
-# modules once the user-data script (which starts the agent) has exited, and systemd then reaches its target.
-BOOT_TAIL = [
-    ("boot tail: cloud-final done", "cloud-final.service", "ActiveEnterTimestampMonotonic"),
-    ("boot tail: multi-user.target", "multi-user.target", "ActiveEnterTimestampMonotonic"),
-]
 
 
 def agent_exec_time() -> float | None:
