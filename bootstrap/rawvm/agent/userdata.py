@@ -268,17 +268,16 @@ def _install_script(
         ]
     unpacked = [
         'wait "$ARCHIVE_FETCH"',
-        # uv now, in the background and below the tar and the agent in priority: the agent needs it only once
-        # its bundle is downloaded ([install] uv_wait). Started once the archive is here, not beside its download
-        # (which it would slow), and not after the tar (the install then waited for uv: 0.0-0.8 s under TCG).
-        # The subshell's pid is its parent's for ``sh -c``; ``wait`` below fails the script (and so powers off)
-        # when this part failed.
+        f"mkdir -p {AGENT_VENV}",
+        f"tar -xzf {archive} -C {AGENT_VENV} --no-same-owner",
+        # uv now, in the background and below the agent in priority: the agent needs it only once its bundle is
+        # downloaded ([install] uv_wait), and on a small machine every download slows the tar above and the
+        # agent's start. ``$$`` is the script's pid in a subshell; ``wait`` below fails the script (and so powers
+        # off) when this part failed.
         "(",
         "  renice -n 10 -p \"$(exec sh -c 'echo $PPID')\" >/dev/null 2>&1 || true",
         "  install_uv",
         ") & UV_FETCH=$!",
-        f"mkdir -p {AGENT_VENV}",
-        f"tar -xzf {archive} -C {AGENT_VENV} --no-same-owner",
     ]
     # The slow way, for a machine the archive does not fit: uv, then the venv from the hashed requirements. Root
     # installs these: every artifact must match a hash of the file checked above, and only wheels (an sdist would
