@@ -3,6 +3,7 @@
     uv run python bench/startup.py          # qemu (TCG): bare cloud-init boot vs rawvm run, install vs uv vs pip
     uv run python bench/startup.py --runs 3 # the same three times (a bare boot before each), then medians
     uv run python bench/startup.py --big    # local provider: a CUDA torch environment (~2.8 GB), cold and warm
+    uv run python bench/startup.py --uv-settings  # qemu: raw uv in the guest under each one-shot setting
 
 Default (one run, side by side, on the same cached Debian image, one VM at a time; minutes under TCG; ``--runs N``
 repeats the pair and prints the median and range of each goal's figure, since one TCG boot varies by ±1.5 s):
@@ -26,6 +27,10 @@ count) for ``torch==2.5.1`` with its nvidia-* wheels: rawvm's install against ra
 own under /tmp, cold (fresh caches) and then warm (a second run on the same caches). The caches are removed at
 the end; it refuses to start with less than 40 GB free on /tmp.
 
+``--uv-settings``: one ``rawvm run`` on qemu (no bare boot) whose task installs the same lock raw under each of
+the uv settings issue 22 names for a one-shot install (startup_guest.UV_SETTINGS: link mode, a cache on tmpfs,
+install concurrency, bytecode), interleaved over rounds, each from a cold cache: medians against uv's defaults.
+
 Goals (issue 22): overhead over the bare boot ≤ 8 s under TCG; install ≤ 1.1x raw uv, ≥ 5x faster than pip.
 """
 
@@ -36,6 +41,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rawvm.agent.userdata import FETCH_FUNCTION, UNPACK_UV
 from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm_agent.boot_phases import ORDER
 from rawvm_images.local_vm import LocalImage, ensure_image
@@ -93,21 +100,16 @@ class FirstInstall:
         self.uv = find_uv_wheel().for_arch("x86_64")
 
     def files(self) -> list[dict[str, str]]:
-        unzip = (
-            "import shutil, zipfile\n"
-            "with zipfile.ZipFile('/tmp/uv.whl') as w:\n"
-            "    name = next(n for n in w.namelist() if n.endswith('.data/scripts/uv'))\n"
-            "    with w.open(name) as src, open('/usr/local/bin/uv', 'wb') as dst:\n"
-            "        shutil.copyfileobj(src, dst)\n"
-        )
+        # uv fetched, checked and unpacked by the user-data's own shell lines (FETCH_FUNCTION, UNPACK_UV).
         script = "\n".join(
             [
                 "set -eu",
                 "cat /opt/bench/ca.crt >> /etc/ssl/certs/ca-certificates.crt",
                 "export UV_NATIVE_TLS=1 UV_CACHE_DIR=/tmp/first-uv-cache UV_NO_PROGRESS=1 HOME=/root",
-                f"curl -fsS --retry 3 -o /tmp/uv.whl {self.uv.url}",
-                f"echo '{self.uv.sha256}  /tmp/uv.whl' | sha256sum -c --quiet -",
-                "python3 /opt/bench/unzip-uv.py && chmod 755 /usr/local/bin/uv",
+                "WORK=$(mktemp -d)",
+                FETCH_FUNCTION.rstrip("\n"),
+                f'fetch {shlex.quote(self.uv.url)} "$WORK/uv.whl" {self.uv.sha256}',
+                UNPACK_UV.rstrip("\n"),
                 "start=$(date +%s.%N)",
                 "uv venv --quiet --python /usr/bin/python3 /tmp/first-env",
                 "uv pip sync --quiet --python /tmp/first-env/bin/python /opt/bench/pylock.toml",
@@ -117,7 +119,6 @@ class FirstInstall:
         return [
             {"path": "/opt/bench/pylock.toml", "content": self.lock},
             {"path": "/opt/bench/ca.crt", "content": self.ca},
-            {"path": "/opt/bench/unzip-uv.py", "content": unzip},
             {"path": self.SCRIPT, "content": script + "\n"},
         ]
 
@@ -231,14 +232,16 @@ def print_phases(bare: dict[str, float], phases: dict[str, float]) -> None:
             previous = name
 
 
+def proxy_ca_flags() -> list[str]:
+    """``--extra-ca-cert`` for each CA this host trusts locally (the egress proxy's): the guest must trust it too."""
+    found = sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
+    return [arg for cert in found for arg in ("--extra-ca-cert", str(cert))]
+
+
 def qemu_bench(work: Path, runs: int) -> None:
     image = ensure_image(progress=lambda msg: print(f"[image] {msg}", flush=True))
     env = {**os.environ, "RAWVM_STATE_DIR": str(work / "state")}
-    ca_flags = [
-        arg
-        for c in sorted(Path("/usr/local/share/ca-certificates").glob("*.crt"))
-        for arg in ("--extra-ca-cert", str(c))
-    ]
+    ca_flags = proxy_ca_flags()
     root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
     first_install = FirstInstall(work / "bundle" / "pylock.toml", [Path(c) for c in ca_flags[1::2]])
     figures: list[dict[str, float]] = []
@@ -349,6 +352,29 @@ def print_summary(figures: list[dict[str, float]]) -> None:
         print(line)
 
 
+def settings_bench(work: Path, rounds: int) -> None:
+    """Raw uv under each one-shot setting, in one qemu guest, against uv's defaults there."""
+    ensure_image(progress=lambda msg: print(f"[image] {msg}", flush=True))
+    env = {**os.environ, "RAWVM_STATE_DIR": str(work / "state")}
+    ca_flags = proxy_ca_flags()
+    root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
+    guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
+    guest += ["--no-pip", "--uv-settings", "--rounds", str(rounds)] + (["--native-tls"] if ca_flags else [])
+    print(f"rawvm run --provider qemu ({load()})", flush=True)
+    measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
+    found: dict[str, list[float]] = measured["install"]["uv settings"]
+    base = statistics.median(found["default"])
+    packages = measured["install"]["packages"]
+    print(f"\nraw uv venv + sync of {packages} packages in the guest, a cold cache each, {rounds} rounds interleaved")
+    print(f"{'setting':<24}{'median':>8}{'vs default':>12}  rounds")
+    for name, values in found.items():
+        median = statistics.median(values)
+        rounds_text = " ".join(f"{v:.1f}" for v in values)
+        print(f"{name:<24}{median:>7.2f}s{median / base:>11.2f}x  {rounds_text}")
+    rawvm_install = span(measured["phases"], "agent_up", "environment_installed")
+    print(f"rawvm's own install there (agent_up → environment_installed, the first install): {rawvm_install:.1f}s")
+
+
 def big_bench(work: Path) -> None:
     free_gb = shutil.disk_usage("/tmp").free / 1e9
     if free_gb < BIG_FREE_GB:
@@ -377,13 +403,20 @@ def big_bench(work: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big", action="store_true", help="a CUDA torch environment on the local provider")
+    parser.add_argument("--uv-settings", action="store_true", help="qemu: raw uv under each one-shot setting")
+    parser.add_argument("--rounds", type=int, default=3, help="--uv-settings: rounds over the settings")
     parser.add_argument("--runs", type=int, default=1, help="qemu: bare boot + rawvm run this many times, then medians")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="rawvm-bench-startup-"))
     try:
-        big_bench(work) if args.big else qemu_bench(work, args.runs)
+        if args.big:
+            big_bench(work)
+        elif args.uv_settings:
+            settings_bench(work, args.rounds)
+        else:
+            qemu_bench(work, args.runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

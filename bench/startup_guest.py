@@ -15,6 +15,11 @@ With ``--uv-local``, ``uv from local wheels``: the lock's wheels downloaded firs
 four at a time) and then the same two uv commands on a copy of the lock naming them as paths: how much of raw
 uv's install is its download on this machine (the most a download ahead of uv could save).
 
+With ``--uv-settings``, ``uv settings``: the same raw install under each of the settings issue 22 names for a
+one-shot install on a fresh machine (``UV_SETTINGS``: link mode, where the cache lives, install concurrency, and
+bytecode as the cost of asking for it), each from a cold cache of its own, the variants interleaved over
+``--rounds`` rounds so that the guest's drift falls on all of them alike: seconds per variant, per round.
+
 With ``--agent-venv`` it also makes the agent's own venv both ways the user-data knows (``agent_venv_variants``).
 
 Prints one ``RAWVM-BENCH-INSTALL {json}`` line: seconds per side and the lock's package count.
@@ -36,6 +41,7 @@ import tomllib
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -51,6 +57,40 @@ def timed(command: list[str], env: dict[str, str]) -> float:
     start = time.monotonic()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     return time.monotonic() - start
+
+
+# One-shot settings against uv's defaults (hardlink from a cache on the venv's disk, installs = vCPUs, no
+# bytecode). The cache on tmpfs (RAM: unpacked once there, then copied) is what a throwaway cache could be.
+UV_SETTINGS: dict[str, dict[str, str]] = {
+    "default": {},
+    "link copy": {"UV_LINK_MODE": "copy"},
+    "cache on tmpfs, copy": {"UV_LINK_MODE": "copy", "UV_CACHE_DIR": "/dev/shm/bench-uv-cache"},
+    "installs 1": {"UV_CONCURRENT_INSTALLS": "1"},
+    "installs 4": {"UV_CONCURRENT_INSTALLS": "4"},
+    "bytecode": {"UV_COMPILE_BYTECODE": "1"},
+}
+
+
+def raw_uv(lock: Path, venv: Path, python: str, env: dict[str, str]) -> float:
+    """``uv venv`` + ``uv pip sync`` of ``lock`` into a fresh ``venv`` (the agent's two commands); seconds."""
+    seconds = timed(["uv", "venv", "--quiet", "--python", python, str(venv)], env)
+    seconds += timed(["uv", "pip", "sync", "--python", str(venv / "bin" / "python"), str(lock)], env)
+    shutil.rmtree(venv, ignore_errors=True)
+    return seconds
+
+
+def uv_settings(lock: Path, scratch: Path, python: str, env: dict[str, str], rounds: int) -> dict[str, list[float]]:
+    """Each of ``UV_SETTINGS`` once per round, each from a cold cache of its own (removed after); the order turns
+    each round so no variant always runs first."""
+    names = list(UV_SETTINGS)
+    found: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            cache = str(scratch / "settings-cache")
+            variant = env | {"UV_CACHE_DIR": cache} | UV_SETTINGS[name]
+            found[name].append(raw_uv(lock, scratch / "settings-env", python, variant))
+            shutil.rmtree(variant["UV_CACHE_DIR"], ignore_errors=True)
+    return found
 
 
 def agent_files(script: Path, into: Path) -> dict[str, Path]:
@@ -134,6 +174,8 @@ def main() -> None:
     parser.add_argument("--no-pip", action="store_true")
     parser.add_argument("--uv-again", action="store_true", help="a second raw uv install, from a cold cache too")
     parser.add_argument("--uv-local", action="store_true", help="also uv from the lock's wheels downloaded first")
+    parser.add_argument("--uv-settings", action="store_true", help="also raw uv under each of UV_SETTINGS")
+    parser.add_argument("--rounds", type=int, default=3, help="--uv-settings: rounds over the variants")
     parser.add_argument("--native-tls", action="store_true", help="as the agent did: trust the system CA bundle")
     parser.add_argument("--agent-venv", action="store_true", help="also time ways to make the agent's own venv")
     parser.add_argument("--bootstrap", default="/opt/rawvm/bootstrap.sh", help="the user-data's script")
@@ -150,23 +192,19 @@ def main() -> None:
     if args.native_tls:
         env |= {"UV_NATIVE_TLS": "1", "PIP_CERT": SYSTEM_CA}  # where the extra CA certificates went
     uv_venv = scratch / "uv-env"
-    result: dict[str, float | int | str] = {"packages": len(tomllib.loads(lock.read_text())["packages"])}
+    result: dict[str, Any] = {"packages": len(tomllib.loads(lock.read_text())["packages"])}
     # Twice, each from a cold uv cache of its own: how far two identical raw installs on this machine differ
     # (the network and the guest warm up: the agent's install always came first).
     runs = [("uv", args.uv_cache), *([("uv again", args.uv_cache + "-again")] if args.uv_again else [])]
     for key, cache in runs:
-        cold = env | {"UV_CACHE_DIR": cache}
-        result[key] = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], cold) + timed(
-            ["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(lock)], cold
-        )
-        shutil.rmtree(uv_venv, ignore_errors=True)
+        result[key] = raw_uv(lock, uv_venv, python, env | {"UV_CACHE_DIR": cache})
     if args.uv_local:
         local, result["wheels download (urllib)"] = local_wheels(lock, scratch / "wheels", env)
-        cold = env | {"UV_CACHE_DIR": args.uv_cache + "-local"}
-        venv = timed(["uv", "venv", "--quiet", "--python", python, str(uv_venv)], cold)
-        sync = timed(["uv", "pip", "sync", "--python", str(uv_venv / "bin" / "python"), str(local)], cold)
-        result["uv from local wheels"] = venv + sync
-        shutil.rmtree(uv_venv, ignore_errors=True)
+        result["uv from local wheels"] = raw_uv(
+            local, uv_venv, python, env | {"UV_CACHE_DIR": args.uv_cache + "-local"}
+        )
+    if args.uv_settings:
+        result["uv settings"] = uv_settings(lock, scratch, python, env, args.rounds)
     if not args.no_pip:
         pip_venv = scratch / "pip-env"
         subprocess.run([python, "-m", "venv", str(pip_venv)], env=env, check=True)

@@ -66,7 +66,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Downloads URL to DEST with retries (boot-time networks flap), then checks the sha256. The URL is never
 # echoed: presigned URLs carry a signature. curl where the image has it (every image rawvm boots does): a Python
 # start costs seconds of CPU on a slow machine, and three downloads run at once.
-_FETCH_FUNCTION = """\
+FETCH_FUNCTION = """\
 fetch() {  # fetch URL DEST SHA256
   if command -v curl >/dev/null 2>&1; then
     tries=0
@@ -94,8 +94,10 @@ PY
 }
 """
 
-# Takes the uv binary out of its wheel (``uv-X.data/scripts/uv``) without needing unzip on the image.
-_UNPACK_UV = """\
+# Takes the uv binary out of its wheel (``uv-X.data/scripts/uv``, at ``$WORK/uv.whl``) into ``/usr/local/bin/uv``,
+# without needing unzip on the image. Public, with FETCH_FUNCTION: bench/startup.py's raw-uv baseline fetches and
+# unpacks its uv with these very lines.
+UNPACK_UV = """\
 python3 - "$WORK/uv.whl" <<'PY'
 import os, shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as wheel:
@@ -224,7 +226,7 @@ def _install_script(
         'export HOME="${HOME:-/root}" UV_CACHE_DIR=/var/cache/rawvm/uv UV_PYTHON_PREFERENCE=only-system',
         "WORK=$(mktemp -d)",
         f"mkdir -p /opt/rawvm/wheels {UV_DIR}",
-        _FETCH_FUNCTION.rstrip("\n"),
+        FETCH_FUNCTION.rstrip("\n"),
         'case "$(uname -m)" in',
     ]
     for arch, patterns in (("x86_64", "x86_64|amd64"), ("aarch64", "aarch64|arm64")):
@@ -236,7 +238,7 @@ def _install_script(
         "esac",
         "install_uv() {  # checked, then unpacked atomically: the agent may be waiting for it to appear",
         '  fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
-        _UNPACK_UV.rstrip("\n"),
+        UNPACK_UV.rstrip("\n"),
         "}",
         "UV_FETCH=",
     ]
