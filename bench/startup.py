@@ -253,7 +253,7 @@ def qemu_bench(work: Path, runs: int) -> None:
         guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
         guest += ["--native-tls"] if ca_flags else []
         if run == 1:  # the informative lines once: the agent's venv both ways, raw uv again, raw uv's download
-            guest += ["--agent-venv", "--uv-again", "--uv-local"]
+            guest += ["--agent-venv", "--uv-again", "--uv-local", "--uv-arrival"]
         measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
         print(f"\nqemu accel {choose_accel()}, image {image.disk.parent.name}; rawvm run {measured['load']}")
         figures.append(print_run(bare, measured))
@@ -295,6 +295,7 @@ def print_run(bare: dict[str, float], measured: dict[str, Any]) -> dict[str, flo
         begun, ended = span(phases, "kernel_boot", "agent_up"), span(phases, "kernel_boot", "environment_installed")
         where = "before the install" if at < begun else "during the install" if at < ended else "after the install"
         print(f"  {label.removeprefix('boot tail: ')} at {at:.1f}s ({where})")
+    print_uv_arrival(phases, install)
     if imports := install.pop("agent import (cumulative us)", ""):
         print(f"  the agent's imports in the guest, cumulative microseconds: {imports}")
     for label, seconds in install.items():
@@ -330,6 +331,23 @@ def print_run(bare: dict[str, float], measured: dict[str, Any]) -> dict[str, flo
     return found
 
 
+def print_uv_arrival(phases: dict[str, float], install: dict[str, Any]) -> None:
+    """When the boot's uv was in place against the agent's venv and the agent's start, and its steps alone."""
+    if "uv: curl" not in install:
+        return
+    steps = ", ".join(
+        f"{k.removeprefix('uv: ')} {install.pop(k):.1f}s" for k in ("uv: curl", "uv: sha256sum", "uv: unpack")
+    )
+    if (placed := install.pop("uv in place", None)) is not None:
+        after_venv, after_up = placed - phases["agent_venv_ready"], placed - phases["agent_up"]
+        print(
+            f"  uv in place {after_venv:.1f}s after the agent's venv ({after_up:+.1f}s from agent_up); "
+            f"alone, after the boot: {steps}"
+        )
+    else:
+        print(f"  uv alone, after the boot: {steps}")
+
+
 def print_summary(figures: list[dict[str, float]]) -> None:
     """Median and range of each goal's figure over the runs, and how many runs met it."""
     goals = {
@@ -359,7 +377,9 @@ def settings_bench(work: Path, rounds: int) -> None:
     ca_flags = proxy_ca_flags()
     root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
     guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
-    guest += ["--no-pip", "--uv-settings", "--rounds", str(rounds)] + (["--native-tls"] if ca_flags else [])
+    guest += ["--no-pip", "--uv-arrival", "--uv-settings", "--rounds", str(rounds)] + (
+        ["--native-tls"] if ca_flags else []
+    )
     print(f"rawvm run --provider qemu ({load()})", flush=True)
     measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
     found: dict[str, list[float]] = measured["install"]["uv settings"]
@@ -372,6 +392,7 @@ def settings_bench(work: Path, rounds: int) -> None:
         rounds_text = " ".join(f"{v:.1f}" for v in values)
         print(f"{name:<24}{median:>7.2f}s{median / base:>11.2f}x  {rounds_text}")
     rawvm_install = span(measured["phases"], "agent_up", "environment_installed")
+    print_uv_arrival(measured["phases"], measured["install"])
     print(f"rawvm's own install there (agent_up → environment_installed, the first install): {rawvm_install:.1f}s")
 
 

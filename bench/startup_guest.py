@@ -20,6 +20,10 @@ one-shot install on a fresh machine (``UV_SETTINGS``: link mode, where the cache
 bytecode as the cost of asking for it), each from a cold cache of its own, the variants interleaved over
 ``--rounds`` rounds so that the guest's drift falls on all of them alike: seconds per variant, per round.
 
+With ``--uv-arrival``, how uv's arrival in the boot splits: when the user-data put ``/usr/local/bin/uv`` in place
+(``uv in place``, its mtime) and its three steps again on their own, now the boot is over, with the URL, sha256 and
+unpacking code of the user-data's script: ``uv: curl``, ``uv: sha256sum``, ``uv: unpack``.
+
 With ``--agent-venv`` it also makes the agent's own venv both ways the user-data knows (``agent_venv_variants``).
 
 Prints one ``RAWVM-BENCH-INSTALL {json}`` line: seconds per side and the lock's package count.
@@ -139,6 +143,29 @@ def agent_venv_variants(script: Path, scratch: Path, python: str, env: dict[str,
     return found
 
 
+def uv_arrival(script: Path, scratch: Path, python: str) -> dict[str, float]:
+    """When the boot's uv came, and its download, check and unpack timed again alone, with the script's own URL,
+    sha256 and unpacking lines (the ``x86_64|amd64)`` case and the ``<<'PY'`` block naming ``uv.whl``)."""
+    text = script.read_text()
+    found: dict[str, float] = {}
+    if (placed := Path("/usr/local/bin/uv")).exists():
+        found["uv in place"] = placed.stat().st_mtime
+    case = next(line for line in text.splitlines() if line.strip().startswith("x86_64|amd64) UV_URL="))
+    url, sha256 = shlex.split(case.split(")", 1)[1].replace(";", " "))[:2]
+    url, sha256 = url.removeprefix("UV_URL="), sha256.removeprefix("UV_SHA256=")
+    unpack = text.split("python3 - \"$WORK/uv.whl\" <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    wheel = scratch / "uv.whl"
+    found["uv: curl"] = timed(["curl", "-fsS", "-o", str(wheel), url], os.environ.copy())
+    start = time.monotonic()
+    check = subprocess.run(["sha256sum", str(wheel)], capture_output=True, text=True, check=True).stdout
+    found["uv: sha256sum"] = time.monotonic() - start
+    if check.split()[0] != sha256:
+        raise SystemExit("bench: the uv wheel does not match the script's sha256")
+    code = unpack.replace("/usr/local/bin/", f"{scratch}/")
+    found["uv: unpack"] = timed([python, "-c", code, str(wheel)], os.environ.copy())
+    return found
+
+
 def local_wheels(lock: Path, into: Path, env: dict[str, str]) -> tuple[Path, float]:
     """The lock's wheels downloaded into ``into`` (four at a time, sha256 checked) and a copy of the lock naming
     them as paths; the seconds the downloads took."""
@@ -174,6 +201,7 @@ def main() -> None:
     parser.add_argument("--no-pip", action="store_true")
     parser.add_argument("--uv-again", action="store_true", help="a second raw uv install, from a cold cache too")
     parser.add_argument("--uv-local", action="store_true", help="also uv from the lock's wheels downloaded first")
+    parser.add_argument("--uv-arrival", action="store_true", help="also when uv came and its steps alone")
     parser.add_argument("--uv-settings", action="store_true", help="also raw uv under each of UV_SETTINGS")
     parser.add_argument("--rounds", type=int, default=3, help="--uv-settings: rounds over the variants")
     parser.add_argument("--native-tls", action="store_true", help="as the agent did: trust the system CA bundle")
@@ -203,6 +231,8 @@ def main() -> None:
         result["uv from local wheels"] = raw_uv(
             local, uv_venv, python, env | {"UV_CACHE_DIR": args.uv_cache + "-local"}
         )
+    if args.uv_arrival:
+        result |= uv_arrival(Path(args.bootstrap), scratch, python)
     if args.uv_settings:
         result["uv settings"] = uv_settings(lock, scratch, python, env, args.rounds)
     if not args.no_pip:
