@@ -44,6 +44,9 @@ class InstallConfig:
     extra_index_urls: tuple[str, ...] = ()
     ca_certs: tuple[str, ...] = ()  # extra PEM files uv must trust (TLS-intercepting proxies)
     native_tls: bool = False  # uv --native-tls: use the system trust store
+    # uv --compile-bytecode: off, as uv's default, unless the launch asked (bench/startup.py --uv-settings measured
+    # uv's other one-shot settings in the guest: its defaults were the fastest, bytecode 2.5x slower).
+    compile_bytecode: bool = False
     uv: str = "uv"  # the uv executable
     # Seconds to wait for ``uv`` to appear before its first run: the user-data fetches uv while the agent starts
     # (the agent needs it only to install the bundle). 0: it must be there already.

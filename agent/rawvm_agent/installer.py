@@ -302,6 +302,8 @@ class Installer:
         env["VIRTUAL_ENV"] = str(self.venv)
         if cfg.native_tls:
             env["UV_NATIVE_TLS"] = "1"
+        if cfg.compile_bytecode:
+            env["UV_COMPILE_BYTECODE"] = "1"
         if cfg.ca_certs:
             env["SSL_CERT_FILE"] = str(self._ca_bundle(cfg.ca_certs, env.get("SSL_CERT_FILE", "")))
         return env

@@ -58,6 +58,7 @@ def launch_options(
     max_lifetime: str | float = DEFAULT_MAX_LIFETIME,
     source: str | Path | None = None,
     pypi_only: bool = False,
+    compile_bytecode: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
     cluster: str | None = None,
@@ -85,7 +86,7 @@ def launch_options(
     return LaunchOptions(
         request=request,
         lifetime=lifetime,
-        environment=Environment(source=source, pypi_only=pypi_only),
+        environment=Environment(source=source, pypi_only=pypi_only, compile_bytecode=compile_bytecode),
         cost=CostCap(max_cost=max_cost, action=max_cost_action),
         task_env=TaskEnvironment.parse(env, secrets),
         cluster=cluster,
@@ -114,6 +115,7 @@ def run(
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
     pypi_only: bool = False,
+    compile_bytecode: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
     efa: bool = False,
@@ -129,7 +131,8 @@ def run(
 
     With ``cluster`` naming a cluster from ``up``, runs on its machines instead of launching new ones. The
     machines stop by themselves after ``keepalive`` of idleness. ``pypi_only`` locks a conda ``source`` from PyPI
-    alone (no conda channel), as ``rawvm lock --pypi-only`` does.
+    alone (no conda channel), as ``rawvm lock --pypi-only`` does; ``compile_bytecode`` has the machines compile
+    the environment's ``.pyc`` files as they install it (off, as in uv: a slower install for faster first imports).
 
     ``max_cost`` (USD) caps a launch's worst case (every machine running until its ``max_lifetime``):
     ``"default"`` takes ``max-cost`` from the project's ``pyproject.toml`` ``[tool.rawvm]``, None means no cap.
@@ -165,6 +168,7 @@ def run(
         env=env,
         secrets=secrets,
         pypi_only=pypi_only,
+        compile_bytecode=compile_bytecode,
         max_cost=max_cost,
         max_cost_action=max_cost_action,
         efa=efa,
@@ -189,6 +193,7 @@ def up(
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
     pypi_only: bool = False,
+    compile_bytecode: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
     env: EnvArg = None,
@@ -214,6 +219,7 @@ def up(
             env=env,
             secrets=secrets,
             pypi_only=pypi_only,
+            compile_bytecode=compile_bytecode,
             max_cost=max_cost,
             max_cost_action=max_cost_action,
         )
@@ -245,6 +251,7 @@ def batch(
     cluster: str | None = None,
     extra_ca_certs: Sequence[str | Path] = (),
     pypi_only: bool = False,
+    compile_bytecode: bool = False,
     max_cost: float | str | None = MAX_COST_NOT_GIVEN,
     max_cost_action: str = "",
     env: EnvArg = None,
@@ -275,6 +282,7 @@ def batch(
         env=env,
         secrets=secrets,
         pypi_only=pypi_only,
+        compile_bytecode=compile_bytecode,
         max_cost=max_cost,
         max_cost_action=max_cost_action,
     )

@@ -193,7 +193,10 @@ def launch(options: LaunchOptions, extras: LaunchExtras = LaunchExtras()) -> Lau
         cluster=name,
         token_sha256=hashlib.sha256(token.encode()).hexdigest(),  # the token itself stays in the 0600 record
         idle=idle,
-        install=InstallConfig(native_tls=bool(request.extra_ca_certs)),  # extra CAs go into the trust store
+        install=InstallConfig(
+            native_tls=bool(request.extra_ca_certs),  # extra CAs go into the trust store
+            compile_bytecode=options.environment.compile_bytecode,
+        ),
         spot=SpotConfig(enabled=request.spot_policy != "on-demand"),
     )
     spec = MachineSpec(

@@ -169,6 +169,11 @@ class Environment:
     pypi_only: bool = False
     """Lock a conda environment from PyPI alone."""
 
+    compile_bytecode: bool = False
+    """Compile the environment's ``.pyc`` files as it is installed (uv ``--compile-bytecode``): the first imports
+    of each task are faster, the install slower (2.5x for a small environment under TCG: bench/startup.py
+    --uv-settings). Off by default, as uv's is: a one-shot machine seldom imports a module twice."""
+
     extra_requirements: tuple[tuple[str, str], ...] = ()
     """``(PEP 508 line, why)`` pairs the lock adds when the environment lacks them (e.g. cloudpickle)."""
 

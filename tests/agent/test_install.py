@@ -62,6 +62,15 @@ async def test_installs_lock_local_wheel_and_code_with_uv(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("asked", [False, True])
+async def test_bytecode_is_compiled_at_install_only_when_asked(tmp_path: Path, asked: bool) -> None:
+    bundle = tiny_bundle(tmp_path / "src")
+    env = await installer(tmp_path / "state", bundle.config(), compile_bytecode=asked).install()
+    compiled = list(env.venv.glob("lib/python*/site-packages/**/*.pyc"))
+    assert bool(compiled) is asked
+
+
+@pytest.mark.slow
 async def test_fetches_bundle_over_http_and_retries(tmp_path: Path) -> None:
     bundle = tiny_bundle(tmp_path / "src")
     hits: dict[str, int] = {}

@@ -73,6 +73,11 @@ def machine_flags(
         "--pypi-only", action="store_true", help="lock a conda environment from PyPI alone (see rawvm lock --pypi-only)"
     )
     parser.add_argument(
+        "--compile-bytecode",
+        action="store_true",
+        help="compile the environment's .pyc files at install: faster first imports, a slower install (off as in uv)",
+    )
+    parser.add_argument(
         "--max-cost",
         default="default",
         metavar="USD",
