@@ -252,7 +252,7 @@ def qemu_bench(work: Path, runs: int) -> None:
         guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
         guest += ["--native-tls"] if ca_flags else []
         if run == 1:  # the informative lines once: the agent's venv both ways, raw uv again, raw uv's download
-            guest += ["--agent-venv", "--uv-again", "--uv-local", "--uv-arrival"]
+            guest += ["--agent-venv", "--uv-again", "--uv-local", "--uv-arrival", "--agent-log"]
         measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
         print(f"\nqemu accel {choose_accel()}, image {image.disk.parent.name}; rawvm run {measured['load']}")
         figures.append(print_run(bare, measured))
@@ -295,6 +295,7 @@ def print_run(bare: dict[str, float], measured: dict[str, Any]) -> dict[str, flo
         where = "before the install" if at < begun else "during the install" if at < ended else "after the install"
         print(f"  {label.removeprefix('boot tail: ')} at {at:.1f}s ({where})")
     print_uv_arrival(phases, install)
+    print_agent_log(phases, install.pop("agent log", []))
     if imports := install.pop("agent import (cumulative us)", ""):
         print(f"  the agent's imports in the guest, cumulative microseconds: {imports}")
     for label, seconds in install.items():
@@ -345,6 +346,15 @@ def print_uv_arrival(phases: dict[str, float], install: dict[str, Any]) -> None:
         )
     else:
         print(f"  uv alone, after the boot: {steps}")
+
+
+def print_agent_log(phases: dict[str, float], lines: list[list[Any]]) -> None:
+    """The agent's log from ``agent_up`` to ``environment_installed``, each line at its offset from agent_up."""
+    shown = [(at, text) for at, text in lines if phases["agent_up"] - 0.5 <= at <= phases["environment_installed"]]
+    if shown:
+        print("  the agent's log from agent_up (s after it):")
+    for at, text in shown:
+        print(f"    {at - phases['agent_up']:+6.2f}  {text}")
 
 
 def print_summary(figures: list[dict[str, float]]) -> None:

@@ -24,6 +24,9 @@ With ``--uv-arrival``: when the user-data put ``/usr/local/bin/uv`` in place (``
 the boot is over, uv's download alone (``uv: curl``) and the script's own ``install_uv`` alone (``uv: install_uv``:
 the same URL, sha256 and lines: download, check and unpacking in one stream).
 
+With ``--agent-log``, ``agent log``: the agent's own log lines (``state_dir/agent.log``) as ``[unix time, text]``:
+what the agent did between its phases.
+
 With ``--agent-venv`` it also makes the agent's own venv both ways the user-data knows (``agent_venv_variants``).
 
 Prints one ``RAWVM-BENCH-INSTALL {json}`` line: seconds per side and the lock's package count.
@@ -162,6 +165,20 @@ def uv_arrival(script: Path, scratch: Path) -> dict[str, float]:
     return found
 
 
+def agent_log(state_dir: Path, limit: int = 80) -> list[list[float | str]]:
+    """The first ``limit`` lines of the agent's log with their times (its format: ``%(asctime)s ...``, the
+    machine's local time, with milliseconds)."""
+    lines: list[list[float | str]] = []
+    for line in (state_dir / "agent.log").read_text(errors="replace").splitlines()[:limit]:
+        stamp, _, text = line[:23], line[23:24], line[24:]
+        try:
+            when = time.mktime(time.strptime(stamp[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp[20:23]) / 1000
+        except ValueError:
+            continue
+        lines.append([when, text[:160]])
+    return lines
+
+
 def local_wheels(lock: Path, into: Path, env: dict[str, str]) -> tuple[Path, float]:
     """The lock's wheels downloaded into ``into`` (four at a time, sha256 checked) and a copy of the lock naming
     them as paths; the seconds the downloads took."""
@@ -197,6 +214,7 @@ def main() -> None:
     parser.add_argument("--no-pip", action="store_true")
     parser.add_argument("--uv-again", action="store_true", help="a second raw uv install, from a cold cache too")
     parser.add_argument("--uv-local", action="store_true", help="also uv from the lock's wheels downloaded first")
+    parser.add_argument("--agent-log", action="store_true", help="also the agent's log lines with their times")
     parser.add_argument("--uv-arrival", action="store_true", help="also when uv came and its steps alone")
     parser.add_argument("--uv-settings", action="store_true", help="also raw uv under each of UV_SETTINGS")
     parser.add_argument("--rounds", type=int, default=3, help="--uv-settings: rounds over the variants")
@@ -227,6 +245,8 @@ def main() -> None:
         result["uv from local wheels"] = raw_uv(
             local, uv_venv, python, env | {"UV_CACHE_DIR": args.uv_cache + "-local"}
         )
+    if args.agent_log:
+        result["agent log"] = agent_log(Path.cwd().parent)
     if args.uv_arrival:
         result |= uv_arrival(Path(args.bootstrap), scratch)
     if args.uv_settings:
