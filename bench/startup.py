@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rawvm.agent.userdata import INSTALL_UV_FUNCTION
+from rawvm.agent.userdata import FETCH_FUNCTION, UNPACK_UV
 from rawvm.agent.uvwheel import find_uv_wheel
 from rawvm_agent.boot_phases import ORDER
 from rawvm_images.local_vm import LocalImage, ensure_image
@@ -100,15 +100,16 @@ class FirstInstall:
         self.uv = find_uv_wheel().for_arch("x86_64")
 
     def files(self) -> list[dict[str, str]]:
-        # uv downloaded, checked and unpacked by the user-data's own lines (INSTALL_UV_FUNCTION).
+        # uv fetched, checked and unpacked by the user-data's own shell lines (FETCH_FUNCTION, UNPACK_UV).
         script = "\n".join(
             [
                 "set -eu",
                 "cat /opt/bench/ca.crt >> /etc/ssl/certs/ca-certificates.crt",
                 "export UV_NATIVE_TLS=1 UV_CACHE_DIR=/tmp/first-uv-cache UV_NO_PROGRESS=1 HOME=/root",
-                f"WORK=$(mktemp -d) UV_URL={shlex.quote(self.uv.url)} UV_SHA256={self.uv.sha256}",
-                INSTALL_UV_FUNCTION.rstrip("\n"),
-                "install_uv",
+                "WORK=$(mktemp -d)",
+                FETCH_FUNCTION.rstrip("\n"),
+                f'fetch {shlex.quote(self.uv.url)} "$WORK/uv.whl" {self.uv.sha256}',
+                UNPACK_UV.rstrip("\n"),
                 "start=$(date +%s.%N)",
                 "uv venv --quiet --python /usr/bin/python3 /tmp/first-env",
                 "uv pip sync --quiet --python /tmp/first-env/bin/python /opt/bench/pylock.toml",
@@ -336,7 +337,7 @@ def print_uv_arrival(phases: dict[str, float], install: dict[str, Any]) -> None:
     if "uv: curl" not in install:
         return
     steps = ", ".join(
-        f"{k.removeprefix('uv: ')} {install.pop(k):.1f}s" for k in ("uv: curl", "uv: install_uv") if k in install
+        f"{k.removeprefix('uv: ')} {install.pop(k):.1f}s" for k in ("uv: curl", "uv: sha256sum", "uv: unpack")
     )
     if (placed := install.pop("uv in place", None)) is not None:
         after_venv, after_up = placed - phases["agent_venv_ready"], placed - phases["agent_up"]

@@ -20,9 +20,9 @@ one-shot install on a fresh machine (``UV_SETTINGS``: link mode, where the cache
 bytecode as the cost of asking for it), each from a cold cache of its own, the variants interleaved over
 ``--rounds`` rounds so that the guest's drift falls on all of them alike: seconds per variant, per round.
 
-With ``--uv-arrival``: when the user-data put ``/usr/local/bin/uv`` in place (``uv in place``, its mtime), and, now
-the boot is over, uv's download alone (``uv: curl``) and the script's own ``install_uv`` alone (``uv: install_uv``:
-the same URL, sha256 and lines: download, check and unpacking in one stream).
+With ``--uv-arrival``, how uv's arrival in the boot splits: when the user-data put ``/usr/local/bin/uv`` in place
+(``uv in place``, its mtime) and its three steps again on their own, now the boot is over, with the URL, sha256 and
+unpacking code of the user-data's script: ``uv: curl``, ``uv: sha256sum``, ``uv: unpack``.
 
 With ``--agent-log``, ``agent log``: the agent's own log lines (``state_dir/agent.log``) as ``[unix time, text]``:
 what the agent did between its phases.
@@ -146,9 +146,9 @@ def agent_venv_variants(script: Path, scratch: Path, python: str, env: dict[str,
     return found
 
 
-def uv_arrival(script: Path, scratch: Path) -> dict[str, float]:
-    """When the boot's uv came, and, now the boot is over, its download alone (``curl`` to a file) and the
-    script's own ``install_uv`` alone (same URL, sha256 and lines; uv into ``scratch``)."""
+def uv_arrival(script: Path, scratch: Path, python: str) -> dict[str, float]:
+    """When the boot's uv came, and its download, check and unpack timed again alone, with the script's own URL,
+    sha256 and unpacking lines (the ``x86_64|amd64)`` case and the ``<<'PY'`` block naming ``uv.whl``)."""
     text = script.read_text()
     found: dict[str, float] = {}
     if (placed := Path("/usr/local/bin/uv")).exists():
@@ -156,12 +156,16 @@ def uv_arrival(script: Path, scratch: Path) -> dict[str, float]:
     case = next(line for line in text.splitlines() if line.strip().startswith("x86_64|amd64) UV_URL="))
     url, sha256 = shlex.split(case.split(")", 1)[1].replace(";", " "))[:2]
     url, sha256 = url.removeprefix("UV_URL="), sha256.removeprefix("UV_SHA256=")
-    found["uv: curl"] = timed(["curl", "-fsS", "-o", str(scratch / "uv.whl"), url], os.environ.copy())
-    begin = text.index('cat > "$WORK/unpack-uv.py"')
-    function = text[begin : text.index("\n}\n", text.index("install_uv() {", begin)) + 3]
-    function = function.replace("/usr/local/bin/uv", str(scratch / "uv"))
-    line = f"WORK={scratch}\nUV_URL={url}\nUV_SHA256={sha256}\n{function}\ninstall_uv\n"
-    found["uv: install_uv"] = timed(["sh", "-eu", "-c", line], os.environ.copy())
+    unpack = text.split("python3 - \"$WORK/uv.whl\" <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    wheel = scratch / "uv.whl"
+    found["uv: curl"] = timed(["curl", "-fsS", "-o", str(wheel), url], os.environ.copy())
+    start = time.monotonic()
+    check = subprocess.run(["sha256sum", str(wheel)], capture_output=True, text=True, check=True).stdout
+    found["uv: sha256sum"] = time.monotonic() - start
+    if check.split()[0] != sha256:
+        raise SystemExit("bench: the uv wheel does not match the script's sha256")
+    code = unpack.replace("/usr/local/bin/", f"{scratch}/")
+    found["uv: unpack"] = timed([python, "-c", code, str(wheel)], os.environ.copy())
     return found
 
 
@@ -248,7 +252,7 @@ def main() -> None:
     if args.agent_log:
         result["agent log"] = agent_log(Path.cwd().parent)
     if args.uv_arrival:
-        result |= uv_arrival(Path(args.bootstrap), scratch)
+        result |= uv_arrival(Path(args.bootstrap), scratch, python)
     if args.uv_settings:
         result["uv settings"] = uv_settings(lock, scratch, python, env, args.rounds)
     if not args.no_pip:

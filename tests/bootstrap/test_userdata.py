@@ -5,16 +5,12 @@ from __future__ import annotations
 import datetime
 import gzip
 import hashlib
-import io
 import os
 import random
 import shutil
 import string
-import struct
 import subprocess
 import tomllib
-import urllib.request
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +24,6 @@ from rawvm.agent.userdata import (
     AGENT_TLS_DIR,
     AGENT_TOML,
     BOOTSTRAP_SCRIPT,
-    INSTALL_UV_FUNCTION,
     USER_DATA_LIMIT,
     UV_BIN,
     UV_WAIT,
@@ -38,13 +33,12 @@ from rawvm.agent.userdata import (
     wheel_filename,
     without_token,
 )
-from rawvm.agent.uvwheel import UvArtifact, UvWheel, find_uv_wheel
+from rawvm.agent.uvwheel import UvArtifact, UvWheel
 from rawvm.errors import UsageError
 from rawvm_agent.boot_phases import parse as parse_phases
 from rawvm_agent.config import AgentConfig, BundleConfig, BundleFile, IdleConfig, InstallConfig, config_from_dict
 
-from tests.helpers.network import with_retries
-from tests.systools import need_index, need_tool
+from tests.systools import need_tool
 
 TOKEN = "tok-9f8e7d6c5b4a39281706"
 _AUTHORITY = Authority("rawvm agent CA test", datetime.timedelta(hours=1))
@@ -254,7 +248,6 @@ def test_install_script_is_valid_sh_and_carries_both_uv_wheels() -> None:
     for artifact in (UV.x86_64, UV.aarch64):
         assert artifact.url in script and artifact.sha256 in script
     assert "sha256sum -c --quiet -" in script
-    assert script.count("install_uv() {") == 1 and 'python3 "$WORK/unpack-uv.py" "$UV_SHA256"' in script
     assert f"/opt/rawvm/wheels/rawvm_agent-0.1.0-py3-none-any.whl {WHEEL_SHA}" in script
     assert f"fetch {RUNTIME.url} $WORK/agent-venv.tar.gz {RUNTIME.sha256}" in script
     # index settings from agent_config.install, in the environment (not on a command line)
@@ -264,7 +257,7 @@ def test_install_script_is_valid_sh_and_carries_both_uv_wheels() -> None:
     assert script.index("systemctl start rawvm-agent.service") < script.index('wait "$UV_FETCH"; fi')
     assert script.rstrip().endswith('rm -rf "$WORK"')
     # the backstop is scheduled before anything that can hang
-    assert script.index("shutdown") < script.index('download "$UV_URL"')
+    assert script.index("shutdown") < script.index('fetch "$UV_URL"')
     assert script.index("shutdown") < script.index(f"fetch {RUNTIME.url}")
 
 
@@ -305,107 +298,6 @@ def test_the_scripts_fetch_checks_the_sha256_with_curl_or_without(tmp_path: Path
     assert (tmp_path / "dest.bin").read_bytes() == source.read_bytes()
     bad = fetch("0" * 64)
     assert bad.returncode != 0 and "FAILED" in bad.stdout + bad.stderr
-
-
-def _uv_wheel(path: Path, binary: bytes, *, descriptor: bool = False, size: int | None = None) -> str:
-    """A wheel shaped like uv's (entries before and after ``uv-X.data/scripts/uv``, deflated); its sha256. With
-    ``descriptor`` the uv entry's sizes come after its data (zip bit 3); ``size`` overrides the header's size."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as wheel:
-        wheel.writestr("uv-0.13.9.dist-info/METADATA", "Name: uv\n" * 50)
-        wheel.writestr("uv-0.13.9.data/scripts/uv", binary)
-        wheel.writestr("uv-0.13.9.data/scripts/uvx", b"uvx" * 1000)
-        wheel.writestr("uv-0.13.9.dist-info/RECORD", "")
-    data = bytearray(buffer.getvalue())
-    at = data.index(b"PK\x03\x04", data.index(b"PK\x03\x04") + 4)  # the uv entry's local header
-    if descriptor:
-        data[at + 6 : at + 8] = struct.pack("<H", 8)
-    if size is not None:
-        data[at + 22 : at + 26] = struct.pack("<I", size)
-    path.write_bytes(bytes(data))
-    return hashlib.sha256(data).hexdigest()
-
-
-def _install_uv(
-    tmp_path: Path, wheel: Path, sha256: str, *, with_curl: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """The script's ``install_uv`` as written, with only the tools it needs on PATH (a ``sleep`` that does not
-    wait: six tries), uv going to ``tmp_path/bin-uv/uv`` instead of /usr/local/bin."""
-    bin_dir = tmp_path / "tools"
-    bin_dir.mkdir(exist_ok=True)
-    for tool in ["python3", "cat", *(["curl"] if with_curl else [])]:
-        found = shutil.which(tool)
-        if found is None:
-            pytest.skip(f"no {tool} on this host")
-        if not (bin_dir / tool).exists():
-            (bin_dir / tool).symlink_to(found)
-    (bin_dir / "sleep").write_text("#!/bin/sh\n")
-    (bin_dir / "sleep").chmod(0o755)
-    (tmp_path / "bin-uv").mkdir(exist_ok=True)
-    (tmp_path / "work").mkdir(exist_ok=True)
-    function = INSTALL_UV_FUNCTION.replace("/usr/local/bin/uv", str(tmp_path / "bin-uv" / "uv"))
-    line = f"WORK={tmp_path / 'work'}\nUV_URL={wheel.as_uri()}\nUV_SHA256={sha256}\n{function}\ninstall_uv\n"
-    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
-    return subprocess.run(
-        [shutil.which("sh") or "/bin/sh", "-eu", "-c", line], env=env, capture_output=True, text=True, timeout=120
-    )
-
-
-@pytest.mark.parametrize("with_curl", [True, False])
-def test_uv_is_streamed_into_its_check_and_put_in_place_only_when_the_sha256_matches(
-    tmp_path: Path, with_curl: bool
-) -> None:
-    binary = os.urandom(300_000) + b"\0" * 2_000_000  # some of it compresses: deflate output in many pieces
-    wheel = tmp_path / "uv.whl"
-    sha256 = _uv_wheel(wheel, binary)
-    done = _install_uv(tmp_path, wheel, sha256, with_curl=with_curl)
-    assert done.returncode == 0, done.stderr
-    uv = tmp_path / "bin-uv" / "uv"
-    assert uv.read_bytes() == binary and uv.stat().st_mode & 0o777 == 0o755
-    assert os.listdir(tmp_path / "bin-uv") == ["uv"]
-    uv.unlink()
-    refused = _install_uv(tmp_path, wheel, "0" * 64, with_curl=with_curl)
-    assert refused.returncode != 0
-    assert refused.stderr.count("does not match its sha256") == 6 and "uv's download failed" in refused.stderr
-    assert os.listdir(tmp_path / "bin-uv") == []  # nothing in place, no part left
-
-
-def test_uv_from_a_short_or_odd_wheel_is_refused_with_nothing_left(tmp_path: Path) -> None:
-    binary = os.urandom(200_000)
-    wheel = tmp_path / "uv.whl"
-    sha256 = _uv_wheel(wheel, binary)
-    whole = wheel.read_bytes()
-    wheel.write_bytes(whole[: len(whole) // 2])  # the connection dropped half-way
-    short = _install_uv(tmp_path, wheel, sha256)
-    assert short.returncode != 0 and "ended early" in short.stderr
-    odd = tmp_path / "odd.whl"
-    assert _install_uv(tmp_path, odd, _uv_wheel(odd, binary, descriptor=True)).returncode != 0
-    assert "without its sizes" in _install_uv(tmp_path, odd, _uv_wheel(odd, binary, descriptor=True)).stderr
-    # an entry that inflates past the size its header gave is cut off there, before any sha256 could pass
-    bomb = tmp_path / "bomb.whl"
-    refused = _install_uv(tmp_path, bomb, _uv_wheel(bomb, binary, size=1000))
-    assert refused.returncode != 0 and "bigger than its wheel says" in refused.stderr
-    assert os.listdir(tmp_path / "bin-uv") == []
-
-
-@pytest.mark.network
-def test_uv_from_the_real_wheel_runs(tmp_path: Path) -> None:
-    """The pinned uv wheel itself through ``install_uv`` (a real zip from maturin, not ours): uv runs after."""
-    if os.uname().machine != "x86_64":
-        pytest.skip("the x86_64 uv runs only on x86_64")
-    need_index()
-    artifact = find_uv_wheel().for_arch("x86_64")
-    wheel = tmp_path / "uv.whl"
-
-    def download() -> bytes:
-        with urllib.request.urlopen(artifact.url, timeout=300) as response:
-            return bytes(response.read())
-
-    wheel.write_bytes(with_retries(download))
-    done = _install_uv(tmp_path, wheel, artifact.sha256)
-    assert done.returncode == 0, done.stderr
-    version = subprocess.run([tmp_path / "bin-uv" / "uv", "--version"], capture_output=True, text=True, check=True)
-    assert version.stdout.startswith("uv ")
 
 
 def test_failure_path_really_powers_off(tmp_path: Path) -> None:

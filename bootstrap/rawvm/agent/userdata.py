@@ -66,7 +66,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Downloads URL to DEST with retries (boot-time networks flap), then checks the sha256. The URL is never
 # echoed: presigned URLs carry a signature. curl where the image has it (every image rawvm boots does): a Python
 # start costs seconds of CPU on a slow machine, and three downloads run at once.
-_FETCH_FUNCTION = """\
+FETCH_FUNCTION = """\
 fetch() {  # fetch URL DEST SHA256
   if command -v curl >/dev/null 2>&1; then
     tries=0
@@ -94,89 +94,21 @@ PY
 }
 """
 
-# ``install_uv``: uv's wheel (``$UV_URL``, ``$UV_SHA256``) streamed from the download straight into its check and its
-# unpacking, so that the inflating of the 38 MB binary (2.0 s under TCG, as long as the download) runs while the
-# bytes arrive instead of after them (download 1.9 s + sha256sum 0.2 s + unpack 2.0 s, one after the other, before).
-# The zip is read by its local headers as it comes (no seeking); the uv entry goes to ``uv.part`` (0600, never
-# executable) and only once the whole stream's sha256 is the pinned one is it made executable and renamed to
-# ``/usr/local/bin/uv`` (atomically: the agent may be waiting for it). Before the check it is only inflated data in
-# a private file, its size bounded by the entry's header. Any failure (the network, a short or wrong stream) tries
-# again, six times in all. Public: bench/startup.py's raw-uv baseline gets its uv with these very lines.
-INSTALL_UV_FUNCTION = """\
-cat > "$WORK/unpack-uv.py" <<'PY'
-import hashlib, os, struct, sys, zlib
-want, dest = sys.argv[1], sys.argv[2]
-part, limit = dest + ".part", 1 << 30
-src, digest = sys.stdin.buffer, hashlib.sha256()
-def read(n):
-    data = src.read(n)
-    digest.update(data)
-    return data
-def need(n):
-    data = read(n)
-    if len(data) != n:
-        sys.exit("rawvm: uv's wheel ended early")
-    return data
-def chunks(n):
-    while n:
-        data = need(min(n, 1 << 16))
-        n -= len(data)
-        yield data
-def unpack(out):
-    found = False
-    while read(4) == b"PK\\x03\\x04":
-        flags, method, _, csize, size, nlen, xlen = struct.unpack("<2xHH4xIIIHH", need(26))
-        name = need(nlen).decode("utf-8", "replace")
-        need(xlen)
-        if flags & 8 or csize == 0xFFFFFFFF:
-            sys.exit("rawvm: uv's wheel has an entry without its sizes")
-        if found or not name.endswith(".data/scripts/uv"):
-            for _ in chunks(csize):
-                pass
-            continue
-        if method not in (0, 8) or size > limit:
-            sys.exit("rawvm: uv's wheel holds no usable uv binary")
-        inflate, written = zlib.decompressobj(-15) if method == 8 else None, 0
-        for data in chunks(csize):
-            data = inflate.decompress(data) if inflate else data
-            written += len(data)
-            if written > size:
-                sys.exit("rawvm: uv's binary is bigger than its wheel says")
-            out.write(data)
-        if inflate:
-            out.write(inflate.flush())
-        found = True
-    while read(1 << 16):
-        pass
-    if digest.hexdigest() != want:
-        sys.exit("rawvm: uv's wheel does not match its sha256")
-    if not found:
+# Takes the uv binary out of its wheel (``uv-X.data/scripts/uv``, at ``$WORK/uv.whl``) into ``/usr/local/bin/uv``,
+# without needing unzip on the image. Public, with FETCH_FUNCTION: bench/startup.py's raw-uv baseline fetches and
+# unpacks its uv with these very lines.
+UNPACK_UV = """\
+python3 - "$WORK/uv.whl" <<'PY'
+import os, shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    names = [n for n in wheel.namelist() if n.endswith(".data/scripts/uv")]
+    if len(names) != 1:
         sys.exit("rawvm: the uv wheel holds no uv binary")
-try:
-    with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        unpack(out)
-except BaseException:
-    os.unlink(part)
-    raise
-os.chmod(part, 0o755)
-os.replace(part, dest)
+    with wheel.open(names[0]) as src, open("/usr/local/bin/uv.part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+os.chmod("/usr/local/bin/uv.part", 0o755)
+os.replace("/usr/local/bin/uv.part", "/usr/local/bin/uv")
 PY
-download() {  # download URL: its bytes on stdout (curl where the image has it, else Python's urllib)
-  if command -v curl >/dev/null 2>&1; then
-    curl -fsS --connect-timeout 30 --max-time 900 "$1"
-  else
-    python3 -c 'import shutil, sys, urllib.request
-shutil.copyfileobj(urllib.request.urlopen(sys.argv[1], timeout=120), sys.stdout.buffer)' "$1"
-  fi
-}
-install_uv() {  # streamed, checked, then put in place atomically
-  tries=0
-  until download "$UV_URL" | python3 "$WORK/unpack-uv.py" "$UV_SHA256" /usr/local/bin/uv; do
-    tries=$((tries + 1))
-    if [ "$tries" -ge 6 ]; then echo "rawvm: uv's download failed" >&2; return 1; fi
-    sleep "$tries"
-  done
-}
 """
 
 
@@ -294,7 +226,7 @@ def _install_script(
         'export HOME="${HOME:-/root}" UV_CACHE_DIR=/var/cache/rawvm/uv UV_PYTHON_PREFERENCE=only-system',
         "WORK=$(mktemp -d)",
         f"mkdir -p /opt/rawvm/wheels {UV_DIR}",
-        _FETCH_FUNCTION.rstrip("\n"),
+        FETCH_FUNCTION.rstrip("\n"),
         'case "$(uname -m)" in',
     ]
     for arch, patterns in (("x86_64", "x86_64|amd64"), ("aarch64", "aarch64|arm64")):
@@ -304,7 +236,10 @@ def _install_script(
     lines += [
         '  *) echo "rawvm: no uv wheel for $(uname -m)" >&2; exit 1 ;;',
         "esac",
-        INSTALL_UV_FUNCTION.rstrip("\n"),
+        "install_uv() {  # checked, then unpacked atomically: the agent may be waiting for it to appear",
+        '  fetch "$UV_URL" "$WORK/uv.whl" "$UV_SHA256"',
+        UNPACK_UV.rstrip("\n"),
+        "}",
         "UV_FETCH=",
     ]
     install = agent_config.install
