@@ -83,6 +83,8 @@ def run_command(
     record = launched.record
     project = (options.environment.project_dir or Path.cwd()).resolve()
     plan = RunPlan(command, options.task_env, capture=capture, torchrun=torchrun)
+    if warm and options.environment.compile_bytecode:  # an install setting: the machines were set up at launch
+        say(f"--compile-bytecode: ignored, {record.name}'s machines keep the install settings of their launch")
     if warm and sync and record.project and Path(record.project) != project:
         say(f"sync: skipped, {project} is not the project {record.name} was launched from ({record.project})")
     elif warm and sync:  # the files and the environment as they are here now, not as they were at 'up'

@@ -113,6 +113,11 @@ def test_up_env_then_fresh_code_on_the_warm_machine(tmp_path: Path) -> None:
         digest = hashlib.sha256(SECRET.encode()).hexdigest()
         assert run.stdout.splitlines() == [f"up {digest}", "token: ***"]  # handed by 'up', kept for later tasks
         assert "sync: the machines have the project's current files" in run.stderr
+        run = rawvm_cli(
+            "run", "--cluster", cluster, "--compile-bytecode", "--no-sync", "--", "true", env=env, cwd=project
+        )
+        assert run.returncode == 0, run.stderr
+        assert f"--compile-bytecode: ignored, {cluster}'s machines keep the install settings" in run.stderr
 
         (project / "mod.py").write_text("def hello():\n    print('v2')\n")
         (project / "extra.py").write_text("X = 1\n")
