@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import io
-import tempfile
 from pathlib import Path
 
 import pytest
 import rawvm
 from rawvm.cli import build_parser
 from rawvm.cli.flags import launch_options as from_flags
+
+from tests.helpers.local import isolate_state
 
 
 @pytest.mark.parametrize("argv, asked", [([], False), (["--compile-bytecode"], True)])
@@ -25,13 +26,11 @@ def test_the_flag_asks_for_bytecode_and_it_is_off_by_default(argv: list[str], as
 def test_an_environment_installed_with_bytecode_has_its_pyc_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    isolate_state(tmp_path, monkeypatch)
     project = tmp_path / "project"
     project.mkdir()
     (project / "requirements.in").write_text("six==1.16.0\n")
-    (tmp_path / "tmp").mkdir()
     monkeypatch.chdir(project)
-    monkeypatch.setenv("RAWVM_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # gettempdir() caches TMPDIR per process
     # -B: the task's own import writes no .pyc, so one there came from the install
     probe = "import importlib.util, os, six; print(os.path.exists(importlib.util.cache_from_source(six.__file__)))"
     out = io.StringIO()
