@@ -238,11 +238,19 @@ def proxy_ca_flags() -> list[str]:
     return [arg for cert in found for arg in ("--extra-ca-cert", str(cert))]
 
 
-def qemu_bench(work: Path, runs: int) -> None:
+def qemu_setup(work: Path) -> tuple[LocalImage, dict[str, str], list[str], Path, list[str]]:
+    """What both qemu benches start from: the cached image, the CLI's environment, the proxy CA flags, the locked
+    modest project, and the guest script's common arguments."""
     image = ensure_image(progress=lambda msg: print(f"[image] {msg}", flush=True))
     env = {**os.environ, "RAWVM_STATE_DIR": str(work / "state")}
     ca_flags = proxy_ca_flags()
     root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
+    guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
+    return image, env, ca_flags, root, guest + (["--native-tls"] if ca_flags else [])
+
+
+def qemu_bench(work: Path, runs: int) -> None:
+    image, env, ca_flags, root, common = qemu_setup(work)
     first_install = FirstInstall(work / "bundle" / "pylock.toml", [Path(c) for c in ca_flags[1::2]])
     figures: list[dict[str, float]] = []
     for run in range(1, runs + 1):
@@ -250,8 +258,7 @@ def qemu_bench(work: Path, runs: int) -> None:
         bare = bare_boot(image, work / f"run{run}", first_install)
         print(f"  bare kernel → user-data {bare['kernel → user-data']:.1f}s", flush=True)
         print(f"rawvm run --provider qemu ({load()})", flush=True)
-        guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
-        guest += ["--native-tls"] if ca_flags else []
+        guest = list(common)
         if run == 1:  # the informative lines once: the agent's venv both ways, raw uv again, raw uv's download
             guest += ["--agent-venv", "--uv-again", "--uv-local", "--uv-arrival", "--agent-log"]
         measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
@@ -382,14 +389,8 @@ def print_summary(figures: list[dict[str, float]]) -> None:
 
 def settings_bench(work: Path, rounds: int) -> None:
     """Raw uv under each one-shot setting, in one qemu guest, against uv's defaults there."""
-    ensure_image(progress=lambda msg: print(f"[image] {msg}", flush=True))
-    env = {**os.environ, "RAWVM_STATE_DIR": str(work / "state")}
-    ca_flags = proxy_ca_flags()
-    root = project(work, MODEST, env, ["--provider", "qemu", "--python", "3.11"])
-    guest = ["--uv-cache", "/tmp/bench-uv-cache", "--scratch", "/tmp/bench-scratch", "--python", "/usr/bin/python3"]
-    guest += ["--no-pip", "--uv-arrival", "--uv-settings", "--rounds", str(rounds)] + (
-        ["--native-tls"] if ca_flags else []
-    )
+    _, env, ca_flags, root, common = qemu_setup(work)
+    guest = [*common, "--no-pip", "--uv-arrival", "--uv-settings", "--rounds", str(rounds)]
     print(f"rawvm run --provider qemu ({load()})", flush=True)
     measured = run_and_measure(root, env, ["--provider", "qemu", "--keepalive", "30s", *ca_flags], guest)
     found: dict[str, list[float]] = measured["install"]["uv settings"]
@@ -438,8 +439,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="--uv-settings: rounds over the settings")
     parser.add_argument("--runs", type=int, default=1, help="qemu: bare boot + rawvm run this many times, then medians")
     args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    if args.runs < 1 or args.rounds < 1:
+        parser.error("--runs and --rounds must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="rawvm-bench-startup-"))
     try:
         if args.big:
