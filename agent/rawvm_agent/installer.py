@@ -1,11 +1,12 @@
-"""Install the environment bundle (Contract 1): fetch, verify, then build the venv with uv.
+"""Install the environment bundle (Contract 1): fetch, verify, then fill the venv with uv.
 
 Order matters for safety: every file is fetched into a staging directory and checked against the sha256
 chain (agent.toml's ``manifest_sha256`` → ``rawvm-env.toml`` → each file) before anything is installed.
 A mismatch raises ``BundleError`` and leaves no venv and no work dir behind.
 
 Layout under the state dir: ``bundle/`` (verified files), ``env/`` (the venv), ``work/`` (the code).
-The bundle's format and rules live in install.py, downloads in fetch.py, the conda part in conda_install.py.
+The bundle's format and rules live in install.py, downloads in fetch.py, the conda part in conda_install.py,
+the venv itself in stdlib_venv.py (uv's ``uv venv`` for an interpreter that is not the agent's own).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from rawvm_agent import stdlib_venv
 from rawvm_agent.conda_install import install_conda_lock
 from rawvm_agent.config import AgentConfig, BundleFile
 from rawvm_agent.environment import Environment
@@ -266,6 +268,14 @@ class Installer:
 
     async def _make_venv(self, python: str) -> None:
         shutil.rmtree(self.venv, ignore_errors=True)
+        if stdlib_venv.serves(python):  # no wait for uv, no new process (see stdlib_venv)
+            try:
+                await asyncio.to_thread(stdlib_venv.make, self.venv)
+                log.info("venv made by the standard library's venv")
+                return
+            except (OSError, ValueError) as exc:  # uv's way, then
+                log.warning("the standard library's venv failed (%s); making it with uv", exc)
+                shutil.rmtree(self.venv, ignore_errors=True)
         await self._uv(["venv", *(["--python", python] if python else []), str(self.venv)])
 
     async def _install_conda(self, lock: Path) -> Path:

@@ -138,11 +138,12 @@ def write_bundle(directory: Path, files: dict[str, tuple[str, bytes]], python: s
     return Bundle(dir=directory, manifest_sha256=sha256(directory / "rawvm-env.toml"), files=agent_files)
 
 
-def tiny_bundle(root: Path, exit_code: int = 7) -> Bundle:
+def tiny_bundle(root: Path, exit_code: int = 7, python: str | None = None) -> Bundle:
     """The standard test bundle, no network needed.
 
     ``tinydep`` comes through the PEP 751 lock (a wheel by file:// URL with its sha256), ``tinyapp`` is a
     local wheel in ``wheels/``, and ``main.py`` in code.tar.gz imports both, prints, and exits ``exit_code``.
+    ``python``: the manifest's ``[target] python`` (the tests' own version if not given).
     """
     artifacts = root / "artifacts"
     dep = make_wheel(artifacts, "tinydep", "1.0", {"tinydep/__init__.py": "GREETING = 'hello from tinydep'\n"})
@@ -174,6 +175,7 @@ def tiny_bundle(root: Path, exit_code: int = 7) -> Bundle:
             f"wheels/{app.name}": ("wheel", app.read_bytes()),
             "code.tar.gz": ("code", code.read_bytes()),
         },
+        python,
     )
 
 

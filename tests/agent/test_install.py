@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import platform
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from rawvm_agent import stdlib_venv
 from rawvm_agent.config import config_from_dict
 from rawvm_agent.environment import Environment
 from rawvm_agent.install import BundleError, InstallError, parse_manifest, safe_relpath, unpack_code
@@ -190,6 +193,7 @@ async def test_the_install_waits_for_uv_the_user_data_is_still_fetching(tmp_path
     assert inst.progress.files_done == inst.progress.files_total  # the bundle came first
     await asyncio.sleep(0.3)
     assert not install.done()  # still waiting for uv
+    assert (tmp_path / "state" / "env" / "pyvenv.cfg").is_file()  # the venv did not wait for it
     real_uv = shutil.which("uv")
     assert real_uv
     uv.parent.mkdir()
@@ -198,6 +202,38 @@ async def test_the_install_waits_for_uv_the_user_data_is_still_fetching(tmp_path
     env = await asyncio.wait_for(install, 120)
     assert run_in(env, "python", "main.py").returncode == 7
     assert steps.index("uv") < steps.index("venv")
+
+
+@pytest.mark.slow
+async def test_the_agents_own_interpreter_gets_the_stdlib_venv_any_other_uvs(tmp_path: Path) -> None:
+    """The bundle's Python is the agent's own version: the venv comes from the standard library (no ``uv venv``
+    in the install log, the agent's real interpreter as its home); a Python given by path (as a conda prefix's
+    is) goes to ``uv venv``. Both installs run the task."""
+    ours = installer(tmp_path / "ours", tiny_bundle(tmp_path / "src").config())
+    env = await ours.install()
+    assert run_in(env, "python", "main.py").returncode == 7
+    assert "$ uv venv" not in (tmp_path / "ours" / "install.log").read_text()
+    cfg = (tmp_path / "ours" / "env" / "pyvenv.cfg").read_text()
+    assert f"home = {Path(sys._base_executable).parent}" in cfg  # type: ignore[attr-defined]
+
+    other = installer(tmp_path / "other", tiny_bundle(tmp_path / "src2", python=sys.executable).config())
+    env = await other.install()
+    assert run_in(env, "python", "main.py").returncode == 7
+    assert "$ uv venv --python" in (tmp_path / "other" / "install.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("python", "served"),
+    [
+        ("", True),
+        (python_xy(), True),
+        (platform.python_version(), True),
+        ("3.9", False),
+        ("/opt/conda/bin/python", False),
+    ],
+)
+def test_which_python_the_stdlib_venv_serves(python: str, served: bool) -> None:
+    assert stdlib_venv.serves(python) is served
 
 
 async def test_a_uv_that_never_comes_fails_the_install_in_one_line(tmp_path: Path) -> None:
