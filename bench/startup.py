@@ -15,8 +15,9 @@ repeats the pair and prints the median and range of each goal's figure, since on
   guest clock. The overhead over the bare boot is rawvm's kernel → first task started minus the environment's
   install (compared on its own below) minus the bare kernel → user-data; the ratio is the same two spans divided;
 - install, inside the same guest (the first task, bench/startup_guest.py): the agent's install of the lock (its
-  ``agent_up`` → ``environment_installed``: the bundle's download, ``uv venv`` + ``uv pip sync``) against raw
-  ``uv venv`` + ``uv pip sync`` of the same ``pylock.toml`` (cold uv cache, as the agent's was) and against
+  ``agent_up`` → ``environment_installed``: the bundle's download, the venv, the wait for the user-data's uv and
+  ``uv pip sync``) against raw ``uv venv`` + ``uv pip sync`` of the same ``pylock.toml`` (what a user runs; cold uv
+  cache, as the agent's was) and against
   ``pip install --require-hashes -r requirements.txt`` of the same lock (``rawvm export``, no pip cache).
   The same task then makes the agent's own venv both ways the user-data knows, from a fresh uv cache: uv from
   the hashed requirements and the agent wheel, and ``tar -xzf`` of the venv archive the laptop built

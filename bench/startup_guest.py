@@ -4,7 +4,7 @@ It runs as the machine's first task, in the bundle's work directory, right after
 environment, so it installs the very ``pylock.toml`` the agent installed (``../bundle/pylock.toml``), on the same
 machine, the same disk and the same uv binary:
 
-- ``uv``: ``uv venv`` + ``uv pip sync pylock.toml`` into a fresh venv (the agent's two commands), uv cache in
+- ``uv``: ``uv venv`` + ``uv pip sync pylock.toml`` into a fresh venv (what a user runs by hand), uv cache in
   ``--uv-cache`` (a fresh directory: cold; the one from an earlier run: warm); with ``--uv-again`` then ``uv again``,
   the same with a cache of its own (``--uv-cache`` + ``-again``): the spread between two identical raw installs here;
 - ``pip`` (unless ``--no-pip``): ``pip install --require-hashes -r requirements.txt`` of the same lock (exported
@@ -79,7 +79,7 @@ UV_SETTINGS: dict[str, dict[str, str]] = {
 
 
 def raw_uv(lock: Path, venv: Path, python: str, env: dict[str, str]) -> float:
-    """``uv venv`` + ``uv pip sync`` of ``lock`` into a fresh ``venv`` (the agent's two commands); seconds."""
+    """``uv venv`` + ``uv pip sync`` of ``lock`` into a fresh ``venv`` (what a user runs by hand); seconds."""
     seconds = timed(["uv", "venv", "--quiet", "--python", python, str(venv)], env)
     seconds += timed(["uv", "pip", "sync", "--python", str(venv / "bin" / "python"), str(lock)], env)
     shutil.rmtree(venv, ignore_errors=True)
