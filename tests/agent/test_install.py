@@ -222,6 +222,22 @@ async def test_the_agents_own_interpreter_gets_the_stdlib_venv_any_other_uvs(tmp
     assert "$ uv venv --python" in (tmp_path / "other" / "install.log").read_text()
 
 
+async def test_a_stdlib_venv_that_fails_falls_back_to_uv_venv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path / "bin" / "activate"))
+
+    monkeypatch.setattr(stdlib_venv, "make", broken)
+    inst = installer(tmp_path / "state", tiny_bundle(tmp_path / "src").config())
+    with caplog.at_level("WARNING", logger="rawvm_agent.install"):
+        env = await inst.install()
+    assert run_in(env, "python", "main.py").returncode == 7
+    assert "$ uv venv" in (tmp_path / "state" / "install.log").read_text()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "standard library's venv failed" in warning and "making it with uv" in warning
+
+
 @pytest.mark.parametrize(
     ("python", "served"),
     [
