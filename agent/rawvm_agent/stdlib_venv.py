@@ -28,6 +28,6 @@ def serves(python: str) -> bool:
 
 
 def make(path: Path) -> None:
-    """A venv at ``path`` (removed first if there) on the agent's own interpreter, without pip: uv installs into
-    it. Symlinks, as uv's own venvs: nothing of the interpreter is copied."""
-    venv.EnvBuilder(clear=True, symlinks=True, with_pip=False).create(path)
+    """A venv at ``path`` (the installer removed any old one) on the agent's own interpreter, without pip: uv
+    installs into it. Symlinks, as uv's own venvs: nothing of the interpreter is copied."""
+    venv.EnvBuilder(symlinks=True, with_pip=False).create(path)
